@@ -1,0 +1,147 @@
+"""Host selection for builds and live migrations.
+
+Filters drop hosts that cannot take a request (service down or disabled, not enough free vCPU,
+RAM or disk under the allocation ratios); the weigher orders the rest by free RAM. A request for
+several instances is spread: each pick consumes the chosen host's capacity in a local view, so
+the next instance sees the host as it will be, not as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+
+@dataclasses.dataclass(slots=True)
+class ResourceRequest:
+    """What one instance needs."""
+
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+
+
+@dataclasses.dataclass(slots=True)
+class HostState:
+    """A host's capacity and usage as the scheduler sees it (from its ComputeNode and Service)."""
+
+    host: str
+    node: str
+    vcpus: int
+    memory_mb: int
+    local_gb: int
+    vcpus_used: int = 0
+    memory_mb_used: int = 0
+    local_gb_used: int = 0
+    cpu_allocation_ratio: float = 16.0
+    ram_allocation_ratio: float = 1.5
+    disk_allocation_ratio: float = 1.0
+    service_up: bool = True
+    service_disabled: bool = False
+
+    @property
+    def free_vcpus(self) -> float:
+        return self.vcpus * self.cpu_allocation_ratio - self.vcpus_used
+
+    @property
+    def free_ram_mb(self) -> float:
+        return self.memory_mb * self.ram_allocation_ratio - self.memory_mb_used
+
+    @property
+    def free_disk_gb(self) -> float:
+        return self.local_gb * self.disk_allocation_ratio - self.local_gb_used
+
+    def consume(self, req: ResourceRequest) -> None:
+        self.vcpus_used += req.vcpus
+        self.memory_mb_used += req.memory_mb
+        self.local_gb_used += req.disk_gb
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why one host was filtered out; collected for the no-valid-host fault."""
+
+    host: str
+    reason: str
+
+
+class NoValidHost(Exception):
+    """No host passed the filters; ``reasons`` says why each one was dropped."""
+
+    def __init__(self, reasons: Sequence[Rejection], detail: str = "") -> None:
+        self.reasons = list(reasons)
+        summary = "; ".join(f"{r.host}: {r.reason}" for r in self.reasons) or "no compute hosts"
+        super().__init__(f"No valid host was found. {detail}{summary}".strip())
+
+
+def _rejection(state: HostState, req: ResourceRequest) -> str | None:
+    if not state.service_up:
+        return "compute service is down"
+    if state.service_disabled:
+        return "compute service is disabled"
+    if state.free_vcpus < req.vcpus:
+        return f"not enough vCPU (free {state.free_vcpus:g}, need {req.vcpus})"
+    if state.free_ram_mb < req.memory_mb:
+        return f"not enough RAM (free {state.free_ram_mb:g} MB, need {req.memory_mb} MB)"
+    if state.free_disk_gb < req.disk_gb:
+        return f"not enough disk (free {state.free_disk_gb:g} GB, need {req.disk_gb} GB)"
+    return None
+
+
+def filter_hosts(
+    hosts: Iterable[HostState], req: ResourceRequest, *, ignore_hosts: Iterable[str] = ()
+) -> tuple[list[HostState], list[Rejection]]:
+    """Split hosts into those that can take ``req`` and the reasons the others cannot."""
+    ignored = set(ignore_hosts)
+    passed: list[HostState] = []
+    rejected: list[Rejection] = []
+    for state in hosts:
+        if state.host in ignored:
+            rejected.append(Rejection(state.host, "excluded by the request"))
+            continue
+        reason = _rejection(state, req)
+        if reason is None:
+            passed.append(state)
+        else:
+            rejected.append(Rejection(state.host, reason))
+    return passed, rejected
+
+
+def weigh(hosts: Iterable[HostState]) -> list[HostState]:
+    """Most free RAM first; host name breaks ties so the order is deterministic."""
+    return sorted(hosts, key=lambda s: (-s.free_ram_mb, s.host))
+
+
+def select_destinations(
+    hosts: Sequence[HostState],
+    req: ResourceRequest,
+    count: int,
+    *,
+    alternates: int = 2,
+    ignore_hosts: Iterable[str] = (),
+    force_host: str | None = None,
+) -> list[list[HostState]]:
+    """Pick a host for each of ``count`` instances, each followed by up to ``alternates`` others.
+
+    Consumes capacity in a private copy of ``hosts`` so a multi-instance request spreads.
+    Raises ``NoValidHost`` when any instance cannot be placed.
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    view = [dataclasses.replace(h) for h in hosts]
+    if force_host is not None:
+        view = [h for h in view if h.host == force_host]
+        if not view:
+            raise NoValidHost([Rejection(force_host, "forced host is not a known compute host")])
+    ignored = list(ignore_hosts)
+    picks: list[list[HostState]] = []
+    for index in range(count):
+        passed, rejected = filter_hosts(view, req, ignore_hosts=ignored)
+        if not passed:
+            placed = f"placed {index} of {count} instances. " if index else ""
+            raise NoValidHost(rejected, placed)
+        ranked = weigh(passed)
+        chosen = ranked[0]
+        chosen.consume(req)
+        picks.append([dataclasses.replace(chosen), *ranked[1 : 1 + alternates]])
+    return picks
