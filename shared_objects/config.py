@@ -1,54 +1,518 @@
 """Fleet configuration: defaults, overridden by a TOML file, overridden by ``FLEET_*`` variables.
 
-Minimal first version; the full loader (TOML file, validation, ``--print-config``) grows here.
+Precedence, lowest to highest:
+
+1. the defaults declared on the dataclasses below;
+2. the TOML file named by ``--config PATH`` (or ``FLEET_CONFIG``), one table per section;
+3. environment variables: the generic form ``FLEET_<SECTION>__<KEY>`` (for example
+   ``FLEET_MESSAGING__HEARTBEAT=10``; ``FLEET_HOST`` for the top-level ``host``) and the short
+   aliases in ``ENV_ALIASES`` (``FLEET_TRANSPORT_URL``, ``FLEET_DATABASE_URL``, ...).
+
+Everything is validated once, at start: an unknown key, a bad URL or a bad number raises
+``ConfigError`` whose message is one line naming the key. ``load_config_or_exit`` turns that
+into a message on stderr and exit status 2, the way daemons report a broken config file.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
+import re
 import socket
-from collections.abc import Mapping
+import sys
+import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+__all__ = [
+    "ENV_ALIASES",
+    "ComputeConfig",
+    "ConfigError",
+    "DatabaseConfig",
+    "FleetConfig",
+    "LoggingConfig",
+    "MessagingConfig",
+    "ServiceConfig",
+    "UpgradeLevelsConfig",
+    "add_config_arguments",
+    "config_from_args",
+    "format_config",
+    "load_config",
+    "load_config_or_exit",
+    "mask_url",
+    "option_names",
+]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``str(error)`` is one line that names the key."""
+
+
+# A validator receives the already type-converted value and returns an error text or None.
+Check = Callable[[Any], "str | None"]
+
+
+def _meta(check: Check | None = None, secret: bool = False) -> dict[str, Any]:
+    return {"check": check, "secret": secret}
+
+
+def _min(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low:g}, got {v!r}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else f"must be a TCP port 0..65535, got {v!r}"
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
+
+    return check
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+TRANSPORT_SCHEMES = ("rabbit", "amqp", "amqps", "memory")
+DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+def _check_transport_url(url: str) -> str | None:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return f"is not a URL (expected e.g. rabbit://user:pass@127.0.0.1:5672/): {mask_url(url)!r}"
+    if scheme not in TRANSPORT_SCHEMES:
+        return f"scheme must be one of {', '.join(TRANSPORT_SCHEMES)}; got {scheme!r}"
+    if scheme == "memory":
+        return None
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    if not netloc:
+        return f"has no host: {mask_url(url)!r}"
+    # oslo.messaging allows several brokers: rabbit://u:p@h1:5672,u:p@h2:5672/vhost
+    for hostpart in netloc.split(","):
+        hostport = hostpart.rpartition("@")[2]
+        try:
+            parsed = urlsplit(f"//{hostport}")
+            parsed.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+        except ValueError as exc:
+            return f"has a bad host:port {hostport!r} ({exc})"
+        if not parsed.hostname:
+            return f"has an empty host in {hostpart.rpartition('@')[2]!r}"
+    return None
+
+
+def _check_database_url(url: str) -> str | None:
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        return f"is not a URL (expected e.g. sqlite+aiosqlite:///fleet.db): {mask_url(url)!r}"
+    if scheme not in DATABASE_SCHEMES:
+        return f"scheme must be one of {', '.join(DATABASE_SCHEMES)}; got {scheme!r}"
+    if scheme.startswith("postgresql"):
+        try:
+            parsed = urlsplit(url)
+            parsed.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            return f"has a bad host:port ({exc})"
+        if not parsed.hostname and "host=" not in parsed.query:
+            return f"has no host: {mask_url(url)!r}"
+        if not parsed.path.strip("/"):
+            return f"names no database: {mask_url(url)!r}"
+    return None
+
+
+_VERSION_CAP = re.compile(r"^(auto|\d+\.\d+|[a-z][a-z0-9_-]*)$")
+
+
+def _check_version_cap(v: str) -> str | None:
+    if _VERSION_CAP.match(v):
+        return None
+    return f'must be "auto", an RPC version like "6.2" or a release name; got {v!r}'
+
+
+def _check_host(v: str) -> str | None:
+    if not v.strip():
+        return "must not be empty"
+    # The host name becomes part of queue names and routing keys.
+    if any(c.isspace() for c in v):
+        return f"must be a host name without spaces; got {v!r}"
+    return None
 
 
 @dataclasses.dataclass(slots=True)
 class MessagingConfig:
-    transport_url: str = "rabbit://guest:guest@127.0.0.1:5672/"
-    control_exchange: str = "fleet"
-    heartbeat: int = 20
-    rpc_response_timeout: float = 60.0
+    """How to reach RabbitMQ and how the RPC runtime uses it (oslo.messaging option names)."""
+
+    transport_url: str = dataclasses.field(
+        default="rabbit://guest:guest@127.0.0.1:5672/",
+        metadata=_meta(_check_transport_url, secret=True),
+    )
+    control_exchange: str = dataclasses.field(default="fleet", metadata=_meta(_non_empty))
+    heartbeat: int = dataclasses.field(default=20, metadata=_meta(_min(0)))
+    rpc_response_timeout: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
     amqp_durable_queues: bool = False
     amqp_auto_delete: bool = False
     rabbit_quorum_queue: bool = False
     rabbit_transient_quorum_queue: bool = False
-    rabbit_transient_queues_ttl: int = 1800
-    rabbit_qos_prefetch_count: int = 64
-    max_concurrency: int = 64
+    rabbit_transient_queues_ttl: int = dataclasses.field(default=1800, metadata=_meta(_min(1)))
+    rabbit_qos_prefetch_count: int = dataclasses.field(default=64, metadata=_meta(_min(0)))
+    max_concurrency: int = dataclasses.field(default=64, metadata=_meta(_min(1)))
     publisher_confirms: bool = True
 
 
 @dataclasses.dataclass(slots=True)
 class DatabaseConfig:
-    url: str = "sqlite+aiosqlite:///fleet.db"
+    """Where the conductor keeps its state. Agents never read this section."""
+
+    url: str = dataclasses.field(
+        default="sqlite+aiosqlite:///fleet.db", metadata=_meta(_check_database_url, secret=True)
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class ServiceConfig:
+    """Service lifecycle: liveness reporting, shutdown, the metrics/health endpoint."""
+
+    report_interval: float = dataclasses.field(default=10.0, metadata=_meta(_positive))
+    service_down_time: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
+    graceful_shutdown_timeout: float = dataclasses.field(default=30.0, metadata=_meta(_min(0)))
+    metrics_host: str = dataclasses.field(default="127.0.0.1", metadata=_meta(_non_empty))
+    # 0 disables the endpoint: several services on one host would otherwise fight over a port.
+    metrics_port: int = dataclasses.field(default=0, metadata=_meta(_port))
+
+
+@dataclasses.dataclass(slots=True)
+class UpgradeLevelsConfig:
+    """Version caps for RPC sent to agents (Nova's ``[upgrade_levels]``)."""
+
+    compute: str = dataclasses.field(default="auto", metadata=_meta(_check_version_cap))
+
+
+@dataclasses.dataclass(slots=True)
+class ComputeConfig:
+    """The agent's fake hypervisor: capacity, overcommit, timing, failure injection."""
+
+    vcpus: int = dataclasses.field(default=32, metadata=_meta(_min(1)))
+    memory_mb: int = dataclasses.field(default=131072, metadata=_meta(_min(1)))
+    disk_gb: int = dataclasses.field(default=2048, metadata=_meta(_min(1)))
+    cpu_allocation_ratio: float = dataclasses.field(default=16.0, metadata=_meta(_positive))
+    ram_allocation_ratio: float = dataclasses.field(default=1.5, metadata=_meta(_positive))
+    disk_allocation_ratio: float = dataclasses.field(default=1.0, metadata=_meta(_positive))
+    spawn_delay: float = dataclasses.field(default=0.5, metadata=_meta(_min(0)))
+    # Empty: $STATE_DIRECTORY when systemd provides one, else ./fleet-state (see load_config).
+    state_dir: str = ""
+    # Failure injection spec, parsed by the fake driver (e.g. "spawn=0.1,migrate=0.05").
+    failures: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class LoggingConfig:
+    """Log output: JSON lines for machines, readable text for people."""
+
+    format: str = dataclasses.field(
+        default="auto", metadata=_meta(_one_of("auto", "json", "console"))
+    )
+    level: str = dataclasses.field(
+        default="info", metadata=_meta(_one_of("debug", "info", "warning", "error", "critical"))
+    )
 
 
 @dataclasses.dataclass(slots=True)
 class FleetConfig:
-    host: str = dataclasses.field(default_factory=socket.gethostname)
+    """The whole effective configuration of one Fleet process."""
+
+    host: str = dataclasses.field(default_factory=socket.gethostname, metadata=_meta(_check_host))
     messaging: MessagingConfig = dataclasses.field(default_factory=MessagingConfig)
     database: DatabaseConfig = dataclasses.field(default_factory=DatabaseConfig)
+    service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
+    upgrade_levels: UpgradeLevelsConfig = dataclasses.field(default_factory=UpgradeLevelsConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
-def load_config(environ: Mapping[str, str] | None = None) -> FleetConfig:
-    """Effective configuration from the environment."""
+# Short environment names for the options people set most; each maps to (section, key).
+ENV_ALIASES: dict[str, tuple[str | None, str]] = {
+    "FLEET_HOST": (None, "host"),
+    "FLEET_TRANSPORT_URL": ("messaging", "transport_url"),
+    "FLEET_CONTROL_EXCHANGE": ("messaging", "control_exchange"),
+    "FLEET_DATABASE_URL": ("database", "url"),
+    "FLEET_LOG_FORMAT": ("logging", "format"),
+    "FLEET_LOG_LEVEL": ("logging", "level"),
+    "FLEET_METRICS_HOST": ("service", "metrics_host"),
+    "FLEET_METRICS_PORT": ("service", "metrics_port"),
+    "FLEET_COMPUTE_VERSION_CAP": ("upgrade_levels", "compute"),
+    "FLEET_STATE_DIR": ("compute", "state_dir"),
+}
+ENV_PREFIX = "FLEET_"
+CONFIG_FILE_ENV = "FLEET_CONFIG"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(FleetConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(FleetConfig) if f.name != "host"}
+
+
+def _field(cls: type, key: str) -> tuple[dataclasses.Field[Any], type] | None:
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return f, typing.get_type_hints(cls)[key]
+    return None
+
+
+def _convert(name: str, kind: type, value: Any, *, from_env: bool) -> Any:
+    """``value`` as ``kind`` (str/int/float/bool), or ConfigError naming ``name``."""
+    if from_env:
+        text = str(value).strip()
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ConfigError(f"{name}: expected a boolean (true/false), got {text!r}")
+        if kind is int:
+            try:
+                return int(text, 10)
+            except ValueError:
+                raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+        if kind is float:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {text!r}") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{name}: expected a finite number, got {text!r}")
+            return number
+        return str(value)
+    # From TOML: the file already has types; accept an int where a float is wanted, nothing else.
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected a boolean (true/false), got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{name}: expected a string, got {value!r}")
+
+
+# Where each option was last set ("/etc/fleet/fleet.toml: [service] metrics_port", "FLEET_..."),
+# so that a value that fails validation is reported under the name the user actually typed.
+Origins = dict[tuple[str | None, str], str]
+
+
+def _assign(
+    cfg: FleetConfig,
+    section: str | None,
+    key: str,
+    value: Any,
+    origin: str,
+    origins: Origins,
+    *,
+    from_env: bool,
+) -> None:
+    """Set one option; ``origin`` is how the error message names it (file key or variable)."""
+    target: Any = cfg if section is None else getattr(cfg, section)
+    found = _field(type(target), key)
+    if found is None or (section is None and key != "host"):
+        raise ConfigError(f"{origin}: unknown option")
+    _, kind = found
+    setattr(target, key, _convert(origin, kind, value, from_env=from_env))
+    origins[(section, key)] = origin
+
+
+def _apply_file(cfg: FleetConfig, path: Path, origins: Origins) -> None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    sections = _sections()
+    for name, value in data.items():
+        if name == "host":
+            _assign(cfg, None, "host", value, f"{path}: host", origins, from_env=False)
+        elif name in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [{name}] must be a table")
+            for key, item in value.items():
+                _assign(cfg, name, key, item, f"{path}: [{name}] {key}", origins, from_env=False)
+        else:
+            raise ConfigError(f"{path}: unknown section or option {name!r}")
+
+
+def _apply_env(cfg: FleetConfig, env: Mapping[str, str], origins: Origins) -> None:
+    sections = _sections()
+    # Generic names first, aliases last: the short name is the one people type by hand.
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in sections:
+            raise ConfigError(f"{var}: unknown section {section!r}")
+        _assign(cfg, section, key, env[var], var, origins, from_env=True)
+    for var, (alias_section, alias_key) in ENV_ALIASES.items():
+        if var in env:
+            _assign(cfg, alias_section, alias_key, env[var], var, origins, from_env=True)
+
+
+def _validate(cfg: FleetConfig, origins: Origins) -> None:
+    groups: list[tuple[str | None, Any]] = [(None, cfg)]
+    groups += [(name, getattr(cfg, name)) for name in _sections()]
+    for section, obj in groups:
+        for f in dataclasses.fields(obj):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            error = check(getattr(obj, f.name))
+            if error:
+                default = f.name if section is None else f"[{section}] {f.name}"
+                where = origins.get((section, f.name), default)
+                raise ConfigError(f"{where}: {error}")
+    if cfg.service.service_down_time <= cfg.service.report_interval:
+        raise ConfigError(
+            "[service] service_down_time: must be greater than report_interval "
+            f"({cfg.service.service_down_time:g} <= {cfg.service.report_interval:g}), "
+            "or every service would look down between two reports"
+        )
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None, path: str | os.PathLike[str] | None = None
+) -> FleetConfig:
+    """The effective configuration: defaults, then the TOML file, then ``FLEET_*`` variables.
+
+    ``path`` wins over ``$FLEET_CONFIG``; with neither, no file is read. Raises ``ConfigError``.
+    """
     env = os.environ if environ is None else environ
     cfg = FleetConfig()
-    if "FLEET_HOST" in env:
-        cfg.host = env["FLEET_HOST"]
-    if "FLEET_TRANSPORT_URL" in env:
-        cfg.messaging.transport_url = env["FLEET_TRANSPORT_URL"]
-    if "FLEET_CONTROL_EXCHANGE" in env:
-        cfg.messaging.control_exchange = env["FLEET_CONTROL_EXCHANGE"]
-    if "FLEET_DATABASE_URL" in env:
-        cfg.database.url = env["FLEET_DATABASE_URL"]
+    origins: Origins = {}
+    file_path = path if path is not None else env.get(CONFIG_FILE_ENV) or None
+    if file_path is not None:
+        _apply_file(cfg, Path(file_path), origins)
+    _apply_env(cfg, env, origins)
+    if not cfg.compute.state_dir:
+        # systemd's StateDirectory= hands the service its directory in $STATE_DIRECTORY.
+        state = env.get("STATE_DIRECTORY", "").split(":")[0]
+        cfg.compute.state_dir = state or "fleet-state"
+    _validate(cfg, origins)
     return cfg
+
+
+def load_config_or_exit(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> FleetConfig:
+    """``load_config`` for a program's ``main``: on error print one line to stderr, exit 2."""
+    try:
+        return load_config(environ, path=path)
+    except ConfigError as exc:
+        _exit_config_error(exc, prog)
+
+
+def _exit_config_error(exc: ConfigError, prog: str | None) -> NoReturn:
+    name = prog or Path(sys.argv[0]).name or "fleet"
+    print(f"{name}: configuration error: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the standard ``--config PATH`` and ``--print-config`` options to a service's parser."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"TOML configuration file (default: ${CONFIG_FILE_ENV}, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration (secrets masked) and exit",
+    )
+
+
+def config_from_args(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> FleetConfig:
+    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config."""
+    cfg = load_config_or_exit(getattr(args, "config", None), environ, prog)
+    if getattr(args, "print_config", False):
+        sys.stdout.write(format_config(cfg))
+        raise SystemExit(0)
+    return cfg
+
+
+def mask_url(url: str) -> str:
+    """``url`` with every password replaced by ``***`` (several ``user:pass@host`` allowed)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    hosts = []
+    for hostpart in netloc.split(","):
+        userinfo, at, hostport = hostpart.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        hosts.append(f"{user}:***@{hostport}" if at and colon else hostpart)
+    # libpq-style ?password=... in the query string is a secret too.
+    tail = re.sub(r"(?i)(password=)[^&]*", r"\1***", tail)
+    return f"{scheme}{sep}{','.join(hosts)}{slash}{tail}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def format_config(cfg: FleetConfig) -> str:
+    """The effective configuration as TOML text, passwords masked (for ``--print-config``)."""
+    lines = [f"host = {_toml_value(cfg.host)}"]
+    for section in _sections():
+        obj = getattr(cfg, section)
+        lines.append("")
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("secret"):
+                value = mask_url(value)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def option_names() -> Sequence[tuple[str | None, str]]:
+    """Every (section, key) the loader accepts; docs and examples are tested against it."""
+    names: list[tuple[str | None, str]] = [(None, "host")]
+    for section, cls in _sections().items():
+        names += [(section, f.name) for f in dataclasses.fields(cls)]
+    return names
