@@ -1,0 +1,52 @@
+"""Fleet's RPC runtime: asyncio on aio-pika, speaking the oslo.messaging rabbit wire format.
+
+See ``docs/rpc.md`` for the contract. Everything callers need is importable from here.
+"""
+
+from shared_objects.messaging.client import RPCClient
+from shared_objects.messaging.dispatcher import expose
+from shared_objects.messaging.exceptions import (
+    ExpectedException,
+    InvalidTarget,
+    MalformedMessage,
+    MessageDeliveryFailure,
+    MessagingError,
+    MessagingTimeout,
+    NoSuchMethod,
+    RemoteError,
+    RPCVersionCapError,
+    UnsupportedEnvelopeVersion,
+    UnsupportedVersion,
+)
+from shared_objects.messaging.memory import MemoryBroker
+from shared_objects.messaging.notifier import Notifier
+from shared_objects.messaging.serializer import NoOpSerializer, Serializer
+from shared_objects.messaging.server import RPCServer
+from shared_objects.messaging.target import Target
+from shared_objects.messaging.transport import Transport, get_transport
+from shared_objects.messaging.versions import version_is_compatible
+
+__all__ = [
+    "ExpectedException",
+    "InvalidTarget",
+    "MalformedMessage",
+    "MemoryBroker",
+    "MessageDeliveryFailure",
+    "MessagingError",
+    "MessagingTimeout",
+    "NoOpSerializer",
+    "NoSuchMethod",
+    "Notifier",
+    "RPCClient",
+    "RPCServer",
+    "RPCVersionCapError",
+    "RemoteError",
+    "Serializer",
+    "Target",
+    "Transport",
+    "UnsupportedEnvelopeVersion",
+    "UnsupportedVersion",
+    "expose",
+    "get_transport",
+    "version_is_compatible",
+]

@@ -1,0 +1,265 @@
+"""RPCClient: call (request/reply with timeout), cast, fanout cast, version negotiation."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from shared_objects.context import RequestContext
+from shared_objects.messaging import codec
+from shared_objects.messaging.exceptions import (
+    InvalidTarget,
+    MessageDeliveryFailure,
+    MessagingTimeout,
+    RPCVersionCapError,
+)
+from shared_objects.messaging.serializer import NoOpSerializer, Serializer
+from shared_objects.messaging.stats import RPCStats
+from shared_objects.messaging.target import Target
+from shared_objects.messaging.topology import ExchangeSpec
+from shared_objects.messaging.versions import version_is_compatible
+
+if TYPE_CHECKING:
+    from shared_objects.messaging.transport import Transport
+
+log = structlog.get_logger(__name__)
+
+_UNSET: Any = object()
+Context = RequestContext | Mapping[str, Any] | None
+
+
+class _CallContext:
+    """A client bound to one target and set of options; what ``RPCClient.prepare`` returns."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        target: Target,
+        serializer: Serializer,
+        timeout: float,
+        version_cap: str | None,
+        call_monitor_timeout: float | None,
+        stats: RPCStats,
+    ):
+        self.transport = transport
+        self.target = target
+        self.serializer = serializer
+        self.timeout = timeout
+        self.version_cap = version_cap
+        self.call_monitor_timeout = call_monitor_timeout
+        self._stats = stats
+        self._noop = type(serializer) is NoOpSerializer
+        topology = transport.topology
+        self._exchange: ExchangeSpec = topology.control_exchange(target.exchange)
+        self._fanout_exchange = topology.fanout_exchange(target.topic) if target.topic else None
+        self._routing_key = (
+            f"{target.topic}.{target.server}" if target.server else (target.topic or "")
+        )
+
+    def can_send_version(self, version: str | None = _UNSET) -> bool:
+        """True if ``version`` (default: the target's) is within the version cap."""
+        version = self.target.version if version is _UNSET else version
+        if not self.version_cap or version is None:
+            return True
+        return version_is_compatible(self.version_cap, version)
+
+    def _check_version(self) -> None:
+        version = self.target.version
+        if self.version_cap and version and not version_is_compatible(self.version_cap, version):
+            raise RPCVersionCapError(version, self.version_cap)
+
+    async def _make_message(
+        self, ctxt: Context, method: str, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        if not self._noop:
+            kwargs = {k: await self.serializer.serialize_entity(ctxt, v) for k, v in kwargs.items()}  # type: ignore[arg-type]
+        message: dict[str, Any] = {"method": method, "args": kwargs}
+        if self.target.namespace is not None:
+            message["namespace"] = self.target.namespace
+        if self.target.version is not None:
+            message["version"] = self.target.version
+        return message
+
+    async def call(self, ctxt: Context, method: str, **kwargs: Any) -> Any:
+        """Invoke ``method`` on one server and return its result.
+
+        Raises ``MessagingTimeout`` (no reply within ``timeout``, or no call-monitor heartbeat
+        within ``call_monitor_timeout``), the remote exception (its own class for allowed
+        modules, else ``RemoteError``), ``MessageDeliveryFailure`` or ``RPCVersionCapError``.
+        """
+        target = self.target
+        if target.fanout:
+            raise InvalidTarget("A call cannot be fanout", target)
+        if not target.topic:
+            raise InvalidTarget("A call needs a topic", target)
+        self._check_version()
+        replies = self.transport.replies
+        await replies.ensure_listening()
+        message = await self._make_message(ctxt, method, kwargs)
+        msg_id = uuid.uuid4().hex
+        cm_timeout = self.call_monitor_timeout
+        message["_msg_id"] = msg_id
+        message["_reply_q"] = replies.queue_name
+        # oslo servers parse _timeout with int(): send whole seconds when possible.
+        message["_timeout"] = (
+            None
+            if cm_timeout is None
+            else int(cm_timeout)
+            if cm_timeout == int(cm_timeout)
+            else cm_timeout
+        )
+        message["_unique_id"] = uuid.uuid4().hex
+        message.update(codec.pack_context(ctxt))
+        body = codec.encode_message(message)
+        timeout = self.timeout
+
+        loop = asyncio.get_running_loop()
+        monitor: asyncio.Timeout | None = None
+
+        def on_heartbeat() -> None:
+            if monitor is not None and cm_timeout is not None:
+                monitor.reschedule(loop.time() + cm_timeout)
+
+        future = replies.register(msg_id, on_heartbeat if cm_timeout else None)
+        stats = self._stats
+        stats.in_flight += 1
+        overall = asyncio.timeout(timeout)
+        try:
+            async with overall:
+                await self.transport.driver.publish(
+                    self._exchange, self._routing_key, body, expiration=timeout, retry_for=timeout
+                )
+                if cm_timeout is None:
+                    reply = await future
+                else:
+                    monitor = asyncio.timeout(cm_timeout)
+                    async with monitor:
+                        reply = await future
+        except MessageDeliveryFailure:
+            stats.record(method, "delivery_failure")
+            raise
+        except TimeoutError:
+            stats.record(method, "timeout")
+            if overall.expired() or monitor is None or not monitor.expired():
+                raise MessagingTimeout(
+                    f"Timed out after {timeout}s waiting for a reply to {method!r} on "
+                    f"{target} (message ID {msg_id})",
+                    method=method,
+                    timeout=timeout,
+                ) from None
+            raise MessagingTimeout(
+                f"No call-monitor heartbeat for {cm_timeout}s from the server running {method!r} "
+                f"on {target} (message ID {msg_id})",
+                method=method,
+                timeout=cm_timeout,
+            ) from None
+        finally:
+            replies.unregister(msg_id)
+            stats.in_flight -= 1
+        failure = reply.get("failure")
+        if failure:
+            stats.record(method, "remote_error")
+            raise codec.deserialize_remote_exception(failure, self.transport.allowed_remote_exmods)
+        stats.record(method, "ok")
+        result = reply.get("result")
+        if self._noop:
+            return result
+        return await self.serializer.deserialize_entity(ctxt, result)  # type: ignore[arg-type]
+
+    async def cast(self, ctxt: Context, method: str, **kwargs: Any) -> None:
+        """Send ``method`` without waiting for a result (to every server if fanout)."""
+        target = self.target
+        if not target.topic:
+            raise InvalidTarget("A cast needs a topic", target)
+        self._check_version()
+        message = await self._make_message(ctxt, method, kwargs)
+        message["_unique_id"] = uuid.uuid4().hex
+        message.update(codec.pack_context(ctxt))
+        body = codec.encode_message(message)
+        if target.fanout:
+            assert self._fanout_exchange is not None
+            await self.transport.driver.publish(
+                self._fanout_exchange, "", body, retry_for=self.timeout
+            )
+        else:
+            await self.transport.driver.publish(
+                self._exchange, self._routing_key, body, retry_for=self.timeout
+            )
+        self._stats.record(method, "cast")
+
+    def prepare(
+        self,
+        *,
+        topic: str | None = _UNSET,
+        server: str | None = _UNSET,
+        version: str | None = _UNSET,
+        namespace: str | None = _UNSET,
+        exchange: str | None = _UNSET,
+        fanout: bool = _UNSET,
+        timeout: float | None = _UNSET,
+        version_cap: str | None = _UNSET,
+        call_monitor_timeout: float | None = _UNSET,
+    ) -> _CallContext:
+        """A copy with some target fields or options replaced (unset arguments are kept)."""
+        changes = {
+            k: v
+            for k, v in {
+                "topic": topic,
+                "server": server,
+                "version": version,
+                "namespace": namespace,
+                "exchange": exchange,
+                "fanout": fanout,
+            }.items()
+            if v is not _UNSET
+        }
+        return _CallContext(
+            self.transport,
+            self.target(**changes) if changes else self.target,
+            self.serializer,
+            self.timeout if timeout is _UNSET or timeout is None else timeout,
+            self.version_cap if version_cap is _UNSET else version_cap,
+            self.call_monitor_timeout if call_monitor_timeout is _UNSET else call_monitor_timeout,
+            self._stats,
+        )
+
+
+class RPCClient(_CallContext):
+    """Sends calls and casts to ``target`` over ``transport``.
+
+    ``timeout`` defaults to the transport's ``rpc_response_timeout``. ``version_cap`` bounds the
+    versions this client may send (``can_send_version``; sending above raises
+    ``RPCVersionCapError``). ``call_monitor_timeout`` asks servers for heartbeats.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        target: Target,
+        serializer: Serializer | None = None,
+        timeout: float | None = None,
+        version_cap: str | None = None,
+        call_monitor_timeout: float | None = None,
+    ):
+        super().__init__(
+            transport,
+            target,
+            serializer if serializer is not None else NoOpSerializer(),
+            timeout if timeout is not None else transport.config.rpc_response_timeout,
+            version_cap,
+            call_monitor_timeout,
+            RPCStats(),
+        )
+
+    @property
+    def pending_count(self) -> int:
+        """Calls of this client (and its prepared contexts) waiting for a reply now."""
+        return self._stats.in_flight
+
+    def stats(self) -> dict[str, Any]:
+        """Calls by method and outcome, in-flight count, plus transport counters."""
+        return {**self._stats.as_dict(), "transport": self.transport.stats()}

@@ -1,0 +1,255 @@
+"""An in-process broker with RabbitMQ's semantics, for fast unit tests only.
+
+Emulates what the RPC runtime relies on: topic, fanout and default exchanges, queues bound by
+routing key, declaration equivalence (406-style error on a mismatch), per-message expiration,
+prefetch windows, acks, and the publisher's ``user_id``. Not emulated: ``x-expires``, durability,
+reconnects. Transports built from the same ``memory://<name>`` URL share one broker, so a client
+transport and a server transport talk to each other like two processes on one RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
+from shared_objects.messaging.exceptions import MessageDeliveryFailure, MessagingError
+from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
+
+log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class _Message:
+    body: bytes
+    user_id: str
+    expires_at: float | None
+
+
+class _Consumer:
+    def __init__(self, queue: _Queue, callback: DeliveryCallback, prefetch: int, no_ack: bool):
+        self.queue = queue
+        self.callback = callback
+        self.prefetch = prefetch
+        self.no_ack = no_ack
+        self.unacked = 0
+        self.active = True
+
+    def has_room(self) -> bool:
+        return self.active and (self.no_ack or self.prefetch <= 0 or self.unacked < self.prefetch)
+
+
+class _Queue:
+    def __init__(self, spec: QueueSpec):
+        self.spec = spec
+        self.messages: collections.deque[_Message] = collections.deque()
+        self.consumers: list[_Consumer] = []
+        self._rr = itertools.count()
+        self.unacked = 0
+
+
+class MemoryBroker:
+    """The shared state of a ``memory://`` broker: exchanges, bindings and queues."""
+
+    def __init__(self) -> None:
+        self.exchanges: dict[str, ExchangeSpec] = {}
+        self.bindings: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
+        self.queues: dict[str, _Queue] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def declare_exchange(self, spec: ExchangeSpec) -> None:
+        if not spec.name:
+            return
+        existing = self.exchanges.get(spec.name)
+        if existing is not None and existing != spec:
+            raise MessagingError(
+                f"PRECONDITION_FAILED - inequivalent exchange {spec} vs {existing}"
+            )
+        self.exchanges[spec.name] = spec
+
+    def declare_queue(self, spec: QueueSpec) -> _Queue:
+        queue = self.queues.get(spec.name)
+        if queue is None:
+            queue = self.queues[spec.name] = _Queue(spec)
+        elif (queue.spec.durable, queue.spec.auto_delete, queue.spec.arguments_dict) != (
+            spec.durable,
+            spec.auto_delete,
+            spec.arguments_dict,
+        ):
+            raise MessagingError(f"PRECONDITION_FAILED - inequivalent queue {spec.name}")
+        if spec.exchange is not None and spec.exchange.name:
+            self.declare_exchange(spec.exchange)
+            self.bindings[spec.exchange.name].add((spec.routing_key, spec.name))
+        return queue
+
+    def delete_queue(self, name: str) -> None:
+        queue = self.queues.pop(name, None)
+        if queue is None:
+            return
+        for consumer in queue.consumers:
+            consumer.active = False
+        for exchange_name, bound in list(self.bindings.items()):
+            bound.difference_update({b for b in bound if b[1] == name})
+            spec = self.exchanges.get(exchange_name)
+            if not bound and spec is not None and spec.auto_delete:
+                del self.exchanges[exchange_name]
+                del self.bindings[exchange_name]
+
+    def route(self, exchange: str, routing_key: str) -> list[_Queue]:
+        if not exchange:
+            queue = self.queues.get(routing_key)
+            return [queue] if queue is not None else []
+        spec = self.exchanges.get(exchange)
+        if spec is None:
+            raise MessageDeliveryFailure(f"NOT_FOUND - no exchange {exchange!r}")
+        names = {
+            q
+            for key, q in self.bindings.get(exchange, ())
+            if spec.type == "fanout" or key == routing_key
+        }
+        return [self.queues[n] for n in sorted(names) if n in self.queues]
+
+    def publish(self, exchange: str, routing_key: str, message: _Message) -> int:
+        queues = self.route(exchange, routing_key)
+        for queue in queues:
+            queue.messages.append(message)
+            self.pump(queue)
+        return len(queues)
+
+    def pump(self, queue: _Queue) -> None:
+        """Hand queued messages to consumers with room in their prefetch window."""
+        while queue.messages:
+            consumers = [c for c in queue.consumers if c.has_room()]
+            if not consumers:
+                return
+            consumer = consumers[next(queue._rr) % len(consumers)]
+            message = queue.messages.popleft()
+            if message.expires_at is not None and time.monotonic() > message.expires_at:
+                continue  # expired in the queue: the broker drops it
+            ack = None
+            if not consumer.no_ack:
+                consumer.unacked += 1
+                queue.unacked += 1
+                ack = self._make_ack(queue, consumer)
+            delivery = Delivery(message.body, message.user_id, ack, queue.spec.name)
+            task = asyncio.ensure_future(consumer.callback(delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _make_ack(self, queue: _Queue, consumer: _Consumer) -> Any:
+        async def ack() -> None:
+            consumer.unacked -= 1
+            queue.unacked -= 1
+            self.pump(queue)
+
+        return ack
+
+    def _task_done(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("memory_consumer_failed", exc_info=task.exception())
+
+    def message_count(self, name: str) -> tuple[int, int]:
+        """(ready, unacknowledged) for a queue, like ``rabbitmqctl list_queues``."""
+        queue = self.queues[name]
+        return len(queue.messages), queue.unacked
+
+
+_BROKERS: dict[str, MemoryBroker] = {}
+
+
+def broker_for(name: str) -> MemoryBroker:
+    """The broker behind ``memory://<name>`` (created on first use, shared afterwards)."""
+    broker = _BROKERS.get(name)
+    if broker is None:
+        broker = _BROKERS[name] = MemoryBroker()
+    return broker
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, broker: MemoryBroker, consumers: list[_Consumer]):
+        self._broker = broker
+        self._consumers = consumers
+
+    async def cancel(self) -> None:
+        for consumer in self._consumers:
+            consumer.active = False
+            if consumer in consumer.queue.consumers:
+                consumer.queue.consumers.remove(consumer)
+            # Unacked messages of a cancelled consumer stay unacked until acked, like AMQP.
+
+    async def close(self) -> None:
+        await self.cancel()
+
+
+class MemoryDriver(Driver):
+    """``Driver`` over a ``MemoryBroker``; ``user_id`` emulates the broker login."""
+
+    def __init__(self, broker: MemoryBroker, user_id: str = "guest"):
+        self.broker = broker
+        self.user_id = user_id
+        self._published = 0
+        self._returned = 0
+
+    async def connect(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def publish(
+        self,
+        exchange: ExchangeSpec,
+        routing_key: str,
+        body: bytes,
+        *,
+        expiration: float | None = None,
+        mandatory: bool = False,
+        retry_for: float | None = None,
+    ) -> None:
+        self.broker.declare_exchange(exchange)
+        expires_at = time.monotonic() + expiration if expiration is not None else None
+        routed = self.broker.publish(
+            exchange.name, routing_key, _Message(bytes(body), self.user_id, expires_at)
+        )
+        self._published += 1
+        if mandatory and not routed:
+            self._returned += 1
+            raise MessageDeliveryFailure(
+                f"NO_ROUTE: message to {exchange.name!r}/{routing_key!r} was returned"
+            )
+
+    async def declare(self, queues: Sequence[QueueSpec]) -> None:
+        for spec in queues:
+            self.broker.declare_queue(spec)
+
+    async def subscribe(
+        self,
+        queues: Sequence[QueueSpec],
+        callback: DeliveryCallback,
+        *,
+        prefetch: int = 0,
+        no_ack: bool = False,
+    ) -> Subscription:
+        consumers = []
+        for spec in queues:
+            queue = self.broker.declare_queue(spec)
+            consumer = _Consumer(queue, callback, prefetch, no_ack)
+            queue.consumers.append(consumer)
+            consumers.append(consumer)
+        for consumer in consumers:
+            self.broker.pump(consumer.queue)
+        return _MemorySubscription(self.broker, consumers)
+
+    async def delete_queue(self, name: str) -> None:
+        self.broker.delete_queue(name)
+
+    def stats(self) -> dict[str, Any]:
+        return {"reconnects": 0, "published": self._published, "returned": self._returned}

@@ -1,0 +1,105 @@
+"""The per-transport reply queue and the futures of calls waiting on it.
+
+One ``reply_<uuid hex>`` queue per transport, created on the first call and shared by every
+client on the transport (oslo does the same). Each call registers a waiter under its ``_msg_id``;
+the waiter is removed when the call ends however it ends, so nothing leaks. A reply nobody waits
+for (the call timed out) is dropped with an INFO log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from shared_objects.messaging import codec
+from shared_objects.messaging.driver import Delivery, Driver, Subscription
+from shared_objects.messaging.exceptions import MalformedMessage
+from shared_objects.messaging.topology import QueueSpec
+
+log = structlog.get_logger(__name__)
+
+
+class _Waiter:
+    __slots__ = ("future", "on_heartbeat")
+
+    def __init__(
+        self, future: asyncio.Future[dict[str, Any]], on_heartbeat: Callable[[], None] | None
+    ):
+        self.future = future
+        self.on_heartbeat = on_heartbeat
+
+
+class ReplyWaiter:
+    """Owns the reply queue and routes replies to the waiting calls by ``_msg_id``."""
+
+    def __init__(self, driver: Driver, spec: QueueSpec):
+        self._driver = driver
+        self.spec = spec
+        self._waiters: dict[str, _Waiter] = {}
+        self._subscription: Subscription | None = None
+        self._lock = asyncio.Lock()
+        self.late_replies = 0
+        self.malformed_replies = 0
+
+    @property
+    def queue_name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pending(self) -> int:
+        """Calls currently waiting for a reply (0 when idle: nothing leaked)."""
+        return len(self._waiters)
+
+    async def ensure_listening(self) -> None:
+        """Declare and consume the reply queue once (concurrent first calls share the work)."""
+        if self._subscription is not None:
+            return
+        async with self._lock:
+            if self._subscription is None:
+                # no_ack: replies are consumed as fast as they come, so nothing waits unacked.
+                self._subscription = await self._driver.subscribe(
+                    [self.spec], self._on_reply, prefetch=0, no_ack=True
+                )
+                log.debug("reply_queue_listening", queue=self.spec.name)
+
+    def register(
+        self, msg_id: str, on_heartbeat: Callable[[], None] | None = None
+    ) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[msg_id] = _Waiter(future, on_heartbeat)
+        return future
+
+    def unregister(self, msg_id: str) -> None:
+        self._waiters.pop(msg_id, None)
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        try:
+            message = codec.decode_message(delivery.body)
+        except MalformedMessage as exc:
+            self.malformed_replies += 1
+            log.warning("reply_malformed_dropped", error=str(exc), size=len(delivery.body))
+            return
+        msg_id = message.get("_msg_id")
+        waiter = self._waiters.get(msg_id) if isinstance(msg_id, str) else None
+        if waiter is None:
+            self.late_replies += 1
+            log.info("late_reply_dropped", msg_id=msg_id, reason="no call waiting for this msg_id")
+            return
+        if message.get("ending") is False:
+            # Call-monitor heartbeat: the server is still working on it.
+            if waiter.on_heartbeat is not None:
+                waiter.on_heartbeat()
+            return
+        if not waiter.future.done():
+            waiter.future.set_result(message)
+
+    async def close(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.close()
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.cancel()

@@ -1,0 +1,383 @@
+"""RPCServer: consumes a topic, dispatches to endpoints, replies in oslo's format.
+
+Delivery semantics (like oslo): a request is acknowledged when it is taken up for execution, before
+the handler runs: at-most-once. Every received message is acknowledged, including malformed ones,
+so nothing stays unacked. Concurrency is bounded twice: the broker delivers at most
+``rabbit_qos_prefetch_count`` unacknowledged messages, and at most ``max_concurrency`` handlers run
+at once (a message waiting for a slot stays unacked, so ``stop`` can hand it back to the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import uuid
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import structlog.contextvars
+
+from shared_objects.context import RequestContext, generate_request_id
+from shared_objects.messaging import codec
+from shared_objects.messaging.dispatcher import Dispatcher
+from shared_objects.messaging.driver import Delivery, Subscription
+from shared_objects.messaging.exceptions import (
+    ExpectedException,
+    InvalidTarget,
+    MalformedMessage,
+    MessageDeliveryFailure,
+    NoSuchMethod,
+    UnsupportedEnvelopeVersion,
+    UnsupportedVersion,
+)
+from shared_objects.messaging.serializer import NoOpSerializer, Serializer
+from shared_objects.messaging.stats import RPCStats
+from shared_objects.messaging.target import Target
+from shared_objects.messaging.topology import DEFAULT_EXCHANGE, QueueSpec
+
+if TYPE_CHECKING:
+    from shared_objects.messaging.transport import Transport
+
+log = structlog.get_logger(__name__)
+
+# oslo's _MsgIdCache.DUP_MSG_CHECK_SIZE: a request whose _unique_id is among the last 16 is a
+# redelivered duplicate and is dropped.
+DUPLICATE_CHECK_SIZE = 16
+_MAX_ROUTING_KEY = 255
+# Errors that describe the request, not a server fault: logged without a traceback.
+_CLIENT_ERRORS = (NoSuchMethod, UnsupportedVersion, MalformedMessage)
+
+
+class _Reply:
+    """Where a request's reply goes; ``None`` for casts and unaddressable messages."""
+
+    __slots__ = ("msg_id", "queue")
+
+    def __init__(self, queue: str, msg_id: str):
+        self.queue = queue
+        self.msg_id = msg_id
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> _Reply | None:
+        queue = message.pop("_reply_q", None)
+        msg_id = message.pop("_msg_id", None)
+        if not isinstance(queue, str) or not isinstance(msg_id, str) or not queue:
+            return None
+        if len(queue.encode()) > _MAX_ROUTING_KEY:
+            return None  # not a routable AMQP queue name
+        return cls(queue, msg_id)
+
+
+class RPCServer:
+    """Serves ``endpoints`` on ``target.topic`` (+ ``<topic>.<server>`` and fanout).
+
+    ``max_concurrency`` (default: the transport's ``max_concurrency``) bounds handlers running at
+    once; ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds messages delivered but not
+    yet taken up.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        target: Target,
+        endpoints: Iterable[Any],
+        serializer: Serializer | None = None,
+        max_concurrency: int | None = None,
+        *,
+        prefetch: int | None = None,
+    ):
+        if not target.topic or not target.server:
+            raise InvalidTarget("A server's target needs a topic and a server", target)
+        self.transport = transport
+        self.target = target
+        self.dispatcher = Dispatcher(endpoints)
+        self.serializer = serializer if serializer is not None else NoOpSerializer()
+        self._noop = type(self.serializer) is NoOpSerializer
+        cfg = transport.config
+        self.max_concurrency = max_concurrency or cfg.max_concurrency
+        self.prefetch = cfg.rabbit_qos_prefetch_count if prefetch is None else prefetch
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        self._subscription: Subscription | None = None
+        self._fanout_queue: QueueSpec | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._recent_ids: collections.deque[str] = collections.deque(maxlen=DUPLICATE_CHECK_SIZE)
+        self._stopping = False
+        self._stats = RPCStats()
+        self._exposed = self.dispatcher.exposed_methods()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._subscription is not None
+
+    async def start(self) -> None:
+        """Declare the queues (argument-identical to oslo's) and start consuming."""
+        if self._subscription is not None:
+            return
+        topology = self.transport.topology
+        topic, server = self.target.topic, self.target.server
+        assert topic is not None and server is not None
+        exchange = topology.control_exchange(self.target.exchange)
+        self._fanout_queue = topology.fanout_queue(topic)
+        queues = [
+            topology.topic_queue(exchange, topic),
+            topology.topic_queue(exchange, f"{topic}.{server}"),
+            self._fanout_queue,
+        ]
+        self._stopping = False
+        self._subscription = await self.transport.driver.subscribe(
+            queues, self._on_delivery, prefetch=self.prefetch
+        )
+        log.info("rpc_server_started", topic=topic, server=server, exchange=exchange.name)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop consuming, let running handlers finish for up to ``grace`` seconds, then cancel
+        what is left. Messages delivered but not started go back to the broker."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is None:
+            return
+        self._stopping = True
+        await subscription.cancel()
+        tasks = set(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("rpc_server_stop_cancelled_handlers", count=len(pending), grace=grace)
+                await asyncio.gather(*pending, return_exceptions=True)
+        await subscription.close()
+        if self._fanout_queue is not None:
+            try:
+                await self.transport.driver.delete_queue(self._fanout_queue.name)
+            except Exception as exc:  # broker errors: the queue still expires by x-expires
+                log.warning(
+                    "fanout_queue_delete_failed", queue=self._fanout_queue.name, error=repr(exc)
+                )
+        log.info("rpc_server_stopped", topic=self.target.topic, server=self.target.server)
+
+    async def __aenter__(self) -> RPCServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Calls by (method, outcome), handlers in flight, dropped messages by reason."""
+        return self._stats.as_dict()
+
+    @property
+    def in_flight(self) -> int:
+        return self._stats.in_flight
+
+    # -- message handling --------------------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            async with self._semaphore:
+                if self._stopping:
+                    return  # not acked: the broker redelivers it when our channel closes
+                try:
+                    await delivery.ack()
+                except Exception as exc:  # ack lost with the channel: the broker redelivers
+                    log.warning("rpc_ack_failed", error=repr(exc))
+                    return
+                self._stats.in_flight += 1
+                try:
+                    await self._process(delivery)
+                finally:
+                    self._stats.in_flight -= 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug in our own handling: log it, keep serving.
+            log.exception("rpc_message_handling_failed")
+        finally:
+            self._tasks.discard(task)
+
+    def _drop(self, reason: str, **kw: Any) -> None:
+        self._stats.dropped[reason] += 1
+        log.warning("rpc_message_dropped", reason=reason, **kw)
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            message = codec.decode_message(delivery.body)
+        except UnsupportedEnvelopeVersion as exc:
+            reply = _Reply.from_message(exc.message) if exc.message else None
+            if reply is None:
+                self._drop("unsupported_envelope", error=str(exc), size=len(delivery.body))
+                return
+            self._stats.record("<unknown>", "malformed")
+            await self._send_failure(reply, exc)
+            return
+        except MalformedMessage as exc:
+            self._drop("malformed", error=str(exc), size=len(delivery.body))
+            return
+
+        reply = _Reply.from_message(message)
+        client_timeout = message.pop("_timeout", None)
+        unique_id = message.pop("_unique_id", None)
+        if isinstance(unique_id, str):
+            if unique_id in self._recent_ids:
+                self._drop("duplicate", unique_id=unique_id)
+                return
+            self._recent_ids.append(unique_id)
+
+        method = message.get("method")
+        label = method if isinstance(method, str) and method in self._exposed else "<unknown>"
+        try:
+            ctxt = self._context(message, delivery.user_id)
+        except (TypeError, ValueError) as exc:
+            await self._fail(reply, label, MalformedMessage(f"bad context: {exc}"), None)
+            return
+
+        with structlog.contextvars.bound_contextvars(
+            request_id=ctxt.request_id, caller=ctxt.caller, method=label
+        ):
+            heartbeat = None
+            if reply is not None and _wants_heartbeat(client_timeout):
+                heartbeat = asyncio.create_task(self._heartbeat(reply, int(client_timeout) / 2))
+            try:
+                result = await self._dispatch(ctxt, message)
+                body = (
+                    codec.encode_message(
+                        {
+                            "result": result,
+                            "failure": None,
+                            "ending": True,
+                            "_msg_id": reply.msg_id,
+                            "_unique_id": _new_id(),
+                        }
+                    )
+                    if reply is not None
+                    else None
+                )
+            except ExpectedException as wrapped:
+                log.debug("rpc_expected_exception", error=repr(wrapped.exc))
+                await self._fail(reply, label, wrapped.exc, heartbeat, expected=True)
+                return
+            except Exception as exc:
+                await self._fail(reply, label, exc, heartbeat)
+                return
+            finally:
+                if heartbeat is not None:
+                    heartbeat.cancel()
+            self._stats.record(label, "ok")
+            if reply is not None and body is not None:
+                await self._publish_reply(reply, body)
+
+    def _context(self, message: dict[str, Any], user_id: str | None) -> RequestContext:
+        ctxt = RequestContext.from_dict(codec.unpack_context(message), caller=user_id)
+        if not isinstance(ctxt.request_id, str) or not ctxt.request_id:
+            ctxt.request_id = generate_request_id()
+        return ctxt
+
+    async def _dispatch(self, ctxt: RequestContext, message: dict[str, Any]) -> Any:
+        method = message.get("method")
+        if not isinstance(method, str) or not method:
+            raise MalformedMessage("request has no method name")
+        args = message.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise MalformedMessage(f"args must be an object, not {type(args).__name__}")
+        namespace = message.get("namespace")
+        version = message.get("version")
+        if namespace is not None and not isinstance(namespace, str):
+            raise MalformedMessage("namespace must be a string")
+        if version is not None and not isinstance(version, str):
+            raise UnsupportedVersion(str(version), method)
+        handler = self.dispatcher.lookup(method, namespace, version)
+        if not self._noop:
+            args = {k: await self.serializer.deserialize_entity(ctxt, v) for k, v in args.items()}
+        result = handler(ctxt, **args)
+        if inspect.isawaitable(result):
+            result = await result
+        if not self._noop:
+            result = await self.serializer.serialize_entity(ctxt, result)
+        return result
+
+    async def _fail(
+        self,
+        reply: _Reply | None,
+        label: str,
+        exc: BaseException,
+        heartbeat: asyncio.Task[None] | None,
+        *,
+        expected: bool = False,
+    ) -> None:
+        if heartbeat is not None:
+            heartbeat.cancel()
+        outcome = "client_error" if isinstance(exc, _CLIENT_ERRORS) else "error"
+        self._stats.record(label, outcome)
+        if not expected and isinstance(exc, _CLIENT_ERRORS):
+            log.warning(
+                "rpc_request_rejected", error=f"{type(exc).__name__}: {exc}", cast=reply is None
+            )
+        elif not expected:
+            log.error("rpc_handler_failed", cast=reply is None, exc_info=exc)
+        if reply is not None:
+            await self._send_failure(reply, exc)
+
+    async def _send_failure(self, reply: _Reply, exc: BaseException) -> None:
+        body = codec.encode_message(
+            {
+                "result": None,
+                "failure": codec.serialize_remote_exception(exc),
+                "ending": True,
+                "_msg_id": reply.msg_id,
+                "_unique_id": _new_id(),
+            }
+        )
+        await self._publish_reply(reply, body)
+
+    async def _publish_reply(self, reply: _Reply, body: bytes) -> None:
+        try:
+            await self.transport.driver.publish(
+                DEFAULT_EXCHANGE,
+                reply.queue,
+                body,
+                mandatory=True,
+                retry_for=self.transport.config.rpc_response_timeout,
+            )
+        except MessageDeliveryFailure as exc:
+            self._stats.dropped["reply_undeliverable"] += 1
+            log.warning(
+                "reply_undeliverable", reply_q=reply.queue, msg_id=reply.msg_id, error=str(exc)
+            )
+
+    async def _heartbeat(self, reply: _Reply, interval: float) -> None:
+        body_fields = {"result": None, "failure": None, "ending": False, "_msg_id": reply.msg_id}
+        while True:
+            await asyncio.sleep(interval)
+            await self._publish_reply(
+                reply, codec.encode_message({**body_fields, "_unique_id": _new_id()})
+            )
+
+
+def _wants_heartbeat(client_timeout: Any) -> bool:
+    # Only a numeric _timeout >= 2 (oslo: int(_timeout) / 2 >= 1) asks for call-monitor
+    # heartbeats; an oslo caller that did not ask crashes on one.
+    if isinstance(client_timeout, bool) or not isinstance(client_timeout, (int, float)):
+        return False
+    try:
+        return int(client_timeout) >= 2
+    except (OverflowError, ValueError):
+        return False
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,126 @@
+"""Exchange and queue declarations, argument-identical to oslo.messaging's rabbit driver.
+
+A declaration that differs from an existing one by a single flag or argument makes RabbitMQ close
+the channel with 406 PRECONDITION_FAILED, so every name and argument here follows
+``oslo_messaging/_drivers/impl_rabbit.py`` (``Consumer``, ``declare_*_consumer``, ``*_send``)
+for the same option values. Options carry oslo's names; see ``MessagingConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Literal
+
+from shared_objects.config import MessagingConfig
+
+ExchangeType = Literal["topic", "fanout", "direct"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    """An exchange to declare (the default exchange ``""`` is never declared)."""
+
+    name: str
+    type: ExchangeType = "topic"
+    durable: bool = False
+    auto_delete: bool = False
+
+
+DEFAULT_EXCHANGE = ExchangeSpec("", "direct")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A queue to declare, with the exchange it is bound to (if any) and its binding key."""
+
+    name: str
+    durable: bool = False
+    auto_delete: bool = False
+    arguments: tuple[tuple[str, Any], ...] = ()
+    exchange: ExchangeSpec | None = None
+    routing_key: str = ""
+
+    @property
+    def arguments_dict(self) -> dict[str, Any]:
+        return dict(self.arguments)
+
+
+class Topology:
+    """Names and declaration flags for one transport's options."""
+
+    def __init__(self, config: MessagingConfig):
+        self.config = config
+        # oslo: Connection.durable = amqp_durable_queues or rabbit_quorum_queue
+        self.durable = bool(config.amqp_durable_queues or config.rabbit_quorum_queue)
+        self.auto_delete = bool(config.amqp_auto_delete)
+
+    def _args(self, *, quorum: bool, ttl: int) -> tuple[tuple[str, Any], ...]:
+        # oslo _get_queue_arguments (no HA queues, no quorum delivery/memory limits, no streams)
+        args: dict[str, Any] = {}
+        if quorum:
+            args["x-queue-type"] = "quorum"
+        if ttl > 0:
+            args["x-expires"] = ttl * 1000
+        return tuple(args.items())
+
+    def control_exchange(self, name: str | None = None) -> ExchangeSpec:
+        """The topic exchange calls and casts go to (``Target.exchange`` or the configured one)."""
+        return ExchangeSpec(
+            name or self.config.control_exchange, "topic", self.durable, self.auto_delete
+        )
+
+    def fanout_exchange(self, topic: str) -> ExchangeSpec:
+        return ExchangeSpec(
+            f"{topic}_fanout", "fanout", bool(self.config.rabbit_transient_quorum_queue), True
+        )
+
+    def topic_queue(
+        self, exchange: ExchangeSpec, topic: str, queue: str | None = None
+    ) -> QueueSpec:
+        """``<topic>`` (or ``<topic>.<server>``) bound to the control exchange."""
+        return QueueSpec(
+            name=queue or topic,
+            durable=self.durable,
+            auto_delete=self.auto_delete,
+            arguments=self._args(quorum=self.config.rabbit_quorum_queue, ttl=0),
+            exchange=exchange,
+            routing_key=topic,
+        )
+
+    def fanout_queue(self, topic: str) -> QueueSpec:
+        """``<topic>_fanout_<uuid hex>``, unique per server, expiring when unused."""
+        return QueueSpec(
+            name=f"{topic}_fanout_{uuid.uuid4().hex}",
+            durable=bool(self.config.rabbit_transient_quorum_queue),
+            auto_delete=False,
+            arguments=self._args(
+                quorum=self.config.rabbit_transient_quorum_queue,
+                ttl=self.config.rabbit_transient_queues_ttl,
+            ),
+            exchange=self.fanout_exchange(topic),
+            routing_key=topic,
+        )
+
+    def reply_queue(self) -> QueueSpec:
+        """``reply_<uuid hex>``: one per transport, on the default exchange."""
+        return QueueSpec(
+            name=f"reply_{uuid.uuid4().hex}",
+            durable=bool(self.config.rabbit_transient_quorum_queue),
+            auto_delete=False,
+            arguments=self._args(
+                quorum=self.config.rabbit_transient_quorum_queue,
+                ttl=self.config.rabbit_transient_queues_ttl,
+            ),
+        )
+
+    def notification_queue(self, exchange: ExchangeSpec, routing_key: str) -> QueueSpec:
+        """``<topic>.<priority>``, declared by the publisher: nothing is lost before a listener."""
+        return QueueSpec(
+            name=routing_key,
+            durable=exchange.durable,
+            auto_delete=exchange.auto_delete,
+            arguments=self._args(quorum=self.config.rabbit_quorum_queue, ttl=0),
+            exchange=exchange,
+            routing_key=routing_key,
+        )
