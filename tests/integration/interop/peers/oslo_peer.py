@@ -33,7 +33,7 @@ from typing import Any
 
 # oslo.messaging imports eventlet (through oslo.service), which warns on import; the peer has
 # nothing to do with eventlet, so keep its stderr readable.
-warnings.filterwarnings("ignore", message=".*[Ee]ventlet.*")
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import interop_errors  # noqa: E402  (this script's own directory is sys.path[0])

@@ -1,0 +1,88 @@
+"""The ``fleet`` path: Fleet's RPCClient and RPCServer with their default options.
+
+Default ``MessagingConfig`` (publisher confirms on, prefetch 64, max_concurrency 64), oslo wire
+format, a ``RequestContext`` per call, the no-op serializer. One ``echo`` method returning its
+payload.
+
+Roles as in ``rpc_raw.py``: ``server`` prints ``{"event": "ready"}`` and serves until stdin closes;
+``client`` prints one JSON result line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from rpc_load import emit, make_payload, run_async_cell
+
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.log import configure_logging
+from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
+
+
+class Endpoint:
+    """The benchmark's one method: return the payload."""
+
+    @expose
+    async def echo(self, ctxt: RequestContext, payload: Any) -> Any:
+        return payload
+
+
+def config_for(url: str, exchange: str) -> MessagingConfig:
+    return MessagingConfig(transport_url=url, control_exchange=exchange)
+
+
+async def serve(url: str, exchange: str, topic: str) -> None:
+    async with get_transport(config_for(url, exchange)) as transport:
+        server = RPCServer(transport, Target(topic=topic, server="bench"), [Endpoint()])
+        async with server:
+            emit({"event": "ready"})
+            await asyncio.to_thread(sys.stdin.read)  # serve until the orchestrator closes stdin
+
+
+async def drive(
+    url: str, exchange: str, topic: str, concurrencies: list[int], duration: float
+) -> None:
+    async with get_transport(config_for(url, exchange)) as transport:
+        client = RPCClient(transport, Target(topic=topic), timeout=30)
+        payload = make_payload()
+
+        async def call() -> Any:
+            ctxt = RequestContext(user_id="bench", project_id="bench")
+            return await client.call(ctxt, "echo", payload=payload)
+
+        await call()  # creates the reply queue before the clock starts
+        results = {str(c): await run_async_cell(call, c, duration) for c in concurrencies}
+        emit({"event": "result", "results": results})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("role", choices=["server", "client"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--exchange", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--concurrency", default="1,16,128")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--uvloop", action="store_true")
+    args = parser.parse_args()
+    # stdout carries the protocol; logs go to stderr, and only warnings (no per-call cost).
+    configure_logging(fmt="json", level="warning")
+    if args.role == "server":
+        coro = serve(args.url, args.exchange, args.topic)
+    else:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        coro = drive(args.url, args.exchange, args.topic, concurrencies, args.duration)
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    main()
