@@ -16,7 +16,7 @@ from typing import Self
 
 from shared_objects.log import get_logger
 
-__all__ = ["HTTPEndpoint", "Response"]
+__all__ = ["HTTPEndpoint", "Response", "Route"]
 
 log = get_logger(__name__)
 

@@ -83,7 +83,7 @@ class SystemdNotifier:
     def ready(self, status: str | None = None) -> bool:
         """READY=1: start-up is complete (consumers are up); systemd finishes ``start``."""
         extra = [f"STATUS={status}"] if status else []
-        return self.notify("READY=1", *extra, f"MAINPID={os.getpid()}")
+        return self.notify("READY=1", *extra)
 
     def stopping(self, status: str | None = None) -> bool:
         """STOPPING=1: shutdown has begun (send on SIGTERM, before draining)."""

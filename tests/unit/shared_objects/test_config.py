@@ -238,7 +238,7 @@ def test_format_config_masks_secrets_and_round_trips_through_toml(tmp_path: Path
     assert data["messaging"]["heartbeat"] == 20
     assert data["service"]["graceful_shutdown_timeout"] == 30.0
     # Every option is shown, so an operator sees the whole effective configuration.
-    shown = {(None, "host")}
+    shown: set[tuple[str | None, str]] = {(None, "host")}
     shown |= {(s, k) for s, table in data.items() if isinstance(table, dict) for k in table}
     assert shown == set(config_mod.option_names())
     # The printed text is itself a usable config file (once real passwords are put back).
