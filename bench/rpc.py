@@ -16,6 +16,7 @@ absolute figures across runs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -129,7 +130,24 @@ def run_path(path: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        delete_broker_objects(url, name)
     return results
+
+
+async def _delete(url: str, queues: list[str], exchanges: list[str]) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(url.replace("rabbit://", "amqp://", 1), timeout=10)
+    async with connection:
+        for name in queues:
+            await (await connection.channel()).queue_delete(name)
+        for name in exchanges:
+            await (await connection.channel()).exchange_delete(name)
+
+
+def delete_broker_objects(url: str, name: str) -> None:
+    """Remove the queues and exchange one path's run left on the broker (they are not transient)."""
+    asyncio.run(_delete(url, [name, f"{name}.bench"], [name]))
 
 
 def ratios(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
