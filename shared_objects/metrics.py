@@ -4,7 +4,13 @@ Each service object owns one ``ServiceMetrics`` (its own ``CollectorRegistry``, 
 services in one test process never share counters) and passes it to the parts that count:
 
     metrics = ServiceMetrics("conductor", host=cfg.host)
-    with metrics.track_rpc("build_instances", role="server"):
+    # Pull: the messaging layer keeps plain counters; they are read at every scrape.
+    metrics.watch_rpc("server", rpc_server.stats)          # calls, in-flight, dropped
+    metrics.watch_rpc("client", rpc_client.stats)
+    metrics.watch_transport(transport.stats)               # reconnects, publish failures
+    observe = metrics.latency_observer("server")           # messaging calls observe(method, s)
+    # Push: code that is not an RPCServer/RPCClient counts its own calls.
+    with metrics.track_rpc("build_instances", role="client"):
         await handler(...)                                 # outcome ok / error / timeout
     metrics.amqp_reconnects.inc()                          # on every broker reconnect
     metrics.object_backports.labels(object="Instance").inc()
@@ -24,7 +30,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -153,10 +159,25 @@ class ServiceMetrics:
             ["vm_state"],
             registry=reg,
         )
+        self.rpc_dropped = Counter(
+            "fleet_rpc_dropped",
+            "Incoming RPC messages dropped unanswered (malformed, duplicate, ...), by reason.",
+            ["reason", "role"],
+            registry=reg,
+        )
+        self.amqp_publish_failures = Counter(
+            "fleet_amqp_publish_failures",
+            "Messages the broker refused or that could not be published.",
+            registry=reg,
+        )
         for role in ROLES:
             # Export the in-flight gauges at 0 from the start, not only after the first call.
             self.rpc_in_flight.labels(role=role)
         self._vm_states: set[str] = set()
+        # Calls in flight counted by track_rpc (push), added to the pulled sources' counts.
+        self._tracked_in_flight = dict.fromkeys(ROLES, 0)
+        self._rpc_sources: list[_CounterSource] = []
+        self._transport_sources: list[_CounterSource] = []
 
     @contextlib.contextmanager
     def track_rpc(self, method: str, role: str) -> Iterator[RPCTracker]:
@@ -170,6 +191,7 @@ class ServiceMetrics:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         tracker = RPCTracker()
         in_flight = self.rpc_in_flight.labels(role=role)
+        self._tracked_in_flight[role] += 1
         in_flight.inc()
         start = time.perf_counter()
         try:
@@ -179,6 +201,7 @@ class ServiceMetrics:
             raise
         finally:
             elapsed = time.perf_counter() - start
+            self._tracked_in_flight[role] -= 1
             in_flight.dec()
             self.record_rpc(method, role, tracker.outcome or OUTCOME_OK, elapsed)
 
@@ -186,6 +209,74 @@ class ServiceMetrics:
         """Count one finished RPC whose timing the caller measured itself."""
         self.rpc_calls.labels(method=method, outcome=outcome, role=role).inc()
         self.rpc_latency.labels(method=method, role=role).observe(seconds)
+
+    def latency_observer(self, role: str) -> Callable[[str, float], None]:
+        """``observe(method, seconds)`` for the latency histogram only (counts come by pull).
+
+        For an RPC layer whose call counts are read with ``watch_rpc``: recording the latency
+        through ``record_rpc`` as well would count every call twice.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+        def observe(method: str, seconds: float) -> None:
+            self.rpc_latency.labels(method=method, role=role).observe(seconds)
+
+        return observe
+
+    def watch_rpc(self, role: str, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Read an RPC server's or client's ``stats()`` at every scrape.
+
+        ``stats()`` returns ``{"calls": {"method:outcome": n}, "in_flight": n,
+        "dropped": {reason: n}}`` (``shared_objects.messaging`` RPCServer/RPCClient); the
+        increase since the last scrape is added to ``fleet_rpc_calls_total`` and
+        ``fleet_rpc_dropped_total``, and ``in_flight`` to ``fleet_rpc_in_flight``.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self._rpc_sources.append(_CounterSource(role, stats))
+
+    def watch_transport(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Read a transport's ``stats()`` (``reconnects``, ``publish_failures``) at every scrape."""
+        self._transport_sources.append(_CounterSource("", stats))
+
+    def collect(self) -> None:
+        """Bring the pulled counters up to date (``render`` does it before every scrape)."""
+        pulled_in_flight = dict.fromkeys(ROLES, 0)
+        for source in self._rpc_sources:
+            snapshot = source.read()
+            if snapshot is None:
+                continue
+            for key, n in _mapping(snapshot.get("calls")).items():
+                method, _, outcome = str(key).rpartition(":")
+                delta = source.delta(("calls", key), n)
+                if delta:
+                    self.rpc_calls.labels(method=method, outcome=outcome, role=source.role).inc(
+                        delta
+                    )
+            for reason, n in _mapping(snapshot.get("dropped")).items():
+                delta = source.delta(("dropped", reason), n)
+                if delta:
+                    self.rpc_dropped.labels(reason=str(reason), role=source.role).inc(delta)
+            in_flight = snapshot.get("in_flight", 0)
+            if isinstance(in_flight, int):
+                pulled_in_flight[source.role] += in_flight
+        if self._rpc_sources:
+            for role in ROLES:
+                total = self._tracked_in_flight[role] + pulled_in_flight[role]
+                self.rpc_in_flight.labels(role=role).set(total)
+        for source in self._transport_sources:
+            snapshot = source.read()
+            if snapshot is None:
+                continue
+            # A client's stats() nests its transport's; accept either shape.
+            counters = _mapping(snapshot.get("transport")) or snapshot
+            delta = source.delta(("reconnects",), counters.get("reconnects", 0))
+            if delta:
+                self.amqp_reconnects.inc(delta)
+            delta = source.delta(("publish_failures",), counters.get("publish_failures", 0))
+            if delta:
+                self.amqp_publish_failures.inc(delta)
 
     def set_instances(self, counts: Mapping[str, int]) -> None:
         """Replace the per-vm_state instance counts; states absent from ``counts`` drop to 0."""
@@ -196,8 +287,38 @@ class ServiceMetrics:
         self._vm_states |= counts.keys()
 
     def render(self) -> bytes:
-        """The registry in Prometheus text exposition format."""
+        """The registry in Prometheus text exposition format (pulled counters refreshed)."""
+        self.collect()
         return generate_latest(self.registry)
+
+
+def _mapping(value: object) -> Mapping[Any, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+class _CounterSource:
+    """A ``stats()`` callable and the values it returned last time, to turn totals into deltas."""
+
+    def __init__(self, role: str, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self.role = role
+        self._stats = stats
+        self._last: dict[tuple[Any, ...], float] = {}
+
+    def read(self) -> Mapping[str, Any] | None:
+        try:
+            return self._stats()
+        except Exception:
+            # A broken source must not break the scrape of everything else.
+            log.exception("metrics source failed", role=self.role)
+            return None
+
+    def delta(self, key: tuple[Any, ...], total: object) -> float:
+        """How much ``total`` grew since the last read; a total that went down was reset."""
+        if not isinstance(total, (int, float)) or isinstance(total, bool):
+            return 0
+        last = self._last.get(key, 0)
+        self._last[key] = total
+        return total - last if total >= last else total
 
 
 class MetricsServer:
