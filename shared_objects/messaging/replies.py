@@ -97,9 +97,14 @@ class ReplyWaiter:
             waiter.future.set_result(message)
 
     async def close(self) -> None:
+        """Stop listening and delete the reply queue (it is unique to this transport)."""
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             await subscription.close()
+            try:
+                await self._driver.delete_queue(self.spec.name)
+            except Exception as exc:  # broker gone: the queue expires by x-expires anyway
+                log.warning("reply_queue_delete_failed", queue=self.spec.name, error=repr(exc))
         for waiter in self._waiters.values():
             if not waiter.future.done():
                 waiter.future.cancel()

@@ -74,3 +74,21 @@ async def delete_entities(
             await channel.exchange_delete(name)
     finally:
         await connection.close()
+
+
+class BrokerJanitor:
+    """Remembers the queues and exchanges a test creates and deletes them afterwards."""
+
+    def __init__(self, transport_url: str):
+        self.transport_url = transport_url
+        self.queues: set[str] = set()
+        self.exchanges: set[str] = set()
+
+    def server_topology(self, control_exchange: str, topic: str, *servers: str) -> None:
+        """Record what RPCServers on ``topic`` declare (fanout queues delete themselves)."""
+        self.exchanges.add(control_exchange)
+        self.queues.add(topic)
+        self.queues.update(f"{topic}.{server}" for server in servers)
+
+    async def cleanup(self) -> None:
+        await delete_entities(self.transport_url, queues=self.queues, exchanges=self.exchanges)
