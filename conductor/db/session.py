@@ -1,0 +1,89 @@
+"""The conductor's database: the async engine and the per-request unit of work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from conductor.db.api import DbApi
+
+
+def create_engine(url: str, *, pool_size: int = 16, max_overflow: int = 32) -> AsyncEngine:
+    """An async engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``).
+
+    SQLite gets one shared connection: it allows a single writer anyway, and one connection
+    turns concurrent requests into a queue instead of ``database is locked`` errors.
+    """
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["poolclass"] = StaticPool
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs["pool_size"] = pool_size
+        kwargs["max_overflow"] = max_overflow
+        kwargs["pool_pre_ping"] = True
+    engine = create_async_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    return engine
+
+
+class Database:
+    """Owns the engine; hands out one ``DbApi`` per request."""
+
+    def __init__(self, url: str, *, engine: AsyncEngine | None = None) -> None:
+        self.url = url
+        self.engine = engine if engine is not None else create_engine(url)
+        self._sqlite = make_url(url).get_backend_name() == "sqlite"
+        self._sqlite_lock: Any = None
+
+    @asynccontextmanager
+    async def request(self, context: Any = None) -> AsyncIterator[DbApi]:
+        """A unit of work: sets ``context.db`` for the request, commits when it ends cleanly,
+        rolls back when it raises, always returns the connection to the pool."""
+        if self._sqlite:
+            # One shared connection: requests must take turns, whole transactions at a time.
+            import asyncio
+
+            if self._sqlite_lock is None:
+                self._sqlite_lock = asyncio.Lock()
+            async with self._sqlite_lock:
+                async with self._unit(context) as db:
+                    yield db
+        else:
+            async with self._unit(context) as db:
+                yield db
+
+    @asynccontextmanager
+    async def _unit(self, context: Any) -> AsyncIterator[DbApi]:
+        db = DbApi(self.engine)
+        previous = getattr(context, "db", None) if context is not None else None
+        if context is not None:
+            context.db = db
+        try:
+            try:
+                yield db
+            except BaseException:
+                await db.rollback()
+                raise
+            await db.commit()
+        finally:
+            await db.close()
+            if context is not None:
+                context.db = previous
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

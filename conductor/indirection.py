@@ -1,0 +1,337 @@
+"""The conductor's object indirection endpoints: agents' remotable calls land here.
+
+Three methods (as in Nova since Liberty) — ``object_class_action_versions``, ``object_action``
+and ``object_backport_versions`` — plus ``ping`` in namespace ``baseapi``.
+
+Security: names arriving from the wire are never used with ``getattr``. Only methods that a
+registered Fleet class marks remotable are callable, found in an allow-list built by scanning the
+class (``inspect.getattr_static``, no descriptors run); private names are never listed. Arguments
+are bound to the method's signature and checked against its annotations before anything runs.
+Every refusal is an ``IndirectionError`` from ``shared_objects.exception``, which agents re-raise
+as the same class.
+
+Each call runs in one database unit of work (``Database.request``: ``context.db`` set, committed
+at the end), and object results are backported to the caller's version manifest.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from oslo_utils import versionutils
+from oslo_versionedobjects import exception as ovo_exception
+
+from conductor.db.session import Database
+from shared_objects import exception
+from shared_objects.base import FleetObject, FleetObjectRegistry, is_remotable
+from shared_objects.context import RequestContext
+from shared_objects.messaging import ExpectedException, Target, expose
+
+log = structlog.get_logger(__name__)
+
+CONDUCTOR_TOPIC = "conductor"
+CONDUCTOR_API_VERSION = "1.0"
+BASEAPI_NAMESPACE = "baseapi"
+BASEAPI_VERSION = "1.0"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RemotableMethod:
+    """One callable entry of the allow-list."""
+
+    name: str
+    is_classmethod: bool
+    # The remotable wrapper: called as fn(cls_or_obj, *args, **kwargs).
+    fn: Callable[..., Any]
+    signature: inspect.Signature
+    hints: Mapping[str, Any]
+
+
+_ALLOW_LISTS: dict[type[FleetObject], Mapping[str, RemotableMethod]] = {}
+
+
+def remotable_methods(cls: type[FleetObject]) -> Mapping[str, RemotableMethod]:
+    """The allow-list of ``cls``: its public methods marked remotable (cached per class)."""
+    cached = _ALLOW_LISTS.get(cls)
+    if cached is not None:
+        return cached
+    out: dict[str, RemotableMethod] = {}
+    for name in dir(cls):
+        if name.startswith("_"):
+            continue
+        static = inspect.getattr_static(cls, name)
+        if isinstance(static, classmethod):
+            func, is_cm = static.__func__, True
+        elif inspect.isfunction(static):
+            func, is_cm = static, False
+        else:
+            continue
+        if not is_remotable(func):
+            continue
+        original = func.original_fn  # type: ignore[attr-defined]
+        try:
+            hints = typing.get_type_hints(original)
+        except (NameError, TypeError):
+            hints = {}
+        out[name] = RemotableMethod(name, is_cm, func, inspect.signature(original), hints)
+    allowed = _ALLOW_LISTS[cls] = types.MappingProxyType(out)
+    return allowed
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a wire value fits an annotation (the JSON-able subset our remotables use)."""
+    if hint is Any or hint is object:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (list, tuple, collections.abc.Sequence, set, frozenset):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return all(_conforms(v, inner) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            return False
+        kv = typing.get_args(hint) or (Any, Any)
+        return all(_conforms(k, kv[0]) and _conforms(v, kv[1]) for k, v in value.items())
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    # An annotation we do not model: let the method's own checks decide.
+    return True
+
+
+def _refuse(exc: exception.IndirectionError, ctxt: RequestContext) -> ExpectedException:
+    log.warning("indirection_refused", error=str(exc), caller=ctxt.caller)
+    return ExpectedException(exc)
+
+
+class ConductorIndirectionEndpoint:
+    """RPC endpoint (topic ``conductor``, namespace None, version 1.0) for object calls."""
+
+    target = Target(version=CONDUCTOR_API_VERSION)
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    # ---- validation -------------------------------------------------------------------------
+
+    @staticmethod
+    def _manifest(objname: str, object_versions: Any) -> dict[str, str]:
+        if not isinstance(object_versions, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in object_versions.items()
+        ):
+            raise exception.InvalidObjectCall(
+                objname=objname, method="-", reason="object_versions must map names to versions"
+            )
+        return object_versions
+
+    @staticmethod
+    def class_for(objname: Any, version: Any) -> type[FleetObject]:
+        """The registered class serving ``objname`` at ``version`` (same major, newest minor)."""
+        if not isinstance(objname, str):
+            raise exception.UnknownObject(objname=repr(objname))
+        classes = FleetObjectRegistry.fleet_classes().get(objname)
+        if not classes:
+            raise exception.UnknownObject(objname=objname)
+        try:
+            wanted = versionutils.convert_version_to_tuple(version)
+        except (ValueError, TypeError, AttributeError):
+            raise exception.InvalidObjectCall(
+                objname=objname, method="-", reason=f"bad version {version!r}"
+            ) from None
+        for cls in classes:  # newest first
+            have = versionutils.convert_version_to_tuple(cls.VERSION)
+            if have[0] == wanted[0] and have >= wanted:
+                return cls
+        raise exception.UnsupportedObjectVersion(
+            objname=objname, version=version, supported=classes[0].VERSION
+        )
+
+    @staticmethod
+    def lookup(cls: type[FleetObject], objmethod: Any, *, classmethod_: bool) -> RemotableMethod:
+        """The allow-listed method, or ``ObjectMethodNotAllowed``."""
+        name = objmethod if isinstance(objmethod, str) else repr(objmethod)
+        entry = remotable_methods(cls).get(name) if isinstance(objmethod, str) else None
+        if entry is None or entry.is_classmethod != classmethod_:
+            raise exception.ObjectMethodNotAllowed(objname=cls.obj_name(), method=name)
+        return entry
+
+    @staticmethod
+    def bind(
+        method: RemotableMethod, objname: str, first: Any, ctxt: Any, args: Any, kwargs: Any
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Check ``args``/``kwargs`` against the method's signature and annotations."""
+
+        def bad(reason: str) -> exception.InvalidObjectCall:
+            return exception.InvalidObjectCall(objname=objname, method=method.name, reason=reason)
+
+        if args is None:
+            args = []
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(args, (list, tuple)):
+            raise bad(f"args must be a list, not {type(args).__name__}")
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise bad("kwargs must be a mapping of names")
+        lead = (first, ctxt) if method.is_classmethod else (first,)
+        try:
+            bound = method.signature.bind(*lead, *args, **kwargs)
+        except TypeError as exc:
+            raise bad(str(exc)) from None
+        skip = set(list(method.signature.parameters)[: len(lead)])
+        for pname, value in bound.arguments.items():
+            if pname in skip:
+                continue
+            hint = method.hints.get(pname, Any)
+            if not _conforms(value, hint):
+                raise bad(f"argument {pname}={value!r} is not {hint}")
+        return list(args), dict(kwargs)
+
+    @staticmethod
+    def backport(value: Any, manifest: Mapping[str, str]) -> Any:
+        """Objects in ``value`` as primitives at the caller's manifest versions when older."""
+        if isinstance(value, FleetObject):
+            target = manifest.get(value.obj_name())
+            if target is None:
+                return value
+            have = versionutils.convert_version_to_tuple(value.VERSION)
+            want = versionutils.convert_version_to_tuple(target)
+            if want > have and want[0] == have[0]:
+                # A caller newer than the conductor (conductors upgrade first, so rare): it can
+                # read our older version as is. Never "convert" upwards (Nova bug #1596119).
+                return value
+            # Even at the same top-level version, sub-objects may need backporting.
+            return value.obj_to_primitive(target_version=target, version_manifest=dict(manifest))
+        if isinstance(value, (list, tuple)):
+            return [ConductorIndirectionEndpoint.backport(v, manifest) for v in value]
+        if isinstance(value, dict):
+            return {k: ConductorIndirectionEndpoint.backport(v, manifest) for k, v in value.items()}
+        return value
+
+    # ---- the RPC methods ----------------------------------------------------------------------
+
+    @expose
+    async def object_class_action_versions(
+        self,
+        ctxt: RequestContext,
+        objname: Any = None,
+        objmethod: Any = None,
+        object_versions: Any = None,
+        args: Any = None,
+        kwargs: Any = None,
+    ) -> Any:
+        """Run remotable classmethod ``objname.objmethod``; answer at the caller's versions."""
+        try:
+            manifest = self._manifest(str(objname), object_versions)
+            if not isinstance(objname, str) or objname not in manifest:
+                raise exception.InvalidObjectCall(
+                    objname=str(objname), method=str(objmethod), reason="object not in manifest"
+                )
+            cls = self.class_for(objname, manifest[objname])
+            method = self.lookup(cls, objmethod, classmethod_=True)
+            call_args, call_kwargs = self.bind(method, objname, cls, ctxt, args, kwargs)
+        except exception.IndirectionError as exc:
+            raise _refuse(exc, ctxt) from exc
+        try:
+            async with self._database.request(ctxt):
+                result = await method.fn(cls, ctxt, *call_args, **call_kwargs)
+        except exception.FleetException as exc:
+            raise ExpectedException(exc) from exc
+        return self.backport(result, manifest)
+
+    @expose
+    async def object_action(
+        self,
+        ctxt: RequestContext,
+        objinst: Any = None,
+        objmethod: Any = None,
+        args: Any = None,
+        kwargs: Any = None,
+    ) -> tuple[dict[str, Any], Any]:
+        """Run remotable method ``objmethod`` on ``objinst``; answer ``(updates, result)``
+        where updates are the fields the method changed, as primitives."""
+        try:
+            if not isinstance(objinst, FleetObject):
+                raise exception.InvalidObjectCall(
+                    objname=type(objinst).__name__,
+                    method=str(objmethod),
+                    reason="objinst must be a Fleet object",
+                )
+            objname = objinst.obj_name()
+            method = self.lookup(type(objinst), objmethod, classmethod_=False)
+            call_args, call_kwargs = self.bind(method, objname, objinst, ctxt, args, kwargs)
+        except exception.IndirectionError as exc:
+            raise _refuse(exc, ctxt) from exc
+        objinst._context = ctxt
+        before = objinst.obj_clone()
+        try:
+            async with self._database.request(ctxt):
+                result = await method.fn(objinst, *call_args, **call_kwargs)
+        except exception.FleetException as exc:
+            raise ExpectedException(exc) from exc
+        updates: dict[str, Any] = {}
+        for name, field in objinst.fields.items():
+            if not objinst.obj_attr_is_set(name):
+                continue
+            value = getattr(objinst, name)
+            if not before.obj_attr_is_set(name) or getattr(before, name) != value:
+                updates[name] = field.to_primitive(objinst, name, value)
+        # Safe: a field with this name would clash with the method anyway (Nova's convention).
+        updates["obj_what_changed"] = sorted(objinst.obj_what_changed())
+        return updates, result
+
+    @expose
+    async def object_backport_versions(
+        self, ctxt: RequestContext, objinst: Any = None, object_versions: Any = None
+    ) -> Any:
+        """``objinst`` (which the caller could not read) as a primitive at its manifest."""
+        try:
+            if not isinstance(objinst, FleetObject):
+                raise exception.InvalidObjectCall(
+                    objname=type(objinst).__name__,
+                    method="object_backport_versions",
+                    reason="objinst must be a Fleet object",
+                )
+            objname = objinst.obj_name()
+            manifest = self._manifest(objname, object_versions)
+            if objname not in manifest:
+                raise exception.InvalidObjectCall(
+                    objname=objname, method="object_backport_versions", reason="not in manifest"
+                )
+            try:
+                return objinst.obj_to_primitive(
+                    target_version=manifest[objname], version_manifest=manifest
+                )
+            except (ovo_exception.VersionedObjectsException, ValueError) as exc:
+                raise exception.InvalidObjectCall(
+                    objname=objname, method="object_backport_versions", reason=str(exc)
+                ) from exc
+        except exception.IndirectionError as exc:
+            raise _refuse(exc, ctxt) from exc
+
+
+class BaseAPIEndpoint:
+    """``ping`` in namespace ``baseapi``: a liveness probe that echoes its argument."""
+
+    target = Target(namespace=BASEAPI_NAMESPACE, version=BASEAPI_VERSION)
+
+    @expose
+    async def ping(self, ctxt: RequestContext, arg: Any = None) -> Any:
+        return arg

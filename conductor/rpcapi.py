@@ -1,0 +1,101 @@
+"""Client of the conductor: the indirection API agents install as ``FleetObject.indirection_api``.
+
+Every remotable call on an agent becomes one RPC ``call`` to topic ``conductor`` (any conductor
+replica may answer). Arguments and results go through ``FleetObjectSerializer``, so objects
+travel as versioned primitives and come back at the versions this process knows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conductor.indirection import (
+    BASEAPI_NAMESPACE,
+    BASEAPI_VERSION,
+    CONDUCTOR_API_VERSION,
+    CONDUCTOR_TOPIC,
+)
+from shared_objects.base import FleetObject, IndirectionAPI
+from shared_objects.messaging import RPCClient, Target, Transport
+from shared_objects.serializer import FleetObjectSerializer
+
+
+class ConductorAPI(IndirectionAPI):
+    """Object indirection over RPC (``object_class_action_versions``, ``object_action``,
+    ``object_backport_versions``) plus ``ping``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        topic: str = CONDUCTOR_TOPIC,
+        timeout: float | None = None,
+        serializer: FleetObjectSerializer | None = None,
+    ) -> None:
+        self.serializer = (
+            serializer if serializer is not None else FleetObjectSerializer(indirection_api=self)
+        )
+        self.client = RPCClient(
+            transport,
+            Target(topic=topic, version=CONDUCTOR_API_VERSION),
+            serializer=self.serializer,
+            timeout=timeout,
+        )
+        self._base_client = RPCClient(
+            transport,
+            Target(topic=topic, namespace=BASEAPI_NAMESPACE, version=BASEAPI_VERSION),
+            timeout=timeout,
+        )
+
+    async def object_class_action_versions(
+        self,
+        context: Any,
+        objname: str,
+        objmethod: str,
+        object_versions: dict[str, str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return await self.client.call(
+            context,
+            "object_class_action_versions",
+            objname=objname,
+            objmethod=objmethod,
+            object_versions=object_versions,
+            args=list(args),
+            kwargs=kwargs,
+        )
+
+    async def object_action(
+        self,
+        context: Any,
+        objinst: FleetObject,
+        objmethod: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[dict[str, Any], Any]:
+        reply = await self.client.call(
+            context,
+            "object_action",
+            objinst=objinst,
+            objmethod=objmethod,
+            args=list(args),
+            kwargs=kwargs,
+        )
+        updates, result = reply
+        return updates, result
+
+    async def object_backport_versions(
+        self, context: Any, objinst: Any, object_versions: dict[str, str]
+    ) -> Any:
+        return await self.client.call(
+            context,
+            "object_backport_versions",
+            objinst=objinst,
+            object_versions=object_versions,
+        )
+
+    async def ping(self, context: Any, arg: Any = None, *, wait: float | None = None) -> Any:
+        """Round trip to any conductor (waiting at most ``wait`` seconds); returns ``arg``."""
+        cctx = self._base_client.prepare(timeout=wait) if wait else self._base_client
+        return await cctx.call(context, "ping", arg=arg)

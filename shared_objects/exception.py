@@ -1,0 +1,167 @@
+"""Errors of the object layer, shared by agents and the conductor.
+
+This module is in every RPC transport's ``allowed_remote_exmods``: an error raised in the
+conductor while serving an object call is rebuilt on the agent as the same class. That only works
+if every class here can be re-created from ``cls(*args, **kwargs)`` (oslo's failure format sends
+the message as ``args[0]`` and the format values as ``kwargs``), which ``FleetException`` ensures.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FleetException(Exception):
+    """Base class: a message built from ``msg_fmt`` and keyword arguments kept in ``kwargs``."""
+
+    msg_fmt: ClassVar[str] = "An unknown error occurred."
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        if message is None:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError, ValueError):
+                # A caller passed the wrong format keys: keep what we have rather than fail
+                # while reporting another error.
+                message = f"{self.msg_fmt} ({kwargs!r})"
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.msg_fmt
+
+
+class NoDatabaseAccess(FleetException):
+    msg_fmt = (
+        "No database access on this service: %(objname)s.%(method)s needs the conductor "
+        "(set FleetObject.indirection_api to a conductor client)"
+    )
+
+
+class ObjectAttributeNotLoaded(FleetException):
+    msg_fmt = (
+        "%(objname)s.%(attr)s is not loaded and objects never lazy-load: name it in "
+        "expected_attrs when you fetch the object (e.g. expected_attrs=['%(attr)s'])"
+    )
+
+
+class OrphanedObjectError(FleetException):
+    msg_fmt = "Cannot call %(objname)s.%(method)s on an object without a context"
+
+
+class ObjectActionError(FleetException):
+    msg_fmt = "Object action %(action)s failed because: %(reason)s"
+
+
+class NotFound(FleetException):
+    msg_fmt = "Resource could not be found."
+
+
+class InstanceNotFound(NotFound):
+    msg_fmt = "Instance %(instance_uuid)s could not be found."
+
+
+class FlavorNotFound(NotFound):
+    msg_fmt = "Flavor %(flavor_id)s could not be found."
+
+
+class ComputeHostNotFound(NotFound):
+    msg_fmt = "Compute node %(host)s/%(node)s could not be found."
+
+
+class ServiceNotFound(NotFound):
+    msg_fmt = "Service %(service_id)s could not be found."
+
+
+class MigrationNotFound(NotFound):
+    msg_fmt = "Migration %(migration_id)s could not be found."
+
+
+class BlockDeviceMappingNotFound(NotFound):
+    msg_fmt = "Block device mapping %(bdm_id)s could not be found."
+
+
+class SecurityGroupNotFound(NotFound):
+    msg_fmt = "Security group %(security_group_id)s could not be found."
+
+
+class SecurityGroupRuleNotFound(NotFound):
+    msg_fmt = "Security group rule %(rule_id)s could not be found."
+
+
+class InstanceActionNotFound(NotFound):
+    msg_fmt = "Action for request %(request_id)s on instance %(instance_uuid)s not found."
+
+
+class InstanceFaultNotFound(NotFound):
+    msg_fmt = "No fault recorded for instance %(instance_uuid)s."
+
+
+class Conflict(FleetException):
+    msg_fmt = "Conflicting change."
+
+
+class UnexpectedTaskStateError(Conflict):
+    msg_fmt = (
+        "Unexpected task state on instance %(instance_uuid)s: expecting %(expected)s "
+        "but the state is %(actual)s"
+    )
+
+
+class UnexpectedVMStateError(Conflict):
+    msg_fmt = (
+        "Unexpected VM state on instance %(instance_uuid)s: expecting %(expected)s "
+        "but the state is %(actual)s"
+    )
+
+
+class UnexpectedDeletingTaskStateError(UnexpectedTaskStateError):
+    pass
+
+
+class ObjectAlreadyExists(Conflict):
+    msg_fmt = "%(objname)s %(key)s already exists."
+
+
+class ObjectAlreadyCreated(ObjectActionError):
+    msg_fmt = "%(objname)s was already created (it has an id)."
+
+
+class IndirectionError(FleetException):
+    """Base class of the conductor's refusals of an object call (bad input from the wire)."""
+
+    msg_fmt = "Object call refused."
+
+
+class UnknownObject(IndirectionError):
+    msg_fmt = "Unknown object type %(objname)r: not a registered Fleet object."
+
+
+class ObjectMethodNotAllowed(IndirectionError):
+    msg_fmt = (
+        "%(objname)s.%(method)s cannot be called remotely: only methods marked remotable "
+        "are allowed"
+    )
+
+
+class UnsupportedObjectVersion(IndirectionError):
+    msg_fmt = (
+        "%(objname)s version %(version)s is not supported by this conductor "
+        "(it serves %(supported)s); conductors must be upgraded first"
+    )
+
+
+class InvalidObjectPrimitive(IndirectionError):
+    msg_fmt = "Malformed object primitive: %(reason)s"
+
+
+class InvalidObjectCall(IndirectionError):
+    msg_fmt = "Invalid call of %(objname)s.%(method)s: %(reason)s"
+
+
+class SchemaNotAtHead(FleetException):
+    msg_fmt = (
+        "The database schema is at %(current)s but this release needs %(head)s: run "
+        "`fleetctl db upgrade` first"
+    )

@@ -1,0 +1,70 @@
+"""InstanceFault: the last error that hit an instance (code, message, details, host)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shared_objects import exception, fields
+from shared_objects.base import (
+    FleetObject,
+    FleetObjectRegistry,
+    FleetPersistentObject,
+    get_db,
+    remotable,
+)
+from shared_objects.objects._common import copy_row, utcnow
+
+TABLE = "instance_faults"
+
+
+@FleetObjectRegistry.register
+class InstanceFault(FleetPersistentObject, FleetObject):
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    id: int
+    instance_uuid: str
+    code: int
+    message: str | None
+    details: str | None
+    host: str | None
+
+    fields = {
+        "id": fields.IntegerField(),
+        "instance_uuid": fields.UUIDField(),
+        "code": fields.IntegerField(),
+        "message": fields.StringField(nullable=True),
+        "details": fields.StringField(nullable=True),
+        "host": fields.StringField(nullable=True),
+    }
+
+    @staticmethod
+    def _from_db_object(
+        context: Any, fault: InstanceFault, row: Mapping[str, Any]
+    ) -> InstanceFault:
+        copy_row(fault, row)
+        fault._context = context
+        fault.obj_reset_changes()
+        return fault
+
+    @classmethod
+    @remotable
+    async def get_latest_for_instance(cls, context: Any, instance_uuid: str) -> InstanceFault:
+        rows = await get_db(context, "InstanceFault", "get_latest_for_instance").select(
+            TABLE, {"instance_uuid": instance_uuid, "deleted": False}, descending=True, limit=1
+        )
+        if not rows:
+            raise exception.InstanceFaultNotFound(instance_uuid=instance_uuid)
+        return cls._from_db_object(context, cls(), rows[0])
+
+    @remotable
+    async def create(self) -> None:
+        if self.obj_attr_is_set("id"):
+            raise exception.ObjectAlreadyCreated(objname="InstanceFault")
+        self.obj_set_defaults("deleted")
+        values = self.obj_get_changes()
+        values["created_at"] = utcnow()
+        row = await get_db(self._context, "InstanceFault", "create").insert(TABLE, values)
+        self._from_db_object(self._context, self, row)

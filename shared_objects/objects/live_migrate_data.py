@@ -1,0 +1,46 @@
+"""LiveMigrateData: what source and destination agents tell each other during a live migration.
+
+Not stored: it travels in compute RPC calls (check_can_live_migrate_* → live_migration →
+post/rollback), so it has no remotable methods.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared_objects import fields
+from shared_objects.base import FleetObject, FleetObjectRegistry
+
+if TYPE_CHECKING:
+    from shared_objects.objects.migration import Migration
+
+
+@FleetObjectRegistry.register
+class LiveMigrateData(FleetObject):
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    block_migration: bool | None
+    disk_over_commit: bool | None
+    is_shared_block_storage: bool | None
+    is_shared_instance_path: bool | None
+    migration: Migration
+    source_host: str | None
+    dest_host: str | None
+    dest_node: str | None
+    max_downtime_ms: int | None
+    force_complete: bool
+
+    fields = {
+        "block_migration": fields.BooleanField(nullable=True),
+        "disk_over_commit": fields.BooleanField(nullable=True),
+        "is_shared_block_storage": fields.BooleanField(nullable=True),
+        "is_shared_instance_path": fields.BooleanField(nullable=True),
+        "migration": fields.ObjectField("Migration"),
+        "source_host": fields.StringField(nullable=True),
+        "dest_host": fields.StringField(nullable=True),
+        "dest_node": fields.StringField(nullable=True),
+        "max_downtime_ms": fields.NonNegativeIntegerField(nullable=True),
+        "force_complete": fields.BooleanField(default=False),
+    }

@@ -1,0 +1,161 @@
+"""Migration: moving an instance between hosts, with its status and memory-copy progress."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from shared_objects import exception, fields
+from shared_objects.base import (
+    FleetObject,
+    FleetObjectRegistry,
+    FleetPersistentObject,
+    ObjectListBase,
+    get_db,
+    remotable,
+)
+from shared_objects.objects._common import copy_row, utcnow
+
+TABLE = "migrations"
+
+
+@FleetObjectRegistry.register
+class Migration(FleetPersistentObject, FleetObject):
+    """A (live) migration: accepted → preparing → running → post-migrating → completed."""
+
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    id: int
+    uuid: str
+    instance_uuid: str
+    source_compute: str | None
+    dest_compute: str | None
+    source_node: str | None
+    dest_node: str | None
+    status: str
+    migration_type: str
+    memory_total: int | None
+    memory_processed: int | None
+    memory_remaining: int | None
+
+    obj_identity_fields: ClassVar[tuple[str, ...]] = ("id", "uuid")
+
+    fields = {
+        "id": fields.IntegerField(),
+        "uuid": fields.UUIDField(),
+        "instance_uuid": fields.UUIDField(),
+        "source_compute": fields.StringField(nullable=True),
+        "dest_compute": fields.StringField(nullable=True),
+        "source_node": fields.StringField(nullable=True),
+        "dest_node": fields.StringField(nullable=True),
+        "status": fields.MigrationStatusField(),
+        "migration_type": fields.MigrationTypeField(),
+        "memory_total": fields.NonNegativeIntegerField(nullable=True),
+        "memory_processed": fields.NonNegativeIntegerField(nullable=True),
+        "memory_remaining": fields.NonNegativeIntegerField(nullable=True),
+    }
+
+    @staticmethod
+    def _from_db_object(context: Any, migration: Migration, row: Mapping[str, Any]) -> Migration:
+        copy_row(migration, row)
+        migration._context = context
+        migration.obj_reset_changes()
+        return migration
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in fields.MigrationStatus.FINISHED
+
+    @classmethod
+    @remotable
+    async def get_by_id(cls, context: Any, migration_id: int) -> Migration:
+        row = await get_db(context, "Migration", "get_by_id").get(
+            TABLE, {"id": migration_id, "deleted": False}
+        )
+        if row is None:
+            raise exception.MigrationNotFound(migration_id=migration_id)
+        return cls._from_db_object(context, cls(), row)
+
+    @classmethod
+    @remotable
+    async def get_by_uuid(cls, context: Any, migration_uuid: str) -> Migration:
+        row = await get_db(context, "Migration", "get_by_uuid").get(
+            TABLE, {"uuid": migration_uuid, "deleted": False}
+        )
+        if row is None:
+            raise exception.MigrationNotFound(migration_id=migration_uuid)
+        return cls._from_db_object(context, cls(), row)
+
+    @remotable
+    async def create(self) -> None:
+        if self.obj_attr_is_set("id"):
+            raise exception.ObjectAlreadyCreated(objname="Migration")
+        if not self.obj_attr_is_set("uuid"):
+            self.uuid = str(uuidlib.uuid4())
+        self.obj_set_defaults("deleted")
+        values = self.obj_get_changes()
+        values["created_at"] = utcnow()
+        row = await get_db(self._context, "Migration", "create").insert(TABLE, values)
+        self._from_db_object(self._context, self, row)
+
+    @remotable(send_changes_only=True)
+    async def save(self) -> None:
+        values = self.obj_get_changes()
+        if not values:
+            return
+        values["updated_at"] = utcnow()
+        rows = await get_db(self._context, "Migration", "save").update(
+            TABLE, {"id": self.id}, values, returning=["updated_at"]
+        )
+        if not rows:
+            raise exception.MigrationNotFound(migration_id=self.id)
+        self.updated_at = rows[0]["updated_at"]
+        self.obj_reset_changes()
+
+
+@FleetObjectRegistry.register
+class MigrationList(ObjectListBase[Migration], FleetObject):
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    objects: Any
+
+    fields = {
+        "objects": fields.ListOfObjectsField("Migration"),
+    }
+
+    @classmethod
+    def _from_rows(cls, context: Any, rows: list[dict[str, Any]]) -> MigrationList:
+        result = cls(
+            context, objects=[Migration._from_db_object(context, Migration(), r) for r in rows]
+        )
+        result.obj_reset_changes()
+        return result
+
+    @classmethod
+    @remotable
+    async def get_by_instance(cls, context: Any, instance_uuid: str) -> MigrationList:
+        rows = await get_db(context, "MigrationList", "get_by_instance").select(
+            TABLE, {"instance_uuid": instance_uuid, "deleted": False}
+        )
+        return cls._from_rows(context, rows)
+
+    @classmethod
+    @remotable
+    async def get_in_progress_by_host(cls, context: Any, host: str) -> MigrationList:
+        """Unfinished migrations with ``host`` as source or destination (two indexed lookups)."""
+        db = get_db(context, "MigrationList", "get_in_progress_by_host")
+        active = [s for s in fields.MigrationStatus.ALL if s not in fields.MigrationStatus.FINISHED]
+        rows = await db.select(TABLE, {"source_compute": host, "status": active, "deleted": False})
+        seen = {r["id"] for r in rows}
+        for row in await db.select(
+            TABLE, {"dest_compute": host, "status": active, "deleted": False}
+        ):
+            if row["id"] not in seen:
+                rows.append(row)
+        rows.sort(key=lambda r: r["id"])
+        return cls._from_rows(context, rows)

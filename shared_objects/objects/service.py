@@ -1,0 +1,249 @@
+"""Service: one running Fleet service (host + binary), its version and its heartbeat."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from shared_objects import exception, fields
+from shared_objects.base import (
+    AtLeast,
+    FleetObject,
+    FleetObjectRegistry,
+    FleetPersistentObject,
+    ObjectListBase,
+    get_db,
+    remotable,
+)
+from shared_objects.objects._common import copy_row, utcnow
+
+TABLE = "services"
+
+DEFAULT_SERVICE_DOWN_TIME = 60.0
+
+
+@FleetObjectRegistry.register
+class Service(FleetPersistentObject, FleetObject):
+    """A service row: registered at start, kept fresh by ``heartbeat()``."""
+
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    id: int
+    host: str
+    binary: str
+    topic: str | None
+    version: int
+    disabled: bool
+    disabled_reason: str | None
+    last_seen_up: datetime.datetime | None
+    forced_down: bool
+    report_count: int
+
+    # Seconds without a heartbeat after which a service counts as down (``is_up``).
+    service_down_time: ClassVar[float] = DEFAULT_SERVICE_DOWN_TIME
+
+    fields = {
+        "id": fields.IntegerField(),
+        "host": fields.StringField(),
+        "binary": fields.StringField(),
+        "topic": fields.StringField(nullable=True),
+        "version": fields.IntegerField(default=0),
+        "disabled": fields.BooleanField(default=False),
+        "disabled_reason": fields.StringField(nullable=True),
+        "last_seen_up": fields.DateTimeField(nullable=True),
+        "forced_down": fields.BooleanField(default=False),
+        "report_count": fields.IntegerField(default=0),
+    }
+
+    @staticmethod
+    def _from_db_object(context: Any, service: Service, row: Mapping[str, Any]) -> Service:
+        copy_row(service, row)
+        service._context = context
+        service.obj_reset_changes()
+        return service
+
+    def is_up_at(self, now: datetime.datetime, service_down_time: float | None = None) -> bool:
+        """Whether the last heartbeat is recent enough at ``now`` (and not forced down)."""
+        if self.forced_down or self.last_seen_up is None:
+            return False
+        limit = self.service_down_time if service_down_time is None else service_down_time
+        return (now - self.last_seen_up).total_seconds() <= limit
+
+    @property
+    def is_up(self) -> bool:
+        """Heartbeat within ``service_down_time`` (default 60 s) and not forced down."""
+        return self.is_up_at(utcnow())
+
+    @classmethod
+    @remotable
+    async def get_by_id(cls, context: Any, service_id: int) -> Service:
+        row = await get_db(context, "Service", "get_by_id").get(
+            TABLE, {"id": service_id, "deleted": False}
+        )
+        if row is None:
+            raise exception.ServiceNotFound(service_id=service_id)
+        return cls._from_db_object(context, cls(), row)
+
+    @classmethod
+    @remotable
+    async def get_by_host_and_binary(cls, context: Any, host: str, binary: str) -> Service:
+        row = await get_db(context, "Service", "get_by_host_and_binary").get(
+            TABLE, {"host": host, "binary": binary, "deleted": False}
+        )
+        if row is None:
+            raise exception.ServiceNotFound(service_id=f"{binary}@{host}")
+        return cls._from_db_object(context, cls(), row)
+
+    @classmethod
+    @remotable
+    async def register(
+        cls, context: Any, host: str, binary: str, topic: str | None, version: int
+    ) -> Service:
+        """Create or refresh the row of ``binary`` on ``host`` at start-up (idempotent)."""
+        db = get_db(context, "Service", "register")
+        now = utcnow()
+        values = {"topic": topic, "version": version, "last_seen_up": now}
+        rows = await db.update(
+            TABLE,
+            {"host": host, "binary": binary, "deleted": False},
+            {**values, "updated_at": now},
+            returning=None,
+        )
+        if rows:
+            return cls._from_db_object(context, cls(), rows[0])
+        row = await db.insert(
+            TABLE,
+            {
+                **values,
+                "host": host,
+                "binary": binary,
+                "disabled": False,
+                "forced_down": False,
+                "report_count": 0,
+                "deleted": False,
+                "created_at": now,
+            },
+        )
+        return cls._from_db_object(context, cls(), row)
+
+    @classmethod
+    @remotable
+    async def get_minimum_version(
+        cls, context: Any, binary: str, service_down_time: float | None = None
+    ) -> int:
+        """Lowest version among live (heartbeat within the down time, not forced down)
+        services of ``binary``; 0 when none is live."""
+        down = cls.service_down_time if service_down_time is None else service_down_time
+        cutoff = utcnow() - datetime.timedelta(seconds=down)
+        value = await get_db(context, "Service", "get_minimum_version").min_value(
+            TABLE,
+            "version",
+            {
+                "binary": binary,
+                "deleted": False,
+                "forced_down": False,
+                "last_seen_up": AtLeast(cutoff),
+            },
+        )
+        return int(value or 0)
+
+    @remotable
+    async def create(self) -> None:
+        if self.obj_attr_is_set("id"):
+            raise exception.ObjectAlreadyCreated(objname="Service")
+        db = get_db(self._context, "Service", "create")
+        if await db.get(TABLE, {"host": self.host, "binary": self.binary, "deleted": False}):
+            raise exception.ObjectAlreadyExists(objname="Service", key=f"{self.binary}@{self.host}")
+        self.obj_set_defaults()
+        values = self.obj_get_changes()
+        values["created_at"] = utcnow()
+        row = await db.insert(TABLE, values)
+        self._from_db_object(self._context, self, row)
+
+    @remotable(send_changes_only=True)
+    async def save(self) -> None:
+        values = self.obj_get_changes()
+        if not values:
+            return
+        values["updated_at"] = utcnow()
+        rows = await get_db(self._context, "Service", "save").update(
+            TABLE, {"id": self.id}, values, returning=["updated_at"]
+        )
+        if not rows:
+            raise exception.ServiceNotFound(service_id=self.id)
+        self.updated_at = rows[0]["updated_at"]
+        self.obj_reset_changes()
+
+    @remotable(send_changes_only=True)
+    async def heartbeat(self) -> None:
+        """Record that the service is alive now (conductor's clock), counting reports."""
+        db = get_db(self._context, "Service", "heartbeat")
+        current = await db.get(TABLE, {"id": self.id}, columns=["report_count"])
+        if current is None:
+            raise exception.ServiceNotFound(service_id=self.id)
+        now = utcnow()
+        rows = await db.update(
+            TABLE,
+            {"id": self.id},
+            {"last_seen_up": now, "report_count": current["report_count"] + 1},
+            returning=["last_seen_up", "report_count"],
+        )
+        self.last_seen_up = rows[0]["last_seen_up"]
+        self.report_count = rows[0]["report_count"]
+        self.obj_reset_changes()
+
+    @remotable(send_changes_only=True)
+    async def destroy(self) -> None:
+        now = utcnow()
+        rows = await get_db(self._context, "Service", "destroy").update(
+            TABLE,
+            {"id": self.id, "deleted": False},
+            {"deleted": True, "deleted_at": now},
+            returning=["deleted_at"],
+        )
+        if not rows:
+            raise exception.ServiceNotFound(service_id=self.id)
+        self.deleted = True
+        self.deleted_at = rows[0]["deleted_at"]
+        self.obj_reset_changes()
+
+
+@FleetObjectRegistry.register
+class ServiceList(ObjectListBase[Service], FleetObject):
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    objects: Any
+
+    fields = {
+        "objects": fields.ListOfObjectsField("Service"),
+    }
+
+    @classmethod
+    @remotable
+    async def get_by_binary(
+        cls, context: Any, binary: str, include_disabled: bool = False
+    ) -> ServiceList:
+        where: dict[str, Any] = {"binary": binary, "deleted": False}
+        if not include_disabled:
+            where["disabled"] = False
+        rows = await get_db(context, "ServiceList", "get_by_binary").select(TABLE, where)
+        result = cls(
+            context, objects=[Service._from_db_object(context, Service(), r) for r in rows]
+        )
+        result.obj_reset_changes()
+        return result
+
+    @classmethod
+    @remotable
+    async def get_all(cls, context: Any) -> ServiceList:
+        rows = await get_db(context, "ServiceList", "get_all").select(TABLE, {"deleted": False})
+        result = cls(
+            context, objects=[Service._from_db_object(context, Service(), r) for r in rows]
+        )
+        result.obj_reset_changes()
+        return result

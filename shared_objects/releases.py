@@ -1,0 +1,90 @@
+"""The release table: what each Fleet release speaks.
+
+For every release: the service version number (stored in the ``services`` table and compared by
+``Service.get_minimum_version``), the compute and conductor RPC API versions, and the object
+version manifest (``{object name: version}``). Senders use an older release's entry to talk to
+older peers: RPC API caps, and object arguments serialised at that release's versions
+(``FleetObjectSerializer(version_manifest=release.objects)``).
+
+Adding a release: append an entry; bump ``SERVICE_VERSION``; the test
+``tests/unit/shared_objects/test_releases.py`` checks the current entry against the registered
+object classes, so a version bump that forgets this table fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+
+BINARY_CONDUCTOR = "fleet-conductor"
+BINARY_COMPUTE = "fleet-compute"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Release:
+    """What one release speaks."""
+
+    name: str
+    service_version: int
+    compute_rpc_api: str
+    conductor_rpc_api: str
+    objects: Mapping[str, str]
+
+
+_OBJECTS_1_0 = types.MappingProxyType(
+    {
+        "BlockDeviceMapping": "1.0",
+        "BlockDeviceMappingList": "1.0",
+        "ComputeNode": "1.0",
+        "ComputeNodeList": "1.0",
+        "Flavor": "1.0",
+        "Instance": "1.0",
+        "InstanceAction": "1.0",
+        "InstanceActionEvent": "1.0",
+        "InstanceFault": "1.0",
+        "InstanceList": "1.0",
+        "LiveMigrateData": "1.0",
+        "Migration": "1.0",
+        "MigrationList": "1.0",
+        "SecurityGroup": "1.0",
+        "SecurityGroupList": "1.0",
+        "SecurityGroupRule": "1.0",
+        "SecurityGroupRuleList": "1.0",
+        "Service": "1.0",
+        "ServiceList": "1.0",
+    }
+)
+
+RELEASES: tuple[Release, ...] = (
+    Release(
+        name="1.0",
+        service_version=1,
+        compute_rpc_api="1.0",
+        conductor_rpc_api="1.0",
+        objects=_OBJECTS_1_0,
+    ),
+)
+
+CURRENT: Release = RELEASES[-1]
+SERVICE_VERSION: int = CURRENT.service_version
+
+
+def by_name(name: str) -> Release:
+    """The release called ``name`` (KeyError if unknown)."""
+    for release in RELEASES:
+        if release.name == name:
+            return release
+    raise KeyError(name)
+
+
+def for_service_version(version: int) -> Release:
+    """The newest release whose service version is at most ``version`` (a peer's release).
+
+    A version older than every known release maps to the oldest one.
+    """
+    chosen = RELEASES[0]
+    for release in RELEASES:
+        if release.service_version <= version:
+            chosen = release
+    return chosen
