@@ -200,19 +200,49 @@ class UpgradeLevelsConfig:
 
 @dataclasses.dataclass(slots=True)
 class ComputeConfig:
-    """The agent's fake hypervisor: capacity, overcommit, timing, failure injection."""
+    """The agent's fake hypervisor: capacity, overcommit, timing, failure injection.
+
+    ``fake_driver_options()`` hands these to ``compute_agent.virt.FakeDriverConfig.from_mapping``;
+    the driver's own ``FLEET_FAKE_*`` variables still apply on top (``FakeDriverConfig.from_env``).
+    """
 
     vcpus: int = dataclasses.field(default=32, metadata=_meta(_min(1)))
     memory_mb: int = dataclasses.field(default=131072, metadata=_meta(_min(1)))
     disk_gb: int = dataclasses.field(default=2048, metadata=_meta(_min(1)))
+    # One set of ratios for the resource tracker's claims and the hypervisor's own limits, so a
+    # claim the agent accepted can never be refused by the driver at spawn time.
     cpu_allocation_ratio: float = dataclasses.field(default=16.0, metadata=_meta(_positive))
     ram_allocation_ratio: float = dataclasses.field(default=1.5, metadata=_meta(_positive))
     disk_allocation_ratio: float = dataclasses.field(default=1.0, metadata=_meta(_positive))
     spawn_delay: float = dataclasses.field(default=0.5, metadata=_meta(_min(0)))
     # Empty: $STATE_DIRECTORY when systemd provides one, else ./fleet-state (see load_config).
     state_dir: str = ""
-    # Failure injection spec, parsed by the fake driver (e.g. "spawn=0.1,migrate=0.05").
+    # Failure injection, "step[:count][:option...]" items (compute_agent.virt.failures).
     failures: str = ""
+    # Live-migration model overrides, "key=value,..." (compute_agent.virt.migration_model).
+    migration: str = ""
+    # fsync every state write (only matters for power loss, not for a killed process).
+    fsync: bool = False
+    # Name the hypervisor reports; empty: the host name.
+    hypervisor_hostname: str = ""
+
+    def fake_driver_options(self) -> dict[str, Any]:
+        """These options under ``FakeDriverConfig`` field names (empty strings left out)."""
+        options: dict[str, Any] = {
+            "state_dir": self.state_dir,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "local_gb": self.disk_gb,
+            "cpu_allocation_ratio": self.cpu_allocation_ratio,
+            "ram_allocation_ratio": self.ram_allocation_ratio,
+            "disk_allocation_ratio": self.disk_allocation_ratio,
+            "spawn_delay_s": self.spawn_delay,
+            "failures": self.failures,
+            "migration": self.migration,
+            "fsync": self.fsync,
+            "hypervisor_hostname": self.hypervisor_hostname,
+        }
+        return {k: v for k, v in options.items() if v != ""}
 
 
 @dataclasses.dataclass(slots=True)

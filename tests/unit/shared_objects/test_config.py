@@ -264,3 +264,23 @@ def test_cli_helpers_return_config_without_print_flag(tmp_path: Path) -> None:
     add_config_arguments(parser)
     args = parser.parse_args(["--config", str(write(tmp_path, 'host = "c1"\n'))])
     assert config_from_args(args, environ={}).host == "c1"
+
+
+def test_compute_section_feeds_the_fake_driver_config() -> None:
+    from compute_agent.virt import FakeDriverConfig
+
+    cfg = load_config(
+        {
+            "FLEET_COMPUTE__VCPUS": "8",
+            "FLEET_COMPUTE__DISK_GB": "100",
+            "FLEET_COMPUTE__SPAWN_DELAY": "0",
+            "FLEET_COMPUTE__FAILURES": "spawn:1",
+            "FLEET_STATE_DIR": "/tmp/fleet-state-x",
+        }
+    )
+    driver = FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options())
+    assert (driver.vcpus, driver.local_gb, driver.spawn_delay_s) == (8, 100, 0.0)
+    assert driver.ram_allocation_ratio == 1.5
+    assert driver.failures == "spawn:1"
+    assert str(driver.state_dir) == "/tmp/fleet-state-x"
+    assert driver.hypervisor_hostname is None
