@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from virt_testlib import FAST, MakeDriver, spec
+from virt_testlib import FAST, MakeDriver, crash_copy, spec
 
 from compute_agent.virt import (
     FakeDriver,
@@ -27,13 +27,6 @@ async def restarted(state_dir: Path, host: str) -> FakeDriver:
     driver = FakeDriver(FakeDriverConfig(state_dir=state_dir, spawn_delay_s=0, migration=FAST))
     await driver.init_host(host)
     return driver
-
-
-def crash_copy(state_dir: Path, host: str, into: Path) -> Path:
-    """Freeze the host's state file as a crash at this instant would leave it."""
-    into.mkdir(parents=True, exist_ok=True)
-    shutil.copy(state_dir / f"{host}.json", into / f"{host}.json")
-    return into
 
 
 def write_file(path: Path, text: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from compute_agent.virt import FakeDriver, GuestSpec, MigrationModel
 
@@ -16,3 +18,10 @@ MakeDriver = Callable[..., Awaitable[FakeDriver]]
 def spec(uuid: str, vcpus: int = 1, memory_mb: int = 512, root_gb: int = 1) -> GuestSpec:
     """A small guest description."""
     return GuestSpec(uuid=uuid, vcpus=vcpus, memory_mb=memory_mb, root_gb=root_gb)
+
+
+def crash_copy(state_dir: Path, host: str, into: Path) -> Path:
+    """Copy the host's state file into ``into``, as a crash at this instant would leave it."""
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copy(state_dir / f"{host}.json", into / f"{host}.json")
+    return into
