@@ -5,27 +5,39 @@ The protocol is one datagram of ``KEY=VALUE`` lines to the AF_UNIX socket named 
 variable is unset and every call here is a no-op, so services can call them unconditionally:
 
     notifier = SystemdNotifier()          # reads NOTIFY_SOCKET / WATCHDOG_USEC once
-    async with transport, server:
-        notifier.ready("consuming on conductor")          # READY=1 once consumers are up
-        watchdog = asyncio.create_task(notifier.watchdog_task())
-        await stop_requested.wait()                        # e.g. SIGTERM
-        notifier.stopping()                                # STOPPING=1, then drain
+    watchdog = asyncio.create_task(notifier.watchdog_task())   # from the start: slow start-up
+    try:                                                        # is covered by TimeoutStartSec
+        async with transport:
+            server = RPCServer(...)
+            await server.start()
+            notifier.ready("consuming on conductor")   # READY=1 once consumers are up
+            await stop_requested.wait()                 # set by the SIGTERM handler
+            notifier.stopping()                         # STOPPING=1, then drain
+            await server.stop(grace=cfg.service.graceful_shutdown_timeout)
+    finally:
         watchdog.cancel()
 
 The watchdog pings come from a task on the event loop, never from a thread: if the loop is
 blocked, the pings stop and systemd (``WatchdogSec=``) kills and restarts the service.
+
+``NotifyListener`` is the test double for systemd's side: it binds a socket in a temporary
+directory, gives the environment to start a service with, and waits for its messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
+from types import TracebackType
+from typing import Self
 
 from shared_objects.log import get_logger
 
-__all__ = ["SystemdNotifier", "ready", "status", "stopping", "watchdog"]
+__all__ = ["NotifyListener", "SystemdNotifier", "ready", "status", "stopping", "watchdog"]
 
 log = get_logger(__name__)
 
@@ -113,6 +125,97 @@ class SystemdNotifier:
         while True:
             self.watchdog()
             await asyncio.sleep(every)
+
+
+class NotifyListener:
+    """Plays systemd's part in tests: receives what a service sends to ``$NOTIFY_SOCKET``.
+
+        with NotifyListener() as listener:
+            proc = await asyncio.create_subprocess_exec(
+                "compute-agent", env={**os.environ, **listener.environ(watchdog_usec=2_000_000)})
+            await listener.wait_for("READY")
+            proc.terminate()
+            await listener.wait_for("STOPPING")
+
+    Every datagram is kept in ``messages`` as a dict (``{"READY": "1", "STATUS": "..."}``).
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="fleet-notify-")
+        self.path = os.path.join(self._dir, "notify.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind(self.path)
+        self._sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def environ(self, watchdog_usec: int | None = None) -> dict[str, str]:
+        """Variables to start the service under test with."""
+        env = {"NOTIFY_SOCKET": self.path}
+        if watchdog_usec is not None:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        return env
+
+    def _record(self, data: bytes) -> dict[str, str]:
+        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+        self.messages.append(fields)
+        return fields
+
+    def drain(self) -> list[dict[str, str]]:
+        """Read every datagram already queued (without waiting); returns the new ones."""
+        new: list[dict[str, str]] = []
+        while True:
+            try:
+                new.append(self._record(self._sock.recv(65536)))
+            except BlockingIOError:
+                return new
+
+    def count(self, key: str) -> int:
+        """How many received messages set ``key`` (e.g. ``"WATCHDOG"``), after a drain."""
+        self.drain()
+        return sum(1 for m in self.messages if key in m)
+
+    async def wait_for(
+        self, key: str, value: str | None = None, *, within: float = 10.0
+    ) -> dict[str, str]:
+        """The first message (already received or arriving) that sets ``key`` (to ``value``).
+
+        Raises ``TimeoutError`` listing what did arrive when none does ``within`` seconds.
+        """
+
+        def match(message: dict[str, str]) -> bool:
+            return key in message and (value is None or message[key] == value)
+
+        self.drain()
+        for message in self.messages:
+            if match(message):
+                return message
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    message = self._record(await loop.sock_recv(self._sock, 65536))
+                    if match(message):
+                        return message
+        except TimeoutError:
+            raise TimeoutError(
+                f"no {key}= message within {within} s; received {self.messages}"
+            ) from None
+
+    def close(self) -> None:
+        """Close the socket and remove its directory."""
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def _default() -> SystemdNotifier:

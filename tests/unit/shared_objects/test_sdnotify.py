@@ -4,96 +4,70 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from shared_objects import sdnotify
-from shared_objects.sdnotify import SystemdNotifier
-
-
-class FakeSystemd:
-    """Binds the socket systemd would own and reads what the service sends."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(2.0)
-
-    def receive(self) -> list[str]:
-        return self.sock.recv(4096).decode().split("\n")
-
-    def pending(self) -> list[list[str]]:
-        """Every datagram already queued, without waiting."""
-        self.sock.setblocking(False)
-        out = []
-        try:
-            while True:
-                out.append(self.sock.recv(4096).decode().split("\n"))
-        except BlockingIOError:
-            pass
-        finally:
-            self.sock.settimeout(2.0)
-        return out
+from shared_objects.sdnotify import NotifyListener, SystemdNotifier
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[tuple[FakeSystemd, str]]:
-    path = str(tmp_path / "notify.sock")
-    listener = FakeSystemd(path)
-    try:
-        yield listener, path
-    finally:
-        listener.sock.close()
+def listener() -> Iterator[NotifyListener]:
+    with NotifyListener() as fake_systemd:
+        yield fake_systemd
 
 
-def test_ready_stopping_status_arrive_as_datagrams(fake: tuple[FakeSystemd, str]) -> None:
-    listener, path = fake
-    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+async def test_ready_stopping_status_arrive_as_datagrams(listener: NotifyListener) -> None:
+    notifier = SystemdNotifier(listener.environ())
     assert notifier.enabled
     assert notifier.ready("consuming") is True
-    assert listener.receive() == ["READY=1", "STATUS=consuming"]
+    assert await listener.wait_for("READY") == {"READY": "1", "STATUS": "consuming"}
     assert notifier.status("draining 3 requests")
-    assert listener.receive() == ["STATUS=draining 3 requests"]
+    assert await listener.wait_for("STATUS", "draining 3 requests") == {
+        "STATUS": "draining 3 requests"
+    }
     assert notifier.stopping()
-    assert listener.receive() == ["STOPPING=1"]
+    assert await listener.wait_for("STOPPING") == {"STOPPING": "1"}
 
 
 def test_abstract_socket_names_start_with_at() -> None:
     name = f"fleet-test-{uuid.uuid4().hex}"
-    listener = FakeSystemd("\0" + name)
-    try:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(2)
         assert SystemdNotifier({"NOTIFY_SOCKET": "@" + name}).watchdog()
-        assert listener.receive() == ["WATCHDOG=1"]
-    finally:
-        listener.sock.close()
+        assert sock.recv(100) == b"WATCHDOG=1"
 
 
 def test_everything_is_a_noop_without_notify_socket() -> None:
     notifier = SystemdNotifier({"WATCHDOG_USEC": "1000000"})
     assert not notifier.enabled
     assert notifier.ready() is False
+    assert notifier.stopping() is False
     assert notifier.watchdog_interval is None
 
 
-def test_send_to_a_vanished_socket_is_reported_not_raised(tmp_path: Path) -> None:
-    notifier = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+def test_send_to_a_vanished_socket_is_reported_not_raised(listener: NotifyListener) -> None:
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": listener.path + ".gone"})
     assert notifier.ready() is False
 
 
-def test_module_functions_use_the_current_environment(
-    fake: tuple[FakeSystemd, str], monkeypatch: pytest.MonkeyPatch
+async def test_module_functions_use_the_current_environment(
+    listener: NotifyListener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    listener, path = fake
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("NOTIFY_SOCKET", listener.path)
     assert sdnotify.ready()
-    assert listener.receive()[0] == "READY=1"
+    assert sdnotify.watchdog()
+    assert sdnotify.status("x")
     assert sdnotify.stopping()
-    assert listener.receive() == ["STOPPING=1"]
+    await listener.wait_for("STOPPING")
+    assert [next(iter(m)) for m in listener.messages] == ["READY", "WATCHDOG", "STATUS", "STOPPING"]
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
@@ -105,29 +79,27 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert SystemdNotifier({**env, "WATCHDOG_USEC": "bogus"}).watchdog_interval is None
 
 
-async def test_watchdog_task_pings_at_half_the_interval(fake: tuple[FakeSystemd, str]) -> None:
-    listener, path = fake
+async def test_watchdog_task_pings_at_half_the_interval(listener: NotifyListener) -> None:
     # WatchdogSec=0.2s -> a ping every 0.1 s.
-    notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    notifier = SystemdNotifier(listener.environ(watchdog_usec=200_000))
     task = asyncio.create_task(notifier.watchdog_task())
     await asyncio.sleep(0.55)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    pings = listener.pending()
-    assert all(p == ["WATCHDOG=1"] for p in pings)
+    listener.drain()
+    assert all(m == {"WATCHDOG": "1"} for m in listener.messages)
     # Pings at t=0, 0.1, ..., 0.5: six expected; allow scheduling jitter on a busy machine.
-    assert 4 <= len(pings) <= 7
+    assert 4 <= len(listener.messages) <= 7
 
 
-async def test_blocked_event_loop_stops_the_watchdog_pings(fake: tuple[FakeSystemd, str]) -> None:
-    listener, path = fake
-    notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+async def test_blocked_event_loop_stops_the_watchdog_pings(listener: NotifyListener) -> None:
+    notifier = SystemdNotifier(listener.environ(watchdog_usec=100_000))
     task = asyncio.create_task(notifier.watchdog_task())
     await asyncio.sleep(0.12)
-    listener.pending()
+    listener.drain()
     time.sleep(0.4)  # noqa: ASYNC251 - deliberately block the loop, as a hung service would
-    during_block = listener.pending()
+    during_block = listener.drain()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -135,8 +107,53 @@ async def test_blocked_event_loop_stops_the_watchdog_pings(fake: tuple[FakeSyste
 
 
 async def test_watchdog_task_returns_when_no_watchdog_is_configured(
-    fake: tuple[FakeSystemd, str],
+    listener: NotifyListener,
 ) -> None:
-    _, path = fake
-    await asyncio.wait_for(SystemdNotifier({"NOTIFY_SOCKET": path}).watchdog_task(), 1.0)
+    await asyncio.wait_for(SystemdNotifier(listener.environ()).watchdog_task(), 1.0)
     await asyncio.wait_for(SystemdNotifier({}).watchdog_task(), 1.0)
+
+
+async def test_listener_wait_for_times_out_with_what_it_received(listener: NotifyListener) -> None:
+    SystemdNotifier(listener.environ()).status("starting")
+    with pytest.raises(TimeoutError, match="STATUS"):
+        await listener.wait_for("READY", within=0.2)
+
+
+# The pattern a service follows, run as a real separate process under the fake systemd.
+SERVICE = """
+import asyncio, signal
+from shared_objects.sdnotify import SystemdNotifier
+
+async def main():
+    notifier = SystemdNotifier()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    watchdog = asyncio.create_task(notifier.watchdog_task())
+    notifier.ready("serving")
+    await stop.wait()
+    notifier.stopping()
+    watchdog.cancel()
+
+asyncio.run(main())
+"""
+
+
+async def test_service_process_reports_ready_watchdog_and_stopping_on_sigterm(
+    listener: NotifyListener,
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SERVICE,
+        env={**os.environ, **listener.environ(watchdog_usec=100_000)},
+    )
+    try:
+        assert (await listener.wait_for("READY", within=20))["STATUS"] == "serving"
+        await listener.wait_for("WATCHDOG")
+        proc.send_signal(signal.SIGTERM)
+        await listener.wait_for("STOPPING")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
