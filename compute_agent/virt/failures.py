@@ -6,16 +6,25 @@ Two ways in, same rules:
   ``driver.failures.inject("live_migration_copy", after_rounds=3)``,
   ``driver.failures.delay("pre_live_migration", 2.0)``;
 * config / environment (``FLEET_FAKE_FAILURES``) for agents running as subprocesses, a
-  comma-separated list of ``step[:count][:option...]`` items, see ``parse_failure_spec``.
+  comma-separated list of ``step[:count][:option...]`` items, see ``parse_failure_spec``;
+* a watched file (``FLEET_FAKE_FAILURES_FILE``) holding a spec in the same syntax, so a test can
+  change the failures of an agent that is already running: every rewrite of the file replaces
+  the rules that came from it (an empty or deleted file clears them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
 
 from compute_agent.virt.exceptions import InjectedFailure
+
+LOG = structlog.get_logger(__name__)
 
 #: Every step a failure can be injected at (a typo in a step name is an error, not a no-op).
 STEPS: frozenset[str] = frozenset(
@@ -61,6 +70,8 @@ class FailureRule:
     delay_s: float = 0.0
     fail: bool = True
     fired: int = field(default=0)
+    #: True for rules loaded from the watched failures file (replaced when it changes).
+    from_file: bool = False
 
     def matches(self, step: str, uuid: str | None, round_index: int | None) -> bool:
         """True if this rule applies to this call."""
@@ -89,6 +100,16 @@ class FailureInjector:
         self._rules: list[FailureRule] = []
         #: (step, uuid) of every firing, oldest first: lets a test prove a failure was hit.
         self.history: list[tuple[str, str | None]] = []
+        self._file: Path | None = None
+        self._file_signature: tuple[int, int, int] | None = None
+
+    def watch_file(self, path: Path | None) -> None:
+        """Take rules from ``path`` too, re-read whenever it changes (checked at every step).
+
+        Write the file atomically (temporary file + rename) so a step never reads half of it.
+        """
+        self._file = path
+        self._file_signature = None
 
     def inject(
         self,
@@ -135,6 +156,8 @@ class FailureInjector:
 
         At most one failing rule fires per call; every matching delay rule adds its delay.
         """
+        if self._file is not None:
+            await self._refresh_from_file(self._file)
         if not self._rules:
             return
         delay = 0.0
@@ -156,15 +179,55 @@ class FailureInjector:
             self.history.append((step, uuid))
             raise failing.build_exception(uuid)
 
+    async def _refresh_from_file(self, path: Path) -> None:
+        signature, text = await asyncio.to_thread(_read_if_changed, path, self._file_signature)
+        if signature == self._file_signature:
+            return
+        self._file_signature = signature
+        try:
+            rules = parse_failure_spec(text or "")
+            for rule in rules:
+                _validate(rule)
+        except ValueError as exc:
+            # A typo in a test's file must not crash the agent: keep the previous rules.
+            LOG.error("fake_failures_file_invalid", path=str(path), error=str(exc))
+            return
+        self._rules = [r for r in self._rules if not r.from_file]
+        for rule in rules:
+            rule.from_file = True
+            self._rules.append(rule)
+        LOG.info("fake_failures_file_loaded", path=str(path), rules=len(rules))
+
     def _add(self, rule: FailureRule) -> FailureRule:
-        if rule.step not in STEPS:
-            raise ValueError(f"unknown failure injection step {rule.step!r}")
-        if rule.after_rounds and rule.step != "live_migration_copy":
-            raise ValueError("after_rounds only applies to live_migration_copy")
-        if rule.after_rounds < 0:
-            raise ValueError("after_rounds must be >= 0")
+        _validate(rule)
         self._rules.append(rule)
         return rule
+
+
+def _validate(rule: FailureRule) -> None:
+    if rule.step not in STEPS:
+        raise ValueError(f"unknown failure injection step {rule.step!r}")
+    if rule.after_rounds and rule.step != "live_migration_copy":
+        raise ValueError("after_rounds only applies to live_migration_copy")
+    if rule.after_rounds < 0:
+        raise ValueError("after_rounds must be >= 0")
+
+
+def _read_if_changed(
+    path: Path, known: tuple[int, int, int] | None
+) -> tuple[tuple[int, int, int] | None, str | None]:
+    """(signature, text) of the file; text is None when unchanged or absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, None
+    signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if signature == known:
+        return signature, None
+    try:
+        return signature, path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
 
 
 def _check_count(count: int | None) -> int | None:

@@ -74,6 +74,7 @@ class FakeDriver(ComputeDriver):
         self.failures = FailureInjector()
         if self.config.failures:
             self.failures.load_spec(self.config.failures)
+        self.failures.watch_file(self.config.failures_file)
         self.host: str | None = None
         self._guests: dict[str, GuestRecord] = {}
         self._jobs: dict[str, _CopyJob] = {}

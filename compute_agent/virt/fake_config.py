@@ -22,6 +22,7 @@ ENV_FIELDS: dict[str, str] = {
     "FLEET_FAKE_DISK_RATIO": "disk_allocation_ratio",
     "FLEET_FAKE_SPAWN_DELAY": "spawn_delay_s",
     "FLEET_FAKE_FAILURES": "failures",
+    "FLEET_FAKE_FAILURES_FILE": "failures_file",
     "FLEET_FAKE_MIGRATION": "migration",
     "FLEET_FAKE_FSYNC": "fsync",
     "FLEET_FAKE_HYPERVISOR_HOSTNAME": "hypervisor_hostname",
@@ -50,6 +51,8 @@ class FakeDriverConfig:
     migration: MigrationModel = field(default_factory=MigrationModel)
     #: Failure spec in FLEET_FAKE_FAILURES syntax, loaded into ``driver.failures`` at start.
     failures: str = ""
+    #: A file holding more failure rules in the same syntax, re-read when it changes.
+    failures_file: Path | None = None
     #: fsync state writes (only matters for power loss; a killed process loses nothing).
     fsync: bool = False
     #: Name the hypervisor reports; defaults to the host name.
@@ -95,7 +98,7 @@ class FakeDriverConfig:
 
 def _convert(key: str, value: Any, base: FakeDriverConfig) -> Any:
     current = getattr(base, key)
-    if key == "state_dir":
+    if key in ("state_dir", "failures_file"):
         return None if value in (None, "") else Path(value)
     if key == "hypervisor_hostname":
         return None if value in (None, "") else str(value)

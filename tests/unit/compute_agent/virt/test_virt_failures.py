@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -257,3 +259,48 @@ async def test_after_rounds_is_only_for_the_copy_step(make_driver: MakeDriver) -
         driver.failures.load_spec("spawn:1:after=2")
     with pytest.raises(ValueError):
         driver.failures.inject("no_such_step")
+
+
+def write_spec(path: Path, text: str) -> None:
+    """Rewrite the failures file atomically, as a test driving a subprocess agent would."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def test_failures_file_changes_apply_to_a_running_driver(
+    make_driver: MakeDriver, tmp_path: Path
+) -> None:
+    control = tmp_path / "failures.spec"
+    driver = await make_driver(failures_file=control)
+    await driver.spawn(spec("before"), "img")  # no file yet: nothing injected
+
+    write_spec(control, "spawn:*")
+    for _ in range(2):
+        with pytest.raises(InjectedFailure):
+            await driver.spawn(spec("x"), "img")
+
+    write_spec(control, "destroy:1:uuid=before")
+    await driver.spawn(spec("x"), "img")  # the spawn rule was replaced
+    with pytest.raises(InjectedFailure):
+        await driver.destroy(spec("before"))
+
+    write_spec(control, "spwan:1")  # a typo keeps the previous rules instead of crashing
+    await driver.destroy(spec("before"))  # the count-1 rule was used up above
+
+    write_spec(control, "spawn:1")
+    control.unlink()  # deleting the file clears its rules
+    await driver.spawn(spec("y"), "img")
+    assert sorted(await driver.list_instance_uuids()) == ["x", "y"]
+
+
+async def test_failures_file_rules_do_not_replace_hook_rules(
+    make_driver: MakeDriver, tmp_path: Path
+) -> None:
+    control = tmp_path / "failures.spec"
+    write_spec(control, "destroy:1")
+    driver = await make_driver(failures_file=control)
+    driver.failures.inject("spawn", count=1)
+    write_spec(control, "")
+    with pytest.raises(InjectedFailure):
+        await driver.spawn(spec("x"), "img")
