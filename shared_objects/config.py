@@ -84,7 +84,8 @@ def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
-TRANSPORT_SCHEMES = ("rabbit", "amqp", "amqps", "memory")
+# The schemes shared_objects.messaging.urls accepts ("rabbits"/"amqps" mean TLS).
+TRANSPORT_SCHEMES = ("rabbit", "rabbits", "amqp", "amqps", "memory")
 DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
@@ -92,13 +93,13 @@ def _check_transport_url(url: str) -> str | None:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return f"is not a URL (expected e.g. rabbit://user:pass@127.0.0.1:5672/): {mask_url(url)!r}"
-    if scheme not in TRANSPORT_SCHEMES:
+    if scheme.lower() not in TRANSPORT_SCHEMES:
         return f"scheme must be one of {', '.join(TRANSPORT_SCHEMES)}; got {scheme!r}"
-    if scheme == "memory":
+    if scheme.lower() == "memory":
         return None
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     if not netloc:
-        return f"has no host: {mask_url(url)!r}"
+        return None  # oslo.messaging's "rabbit:///": guest@localhost, the runtime's default
     # oslo.messaging allows several brokers: rabbit://u:p@h1:5672,u:p@h2:5672/vhost
     for hostpart in netloc.split(","):
         hostport = hostpart.rpartition("@")[2]

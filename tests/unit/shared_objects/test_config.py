@@ -122,6 +122,18 @@ def test_alias_wins_over_generic_name() -> None:
     assert cfg.database.url == "sqlite+aiosqlite:///b.db"
 
 
+def test_transport_urls_the_runtime_accepts_are_accepted() -> None:
+    for url in (
+        "rabbit:///",
+        "rabbits://u:p@127.0.0.1:5671/vh",
+        "RABBIT://u:p@127.0.0.1/",
+        "amqp://u:p@[::1]:5672/",
+        "rabbit://a:b@h1:5672,c:d@h2:5673/fleet?ssl=1",
+        "memory://host1@unit/",
+    ):
+        assert load_config({"FLEET_TRANSPORT_URL": url}).messaging.transport_url == url
+
+
 def test_unrelated_fleet_variables_are_ignored() -> None:
     # FLEET_TEST_* and friends belong to other tools; only FLEET_<SECTION>__<KEY> is strict.
     cfg = load_config({"FLEET_TEST_TRANSPORT_URL": "whatever", "FLEET_CONFIG": ""})
@@ -145,7 +157,7 @@ def test_state_dir_defaults_to_systemd_state_directory() -> None:
         ({"FLEET_MESSAGING__HEARTBEET": "1"}, "FLEET_MESSAGING__HEARTBEET: unknown option"),
         ({"FLEET_TRANSPORT_URL": "http://127.0.0.1/"}, "FLEET_TRANSPORT_URL: scheme must be"),
         ({"FLEET_TRANSPORT_URL": "127.0.0.1:5672"}, "FLEET_TRANSPORT_URL: is not a URL"),
-        ({"FLEET_TRANSPORT_URL": "rabbit:///"}, "FLEET_TRANSPORT_URL: has no host"),
+        ({"FLEET_TRANSPORT_URL": "rabbit://u:p@:5672/"}, "FLEET_TRANSPORT_URL: has an empty host"),
         ({"FLEET_TRANSPORT_URL": "rabbit://h:port/"}, "FLEET_TRANSPORT_URL: has a bad host:port"),
         ({"FLEET_DATABASE_URL": "postgresql://u@h/db"}, "FLEET_DATABASE_URL: scheme must be"),
         ({"FLEET_DATABASE_URL": "postgresql+asyncpg://u@h/"}, "names no database"),
