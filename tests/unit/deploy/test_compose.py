@@ -254,7 +254,13 @@ def test_cluster_comes_up_on_a_local_docker_engine() -> None:
             text=True,
             timeout=60,
         )
-        rows = [json.loads(line) for line in ps.stdout.splitlines() if line.strip()]
+        # Older compose versions print one JSON array, newer ones one object per line.
+        text = ps.stdout.strip()
+        rows = (
+            json.loads(text)
+            if text.startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
         by_service: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_service.setdefault(row["Service"], []).append(row)
