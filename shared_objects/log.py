@@ -24,12 +24,15 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["configure_logging", "get_logger", "resolve_format"]
+if TYPE_CHECKING:
+    from shared_objects.config import FleetConfig
+
+__all__ = ["configure_logging", "configure_service_logging", "get_logger", "resolve_format"]
 
 _HANDLER_MARK = "_fleet_handler"
 # Libraries whose DEBUG output is frame-by-frame noise; capped at INFO even when we debug.
@@ -120,6 +123,18 @@ def configure_logging(
         context_class=dict,
         # Not cached: structlog.testing.capture_logs must still work after configuration.
         cache_logger_on_first_use=False,
+    )
+
+
+def configure_service_logging(
+    cfg: FleetConfig, service: str, *, stream: IO[str] | None = None
+) -> None:
+    """``configure_logging`` from ``cfg.logging``, tagging every line with service and host."""
+    configure_logging(
+        cfg.logging.format,
+        cfg.logging.level,
+        stream=stream,
+        static={"service": service, "host": cfg.host},
     )
 
 

@@ -11,7 +11,13 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from shared_objects.log import configure_logging, get_logger, resolve_format
+from shared_objects.config import load_config
+from shared_objects.log import (
+    configure_logging,
+    configure_service_logging,
+    get_logger,
+    resolve_format,
+)
 
 
 class TTYStream(io.StringIO):
@@ -132,3 +138,13 @@ def test_capture_logs_still_works_after_configuration() -> None:
 def test_unknown_level_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging("json", "loud", stream=io.StringIO())
+
+
+def test_service_logging_takes_format_level_and_host_from_config() -> None:
+    out = TTYStream()  # a terminal, yet the config says json
+    cfg = load_config({"FLEET_LOG_FORMAT": "json", "FLEET_LOG_LEVEL": "error", "FLEET_HOST": "h7"})
+    configure_service_logging(cfg, "compute-agent", stream=out)
+    get_logger("x").warning("filtered")
+    get_logger("x").error("kept")
+    [event] = lines(out)
+    assert (event["event"], event["service"], event["host"]) == ("kept", "compute-agent", "h7")
