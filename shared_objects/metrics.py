@@ -8,11 +8,10 @@ services in one test process never share counters) and passes it to the parts th
     metrics.watch_rpc("server", rpc_server.stats)          # calls, in-flight, dropped
     metrics.watch_rpc("client", rpc_client.stats)
     metrics.watch_transport(transport.stats)               # reconnects, publish failures
-    observe = metrics.latency_observer("server")           # messaging calls observe(method, s)
-    # Push: code that is not an RPCServer/RPCClient counts its own calls.
+    observe = metrics.latency_observer("server")           # RPC layer calls observe(method, s)
+    # Push: for calls no watched RPCServer/RPCClient counts (never both for the same calls).
     with metrics.track_rpc("build_instances", role="client"):
-        await handler(...)                                 # outcome ok / error / timeout
-    metrics.amqp_reconnects.inc()                          # on every broker reconnect
+        await cctx.call(...)                               # outcome ok/error/timeout/cancelled
     metrics.object_backports.labels(object="Instance").inc()
     metrics.set_instances({"active": 10, "building": 2})   # conductor, periodically
 
