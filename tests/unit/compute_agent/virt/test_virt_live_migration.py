@@ -171,7 +171,7 @@ async def test_progress_is_monotonic_rate_bounded_and_ends_at_100(make_driver: M
     assert {p.memory_total for _, p in reports} == {1024 * 1024 * 1024}
     assert reports[-1][1].memory_remaining == 0
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(reports[:-1])]
-    assert all(gap >= 0.045 for gap in gaps)  # the final report may follow sooner
+    assert all(gap >= 0.04 for gap in gaps)  # the final report may follow sooner
 
 
 async def test_slow_progress_callback_does_not_slow_the_copy(make_driver: MakeDriver) -> None:
@@ -188,7 +188,7 @@ async def test_slow_progress_callback_does_not_slow_the_copy(make_driver: MakeDr
     await source.live_migration(guest, "dst", migrate_data, slow)
     # first report (in flight during the whole fast copy) + the final one
     assert calls == 2
-    assert time.monotonic() - started < 0.6
+    assert time.monotonic() - started < 1.0  # 22 rounds x 0.2 s if it waited
 
 
 async def test_failing_progress_callback_does_not_fail_the_migration(

@@ -9,6 +9,7 @@ import pytest
 from compute_agent.virt import (
     CopyState,
     FakeDriverConfig,
+    InjectedFailure,
     InstanceNotFound,
     MigrationModel,
     NonConvergencePolicy,
@@ -139,3 +140,8 @@ def test_virt_errors_carry_their_arguments_for_rpc() -> None:
     assert str(exc) == "instance abc not found on this hypervisor"
     rebuilt = type(exc)(**exc.kwargs)
     assert str(rebuilt) == str(exc) and rebuilt.uuid == "abc"
+    # the oslo.messaging failure format rebuilds with cls(*args, **kwargs)
+    again = type(exc)(*exc.args, **exc.kwargs)
+    assert str(again) == str(exc) and again.kwargs == {"uuid": "abc"}
+    failure = InjectedFailure(step="spawn", uuid="u1")
+    assert type(failure)(*failure.args, **failure.kwargs).step == "spawn"

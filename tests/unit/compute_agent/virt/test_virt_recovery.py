@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from compute_agent.virt import (
     FakeDriverConfig,
     GuestPhase,
     GuestRef,
+    MigrationAborted,
+    MigrationModel,
     Outcome,
     resolve_migration,
 )
@@ -116,3 +119,34 @@ async def test_crash_after_any_step_ends_with_exactly_one_running_guest(
     assert info.volumes == {"v": "/dev/vdb"}
     assert not await other.instance_exists("vm")
     assert (await other.get_available_resource()).memory_mb_used == 0
+
+
+async def test_crash_mid_copy_resolves_to_the_source(
+    make_driver: MakeDriver, state_dir: Path, tmp_path: Path
+) -> None:
+    slow = MigrationModel(round_interval_s=0.01, stall_rounds=10_000)
+    source = await make_driver("src", migration=slow)
+    dest = await make_driver("dst", migration=slow)
+    guest = spec("vm")
+    await source.spawn(guest, "img")
+    await source.set_dirty_rate("vm", 10_000.0)
+    data = await source.check_can_live_migrate_source(guest, {"dest_host": "dst"})
+    await dest.pre_live_migration(guest, data)
+    copy = asyncio.create_task(source.live_migration(guest, "dst", data))
+    await asyncio.sleep(0.05)
+    assert resolve_migration(await phase_of(source), await phase_of(dest)).outcome is (
+        Outcome.IN_PROGRESS
+    )
+
+    new_source = await reload(state_dir, "src", tmp_path / "after-src")
+    new_dest = await reload(state_dir, "dst", tmp_path / "after-dst")
+    await source.live_migration_abort("vm")  # end the original copy; the crash copies are frozen
+    with pytest.raises(MigrationAborted):
+        await copy
+
+    resolution = resolve_migration(await phase_of(new_source), await phase_of(new_dest))
+    assert resolution.outcome is Outcome.SOURCE
+    for side, method in resolution.steps:
+        await getattr(new_source if side == "source" else new_dest, method)(GuestRef("vm"))
+    assert (await new_source.get_info("vm")).phase is GuestPhase.RUNNING
+    assert not await new_dest.instance_exists("vm")
