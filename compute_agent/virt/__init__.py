@@ -28,6 +28,7 @@ from compute_agent.virt.failures import STEPS, FailureInjector, FailureRule, par
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
 from compute_agent.virt.firewall import FirewallRule, normalize_rule, normalize_rules
+from compute_agent.virt.loader import DRIVERS, create_driver
 from compute_agent.virt.migration_model import CopyState, MigrationModel, NonConvergencePolicy
 from compute_agent.virt.models import (
     OWNER_PHASES,
@@ -45,6 +46,7 @@ from compute_agent.virt.models import (
 from compute_agent.virt.recovery import Outcome, Resolution, resolve_migration
 
 __all__ = [
+    "DRIVERS",
     "OWNER_PHASES",
     "STEPS",
     "BlockDeviceInfo",
@@ -87,6 +89,7 @@ __all__ = [
     "VolumeAlreadyAttached",
     "VolumeError",
     "VolumeNotAttached",
+    "create_driver",
     "normalize_rule",
     "normalize_rules",
     "parse_failure_spec",

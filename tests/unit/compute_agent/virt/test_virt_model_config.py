@@ -8,11 +8,13 @@ import pytest
 
 from compute_agent.virt import (
     CopyState,
+    FakeDriver,
     FakeDriverConfig,
     InjectedFailure,
     InstanceNotFound,
     MigrationModel,
     NonConvergencePolicy,
+    create_driver,
 )
 from compute_agent.virt.migration_model import MIB
 
@@ -145,3 +147,16 @@ def test_virt_errors_carry_their_arguments_for_rpc() -> None:
     assert str(again) == str(exc) and again.kwargs == {"uuid": "abc"}
     failure = InjectedFailure(step="spawn", uuid="u1")
     assert type(failure)(*failure.args, **failure.kwargs).step == "spawn"
+
+
+def test_create_driver_applies_the_table_then_the_environment(tmp_path: Path) -> None:
+    driver = create_driver(
+        "fake",
+        {"memory_mb": 1024, "vcpus": 2, "state_dir": str(tmp_path)},
+        {"FLEET_FAKE_MEMORY_MB": "2048"},
+    )
+    assert isinstance(driver, FakeDriver)
+    assert (driver.config.memory_mb, driver.config.vcpus) == (2048, 2)
+    assert driver.config.state_dir == tmp_path
+    with pytest.raises(ValueError, match="unknown virt driver"):
+        create_driver("libvirt")

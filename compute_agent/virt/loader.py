@@ -1,0 +1,28 @@
+"""Choosing and building the agent's driver from configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from compute_agent.virt.driver import ComputeDriver
+from compute_agent.virt.fake import FakeDriver
+from compute_agent.virt.fake_config import FakeDriverConfig
+
+#: Driver names an agent's configuration may ask for.
+DRIVERS = ("fake",)
+
+
+def create_driver(
+    kind: str = "fake",
+    options: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ComputeDriver:
+    """Build the driver ``kind`` from a config table, then ``FLEET_FAKE_*`` variables on top.
+
+    ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+    """
+    if kind != "fake":
+        raise ValueError(f"unknown virt driver {kind!r}; known: {', '.join(DRIVERS)}")
+    base = FakeDriverConfig.from_mapping(options or {})
+    return FakeDriver(FakeDriverConfig.from_env(environ, base=base))
