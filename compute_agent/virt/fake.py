@@ -92,21 +92,29 @@ class FakeDriver(ComputeDriver):
         self._store = StateStore(
             self.config.state_dir / f"{host}.json", self._snapshot, fsync=self.config.fsync
         )
-        document = await self._store.load()
-        if document is None:
-            await self._save()
-            return
-        if document.get("host") != host:
-            raise StateFileError(path=str(self._store.path), reason="state of another host")
         try:
-            guests = [GuestRecord.from_json(g) for g in dict(document.get("guests") or {}).values()]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(path=str(self._store.path), reason=repr(exc)) from exc
-        for guest in guests:
-            self._recover(guest)
-            self._guests[guest.uuid] = guest
-        await self._save()
+            await self._load(self._store)
+        except BaseException:
+            # Leave the driver as it was, so init_host can be retried once the cause is fixed.
+            self.host, self._store, self._guests = None, None, {}
+            raise
         LOG.info("fake_hypervisor_loaded", host=host, guests=len(self._guests))
+
+    async def _load(self, store: StateStore) -> None:
+        document = await store.load()
+        if document is not None:
+            if document.get("host") != self.host:
+                raise StateFileError(path=str(store.path), reason="state of another host")
+            try:
+                guests = [
+                    GuestRecord.from_json(g) for g in dict(document.get("guests") or {}).values()
+                ]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StateFileError(path=str(store.path), reason=repr(exc)) from exc
+            for guest in guests:
+                self._recover(guest)
+                self._guests[guest.uuid] = guest
+        await self._save()
 
     @staticmethod
     def _recover(guest: GuestRecord) -> None:

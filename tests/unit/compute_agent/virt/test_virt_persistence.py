@@ -132,10 +132,17 @@ async def test_switched_over_guest_stays_migrated_out_after_restart(
     )
 
 
-async def test_corrupt_state_file_refuses_to_start(state_dir: Path) -> None:
+async def test_corrupt_state_file_refuses_to_start_until_repaired(state_dir: Path) -> None:
     write_file(state_dir / "h1.json", "{not json")
+    driver = FakeDriver(FakeDriverConfig(state_dir=state_dir))
     with pytest.raises(StateFileError):
-        await restarted(state_dir, "h1")
+        await driver.init_host("h1")
+    write_file(state_dir / "h1.json", '{"format": 1, "host": "h1", "guests": {"g": {"uuid": 7}}}')
+    with pytest.raises(StateFileError):  # malformed guest record
+        await driver.init_host("h1")
+    write_file(state_dir / "h1.json", '{"format": 1, "host": "h1", "guests": {}}')
+    await driver.init_host("h1")
+    assert driver.host == "h1"
 
 
 async def test_state_file_of_another_host_is_refused(
