@@ -142,6 +142,9 @@ class _CallContext:
         except MessageDeliveryFailure:
             stats.record(method, "delivery_failure")
             raise
+        except asyncio.CancelledError:
+            stats.record(method, "cancelled")
+            raise
         except TimeoutError:
             stats.record(method, "timeout")
             if overall.expired() or monitor is None or not monitor.expired():

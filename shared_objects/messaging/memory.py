@@ -252,4 +252,9 @@ class MemoryDriver(Driver):
         self.broker.delete_queue(name)
 
     def stats(self) -> dict[str, Any]:
-        return {"reconnects": 0, "published": self._published, "returned": self._returned}
+        return {
+            "reconnects": 0,
+            "published": self._published,
+            "publish_failures": self._returned,
+            "returned": self._returned,
+        }

@@ -20,7 +20,7 @@ import aio_pika
 import aiormq
 import aiormq.abc
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
 from aio_pika.robust_connection import RobustConnection
 from pamqp.commands import Basic
 
@@ -58,20 +58,75 @@ class _FailoverRobustConnection(RobustConnection):
 
 
 class _RabbitSubscription(Subscription):
-    def __init__(self, channel: AbstractRobustChannel):
+    """Consumers on a dedicated robust channel.
+
+    Queues and bindings are declared through aio-pika (which re-declares them after a reconnect);
+    consuming goes straight to aiormq's ``basic_consume``, skipping aio-pika's per-message wrapper
+    object and extra task, and is re-issued from the channel's reopen callback.
+    """
+
+    def __init__(self, channel: AbstractRobustChannel, callback: DeliveryCallback, no_ack: bool):
         self._channel = channel
-        self.consumers: list[tuple[AbstractRobustQueue, str]] = []
+        self._callback = callback
+        self._no_ack = no_ack
+        self.queues: list[str] = []
+        self._tags: dict[str, str] = {}  # queue -> consumer tag on the current underlay channel
+        self._cancelled = False
+        channel.reopen_callbacks.add(self._on_reopen)
+
+    async def _consume(self, queue: str) -> None:
+        underlay = await self._channel.get_underlay_channel()
+        ok = await underlay.basic_consume(queue, self._on_message(queue), no_ack=self._no_ack)
+        assert ok.consumer_tag is not None
+        self._tags[queue] = ok.consumer_tag
+
+    async def add(self, queue: str) -> None:
+        self.queues.append(queue)
+        await self._consume(queue)
+
+    async def _on_reopen(self, *_: Any) -> None:
+        # A new underlay channel: aio-pika restored qos, queues and bindings; consumers are ours.
+        self._tags.clear()
+        if self._cancelled:
+            return
+        for queue in self.queues:
+            await self._consume(queue)
+        log.info("consumers_restored", queues=self.queues)
+
+    def _on_message(self, queue: str) -> Any:
+        callback = self._callback
+        no_ack = self._no_ack
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            ack = None
+            if not no_ack:
+                channel = message.channel
+                tag = message.delivery_tag
+                assert tag is not None
+
+                async def ack() -> None:
+                    # Don't wait for the frame to hit the socket: ordering on the channel is kept.
+                    await channel.basic_ack(tag, wait=False)
+
+            await callback(Delivery(message.body, message.header.properties.user_id, ack, queue))
+
+        return on_message
 
     async def cancel(self) -> None:
-        consumers, self.consumers = self.consumers, []
-        for queue, tag in consumers:
-            try:
-                await queue.cancel(tag)
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                log.warning("consumer_cancel_failed", queue=queue.name, error=repr(exc))
+        self._cancelled = True
+        tags, self._tags = self._tags, {}
+        if not tags or self._channel.is_closed:
+            return
+        try:
+            underlay = await self._channel.get_underlay_channel()
+            for tag in tags.values():
+                await underlay.basic_cancel(tag)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("consumer_cancel_failed", queues=list(tags), error=repr(exc))
 
     async def close(self) -> None:
         await self.cancel()
+        self._channel.reopen_callbacks.discard(self._on_reopen)
         if not self._channel.is_closed:
             try:
                 await self._channel.close()
@@ -226,6 +281,9 @@ class RabbitDriver(Driver):
                     routing_key=routing_key,
                     properties=props,
                     mandatory=mandatory,
+                    # With confirms we await the broker's ack anyway; don't also serialise
+                    # concurrent publishers on the socket drain.
+                    wait=not self._publisher_confirms,  # type: ignore[call-arg]
                 )
             except aiormq.exceptions.DeliveryError as exc:
                 self._publish_failures += 1
@@ -287,26 +345,17 @@ class RabbitDriver(Driver):
     ) -> Subscription:
         connection, _ = self._require()
         channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
-        subscription = _RabbitSubscription(channel)
+        subscription = _RabbitSubscription(channel, callback, no_ack)
         try:
             if prefetch > 0:
                 await channel.set_qos(prefetch_count=prefetch)
             for spec in queues:
-                queue = await self._declare_on(channel, spec)
-                tag = await queue.consume(self._adapter(callback, spec.name, no_ack), no_ack=no_ack)
-                subscription.consumers.append((queue, tag))
+                await self._declare_on(channel, spec)
+                await subscription.add(spec.name)
         except BaseException:
             await subscription.close()
             raise
         return subscription
-
-    @staticmethod
-    def _adapter(callback: DeliveryCallback, queue: str, no_ack: bool) -> Any:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            ack = None if no_ack else message.ack
-            await callback(Delivery(message.body, message.user_id, ack, queue))
-
-        return on_message
 
     async def delete_queue(self, name: str) -> None:
         _, channel = self._require()
