@@ -162,6 +162,12 @@ class InvalidObjectCall(IndirectionError):
 
 class SchemaNotAtHead(FleetException):
     msg_fmt = (
-        "The database schema is at %(current)s but this release needs %(head)s: run "
+        "The database schema revision is %(current)s but this release needs %(head)s: run "
         "`fleetctl db upgrade` first"
     )
+
+
+class InvalidRequest(FleetException):
+    """An operator or API request that cannot be carried out as asked (nothing was changed)."""
+
+    msg_fmt = "Invalid request: %(reason)s"

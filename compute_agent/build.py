@@ -1,0 +1,197 @@
+"""run_instance and terminate_instance on the agent: the build flow after scheduling.
+
+Every state change is a compare-and-swap save with the task state the step expects
+(scheduling → block_device_mapping → spawning → None), so a redelivered or duplicated request
+finds the instance already moved on and does nothing. A failed build releases its claim, removes
+any partial guest and hands the instance back to the conductor to be rescheduled; the conductor
+decides between another host and ERROR.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import structlog
+
+from compute_agent.claims import InsufficientResources
+from compute_agent.instance_events import instance_event
+from compute_agent.resource_tracker import ResourceTracker
+from compute_agent.virt.driver import ComputeDriver
+from compute_agent.virt.exceptions import VirtError
+from conductor.tasks.rpcapi import ComputeTaskAPI
+from shared_objects import exception
+from shared_objects.context import RequestContext
+from shared_objects.fields import PowerState, TaskState, VMState
+from shared_objects.notifications import InstanceNotifier
+from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
+from shared_objects.objects.instance import Instance
+from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.objects.instance_fault import InstanceFault
+from shared_objects.objects.security_group_rule import SecurityGroupRuleList
+
+log = structlog.get_logger(__name__)
+
+# Failures that mean "this host could not build it": another host may succeed.
+RESCHEDULABLE = (InsufficientResources, VirtError)
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def rules_for_driver(rules: SecurityGroupRuleList) -> list[dict[str, Any]]:
+    """Security group rules in the driver's plain form."""
+    return [
+        {
+            "protocol": r.protocol,
+            "from_port": r.from_port,
+            "to_port": r.to_port,
+            "cidr": r.cidr,
+        }
+        for r in rules
+    ]
+
+
+class BuildManager:
+    """Builds and deletes instances on this host."""
+
+    def __init__(
+        self,
+        host: str,
+        driver: ComputeDriver,
+        tracker: ResourceTracker,
+        tasks: ComputeTaskAPI,
+        notifier: InstanceNotifier,
+    ) -> None:
+        self.host = host
+        self.driver = driver
+        self.tracker = tracker
+        self.tasks = tasks
+        self.notifier = notifier
+
+    async def run_instance(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        request_spec: dict[str, Any],
+        alternates: list[str],
+        attempt: int,
+    ) -> None:
+        bound = log.bind(instance_uuid=instance.uuid, attempt=attempt)
+        # Take ownership: only a build still waiting to be scheduled can be taken.
+        instance.host = self.host
+        instance.node = self.tracker.nodename
+        instance.task_state = TaskState.BLOCK_DEVICE_MAPPING
+        try:
+            await instance.save(expected_task_state=[TaskState.SCHEDULING])
+        except exception.UnexpectedTaskStateError as exc:
+            bound.info("build_skipped_not_scheduling", reason=str(exc))
+            return
+        await self.notifier.emit(ctxt, instance, "instance.create.start")
+        try:
+            async with instance_event(ctxt, instance.uuid, "compute_run_instance", self.host):
+                await self._build(ctxt, instance, request_spec)
+        except exception.UnexpectedTaskStateError as exc:
+            # Someone else (a delete) took the instance over mid-build: leave it to them.
+            bound.info("build_interrupted", reason=str(exc))
+            await self._cleanup(instance)
+            return
+        except RESCHEDULABLE as exc:
+            bound.warning("build_failed", error=str(exc), error_type=type(exc).__name__)
+            await self._cleanup(instance)
+            await self.notifier.emit(ctxt, instance, "instance.create.error", fault=str(exc))
+            await self._reschedule(ctxt, instance, request_spec, str(exc))
+            return
+        except Exception as exc:
+            bound.exception("build_failed_unexpectedly")
+            await self._cleanup(instance)
+            await self.notifier.emit(ctxt, instance, "instance.create.error", fault=str(exc))
+            await self._set_error(ctxt, instance, f"{type(exc).__name__}: {exc}")
+            return
+        await InstanceAction.action_finish(ctxt, instance.uuid)
+        await self.notifier.emit(ctxt, instance, "instance.create.end")
+        bound.info("build_succeeded", host=self.host)
+
+    async def _build(
+        self, ctxt: RequestContext, instance: Instance, request_spec: dict[str, Any]
+    ) -> None:
+        await self.tracker.claim(instance)
+        bdms = await BlockDeviceMappingList.get_by_instance_uuid(ctxt, instance.uuid)
+        rules = await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid)
+        block_device_info = [
+            {"volume_id": b.volume_id, "mountpoint": b.device_name or f"/dev/vd{chr(98 + n)}"}
+            for n, b in enumerate(bdms)
+            if b.is_volume and b.volume_id
+        ]
+        instance.task_state = TaskState.SPAWNING
+        await instance.save(expected_task_state=[TaskState.BLOCK_DEVICE_MAPPING])
+        await self.driver.spawn(
+            instance,
+            str(request_spec.get("image_ref") or instance.image_ref or ""),
+            block_device_info=block_device_info,
+            security_rules=rules_for_driver(rules),
+        )
+        instance.vm_state = VMState.ACTIVE
+        instance.task_state = None
+        instance.power_state = PowerState.RUNNING
+        instance.launched_at = utcnow()
+        await instance.save(expected_task_state=[TaskState.SPAWNING])
+
+    async def _cleanup(self, instance: Instance) -> None:
+        """Undo a partial build on this host: no guest, no claim."""
+        try:
+            await self.driver.destroy(instance)
+        except VirtError:
+            log.exception("build_cleanup_destroy_failed", instance_uuid=instance.uuid)
+        self.tracker.release(instance.uuid)
+
+    async def _reschedule(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        request_spec: dict[str, Any],
+        reason: str,
+    ) -> None:
+        # Hand the instance back: no host, waiting to be scheduled again.
+        instance.host = None
+        instance.node = None
+        instance.task_state = TaskState.SCHEDULING
+        try:
+            await instance.save(
+                expected_task_state=[TaskState.BLOCK_DEVICE_MAPPING, TaskState.SPAWNING]
+            )
+            await self.tasks.reschedule_instance(
+                ctxt,
+                instance_uuid=instance.uuid,
+                failed_host=self.host,
+                reason=reason,
+                request_spec=request_spec,
+            )
+        except exception.UnexpectedTaskStateError:
+            log.info("reschedule_skipped_instance_moved_on", instance_uuid=instance.uuid)
+
+    async def _set_error(self, ctxt: RequestContext, instance: Instance, message: str) -> None:
+        instance.vm_state = VMState.ERROR
+        instance.task_state = None
+        await instance.save()
+        await InstanceFault(
+            ctxt, instance_uuid=instance.uuid, code=500, message=message[:255], host=self.host
+        ).create()
+        await InstanceAction.action_finish(ctxt, instance.uuid, message="Error")
+
+    async def terminate_instance(self, ctxt: RequestContext, instance: Instance) -> None:
+        await self.notifier.emit(ctxt, instance, "instance.delete.start")
+        async with instance_event(ctxt, instance.uuid, "compute_terminate_instance", self.host):
+            await self.driver.destroy(instance)
+            self.tracker.release(instance.uuid)
+            for bdm in await BlockDeviceMappingList.get_by_instance_uuid(ctxt, instance.uuid):
+                await bdm.destroy()
+            instance.vm_state = VMState.DELETED
+            instance.task_state = None
+            instance.power_state = PowerState.SHUTDOWN
+            instance.terminated_at = utcnow()
+            await instance.save(expected_task_state=[TaskState.DELETING])
+            await instance.destroy()
+        await InstanceAction.action_finish(ctxt, instance.uuid)
+        await self.notifier.emit(ctxt, instance, "instance.delete.end")

@@ -1,0 +1,161 @@
+"""One compute agent: its hypervisor, its claims, its RPC server, its heartbeat.
+
+Start order matters for correctness after a crash: the hypervisor's state is loaded first, then
+the instances the database places here are reconciled with it, then usage is recomputed from what
+survived, and only then does the agent consume RPC (so no new build races the recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from compute_agent.build import BuildManager
+from compute_agent.endpoint import ComputeEndpoint
+from compute_agent.init_host import recover_instances
+from compute_agent.resource_tracker import ResourceTracker
+from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
+from compute_agent.security_groups import SecurityGroupManager
+from compute_agent.virt.driver import ComputeDriver
+from compute_agent.virt.fake import FakeDriver
+from compute_agent.virt.fake_config import FakeDriverConfig
+from compute_agent.volumes import VolumeManager
+from conductor.rpcapi import ConductorAPI
+from conductor.tasks.rpcapi import ComputeTaskAPI
+from shared_objects import releases
+from shared_objects.base import FleetObject
+from shared_objects.config import FleetConfig
+from shared_objects.context import RequestContext, admin_context
+from shared_objects.messaging import MessagingError, RPCServer, Target, Transport, get_transport
+from shared_objects.metrics import ServiceMetrics
+from shared_objects.notifications import InstanceNotifier
+from shared_objects.objects.service import ServiceReporter
+from shared_objects.serializer import FleetObjectSerializer
+
+log = structlog.get_logger(__name__)
+
+ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
+
+
+def make_driver(cfg: FleetConfig) -> ComputeDriver:
+    """The fake hypervisor configured from ``[compute]`` plus ``FLEET_FAKE_*`` overrides."""
+    base = FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options())
+    return FakeDriver(FakeDriverConfig.from_env(base=base))
+
+
+class ComputeAgentService:
+    """The agent process's long-lived parts, with an explicit start/stop lifecycle."""
+
+    def __init__(
+        self,
+        cfg: FleetConfig,
+        *,
+        driver: ComputeDriver | None = None,
+        transport: Transport | None = None,
+        conductor_wait: float = 60.0,
+    ) -> None:
+        self.cfg = cfg
+        self.host = cfg.host
+        self.driver = driver if driver is not None else make_driver(cfg)
+        self._own_transport = transport is None
+        self.transport = (
+            transport
+            if transport is not None
+            else get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
+        )
+        self.conductor = ConductorAPI(self.transport)
+        self.tasks = ComputeTaskAPI(self.transport)
+        self.metrics = ServiceMetrics("compute-agent", host=cfg.host)
+        self.notifier = InstanceNotifier(self.transport, f"compute.{cfg.host}")
+        compute = cfg.compute
+        self.tracker = ResourceTracker(
+            cfg.host,
+            self.driver,
+            cpu_allocation_ratio=compute.cpu_allocation_ratio,
+            ram_allocation_ratio=compute.ram_allocation_ratio,
+            disk_allocation_ratio=compute.disk_allocation_ratio,
+        )
+        self.build = BuildManager(cfg.host, self.driver, self.tracker, self.tasks, self.notifier)
+        self.endpoint = ComputeEndpoint(
+            self.build,
+            VolumeManager(cfg.host, self.driver, self.notifier),
+            SecurityGroupManager(self.driver),
+        )
+        self.server = RPCServer(
+            self.transport,
+            Target(topic=COMPUTE_TOPIC, server=cfg.host),
+            endpoints=[self.endpoint],
+            serializer=FleetObjectSerializer(indirection_api=self.conductor),
+        )
+        self.reporter = ServiceReporter(
+            self._context,
+            host=cfg.host,
+            binary=releases.BINARY_COMPUTE,
+            topic=COMPUTE_TOPIC,
+            version=releases.SERVICE_VERSION,
+            interval=cfg.service.report_interval,
+        )
+        self.conductor_wait = conductor_wait
+        self._started = False
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self.server.running
+
+    @contextlib.asynccontextmanager
+    async def _context(self) -> AsyncIterator[RequestContext]:
+        yield admin_context(releases.BINARY_COMPUTE)
+
+    async def _wait_for_conductor(self) -> None:
+        """Block until a conductor answers ``ping`` (agents can start before conductors)."""
+        deadline = asyncio.get_running_loop().time() + self.conductor_wait
+        while True:
+            try:
+                await self.conductor.ping(admin_context(), "agent-start", wait=5.0)
+                return
+            except MessagingError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.info("waiting_for_conductor", error=str(exc))
+
+    async def start(self) -> None:
+        if self._own_transport:
+            await self.transport.connect()
+        # Every remotable object call in this process goes to the conductor.
+        FleetObject.indirection_api = self.conductor
+        await self._wait_for_conductor()
+        await self.driver.init_host(self.host)
+        ctxt = admin_context(releases.BINARY_COMPUTE)
+        await self.reporter.start()
+        instances = await recover_instances(ctxt, self.host, self.driver)
+        await self.tracker.start(ctxt, instances)
+        self.metrics.watch_rpc("server", self.server.stats)
+        self.metrics.watch_transport(self.transport.stats)
+        await self.server.start()
+        self._started = True
+        log.info("compute_agent_started", host=self.host, instances=len(instances))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking work, let in-flight builds finish (up to ``grace``), then disconnect."""
+        grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
+        await self.server.stop(grace=grace)
+        await self.reporter.stop()
+        with contextlib.suppress(MessagingError):
+            await self.tracker.stop()
+        await self.driver.cleanup_host()
+        if self._own_transport:
+            await self.transport.close()
+        if FleetObject.indirection_api is self.conductor:
+            FleetObject.indirection_api = None
+        self._started = False
+        log.info("compute_agent_stopped", host=self.host)
+
+    async def reload(self) -> None:
+        log.info("compute_agent_reload", host=self.host)
+
+    def stats(self) -> dict[str, Any]:
+        return {"server": self.server.stats(), "claims": len(self.tracker.claims.claimed_uuids)}

@@ -1,0 +1,255 @@
+"""The build flow on the conductor: validate, schedule, create the records, hand off to agents.
+
+``build_instances`` checks the whole request before writing anything (unknown flavor, bad count,
+unknown forced host or security group: a clear error, nothing changed), creates every instance in
+one unit of work (``building``/``scheduling``, an InstanceAction ``create``, its block device
+mappings), then casts ``run_instance`` to each chosen agent. An agent whose build fails hands the
+instance back through ``reschedule_instance``; after ``max_attempts`` or when no host is left the
+instance goes to ERROR with a fault that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import structlog
+
+from compute_agent.rpcapi import ComputeAPI
+from conductor.db.session import Database
+from conductor.scheduler import NoValidHost, ResourceRequest, select_destinations
+from conductor.tasks.faults import set_instance_error
+from conductor.tasks.hosts import load_host_states
+from shared_objects import exception
+from shared_objects.context import RequestContext
+from shared_objects.fields import BDMDestinationType, BDMSourceType, TaskState, VMState
+from shared_objects.objects.block_device_mapping import BlockDeviceMapping
+from shared_objects.objects.flavor import Flavor
+from shared_objects.objects.instance import Instance
+from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
+
+log = structlog.get_logger(__name__)
+
+MAX_COUNT = 1000
+
+
+@dataclasses.dataclass(slots=True)
+class BuildSettings:
+    max_attempts: int = 3
+    alternates: int = 2
+    service_down_time: float = 60.0
+
+
+def _invalid(reason: str) -> exception.InvalidRequest:
+    return exception.InvalidRequest(reason=reason)
+
+
+def _check_bdms(bdms: Any) -> list[dict[str, Any]]:
+    if bdms is None:
+        return []
+    if not isinstance(bdms, list) or not all(isinstance(b, dict) for b in bdms):
+        raise _invalid("block_device_mappings must be a list of objects")
+    for bdm in bdms:
+        if not isinstance(bdm.get("volume_id"), str) or not bdm["volume_id"]:
+            raise _invalid("each block device mapping needs a volume_id")
+    return bdms
+
+
+async def find_flavor(ctxt: Any, ref: str) -> Flavor:
+    """A flavor by name, or by flavor id when no flavor has that name."""
+    try:
+        return await Flavor.get_by_name(ctxt, ref)
+    except exception.FlavorNotFound:
+        return await Flavor.get_by_flavor_id(ctxt, ref)
+
+
+class BuildTask:
+    """Conductor side of booting instances."""
+
+    def __init__(
+        self, database: Database, compute: ComputeAPI, settings: BuildSettings | None = None
+    ) -> None:
+        self.database = database
+        self.compute = compute
+        self.settings = settings or BuildSettings()
+
+    async def build_instances(
+        self,
+        ctxt: RequestContext,
+        *,
+        flavor: str,
+        name: str,
+        image_ref: str = "fake-image",
+        count: int = 1,
+        security_groups: list[str] | None = None,
+        block_device_mappings: list[dict[str, Any]] | None = None,
+        forced_host: str | None = None,
+    ) -> list[dict[str, Any]]:
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+            raise _invalid(f"count must be a whole number from 1 to {MAX_COUNT}, got {count!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise _invalid("a name is required")
+        if not isinstance(flavor, str) or not flavor:
+            raise _invalid("a flavor is required")
+        bdms = _check_bdms(block_device_mappings)
+        if bdms and count > 1:
+            raise _invalid("volumes can be attached at boot only to a single instance")
+
+        async with self.database.request(ctxt):
+            the_flavor = await find_flavor(ctxt, flavor)
+            groups = [
+                await SecurityGroup.get_by_name(ctxt, ctxt.project_id or "", g)
+                for g in (security_groups or [])
+            ]
+            hosts = await load_host_states(ctxt, self.settings.service_down_time)
+            if forced_host is not None and forced_host not in {h.host for h in hosts}:
+                raise _invalid(f"forced host {forced_host!r} is not a known compute host")
+            req = ResourceRequest(the_flavor.vcpus, the_flavor.memory_mb, the_flavor.root_gb)
+            picks: list[list[Any]] = []
+            no_host: NoValidHost | None = None
+            try:
+                picks = select_destinations(
+                    hosts,
+                    req,
+                    count,
+                    alternates=self.settings.alternates,
+                    force_host=forced_host,
+                )
+            except NoValidHost as exc:
+                no_host = exc
+            instances = await self._create_records(
+                ctxt, the_flavor, name, image_ref, count, groups, bdms
+            )
+            if no_host is not None:
+                for inst in instances:
+                    await set_instance_error(ctxt, inst, str(no_host), code=503)
+
+        if no_host is None:
+            await asyncio.gather(
+                *(
+                    self._cast_build(ctxt, inst, [h.host for h in pick], attempt=1, tried=[])
+                    for inst, pick in zip(instances, picks, strict=True)
+                )
+            )
+        return [{"uuid": i.uuid, "name": i.name} for i in instances]
+
+    async def _create_records(
+        self,
+        ctxt: RequestContext,
+        flavor: Flavor,
+        name: str,
+        image_ref: str,
+        count: int,
+        groups: list[SecurityGroup],
+        bdms: list[dict[str, Any]],
+    ) -> list[Instance]:
+        instances: list[Instance] = []
+        for index in range(count):
+            inst = Instance(
+                ctxt,
+                name=name if count == 1 else f"{name}-{index + 1}",
+                user_id=ctxt.user_id,
+                project_id=ctxt.project_id,
+                vm_state=VMState.BUILDING,
+                task_state=TaskState.SCHEDULING,
+                power_state=None,
+                image_ref=image_ref,
+                flavor=flavor,
+                launch_index=index,
+                progress=0,
+                security_groups=SecurityGroupList(ctxt, objects=groups),
+            )
+            await inst.create()
+            await InstanceAction.action_start(ctxt, inst.uuid, "create")
+            for bdm in bdms:
+                await BlockDeviceMapping(
+                    ctxt,
+                    instance_uuid=inst.uuid,
+                    source_type=BDMSourceType.VOLUME,
+                    destination_type=BDMDestinationType.VOLUME,
+                    volume_id=bdm["volume_id"],
+                    device_name=bdm.get("device_name"),
+                    boot_index=None,
+                    delete_on_termination=False,
+                ).create()
+            instances.append(inst)
+        return instances
+
+    async def _cast_build(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        hosts: list[str],
+        *,
+        attempt: int,
+        tried: list[str],
+    ) -> None:
+        host, alternates = hosts[0], hosts[1:]
+        request_spec = {
+            "image_ref": instance.image_ref,
+            "attempt": attempt,
+            "tried_hosts": [*tried, host],
+            "max_attempts": self.settings.max_attempts,
+        }
+        log.info("build_scheduled", instance_uuid=instance.uuid, host=host, attempt=attempt)
+        await self.compute.run_instance(
+            ctxt,
+            host,
+            instance=instance,
+            request_spec=request_spec,
+            alternates=alternates,
+            attempt=attempt,
+        )
+
+    async def reschedule_instance(
+        self,
+        ctxt: RequestContext,
+        *,
+        instance_uuid: str,
+        failed_host: str,
+        reason: str,
+        request_spec: dict[str, Any],
+    ) -> None:
+        """Place a build that failed on ``failed_host`` somewhere else, or put it in ERROR."""
+        tried = [h for h in request_spec.get("tried_hosts", []) if isinstance(h, str)]
+        if failed_host not in tried:
+            tried.append(failed_host)
+        attempt = int(request_spec.get("attempt", 1))
+        async with self.database.request(ctxt):
+            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+            if instance.task_state != TaskState.SCHEDULING or instance.host is not None:
+                # The agent must hand the instance back first (host cleared, scheduling):
+                # anything else means someone else owns it now.
+                raise _invalid(
+                    f"instance {instance_uuid} is not waiting to be rescheduled "
+                    f"(task_state={instance.task_state}, host={instance.host})"
+                )
+            if attempt >= self.settings.max_attempts:
+                await set_instance_error(
+                    ctxt,
+                    instance,
+                    f"Exceeded maximum number of build attempts ({self.settings.max_attempts}). "
+                    f"Last failure on {failed_host}: {reason}",
+                    host=failed_host,
+                )
+                return
+            hosts = await load_host_states(ctxt, self.settings.service_down_time)
+            req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
+            try:
+                picks = select_destinations(
+                    hosts, req, 1, alternates=self.settings.alternates, ignore_hosts=tried
+                )
+            except NoValidHost as exc:
+                await set_instance_error(
+                    ctxt,
+                    instance,
+                    f"{exc} Build failed on {failed_host}: {reason}",
+                    code=503,
+                    host=failed_host,
+                )
+                return
+        await self._cast_build(
+            ctxt, instance, [h.host for h in picks[0]], attempt=attempt + 1, tried=tried
+        )

@@ -1,0 +1,82 @@
+"""The conductor's compute-task RPC endpoint (namespace ``compute_task``).
+
+Thin on purpose: it checks argument shapes and hands each call to the task that owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conductor.tasks.build import BuildTask
+from conductor.tasks.instances import InstanceTasks
+from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
+from shared_objects.context import RequestContext
+from shared_objects.messaging import Target, expose
+
+
+class ComputeTaskEndpoint:
+    target = Target(namespace=NAMESPACE, version=API_VERSION)
+
+    def __init__(self, build: BuildTask, instances: InstanceTasks) -> None:
+        self.build = build
+        self.instances = instances
+
+    @expose
+    async def build_instances(
+        self,
+        ctxt: RequestContext,
+        flavor: str,
+        name: str,
+        image_ref: str = "fake-image",
+        count: int = 1,
+        security_groups: list[str] | None = None,
+        block_device_mappings: list[dict[str, Any]] | None = None,
+        forced_host: str | None = None,
+    ) -> list[dict[str, Any]]:
+        return await self.build.build_instances(
+            ctxt,
+            flavor=flavor,
+            name=name,
+            image_ref=image_ref,
+            count=count,
+            security_groups=security_groups,
+            block_device_mappings=block_device_mappings,
+            forced_host=forced_host,
+        )
+
+    @expose
+    async def reschedule_instance(
+        self,
+        ctxt: RequestContext,
+        instance_uuid: str,
+        failed_host: str,
+        reason: str,
+        request_spec: dict[str, Any],
+    ) -> None:
+        await self.build.reschedule_instance(
+            ctxt,
+            instance_uuid=instance_uuid,
+            failed_host=failed_host,
+            reason=reason,
+            request_spec=request_spec,
+        )
+
+    @expose
+    async def delete_instance(self, ctxt: RequestContext, instance_uuid: str) -> None:
+        await self.instances.delete_instance(ctxt, instance_uuid=instance_uuid)
+
+    @expose
+    async def attach_volume(
+        self,
+        ctxt: RequestContext,
+        instance_uuid: str,
+        volume_id: str,
+        device_name: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.instances.attach_volume(
+            ctxt, instance_uuid=instance_uuid, volume_id=volume_id, device_name=device_name
+        )
+
+    @expose
+    async def detach_volume(self, ctxt: RequestContext, instance_uuid: str, volume_id: str) -> None:
+        await self.instances.detach_volume(ctxt, instance_uuid=instance_uuid, volume_id=volume_id)
