@@ -124,14 +124,14 @@ def wait_for() -> Callable[..., Any]:
     return _wait_for
 
 
-async def _wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+async def _wait_for(predicate: Callable[[], Any], within: float = 10.0) -> Any:
     import asyncio
 
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = await predicate()
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+            raise AssertionError(f"condition not met within {within}s (last: {value!r})")
         await asyncio.sleep(0.05)
