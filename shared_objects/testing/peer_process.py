@@ -74,6 +74,8 @@ class PeerProcess:
 
     async def start(self) -> None:
         """Spawn the process and start collecting its stdout lines."""
+        if self._proc is not None:
+            raise PeerError(f"{self.name} already started (pid {self._proc.pid})")
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.PIPE,
@@ -162,7 +164,9 @@ class PeerProcess:
         return f"stderr of {self.name}:\n{tail}" if tail else f"{self.name} wrote no stderr"
 
     async def __aenter__(self) -> PeerProcess:
-        await self.start()
+        """Start the peer unless already started; either way it is stopped at exit."""
+        if self._proc is None:
+            await self.start()
         return self
 
     async def __aexit__(

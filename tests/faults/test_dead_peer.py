@@ -32,7 +32,11 @@ async def _start_server(url: str, exchange: str, topic: str) -> PeerProcess:
     argv = [sys.executable, str(SERVER_PEER), "--url", url, "--exchange", exchange]
     peer = PeerProcess([*argv, "--topic", topic, "--server", "victim"], name="fleet-server")
     await peer.start()
-    await peer.wait_event(lambda e: e.get("event") == "ready", within=30)
+    try:
+        await peer.wait_event(lambda e: e.get("event") == "ready", within=30)
+    except BaseException:
+        await peer.__aexit__(None, None, None)
+        raise
     return peer
 
 
@@ -72,7 +76,6 @@ async def test_killed_server_process_makes_calls_time_out_and_a_new_one_serves(
             await server.__aexit__(None, None, None)
 
         # A replacement server process takes over the same queues; the client needs no restart.
-        replacement = await _start_server(node.url, exchange, topic)
-        async with replacement:
+        async with await _start_server(node.url, exchange, topic):
             results = await asyncio.gather(*(client.call(ctxt, "echo", i=i) for i in range(20)))
             assert [r["i"] for r in results] == list(range(20))
