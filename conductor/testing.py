@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
-from conductor.db import migration
+from oslo_utils import versionutils
+from sqlalchemy import select
+
+from conductor.db import migration, models
 from conductor.db.session import Database
 from conductor.indirection import (
     CONDUCTOR_TOPIC,
@@ -25,7 +28,8 @@ from conductor.indirection import (
     ConductorIndirectionEndpoint,
 )
 from conductor.rpcapi import ConductorAPI
-from shared_objects.base import FleetObject, IndirectionAPI
+from shared_objects import fields, objects
+from shared_objects.base import FleetObject, FleetObjectRegistry, IndirectionAPI
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
@@ -106,3 +110,73 @@ async def local_conductor(
                     yield LocalConductor(database, endpoint, server, api, transport)
     finally:
         await database.dispose()
+
+
+@contextlib.contextmanager
+def isolated_registry() -> Iterator[None]:
+    """Register test-only object versions inside the block; the registry is restored after.
+
+    oslo keeps one process-wide table behind every registry, so this snapshots and restores it
+    in place.
+    """
+    table = FleetObjectRegistry.obj_classes()
+    saved = {name: list(classes) for name, classes in table.items()}
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
+
+
+NEWER_INSTANCE_FIELD = "locked_reason"
+NEWER_INSTANCE_VALUE = "held by a newer release"
+
+
+def register_newer_instance() -> type[objects.Instance]:
+    """Register a test-only Instance 1.1 that adds ``locked_reason`` (use in isolated_registry).
+
+    Rows read through it carry ``locked_reason`` set, so a backport to 1.0 visibly drops it.
+    """
+
+    class Instance(objects.Instance):  # the class name is the object's wire name
+        # Version 1.0: Initial version
+        # Version 1.1: Added locked_reason (test only)
+        VERSION = "1.1"
+
+        fields = {
+            **objects.Instance.fields,
+            NEWER_INSTANCE_FIELD: fields.StringField(nullable=True),
+        }
+
+        @staticmethod
+        def _from_db_object(
+            context: Any,
+            instance: objects.Instance,
+            row: Mapping[str, Any],
+            expected_attrs: Iterable[str] | None = None,
+            security_groups: Any = None,
+        ) -> objects.Instance:
+            objects.Instance._from_db_object(
+                context, instance, row, expected_attrs, security_groups
+            )
+            setattr(instance, NEWER_INSTANCE_FIELD, NEWER_INSTANCE_VALUE)
+            instance.obj_reset_changes([NEWER_INSTANCE_FIELD])
+            return instance
+
+        def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
+            super().obj_make_compatible(primitive, target_version)
+            if versionutils.convert_version_to_tuple(target_version) < (1, 1):
+                primitive.pop(NEWER_INSTANCE_FIELD, None)
+
+    FleetObjectRegistry.register(Instance)
+    return Instance
+
+
+async def snapshot(database: Database) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (sorted), to prove a request changed nothing."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    async with database.engine.connect() as conn:
+        for table in models.metadata.sorted_tables:
+            rows = (await conn.execute(select(table))).all()
+            out[table.name] = sorted((tuple(r) for r in rows), key=repr)
+    return out

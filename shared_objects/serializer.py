@@ -9,7 +9,8 @@ conductor for a backport (``object_backport_versions``) when an indirection API 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextvars
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from oslo_versionedobjects import exception as ovo_exception
@@ -28,6 +29,9 @@ VERSION_KEY = f"{_NS}.version"
 DATA_KEY = f"{_NS}.data"
 NAMESPACE_KEY = f"{_NS}.namespace"
 CHANGES_KEY = f"{_NS}.changes"
+
+# Set while a backport request is in flight: a reply that is still too new must fail, not loop.
+_BACKPORTING: contextvars.ContextVar[bool] = contextvars.ContextVar("backporting", default=False)
 
 
 def _check_primitive(primitive: Mapping[str, Any]) -> None:
@@ -84,15 +88,20 @@ class FleetObjectSerializer:
         self,
         indirection_api: IndirectionAPI | None = None,
         version_manifest: Mapping[str, str] | None = None,
+        on_backport: Callable[[str], None] | None = None,
     ) -> None:
-        # Explicit API wins; otherwise the process-wide one (set on agents) is used.
+        # Only an explicitly given API is used: a conductor's serializer must never bounce a
+        # too-new object to "the conductor", even in a test process where agent-side objects
+        # have an indirection API installed.
         self._indirection_api = indirection_api
         self.version_manifest = dict(version_manifest) if version_manifest else None
         self.backport_count = 0
+        # Called with the object name on every backport (e.g. a metrics counter).
+        self.on_backport = on_backport
 
     @property
     def indirection_api(self) -> IndirectionAPI | None:
-        return self._indirection_api or FleetObject.indirection_api
+        return self._indirection_api
 
     async def serialize_entity(self, ctxt: Any, entity: Any) -> Any:
         if isinstance(entity, FleetObject):
@@ -130,15 +139,21 @@ class FleetObjectSerializer:
                 return await self._object(ctxt, trimmed)
             api = self.indirection_api
             name = primitive[NAME_KEY]
-            if api is None:
+            if api is None or _BACKPORTING.get():
                 supported = FleetObjectRegistry.fleet_classes()[name][0].VERSION
                 raise exception.UnsupportedObjectVersion(
                     objname=name, version=version, supported=supported
                 ) from exc
             self.backport_count += 1
-            result = await api.object_backport_versions(
-                ctxt, primitive, obj_tree_get_versions(name)
-            )
+            if self.on_backport is not None:
+                self.on_backport(name)
+            token = _BACKPORTING.set(True)
+            try:
+                result = await api.object_backport_versions(
+                    ctxt, primitive, obj_tree_get_versions(name)
+                )
+            finally:
+                _BACKPORTING.reset(token)
             if isinstance(result, dict):
                 return object_from_primitive(result, ctxt)
             if not isinstance(result, FleetObject):

@@ -72,7 +72,7 @@ async def check_at_head(url: str) -> str:
     current = await current_revision(url)
     head = head_revision()
     if current != head:
-        raise exception.SchemaNotAtHead(current=current or "an empty schema", head=head)
+        raise exception.SchemaNotAtHead(current=current or "none (empty database)", head=head)
     assert head is not None
     return head
 

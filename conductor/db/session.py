@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +22,11 @@ def create_engine(url: str, *, pool_size: int = 16, max_overflow: int = 32) -> A
     SQLite gets one shared connection: it allows a single writer anyway, and one connection
     turns concurrent requests into a queue instead of ``database is locked`` errors.
     """
+    # SQLAlchemy logs every statement at INFO when its logger inherits an INFO root level:
+    # that floods the service log and costs CPU on every query. Opt in explicitly if wanted.
+    engine_logger = logging.getLogger("sqlalchemy.engine")
+    if engine_logger.level == logging.NOTSET:
+        engine_logger.setLevel(logging.WARNING)
     parsed = make_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
@@ -48,7 +55,7 @@ class Database:
         self.url = url
         self.engine = engine if engine is not None else create_engine(url)
         self._sqlite = make_url(url).get_backend_name() == "sqlite"
-        self._sqlite_lock: Any = None
+        self._sqlite_lock: asyncio.Lock | None = None
 
     @asynccontextmanager
     async def request(self, context: Any = None) -> AsyncIterator[DbApi]:
@@ -56,8 +63,6 @@ class Database:
         rolls back when it raises, always returns the connection to the pool."""
         if self._sqlite:
             # One shared connection: requests must take turns, whole transactions at a time.
-            import asyncio
-
             if self._sqlite_lock is None:
                 self._sqlite_lock = asyncio.Lock()
             async with self._sqlite_lock:

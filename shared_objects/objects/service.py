@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
+
+import structlog
 
 from shared_objects import exception, fields
 from shared_objects.base import (
@@ -19,6 +24,8 @@ from shared_objects.base import (
 from shared_objects.objects._common import copy_row, utcnow
 
 TABLE = "services"
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_SERVICE_DOWN_TIME = 60.0
 
@@ -247,3 +254,70 @@ class ServiceList(ObjectListBase[Service], FleetObject):
         )
         result.obj_reset_changes()
         return result
+
+
+ContextFactory = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+class ServiceReporter:
+    """Registers a service row at start and heartbeats it every ``interval`` seconds.
+
+    ``context_factory`` yields the context each report runs in: on an agent a plain context
+    (the heartbeat travels to the conductor), in the conductor one with a database unit of work.
+    A failed report is logged and retried at the next interval: liveness must survive a
+    conductor or broker hiccup.
+    """
+
+    def __init__(
+        self,
+        context_factory: ContextFactory,
+        *,
+        host: str,
+        binary: str,
+        topic: str | None,
+        version: int,
+        interval: float = 10.0,
+    ) -> None:
+        self._context_factory = context_factory
+        self.host = host
+        self.binary = binary
+        self.topic = topic
+        self.version = version
+        self.interval = interval
+        self.service: Service | None = None
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Service:
+        """Register (or refresh) the row, then start the heartbeat task."""
+        async with self._context_factory() as ctxt:
+            self.service = await Service.register(
+                ctxt, self.host, self.binary, self.topic, self.version
+            )
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.binary}")
+        return self.service
+
+    async def report(self) -> None:
+        """One heartbeat now."""
+        assert self.service is not None, "start() first"
+        async with self._context_factory() as ctxt:
+            self.service._context = ctxt
+            await self.service.heartbeat()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.report()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failures += 1
+                log.warning("service_heartbeat_failed", binary=self.binary, exc_info=True)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

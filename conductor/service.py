@@ -1,0 +1,91 @@
+"""The conductor service: serves object indirection on topic ``conductor`` and reports its own
+liveness in the services table.
+
+Conductors are stateless; run as many as you like on the same topic. Each one refuses to start
+unless the database schema is at this release's head (``fleetctl db upgrade`` migrates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from conductor.db import migration
+from conductor.db.session import Database
+from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
+from shared_objects import releases
+from shared_objects.config import FleetConfig
+from shared_objects.context import admin_context
+from shared_objects.messaging import RPCServer, Target, Transport, get_transport
+from shared_objects.objects.service import ServiceReporter
+from shared_objects.serializer import FleetObjectSerializer
+
+log = structlog.get_logger(__name__)
+
+ALLOWED_REMOTE_EXMODS = ["shared_objects.exception"]
+
+
+class ConductorService:
+    """One conductor process: database, RPC server, heartbeat."""
+
+    def __init__(
+        self,
+        cfg: FleetConfig,
+        *,
+        extra_endpoints: list[Any] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.database = Database(cfg.database.url)
+        self._own_transport = transport is None
+        self.transport = (
+            transport
+            if transport is not None
+            else get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
+        )
+        self.serializer = FleetObjectSerializer()
+        self.endpoint = ConductorIndirectionEndpoint(self.database)
+        self.server = RPCServer(
+            self.transport,
+            Target(topic=CONDUCTOR_TOPIC, server=cfg.host),
+            endpoints=[self.endpoint, BaseAPIEndpoint(), *(extra_endpoints or [])],
+            serializer=self.serializer,
+        )
+        self.reporter = ServiceReporter(
+            self._db_context,
+            host=cfg.host,
+            binary=releases.BINARY_CONDUCTOR,
+            topic=CONDUCTOR_TOPIC,
+            version=releases.SERVICE_VERSION,
+            interval=cfg.service.report_interval,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _db_context(self) -> AsyncIterator[Any]:
+        ctxt = admin_context(releases.BINARY_CONDUCTOR)
+        async with self.database.request(ctxt):
+            yield ctxt
+
+    async def start(self) -> None:
+        """Check the schema (raises ``SchemaNotAtHead``), connect, serve, register."""
+        head = await migration.check_at_head(self.cfg.database.url)
+        if self._own_transport:
+            await self.transport.connect()
+        await self.server.start()
+        await self.reporter.start()
+        log.info("conductor_started", host=self.cfg.host, schema=head)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop heartbeating, drain in-flight requests, disconnect."""
+        await self.reporter.stop()
+        await self.server.stop(grace=grace if grace is not None else self._grace())
+        if self._own_transport:
+            await self.transport.close()
+        await self.database.dispose()
+        log.info("conductor_stopped", host=self.cfg.host)
+
+    def _grace(self) -> float:
+        return float(self.cfg.service.graceful_shutdown_timeout)

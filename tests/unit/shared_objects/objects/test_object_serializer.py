@@ -1,0 +1,117 @@
+"""FleetObjectSerializer: objects ↔ primitives, containers, malformed input, backports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from conductor.testing import isolated_registry, register_newer_instance
+from shared_objects import exception
+from shared_objects.context import RequestContext
+from shared_objects.objects import Flavor, Instance
+from shared_objects.serializer import FleetObjectSerializer
+
+UUID = "3f0b1b6c-2b9e-4b7e-9d1c-4a3e2c7a2b11"
+
+
+async def test_objects_in_containers_round_trip() -> None:
+    ser = FleetObjectSerializer()
+    ctxt = RequestContext()
+    flavor = Flavor(name="m1", vcpus=1)
+    value = {"a": [flavor, (1, Instance(uuid=UUID))], "b": 2}
+    wire = await ser.serialize_entity(ctxt, value)
+    assert wire["a"][0]["versioned_object.name"] == "Flavor"
+    back = await ser.deserialize_entity(ctxt, wire)
+    assert isinstance(back["a"][0], Flavor) and back["a"][0].name == "m1"
+    assert back["a"][0]._context is ctxt
+    assert isinstance(back["a"][1][1], Instance) and back["a"][1][1].uuid == UUID
+    assert back["b"] == 2
+
+
+@pytest.mark.parametrize(
+    "primitive",
+    [
+        {"versioned_object.name": 5},
+        {"versioned_object.name": "Instance", "versioned_object.version": "x"},
+        {
+            "versioned_object.name": "Instance",
+            "versioned_object.version": "1.0",
+            "versioned_object.namespace": "nova",
+            "versioned_object.data": {},
+        },
+        {
+            "versioned_object.name": "Instance",
+            "versioned_object.version": "1.0",
+            "versioned_object.namespace": "fleet",
+            "versioned_object.data": [],
+        },
+        {
+            "versioned_object.name": "Instance",
+            "versioned_object.version": "1.0",
+            "versioned_object.namespace": "fleet",
+            "versioned_object.data": {"progress": "not a number"},
+        },
+        {
+            "versioned_object.name": "Instance",
+            "versioned_object.version": "1.0",
+            "versioned_object.namespace": "fleet",
+            "versioned_object.data": {"flavor": {"versioned_object.name": "Flavor"}},
+        },
+    ],
+)
+async def test_malformed_primitives_raise_invalid_object_primitive(primitive: Any) -> None:
+    with pytest.raises(exception.InvalidObjectPrimitive):
+        await FleetObjectSerializer().deserialize_entity(RequestContext(), primitive)
+
+
+async def test_unknown_object_name_is_refused() -> None:
+    primitive = {
+        "versioned_object.name": "Nope",
+        "versioned_object.version": "1.0",
+        "versioned_object.namespace": "fleet",
+        "versioned_object.data": {},
+    }
+    with pytest.raises(exception.UnknownObject):
+        await FleetObjectSerializer().deserialize_entity(RequestContext(), primitive)
+
+
+class BackportingAPI:
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    async def object_backport_versions(self, context: Any, objinst: Any, versions: Any) -> Any:
+        self.calls.append((objinst, versions))
+        data = {k: v for k, v in objinst["versioned_object.data"].items() if k != "locked_reason"}
+        return {**objinst, "versioned_object.version": "1.0", "versioned_object.data": data}
+
+
+async def test_too_new_object_is_backported_through_the_indirection_api_and_counted() -> None:
+    with isolated_registry():
+        newer = register_newer_instance()
+        primitive = newer(uuid=UUID, locked_reason="x").obj_to_primitive()
+    api = BackportingAPI()
+    ser = FleetObjectSerializer(indirection_api=api)  # type: ignore[arg-type]
+    obj = await ser.deserialize_entity(RequestContext(), primitive)
+    assert isinstance(obj, Instance) and obj.VERSION == "1.0" and obj.uuid == UUID
+    assert ser.backport_count == 1
+    sent, versions = api.calls[0]
+    assert sent["versioned_object.version"] == "1.1"
+    assert versions["Instance"] == "1.0"
+
+
+async def test_too_new_object_without_indirection_is_a_clear_error() -> None:
+    with isolated_registry():
+        newer = register_newer_instance()
+        primitive = newer(uuid=UUID).obj_to_primitive()
+    with pytest.raises(exception.UnsupportedObjectVersion, match=r"1\.1"):
+        await FleetObjectSerializer().deserialize_entity(RequestContext(), primitive)
+
+
+async def test_serializer_with_a_manifest_sends_older_versions() -> None:
+    with isolated_registry():
+        newer = register_newer_instance()
+        ser = FleetObjectSerializer(version_manifest={"Instance": "1.0"})
+        wire = await ser.serialize_entity(RequestContext(), newer(uuid=UUID, locked_reason="x"))
+    assert wire["versioned_object.version"] == "1.0"
+    assert "locked_reason" not in wire["versioned_object.data"]
