@@ -1,0 +1,107 @@
+"""Declarations and connection options on the real RabbitMQ: oslo-identical declarations for
+quorum options (a redeclaration with oslo's flags must not be refused), multi-host failover."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
+from shared_objects.messaging.testing import BrokerJanitor
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class Ping:
+    @expose
+    async def ping(self, ctxt: RequestContext) -> str:
+        return "pong"
+
+
+@pytest.fixture
+async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
+    janitor = BrokerJanitor(amqp_url)
+    yield janitor
+    await janitor.cleanup()
+
+
+@pytest.mark.parametrize("transient_quorum", [False, True])
+async def test_quorum_declarations_are_identical_to_oslos(
+    amqp_url: str,
+    control_exchange: str,
+    unique_topic: str,
+    janitor: BrokerJanitor,
+    transient_quorum: bool,
+) -> None:
+    config = MessagingConfig(
+        transport_url=amqp_url,
+        control_exchange=control_exchange,
+        rabbit_quorum_queue=True,
+        rabbit_transient_quorum_queue=transient_quorum,
+    )
+    janitor.server_topology(control_exchange, unique_topic, "s1")
+    async with get_transport(config) as transport:
+        server = RPCServer(transport, Target(topic=unique_topic, server="s1"), [Ping()])
+        async with server:
+            client = RPCClient(transport, Target(topic=unique_topic), timeout=5)
+            assert await client.call(None, "ping") == "pong"
+            fanout_queue = server._fanout_queue
+            assert fanout_queue is not None
+            # What oslo's rabbit driver declares for the same options (impl_rabbit.py); any
+            # difference in a flag or argument makes the broker close the channel (406).
+            expected: list[tuple[str, bool, dict[str, Any]]] = [
+                (unique_topic, True, {"x-queue-type": "quorum"}),
+                (f"{unique_topic}.s1", True, {"x-queue-type": "quorum"}),
+                (
+                    fanout_queue.name,
+                    transient_quorum,
+                    {"x-queue-type": "quorum", "x-expires": 1800000}
+                    if transient_quorum
+                    else {"x-expires": 1800000},
+                ),
+                (
+                    transport.replies.queue_name,
+                    transient_quorum,
+                    {"x-queue-type": "quorum", "x-expires": 1800000}
+                    if transient_quorum
+                    else {"x-expires": 1800000},
+                ),
+            ]
+            connection = await aio_pika.connect(amqp_url.replace("rabbit://", "amqp://"))
+            async with connection:
+                channel = await connection.channel()
+                await channel.declare_exchange(
+                    control_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                await channel.declare_exchange(
+                    f"{unique_topic}_fanout",
+                    aio_pika.ExchangeType.FANOUT,
+                    durable=transient_quorum,
+                    auto_delete=True,
+                )
+                for name, durable, arguments in expected:
+                    await channel.declare_queue(
+                        name, durable=durable, auto_delete=False, arguments=arguments
+                    )
+                assert not channel.is_closed
+
+
+async def test_multi_host_url_fails_over_to_a_live_host(
+    control_exchange: str, unique_topic: str, janitor: BrokerJanitor
+) -> None:
+    # Port 1 on loopback refuses connections: the first host is "down".
+    url = "rabbit://guest:guest@127.0.0.1:1,guest:guest@127.0.0.1:5672/"
+    config = MessagingConfig(transport_url=url, control_exchange=control_exchange)
+    janitor.server_topology(control_exchange, unique_topic, "s1")
+    async with get_transport(config, connect_timeout=5) as transport:
+        assert transport.user_id == "guest"
+        async with RPCServer(transport, Target(topic=unique_topic, server="s1"), [Ping()]):
+            assert (
+                await RPCClient(transport, Target(topic=unique_topic), timeout=5).call(None, "ping")
+                == "pong"
+            )

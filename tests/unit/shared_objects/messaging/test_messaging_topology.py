@@ -1,0 +1,126 @@
+"""Declarations match oslo.messaging's rabbit driver for the same options, and URL parsing."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from shared_objects.config import MessagingConfig
+from shared_objects.messaging.topology import Topology
+from shared_objects.messaging.urls import parse_transport_url
+
+OPTION_SETS = [
+    dict(
+        zip(
+            ("amqp_durable_queues", "rabbit_quorum_queue", "rabbit_transient_quorum_queue", "ttl"),
+            combo,
+            strict=True,
+        )
+    )
+    for combo in itertools.product([False, True], [False, True], [False, True], [0, 1800])
+]
+
+
+def _oslo_args(quorum: bool, ttl: int) -> dict[str, Any]:
+    from oslo_messaging._drivers.impl_rabbit import QuorumMemConfig, _get_queue_arguments
+
+    return dict(_get_queue_arguments(False, ttl, quorum, QuorumMemConfig(0, 0, 0), False))
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_queue_and_exchange_declarations_equal_oslos(options: dict[str, Any]) -> None:
+    config = MessagingConfig(
+        amqp_durable_queues=options["amqp_durable_queues"],
+        rabbit_quorum_queue=options["rabbit_quorum_queue"],
+        rabbit_transient_quorum_queue=options["rabbit_transient_quorum_queue"],
+        rabbit_transient_queues_ttl=options["ttl"],
+    )
+    topology = Topology(config)
+    durable = (
+        options["amqp_durable_queues"] or options["rabbit_quorum_queue"]
+    )  # oslo Connection.durable
+    transient_q = options["rabbit_transient_quorum_queue"]
+
+    exchange = topology.control_exchange()
+    assert (exchange.name, exchange.type, exchange.durable, exchange.auto_delete) == (
+        "fleet",
+        "topic",
+        durable,
+        False,
+    )
+
+    topic = topology.topic_queue(exchange, "compute")
+    assert (topic.name, topic.routing_key, topic.durable, topic.auto_delete) == (
+        "compute",
+        "compute",
+        durable,
+        False,
+    )
+    assert topic.arguments_dict == _oslo_args(
+        options["rabbit_quorum_queue"], 0
+    )  # declare_topic_consumer: no TTL
+
+    fanout = topology.fanout_queue("compute")
+    assert (
+        fanout.name.startswith("compute_fanout_")
+        and len(fanout.name) == len("compute_fanout_") + 32
+    )
+    assert (fanout.durable, fanout.auto_delete, fanout.routing_key) == (
+        transient_q,
+        False,
+        "compute",
+    )
+    assert fanout.arguments_dict == _oslo_args(transient_q, options["ttl"])
+    assert fanout.exchange is not None
+    assert (fanout.exchange.name, fanout.exchange.type) == ("compute_fanout", "fanout")
+    assert (fanout.exchange.durable, fanout.exchange.auto_delete) == (transient_q, True)
+
+    reply = topology.reply_queue()
+    assert reply.name.startswith("reply_") and reply.exchange is None
+    assert (reply.durable, reply.auto_delete) == (transient_q, False)
+    assert reply.arguments_dict == _oslo_args(transient_q, options["ttl"])
+
+    notify = topology.notification_queue(exchange, "notifications.info")
+    assert (notify.name, notify.durable, notify.auto_delete) == (
+        "notifications.info",
+        durable,
+        False,
+    )
+    assert notify.arguments_dict == _oslo_args(options["rabbit_quorum_queue"], 0)
+
+
+def test_rabbit_url_with_several_hosts_and_vhost() -> None:
+    parsed = parse_transport_url(
+        "rabbit://a:pw@h1:5672,b:pw2@h2:5673/vh?kombu_failover_strategy=x", heartbeat=7
+    )
+    assert parsed.scheme == "amqp"
+    assert parsed.hosts == (
+        "amqp://a:pw@h1:5672/vh?heartbeat=7",
+        "amqp://b:pw2@h2:5673/vh?heartbeat=7",
+    )
+    assert parsed.users == ("a", "b")
+    assert parsed.virtual_host == "vh"
+
+
+def test_tls_from_scheme_or_ssl_option_and_url_heartbeat_wins() -> None:
+    assert parse_transport_url("amqps://u:p@h/").hosts == ("amqps://u:p@h/",)
+    assert parse_transport_url("rabbit://u:p@h/?ssl=1&heartbeat=3", heartbeat=9).hosts == (
+        "amqps://u:p@h/?heartbeat=3",
+    )
+
+
+def test_quoted_user_is_unquoted_for_user_id() -> None:
+    assert parse_transport_url("rabbit://host%401:p@h/").users == ("host@1",)
+
+
+def test_memory_url() -> None:
+    parsed = parse_transport_url("memory://alice@unit/")
+    assert (parsed.scheme, parsed.hosts, parsed.users) == ("memory", ("unit",), ("alice",))
+    assert parse_transport_url("memory://").users == ("guest",)
+
+
+def test_unknown_scheme_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        parse_transport_url("kafka://h/")
