@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,9 @@ from compute_agent.virt import (
     GuestPhase,
     MigrationModel,
     StateFileError,
+    state_store,
 )
+from compute_agent.virt.state_store import StateStore
 
 
 async def restarted(state_dir: Path, host: str) -> FakeDriver:
@@ -225,3 +229,38 @@ async def test_sigkilled_agent_finds_running_and_interrupted_guests(state_dir: P
         **{f"done{n}": (GuestPhase.RUNNING, None) for n in range(5)},
         **{f"slow{n}": (GuestPhase.ERROR, "spawn") for n in range(5)},
     }
+
+
+async def test_cancelled_flush_never_lets_an_older_snapshot_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = state_store._write_atomic
+
+    def slow_first_write(path: Path, text: str, fsync: bool) -> None:
+        if '"value":1' in text:
+            time.sleep(0.2)  # runs in the worker thread, as the real write does
+        real_write(path, text, fsync)
+
+    monkeypatch.setattr(state_store, "_write_atomic", slow_first_write)
+    state = {"value": 1}
+    store = StateStore(tmp_path / "h.json", lambda: {"host": "h", "value": state["value"]})
+    store.mark_dirty()
+    first = asyncio.create_task(store.flush())
+    await asyncio.sleep(0.05)  # the slow write of value 1 is in progress
+    first.cancel()  # its caller goes away; the write it started must still land first
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    state["value"] = 2
+    store.mark_dirty()
+    await store.flush()
+    await asyncio.sleep(0.3)  # would let a still-running stale write overwrite the file
+    document = await store.load()
+    assert document is not None and document["value"] == 2
+
+
+async def test_an_idle_driver_runs_no_background_tasks(make_driver: MakeDriver) -> None:
+    baseline = len(asyncio.all_tasks())
+    driver = await make_driver("idle")
+    await driver.spawn(spec("a"), "img")
+    await asyncio.sleep(0.05)
+    assert len(asyncio.all_tasks()) == baseline
