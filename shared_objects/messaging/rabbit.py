@@ -13,7 +13,7 @@ import os
 import ssl
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -65,31 +65,71 @@ class _RabbitSubscription(Subscription):
     object and extra task, and is re-issued from the channel's reopen callback.
     """
 
-    def __init__(self, channel: AbstractRobustChannel, callback: DeliveryCallback, no_ack: bool):
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        callback: DeliveryCallback,
+        no_ack: bool,
+        declare: Callable[[AbstractRobustChannel, QueueSpec], Awaitable[Any]],
+    ):
         self._channel = channel
         self._callback = callback
         self._no_ack = no_ack
-        self.queues: list[str] = []
+        self._declare = declare
+        self.specs: dict[str, QueueSpec] = {}
         self._tags: dict[str, str] = {}  # queue -> consumer tag on the current underlay channel
         self._cancelled = False
+        self._recovery: set[asyncio.Task[None]] = set()
         channel.reopen_callbacks.add(self._on_reopen)
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self.specs)
 
     async def _consume(self, queue: str) -> None:
         underlay = await self._channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         ok = await underlay.basic_consume(queue, self._on_message(queue), no_ack=self._no_ack)
         assert ok.consumer_tag is not None
         self._tags[queue] = ok.consumer_tag
 
-    async def add(self, queue: str) -> None:
-        self.queues.append(queue)
-        await self._consume(queue)
+    async def add(self, spec: QueueSpec) -> None:
+        self.specs[spec.name] = spec
+        await self._consume(spec.name)
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        # The broker cancels a consumer when its queue disappears (deleted, node lost): declare
+        # the queue again and resume consuming, in the background (we are in the channel reader).
+        tag = getattr(frame, "consumer_tag", None)
+        queue = next((q for q, t in self._tags.items() if t == tag), None)
+        if queue is None or self._cancelled:
+            return  # our own cancel (CancelOk) or a consumer we no longer track
+        del self._tags[queue]
+        log.warning("consumer_cancelled_by_broker", queue=queue)
+        task = asyncio.ensure_future(self._recover(queue))
+        self._recovery.add(task)
+        task.add_done_callback(self._recovery.discard)
+
+    async def _recover(self, queue: str) -> None:
+        for attempt in range(1, 31):
+            if self._cancelled or queue in self._tags:
+                return
+            try:
+                await self._declare(self._channel, self.specs[queue])
+                await self._consume(queue)
+                log.info("consumer_recovered", queue=queue, attempt=attempt)
+                return
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                log.warning("consumer_recovery_failed", queue=queue, error=repr(exc))
+                await asyncio.sleep(1.0)
+        log.error("consumer_recovery_gave_up", queue=queue)
 
     async def _on_reopen(self, *_: Any) -> None:
         # A new underlay channel: aio-pika restored qos, queues and bindings; consumers are ours.
         self._tags.clear()
         if self._cancelled:
             return
-        for queue in self.queues:
+        for queue in self.specs:
             await self._consume(queue)
         log.info("consumers_restored", queues=self.queues)
 
@@ -114,6 +154,8 @@ class _RabbitSubscription(Subscription):
 
     async def cancel(self) -> None:
         self._cancelled = True
+        for task in self._recovery:
+            task.cancel()
         tags, self._tags = self._tags, {}
         if not tags or self._channel.is_closed:
             return
@@ -345,13 +387,13 @@ class RabbitDriver(Driver):
     ) -> Subscription:
         connection, _ = self._require()
         channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
-        subscription = _RabbitSubscription(channel, callback, no_ack)
+        subscription = _RabbitSubscription(channel, callback, no_ack, self._declare_on)
         try:
             if prefetch > 0:
                 await channel.set_qos(prefetch_count=prefetch)
             for spec in queues:
                 await self._declare_on(channel, spec)
-                await subscription.add(spec.name)
+                await subscription.add(spec)
         except BaseException:
             await subscription.close()
             raise
