@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from conductor.tasks.build import BuildTask
+from compute_agent.rpcapi import ComputeAPI
+from conductor.db.session import Database
+from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
 from shared_objects.context import RequestContext
@@ -17,9 +19,12 @@ from shared_objects.messaging import Target, expose
 class ComputeTaskEndpoint:
     target = Target(namespace=NAMESPACE, version=API_VERSION)
 
-    def __init__(self, build: BuildTask, instances: InstanceTasks) -> None:
-        self.build = build
-        self.instances = instances
+    def __init__(
+        self, database: Database, compute: ComputeAPI, settings: BuildSettings | None = None
+    ) -> None:
+        # Each task owns one flow; this endpoint only routes calls to them.
+        self.build = BuildTask(database, compute, settings)
+        self.instances = InstanceTasks(database, compute)
 
     @expose
     async def build_instances(

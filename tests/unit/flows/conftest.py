@@ -22,9 +22,8 @@ from compute_agent.virt.fake_config import FakeDriverConfig
 from conductor.db import migration
 from conductor.db.session import Database
 from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
-from conductor.tasks.build import BuildSettings, BuildTask
+from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
-from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
@@ -79,9 +78,7 @@ def fleet_factory(
         async with transport:
             compute = ComputeAPI(transport, FleetObjectSerializer())
             settings = BuildSettings(service_down_time=60.0)
-            endpoint = ComputeTaskEndpoint(
-                BuildTask(database, compute, settings), InstanceTasks(database, compute)
-            )
+            endpoint = ComputeTaskEndpoint(database, compute, settings)
             server = RPCServer(
                 transport,
                 Target(topic=CONDUCTOR_TOPIC, server="conductor-1"),
