@@ -44,6 +44,7 @@ from compute_agent.virt.models import (
     PowerState,
 )
 from compute_agent.virt.recovery import Outcome, Resolution, resolve_migration
+from compute_agent.virt.state_view import guest_homes, hypervisor_view
 
 __all__ = [
     "DRIVERS",
@@ -90,6 +91,8 @@ __all__ = [
     "VolumeError",
     "VolumeNotAttached",
     "create_driver",
+    "guest_homes",
+    "hypervisor_view",
     "normalize_rule",
     "normalize_rules",
     "parse_failure_spec",

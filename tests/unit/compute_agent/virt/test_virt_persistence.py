@@ -21,6 +21,8 @@ from compute_agent.virt import (
     GuestPhase,
     MigrationModel,
     StateFileError,
+    guest_homes,
+    hypervisor_view,
     state_store,
 )
 from compute_agent.virt.state_store import StateStore
@@ -264,3 +266,30 @@ async def test_an_idle_driver_runs_no_background_tasks(make_driver: MakeDriver) 
     await driver.spawn(spec("a"), "img")
     await asyncio.sleep(0.05)
     assert len(asyncio.all_tasks()) == baseline
+
+
+async def test_hypervisor_view_reads_every_host_from_outside(
+    make_driver: MakeDriver, state_dir: Path
+) -> None:
+    source = await make_driver("src")
+    dest = await make_driver("dst")
+    await source.spawn(spec("stays"), "img")
+    await source.spawn(spec("moves"), "img")
+    data = await source.check_can_live_migrate_source(spec("moves"), {"dest_host": "dst"})
+    await dest.pre_live_migration(spec("moves"), data)
+
+    view = await hypervisor_view(state_dir)
+    assert set(view) == {"src", "dst"}
+    assert view["dst"]["moves"].phase is GuestPhase.INCOMING
+    assert guest_homes(view) == {"stays": ["src"], "moves": ["src"]}
+
+    await source.live_migration(spec("moves"), "dst", data)
+    # switched over: the source's paused copy and the incoming one are both not owners
+    assert guest_homes(await hypervisor_view(state_dir))["moves"] == []
+    await dest.post_live_migration_at_destination(spec("moves"))
+    await source.post_live_migration(spec("moves"))
+    assert guest_homes(await hypervisor_view(state_dir)) == {
+        "stays": ["src"],
+        "moves": ["dst"],
+    }
+    assert await hypervisor_view(state_dir / "nowhere") == {}
