@@ -13,19 +13,23 @@ from typing import Any
 
 import structlog
 
+from compute_agent.rpcapi import ComputeAPI
 from conductor.db import migration
 from conductor.db.session import Database
 from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
+from conductor.tasks.build import BuildSettings
+from conductor.tasks.endpoint import ComputeTaskEndpoint
 from shared_objects import releases
 from shared_objects.config import FleetConfig
 from shared_objects.context import admin_context
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
+from shared_objects.metrics import ServiceMetrics
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.serializer import FleetObjectSerializer
 
 log = structlog.get_logger(__name__)
 
-ALLOWED_REMOTE_EXMODS = ["shared_objects.exception"]
+ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
 class ConductorService:
@@ -48,12 +52,22 @@ class ConductorService:
         )
         self.serializer = FleetObjectSerializer()
         self.endpoint = ConductorIndirectionEndpoint(self.database)
+        # Calls to agents: objects go at the receiver's versions (see shared_objects.releases).
+        self.compute = ComputeAPI(self.transport, FleetObjectSerializer())
+        self.tasks = ComputeTaskEndpoint(
+            self.database,
+            self.compute,
+            BuildSettings(service_down_time=cfg.service.service_down_time),
+        )
         self.server = RPCServer(
             self.transport,
             Target(topic=CONDUCTOR_TOPIC, server=cfg.host),
-            endpoints=[self.endpoint, BaseAPIEndpoint(), *(extra_endpoints or [])],
+            endpoints=[self.endpoint, BaseAPIEndpoint(), self.tasks, *(extra_endpoints or [])],
             serializer=self.serializer,
         )
+        self.metrics = ServiceMetrics("conductor", host=cfg.host)
+        self.metrics.watch_rpc("server", self.server.stats)
+        self.metrics.watch_transport(self.transport.stats)
         self.reporter = ServiceReporter(
             self._db_context,
             host=cfg.host,
@@ -86,6 +100,14 @@ class ConductorService:
             await self.transport.close()
         await self.database.dispose()
         log.info("conductor_stopped", host=self.cfg.host)
+
+    @property
+    def ready(self) -> bool:
+        return self.server.running
+
+    async def reload(self) -> None:
+        """SIGHUP: nothing cached yet to refresh (the compute version cap will be)."""
+        log.info("conductor_reload", host=self.cfg.host)
 
     def _grace(self) -> float:
         return float(self.cfg.service.graceful_shutdown_timeout)

@@ -39,6 +39,7 @@ _OBJECTS_1_0 = types.MappingProxyType(
         "ComputeNode": "1.0",
         "ComputeNodeList": "1.0",
         "Flavor": "1.0",
+        "FlavorList": "1.0",
         "Instance": "1.0",
         "InstanceAction": "1.0",
         "InstanceActionEvent": "1.0",

@@ -5,7 +5,7 @@ from shared_objects.objects.block_device_mapping import (
     BlockDeviceMappingList,
 )
 from shared_objects.objects.compute_node import ComputeNode, ComputeNodeList
-from shared_objects.objects.flavor import Flavor
+from shared_objects.objects.flavor import Flavor, FlavorList
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_action_event import InstanceActionEvent
@@ -25,6 +25,7 @@ __all__ = [
     "ComputeNode",
     "ComputeNodeList",
     "Flavor",
+    "FlavorList",
     "Instance",
     "InstanceAction",
     "InstanceActionEvent",

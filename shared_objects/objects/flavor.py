@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared_objects import exception, fields
-from shared_objects.base import FleetObject, FleetObjectRegistry, get_db, remotable
+from shared_objects.base import (
+    FleetObject,
+    FleetObjectRegistry,
+    ObjectListBase,
+    get_db,
+    remotable,
+)
 from shared_objects.objects._common import copy_row, utcnow
 
 TABLE = "flavors"
@@ -133,3 +139,24 @@ class Flavor(FleetObject):
         count = await get_db(self._context, "Flavor", "destroy").delete(TABLE, {"id": self.id})
         if not count:
             raise exception.FlavorNotFound(flavor_id=self.id)
+
+
+@FleetObjectRegistry.register
+class FlavorList(ObjectListBase[Flavor], FleetObject):
+    # Version 1.0: Initial version
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    objects: Any
+
+    fields = {
+        "objects": fields.ListOfObjectsField("Flavor"),
+    }
+
+    @classmethod
+    @remotable
+    async def get_all(cls, context: Any) -> FlavorList:
+        rows = await get_db(context, "FlavorList", "get_all").select(TABLE, {})
+        result = cls(context, objects=[Flavor._from_db_object(context, Flavor(), r) for r in rows])
+        result.obj_reset_changes()
+        return result

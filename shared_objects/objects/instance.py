@@ -308,6 +308,15 @@ class InstanceList(ObjectListBase[Instance], FleetObject):
 
     @classmethod
     @remotable
+    async def get_all(cls, context: Any, expected_attrs: list[str] | None = None) -> InstanceList:
+        """Every instance not deleted (operators' listings; one query)."""
+        attrs = check_expected_attrs("InstanceList", expected_attrs, LOADABLE_ATTRS)
+        db = get_db(context, "InstanceList", "get_all")
+        rows = await db.select(TABLE, {"deleted": False}, columns=Instance._columns(attrs))
+        return await cls._from_rows(context, db, rows, attrs)
+
+    @classmethod
+    @remotable
     async def get_by_host(
         cls, context: Any, host: str, expected_attrs: list[str] | None = None
     ) -> InstanceList:
