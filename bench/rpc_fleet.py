@@ -44,7 +44,12 @@ async def serve(url: str, exchange: str, topic: str) -> None:
 
 
 async def drive(
-    url: str, exchange: str, topic: str, concurrencies: list[int], duration: float
+    url: str,
+    exchange: str,
+    topic: str,
+    concurrencies: list[int],
+    duration: float,
+    server_pid: int | None,
 ) -> None:
     async with get_transport(config_for(url, exchange)) as transport:
         client = RPCClient(transport, Target(topic=topic), timeout=30)
@@ -55,7 +60,9 @@ async def drive(
             return await client.call(ctxt, "echo", payload=payload)
 
         await call()  # creates the reply queue before the clock starts
-        results = {str(c): await run_async_cell(call, c, duration) for c in concurrencies}
+        results = {
+            str(c): await run_async_cell(call, c, duration, server_pid) for c in concurrencies
+        }
         emit({"event": "result", "results": results})
 
 
@@ -67,6 +74,7 @@ def main() -> None:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--server-pid", type=int, default=None, help="for CPU accounting")
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
     # stdout carries the protocol; logs go to stderr, and only warnings (no per-call cost).
@@ -75,7 +83,9 @@ def main() -> None:
         coro = serve(args.url, args.exchange, args.topic)
     else:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
-        coro = drive(args.url, args.exchange, args.topic, concurrencies, args.duration)
+        coro = drive(
+            args.url, args.exchange, args.topic, concurrencies, args.duration, args.server_pid
+        )
     if args.uvloop:
         import uvloop
 

@@ -57,7 +57,14 @@ def serve(url: str, exchange: str, topic: str) -> None:
     transport.cleanup()
 
 
-def drive(url: str, exchange: str, topic: str, concurrencies: list[int], duration: float) -> None:
+def drive(
+    url: str,
+    exchange: str,
+    topic: str,
+    concurrencies: list[int],
+    duration: float,
+    server_pid: int | None,
+) -> None:
     transport = transport_for(url, exchange)
     client = oslo_messaging.get_rpc_client(
         transport, oslo_messaging.Target(topic=topic), timeout=30
@@ -69,7 +76,7 @@ def drive(url: str, exchange: str, topic: str, concurrencies: list[int], duratio
         return client.call(context, "echo", payload=payload)
 
     call()  # creates the reply queue before the clock starts
-    results = {str(c): run_thread_cell(call, c, duration) for c in concurrencies}
+    results = {str(c): run_thread_cell(call, c, duration, server_pid) for c in concurrencies}
     emit({"event": "result", "results": results})
     transport.cleanup()
 
@@ -82,6 +89,7 @@ def main() -> None:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--server-pid", type=int, default=None, help="for CPU accounting")
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     # At c=128 oslo warns about "call queues" growing; that is the load, not a leak.
@@ -90,7 +98,7 @@ def main() -> None:
         serve(args.url, args.exchange, args.topic)
     else:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
-        drive(args.url, args.exchange, args.topic, concurrencies, args.duration)
+        drive(args.url, args.exchange, args.topic, concurrencies, args.duration, args.server_pid)
     sys.stdout.flush()
     # oslo leaves non-daemon threads (heartbeat, executor) behind; do not wait for them.
     os._exit(0)

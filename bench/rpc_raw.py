@@ -58,7 +58,9 @@ async def serve(url: str, queue_name: str) -> None:
         await asyncio.to_thread(sys.stdin.read)  # serve until the orchestrator closes stdin
 
 
-async def drive(url: str, queue_name: str, concurrencies: list[int], duration: float) -> None:
+async def drive(
+    url: str, queue_name: str, concurrencies: list[int], duration: float, server_pid: int | None
+) -> None:
     connection = await aio_pika.connect(amqp_url(url))
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -89,7 +91,9 @@ async def drive(url: str, queue_name: str, concurrencies: list[int], duration: f
             )
             return await asyncio.wait_for(future, 30)
 
-        results = {str(c): await run_async_cell(call, c, duration) for c in concurrencies}
+        results = {
+            str(c): await run_async_cell(call, c, duration, server_pid) for c in concurrencies
+        }
         emit({"event": "result", "results": results})
 
 
@@ -100,14 +104,14 @@ def main() -> None:
     parser.add_argument("--queue", required=True)
     parser.add_argument("--concurrency", default="1,16,128")
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--server-pid", type=int, default=None, help="for CPU accounting")
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
     if args.role == "server":
         coro = serve(args.url, args.queue)
     else:
-        coro = drive(
-            args.url, args.queue, [int(c) for c in args.concurrency.split(",")], args.duration
-        )
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        coro = drive(args.url, args.queue, concurrencies, args.duration, args.server_pid)
     if args.uvloop:
         import uvloop
 
