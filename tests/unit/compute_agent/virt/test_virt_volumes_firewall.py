@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from virt_testlib import MakeDriver, spec
 
@@ -14,6 +16,25 @@ from compute_agent.virt import (
     normalize_rule,
     normalize_rules,
 )
+
+
+def rule(
+    protocol: str | None,
+    from_port: int | None,
+    to_port: int | None,
+    cidr: str | None,
+    group: int | None = None,
+    direction: str = "ingress",
+) -> dict[str, object]:
+    """A rule in the canonical form the driver reports."""
+    return {
+        "protocol": protocol,
+        "from_port": from_port,
+        "to_port": to_port,
+        "cidr": cidr,
+        "grantee_group_id": group,
+        "direction": direction,
+    }
 
 
 async def test_attach_and_detach_volumes(make_driver: MakeDriver) -> None:
@@ -96,20 +117,8 @@ async def test_refresh_replaces_the_rules_of_one_guest_only(make_driver: MakeDri
     ]
     await driver.refresh_instance_security_rules(spec("i1"), web)
     assert await driver.get_firewall_rules("i1") == [
-        {
-            "protocol": "tcp",
-            "from_port": 80,
-            "to_port": 80,
-            "cidr": "10.1.0.0/16",
-            "direction": "ingress",
-        },
-        {
-            "protocol": "tcp",
-            "from_port": 443,
-            "to_port": 443,
-            "cidr": "10.1.0.0/16",
-            "direction": "ingress",
-        },
+        rule("tcp", 80, 80, "10.1.0.0/16"),
+        rule("tcp", 443, 443, "10.1.0.0/16"),
     ]
     assert await driver.get_firewall_rules("i2") == []
 
@@ -146,6 +155,8 @@ async def test_unfilter_removes_every_rule_and_is_idempotent(make_driver: MakeDr
         {"protocol": "icmp", "from_port": 300},
         {"protocol": "tcp", "from_port": 1, "to_port": 2, "cidr": "10.0.0.0/33"},
         {"protocol": "tcp", "from_port": 1, "to_port": 2, "direction": "sideways"},
+        {"protocol": None, "from_port": 5},
+        {"protocol": "tcp", "from_port": 1, "to_port": 2, "grantee_group_id": "five"},
     ],
 )
 def test_invalid_rules_are_rejected(rule: dict[str, object]) -> None:
@@ -156,30 +167,25 @@ def test_invalid_rules_are_rejected(rule: dict[str, object]) -> None:
 def test_normalized_rules_are_deduplicated_and_ordered() -> None:
     rules = [
         {"protocol": "udp", "from_port": 53, "to_port": 53, "cidr": "0.0.0.0/0"},
-        {"protocol": "tcp", "from_port": 22, "to_port": 22},
         {"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "0.0.0.0/0", "id": 7},
-        {"protocol": "tcp", "from_port": 1, "to_port": 1, "direction": "egress"},
+        {"protocol": "TCP", "from_port": "22", "to_port": 22, "cidr": "0.0.0.0/0"},
+        {"protocol": "tcp", "from_port": 1, "to_port": 1, "direction": "egress", "cidr": "::/0"},
     ]
     assert normalize_rules(rules) == [
-        {
-            "protocol": "tcp",
-            "from_port": 1,
-            "to_port": 1,
-            "cidr": "0.0.0.0/0",
-            "direction": "egress",
-        },
-        {
-            "protocol": "tcp",
-            "from_port": 22,
-            "to_port": 22,
-            "cidr": "0.0.0.0/0",
-            "direction": "ingress",
-        },
-        {
-            "protocol": "udp",
-            "from_port": 53,
-            "to_port": 53,
-            "cidr": "0.0.0.0/0",
-            "direction": "ingress",
-        },
+        rule("tcp", 1, 1, "::/0", direction="egress"),
+        rule("tcp", 22, 22, "0.0.0.0/0"),
+        rule("udp", 53, 53, "0.0.0.0/0"),
+    ]
+
+
+def test_group_rules_and_any_protocol_are_kept_without_widening() -> None:
+    rules: list[dict[str, Any]] = [
+        {"protocol": None, "from_port": None, "to_port": None, "cidr": None, "grantee_group_id": 5},
+        {"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": None, "grantee_group_id": 5},
+        {"protocol": "icmp", "from_port": -1, "to_port": -1, "cidr": "192.0.2.0/24"},
+    ]
+    assert normalize_rules(rules) == [
+        rule(None, None, None, None, group=5),
+        rule("icmp", -1, -1, "192.0.2.0/24"),
+        rule("tcp", 22, 22, None, group=5),
     ]
