@@ -119,8 +119,10 @@ class ComputeDriver(abc.ABC):
     async def refresh_instance_security_rules(
         self, instance: HasUUID, rules: Sequence[Mapping[str, Any]]
     ) -> None:
-        """Replace the guest's firewall with ``rules`` ({protocol, from_port, to_port, cidr,
-        direction?}); InvalidFirewallRule leaves the previous rules in place."""
+        """Replace the guest's firewall with ``rules`` (see ``firewall.normalize_rule``).
+
+        InvalidFirewallRule leaves the previous rules in place.
+        """
 
     @abc.abstractmethod
     async def get_firewall_rules(self, uuid: str) -> list[FirewallRule]:
