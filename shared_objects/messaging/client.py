@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from shared_objects.messaging.exceptions import (
     MessagingTimeout,
     RPCVersionCapError,
 )
+from shared_objects.messaging.ids import new_id
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
 from shared_objects.messaging.stats import RPCStats
 from shared_objects.messaging.target import Target
@@ -100,7 +100,7 @@ class _CallContext:
         replies = self.transport.replies
         await replies.ensure_listening()
         message = await self._make_message(ctxt, method, kwargs)
-        msg_id = uuid.uuid4().hex
+        msg_id = new_id()
         cm_timeout = self.call_monitor_timeout
         message["_msg_id"] = msg_id
         message["_reply_q"] = replies.queue_name
@@ -112,7 +112,7 @@ class _CallContext:
             if cm_timeout == int(cm_timeout)
             else cm_timeout
         )
-        message["_unique_id"] = uuid.uuid4().hex
+        message["_unique_id"] = new_id()
         message.update(codec.pack_context(ctxt))
         body = codec.encode_message(message)
         timeout = self.timeout
@@ -180,7 +180,7 @@ class _CallContext:
             raise InvalidTarget("A cast needs a topic", target)
         self._check_version()
         message = await self._make_message(ctxt, method, kwargs)
-        message["_unique_id"] = uuid.uuid4().hex
+        message["_unique_id"] = new_id()
         message.update(codec.pack_context(ctxt))
         body = codec.encode_message(message)
         if target.fanout:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import uuid
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from shared_objects.messaging.exceptions import (
     UnsupportedEnvelopeVersion,
     UnsupportedVersion,
 )
+from shared_objects.messaging.ids import new_id
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
 from shared_objects.messaging.stats import RPCStats
 from shared_objects.messaging.target import Target
@@ -259,7 +259,7 @@ class RPCServer:
                             "failure": None,
                             "ending": True,
                             "_msg_id": reply.msg_id,
-                            "_unique_id": _new_id(),
+                            "_unique_id": new_id(),
                         }
                     )
                     if reply is not None
@@ -339,7 +339,7 @@ class RPCServer:
                 "failure": codec.serialize_remote_exception(exc),
                 "ending": True,
                 "_msg_id": reply.msg_id,
-                "_unique_id": _new_id(),
+                "_unique_id": new_id(),
             }
         )
         await self._publish_reply(reply, body)
@@ -364,7 +364,7 @@ class RPCServer:
         while True:
             await asyncio.sleep(interval)
             await self._publish_reply(
-                reply, codec.encode_message({**body_fields, "_unique_id": _new_id()})
+                reply, codec.encode_message({**body_fields, "_unique_id": new_id()})
             )
 
 
@@ -377,7 +377,3 @@ def _wants_heartbeat(client_timeout: Any) -> bool:
         return int(client_timeout) >= 2
     except (OverflowError, ValueError):
         return False
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
