@@ -12,9 +12,10 @@ import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from compute_agent.virt.exceptions import NotSupported
+from compute_agent.virt.exceptions import InstanceNotFound, NotSupported
 from compute_agent.virt.firewall import FirewallRule
 from compute_agent.virt.models import (
+    GuestPhase,
     HasUUID,
     HostResources,
     InstanceInfo,
@@ -67,6 +68,13 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     async def get_info(self, uuid: str) -> InstanceInfo:
         """Power state, phase and attachments of one guest; InstanceNotFound if absent."""
+
+    async def get_phase(self, uuid: str) -> GuestPhase | None:
+        """The guest's phase, or None if absent: the input of ``recovery.resolve_migration``."""
+        try:
+            return (await self.get_info(uuid)).phase
+        except InstanceNotFound:
+            return None
 
     # --- lifecycle ------------------------------------------------------------------------
 

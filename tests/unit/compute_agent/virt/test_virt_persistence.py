@@ -240,7 +240,7 @@ async def test_cancelled_flush_never_lets_an_older_snapshot_win(
 
     def slow_first_write(path: Path, text: str, fsync: bool) -> None:
         if '"value":1' in text:
-            time.sleep(0.2)  # runs in the worker thread, as the real write does
+            time.sleep(0.1)  # runs in the worker thread, as the real write does
         real_write(path, text, fsync)
 
     monkeypatch.setattr(state_store, "_write_atomic", slow_first_write)
@@ -248,14 +248,14 @@ async def test_cancelled_flush_never_lets_an_older_snapshot_win(
     store = StateStore(tmp_path / "h.json", lambda: {"host": "h", "value": state["value"]})
     store.mark_dirty()
     first = asyncio.create_task(store.flush())
-    await asyncio.sleep(0.05)  # the slow write of value 1 is in progress
+    await asyncio.sleep(0.03)  # the slow write of value 1 is in progress
     first.cancel()  # its caller goes away; the write it started must still land first
     with contextlib.suppress(asyncio.CancelledError):
         await first
     state["value"] = 2
     store.mark_dirty()
     await store.flush()
-    await asyncio.sleep(0.3)  # would let a still-running stale write overwrite the file
+    await asyncio.sleep(0.15)  # would let a still-running stale write overwrite the file
     document = await store.load()
     assert document is not None and document["value"] == 2
 

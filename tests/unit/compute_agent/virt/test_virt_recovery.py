@@ -87,9 +87,7 @@ async def reload(state_dir: Path, host: str, into: Path) -> FakeDriver:
 
 
 async def phase_of(driver: FakeDriver) -> GuestPhase | None:
-    if not await driver.instance_exists("vm"):
-        return None
-    return (await driver.get_info("vm")).phase
+    return await driver.get_phase("vm")
 
 
 @pytest.mark.parametrize("done", range(len(SEQUENCE) + 1))
