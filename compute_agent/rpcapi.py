@@ -19,7 +19,11 @@ TOPIC = "compute"
 
 # Compute RPC API history:
 # 1.0: Initial version: run_instance, terminate_instance, attach_volume, detach_volume,
-#      refresh_instance_security_rules.
+#      refresh_instance_security_rules, check_can_live_migrate_destination,
+#      check_can_live_migrate_source, live_migration, pre_live_migration,
+#      post_live_migration_at_destination, rollback_live_migration_at_destination,
+#      live_migration_abort, live_migration_force_complete, get_live_migration_guest,
+#      settle_live_migration_peer.
 API_VERSION = "1.0"
 
 
@@ -91,3 +95,165 @@ class ComputeAPI:
         self, ctxt: RequestContext, host: str, *, instance: Any
     ) -> None:
         await self._to(host, "1.0").cast(ctxt, "refresh_instance_security_rules", instance=instance)
+
+    # --- live migration (compute_agent/live_migration.py; docs/live-migration.md) ----------
+    # Long calls ask for call-monitor heartbeats: a dead peer is noticed within
+    # ``call_monitor_timeout`` while a slow but alive one is never timed out early; ``timeout``
+    # stays the overall bound.
+
+    def _long(self, host: str, call_monitor_timeout: float, timeout: float) -> Any:
+        return self._to(host, "1.0", call_monitor_timeout=call_monitor_timeout, timeout=timeout)
+
+    async def check_can_live_migrate_destination(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        migration: Any,
+        source_host: str,
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """On the destination: can it take the instance? Returns the migrate data."""
+        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt,
+            "check_can_live_migrate_destination",
+            instance=instance,
+            migration=migration,
+            source_host=source_host,
+        )
+        return result
+
+    async def check_can_live_migrate_source(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        dest_check_data: dict[str, Any],
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """On the source: can the guest leave? Returns the full migrate data."""
+        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt,
+            "check_can_live_migrate_source",
+            instance=instance,
+            dest_check_data=dest_check_data,
+        )
+        return result
+
+    async def live_migration(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        migration: Any,
+        migrate_data: dict[str, Any],
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """On the source: run the whole migration; returns its outcome when it ends."""
+        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt,
+            "live_migration",
+            instance=instance,
+            migration=migration,
+            migrate_data=migrate_data,
+        )
+        return result
+
+    async def pre_live_migration(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        migration: Any,
+        migrate_data: dict[str, Any],
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """On the destination: claim and create the paused incoming guest."""
+        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt,
+            "pre_live_migration",
+            instance=instance,
+            migration=migration,
+            migrate_data=migrate_data,
+        )
+        return result
+
+    async def post_live_migration_at_destination(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        migration: Any,
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """On the destination: resume the guest and take the instance over."""
+        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt, "post_live_migration_at_destination", instance=instance, migration=migration
+        )
+        return result
+
+    async def rollback_live_migration_at_destination(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        migration: Any,
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> None:
+        """On the destination: remove the incoming guest and release its claim."""
+        await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt, "rollback_live_migration_at_destination", instance=instance, migration=migration
+        )
+
+    async def live_migration_abort(
+        self, ctxt: RequestContext, host: str, *, migration_uuid: str, timeout: float
+    ) -> None:
+        """On the source: stop the migration; the guest stays on the source."""
+        await self._to(host, "1.0", timeout=timeout).call(
+            ctxt, "live_migration_abort", migration_uuid=migration_uuid
+        )
+
+    async def live_migration_force_complete(
+        self, ctxt: RequestContext, host: str, *, migration_uuid: str, timeout: float
+    ) -> None:
+        """On the source: pause the guest so the copy converges."""
+        await self._to(host, "1.0", timeout=timeout).call(
+            ctxt, "live_migration_force_complete", migration_uuid=migration_uuid
+        )
+
+    async def get_live_migration_guest(
+        self, ctxt: RequestContext, host: str, *, instance_uuid: str, timeout: float
+    ) -> str | None:
+        """The guest's phase on ``host``'s hypervisor (None: absent), for recovery."""
+        result: str | None = await self._to(host, "1.0", timeout=timeout).call(
+            ctxt, "get_live_migration_guest", instance_uuid=instance_uuid
+        )
+        return result
+
+    async def settle_live_migration_peer(
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        instance: Any,
+        steps: list[str],
+        owner: str | None,
+        call_monitor_timeout: float,
+        timeout: float,
+    ) -> None:
+        """Recovery: run ``host``'s share of a resolution, then hold a claim iff it owns it."""
+        await self._long(host, call_monitor_timeout, timeout).call(
+            ctxt, "settle_live_migration_peer", instance=instance, steps=steps, owner=owner
+        )
