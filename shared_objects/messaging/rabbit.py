@@ -312,6 +312,31 @@ class RabbitDriver(Driver):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._publish_timeout if retry_for is None else retry_for)
         props = self._props(expiration)
+        # The whole attempt is bounded: a lost connection makes aio-pika wait for the reconnect,
+        # a blocked connection (broker alarm) makes writes wait; neither may hang a caller.
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._publish_until_done(
+                    connection, channel, exchange, routing_key, body, props, mandatory, deadline
+                )
+        except TimeoutError:
+            self._publish_failures += 1
+            raise MessageDeliveryFailure(
+                f"publish to {exchange.name!r}/{routing_key!r} not confirmed in time "
+                "(broker unavailable or blocked)"
+            ) from None
+
+    async def _publish_until_done(
+        self,
+        connection: _FailoverRobustConnection,
+        channel: AbstractRobustChannel,
+        exchange: ExchangeSpec,
+        routing_key: str,
+        body: bytes,
+        props: Basic.Properties,
+        mandatory: bool,
+        deadline: float,
+    ) -> None:
         while True:
             try:
                 if exchange.name:

@@ -1,0 +1,79 @@
+"""A silent network partition between client and broker (TCP proxy blackhole on loopback):
+calls and casts fail within their timeouts with clear errors, never hang, and work after heal."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.messaging import (
+    MessageDeliveryFailure,
+    MessagingError,
+    MessagingTimeout,
+    RPCClient,
+    RPCServer,
+    Target,
+    expose,
+    get_transport,
+)
+from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.testing import TcpProxy
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+class Ping:
+    @expose
+    async def ping(self, ctxt: RequestContext) -> str:
+        return "pong"
+
+
+@pytest.fixture
+async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
+    janitor = BrokerJanitor(amqp_url)
+    yield janitor
+    await janitor.cleanup()
+
+
+async def test_blackholed_client_gets_bounded_errors_and_recovers(
+    amqp_url: str, control_exchange: str, unique_topic: str, janitor: BrokerJanitor
+) -> None:
+    janitor.server_topology(control_exchange, unique_topic, "s1")
+    server_config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
+    async with TcpProxy(5672) as proxy:
+        client_config = MessagingConfig(
+            transport_url=proxy.url(), control_exchange=control_exchange, heartbeat=4
+        )
+        async with (
+            get_transport(server_config) as server_t,
+            get_transport(client_config) as client_t,
+            RPCServer(server_t, Target(topic=unique_topic, server="s1"), [Ping()]),
+        ):
+            client = RPCClient(client_t, Target(topic=unique_topic), timeout=1.0)
+            assert await client.call(None, "ping") == "pong"
+
+            proxy.blackhole()
+            start = time.monotonic()
+            with pytest.raises(MessagingTimeout):
+                await client.call(None, "ping")
+            assert time.monotonic() - start < 1.5
+            start = time.monotonic()
+            # A cast has no reply to wait for: its publish (confirm) is what is bounded.
+            with pytest.raises(MessageDeliveryFailure):
+                await client.cast(None, "ping")
+            assert time.monotonic() - start < 1.5
+            assert client_t.pending_replies == 0
+
+            proxy.heal()
+            deadline = time.monotonic() + 40
+            while True:
+                try:
+                    assert await client.prepare(timeout=2.0).call(None, "ping") == "pong"
+                    break
+                except MessagingError:
+                    assert time.monotonic() < deadline, "client did not recover after heal"
+            assert client_t.pending_replies == 0
