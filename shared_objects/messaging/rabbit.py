@@ -146,7 +146,10 @@ class _RabbitSubscription(Subscription):
 
                 async def ack() -> None:
                     # Don't wait for the frame to hit the socket: ordering on the channel is kept.
-                    await channel.basic_ack(tag, wait=False)
+                    try:
+                        await channel.basic_ack(tag, wait=False)
+                    except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+                        raise MessageDeliveryFailure(f"ack failed: {exc!r}") from exc
 
             await callback(Delivery(message.body, message.header.properties.user_id, ack, queue))
 
@@ -400,7 +403,10 @@ class RabbitDriver(Driver):
     async def declare(self, queues: Sequence[QueueSpec]) -> None:
         _, channel = self._require()
         for spec in queues:
-            await self._declare_on(channel, spec)
+            try:
+                await self._declare_on(channel, spec)
+            except aiormq.exceptions.AMQPError as exc:
+                raise MessagingError(f"cannot declare {spec}: {exc!r}") from exc
 
     async def subscribe(
         self,
@@ -419,6 +425,10 @@ class RabbitDriver(Driver):
             for spec in queues:
                 await self._declare_on(channel, spec)
                 await subscription.add(spec)
+        except aiormq.exceptions.AMQPError as exc:
+            # e.g. 406 PRECONDITION_FAILED: a queue exists with other flags or arguments.
+            await subscription.close()
+            raise MessagingError(f"cannot declare or consume {list(queues)}: {exc!r}") from exc
         except BaseException:
             await subscription.close()
             raise

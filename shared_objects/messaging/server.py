@@ -192,8 +192,9 @@ class RPCServer:
                     return  # not acked: the broker redelivers it when our channel closes
                 try:
                     await delivery.ack()
-                except Exception as exc:  # ack lost with the channel: the broker redelivers
-                    log.warning("rpc_ack_failed", error=repr(exc))
+                except MessageDeliveryFailure as exc:
+                    # The channel went away: the broker redelivers the message, don't run it here.
+                    log.warning("rpc_ack_failed", error=str(exc))
                     return
                 self._stats.in_flight += 1
                 try:

@@ -11,7 +11,14 @@ import pytest
 
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
+from shared_objects.messaging import (
+    MessagingError,
+    RPCClient,
+    RPCServer,
+    Target,
+    expose,
+    get_transport,
+)
 from shared_objects.messaging.testing import BrokerJanitor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -103,5 +110,29 @@ async def test_multi_host_url_fails_over_to_a_live_host(
         async with RPCServer(transport, Target(topic=unique_topic, server="s1"), [Ping()]):
             assert (
                 await RPCClient(transport, Target(topic=unique_topic), timeout=5).call(None, "ping")
+                == "pong"
+            )
+
+
+async def test_inequivalent_existing_queue_fails_start_clearly_and_transport_survives(
+    amqp_url: str, control_exchange: str, unique_topic: str, janitor: BrokerJanitor
+) -> None:
+    janitor.server_topology(control_exchange, unique_topic, "s1")
+    connection = await aio_pika.connect(amqp_url.replace("rabbit://", "amqp://"))
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(unique_topic, durable=True)  # oslo with other options did this
+    config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
+    async with get_transport(config) as transport:
+        server = RPCServer(transport, Target(topic=unique_topic, server="s1"), [Ping()])
+        with pytest.raises(MessagingError, match=r"PRECONDITION_FAILED|inequivalent"):
+            await server.start()
+        assert not server.running
+        # The connection is intact: another topic works.
+        other = f"{unique_topic}-b"
+        janitor.server_topology(control_exchange, other, "s1")
+        async with RPCServer(transport, Target(topic=other, server="s1"), [Ping()]):
+            assert (
+                await RPCClient(transport, Target(topic=other), timeout=5).call(None, "ping")
                 == "pong"
             )
