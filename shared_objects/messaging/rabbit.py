@@ -340,6 +340,7 @@ class RabbitDriver(Driver):
         mandatory: bool,
         deadline: float,
     ) -> None:
+        refused = 0
         while True:
             try:
                 if exchange.name:
@@ -358,6 +359,19 @@ class RabbitDriver(Driver):
             except aiormq.exceptions.DeliveryError as exc:
                 self._publish_failures += 1
                 raise MessageDeliveryFailure(f"broker refused the message: {exc!r}") from exc
+            except (
+                aiormq.exceptions.ChannelPreconditionFailed,
+                aiormq.exceptions.ChannelAccessRefused,
+            ) as exc:
+                # An inequivalent exchange, a refused user_id, no permission. The channel close
+                # also fails every concurrent publish, so one retry tells "ours" from "theirs".
+                self._declared.pop(exchange, None)
+                refused += 1
+                if refused > 1:
+                    self._publish_failures += 1
+                    raise MessageDeliveryFailure(f"broker refused the publish: {exc!r}") from exc
+                await self._pause_or_fail(deadline, exc)
+                continue
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 # The exchange vanished (e.g. an auto-delete fanout exchange): declare it again.
                 self._declared.pop(exchange, None)

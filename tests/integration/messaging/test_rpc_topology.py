@@ -3,6 +3,7 @@ quorum options (a redeclaration with oslo's flags must not be refused), multi-ho
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.messaging import (
+    MessageDeliveryFailure,
     MessagingError,
     RPCClient,
     RPCServer,
@@ -136,3 +138,23 @@ async def test_inequivalent_existing_queue_fails_start_clearly_and_transport_sur
                 await RPCClient(transport, Target(topic=other), timeout=5).call(None, "ping")
                 == "pong"
             )
+
+
+async def test_inequivalent_control_exchange_fails_publish_clearly(
+    amqp_url: str, control_exchange: str, unique_topic: str, janitor: BrokerJanitor
+) -> None:
+    janitor.exchanges.update({control_exchange, f"{unique_topic}_fanout"})
+    connection = await aio_pika.connect(amqp_url.replace("rabbit://", "amqp://"))
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(control_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
+    async with get_transport(config) as transport:
+        client = RPCClient(transport, Target(topic=unique_topic), timeout=5)
+        start = time.monotonic()
+        with pytest.raises(MessageDeliveryFailure, match="PRECONDITION_FAILED"):
+            await client.cast(None, "ping")
+        assert time.monotonic() - start < 2
+        # The publisher channel recovers for messages that are fine.
+        await client.prepare(fanout=True).cast(None, "ping")
+        assert transport.stats()["publish_failures"] == 1
