@@ -98,7 +98,6 @@ class _CallContext:
             raise InvalidTarget("A call needs a topic", target)
         self._check_version()
         replies = self.transport.replies
-        await replies.ensure_listening()
         message = await self._make_message(ctxt, method, kwargs)
         msg_id = new_id()
         cm_timeout = self.call_monitor_timeout
@@ -130,6 +129,8 @@ class _CallContext:
         overall = asyncio.timeout(timeout)
         try:
             async with overall:
+                # Inside the timeout: the first call may have to wait for the broker.
+                await replies.ensure_listening()
                 await self.transport.driver.publish(
                     self._exchange, self._routing_key, body, expiration=timeout, retry_for=timeout
                 )
