@@ -32,9 +32,10 @@ class ConductorAPI(IndirectionAPI):
         timeout: float | None = None,
         serializer: FleetObjectSerializer | None = None,
     ) -> None:
-        self.serializer = (
-            serializer if serializer is not None else FleetObjectSerializer(indirection_api=self)
-        )
+        self.serializer = serializer if serializer is not None else FleetObjectSerializer()
+        if self.serializer.indirection_api is None:
+            # Objects too new for us are sent back to the conductor for a backport.
+            self.serializer.indirection_api = self
         self.client = RPCClient(
             transport,
             Target(topic=topic, version=CONDUCTOR_API_VERSION),

@@ -41,8 +41,13 @@ class ConductorService:
         *,
         extra_endpoints: list[Any] | None = None,
         transport: Transport | None = None,
+        topic: str = CONDUCTOR_TOPIC,
     ) -> None:
         self.cfg = cfg
+        # RabbitMQ queues are named by topic alone (oslo's layout), so two deployments (or two
+        # tests) on one vhost share the "conductor" queue even with different exchanges: give
+        # each its own topic to isolate them.
+        self.topic = topic
         self.database = Database(cfg.database.url)
         self._own_transport = transport is None
         self.transport = (
@@ -61,7 +66,7 @@ class ConductorService:
         )
         self.server = RPCServer(
             self.transport,
-            Target(topic=CONDUCTOR_TOPIC, server=cfg.host),
+            Target(topic=topic, server=cfg.host),
             endpoints=[self.endpoint, BaseAPIEndpoint(), self.tasks, *(extra_endpoints or [])],
             serializer=self.serializer,
         )
@@ -72,7 +77,7 @@ class ConductorService:
             self._db_context,
             host=cfg.host,
             binary=releases.BINARY_CONDUCTOR,
-            topic=CONDUCTOR_TOPIC,
+            topic=topic,
             version=releases.SERVICE_VERSION,
             interval=cfg.service.report_interval,
         )

@@ -103,6 +103,10 @@ class FleetObjectSerializer:
     def indirection_api(self) -> IndirectionAPI | None:
         return self._indirection_api
 
+    @indirection_api.setter
+    def indirection_api(self, api: IndirectionAPI | None) -> None:
+        self._indirection_api = api
+
     async def serialize_entity(self, ctxt: Any, entity: Any) -> Any:
         if isinstance(entity, FleetObject):
             manifest = self.version_manifest

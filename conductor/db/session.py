@@ -16,17 +16,24 @@ from sqlalchemy.pool import StaticPool
 from conductor.db.api import DbApi
 
 
+def quiet_statement_logging() -> None:
+    """Keep SQLAlchemy from logging every statement.
+
+    SQLAlchemy treats its engine logger being enabled for INFO as ``echo=True``: one log line
+    per statement floods the service log and costs CPU on every query. Statement logging is for
+    debugging (``echo=True`` on a throwaway engine), never for a running conductor.
+    """
+    for name in ("sqlalchemy.engine", "sqlalchemy.engine.Engine"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def create_engine(url: str, *, pool_size: int = 16, max_overflow: int = 32) -> AsyncEngine:
     """An async engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``).
 
     SQLite gets one shared connection: it allows a single writer anyway, and one connection
     turns concurrent requests into a queue instead of ``database is locked`` errors.
     """
-    # SQLAlchemy logs every statement at INFO when its logger inherits an INFO root level:
-    # that floods the service log and costs CPU on every query. Opt in explicitly if wanted.
-    engine_logger = logging.getLogger("sqlalchemy.engine")
-    if engine_logger.level == logging.NOTSET:
-        engine_logger.setLevel(logging.WARNING)
+    quiet_statement_logging()
     parsed = make_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
@@ -53,6 +60,8 @@ class Database:
 
     def __init__(self, url: str, *, engine: AsyncEngine | None = None) -> None:
         self.url = url
+        # Logging may have been configured after the module was imported: quiet it again.
+        quiet_statement_logging()
         self.engine = engine if engine is not None else create_engine(url)
         self._sqlite = make_url(url).get_backend_name() == "sqlite"
         self._sqlite_lock: asyncio.Lock | None = None

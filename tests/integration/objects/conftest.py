@@ -1,0 +1,127 @@
+"""Fixtures for object tests over the real RabbitMQ: a conductor subprocess on a fresh
+PostgreSQL database, and an agent-side conductor client in the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conductor.db import migration
+from conductor.rpcapi import ConductorAPI
+from conductor.testing import ALLOWED_EXMODS, indirection
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.messaging import MessagingTimeout, get_transport
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class ConductorProcess:
+    process: asyncio.subprocess.Process
+    env: dict[str, str]
+    log_path: Path
+    database_url: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def fleet_env(**values: str) -> dict[str, str]:
+    """The environment of a Fleet subprocess: ours minus any FLEET_* setting, plus ``values``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(values)
+    return env
+
+
+async def wait_for_conductor(api: ConductorAPI, deadline: float = 30.0) -> None:
+    """Ping until a conductor answers (bounded)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        try:
+            if await api.ping(RequestContext(), "up", wait=1.0) == "up":
+                return
+        except MessagingTimeout:
+            if loop.time() > end:
+                raise
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def messaging_config(amqp_url: str, control_exchange: str) -> MessagingConfig:
+    cfg = MessagingConfig()
+    cfg.transport_url = amqp_url
+    cfg.control_exchange = control_exchange
+    return cfg
+
+
+@pytest.fixture
+def conductor_topic(unique_topic: str) -> str:
+    """Queues are named by topic only: a unique topic keeps other tests' conductors away."""
+    return f"conductor-{unique_topic}"
+
+
+@pytest.fixture
+async def agent_api(
+    messaging_config: MessagingConfig, conductor_topic: str
+) -> AsyncIterator[ConductorAPI]:
+    """This process as an agent: remotables go over RabbitMQ to the conductor."""
+    transport = get_transport(messaging_config, allowed_remote_exmods=ALLOWED_EXMODS)
+    async with transport:
+        api = ConductorAPI(transport, timeout=30.0, topic=conductor_topic)
+        with indirection(api):
+            yield api
+
+
+@pytest.fixture
+async def conductor_process(
+    pg_database_url: str,
+    amqp_url: str,
+    control_exchange: str,
+    conductor_topic: str,
+    tmp_path: Path,
+) -> AsyncIterator[ConductorProcess]:
+    """A `conductor` subprocess serving a freshly migrated PostgreSQL database."""
+    await migration.upgrade(pg_database_url)
+    env = fleet_env(
+        FLEET_TRANSPORT_URL=amqp_url,
+        FLEET_CONTROL_EXCHANGE=control_exchange,
+        FLEET_DATABASE_URL=pg_database_url,
+        FLEET_HOST=f"conductor-{uuid.uuid4().hex[:6]}",
+        FLEET_LOG_FORMAT="json",
+        FLEET_LOG_LEVEL="info",
+        # No heartbeat during a test: database snapshots must compare equal.
+        FLEET_SERVICE__REPORT_INTERVAL="600",
+        FLEET_SERVICE__SERVICE_DOWN_TIME="1200",
+    )
+    log_path = tmp_path / "conductor.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "conductor"),
+            "--topic",
+            conductor_topic,
+            env=env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        yield ConductorProcess(proc, env, log_path, pg_database_url)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=20)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
