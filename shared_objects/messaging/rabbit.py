@@ -220,15 +220,16 @@ class RabbitDriver(Driver):
         if self._connection is not None:
             return
         name = f"{os.path.basename(sys.argv[0] or 'python')}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        connection = _FailoverRobustConnection(
-            self._url.hosts,
-            reconnect_interval=self._reconnect_interval,
-            ssl_context=self._ssl_context,
-            client_properties={"connection_name": name},
-        )
-        # The first attempt walks every host once before giving up.
+        hosts = self._url.hosts
+        # The first connect walks every host once (each attempt starting at the next host).
         last_error: BaseException | None = None
-        for _ in self._url.hosts:
+        for start in range(len(hosts)):
+            connection = _FailoverRobustConnection(
+                hosts[start:] + hosts[:start],
+                reconnect_interval=self._reconnect_interval,
+                ssl_context=self._ssl_context,
+                client_properties={"connection_name": name},
+            )
             try:
                 await connection.connect(timeout=self._connect_timeout)
                 break
@@ -236,12 +237,6 @@ class RabbitDriver(Driver):
                 last_error = exc
                 log.warning("broker_connect_failed", url=str(connection), error=repr(exc))
                 await connection.close()
-                connection = _FailoverRobustConnection(
-                    self._url.hosts[1:] + self._url.hosts[:1],
-                    reconnect_interval=self._reconnect_interval,
-                    ssl_context=self._ssl_context,
-                    client_properties={"connection_name": name},
-                )
         else:
             raise MessageDeliveryFailure(f"cannot connect to any broker host: {last_error!r}")
         connection.reconnect_callbacks.add(self._on_reconnect)

@@ -103,8 +103,8 @@ async def test_quorum_declarations_are_identical_to_oslos(
 async def test_multi_host_url_fails_over_to_a_live_host(
     control_exchange: str, unique_topic: str, janitor: BrokerJanitor
 ) -> None:
-    # Port 1 on loopback refuses connections: the first host is "down".
-    url = "rabbit://guest:guest@127.0.0.1:1,guest:guest@127.0.0.1:5672/"
+    # Ports 1 and 2 on loopback refuse connections: the first two hosts are "down".
+    url = "rabbit://guest:guest@127.0.0.1:1,guest:guest@127.0.0.1:2,guest:guest@127.0.0.1:5672/"
     config = MessagingConfig(transport_url=url, control_exchange=control_exchange)
     janitor.server_topology(control_exchange, unique_topic, "s1")
     async with get_transport(config, connect_timeout=5) as transport:
