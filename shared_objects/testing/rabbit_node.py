@@ -97,13 +97,19 @@ class RabbitNode:
         """Start the node and wait until its AMQP listener answers; clean up if that fails."""
         if self._proc is not None:
             raise RabbitNodeError("node already started")
+        server_script = _RABBIT_BIN / "rabbitmq-server"
+        if not server_script.exists():
+            raise RabbitNodeError(
+                f"{server_script} not found: install rabbitmq-server (make services does) or set "
+                "FLEET_RABBITMQ_BIN to the directory holding rabbitmq-server and rabbitmqctl"
+            )
         self._base = Path(tempfile.mkdtemp(prefix="fleet-rabbit-"))
         env = self._prepare_environment(self._base)
         started = time.monotonic()
         log = (self._base / "server.out").open("wb")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                str(_RABBIT_BIN / "rabbitmq-server"),
+                str(server_script),
                 env=env,
                 cwd=str(self._base),
                 stdin=asyncio.subprocess.DEVNULL,
