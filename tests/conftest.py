@@ -7,6 +7,8 @@ control exchange name, each database test its own freshly created PostgreSQL dat
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -18,10 +20,42 @@ PG_ADMIN_DSN = os.environ.get(
 )
 
 
+@pytest.fixture(scope="session")
+def amqp_vhost() -> Iterator[str]:
+    """A RabbitMQ virtual host private to this test session, deleted at the end.
+
+    Queue names (``conductor``, ``compute.<host>``) do not depend on the control exchange, so
+    two test sessions on one broker (two developers, or CI beside a developer) would share
+    queues and steal each other's messages; a vhost per session isolates them completely.
+    Falls back to the URL's own vhost when ``rabbitmqctl`` cannot be used.
+    """
+    name = f"fleet-test-{uuid.uuid4().hex[:10]}"
+    ctl = shutil.which("rabbitmqctl")
+
+    def ctl_run(*argv: str) -> bool:
+        if ctl is None:
+            return False
+        done = subprocess.run([ctl, "-q", *argv], capture_output=True, timeout=60)
+        return done.returncode == 0
+
+    if not (
+        ctl_run("add_vhost", name)
+        and ctl_run("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    ):
+        yield ""
+        return
+    try:
+        yield name
+    finally:
+        ctl_run("delete_vhost", name)
+
+
 @pytest.fixture
-def amqp_url() -> str:
-    """Transport URL of the real broker (loopback only)."""
-    return AMQP_URL
+def amqp_url(amqp_vhost: str) -> str:
+    """Transport URL of the real broker (loopback only), in this session's private vhost."""
+    if not amqp_vhost or os.environ.get("FLEET_TEST_TRANSPORT_URL"):
+        return AMQP_URL
+    return AMQP_URL.rstrip("/") + "/" + amqp_vhost
 
 
 @pytest.fixture

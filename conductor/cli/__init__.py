@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from conductor.cli._session import CommandError
 from shared_objects.config import load_config_or_exit
 from shared_objects.exception import FleetException
+from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingError, RemoteError
 
 COMMAND_GROUPS: tuple[str, ...] = ("conductor.cli.db",)
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.error(f"{args.group}: choose a command")
     cfg = load_config_or_exit(args.config, prog="fleetctl")
+    # stdout is for results (tables, JSON); diagnostics go to stderr, warnings and up only.
+    configure_logging("console", "warning", stream=sys.stderr)
     try:
         return int(asyncio.run(func(args, cfg)))
     except (CommandError, FleetException, MessagingError, RemoteError) as exc:

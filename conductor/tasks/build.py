@@ -18,9 +18,9 @@ import structlog
 
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
-from conductor.scheduler import NoValidHost, ResourceRequest, select_destinations
+from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
 from conductor.tasks.faults import set_instance_error
-from conductor.tasks.hosts import load_host_states
+from conductor.tasks.hosts import FleetView, PlacementLedger, load_host_states
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import BDMDestinationType, BDMSourceType, TaskState, VMState
@@ -74,6 +74,7 @@ class BuildTask:
         self.database = database
         self.compute = compute
         self.settings = settings or BuildSettings()
+        self.ledger = PlacementLedger()
 
     async def build_instances(
         self,
@@ -103,20 +104,14 @@ class BuildTask:
                 await SecurityGroup.get_by_name(ctxt, ctxt.project_id or "", g)
                 for g in (security_groups or [])
             ]
-            hosts = await load_host_states(ctxt, self.settings.service_down_time)
-            if forced_host is not None and forced_host not in {h.host for h in hosts}:
+            view = await load_host_states(ctxt, self.settings.service_down_time)
+            if forced_host is not None and forced_host not in {h.host for h in view.states}:
                 raise _invalid(f"forced host {forced_host!r} is not a known compute host")
             req = ResourceRequest(the_flavor.vcpus, the_flavor.memory_mb, the_flavor.root_gb)
-            picks: list[list[Any]] = []
+            picks: list[list[HostState]] = []
             no_host: NoValidHost | None = None
             try:
-                picks = select_destinations(
-                    hosts,
-                    req,
-                    count,
-                    alternates=self.settings.alternates,
-                    force_host=forced_host,
-                )
+                picks = self._place(view, req, count, force_host=forced_host)
             except NoValidHost as exc:
                 no_host = exc
             instances = await self._create_records(
@@ -134,6 +129,29 @@ class BuildTask:
                 )
             )
         return [{"uuid": i.uuid, "name": i.name} for i in instances]
+
+    def _place(
+        self,
+        view: FleetView,
+        req: ResourceRequest,
+        count: int,
+        *,
+        force_host: str | None = None,
+        ignore_hosts: list[str] | None = None,
+    ) -> list[list[HostState]]:
+        # No await from here to the end: concurrent requests see each other's placements.
+        self.ledger.apply(view.states, view.reported_at)
+        picks = select_destinations(
+            view.states,
+            req,
+            count,
+            alternates=self.settings.alternates,
+            force_host=force_host,
+            ignore_hosts=ignore_hosts or (),
+        )
+        for pick in picks:
+            self.ledger.record(pick[0].host, req)
+        return picks
 
     async def _create_records(
         self,
@@ -235,12 +253,10 @@ class BuildTask:
                     host=failed_host,
                 )
                 return
-            hosts = await load_host_states(ctxt, self.settings.service_down_time)
+            view = await load_host_states(ctxt, self.settings.service_down_time)
             req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
             try:
-                picks = select_destinations(
-                    hosts, req, 1, alternates=self.settings.alternates, ignore_hosts=tried
-                )
+                picks = self._place(view, req, 1, ignore_hosts=tried)
             except NoValidHost as exc:
                 await set_instance_error(
                     ctxt,

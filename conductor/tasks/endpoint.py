@@ -11,6 +11,7 @@ from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
 from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
+from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
 from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
 from shared_objects.context import RequestContext
 from shared_objects.messaging import Target, expose
@@ -20,11 +21,21 @@ class ComputeTaskEndpoint:
     target = Target(namespace=NAMESPACE, version=API_VERSION)
 
     def __init__(
-        self, database: Database, compute: ComputeAPI, settings: BuildSettings | None = None
+        self,
+        database: Database,
+        compute: ComputeAPI,
+        settings: BuildSettings | None = None,
+        live_migrate_settings: LiveMigrateSettings | None = None,
     ) -> None:
         # Each task owns one flow; this endpoint only routes calls to them.
         self.build = BuildTask(database, compute, settings)
         self.instances = InstanceTasks(database, compute)
+        self.live_migrate = LiveMigrateTask(
+            database,
+            compute,
+            live_migrate_settings
+            or LiveMigrateSettings(service_down_time=self.build.settings.service_down_time),
+        )
 
     @expose
     async def build_instances(
@@ -85,3 +96,35 @@ class ComputeTaskEndpoint:
     @expose
     async def detach_volume(self, ctxt: RequestContext, instance_uuid: str, volume_id: str) -> None:
         await self.instances.detach_volume(ctxt, instance_uuid=instance_uuid, volume_id=volume_id)
+
+    # --- live migration (conductor/tasks/live_migrate.py) ---------------------------------
+
+    @expose
+    async def live_migrate_instance(
+        self, ctxt: RequestContext, instance_uuid: str, host: str | None = None
+    ) -> str:
+        return await self.live_migrate.live_migrate_instance(
+            ctxt, instance_uuid=instance_uuid, host=host
+        )
+
+    @expose
+    async def live_migration_abort(self, ctxt: RequestContext, migration_uuid: str) -> None:
+        await self.live_migrate.live_migration_abort(ctxt, migration_uuid=migration_uuid)
+
+    @expose
+    async def live_migration_force_complete(
+        self, ctxt: RequestContext, migration_uuid: str
+    ) -> None:
+        await self.live_migrate.live_migration_force_complete(ctxt, migration_uuid=migration_uuid)
+
+    @expose
+    async def get_migration(self, ctxt: RequestContext, migration_uuid: str) -> dict[str, Any]:
+        return await self.live_migrate.get_migration(ctxt, migration_uuid=migration_uuid)
+
+    @expose
+    async def list_migrations(
+        self, ctxt: RequestContext, instance_uuid: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        return await self.live_migrate.list_migrations(
+            ctxt, instance_uuid=instance_uuid, limit=limit
+        )

@@ -1,22 +1,79 @@
-"""The scheduler's view of the fleet, read from ComputeNode and Service rows in two queries."""
+"""The scheduler's view of the fleet, read from ComputeNode and Service rows in two queries.
+
+A ComputeNode's usage lags behind the placements a conductor has just made: the agent reports
+it only after it claimed. ``PlacementLedger`` remembers this conductor's recent placements and
+adds those a host has not reported yet, so a burst of single-instance requests spreads instead
+of piling onto the host that looked emptiest a moment ago. The agent's claim stays the
+authority: an estimate that is off costs a reschedule, never an over-commit.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import uuid
 from typing import Any
 
-from conductor.scheduler import HostState
+from conductor.scheduler import HostState, ResourceRequest
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.service import ServiceList
 from shared_objects.releases import BINARY_COMPUTE
 
 
-async def load_host_states(ctxt: Any, service_down_time: float) -> list[HostState]:
+@dataclasses.dataclass(slots=True)
+class _Placement:
+    host: str
+    req: ResourceRequest
+    at: datetime.datetime
+
+
+class PlacementLedger:
+    """This conductor's placements not yet visible in the hosts' reported usage."""
+
+    def __init__(self, ttl: float = 30.0) -> None:
+        self.ttl = datetime.timedelta(seconds=ttl)
+        self._placements: dict[str, _Placement] = {}
+
+    def record(self, host: str, req: ResourceRequest) -> None:
+        self._placements[uuid.uuid4().hex] = _Placement(host, req, _utcnow())
+
+    def apply(self, states: list[HostState], reported_at: dict[str, datetime.datetime]) -> None:
+        """Add to ``states`` what each host has not reported since the placement was made.
+
+        Call it, select, and ``record`` the choices without awaiting in between, so concurrent
+        requests in this process each see the others' placements.
+        """
+        now = _utcnow()
+        by_host = {s.host: s for s in states}
+        for key, placement in list(self._placements.items()):
+            seen = reported_at.get(placement.host)
+            if now - placement.at > self.ttl or (seen is not None and seen > placement.at):
+                del self._placements[key]
+                continue
+            state = by_host.get(placement.host)
+            if state is not None:
+                state.consume(placement.req)
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclasses.dataclass(slots=True)
+class FleetView:
+    """Host states as read, and when each host last reported its usage."""
+
+    states: list[HostState]
+    reported_at: dict[str, datetime.datetime]
+
+
+async def load_host_states(ctxt: Any, service_down_time: float) -> FleetView:
     """One HostState per compute node whose host runs a registered compute service."""
     nodes = await ComputeNodeList.get_all(ctxt)
     services = {s.host: s for s in await ServiceList.get_by_binary(ctxt, BINARY_COMPUTE)}
-    now = datetime.datetime.now(datetime.UTC)
+    now = _utcnow()
     states: list[HostState] = []
+    reported_at: dict[str, datetime.datetime] = {}
     for node in nodes:
         service = services.get(node.host)
         if service is None:
@@ -38,4 +95,7 @@ async def load_host_states(ctxt: Any, service_down_time: float) -> list[HostStat
                 service_disabled=service.disabled,
             )
         )
-    return states
+        stamp = node.updated_at if node.obj_attr_is_set("updated_at") else None
+        if stamp is not None:
+            reported_at[node.host] = stamp
+    return FleetView(states, reported_at)

@@ -16,7 +16,8 @@ NAMESPACE = "compute_task"
 
 # Compute-task API history:
 # 1.0: Initial version: build_instances, reschedule_instance, delete_instance, attach_volume,
-#      detach_volume.
+#      detach_volume, live_migrate_instance, live_migration_abort,
+#      live_migration_force_complete, get_migration, list_migrations.
 API_VERSION = "1.0"
 
 
@@ -76,3 +77,44 @@ class ComputeTaskAPI:
         await self.client.call(
             ctxt, "detach_volume", instance_uuid=instance_uuid, volume_id=volume_id
         )
+
+    # --- live migration (docs/live-migration.md) ------------------------------------------
+
+    async def live_migrate_instance(
+        self, ctxt: RequestContext, *, instance_uuid: str, host: str | None = None
+    ) -> str:
+        """Start a live migration (to ``host``, or one the scheduler picks); the Migration uuid.
+
+        Returns once the request is validated and recorded (status ``accepted``); follow it
+        with ``get_migration``. Bad requests raise ``InvalidRequest`` and change nothing.
+        """
+        result: str = await self.client.call(
+            ctxt, "live_migrate_instance", instance_uuid=instance_uuid, host=host
+        )
+        return result
+
+    async def live_migration_abort(self, ctxt: RequestContext, *, migration_uuid: str) -> None:
+        await self.client.call(ctxt, "live_migration_abort", migration_uuid=migration_uuid)
+
+    async def live_migration_force_complete(
+        self, ctxt: RequestContext, *, migration_uuid: str
+    ) -> None:
+        await self.client.call(ctxt, "live_migration_force_complete", migration_uuid=migration_uuid)
+
+    async def get_migration(self, ctxt: RequestContext, *, migration_uuid: str) -> dict[str, Any]:
+        """The Migration as a dict (uuid, instance_uuid, source/dest compute and node, status,
+        migration_type, memory_total/processed/remaining, created_at, updated_at) plus the
+        instance's ``progress`` percentage."""
+        result: dict[str, Any] = await self.client.call(
+            ctxt, "get_migration", migration_uuid=migration_uuid
+        )
+        return result
+
+    async def list_migrations(
+        self, ctxt: RequestContext, *, instance_uuid: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Migrations newest first, as ``get_migration`` dicts (``progress`` None)."""
+        result: list[dict[str, Any]] = await self.client.call(
+            ctxt, "list_migrations", instance_uuid=instance_uuid, limit=limit
+        )
+        return result

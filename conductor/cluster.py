@@ -1,0 +1,291 @@
+"""A local Fleet cluster of real processes: one or more conductors and N compute agents.
+
+Used by the integration tests and by ``make demo``. Every process is started from its console
+entry point with its own environment (agents get no database URL), logs to its own file, and is
+stopped with SIGTERM (or killed, to test recovery). The caller's process becomes an operator
+client: object reads go to the conductors, actions through the compute-task API.
+
+All traffic stays on loopback: the broker and database URLs must point at 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from conductor.db import migration
+from conductor.rpcapi import ConductorAPI
+from conductor.tasks.rpcapi import ComputeTaskAPI
+from shared_objects.base import FleetObject
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.messaging import MessagingError, Transport, get_transport
+from shared_objects.objects.compute_node import ComputeNodeList
+from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.objects.service import ServiceList
+from shared_objects.releases import BINARY_COMPUTE
+
+log = structlog.get_logger(__name__)
+
+EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
+FINAL_VM_STATES = frozenset({"active", "error", "stopped"})
+
+
+@dataclasses.dataclass
+class ProcessHandle:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+@dataclasses.dataclass
+class ClusterSpec:
+    database_url: str
+    transport_url: str = "rabbit://guest:guest@127.0.0.1:5672/"
+    control_exchange: str = dataclasses.field(
+        default_factory=lambda: f"fleet-cluster-{uuid.uuid4().hex[:10]}"
+    )
+    hosts: tuple[str, ...] = ("compute-1", "compute-2")
+    conductors: int = 1
+    workdir: Path = dataclasses.field(default_factory=lambda: Path("var/cluster"))
+    # Per-agent extra environment, e.g. {"compute-1": {"FLEET_FAKE_FAILURES": "spawn:1"}}.
+    agent_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    # Environment for every process (e.g. FLEET_COMPUTE__SPAWN_DELAY).
+    common_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    report_interval: float = 2.0
+    service_down_time: float = 10.0
+
+
+class LocalCluster:
+    """Start, stop, kill and restart the processes of a local cluster; talk to it."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.workdir = spec.workdir
+        self.processes: dict[str, ProcessHandle] = {}
+        self.transport: Transport | None = None
+        self.conductor: ConductorAPI | None = None
+        self.tasks: ComputeTaskAPI | None = None
+        self.ctxt = RequestContext(user_id="operator", project_id="admin", is_admin=True)
+        self._previous_api: Any = None
+
+    # --- environment ------------------------------------------------------------------------
+
+    def _base_env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("FLEET_") or k.startswith("FLEET_TEST_")
+        }
+        env.update(
+            {
+                "FLEET_TRANSPORT_URL": self.spec.transport_url,
+                "FLEET_CONTROL_EXCHANGE": self.spec.control_exchange,
+                "FLEET_LOG_FORMAT": "json",
+                "FLEET_SERVICE__REPORT_INTERVAL": str(self.spec.report_interval),
+                "FLEET_SERVICE__SERVICE_DOWN_TIME": str(self.spec.service_down_time),
+                "FLEET_SERVICE__GRACEFUL_SHUTDOWN_TIMEOUT": "20",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.spec.common_env)
+        return env
+
+    def conductor_handle(self, index: int) -> ProcessHandle:
+        name = f"conductor-{index}"
+        env = self._base_env()
+        env["FLEET_DATABASE_URL"] = self.spec.database_url
+        env["FLEET_HOST"] = name
+        return ProcessHandle(
+            name, [sys.executable, "-m", "conductor"], env, self.workdir / f"{name}.log"
+        )
+
+    def agent_handle(self, host: str) -> ProcessHandle:
+        env = self._base_env()
+        env.pop("FLEET_DATABASE_URL", None)  # agents never hold database credentials
+        env["FLEET_HOST"] = host
+        env["FLEET_STATE_DIR"] = str(self.workdir / "hypervisors")
+        env.update(self.spec.agent_env.get(host, {}))
+        return ProcessHandle(
+            host, [sys.executable, "-m", "compute_agent"], env, self.workdir / f"{host}.log"
+        )
+
+    # --- process control --------------------------------------------------------------------
+
+    async def _spawn(self, handle: ProcessHandle) -> None:
+        handle.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logfile = await asyncio.to_thread(open, handle.log_path, "ab")
+        try:
+            handle.process = await asyncio.create_subprocess_exec(
+                *handle.argv,
+                env=handle.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+            )
+        finally:
+            logfile.close()
+        self.processes[handle.name] = handle
+        log.info("cluster_process_started", name=handle.name, pid=handle.process.pid)
+
+    async def start(self, *, timeout: float = 60.0) -> None:
+        """Migrate the database, start conductors then agents, wait until all are up."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        await migration.upgrade(self.spec.database_url)
+        cfg = MessagingConfig(
+            transport_url=self.spec.transport_url, control_exchange=self.spec.control_exchange
+        )
+        self.transport = get_transport(cfg, allowed_remote_exmods=EXMODS)
+        await self.transport.connect()
+        self.conductor = ConductorAPI(self.transport, timeout=30.0)
+        self.tasks = ComputeTaskAPI(self.transport, timeout=60.0)
+        self._previous_api = FleetObject.indirection_api
+        FleetObject.indirection_api = self.conductor
+        for index in range(1, self.spec.conductors + 1):
+            await self._spawn(self.conductor_handle(index))
+        await self.wait_conductor(timeout)
+        for host in self.spec.hosts:
+            await self._spawn(self.agent_handle(host))
+        await self.wait_agents(self.spec.hosts, timeout)
+
+    async def wait_conductor(self, timeout: float) -> None:
+        assert self.conductor is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for name in self.processes:
+                if name.startswith("conductor-"):
+                    self._check_alive(name)
+            try:
+                await self.conductor.ping(self.ctxt, "up", wait=2.0)
+                return
+            except MessagingError as exc:
+                if loop.time() > deadline:
+                    raise TimeoutError(f"no conductor answered within {timeout}s: {exc}") from exc
+                await asyncio.sleep(0.2)
+
+    async def wait_agents(self, hosts: tuple[str, ...] | list[str], timeout: float) -> None:
+        """Until each host has a live service row and a ComputeNode."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for host in hosts:
+                self._check_alive(host)
+            services = {s.host for s in await ServiceList.get_by_binary(self.ctxt, BINARY_COMPUTE)}
+            nodes = {n.host for n in await ComputeNodeList.get_all(self.ctxt)}
+            if set(hosts) <= services & nodes:
+                # Registered; give the RPC consumer its start (ready comes right after).
+                await asyncio.sleep(0.3)
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(
+                    f"agents {sorted(set(hosts) - (services & nodes))} not up in {timeout}s "
+                    f"(services: {sorted(services)}, compute nodes: {sorted(nodes)})"
+                )
+            await asyncio.sleep(0.2)
+
+    def _check_alive(self, name: str) -> None:
+        """Fail fast, with the log's tail, when a process died while we wait for it."""
+        handle = self.processes.get(name)
+        if handle is not None and handle.process is not None:
+            code = handle.process.returncode
+            if code is not None:
+                raise RuntimeError(f"{name} exited with {code}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.processes[name].log_path
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def stop_process(self, name: str, *, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); returns the exit code."""
+        handle = self.processes[name]
+        proc = handle.process
+        if proc is None or proc.returncode is not None:
+            return proc.returncode if proc else None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return None
+
+    async def kill_process(self, name: str) -> None:
+        """SIGKILL: the process gets no chance to clean up (crash testing)."""
+        proc = self.processes[name].process
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async def restart_agent(self, host: str, *, timeout: float = 60.0) -> None:
+        handle = self.processes[host]
+        await self._spawn(dataclasses.replace(handle, process=None))
+        await self.wait_agents([host], timeout)
+
+    async def stop(self) -> dict[str, int | None]:
+        """Stop agents, then conductors; returns each process's exit code."""
+        codes: dict[str, int | None] = {}
+        agents = [n for n in self.processes if not n.startswith("conductor-")]
+        conductors = [n for n in self.processes if n.startswith("conductor-")]
+        for group in (agents, conductors):
+            results = await asyncio.gather(*(self.stop_process(n) for n in group))
+            codes.update(zip(group, results, strict=True))
+        if self.transport is not None:
+            FleetObject.indirection_api = self._previous_api
+            await self.transport.close()
+            self.transport = None
+        return codes
+
+    # --- operator helpers -------------------------------------------------------------------
+
+    async def wait_instances(
+        self, uuids: list[str], *, timeout: float = 60.0, deleted: bool = False
+    ) -> list[Instance]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = list(await InstanceList.get_by_uuids(self.ctxt, uuids))
+            if deleted and all(i.deleted for i in found):
+                return found
+            if not deleted and all(
+                i.vm_state in FINAL_VM_STATES and i.task_state is None for i in found
+            ):
+                return found
+            if loop.time() > deadline:
+                states = sorted({f"{i.vm_state}/{i.task_state}" for i in found})
+                raise TimeoutError(f"instances not settled within {timeout}s: {states}")
+            await asyncio.sleep(0.2)
+
+    async def boot(self, **request: Any) -> list[str]:
+        assert self.tasks is not None
+        made = await self.tasks.build_instances(self.ctxt, **request)
+        return [m["uuid"] for m in made]
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(spec: ClusterSpec) -> AsyncIterator[LocalCluster]:
+    cluster = LocalCluster(spec)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()

@@ -1,0 +1,439 @@
+"""Live migration on the conductor: validate, lock the instance, pick a destination, hand off to
+the source agent, and learn the outcome.
+
+``live_migrate_instance`` checks the request before writing anything (unknown instance, not
+ACTIVE, busy, source agent down, destination unknown/down/same host/too small: a clear error,
+nothing changed), then in one unit of work takes the instance with a CAS to ``migrating``
+(expected ``None``: a second migration of a migrating instance is refused), creates the
+Migration (``live-migration``, ``accepted``) and the InstanceAction ``live-migration``, and
+returns the Migration's uuid. The rest runs in a task of this conductor:
+
+1. prechecks on a destination (``check_can_live_migrate_destination``, which asks the source);
+   a host that refuses is excluded and the scheduler picks another, up to ``max_attempts``;
+2. Migration ``queued``, then a long call of ``live_migration`` to the source with call-monitor
+   heartbeats. The source drives the rest and writes every status; the call returns the
+   outcome when the migration ends.
+3. If the source stops answering (no heartbeat for ``call_monitor_timeout`` seconds) the
+   Migration is marked ``error`` at once (only if still unfinished: a compare-and-swap) with a
+   fault naming the host; the instance stays ``migrating`` until that agent's recovery settles
+   it from both hypervisors (possibly as ``completed`` if the switch-over had happened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+from typing import Any
+
+import structlog
+
+from compute_agent.rpcapi import ComputeAPI
+from conductor.db.session import Database
+from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
+from conductor.tasks.hosts import load_host_states
+from shared_objects import exception
+from shared_objects.context import RequestContext
+from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
+from shared_objects.messaging import MessagingTimeout
+from shared_objects.objects.instance import Instance
+from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.objects.instance_fault import InstanceFault
+from shared_objects.objects.migration import Migration, MigrationList
+
+log = structlog.get_logger(__name__)
+
+UNFINISHED = [s for s in MigrationStatus.ALL if s not in MigrationStatus.FINISHED]
+MIGRATION_FIELDS = (
+    "uuid",
+    "instance_uuid",
+    "source_compute",
+    "dest_compute",
+    "source_node",
+    "dest_node",
+    "status",
+    "migration_type",
+    "memory_total",
+    "memory_processed",
+    "memory_remaining",
+)
+
+
+@dataclasses.dataclass(slots=True)
+class LiveMigrateSettings:
+    """Limits and timeouts of the conductor's live-migration task."""
+
+    max_attempts: int = 3
+    service_down_time: float = 60.0
+    #: Heartbeat window of the calls to agents: a silent agent is taken as dead after it.
+    call_monitor_timeout: float = 10.0
+    #: Overall bound of the prechecks call.
+    precheck_timeout: float = 120.0
+    #: Overall bound of the whole migration (the source's call returns when it ends).
+    migration_timeout: float = 6 * 3600.0
+    #: Abort and force-complete calls.
+    rpc_timeout: float = 30.0
+
+
+def _invalid(reason: str) -> exception.InvalidRequest:
+    return exception.InvalidRequest(reason=reason)
+
+
+def migration_to_dict(migration: Migration, progress: int | None = None) -> dict[str, Any]:
+    """A Migration as the CLI shows it (JSON-able)."""
+    out: dict[str, Any] = {
+        name: getattr(migration, name) if migration.obj_attr_is_set(name) else None
+        for name in MIGRATION_FIELDS
+    }
+    for stamp in ("created_at", "updated_at"):
+        value = getattr(migration, stamp, None) if migration.obj_attr_is_set(stamp) else None
+        out[stamp] = value.isoformat() if value is not None else None
+    out["progress"] = progress
+    return out
+
+
+async def _host_states(ctxt: RequestContext, service_down_time: float) -> list[HostState]:
+    view: Any = await load_host_states(ctxt, service_down_time)
+    # Tolerates both shapes of the hosts module (a list, or a view with ``states``).
+    return list(view.states if hasattr(view, "states") else view)
+
+
+class LiveMigrateTask:
+    """Conductor side of live migration."""
+
+    def __init__(
+        self, database: Database, compute: ComputeAPI, settings: LiveMigrateSettings | None = None
+    ) -> None:
+        self.database = database
+        self.compute = compute
+        self.settings = settings or LiveMigrateSettings()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._abort_requested: set[str] = set()
+
+    # --- the request ----------------------------------------------------------------------
+
+    async def live_migrate_instance(
+        self, ctxt: RequestContext, *, instance_uuid: str, host: str | None = None
+    ) -> str:
+        """Start migrating the instance (to ``host`` or a scheduled one); the Migration uuid."""
+        if not isinstance(instance_uuid, str) or not instance_uuid:
+            raise _invalid("an instance uuid is required")
+        if host is not None and (not isinstance(host, str) or not host):
+            raise _invalid("the destination host must be a host name")
+        async with self.database.request(ctxt):
+            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+            source = self._check_instance(instance)
+            hosts = await _host_states(ctxt, self.settings.service_down_time)
+            self._check_hosts(instance, source, host, hosts)
+            instance.task_state = TaskState.MIGRATING
+            try:
+                await instance.save(expected_task_state=[None], expected_vm_state=[VMState.ACTIVE])
+            except (exception.UnexpectedTaskStateError, exception.UnexpectedVMStateError) as exc:
+                raise _invalid(f"instance {instance_uuid} changed meanwhile: {exc}") from exc
+            migration = Migration(
+                ctxt,
+                instance_uuid=instance_uuid,
+                source_compute=source,
+                source_node=instance.node,
+                dest_compute=host,
+                dest_node=None,
+                status=MigrationStatus.ACCEPTED,
+                migration_type=MigrationType.LIVE_MIGRATION,
+            )
+            await migration.create()
+            await InstanceAction.action_start(ctxt, instance_uuid, "live-migration")
+        log.info(
+            "live_migration_accepted",
+            instance_uuid=instance_uuid,
+            migration_uuid=migration.uuid,
+            source=source,
+            dest=host,
+        )
+        task = asyncio.create_task(
+            self._run(ctxt, instance, migration, host), name=f"live-migrate-{migration.uuid}"
+        )
+        self._running[migration.uuid] = task
+        task.add_done_callback(lambda _t: self._running.pop(migration.uuid, None))
+        return migration.uuid
+
+    @staticmethod
+    def _check_instance(instance: Instance) -> str:
+        if instance.vm_state != VMState.ACTIVE:
+            raise _invalid(f"instance {instance.uuid} is not ACTIVE (vm_state={instance.vm_state})")
+        if instance.task_state is not None:
+            raise _invalid(
+                f"instance {instance.uuid} is busy (task_state={instance.task_state}); "
+                "a live migration needs an idle instance"
+            )
+        if not instance.host:
+            raise _invalid(f"instance {instance.uuid} is not on any host")
+        return instance.host
+
+    def _check_hosts(
+        self, instance: Instance, source: str, dest: str | None, hosts: list[HostState]
+    ) -> None:
+        by_host = {h.host: h for h in hosts}
+        src = by_host.get(source)
+        if src is None or not src.service_up:
+            raise _invalid(f"the source host {source} is down; cannot live-migrate from it")
+        req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
+        if dest is None:
+            try:
+                select_destinations(hosts, req, 1, alternates=0, ignore_hosts=[source])
+            except NoValidHost as exc:
+                raise _invalid(f"no destination for {instance.uuid}: {exc}") from exc
+            return
+        if dest == source:
+            raise _invalid(f"instance {instance.uuid} is already on {dest}")
+        target = by_host.get(dest)
+        if target is None:
+            raise _invalid(f"destination {dest!r} is not a known compute host")
+        if not target.service_up:
+            raise _invalid(f"destination {dest} is down")
+        try:
+            select_destinations(hosts, req, 1, alternates=0, force_host=dest)
+        except NoValidHost as exc:
+            raise _invalid(f"destination {dest} cannot take {instance.uuid}: {exc}") from exc
+
+    # --- the task -------------------------------------------------------------------------
+
+    async def _run(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration, forced: str | None
+    ) -> None:
+        bound = log.bind(instance_uuid=instance.uuid, migration_uuid=migration.uuid)
+        try:
+            picked = await self._precheck(ctxt, instance, migration, forced)
+            if picked is None:
+                return
+            _dest, migrate_data = picked
+            source = migration.source_compute or ""
+            try:
+                outcome = await self.compute.live_migration(
+                    ctxt,
+                    source,
+                    instance=instance,
+                    migration=migration,
+                    migrate_data=migrate_data,
+                    call_monitor_timeout=self.settings.call_monitor_timeout,
+                    timeout=self.settings.migration_timeout,
+                )
+            except MessagingTimeout as exc:
+                await self._source_lost(ctxt, instance, migration, f"stopped answering: {exc}")
+                return
+            bound.info("live_migration_outcome", **outcome)
+        except Exception as exc:
+            # The conductor could not follow the migration (e.g. the source's handler failed):
+            # record it; the agents' settle logic owns the instance.
+            bound.exception("live_migration_task_failed")
+            await self._source_lost(ctxt, instance, migration, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._abort_requested.discard(migration.uuid)
+
+    async def _precheck(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration, forced: str | None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Find a destination that passes the prechecks and mark the migration ``queued``."""
+        source = migration.source_compute or ""
+        tried = [source]
+        reasons: list[str] = []
+        req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
+        for _attempt in range(self.settings.max_attempts if forced is None else 1):
+            if migration.uuid in self._abort_requested:
+                await self._fail(ctxt, instance, migration, MigrationStatus.CANCELLED, "aborted")
+                return None
+            dest = forced
+            node: str | None = None
+            if dest is None:
+                async with self.database.request(ctxt):
+                    hosts = await _host_states(ctxt, self.settings.service_down_time)
+                try:
+                    pick = select_destinations(hosts, req, 1, alternates=0, ignore_hosts=tried)
+                except NoValidHost as exc:
+                    reasons.append(str(exc))
+                    break
+                dest, node = pick[0][0].host, pick[0][0].node
+            try:
+                data = await self.compute.check_can_live_migrate_destination(
+                    ctxt,
+                    dest,
+                    instance=instance,
+                    migration=migration,
+                    source_host=source,
+                    call_monitor_timeout=self.settings.call_monitor_timeout,
+                    timeout=self.settings.precheck_timeout,
+                )
+            except Exception as exc:
+                # Any refusal or silence: this host is out, the scheduler may pick another.
+                log.info("live_migration_precheck_failed", dest=dest, error=str(exc))
+                reasons.append(f"{dest}: {type(exc).__name__}: {exc}")
+                tried.append(dest)
+                continue
+            async with self.database.request(ctxt):
+                migration.dest_compute = dest
+                migration.dest_node = str(data.get("dest_node") or node or dest)
+                if migration.uuid in self._abort_requested:
+                    status, why = MigrationStatus.CANCELLED, "aborted"
+                else:
+                    migration.status = MigrationStatus.QUEUED
+                    await migration.save()
+                    return dest, data
+            await self._fail(ctxt, instance, migration, status, why)
+            return None
+        await self._fail(
+            ctxt,
+            instance,
+            migration,
+            MigrationStatus.FAILED,
+            "no destination passed the live-migration prechecks: " + "; ".join(reasons),
+        )
+        return None
+
+    async def _fail(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        migration: Migration,
+        status: str,
+        reason: str,
+    ) -> None:
+        """Before the source got involved: release the instance (CAS) and record why."""
+        async with self.database.request(ctxt):
+            current = await Instance.get_by_uuid(ctxt, instance.uuid)
+            current.task_state = None
+            try:
+                await current.save(expected_task_state=[TaskState.MIGRATING])
+            except exception.UnexpectedTaskStateError:
+                log.warning("live_migration_instance_moved_on", instance_uuid=instance.uuid)
+            migration.status = status
+            await migration.save()
+            if status != MigrationStatus.CANCELLED:
+                await InstanceFault(
+                    ctxt,
+                    instance_uuid=instance.uuid,
+                    code=400,
+                    message=f"Live migration {status}: {reason}"[:255],
+                    details=reason,
+                ).create()
+            await self._finish_action(ctxt, instance.uuid, "Error")
+        log.warning("live_migration_not_started", instance_uuid=instance.uuid, reason=reason)
+
+    async def _source_lost(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration, detail: str
+    ) -> None:
+        """The source stopped answering: mark the migration ``error`` if it is unfinished."""
+        source = migration.source_compute
+        async with self.database.request(ctxt):
+            db = ctxt.db
+            assert db is not None
+            # A CAS in one statement: a status the source wrote meanwhile wins.
+            rows = await db.update(
+                "migrations",
+                {"uuid": migration.uuid, "status": UNFINISHED},
+                {
+                    "status": MigrationStatus.ERROR,
+                    "updated_at": datetime.datetime.now(datetime.UTC),
+                },
+                returning=["status"],
+            )
+            if rows:
+                await InstanceFault(
+                    ctxt,
+                    instance_uuid=instance.uuid,
+                    code=500,
+                    message=(
+                        f"Live migration: source agent {source} lost ({detail}); its recovery "
+                        "settles the instance"
+                    )[:255],
+                    details=detail,
+                    host=source,
+                ).create()
+                await self._finish_action(ctxt, instance.uuid, "Error")
+        log.error(
+            "live_migration_source_lost",
+            instance_uuid=instance.uuid,
+            migration_uuid=migration.uuid,
+            source=source,
+            detail=detail,
+            marked_error=bool(rows),
+        )
+
+    @staticmethod
+    async def _finish_action(ctxt: RequestContext, instance_uuid: str, message: str) -> None:
+        try:
+            await InstanceAction.action_finish(ctxt, instance_uuid, message=message)
+        except exception.InstanceActionNotFound:
+            log.debug("no_live_migration_action", instance_uuid=instance_uuid)
+
+    # --- operator actions -----------------------------------------------------------------
+
+    async def _unfinished(self, ctxt: RequestContext, migration_uuid: str) -> Migration:
+        async with self.database.request(ctxt):
+            migration = await Migration.get_by_uuid(ctxt, migration_uuid)
+        if migration.migration_type != MigrationType.LIVE_MIGRATION:
+            raise _invalid(f"migration {migration_uuid} is not a live migration")
+        if migration.is_finished:
+            raise _invalid(f"migration {migration_uuid} is already {migration.status}")
+        return migration
+
+    async def live_migration_abort(self, ctxt: RequestContext, *, migration_uuid: str) -> None:
+        """Stop a live migration: the instance stays on its source (``cancelled``)."""
+        migration = await self._unfinished(ctxt, migration_uuid)
+        if migration.status == MigrationStatus.ACCEPTED:
+            # Still in this conductor's prechecks (or another replica's): flag it here too.
+            self._abort_requested.add(migration_uuid)
+            if migration_uuid in self._running:
+                return
+        await self.compute.live_migration_abort(
+            ctxt,
+            migration.source_compute or "",
+            migration_uuid=migration_uuid,
+            timeout=self.settings.rpc_timeout,
+        )
+
+    async def live_migration_force_complete(
+        self, ctxt: RequestContext, *, migration_uuid: str
+    ) -> None:
+        """Pause the guest so its memory copy converges (only while ``running``)."""
+        migration = await self._unfinished(ctxt, migration_uuid)
+        if migration.status != MigrationStatus.RUNNING:
+            raise _invalid(
+                f"migration {migration_uuid} is {migration.status}; force-complete needs running"
+            )
+        await self.compute.live_migration_force_complete(
+            ctxt,
+            migration.source_compute or "",
+            migration_uuid=migration_uuid,
+            timeout=self.settings.rpc_timeout,
+        )
+
+    async def get_migration(self, ctxt: RequestContext, *, migration_uuid: str) -> dict[str, Any]:
+        """The Migration (status, progress bytes) plus the instance's progress percentage."""
+        async with self.database.request(ctxt):
+            migration = await Migration.get_by_uuid(ctxt, migration_uuid)
+            progress: int | None = None
+            try:
+                progress = (await Instance.get_by_uuid(ctxt, migration.instance_uuid)).progress
+            except exception.InstanceNotFound:
+                progress = None
+        return migration_to_dict(migration, progress)
+
+    async def list_migrations(
+        self, ctxt: RequestContext, *, instance_uuid: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Migrations, newest first (of one instance when given)."""
+        async with self.database.request(ctxt):
+            if instance_uuid is not None:
+                found = list(await MigrationList.get_by_instance(ctxt, instance_uuid))
+            else:
+                db = ctxt.db
+                assert db is not None
+                rows = await db.select("migrations", {"deleted": False})
+                found = [Migration._from_db_object(ctxt, Migration(), r) for r in rows]
+        found.sort(key=lambda m: m.id, reverse=True)
+        return [migration_to_dict(m) for m in found[: max(1, int(limit))]]
+
+    async def wait(self, migration_uuid: str) -> None:
+        """Wait until this conductor's task for the migration ends (tests, tools)."""
+        task = self._running.get(migration_uuid)
+        if task is not None:
+            await asyncio.shield(task)
