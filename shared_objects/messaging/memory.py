@@ -39,8 +39,12 @@ class _Consumer:
         self.callback = callback
         self.prefetch = prefetch
         self.no_ack = no_ack
-        self.unacked = 0
+        self.pending: dict[int, _Message] = {}  # delivered, not acked yet
         self.active = True
+
+    @property
+    def unacked(self) -> int:
+        return len(self.pending)
 
     def has_room(self) -> bool:
         return self.active and (self.no_ack or self.prefetch <= 0 or self.unacked < self.prefetch)
@@ -63,6 +67,7 @@ class MemoryBroker:
         self.bindings: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
         self.queues: dict[str, _Queue] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        self._tags = itertools.count(1)
 
     def declare_exchange(self, spec: ExchangeSpec) -> None:
         if not spec.name:
@@ -135,21 +140,31 @@ class MemoryBroker:
                 continue  # expired in the queue: the broker drops it
             ack = None
             if not consumer.no_ack:
-                consumer.unacked += 1
+                tag = next(self._tags)
+                consumer.pending[tag] = message
                 queue.unacked += 1
-                ack = self._make_ack(queue, consumer)
+                ack = self._make_ack(queue, consumer, tag)
             delivery = Delivery(message.body, message.user_id, ack, queue.spec.name)
             task = asyncio.ensure_future(consumer.callback(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
-    def _make_ack(self, queue: _Queue, consumer: _Consumer) -> Any:
+    def _make_ack(self, queue: _Queue, consumer: _Consumer, tag: int) -> Any:
         async def ack() -> None:
-            consumer.unacked -= 1
+            if consumer.pending.pop(tag, None) is None:
+                raise MessageDeliveryFailure("ack after the channel closed (message requeued)")
             queue.unacked -= 1
             self.pump(queue)
 
         return ack
+
+    def requeue_unacked(self, consumer: _Consumer) -> None:
+        """What closing a channel does: its unacked messages go back to the queue's head."""
+        queue = consumer.queue
+        for tag in sorted(consumer.pending, reverse=True):
+            queue.messages.appendleft(consumer.pending.pop(tag))
+            queue.unacked -= 1
+        self.pump(queue)
 
     def _task_done(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
@@ -187,6 +202,8 @@ class _MemorySubscription(Subscription):
 
     async def close(self) -> None:
         await self.cancel()
+        for consumer in self._consumers:
+            self._broker.requeue_unacked(consumer)
 
 
 class MemoryDriver(Driver):

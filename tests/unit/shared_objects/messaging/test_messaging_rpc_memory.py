@@ -485,3 +485,25 @@ async def test_request_expiration_drops_unconsumed_calls(
     )
     assert seen == []  # expired before anyone consumed it
     assert broker.message_count("nobody") == (0, 0)
+
+
+async def test_stop_hands_messages_not_started_back_to_the_broker(
+    broker: MemoryBroker, transports: tuple[Transport, Transport]
+) -> None:
+    server_t, client_t = transports
+    server = RPCServer(server_t, Target(topic=TOPIC, server="s1"), [Endpoint()], max_concurrency=1)
+    await server.start()
+    client = RPCClient(client_t, Target(topic=TOPIC), timeout=5.0)
+    calls = [asyncio.create_task(client.call(None, "sleep", seconds=0.1)) for _ in range(5)]
+    for _ in range(100):  # one runs, four wait for the slot (delivered, not acked)
+        if server.in_flight == 1 and broker.message_count(TOPIC) == (0, 4):
+            break
+        await asyncio.sleep(0.005)
+    assert broker.message_count(TOPIC) == (0, 4)
+    await server.stop(grace=1.0)
+    assert broker.message_count(TOPIC) == (4, 0)  # handed back, not lost, not run
+    assert server.stats()["calls"] == {"sleep:ok": 1}
+    second = RPCServer(server_t, Target(topic=TOPIC, server="s2"), [Endpoint()])
+    async with second:
+        assert await asyncio.gather(*calls) == ["slept"] * 5
+    assert second.stats()["calls"] == {"sleep:ok": 4}
