@@ -131,3 +131,23 @@ async def test_fleet_call_to_absent_oslo_server_times_out_cleanly(
         await client.prepare(server="nobody", timeout=1.0).call(_context(), "echo")
     assert time.monotonic() - started < 1.5
     assert fleet_transport.pending_replies == 0
+
+
+async def test_oslo_heartbeats_keep_a_fleet_call_monitor_satisfied_during_a_slow_call(
+    oslo_server: PeerProcess, client: RPCClient
+) -> None:
+    cctx = client.prepare(timeout=15, call_monitor_timeout=2)
+    started = time.monotonic()
+    assert await cctx.call(_context(), "slow", delay=3.5) == "slept 3.5"
+    assert time.monotonic() - started >= 3.5
+
+
+async def test_fleet_call_monitor_gives_up_on_a_silent_peer_before_the_call_timeout(
+    oslo_server: PeerProcess, client: RPCClient
+) -> None:
+    # Nobody consumes this server's queue, so no heartbeat ever comes: the monitor fires first.
+    cctx = client.prepare(server="nobody", timeout=15, call_monitor_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(MessagingTimeout):
+        await cctx.call(_context(), "slow", delay=1)
+    assert time.monotonic() - started < 2 + 1.0

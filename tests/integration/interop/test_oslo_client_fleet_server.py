@@ -63,6 +63,11 @@ class Endpoint:
         await self.seen.add(self.server, "note", kwargs)
 
     @expose
+    async def slow(self, ctxt: RequestContext, delay: float) -> str:
+        await asyncio.sleep(delay)
+        return f"slept {delay}"
+
+    @expose
     async def fail_value(self, ctxt: RequestContext, message: str) -> None:
         raise ValueError(message)
 
@@ -206,3 +211,24 @@ async def test_oslo_call_with_incompatible_version_gets_unsupported_version(
     assert (reply["exc_class"], reply["exc_type"]) == ("RemoteError", "UnsupportedVersion")
     reply = await _call(oslo_client, "echo", version="1.3", args={"ok": True})
     assert reply["ok"], reply
+
+
+async def test_fleet_heartbeats_keep_an_oslo_call_monitor_satisfied_during_a_slow_call(
+    oslo_client: PeerProcess,
+) -> None:
+    # Without call-monitor heartbeats the oslo caller gives up after 2 s of silence.
+    reply = await _call(
+        oslo_client, "slow", args={"delay": 3.5}, timeout=15, call_monitor_timeout=2
+    )
+    assert reply["ok"], reply
+    assert reply["result"] == "slept 3.5"
+    assert reply["elapsed"] >= 3.5
+
+
+async def test_slow_fleet_call_without_call_monitor_sends_oslo_no_heartbeat(
+    oslo_client: PeerProcess,
+) -> None:
+    # A heartbeat the oslo caller did not ask for crashes it (wire reference 0.3).
+    reply = await _call(oslo_client, "slow", args={"delay": 2.5}, timeout=15)
+    assert reply["ok"], reply
+    assert reply["result"] == "slept 2.5"

@@ -7,7 +7,7 @@ Modes (first argument):
 ``client``   an oslo ``RPCClient`` driven by JSON commands on stdin, one per line::
 
                  {"id": 1, "op": "call", "method": "echo", "args": {...}, "server": "s1",
-                  "timeout": 10, "ctxt": {...}}
+                  "timeout": 10, "call_monitor_timeout": 2, "ctxt": {...}}
                  {"id": 2, "op": "cast", "method": "note", "args": {...}, "fanout": true}
 
              and answering ``{"id": 1, "ok": true, "result": ...}`` or ``{"id": 1, "ok": false,
@@ -84,6 +84,11 @@ class Endpoint:
 
     def note(self, ctxt: Any, **kwargs: Any) -> None:
         self._report("note", ctxt, kwargs)
+
+    def slow(self, ctxt: Any, delay: float) -> str:
+        self._report("slow", ctxt, {"delay": delay})
+        time.sleep(delay)
+        return f"slept {delay}"
 
     def fail_value(self, ctxt: Any, message: str) -> None:
         self._report("fail_value", ctxt, {"message": message})
@@ -162,6 +167,7 @@ def run_client(args: argparse.Namespace, transport: Any) -> None:
             fanout=command.get("fanout", False),
             timeout=command.get("timeout", 10),
             version=command.get("version", "1.0"),
+            call_monitor_timeout=command.get("call_monitor_timeout"),
         )
         ctxt = command.get("ctxt", {})
         started = time.monotonic()
