@@ -104,7 +104,7 @@ async def demo(workdir: Path) -> int:
             insts = await cluster.wait_instances(uuids, timeout=120)
             states = {i.vm_state for i in insts}
             hosts = sorted({str(i.host) for i in insts})
-            say(f"all 6 settled: {sorted(states)} on {hosts}")
+            say(f"all 6 settled: {sorted(map(str, states))} on {hosts}")
             if states != {"active"} or len(hosts) < 2:
                 say("FAILED: expected six ACTIVE instances over both hosts")
                 return 1
