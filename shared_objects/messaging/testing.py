@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterable
+from urllib.parse import quote
 
 import aio_pika
 import aiormq
@@ -21,6 +22,17 @@ async def _channel(
 ) -> tuple[aio_pika.abc.AbstractConnection, aio_pika.abc.AbstractChannel]:
     connection = await aio_pika.connect(parse_transport_url(transport_url).hosts[0])
     return connection, await connection.channel()
+
+
+def vhost_of(transport_url: str) -> str:
+    """The virtual host a transport URL names (``/`` when it names none)."""
+    return parse_transport_url(transport_url).virtual_host
+
+
+def vhost_path(transport_url: str) -> str:
+    """The vhost part to append to another ``scheme://user:pw@host:port/`` URL."""
+    vhost = vhost_of(transport_url)
+    return "" if vhost == "/" else quote(vhost, safe="")
 
 
 async def ready_count(transport_url: str, queue: str) -> int | None:

@@ -19,7 +19,12 @@ from structlog.testing import capture_logs
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCClient, RPCServer, Target, Transport, expose, get_transport
-from shared_objects.messaging.testing import BrokerJanitor, queue_counts_ctl, ready_count
+from shared_objects.messaging.testing import (
+    BrokerJanitor,
+    queue_counts_ctl,
+    ready_count,
+    vhost_of,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -166,7 +171,7 @@ async def test_1000_bad_messages_get_error_replies_or_logged_drops_and_server_su
 
             # No message is left ready or unacknowledged on the server's queue.
             if shutil.which("rabbitmqctl"):
-                assert await queue_counts_ctl(unique_topic) == (0, 0)
+                assert await queue_counts_ctl(unique_topic, vhost_of(amqp_url)) == (0, 0)
 
         # The server still serves good calls.
         client = RPCClient(

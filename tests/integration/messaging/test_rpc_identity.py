@@ -13,7 +13,7 @@ import pytest
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.messaging.testing import BrokerJanitor, vhost_of, vhost_path
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,12 +37,12 @@ async def _ctl(*args: str) -> None:
 
 
 @pytest.fixture
-async def host_user() -> AsyncIterator[tuple[str, str]]:
+async def host_user(amqp_url: str) -> AsyncIterator[tuple[str, str]]:
     """A broker user of our own, like a compute host would have (removed afterwards)."""
     name, password = f"fleet-test-host-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     await _ctl("add_user", name, password)
     try:
-        await _ctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+        await _ctl("set_permissions", "-p", vhost_of(amqp_url), name, ".*", ".*", ".*")
         yield name, password
     finally:
         await _ctl("delete_user", name)
@@ -66,7 +66,7 @@ async def test_caller_is_the_authenticated_broker_user_not_the_body(
     janitor.server_topology(control_exchange, unique_topic, "s1")
     server_cfg = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
     host_cfg = MessagingConfig(
-        transport_url=f"rabbit://{name}:{password}@127.0.0.1:5672/",
+        transport_url=f"rabbit://{name}:{password}@127.0.0.1:5672/{vhost_path(amqp_url)}",
         control_exchange=control_exchange,
     )
     async with (

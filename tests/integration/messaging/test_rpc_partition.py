@@ -20,7 +20,7 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.messaging.testing import BrokerJanitor, vhost_path
 from shared_objects.testing import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -46,7 +46,9 @@ async def test_blackholed_client_gets_bounded_errors_and_recovers(
     server_config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
     async with TcpProxy(5672) as proxy:
         client_config = MessagingConfig(
-            transport_url=proxy.url(), control_exchange=control_exchange, heartbeat=4
+            transport_url=proxy.url(vhost=vhost_path(amqp_url)),
+            control_exchange=control_exchange,
+            heartbeat=4,
         )
         async with (
             get_transport(server_config) as server_t,

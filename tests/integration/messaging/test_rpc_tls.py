@@ -23,7 +23,7 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.messaging.testing import BrokerJanitor, vhost_path
 
 pytestmark = [
     pytest.mark.integration,
@@ -97,6 +97,7 @@ async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
 
 
 async def test_amqps_with_verified_certificate_round_trips(
+    amqp_url: str,
     tls_port: int,
     certificate: tuple[Path, Path],
     control_exchange: str,
@@ -106,7 +107,7 @@ async def test_amqps_with_verified_certificate_round_trips(
     janitor.server_topology(control_exchange, unique_topic, "s1")
     context = ssl.create_default_context(cafile=str(certificate[0]))
     config = MessagingConfig(
-        transport_url=f"amqps://guest:guest@127.0.0.1:{tls_port}/",
+        transport_url=f"amqps://guest:guest@127.0.0.1:{tls_port}/{vhost_path(amqp_url)}",
         control_exchange=control_exchange,
     )
     async with get_transport(config, ssl_context=context) as transport:
