@@ -1,0 +1,406 @@
+"""Settling live migrations whose outcome is not known: after a crash, or a peer gone silent.
+
+The hypervisors decide, not the database: ``virt.recovery.resolve_migration`` maps the guest's
+phase on the source and on the destination to an outcome and the driver steps that reach it
+(destination steps first, then the source's). This module gathers the phases (its own driver,
+the peer's over RPC), runs the steps on each side, then makes the database agree: instance on
+the host that runs the guest, ``task_state`` None, Migration ``completed`` if the guest moved,
+``error`` otherwise, claims held only where the guest lives.
+
+When the peer does not answer, only what one side can prove alone is decided:
+
+* a source whose guest is in an owner phase (running) keeps it — the destination can only run
+  the guest after the source switched over, which this source has not (or has undone);
+* a destination whose guest runs owns it — it resumed only after the source switched over.
+
+Anything else (a paused copy on either side) waits: it is retried every
+``settle_retry_interval`` seconds, and the peer's own recovery settles it when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, Any, Literal
+
+import structlog
+
+from compute_agent.claims import InsufficientResources as ClaimRefused
+from compute_agent.resource_tracker import ResourceTracker
+from compute_agent.rpcapi import ComputeAPI
+from compute_agent.virt.driver import ComputeDriver
+from compute_agent.virt.exceptions import InstanceNotFound, VirtError
+from compute_agent.virt.models import OWNER_PHASES, GuestPhase
+from compute_agent.virt.recovery import Outcome, Resolution, resolve_migration
+from shared_objects import exception, releases
+from shared_objects.context import RequestContext, admin_context
+from shared_objects.fields import MigrationStatus, MigrationType, PowerState, TaskState, VMState
+from shared_objects.messaging import MessagingError
+from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.objects.instance_fault import InstanceFault
+from shared_objects.objects.migration import Migration, MigrationList
+
+if TYPE_CHECKING:
+    from compute_agent.live_migration import LiveMigrationSettings
+
+log = structlog.get_logger(__name__)
+
+Role = Literal["source", "dest"]
+
+#: The driver steps a peer may be asked to run (never a name taken from the wire as is).
+PEER_STEPS = frozenset(
+    {
+        "rollback_live_migration_at_destination",
+        "post_live_migration_at_destination",
+        "post_live_migration",
+        "rollback_live_migration_at_source",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a settled migration ended."""
+
+    outcome: Outcome
+    status: str
+    host: str | None
+
+    @property
+    def completed(self) -> bool:
+        return self.outcome is Outcome.DEST
+
+
+class MigrationResolver:
+    """Settles this host's side (and asks the peer for its side) of unfinished migrations."""
+
+    def __init__(
+        self,
+        host: str,
+        driver: ComputeDriver,
+        tracker: ResourceTracker,
+        compute: ComputeAPI,
+        settings: LiveMigrationSettings,
+    ) -> None:
+        self.host = host
+        self.driver = driver
+        self.tracker = tracker
+        self.compute = compute
+        self.settings = settings
+        self._pending: dict[str, tuple[str, Role]] = {}
+        self._retry_task: asyncio.Task[None] | None = None
+        self._retrying = False
+        self._claims_live = False
+
+    # --- phases ---------------------------------------------------------------------------
+
+    async def local_phase(self, uuid: str) -> GuestPhase | None:
+        try:
+            return (await self.driver.get_info(uuid)).phase
+        except InstanceNotFound:
+            return None
+
+    async def peer_phase(self, ctxt: RequestContext, peer: str, uuid: str) -> GuestPhase | None:
+        """The peer hypervisor's phase; ``MessagingError`` when the peer does not answer."""
+        raw = await self.compute.get_live_migration_guest(
+            ctxt, peer, instance_uuid=uuid, timeout=self.settings.rpc_timeout
+        )
+        return None if raw is None else GuestPhase(raw)
+
+    @staticmethod
+    def decide_alone(role: Role, mine: GuestPhase | None) -> Resolution | None:
+        """What one side can prove without its peer (see the module docstring)."""
+        if mine in OWNER_PHASES:
+            if role == "source":
+                return Resolution(
+                    Outcome.SOURCE, (("dest", "rollback_live_migration_at_destination"),)
+                )
+            return Resolution(Outcome.DEST, (("source", "post_live_migration"),))
+        return None
+
+    # --- settling -------------------------------------------------------------------------
+
+    async def find_migration(
+        self, ctxt: RequestContext, instance_uuid: str, role: Role
+    ) -> Migration | None:
+        """The instance's latest live migration with this host in ``role``."""
+        mine = [
+            m
+            for m in await MigrationList.get_by_instance(ctxt, instance_uuid)
+            if m.migration_type == MigrationType.LIVE_MIGRATION
+            and (m.source_compute if role == "source" else m.dest_compute) == self.host
+        ]
+        return max(mine, key=lambda m: m.id) if mine else None
+
+    async def settle(
+        self,
+        ctxt: RequestContext,
+        instance_uuid: str,
+        migration_uuid: str,
+        role: Role,
+        *,
+        reason: str,
+    ) -> Settlement | None:
+        """Settle one migration; None when it cannot be decided now (retry later)."""
+        migration = await Migration.get_by_uuid(ctxt, migration_uuid)
+        try:
+            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+        except exception.InstanceNotFound:
+            log.warning("settle_instance_gone", instance_uuid=instance_uuid)
+            return Settlement(Outcome.LOST, migration.status, None)
+        source, dest = migration.source_compute, migration.dest_compute
+        peer = dest if role == "source" else source
+        mine = await self.local_phase(instance_uuid)
+        peer_known = True
+        theirs: GuestPhase | None = None
+        if peer:
+            try:
+                theirs = await self.peer_phase(ctxt, peer, instance_uuid)
+            except MessagingError as exc:
+                log.info("settle_peer_unreachable", peer=peer, error=str(exc))
+                peer_known = False
+        src_phase, dst_phase = (mine, theirs) if role == "source" else (theirs, mine)
+        resolution = (
+            resolve_migration(src_phase, dst_phase) if peer_known else self.decide_alone(role, mine)
+        )
+        bound = log.bind(
+            instance_uuid=instance_uuid,
+            migration_uuid=migration_uuid,
+            role=role,
+            source_phase=src_phase.value if src_phase else None,
+            dest_phase=dst_phase.value if dst_phase else None,
+            peer_known=peer_known,
+        )
+        if resolution is None or resolution.outcome is Outcome.IN_PROGRESS:
+            bound.info("settle_deferred", outcome=resolution and resolution.outcome.value)
+            return None
+        owner = {Outcome.DEST: dest, Outcome.SOURCE: source}.get(resolution.outcome)
+        for side in ("dest", "source"):
+            steps = [name for s, name in resolution.steps if s == side]
+            side_host = dest if side == "dest" else source
+            if side == role:
+                await self.apply_local(instance, steps, owner)
+            elif peer_known and side_host:
+                try:
+                    await self.compute.settle_live_migration_peer(
+                        ctxt,
+                        side_host,
+                        instance=instance,
+                        steps=steps,
+                        owner=owner,
+                        call_monitor_timeout=self.settings.call_monitor_timeout,
+                        timeout=self.settings.long_call_timeout,
+                    )
+                except MessagingError as exc:
+                    bound.warning("settle_peer_step_failed", peer=side_host, error=str(exc))
+                    return None
+        settlement = await self._record(ctxt, instance, migration, resolution, owner, reason)
+        bound.warning("live_migration_settled", outcome=resolution.outcome.value, host=owner)
+        return settlement
+
+    async def _record(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        migration: Migration,
+        resolution: Resolution,
+        owner: str | None,
+        reason: str,
+    ) -> Settlement:
+        """Make the database agree with the hypervisors."""
+        outcome = resolution.outcome
+        if outcome is Outcome.DEST and owner is not None:
+            await self.move_instance(ctxt, instance, owner, migration.dest_node or owner)
+            status = MigrationStatus.COMPLETED
+        else:
+            if outcome in (Outcome.LOST, Outcome.CONFLICT):
+                instance.vm_state = VMState.ERROR
+                instance.power_state = PowerState.NOSTATE
+            instance.task_state = None
+            try:
+                await instance.save(expected_task_state=[TaskState.MIGRATING])
+            except exception.UnexpectedTaskStateError:
+                log.info("settle_instance_already_idle", instance_uuid=instance.uuid)
+            status = MigrationStatus.ERROR
+        if outcome is not Outcome.DEST:
+            await InstanceFault(
+                ctxt,
+                instance_uuid=instance.uuid,
+                code=500,
+                message=(
+                    f"Live migration {migration.uuid} settled on {owner or 'no host'} "
+                    f"({outcome.value}): {reason}"
+                )[:255],
+                host=self.host,
+            ).create()
+        current = await Migration.get_by_uuid(ctxt, migration.uuid)
+        keep = current.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED)
+        if current.status != status and not (keep and status == MigrationStatus.ERROR):
+            current.status = status
+            await current.save()
+        return Settlement(outcome, current.status, owner)
+
+    async def move_instance(
+        self, ctxt: RequestContext, instance: Instance, host: str, node: str
+    ) -> None:
+        """The instance now lives on ``host`` (CAS on ``migrating``; idempotent)."""
+        if instance.host == host and instance.task_state is None:
+            return
+        instance.host = host
+        instance.node = node
+        instance.task_state = None
+        instance.vm_state = VMState.ACTIVE
+        instance.power_state = PowerState.RUNNING
+        instance.progress = 100
+        try:
+            await instance.save(expected_task_state=[TaskState.MIGRATING])
+        except exception.UnexpectedTaskStateError:
+            current = await Instance.get_by_uuid(ctxt, instance.uuid)
+            if current.host != host:
+                raise
+            log.info("instance_already_moved", instance_uuid=instance.uuid, host=host)
+
+    async def move_instance_here(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration
+    ) -> None:
+        await self.move_instance(ctxt, instance, self.host, self.tracker.nodename)
+
+    async def apply_local(self, instance: Instance, steps: list[str], owner: str | None) -> None:
+        """Run this host's driver steps in order, then hold a claim iff the guest lives here."""
+        actions = {
+            "rollback_live_migration_at_destination": (
+                self.driver.rollback_live_migration_at_destination
+            ),
+            "post_live_migration_at_destination": self.driver.post_live_migration_at_destination,
+            "post_live_migration": self.driver.post_live_migration,
+            "rollback_live_migration_at_source": self.driver.rollback_live_migration_at_source,
+        }
+        for step in steps:
+            if step not in PEER_STEPS:
+                raise exception.InvalidRequest(reason=f"unknown live-migration step {step!r}")
+            await actions[step](instance)
+            log.info("settle_step_done", instance_uuid=instance.uuid, step=step, host=self.host)
+        if not self._claims_live:
+            return  # at start: claims are computed from the outcome afterwards
+        if owner == self.host:
+            try:
+                await self.tracker.claim(instance)
+            except ClaimRefused:
+                log.error("claim_over_capacity_for_present_guest", instance_uuid=instance.uuid)
+        else:
+            self.tracker.release(instance.uuid)
+
+    # --- retries --------------------------------------------------------------------------
+
+    def retry_later(self, instance_uuid: str, migration_uuid: str, role: Role) -> None:
+        self._pending[instance_uuid] = (migration_uuid, role)
+        if self._retrying and (self._retry_task is None or self._retry_task.done()):
+            self._retry_task = asyncio.create_task(self._retry_loop(), name="settle-retry")
+
+    def start_retrying(self) -> None:
+        """Claims are live from now on; retry what is pending."""
+        self._claims_live = True
+        self._retrying = True
+        if self._pending and (self._retry_task is None or self._retry_task.done()):
+            self._retry_task = asyncio.create_task(self._retry_loop(), name="settle-retry")
+
+    @property
+    def pending(self) -> dict[str, tuple[str, Role]]:
+        return dict(self._pending)
+
+    async def stop(self) -> None:
+        self._retrying = False
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            await asyncio.gather(self._retry_task, return_exceptions=True)
+            self._retry_task = None
+
+    async def _retry_loop(self) -> None:
+        ctxt = admin_context(releases.BINARY_COMPUTE)
+        while self._pending:
+            await asyncio.sleep(self.settings.settle_retry_interval)
+            for instance_uuid, (migration_uuid, role) in list(self._pending.items()):
+                try:
+                    done = await self.settle(
+                        ctxt, instance_uuid, migration_uuid, role, reason="settled on retry"
+                    )
+                except (exception.FleetException, MessagingError, VirtError):
+                    log.exception("settle_retry_failed", instance_uuid=instance_uuid)
+                    continue
+                if done is not None and self._pending.get(instance_uuid) == (migration_uuid, role):
+                    del self._pending[instance_uuid]
+
+
+async def recover_migrations(
+    ctxt: RequestContext, resolver: MigrationResolver, instances: list[Instance]
+) -> list[Instance]:
+    """At agent start: settle every live migration this host took part in and a crash cut.
+
+    Candidates come from the database (instances here still ``migrating``) and from the
+    hypervisor (paused copies: ``migrated_out`` here as source, ``incoming`` as destination,
+    and running guests the database places elsewhere). Returns the instances to hold claims
+    for: those the database now places here, plus incoming guests still undecided.
+    """
+    host = resolver.host
+    guests = {g.uuid: g for g in await resolver.driver.list_guests()}
+    here = {i.uuid: i for i in instances}
+    candidates: dict[str, Role] = {}
+    for instance in instances:
+        if instance.task_state == TaskState.MIGRATING:
+            candidates[instance.uuid] = "source"
+    for uuid, guest in guests.items():
+        if guest.phase is GuestPhase.MIGRATED_OUT:
+            candidates[uuid] = "source"
+        elif guest.phase is GuestPhase.INCOMING:
+            candidates[uuid] = "dest"
+        elif guest.owns_guest and uuid not in here:
+            candidates.setdefault(uuid, "dest")
+
+    async def recover_one(uuid: str, role: Role) -> None:
+        try:
+            migration = await resolver.find_migration(ctxt, uuid, role)
+            if migration is None:
+                await _clear_orphan_task_state(ctxt, here.get(uuid))
+                return
+            settled = await resolver.settle(
+                ctxt, uuid, migration.uuid, role, reason=f"compute agent {host} restarted"
+            )
+            if settled is None:
+                resolver.retry_later(uuid, migration.uuid, role)
+        except (exception.FleetException, MessagingError, VirtError):
+            log.exception("migration_recovery_failed", instance_uuid=uuid, role=role)
+
+    await asyncio.gather(*(recover_one(u, r) for u, r in candidates.items()))
+    claimed = list(await InstanceList.get_by_host(ctxt, host))
+    known = {i.uuid for i in claimed}
+    for uuid in candidates:
+        if uuid not in known and await resolver.local_phase(uuid) is GuestPhase.INCOMING:
+            try:
+                claimed.append(await Instance.get_by_uuid(ctxt, uuid))
+            except exception.InstanceNotFound:
+                log.warning("incoming_guest_without_instance", instance_uuid=uuid)
+    if candidates:
+        log.info("migration_recovery_done", host=host, candidates=len(candidates))
+    return claimed
+
+
+async def _clear_orphan_task_state(ctxt: RequestContext, instance: Instance | None) -> None:
+    if instance is None or instance.task_state != TaskState.MIGRATING:
+        return
+    instance.task_state = None
+    try:
+        await instance.save(expected_task_state=[TaskState.MIGRATING])
+    except exception.UnexpectedTaskStateError:
+        return
+    log.warning("migrating_task_state_cleared_without_migration", instance_uuid=instance.uuid)
+
+
+def describe(settlement: Settlement | None) -> dict[str, Any]:
+    """A settlement as a JSON-able dict (logs, RPC replies)."""
+    if settlement is None:
+        return {"outcome": None}
+    return {
+        "outcome": settlement.outcome.value,
+        "status": settlement.status,
+        "host": settlement.host,
+    }

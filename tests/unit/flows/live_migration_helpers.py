@@ -1,0 +1,105 @@
+"""Helpers shared by the live-migration flow tests (boot, migrate, wait, invariants)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from compute_agent.testing_invariants import assert_fleet_invariants, driver_views
+from shared_objects.context import RequestContext
+from shared_objects.objects.flavor import Flavor
+from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.objects.instance_fault import InstanceFault
+
+FINISHED = {"completed", "failed", "error", "cancelled"}
+
+
+def user() -> RequestContext:
+    return RequestContext(user_id="u1", project_id="p1")
+
+
+async def boot(fleet: Any, host: str, count: int = 1, ram: int = 512) -> list[str]:
+    """``count`` ACTIVE instances on ``host``."""
+    async with fleet.db() as ctxt:
+        try:
+            await Flavor.get_by_name(ctxt, f"lm{ram}")
+        except Exception:
+            await Flavor(ctxt, name=f"lm{ram}", vcpus=1, memory_mb=ram, root_gb=1).create()
+    made = await fleet.tasks.build_instances(
+        user(), flavor=f"lm{ram}", name="vm", count=count, forced_host=host
+    )
+    uuids = [m["uuid"] for m in made]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:
+        async with fleet.db() as ctxt:
+            insts = list(await InstanceList.get_by_uuids(ctxt, uuids))
+        if all(i.vm_state == "active" and i.task_state is None for i in insts):
+            assert {i.host for i in insts} == {host}
+            return uuids
+        assert loop.time() < deadline, [(i.vm_state, i.task_state) for i in insts]
+        await asyncio.sleep(0.05)
+
+
+async def instance(fleet: Any, uuid: str) -> Instance:
+    async with fleet.db() as ctxt:
+        return await Instance.get_by_uuid(ctxt, uuid)
+
+
+async def latest_fault(fleet: Any, uuid: str) -> str:
+    async with fleet.db() as ctxt:
+        fault = await InstanceFault.get_latest_for_instance(ctxt, uuid)
+    return fault.message or ""
+
+
+async def wait_migration(
+    fleet: Any, migration_uuid: str, within: float = 20.0, statuses: set[str] | None = None
+) -> dict[str, Any]:
+    """Poll ``get_migration`` (as the CLI does) until it reaches one of ``statuses``."""
+    want = statuses or FINISHED
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        got = await fleet.tasks.get_migration(user(), migration_uuid=migration_uuid)
+        if got["status"] in want:
+            return got
+        assert loop.time() < deadline, f"migration stuck in {got['status']}"
+        await asyncio.sleep(0.02)
+
+
+async def settle_task(fleet: Any, migration_uuid: str) -> None:
+    """Let the conductor's task for the migration end (it learns the outcome)."""
+    await asyncio.wait_for(fleet.endpoint.live_migrate.wait(migration_uuid), 30)
+
+
+async def wait_idle(fleet: Any, uuid: str, within: float = 20.0) -> Instance:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        inst = await instance(fleet, uuid)
+        if inst.task_state is None:
+            return inst
+        assert loop.time() < deadline, f"instance stuck in {inst.task_state}"
+        await asyncio.sleep(0.05)
+
+
+async def check_invariants(fleet: Any) -> None:
+    """The fleet invariants, including each live agent's claims."""
+    await fleet.flush()
+    drivers = {h: a.driver for h, a in fleet.agents.items()}
+    claims = {h: a.tracker.claims.claimed_uuids for h, a in fleet.agents.items()}
+    async with fleet.db() as ctxt:
+        await assert_fleet_invariants(ctxt, await driver_views(drivers), claims=claims)
+
+
+async def events(fleet: Any, uuid: str) -> list[tuple[str, str | None, str | None]]:
+    """(event, host, result) of the instance's ``live-migration`` actions."""
+    async with fleet.db() as ctxt:
+        actions = await ctxt.db.select(
+            "instance_actions", {"instance_uuid": uuid, "action": "live-migration"}
+        )
+        out: list[tuple[str, str | None, str | None]] = []
+        for action in actions:
+            for e in await ctxt.db.select("instance_action_events", {"action_id": action["id"]}):
+                out.append((e["event"], e["host"], e["result"]))
+    return out
