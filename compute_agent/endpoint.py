@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from compute_agent.build import BuildManager
+from compute_agent.live_migration import LiveMigrationManager
 from compute_agent.rpcapi import API_VERSION
 from compute_agent.security_groups import SecurityGroupManager
 from compute_agent.volumes import VolumeManager
@@ -12,17 +13,23 @@ from shared_objects.context import RequestContext
 from shared_objects.messaging import Target, expose
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping
 from shared_objects.objects.instance import Instance
+from shared_objects.objects.migration import Migration
 
 
 class ComputeEndpoint:
     target = Target(version=API_VERSION)
 
     def __init__(
-        self, build: BuildManager, volumes: VolumeManager, security: SecurityGroupManager
+        self,
+        build: BuildManager,
+        volumes: VolumeManager,
+        security: SecurityGroupManager,
+        live_migration: LiveMigrationManager | None = None,
     ) -> None:
         self.build = build
         self.volumes = volumes
         self.security = security
+        self._live_migration = live_migration
 
     @expose
     async def run_instance(
@@ -54,3 +61,89 @@ class ComputeEndpoint:
         self, ctxt: RequestContext, instance: Instance
     ) -> None:
         await self.security.refresh_instance_security_rules(ctxt, instance)
+
+    # --- live migration (compute_agent/live_migration.py) ---------------------------------
+
+    @property
+    def live_migration_manager(self) -> LiveMigrationManager:
+        if self._live_migration is None:
+            raise NotImplementedError("this agent was built without live migration")
+        return self._live_migration
+
+    @expose
+    async def check_can_live_migrate_destination(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration, source_host: str
+    ) -> dict[str, Any]:
+        return await self.live_migration_manager.check_can_live_migrate_destination(
+            ctxt, instance, migration, source_host
+        )
+
+    @expose
+    async def check_can_live_migrate_source(
+        self, ctxt: RequestContext, instance: Instance, dest_check_data: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await self.live_migration_manager.check_can_live_migrate_source(
+            ctxt, instance, dest_check_data
+        )
+
+    @expose
+    async def live_migration(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        migration: Migration,
+        migrate_data: dict[str, Any],
+    ) -> dict[str, Any]:
+        return await self.live_migration_manager.live_migration(
+            ctxt, instance, migration, migrate_data
+        )
+
+    @expose
+    async def pre_live_migration(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        migration: Migration,
+        migrate_data: dict[str, Any],
+    ) -> dict[str, Any]:
+        return await self.live_migration_manager.pre_live_migration(
+            ctxt, instance, migration, migrate_data
+        )
+
+    @expose
+    async def post_live_migration_at_destination(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration
+    ) -> dict[str, Any]:
+        return await self.live_migration_manager.post_live_migration_at_destination(
+            ctxt, instance, migration
+        )
+
+    @expose
+    async def rollback_live_migration_at_destination(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration
+    ) -> None:
+        await self.live_migration_manager.rollback_live_migration_at_destination(
+            ctxt, instance, migration
+        )
+
+    @expose
+    async def live_migration_abort(self, ctxt: RequestContext, migration_uuid: str) -> None:
+        await self.live_migration_manager.live_migration_abort(ctxt, migration_uuid)
+
+    @expose
+    async def live_migration_force_complete(
+        self, ctxt: RequestContext, migration_uuid: str
+    ) -> None:
+        await self.live_migration_manager.live_migration_force_complete(ctxt, migration_uuid)
+
+    @expose
+    async def get_live_migration_guest(
+        self, ctxt: RequestContext, instance_uuid: str
+    ) -> str | None:
+        return await self.live_migration_manager.get_live_migration_guest(ctxt, instance_uuid)
+
+    @expose
+    async def settle_live_migration_peer(
+        self, ctxt: RequestContext, instance: Instance, steps: list[str], owner: str | None
+    ) -> None:
+        await self.live_migration_manager.settle_live_migration_peer(ctxt, instance, steps, owner)

@@ -17,8 +17,10 @@ import structlog
 from compute_agent.build import BuildManager
 from compute_agent.endpoint import ComputeEndpoint
 from compute_agent.init_host import recover_instances
+from compute_agent.live_migration import LiveMigrationManager
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
+from compute_agent.rpcapi import ComputeAPI
 from compute_agent.security_groups import SecurityGroupManager
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.fake import FakeDriver
@@ -80,10 +82,18 @@ class ComputeAgentService:
             disk_allocation_ratio=compute.disk_allocation_ratio,
         )
         self.build = BuildManager(cfg.host, self.driver, self.tracker, self.tasks, self.notifier)
+        # Peer calls (live migration) carry objects through the conductor's indirection.
+        self.compute = ComputeAPI(
+            self.transport, FleetObjectSerializer(indirection_api=self.conductor)
+        )
+        self.live_migration = LiveMigrationManager(
+            cfg.host, self.driver, self.tracker, self.compute, self.notifier
+        )
         self.endpoint = ComputeEndpoint(
             self.build,
             VolumeManager(cfg.host, self.driver, self.notifier),
             SecurityGroupManager(self.driver),
+            self.live_migration,
         )
         self.server = RPCServer(
             self.transport,
@@ -132,10 +142,13 @@ class ComputeAgentService:
         ctxt = admin_context(releases.BINARY_COMPUTE)
         await self.reporter.start()
         instances = await recover_instances(ctxt, self.host, self.driver)
+        # Interrupted live migrations (source or destination side) settle before claims.
+        instances = await self.live_migration.recover(ctxt, instances)
         await self.tracker.start(ctxt, instances)
         self.metrics.watch_rpc("server", self.server.stats)
         self.metrics.watch_transport(self.transport.stats)
         await self.server.start()
+        self.live_migration.start()
         self._started = True
         log.info("compute_agent_started", host=self.host, instances=len(instances))
 
@@ -143,6 +156,7 @@ class ComputeAgentService:
         """Stop taking work, let in-flight builds finish (up to ``grace``), then disconnect."""
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
         await self.server.stop(grace=grace)
+        await self.live_migration.stop()
         await self.reporter.stop()
         with contextlib.suppress(MessagingError):
             await self.tracker.stop()

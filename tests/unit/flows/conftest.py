@@ -132,3 +132,164 @@ async def _wait_for(predicate: Callable[[], Any], within: float = 10.0) -> Any:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s (last: {value!r})")
         await asyncio.sleep(0.05)
+
+
+# --- live migration: a fleet whose agents can be crashed and restarted ----------------------
+
+
+@dataclasses.dataclass
+class LiveMigrationFleet:
+    """An in-process fleet for live-migration flows: agents can be killed and restarted.
+
+    ``crash(host)`` stops the agent as a SIGKILL would, as far as one process allows: its RPC
+    server drops in-flight requests without replying (callers see heartbeats stop), its
+    migration tasks are cancelled without cleanup, nothing more is reported. The hypervisor's
+    state file stays; ``restart(host)`` loads it into a fresh driver and agent.
+    """
+
+    database: Database
+    tasks: ComputeTaskAPI
+    endpoint: ComputeTaskEndpoint
+    transport: Any
+    cfg: FleetConfig
+    driver_configs: dict[str, FakeDriverConfig]
+    agent_settings: Any
+    agents: dict[str, ComputeAgentService]
+    crashed: dict[str, ComputeAgentService] = dataclasses.field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def db(self) -> AsyncIterator[RequestContext]:
+        ctxt = RequestContext(user_id="admin", project_id="p1")
+        async with self.database.request(ctxt):
+            yield ctxt
+
+    def driver(self, host: str) -> FakeDriver:
+        driver = self.agents[host].driver
+        assert isinstance(driver, FakeDriver)
+        return driver
+
+    async def start_agent(self, host: str, failures: str = "") -> ComputeAgentService:
+        config = dataclasses.replace(self.driver_configs[host], failures=failures)
+        agent = ComputeAgentService(
+            dataclasses.replace(self.cfg, host=host),
+            driver=FakeDriver(config),
+            transport=self.transport,
+        )
+        # One settings object is shared by the manager and its resolver: update it in place.
+        for field in dataclasses.fields(self.agent_settings):
+            setattr(
+                agent.live_migration.settings, field.name, getattr(self.agent_settings, field.name)
+            )
+        await agent.start()
+        self.agents[host] = agent
+        return agent
+
+    async def crash(self, host: str) -> None:
+        agent = self.agents.pop(host)
+        await agent.server.stop(grace=0)
+        await agent.live_migration.stop()
+        await agent.reporter.stop()
+        flusher = agent.tracker._flusher
+        if flusher is not None:
+            flusher.cancel()
+        self.crashed[host] = agent
+
+    async def restart(self, host: str, failures: str = "") -> ComputeAgentService:
+        self.crashed.pop(host, None)
+        return await self.start_agent(host, failures)
+
+    async def flush(self) -> None:
+        for agent in self.agents.values():
+            await agent.tracker.flush()
+
+
+@pytest.fixture
+def lm_fleet_factory(
+    tmp_path: Path,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[LiveMigrationFleet]]:
+    from compute_agent.live_migration import LiveMigrationSettings
+    from compute_agent.virt.migration_model import MigrationModel
+    from conductor.tasks.live_migrate import LiveMigrateSettings
+
+    @contextlib.asynccontextmanager
+    async def make(
+        hosts: tuple[str, ...] = ("host-a", "host-b"),
+        *,
+        vcpus: int = 8,
+        memory_mb: int = 8192,
+        disk_gb: int = 200,
+        failures: dict[str, str] | None = None,
+        migration: dict[str, MigrationModel] | MigrationModel | None = None,
+        agent_settings: LiveMigrationSettings | None = None,
+        conductor_settings: LiveMigrateSettings | None = None,
+    ) -> AsyncIterator[LiveMigrationFleet]:
+        url = f"sqlite+aiosqlite:///{tmp_path}/fleet.db"
+        await migration_upgrade(url)
+        database = Database(url)
+        cfg = FleetConfig()
+        cfg.messaging.transport_url = f"memory://{uuid.uuid4().hex}"
+        cfg.messaging.control_exchange = f"fleet-{uuid.uuid4().hex[:8]}"
+        cfg.compute.spawn_delay = 0.0
+        transport = get_transport(cfg.messaging, allowed_remote_exmods=EXMODS)
+        previous = FleetObject.indirection_api
+        fast = LiveMigrationSettings(
+            call_monitor_timeout=2.0,
+            rpc_timeout=1.0,
+            long_call_timeout=120.0,
+            progress_interval=0.05,
+            settle_retry_interval=0.3,
+        )
+        models = migration if isinstance(migration, dict) else {}
+        async with transport:
+            compute = ComputeAPI(transport, FleetObjectSerializer())
+            endpoint = ComputeTaskEndpoint(
+                database,
+                compute,
+                BuildSettings(service_down_time=60.0),
+                conductor_settings
+                or LiveMigrateSettings(
+                    call_monitor_timeout=2.0, precheck_timeout=60.0, rpc_timeout=5.0
+                ),
+            )
+            server = RPCServer(
+                transport,
+                Target(topic=CONDUCTOR_TOPIC, server="conductor-1"),
+                endpoints=[ConductorIndirectionEndpoint(database), BaseAPIEndpoint(), endpoint],
+                serializer=FleetObjectSerializer(),
+            )
+            await server.start()
+            fleet = LiveMigrationFleet(
+                database,
+                ComputeTaskAPI(transport, timeout=30),
+                endpoint,
+                transport,
+                cfg,
+                {},
+                agent_settings or fast,
+                {},
+            )
+            try:
+                for host in hosts:
+                    model = models.get(host) if models else migration
+                    fleet.driver_configs[host] = FakeDriverConfig(
+                        state_dir=tmp_path / "virt",
+                        vcpus=vcpus,
+                        memory_mb=memory_mb,
+                        local_gb=disk_gb,
+                        ram_allocation_ratio=cfg.compute.ram_allocation_ratio,
+                        spawn_delay_s=0.0,
+                        migration=model if isinstance(model, MigrationModel) else MigrationModel(),
+                    )
+                    await fleet.start_agent(host, (failures or {}).get(host, ""))
+                yield fleet
+            finally:
+                for agent in fleet.agents.values():
+                    await agent.stop(grace=2)
+                await server.stop(grace=2)
+                FleetObject.indirection_api = previous
+                await database.dispose()
+
+    return make
+
+
+migration_upgrade = migration.upgrade
