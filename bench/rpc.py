@@ -34,6 +34,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PATHS = ("fleet", "raw_aiopika", "oslo")
+#: Paths run only when named in --paths: variants for experiments, not part of the targets.
+EXTRA_PATHS = ("fleet_noconfirms",)
 CONCURRENCIES = (1, 16, 128)
 TARGETS = {"fleet/raw_aiopika@128": 0.8, "fleet/oslo@16": 2.0}
 
@@ -50,7 +52,9 @@ def role_argv(path: str, role: str, url: str, name: str, args: argparse.Namespac
     uv = ["--uvloop"] if HAVE_UVLOOP and not args.no_uvloop else []
     if path == "raw_aiopika":
         argv = [str(HERE / "rpc_raw.py"), role, "--url", url, "--queue", name, *uv]
-    elif path == "fleet":
+    elif path in ("fleet", "fleet_noconfirms"):
+        if path == "fleet_noconfirms":
+            uv = [*uv, "--no-confirms"]
         argv = [
             str(HERE / "rpc_fleet.py"),
             role,
@@ -233,7 +237,7 @@ def render_table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     concurrencies = sorted({int(c) for cells in results.values() for c in cells})
     head = "| path | " + " | ".join(f"c={c}" for c in concurrencies) + " |"
     lines = [head, "|---" * (len(concurrencies) + 1) + "|"]
-    for path in PATHS:
+    for path in [*PATHS, *EXTRA_PATHS]:
         if path not in results:
             continue
         cells = []
@@ -246,7 +250,7 @@ def render_table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines.append("")
     lines.append(head)
     lines.append("|---" * (len(concurrencies) + 1) + "|")
-    for path in PATHS:
+    for path in [*PATHS, *EXTRA_PATHS]:
         if path in results:
             cpu = [format_cpu(results[path].get(str(c), {})) for c in concurrencies]
             lines.append(f"| {path} | " + " | ".join(cpu) + " |")
@@ -311,7 +315,11 @@ def main() -> None:
             "queue, publisher confirms ON (as Fleet's default), no envelope/context/dispatch"
         ),
     }
-    results = run_all(args.paths.split(","), args.url, args)
+    paths = args.paths.split(",")
+    unknown = set(paths) - {*PATHS, *EXTRA_PATHS}
+    if unknown:
+        parser.error(f"unknown path(s) {sorted(unknown)}; known: {[*PATHS, *EXTRA_PATHS]}")
+    results = run_all(paths, args.url, args)
     meta["ratios"] = ratios(results)
     if args.json:
         print(json.dumps(results))

@@ -2,7 +2,8 @@
 
 Default ``MessagingConfig`` (publisher confirms on, prefetch 64, max_concurrency 64), oslo wire
 format, a ``RequestContext`` per call, the no-op serializer. One ``echo`` method returning its
-payload.
+payload. ``--no-confirms`` (the optional ``fleet_noconfirms`` path of ``rpc.py``) turns publisher
+confirms off on both sides, to measure what they cost.
 
 Roles as in ``rpc_raw.py``: ``server`` prints ``{"event": "ready"}`` and serves until stdin closes;
 ``client`` prints one JSON result line.
@@ -31,12 +32,14 @@ class Endpoint:
         return payload
 
 
-def config_for(url: str, exchange: str) -> MessagingConfig:
-    return MessagingConfig(transport_url=url, control_exchange=exchange)
+def config_for(url: str, exchange: str, confirms: bool = True) -> MessagingConfig:
+    return MessagingConfig(
+        transport_url=url, control_exchange=exchange, publisher_confirms=confirms
+    )
 
 
-async def serve(url: str, exchange: str, topic: str) -> None:
-    async with get_transport(config_for(url, exchange)) as transport:
+async def serve(url: str, exchange: str, topic: str, confirms: bool) -> None:
+    async with get_transport(config_for(url, exchange, confirms)) as transport:
         server = RPCServer(transport, Target(topic=topic, server="bench"), [Endpoint()])
         async with server:
             emit({"event": "ready"})
@@ -50,8 +53,9 @@ async def drive(
     concurrencies: list[int],
     duration: float,
     server_pid: int | None,
+    confirms: bool,
 ) -> None:
-    async with get_transport(config_for(url, exchange)) as transport:
+    async with get_transport(config_for(url, exchange, confirms)) as transport:
         client = RPCClient(transport, Target(topic=topic), timeout=30)
         payload = make_payload()
 
@@ -76,15 +80,24 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--server-pid", type=int, default=None, help="for CPU accounting")
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument(
+        "--no-confirms", action="store_true", help="publisher_confirms=False on both sides"
+    )
     args = parser.parse_args()
     # stdout carries the protocol; logs go to stderr, and only warnings (no per-call cost).
     configure_logging(fmt="json", level="warning")
     if args.role == "server":
-        coro = serve(args.url, args.exchange, args.topic)
+        coro = serve(args.url, args.exchange, args.topic, not args.no_confirms)
     else:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
         coro = drive(
-            args.url, args.exchange, args.topic, concurrencies, args.duration, args.server_pid
+            args.url,
+            args.exchange,
+            args.topic,
+            concurrencies,
+            args.duration,
+            args.server_pid,
+            not args.no_confirms,
         )
     if args.uvloop:
         import uvloop
