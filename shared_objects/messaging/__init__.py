@@ -3,7 +3,7 @@
 See ``docs/rpc.md`` for the contract. Everything callers need is importable from here.
 """
 
-from shared_objects.messaging.client import RPCClient
+from shared_objects.messaging.client import CallContext, RPCClient
 from shared_objects.messaging.dispatcher import expose
 from shared_objects.messaging.exceptions import (
     ExpectedException,
@@ -27,6 +27,7 @@ from shared_objects.messaging.transport import Transport, get_transport
 from shared_objects.messaging.versions import version_is_compatible
 
 __all__ = [
+    "CallContext",
     "ExpectedException",
     "InvalidTarget",
     "MalformedMessage",

@@ -32,7 +32,7 @@ _UNSET: Any = object()
 Context = RequestContext | Mapping[str, Any] | None
 
 
-class _CallContext:
+class CallContext:
     """A client bound to one target and set of options; what ``RPCClient.prepare`` returns."""
 
     def __init__(
@@ -207,7 +207,7 @@ class _CallContext:
         timeout: float | None = _UNSET,
         version_cap: str | None = _UNSET,
         call_monitor_timeout: float | None = _UNSET,
-    ) -> _CallContext:
+    ) -> CallContext:
         """A copy with some target fields or options replaced (unset arguments are kept)."""
         changes = {
             k: v
@@ -221,7 +221,7 @@ class _CallContext:
             }.items()
             if v is not _UNSET
         }
-        return _CallContext(
+        return CallContext(
             self.transport,
             self.target(**changes) if changes else self.target,
             self.serializer,
@@ -232,7 +232,7 @@ class _CallContext:
         )
 
 
-class RPCClient(_CallContext):
+class RPCClient(CallContext):
     """Sends calls and casts to ``target`` over ``transport``.
 
     ``timeout`` defaults to the transport's ``rpc_response_timeout``. ``version_cap`` bounds the
