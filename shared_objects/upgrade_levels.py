@@ -1,0 +1,158 @@
+"""What each compute agent in the fleet understands, so nobody is sent what it does not know.
+
+During a rolling upgrade agents of two releases run side by side. Two things follow from the
+live compute services' rows (their ``version`` is the release's service version):
+
+* the compute RPC **version cap**: the API version of the oldest live agent's release, so a call
+  between any two agents (a live migration from a new source to an old destination) uses only
+  what both speak. ``[upgrade_levels] compute`` = ``auto`` (the default) computes it; a release
+  name or an RPC version pins it by hand.
+* each host's **object manifest**: objects sent to a host are serialised at the versions of
+  that host's release.
+
+The levels are read in one query, cached, refreshed on a timer and on demand (SIGHUP); every
+change of the cap is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+
+from shared_objects import releases
+from shared_objects.objects.service import ServiceList
+from shared_objects.releases import Release
+
+log = structlog.get_logger(__name__)
+
+ContextFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+
+
+class UnknownUpgradeLevel(ValueError):
+    """A pinned level that names no known release or compute RPC version."""
+
+
+def parse_level(value: str) -> Release | None:
+    """``auto`` → None; a release name, or a compute RPC version, → that (newest) release."""
+    if value == "auto":
+        return None
+    for release in reversed(releases.RELEASES):
+        if release.name == value:
+            return release
+    for release in reversed(releases.RELEASES):
+        if release.compute_rpc_api == value:
+            return release
+    known = ", ".join(r.name for r in releases.RELEASES)
+    raise UnknownUpgradeLevel(f"upgrade level {value!r} is not a known release ({known})")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Levels:
+    """A snapshot: the release every call must stay within, and each host's own release."""
+
+    cap: Release
+    hosts: dict[str, Release]
+    pinned: bool = False
+
+    @property
+    def rpc_version_cap(self) -> str:
+        return self.cap.compute_rpc_api
+
+    def release_for(self, host: str) -> Release:
+        # An unknown host (not registered yet) gets the cap's release: always safe.
+        return self.hosts.get(host, self.cap)
+
+
+def compute_levels(
+    services: Any, *, now: datetime.datetime, service_down_time: float, pinned: Release | None
+) -> Levels:
+    """Levels from the compute services' rows (pure, for tests)."""
+    hosts: dict[str, Release] = {}
+    live: list[Release] = []
+    for svc in services:
+        release = releases.for_service_version(svc.version)
+        hosts[svc.host] = release
+        if svc.is_up_at(now, service_down_time):
+            live.append(release)
+    if pinned is not None:
+        return Levels(pinned, hosts, pinned=True)
+    cap = min(live, key=lambda r: r.service_version) if live else releases.CURRENT
+    return Levels(cap, hosts)
+
+
+class ComputeUpgradeLevels:
+    """The cached levels of one process, with a refresh task."""
+
+    def __init__(
+        self,
+        setting: str,
+        context_factory: ContextFactory,
+        *,
+        service_down_time: float = 60.0,
+        refresh_interval: float = 30.0,
+    ) -> None:
+        self.pinned = parse_level(setting)
+        self._context_factory = context_factory
+        self.service_down_time = service_down_time
+        self.refresh_interval = refresh_interval
+        self.levels = Levels(self.pinned or releases.CURRENT, {}, pinned=self.pinned is not None)
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> Levels:
+        """Read the compute services now and apply the result."""
+        async with self._context_factory() as ctxt:
+            services = await ServiceList.get_by_binary(
+                ctxt, releases.BINARY_COMPUTE, include_disabled=True
+            )
+        new = compute_levels(
+            services,
+            now=datetime.datetime.now(datetime.UTC),
+            service_down_time=self.service_down_time,
+            pinned=self.pinned,
+        )
+        if new.cap != self.levels.cap or not self.levels.hosts:
+            log.info(
+                "compute_rpc_version_cap",
+                cap=new.rpc_version_cap,
+                release=new.cap.name,
+                pinned=new.pinned,
+                hosts={h: r.name for h, r in sorted(new.hosts.items())},
+            )
+        self.levels = new
+        return new
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._run(), name="upgrade-levels-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Keep the last known levels: stale is safe (it only lifts later).
+                log.warning("compute_levels_refresh_failed", exc_info=True)
+
+
+@contextlib.asynccontextmanager
+async def plain_context() -> AsyncIterator[Any]:
+    """Context factory for processes whose object calls go to the conductor."""
+    from shared_objects.context import admin_context
+
+    yield admin_context("upgrade-levels")
