@@ -1,0 +1,191 @@
+"""Every failure point of a live migration rolls back to exactly one host, with a record of why.
+
+After each: the instance is ACTIVE on the source with task_state None, the Migration is
+failed/error/cancelled, no guest or claim is left on the destination, and a fault or an action
+event says what happened. The fleet invariants hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from live_migration_helpers import (
+    boot,
+    check_invariants,
+    events,
+    instance,
+    latest_fault,
+    settle_task,
+    user,
+    wait_migration,
+)
+
+from compute_agent.virt.migration_model import MigrationModel, NonConvergencePolicy
+from shared_objects import exception
+
+FAST = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02)
+NEVER_CONVERGES = MigrationModel(
+    bandwidth_mb_s=1000, dirty_rate_mb_s=2000, round_interval_s=0.01, stall_rounds=10
+)
+UNTIL_FORCED = MigrationModel(
+    bandwidth_mb_s=1000,
+    dirty_rate_mb_s=2000,
+    round_interval_s=0.01,
+    stall_rounds=100_000,
+    max_rounds=100_000,
+)
+
+
+async def _assert_stayed_on_source(fleet: Any, uuid: str, source: str = "host-a") -> None:
+    inst = await instance(fleet, uuid)
+    assert (inst.vm_state, inst.task_state, inst.host) == ("active", None, source)
+    assert (await fleet.driver(source).get_info(uuid)).phase.value == "running"
+    for host in fleet.agents:
+        if host != source:
+            assert uuid not in await fleet.driver(host).list_instance_uuids()
+            assert not fleet.agents[host].tracker.holds(uuid)
+    assert fleet.agents[source].tracker.holds(uuid)
+    await check_invariants(fleet)
+
+
+async def _migrate(fleet: Any, uuid: str, host: str | None = "host-b") -> dict[str, Any]:
+    mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host=host)
+    await settle_task(fleet, mig)
+    return await wait_migration(fleet, mig)
+
+
+@pytest.mark.parametrize(
+    ("host", "step", "fault_text"),
+    [
+        ("host-b", "check_can_live_migrate_destination", "prechecks"),
+        ("host-a", "check_can_live_migrate_source", "prechecks"),
+        ("host-b", "pre_live_migration", "pre_live_migration"),
+        ("host-b", "post_live_migration_at_destination", "post_live_migration_at_destination"),
+    ],
+)
+async def test_failure_at_each_step_keeps_instance_on_source(
+    lm_fleet_factory: Any, host: str, step: str, fault_text: str
+) -> None:
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        fleet.driver(host).failures.inject(step, count=None)
+        got = await _migrate(fleet, uuid)
+        assert got["status"] in {"failed", "error"}
+        assert fault_text in await latest_fault(fleet, uuid)
+        await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_copy_failing_midway_rolls_back(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a", ram=2048)
+        fleet.driver("host-a").failures.inject("live_migration_copy", after_rounds=3)
+        got = await _migrate(fleet, uuid)
+        assert got["status"] == "failed"
+        assert got["memory_processed"] and got["memory_processed"] > 0  # it did copy some
+        assert "InjectedFailure" in await latest_fault(fleet, uuid)
+        assert ("compute_live_migration", "host-a", "Error") in await events(fleet, uuid)
+        await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_destination_check_refusal_retries_on_another_host(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(("host-a", "host-b", "host-c"), migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        fleet.driver("host-b").failures.inject("check_can_live_migrate_destination", count=None)
+        got = await _migrate(fleet, uuid, host=None)
+        assert got["status"] == "completed"
+        assert got["dest_compute"] == "host-c"
+        assert ("compute_check_can_live_migrate_destination", "host-b", "Error") in await events(
+            fleet, uuid
+        )
+        await check_invariants(fleet)
+
+
+async def test_no_destination_passing_prechecks_fails_after_max_attempts(
+    lm_fleet_factory: Any,
+) -> None:
+    async with lm_fleet_factory(("host-a", "host-b", "host-c"), migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        for host in ("host-b", "host-c"):
+            fleet.driver(host).failures.inject("check_can_live_migrate_destination", count=None)
+        got = await _migrate(fleet, uuid, host=None)
+        assert got["status"] == "failed"
+        fault = await latest_fault(fleet, uuid)
+        assert "host-b" in fault and "host-c" in fault
+        await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_non_convergence_aborts_by_default(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=NEVER_CONVERGES) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        got = await _migrate(fleet, uuid)
+        assert got["status"] == "failed"
+        assert "MigrationNotConverging" in await latest_fault(fleet, uuid)
+        await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_non_convergence_with_force_policy_completes(lm_fleet_factory: Any) -> None:
+    forced = MigrationModel(
+        bandwidth_mb_s=1000,
+        dirty_rate_mb_s=2000,
+        round_interval_s=0.01,
+        stall_rounds=10,
+        policy=NonConvergencePolicy.FORCE,
+    )
+    async with lm_fleet_factory(migration=forced) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        got = await _migrate(fleet, uuid)
+        assert got["status"] == "completed"
+        assert (await instance(fleet, uuid)).host == "host-b"
+        await check_invariants(fleet)
+
+
+async def _running(fleet: Any, uuid: str) -> str:
+    mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+    await wait_migration(fleet, mig, statuses={"running"})
+    await asyncio.sleep(0.1)  # a few rounds into the copy
+    return mig
+
+
+async def test_force_complete_makes_a_stalled_copy_finish(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=UNTIL_FORCED) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await _running(fleet, uuid)
+        await fleet.tasks.live_migration_force_complete(user(), migration_uuid=mig)
+        await settle_task(fleet, mig)
+        assert (await wait_migration(fleet, mig))["status"] == "completed"
+        assert (await instance(fleet, uuid)).host == "host-b"
+        await check_invariants(fleet)
+
+
+async def test_abort_while_running_cancels_and_keeps_source(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=UNTIL_FORCED) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await _running(fleet, uuid)
+        await fleet.tasks.live_migration_abort(user(), migration_uuid=mig)
+        await settle_task(fleet, mig)
+        assert (await wait_migration(fleet, mig))["status"] == "cancelled"
+        await _assert_stayed_on_source(fleet, uuid)
+        with pytest.raises(exception.InvalidRequest, match="already cancelled"):
+            await fleet.tasks.live_migration_abort(user(), migration_uuid=mig)
+
+
+async def test_abort_while_preparing_cancels(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        fleet.driver("host-b").failures.delay("pre_live_migration", 0.5, count=1)
+        mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        await wait_migration(fleet, mig, statuses={"preparing"})
+        await fleet.tasks.live_migration_abort(user(), migration_uuid=mig)
+        await settle_task(fleet, mig)
+        assert (await wait_migration(fleet, mig))["status"] == "cancelled"
+        await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_force_complete_needs_a_running_migration(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        got = await _migrate(fleet, uuid)
+        with pytest.raises(exception.InvalidRequest, match="already completed"):
+            await fleet.tasks.live_migration_force_complete(user(), migration_uuid=got["uuid"])
