@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from compute_agent.service import ComputeAgentService
+from shared_objects import exception
 from shared_objects.config import add_config_arguments, config_from_args
 from shared_objects.log import configure_service_logging
 from shared_objects.service_runner import run, run_service
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"compute-agent: configuration error: {exc}", file=sys.stderr)
         return 2
-    run(run_service(service, cfg, "compute-agent"))
+    try:
+        run(run_service(service, cfg, "compute-agent"))
+    except exception.ServiceTooNew as exc:
+        print(f"compute-agent: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

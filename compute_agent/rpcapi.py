@@ -12,8 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared_objects import releases
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, Serializer, Target, Transport
+from shared_objects.messaging import (
+    RPCClient,
+    Serializer,
+    Target,
+    Transport,
+    version_is_compatible,
+)
+from shared_objects.serializer import FleetObjectSerializer
+from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 TOPIC = "compute"
 
@@ -28,7 +37,13 @@ API_VERSION = "1.0"
 
 
 class ComputeAPI:
-    """Typed calls and casts to one compute agent, addressed by host name."""
+    """Typed calls and casts to one compute agent, addressed by host name.
+
+    With ``levels`` (the normal case in services) every call is capped at the oldest live
+    agent's RPC version and its object arguments are serialised at the versions of the
+    receiving host's release. Without, ``version_cap`` (or none) applies and objects go at
+    this release's versions.
+    """
 
     def __init__(
         self,
@@ -37,25 +52,52 @@ class ComputeAPI:
         *,
         version_cap: str | None = None,
         timeout: float | None = None,
+        levels: ComputeUpgradeLevels | None = None,
     ) -> None:
-        self.client = RPCClient(
-            transport,
-            Target(topic=TOPIC, version=API_VERSION),
-            serializer=serializer,
-            version_cap=version_cap,
-            timeout=timeout,
-        )
+        self._transport = transport
+        self._serializer = serializer
+        self._timeout = timeout
+        self._version_cap = version_cap
+        self.levels = levels
+        self._clients: dict[str, RPCClient] = {}
+        self.client = self._client_for(releases.CURRENT)
+
+    def _client_for(self, release: releases.Release) -> RPCClient:
+        client = self._clients.get(release.name)
+        if client is None:
+            serializer = self._serializer
+            if serializer is None or release is not releases.CURRENT:
+                serializer = FleetObjectSerializer(version_manifest=release.objects)
+            client = RPCClient(
+                self._transport,
+                Target(topic=TOPIC, version=API_VERSION),
+                serializer=serializer,
+                timeout=self._timeout,
+            )
+            self._clients[release.name] = client
+        return client
 
     @property
     def version_cap(self) -> str | None:
-        return self.client.version_cap
+        if self.levels is not None:
+            return self.levels.levels.rpc_version_cap
+        return self._version_cap
 
     def set_version_cap(self, cap: str | None) -> None:
-        """Apply a new cap (from the automatic refresh or the operator's override)."""
-        self.client.version_cap = cap
+        """Pin a cap by hand (used when no automatic levels are configured)."""
+        self._version_cap = cap
+
+    def can_send_version(self, version: str) -> bool:
+        """Whether every live agent understands ``version`` of the compute API."""
+        cap = self.version_cap
+        return cap is None or version_is_compatible(cap, version)
+
+    def release_for(self, host: str) -> releases.Release:
+        return self.levels.levels.release_for(host) if self.levels else releases.CURRENT
 
     def _to(self, host: str, version: str, **opts: Any) -> Any:
-        return self.client.prepare(server=host, version=version, **opts)
+        client = self._client_for(self.release_for(host))
+        return client.prepare(server=host, version=version, version_cap=self.version_cap, **opts)
 
     async def run_instance(
         self,

@@ -37,6 +37,8 @@ from shared_objects.metrics import ServiceMetrics
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.serializer import FleetObjectSerializer
+from shared_objects.startup_checks import check_conductors_not_older
+from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
 
@@ -83,8 +85,17 @@ class ComputeAgentService:
         )
         self.build = BuildManager(cfg.host, self.driver, self.tracker, self.tasks, self.notifier)
         # Peer calls (live migration) carry objects through the conductor's indirection.
+        # Peers of an older release get calls and objects they understand (auto version cap).
+        self.levels = ComputeUpgradeLevels(
+            cfg.upgrade_levels.compute,
+            self._context,
+            service_down_time=cfg.service.service_down_time,
+            refresh_interval=cfg.upgrade_levels.refresh_interval,
+        )
         self.compute = ComputeAPI(
-            self.transport, FleetObjectSerializer(indirection_api=self.conductor)
+            self.transport,
+            FleetObjectSerializer(indirection_api=self.conductor),
+            levels=self.levels,
         )
         self.live_migration = LiveMigrationManager(
             cfg.host, self.driver, self.tracker, self.compute, self.notifier
@@ -138,9 +149,13 @@ class ComputeAgentService:
         # Every remotable object call in this process goes to the conductor.
         FleetObject.indirection_api = self.conductor
         await self._wait_for_conductor()
-        await self.driver.init_host(self.host)
         ctxt = admin_context(releases.BINARY_COMPUTE)
+        await check_conductors_not_older(
+            ctxt, releases.BINARY_COMPUTE, self.cfg.service.service_down_time
+        )
+        await self.driver.init_host(self.host)
         await self.reporter.start()
+        await self.levels.start()
         instances = await recover_instances(ctxt, self.host, self.driver)
         # Interrupted live migrations (source or destination side) settle before claims.
         instances = await self.live_migration.recover(ctxt, instances)
@@ -157,6 +172,7 @@ class ComputeAgentService:
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
         await self.server.stop(grace=grace)
         await self.live_migration.stop()
+        await self.levels.stop()
         await self.reporter.stop()
         with contextlib.suppress(MessagingError):
             await self.tracker.stop()
@@ -169,7 +185,9 @@ class ComputeAgentService:
         log.info("compute_agent_stopped", host=self.host)
 
     async def reload(self) -> None:
-        log.info("compute_agent_reload", host=self.host)
+        """SIGHUP: re-read the upgrade levels now (e.g. after an old agent was removed)."""
+        levels = await self.levels.refresh()
+        log.info("compute_agent_reload", host=self.host, version_cap=levels.rpc_version_cap)
 
     def stats(self) -> dict[str, Any]:
         return {"server": self.server.stats(), "claims": len(self.tracker.claims.claimed_uuids)}

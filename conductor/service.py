@@ -26,6 +26,8 @@ from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.metrics import ServiceMetrics
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.serializer import FleetObjectSerializer
+from shared_objects.startup_checks import check_computes_supported
+from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +60,13 @@ class ConductorService:
         self.serializer = FleetObjectSerializer()
         self.endpoint = ConductorIndirectionEndpoint(self.database)
         # Calls to agents: objects go at the receiver's versions (see shared_objects.releases).
-        self.compute = ComputeAPI(self.transport, FleetObjectSerializer())
+        self.levels = ComputeUpgradeLevels(
+            cfg.upgrade_levels.compute,
+            self._db_context,
+            service_down_time=cfg.service.service_down_time,
+            refresh_interval=cfg.upgrade_levels.refresh_interval,
+        )
+        self.compute = ComputeAPI(self.transport, FleetObjectSerializer(), levels=self.levels)
         self.tasks = ComputeTaskEndpoint(
             self.database,
             self.compute,
@@ -93,12 +101,16 @@ class ConductorService:
         head = await migration.check_at_head(self.cfg.database.url)
         if self._own_transport:
             await self.transport.connect()
+        async with self._db_context() as ctxt:
+            await check_computes_supported(ctxt, self.cfg.service.service_down_time)
         await self.server.start()
         await self.reporter.start()
+        await self.levels.start()
         log.info("conductor_started", host=self.cfg.host, schema=head)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop heartbeating, drain in-flight requests, disconnect."""
+        await self.levels.stop()
         await self.reporter.stop()
         await self.server.stop(grace=grace if grace is not None else self._grace())
         if self._own_transport:
@@ -111,8 +123,9 @@ class ConductorService:
         return self.server.running
 
     async def reload(self) -> None:
-        """SIGHUP: nothing cached yet to refresh (the compute version cap will be)."""
-        log.info("conductor_reload", host=self.cfg.host)
+        """SIGHUP: re-read the compute upgrade levels now."""
+        levels = await self.levels.refresh()
+        log.info("conductor_reload", host=self.cfg.host, version_cap=levels.rpc_version_cap)
 
     def _grace(self) -> float:
         return float(self.cfg.service.graceful_shutdown_timeout)

@@ -197,6 +197,8 @@ class UpgradeLevelsConfig:
     """Version caps for RPC sent to agents (Nova's ``[upgrade_levels]``)."""
 
     compute: str = dataclasses.field(default="auto", metadata=_meta(_check_version_cap))
+    # How often the automatic cap is re-read from the live compute services (also on SIGHUP).
+    refresh_interval: float = dataclasses.field(default=30.0, metadata=_meta(_positive))
 
 
 @dataclasses.dataclass(slots=True)

@@ -171,3 +171,21 @@ class InvalidRequest(FleetException):
     """An operator or API request that cannot be carried out as asked (nothing was changed)."""
 
     msg_fmt = "Invalid request: %(reason)s"
+
+
+class ServiceTooNew(FleetException):
+    """An agent of a release newer than every conductor: conductors must be upgraded first."""
+
+    msg_fmt = (
+        "This %(binary)s is release %(release)s (service version %(version)s) but the newest "
+        "live conductor is service version %(conductor_version)s: upgrade the conductors first"
+    )
+
+
+class ServiceTooOld(FleetException):
+    """Compute services older than the oldest release this conductor still supports."""
+
+    msg_fmt = (
+        "Compute services %(hosts)s run service version %(version)s, older than the oldest "
+        "supported release %(oldest)s (service version %(oldest_version)s): upgrade them first"
+    )
