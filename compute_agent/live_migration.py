@@ -32,7 +32,12 @@ import structlog
 
 from compute_agent.claims import InsufficientResources as ClaimRefused
 from compute_agent.instance_events import instance_event
-from compute_agent.migration_recovery import MigrationResolver, Settlement, recover_migrations
+from compute_agent.migration_recovery import (
+    BUSY,
+    MigrationResolver,
+    Settlement,
+    recover_migrations,
+)
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import ComputeAPI
 from compute_agent.virt.driver import ComputeDriver
@@ -603,7 +608,10 @@ class LiveMigrationManager:
     async def get_live_migration_guest(
         self, ctxt: RequestContext, instance_uuid: str
     ) -> str | None:
-        """This hypervisor's phase of the guest (None when absent)."""
+        """This hypervisor's phase of the guest (None when absent), or ``"busy"`` while a
+        migration job of this host drives it (the peer's recovery then leaves it alone)."""
+        if any(job.instance_uuid == instance_uuid for job in self._jobs.values()):
+            return BUSY
         phase = await self._phase(instance_uuid)
         return None if phase is None else phase.value
 

@@ -58,6 +58,14 @@ PEER_STEPS = frozenset(
 )
 
 
+#: What ``get_live_migration_guest`` answers while that host's own job drives the migration.
+BUSY = "busy"
+
+
+class PeerBusy(Exception):
+    """The peer is driving this migration itself right now: leave it to its job."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settlement:
     """How a settled migration ended."""
@@ -101,10 +109,13 @@ class MigrationResolver:
             return None
 
     async def peer_phase(self, ctxt: RequestContext, peer: str, uuid: str) -> GuestPhase | None:
-        """The peer hypervisor's phase; ``MessagingError`` when the peer does not answer."""
+        """The peer hypervisor's phase; ``MessagingError`` when the peer does not answer,
+        ``PeerBusy`` while the peer's own migration job for the guest still runs."""
         raw = await self.compute.get_live_migration_guest(
             ctxt, peer, instance_uuid=uuid, timeout=self.settings.rpc_timeout
         )
+        if raw == BUSY:
+            raise PeerBusy(peer)
         return None if raw is None else GuestPhase(raw)
 
     @staticmethod
@@ -159,6 +170,9 @@ class MigrationResolver:
             except MessagingError as exc:
                 log.info("settle_peer_unreachable", peer=peer, error=str(exc))
                 peer_known = False
+            except PeerBusy:
+                log.info("settle_deferred_peer_busy", peer=peer, instance_uuid=instance_uuid)
+                return None
         src_phase, dst_phase = (mine, theirs) if role == "source" else (theirs, mine)
         resolution = (
             resolve_migration(src_phase, dst_phase) if peer_known else self.decide_alone(role, mine)
@@ -355,6 +369,13 @@ async def recover_migrations(
             candidates[uuid] = "dest"
         elif guest.owns_guest and uuid not in here:
             candidates.setdefault(uuid, "dest")
+    # Unfinished migrations this host takes part in, e.g. a destination whose guest already
+    # runs and is placed here while the source still holds its paused copy.
+    for migration in await MigrationList.get_in_progress_by_host(ctxt, host):
+        if migration.migration_type != MigrationType.LIVE_MIGRATION:
+            continue
+        role: Role = "dest" if migration.dest_compute == host else "source"
+        candidates.setdefault(migration.instance_uuid, role)
 
     async def recover_one(uuid: str, role: Role) -> None:
         try:
