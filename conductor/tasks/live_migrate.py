@@ -268,17 +268,33 @@ class LiveMigrateTask:
                 reasons.append(f"{dest}: {type(exc).__name__}: {exc}")
                 tried.append(dest)
                 continue
+            if migration.uuid in self._abort_requested:
+                await self._fail(ctxt, instance, migration, MigrationStatus.CANCELLED, "aborted")
+                return None
+            dest_node = str(data.get("dest_node") or node or dest)
             async with self.database.request(ctxt):
-                migration.dest_compute = dest
-                migration.dest_node = str(data.get("dest_node") or node or dest)
-                if migration.uuid in self._abort_requested:
-                    status, why = MigrationStatus.CANCELLED, "aborted"
-                else:
-                    migration.status = MigrationStatus.QUEUED
-                    await migration.save()
-                    return dest, data
-            await self._fail(ctxt, instance, migration, status, why)
-            return None
+                db = ctxt.db
+                assert db is not None
+                # CAS from ``accepted``: a source that restarted meanwhile may have settled it.
+                rows = await db.update(
+                    "migrations",
+                    {"uuid": migration.uuid, "status": MigrationStatus.ACCEPTED},
+                    {
+                        "status": MigrationStatus.QUEUED,
+                        "dest_compute": dest,
+                        "dest_node": dest_node,
+                        "updated_at": datetime.datetime.now(datetime.UTC),
+                    },
+                    returning=["status"],
+                )
+            if not rows:
+                log.warning("live_migration_settled_during_prechecks", migration=migration.uuid)
+                return None
+            migration.dest_compute = dest
+            migration.dest_node = dest_node
+            migration.status = MigrationStatus.QUEUED
+            migration.obj_reset_changes(["dest_compute", "dest_node", "status"])
+            return dest, data
         await self._fail(
             ctxt,
             instance,
