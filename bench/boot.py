@@ -1,0 +1,507 @@
+"""Boot benchmark: instances/s through the real build flow against the indirection-path floor.
+
+    .venv/bin/python bench/boot.py            # 500 instances over 4 agent processes
+    .venv/bin/python bench/boot.py --quick    # 100 instances
+    .venv/bin/python bench/boot.py --json     # one JSON object instead of the table
+
+One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
+compute agents as separate processes, zero spawn delay, generous capacity) on the local RabbitMQ,
+in a private vhost created and deleted here, and a fresh PostgreSQL database, dropped at the end.
+Two paths then go through the same conductor, one after the other:
+
+- ``floor``: ``bench/boot_floor.py``, an agent-like process whose ``FleetObject.indirection_api``
+  is a ``ConductorAPI``, issues per instance the object calls a build needs at minimum: one
+  ``Instance.create`` and the three compare-and-swap saves (scheduling → block_device_mapping →
+  spawning → active), ``--concurrency`` instances in flight.
+- ``build``: the operator (this process) calls the compute-task API ``build_instances`` (one
+  instance per request unless ``--batch``, ``--concurrency`` requests in flight), the conductor
+  schedules, records and casts ``run_instance``, and the agents claim, spawn and save, as in
+  production.
+
+For both, throughput is ``count / (last instance ACTIVE - first request sent)`` and the time to
+ACTIVE of an instance is ``updated_at - created_at`` of its row once ACTIVE (both written by the
+conductor at the create and at the save that made it ACTIVE: one clock, microseconds). The
+conductor's ``/metrics`` is scraped around each path to count the RPCs it served per instance,
+by method.
+Target: build >= 0.5x the floor's instances/s.
+
+``--profile DIR`` records the conductor and every agent with py-spy during the build path.
+
+The machine this runs on is usually shared and small: compare the ratio of one run, never
+absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from conductor.cluster import ClusterSpec, LocalCluster
+from shared_objects.log import configure_logging
+from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.rabbit_node import free_port
+
+HERE = Path(__file__).resolve().parent
+PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_BASE = "rabbit://guest:guest@127.0.0.1:5672/"
+TARGET = 0.5
+FLAVOR = "bench.tiny"
+# Capacity far above what a run needs: the benchmark measures the flow, not the scheduler saying no.
+AGENT_CAPACITY = {
+    "FLEET_COMPUTE__VCPUS": "4096",
+    "FLEET_COMPUTE__MEMORY_MB": "16777216",
+    "FLEET_COMPUTE__DISK_GB": "1048576",
+}
+
+try:
+    import uvloop  # noqa: F401
+
+    HAVE_UVLOOP = True
+except ImportError:
+    HAVE_UVLOOP = False
+
+
+# --- isolation: a private vhost and a fresh database ---------------------------------------------
+
+
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost for this run only (queue names do not depend on the exchange)."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        raise SystemExit("bench/boot.py: rabbitmqctl not found (needed for a private vhost)")
+    name = f"fleet-bench-boot-{uuid.uuid4().hex[:8]}"
+    subprocess.run([ctl, "-q", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(
+            [ctl, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield name
+    finally:
+        subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """A new PostgreSQL database (asyncpg URL), dropped afterwards."""
+    name = f"fleet_bench_boot_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def plain_dsn(database_url: str) -> str:
+    return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def instance_times(dsn: str, where: str, *params: Any) -> list[tuple[float, float]]:
+    """(created, became ACTIVE) as epoch seconds of the ACTIVE instances matching ``where``.
+
+    ``updated_at`` of an ACTIVE instance nobody touched since is the conductor's clock at the
+    save that made it ACTIVE. ``launched_at`` would say the same but travels as a versioned
+    object field, which keeps whole seconds only: useless for millisecond figures.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT created_at, updated_at FROM instances "
+            f"WHERE vm_state = 'active' AND task_state IS NULL AND {where}",
+            *params,
+        )
+    finally:
+        await conn.close()
+    return [(r["created_at"].timestamp(), r["updated_at"].timestamp()) for r in rows]
+
+
+def summarize(count: int, started_at: float, times: list[tuple[float, float]]) -> dict[str, Any]:
+    """Throughput and time-to-ACTIVE figures of one path."""
+    if len(times) != count:
+        raise RuntimeError(f"expected {count} ACTIVE instances, found {len(times)}")
+    elapsed = max(active for _, active in times) - started_at
+    to_active = [(active - created) * 1000 for created, active in times]
+    return {
+        "instances": count,
+        "elapsed_s": round(elapsed, 3),
+        "instances_per_s": round(count / elapsed, 1),
+        "p50_ms": round(percentile(to_active, 50), 1),
+        "p99_ms": round(percentile(to_active, 99), 1),
+        "max_ms": round(max(to_active), 1),
+    }
+
+
+_SAMPLE = re.compile(r"^fleet_rpc_calls_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
+
+
+def scrape_server_calls(port: int) -> dict[str, float]:
+    """``{method: calls}`` the service on ``port`` served (role server, every outcome)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    calls: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if labels.get("role") == "server":
+            method = labels.get("method", "?")
+            calls[method] = calls.get(method, 0.0) + float(match.group(2))
+    return calls
+
+
+async def calls_delta(port: int, before: dict[str, float]) -> dict[str, float]:
+    after = await asyncio.to_thread(scrape_server_calls, port)
+    return {m: n - before.get(m, 0.0) for m, n in after.items() if n - before.get(m, 0.0) > 0}
+
+
+def per_instance(calls: dict[str, float], count: int) -> dict[str, float]:
+    return {m: round(n / count, 2) for m, n in sorted(calls.items())}
+
+
+# --- the two paths -----------------------------------------------------------------------------
+
+
+async def run_floor(
+    cluster: LocalCluster, args: argparse.Namespace, prefix: str, count: int
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        str(HERE / "boot_floor.py"),
+        "--url",
+        cluster.spec.transport_url,
+        "--exchange",
+        cluster.spec.control_exchange,
+        "--flavor",
+        FLAVOR,
+        "--count",
+        str(count),
+        "--concurrency",
+        str(args.concurrency),
+        "--prefix",
+        prefix,
+        *(["--uvloop"] if HAVE_UVLOOP else []),
+    ]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=args.timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"floor client exited {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def run_build(
+    cluster: LocalCluster, args: argparse.Namespace, prefix: str, count: int
+) -> tuple[float, list[str]]:
+    """Boot ``count`` instances through ``build_instances``; (first request time, uuids)."""
+    assert cluster.tasks is not None
+    tasks = cluster.tasks
+    batch = max(1, args.batch)
+    pending = iter(range(0, count, batch))
+    uuids: list[str] = []
+
+    async def operator() -> None:
+        for n in pending:
+            made = await tasks.build_instances(
+                cluster.ctxt, flavor=FLAVOR, name=f"{prefix}-{n}", count=min(batch, count - n)
+            )
+            uuids.extend(m["uuid"] for m in made)
+
+    started_at = time.time()
+    await asyncio.gather(*(operator() for _ in range(args.concurrency)))
+    return started_at, uuids
+
+
+async def wait_active(dsn: str, uuids: list[str], timeout: float) -> None:
+    """Until every instance is ACTIVE (fails on ERROR or after ``timeout``)."""
+    conn = await asyncpg.connect(dsn)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            rows = await conn.fetch(
+                "SELECT vm_state, task_state, count(*) AS n FROM instances "
+                "WHERE uuid = ANY($1::text[]) GROUP BY vm_state, task_state",
+                uuids,
+            )
+            states = {(r["vm_state"], r["task_state"]): r["n"] for r in rows}
+            if states.get(("active", None), 0) == len(uuids):
+                return
+            if any(vm == "error" for vm, _ in states):
+                raise RuntimeError(f"instances in ERROR: {states}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not all ACTIVE within {timeout}s: {states}")
+            await asyncio.sleep(0.25)
+    finally:
+        await conn.close()
+
+
+# --- profiling ---------------------------------------------------------------------------------
+
+
+def start_profilers(cluster: LocalCluster, outdir: Path) -> list[subprocess.Popen[bytes]]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    outdir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for name, handle in cluster.processes.items():
+        assert handle.process is not None
+        procs.append(
+            subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(handle.process.pid),
+                    "--rate",
+                    "100",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(outdir / f"{name}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    return procs
+
+
+def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    hosts = tuple(f"compute-{n}" for n in range(1, args.agents + 1))
+    conductor_port = free_port()
+    with private_vhost() as vhost:
+        async with fresh_database() as db_url:
+            dsn = plain_dsn(db_url)
+            workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fleet-bench-boot-"))
+            spec = ClusterSpec(
+                database_url=db_url,
+                transport_url=AMQP_BASE + vhost,
+                control_exchange="fleet-bench",
+                hosts=hosts,
+                workdir=workdir,
+                common_env={
+                    "FLEET_COMPUTE__SPAWN_DELAY": "0",
+                    "FLEET_LOG_LEVEL": args.log_level,
+                    **AGENT_CAPACITY,
+                },
+                report_interval=10.0,
+                service_down_time=60.0,
+            )
+            cluster = LocalCluster(spec)
+            # Only the conductor serves /metrics: its per-method counts are what we read.
+            orig_handle = cluster.conductor_handle
+
+            def conductor_handle(index: int) -> Any:
+                handle = orig_handle(index)
+                handle.env["FLEET_METRICS_PORT"] = str(conductor_port)
+                return handle
+
+            cluster.conductor_handle = conductor_handle  # type: ignore[method-assign]
+            await cluster.start(timeout=120)
+            try:
+                await Flavor(
+                    cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=64, root_gb=1
+                ).create()
+                return await measure(cluster, args, dsn, conductor_port)
+            finally:
+                codes = await cluster.stop()
+                if not args.workdir and all(c == 0 for c in codes.values()):
+                    shutil.rmtree(workdir, ignore_errors=True)
+                elif any(c != 0 for c in codes.values()):
+                    print(f"unclean exits {codes}; logs in {workdir}", file=sys.stderr)
+
+
+async def measure(
+    cluster: LocalCluster, args: argparse.Namespace, dsn: str, port: int
+) -> dict[str, Any]:
+    count = args.count
+    # Warm-up: both paths once at a small scale (connections, caches, lazy imports).
+    _, warm = await run_build(cluster, args, "warm", args.warmup)
+    await wait_active(dsn, warm, args.timeout)
+    await run_floor(cluster, args, "warmfloor", args.warmup)
+    results: dict[str, Any] = {}
+    calls: dict[str, dict[str, float]] = {}
+    for round_no in range(1, args.rounds + 1):
+        order = ("floor", "build") if round_no % 2 else ("build", "floor")
+        for path in order:
+            prefix = f"{path}{round_no}"
+            before = await asyncio.to_thread(scrape_server_calls, port)
+            if path == "floor":
+                floor = await run_floor(cluster, args, prefix, count)
+                times = await instance_times(dsn, "name ~ $1", f"^{prefix}-[0-9]+$")
+                figures = summarize(count, floor["started_at"], times)
+            else:
+                profilers = (
+                    start_profilers(cluster, Path(args.profile))
+                    if args.profile and round_no == 1
+                    else []
+                )
+                try:
+                    started_at, uuids = await run_build(cluster, args, prefix, count)
+                    await wait_active(dsn, uuids, args.timeout)
+                finally:
+                    stop_profilers(profilers)
+                times = await instance_times(dsn, "uuid = ANY($1::text[])", uuids)
+                figures = summarize(count, started_at, times)
+            calls[path] = await calls_delta(port, before)
+            results.setdefault(path, []).append(figures)
+    return report(args, results, calls)
+
+
+def report(
+    args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], calls: dict[str, Any]
+) -> dict[str, Any]:
+    def median_of(path: str) -> dict[str, Any]:
+        runs = results[path]
+        merged = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        merged["rounds"] = len(runs)
+        merged["conductor_rpcs_per_instance"] = per_instance(calls[path], args.count)
+        return merged
+
+    floor, build = median_of("floor"), median_of("build")
+    ratio = build["instances_per_s"] / floor["instances_per_s"]
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "count": args.count,
+        "agents": args.agents,
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "floor": floor,
+        "build": build,
+        "ratio": round(ratio, 2),
+        "target": TARGET,
+        "met": ratio >= TARGET,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "uvloop": HAVE_UVLOOP,
+            "load_avg_1m_at_end": round(load, 2),
+        },
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"boot: {result['count']} instances, {result['agents']} agents, "
+        f"concurrency {result['concurrency']}, {result['batch']} per build request, "
+        f"{result['date']}",
+        "",
+        f"{'path':<6} {'inst/s':>8} {'elapsed s':>10} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}",
+    ]
+    for path in ("floor", "build"):
+        r = result[path]
+        lines.append(
+            f"{path:<6} {r['instances_per_s']:>8} {r['elapsed_s']:>10} {r['p50_ms']:>9} "
+            f"{r['p99_ms']:>9} {r['max_ms']:>9}"
+        )
+    verdict = "met" if result["met"] else "MISSED"
+    lines += [
+        "",
+        f"build / floor: {result['ratio']}x (target >= {result['target']}x: {verdict})",
+        "",
+        "conductor RPCs served per instance:",
+    ]
+    for path in ("floor", "build"):
+        per = result[path]["conductor_rpcs_per_instance"]
+        total = round(sum(per.values()), 2)
+        detail = ", ".join(f"{m} {n}" for m, n in per.items())
+        lines.append(f"  {path}: {total} ({detail})")
+    lines.append(f"machine: {result['machine']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench/boot.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="100 instances instead of 500")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--count", type=int, help="instances per path (default 500, quick 100)")
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    parser.add_argument("--batch", type=int, default=1, help="instances per build request")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the order; median")
+    parser.add_argument("--warmup", type=int, default=20, help="instances per path before timing")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per path")
+    parser.add_argument("--log-level", default="info", help="services' log level")
+    parser.add_argument("--workdir", help="keep the cluster's logs here")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the services (build path)")
+    args = parser.parse_args(argv)
+    if args.count is None:
+        args.count = 100 if args.quick else 500
+    if args.count < 1 or args.agents < 1 or args.concurrency < 1 or args.rounds < 1:
+        parser.error("--count, --agents, --concurrency and --rounds must be at least 1")
+    configure_logging("console", "warning", stream=sys.stderr)
+    result = asyncio.run(bench(args))
+    print(json.dumps(result) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
