@@ -34,7 +34,9 @@ class ComputeTaskEndpoint:
             database,
             compute,
             live_migrate_settings
-            or LiveMigrateSettings(service_down_time=self.build.settings.service_down_time),
+            or LiveMigrateSettings.from_env(
+                service_down_time=self.build.settings.service_down_time
+            ),
         )
 
     @expose

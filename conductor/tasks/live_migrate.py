@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -73,6 +75,19 @@ class LiveMigrateSettings:
     migration_timeout: float = 6 * 3600.0
     #: Abort and force-complete calls.
     rpc_timeout: float = 30.0
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **defaults: Any
+    ) -> LiveMigrateSettings:
+        """``defaults``, overridden by ``FLEET_LIVE_MIGRATE_<FIELD>`` variables (upper case)."""
+        env = os.environ if environ is None else environ
+        settings = cls(**defaults)
+        for field in dataclasses.fields(cls):
+            raw = env.get(f"FLEET_LIVE_MIGRATE_{field.name.upper()}")
+            if raw is not None:
+                setattr(settings, field.name, type(getattr(settings, field.name))(raw))
+        return settings
 
 
 def _invalid(reason: str) -> exception.InvalidRequest:
