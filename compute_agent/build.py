@@ -48,6 +48,7 @@ def rules_for_driver(rules: SecurityGroupRuleList) -> list[dict[str, Any]]:
             "from_port": r.from_port,
             "to_port": r.to_port,
             "cidr": r.cidr,
+            "grantee_group_id": r.grantee_group_id,
         }
         for r in rules
     ]

@@ -22,7 +22,11 @@ from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingError, RemoteError
 
 COMMAND_GROUPS: tuple[str, ...] = ("conductor.cli.db",)
-COMMAND_MODULES: tuple[str, ...] = ("conductor.cli.instances", "conductor.cli.fleet")
+COMMAND_MODULES: tuple[str, ...] = (
+    "conductor.cli.instances",
+    "conductor.cli.fleet",
+    "conductor.cli.secgroups",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,7 +106,7 @@ class SecurityGroup(SoftDelete, Base):
 
 class SecurityGroupInstanceAssociation(SoftDelete, Base):
     __tablename__ = "security_group_instance_association"
-    __table_args__ = (Index(None, "instance_uuid"),)
+    __table_args__ = (Index(None, "instance_uuid"), Index(None, "security_group_id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     security_group_id: Mapped[int] = mapped_column(ForeignKey("security_groups.id"))

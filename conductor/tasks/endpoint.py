@@ -13,6 +13,7 @@ from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
 from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
+from conductor.tasks.security_groups import SecurityGroupTasks
 from shared_objects.context import RequestContext
 from shared_objects.messaging import Target, expose
 
@@ -30,6 +31,7 @@ class ComputeTaskEndpoint:
         # Each task owns one flow; this endpoint only routes calls to them.
         self.build = BuildTask(database, compute, settings)
         self.instances = InstanceTasks(database, compute)
+        self.security_groups = SecurityGroupTasks(database, compute)
         self.live_migrate = LiveMigrateTask(
             database,
             compute,
@@ -130,3 +132,33 @@ class ComputeTaskEndpoint:
         return await self.live_migrate.list_migrations(
             ctxt, instance_uuid=instance_uuid, limit=limit
         )
+
+    @expose
+    async def security_group_create(
+        self, ctxt: RequestContext, name: str, description: str = ""
+    ) -> int:
+        return await self.security_groups.create(ctxt, name=name, description=description)
+
+    @expose
+    async def security_group_list(self, ctxt: RequestContext) -> list[dict[str, Any]]:
+        return await self.security_groups.list(ctxt)
+
+    @expose
+    async def security_group_rule_add(
+        self,
+        ctxt: RequestContext,
+        group: str,
+        protocol: str,
+        from_port: int,
+        to_port: int,
+        cidr: str = "0.0.0.0/0",
+    ) -> dict[str, Any]:
+        return await self.security_groups.add_rule(
+            ctxt, group=group, protocol=protocol, from_port=from_port, to_port=to_port, cidr=cidr
+        )
+
+    @expose
+    async def security_group_rule_delete(
+        self, ctxt: RequestContext, rule_id: int
+    ) -> dict[str, Any]:
+        return await self.security_groups.delete_rule(ctxt, rule_id=rule_id)

@@ -17,7 +17,9 @@ NAMESPACE = "compute_task"
 # Compute-task API history:
 # 1.0: Initial version: build_instances, reschedule_instance, delete_instance, attach_volume,
 #      detach_volume, live_migrate_instance, live_migration_abort,
-#      live_migration_force_complete, get_migration, list_migrations.
+#      live_migration_force_complete, get_migration, list_migrations,
+#      security_group_create, security_group_list, security_group_rule_add,
+#      security_group_rule_delete.
 API_VERSION = "1.0"
 
 
@@ -116,5 +118,46 @@ class ComputeTaskAPI:
         """Migrations newest first, as ``get_migration`` dicts (``progress`` None)."""
         result: list[dict[str, Any]] = await self.client.call(
             ctxt, "list_migrations", instance_uuid=instance_uuid, limit=limit
+        )
+        return result
+
+    async def security_group_create(
+        self, ctxt: RequestContext, *, name: str, description: str = ""
+    ) -> int:
+        group_id: int = await self.client.call(
+            ctxt, "security_group_create", name=name, description=description
+        )
+        return group_id
+
+    async def security_group_list(self, ctxt: RequestContext) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = await self.client.call(ctxt, "security_group_list")
+        return groups
+
+    async def security_group_rule_add(
+        self,
+        ctxt: RequestContext,
+        *,
+        group: str,
+        protocol: str,
+        from_port: int,
+        to_port: int,
+        cidr: str = "0.0.0.0/0",
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.client.call(
+            ctxt,
+            "security_group_rule_add",
+            group=group,
+            protocol=protocol,
+            from_port=from_port,
+            to_port=to_port,
+            cidr=cidr,
+        )
+        return result
+
+    async def security_group_rule_delete(
+        self, ctxt: RequestContext, *, rule_id: int
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.client.call(
+            ctxt, "security_group_rule_delete", rule_id=rule_id
         )
         return result

@@ -308,6 +308,29 @@ class InstanceList(ObjectListBase[Instance], FleetObject):
 
     @classmethod
     @remotable
+    async def get_by_security_group(
+        cls, context: Any, security_group_id: int, expected_attrs: list[str] | None = None
+    ) -> InstanceList:
+        """The live members of one security group, in two queries."""
+        attrs = check_expected_attrs("InstanceList", expected_attrs, LOADABLE_ATTRS)
+        db = get_db(context, "InstanceList", "get_by_security_group")
+        links = await db.select(
+            SG_ASSOCIATION,
+            {"security_group_id": security_group_id, "deleted": False},
+            columns=["instance_uuid"],
+        )
+        uuids = sorted({link["instance_uuid"] for link in links})
+        rows = (
+            await db.select(
+                TABLE, {"uuid": uuids, "deleted": False}, columns=Instance._columns(attrs)
+            )
+            if uuids
+            else []
+        )
+        return await cls._from_rows(context, db, rows, attrs)
+
+    @classmethod
+    @remotable
     async def get_all(cls, context: Any, expected_attrs: list[str] | None = None) -> InstanceList:
         """Every instance not deleted (operators' listings; one query)."""
         attrs = check_expected_attrs("InstanceList", expected_attrs, LOADABLE_ATTRS)
