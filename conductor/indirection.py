@@ -30,7 +30,12 @@ from oslo_versionedobjects import exception as ovo_exception
 
 from conductor.db.session import Database
 from shared_objects import exception
-from shared_objects.base import FleetObject, FleetObjectRegistry, is_remotable
+from shared_objects.base import (
+    FleetObject,
+    FleetObjectRegistry,
+    is_remotable,
+    obj_tree_get_versions,
+)
 from shared_objects.context import RequestContext
 from shared_objects.messaging import ExpectedException, Target, expose
 
@@ -117,6 +122,18 @@ def _conforms(value: Any, hint: Any) -> bool:
     return True
 
 
+def _manifest_is_current(objname: str, manifest: Mapping[str, str]) -> bool:
+    """Whether ``manifest`` names our newest version of every object in ``objname``'s tree."""
+    return all(manifest.get(name) == version for name, version in _tree(objname).items())
+
+
+def _tree(objname: str) -> dict[str, str]:
+    try:
+        return obj_tree_get_versions(objname)
+    except ovo_exception.UnregisteredSubobject:
+        return {objname: ""}
+
+
 def _refuse(exc: exception.IndirectionError, ctxt: RequestContext) -> ExpectedException:
     log.warning("indirection_refused", error=str(exc), caller=ctxt.caller)
     return ExpectedException(exc)
@@ -147,7 +164,7 @@ class ConductorIndirectionEndpoint:
         """The registered class serving ``objname`` at ``version`` (same major, newest minor)."""
         if not isinstance(objname, str):
             raise exception.UnknownObject(objname=repr(objname))
-        classes = FleetObjectRegistry.fleet_classes().get(objname)
+        classes = FleetObjectRegistry.classes_of(objname)
         if not classes:
             raise exception.UnknownObject(objname=objname)
         try:
@@ -216,6 +233,10 @@ class ConductorIndirectionEndpoint:
             if want > have and want[0] == have[0]:
                 # A caller newer than the conductor (conductors upgrade first, so rare): it can
                 # read our older version as is. Never "convert" upwards (Nova bug #1596119).
+                return value
+            if want == have and _manifest_is_current(value.obj_name(), manifest):
+                # The caller knows every version in this object's tree: nothing to convert (the
+                # common case; skips oslo's walk of the tree).
                 return value
             # Even at the same top-level version, sub-objects may need backporting.
             return value.obj_to_primitive(target_version=target, version_manifest=dict(manifest))

@@ -60,7 +60,7 @@ def object_from_primitive(primitive: Mapping[str, Any], context: Any) -> FleetOb
     """
     _check_primitive(primitive)
     name = primitive[NAME_KEY]
-    if name not in FleetObjectRegistry.fleet_classes():
+    if not FleetObjectRegistry.classes_of(name):
         raise exception.UnknownObject(objname=name)
     try:
         obj = FleetObject.obj_from_primitive(dict(primitive), context=context)
@@ -144,7 +144,7 @@ class FleetObjectSerializer:
             api = self.indirection_api
             name = primitive[NAME_KEY]
             if api is None or _BACKPORTING.get():
-                supported = FleetObjectRegistry.fleet_classes()[name][0].VERSION
+                supported = FleetObjectRegistry.classes_of(name)[0].VERSION
                 raise exception.UnsupportedObjectVersion(
                     objname=name, version=version, supported=supported
                 ) from exc

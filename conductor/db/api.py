@@ -16,7 +16,19 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, delete, false, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conductor.db import models
@@ -73,31 +85,78 @@ def table_for(name: str) -> Table:
         raise UnknownTable(name) from None
 
 
-def where_clause(table: Table, where: Mapping[str, Any]) -> ColumnElement[bool]:
-    """Translate a ``DatabaseAPI`` where mapping into SQL, checking an index can serve it."""
+# How one ``where`` entry filters: the shape is part of a statement's cache key, the value a
+# bound parameter.
+_EQ, _NULL, _IN, _IN_OR_NULL, _NOTHING, _AT_LEAST = "eq", "null", "in", "in|null", "none", "ge"
+
+Shape = tuple[tuple[str, str], ...]
+
+
+def where_shape(table: Table, where: Mapping[str, Any]) -> tuple[Shape, dict[str, Any]]:
+    """Split a ``DatabaseAPI`` where mapping into a statement shape and its parameters, after
+    checking that an index can serve the lookup."""
+    shape: list[tuple[str, str]] = []
+    params: dict[str, Any] = {}
     eq: set[str] = set()
-    clauses: list[ColumnElement[bool]] = []
     for name, value in where.items():
-        col = table.c[name]
+        if name not in table.c:
+            raise KeyError(f"{table.name} has no column {name!r}")
+        key = f"w_{name}"
         if isinstance(value, AtLeast):
-            clauses.append(col >= value.value)
+            shape.append((name, _AT_LEAST))
+            params[key] = value.value
             continue
         eq.add(name)
         if value is None:
-            clauses.append(col.is_(None))
+            shape.append((name, _NULL))
         elif isinstance(value, (list, tuple, set, frozenset)):
-            values = list(value)
-            present = [v for v in values if v is not None]
-            parts: list[ColumnElement[bool]] = []
+            present = [v for v in value if v is not None]
+            has_null = len(present) != len(value)
             if present:
-                parts.append(col.in_(present))
-            if len(present) != len(values):
-                parts.append(col.is_(None))
-            clauses.append(or_(*parts) if parts else false())
+                shape.append((name, _IN_OR_NULL if has_null else _IN))
+                params[key] = present
+            else:
+                shape.append((name, _NULL if has_null else _NOTHING))
         else:
-            clauses.append(col == value)
+            shape.append((name, _EQ))
+            params[key] = value
     _check_indexed(table.name, frozenset(eq), frozenset(where))
+    return tuple(shape), params
+
+
+def where_clause_for(table: Table, shape: Shape) -> ColumnElement[bool]:
+    """The SQL condition of a where shape, with bound parameters named ``w_<column>``."""
+    clauses: list[ColumnElement[bool]] = []
+    for name, mode in shape:
+        col = table.c[name]
+        key = f"w_{name}"
+        if mode == _EQ:
+            clauses.append(col == bindparam(key, type_=col.type))
+        elif mode == _NULL:
+            clauses.append(col.is_(None))
+        elif mode == _IN:
+            clauses.append(col.in_(bindparam(key, expanding=True, type_=col.type)))
+        elif mode == _IN_OR_NULL:
+            clauses.append(
+                or_(col.in_(bindparam(key, expanding=True, type_=col.type)), col.is_(None))
+            )
+        elif mode == _AT_LEAST:
+            clauses.append(col >= bindparam(key, type_=col.type))
+        else:
+            clauses.append(false())
     return and_(*clauses) if clauses else and_(True)
+
+
+# Built statements by (operation, table, shape, ...): SQLAlchemy then finds their compiled form
+# in its cache without rebuilding and re-hashing the expression tree on every request.
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _cached(key: tuple[Any, ...], build: Any) -> Any:
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        stmt = _STATEMENTS[key] = build()
+    return stmt
 
 
 class DbApi(DatabaseAPI):
@@ -106,19 +165,41 @@ class DbApi(DatabaseAPI):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._conn: AsyncConnection | None = None
+        self._in_transaction = False
         self.statements = 0
 
-    async def _connection(self) -> AsyncConnection:
-        if self._conn is None:
+    async def _connection(self, *, write: bool = False) -> AsyncConnection:
+        """The request's connection; its transaction starts at the first write.
+
+        Reads before the first write run in autocommit: under READ COMMITTED every statement
+        takes its own snapshot anyway, and a plain SELECT takes no lock, so an enclosing
+        transaction would only add two round trips (BEGIN, COMMIT) to every read-only request.
+        From the first write on, everything up to the end of the request is one transaction.
+        """
+        conn = self._conn
+        if conn is None:
             conn = await self._engine.connect()
             try:
-                await conn.begin()
+                if write:
+                    await conn.begin()
+                    self._in_transaction = True
+                else:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
             except BaseException:
                 await conn.close()
                 raise
             self._conn = conn
+        elif write and not self._in_transaction:
+            # Leave autocommit: end SQLAlchemy's (empty) autobegun transaction, restore the
+            # dialect's isolation level, then start the real transaction.
+            await conn.commit()
+            await conn.execution_options(
+                isolation_level=self._engine.dialect.default_isolation_level
+            )
+            await conn.begin()
+            self._in_transaction = True
         self.statements += 1
-        return self._conn
+        return conn
 
     async def commit(self) -> None:
         if self._conn is not None:
@@ -137,12 +218,31 @@ class DbApi(DatabaseAPI):
     def _cols(table: Table, columns: Sequence[str] | None) -> list[Any]:
         return list(table.c) if columns is None else [table.c[c] for c in columns]
 
+    def _select(
+        self,
+        t: Table,
+        where: Mapping[str, Any],
+        columns: Sequence[str] | None,
+        order_by: Sequence[str],
+        descending: bool,
+        limit: int | None,
+    ) -> tuple[Any, dict[str, Any]]:
+        shape, params = where_shape(t, where)
+        cols = tuple(columns) if columns is not None else None
+        key = ("select", t.name, shape, cols, tuple(order_by), descending, limit)
+
+        def build() -> Any:
+            order = [t.c[c].desc() if descending else t.c[c] for c in order_by]
+            stmt = select(*self._cols(t, cols)).where(where_clause_for(t, shape)).order_by(*order)
+            return stmt.limit(limit) if limit is not None else stmt
+
+        return _cached(key, build), params
+
     async def get(
         self, table: str, where: Mapping[str, Any], *, columns: Sequence[str] | None = None
     ) -> Row | None:
-        t = table_for(table)
-        stmt = select(*self._cols(t, columns)).where(where_clause(t, where)).limit(1)
-        result = await (await self._connection()).execute(stmt)
+        stmt, params = self._select(table_for(table), where, columns, (), False, 1)
+        result = await (await self._connection()).execute(stmt, params)
         row = result.mappings().first()
         return dict(row) if row is not None else None
 
@@ -156,18 +256,17 @@ class DbApi(DatabaseAPI):
         descending: bool = False,
         limit: int | None = None,
     ) -> list[Row]:
-        t = table_for(table)
-        order = [t.c[c].desc() if descending else t.c[c] for c in order_by]
-        stmt = select(*self._cols(t, columns)).where(where_clause(t, where)).order_by(*order)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        result = await (await self._connection()).execute(stmt)
+        stmt, params = self._select(table_for(table), where, columns, order_by, descending, limit)
+        result = await (await self._connection()).execute(stmt, params)
         return [dict(r) for r in result.mappings()]
 
     async def insert(self, table: str, values: Mapping[str, Any]) -> Row:
         t = table_for(table)
-        stmt = insert(t).values(dict(values)).returning(*t.c)
-        result = await (await self._connection()).execute(stmt)
+        for name in values:
+            if name not in t.c:
+                raise KeyError(f"{t.name} has no column {name!r}")
+        stmt = _cached(("insert", t.name), lambda: insert(t).returning(*t.c))
+        result = await (await self._connection(write=True)).execute(stmt, dict(values))
         return dict(result.mappings().one())
 
     async def update(
@@ -179,20 +278,43 @@ class DbApi(DatabaseAPI):
         returning: Sequence[str] | None = None,
     ) -> list[Row]:
         t = table_for(table)
-        stmt = update(t).where(where_clause(t, where)).values(dict(values))
-        conn = await self._connection()
-        if returning is not None and not returning:
-            result = await conn.execute(stmt)
+        shape, params = where_shape(t, where)
+        names = tuple(values)
+        for name in names:
+            if name not in t.c:
+                raise KeyError(f"{t.name} has no column {name!r}")
+            params[f"v_{name}"] = values[name]
+        ret = tuple(returning) if returning is not None else None
+        key = ("update", t.name, shape, names, ret)
+
+        def build() -> Any:
+            stmt = (
+                update(t)
+                .where(where_clause_for(t, shape))
+                .values({t.c[n]: bindparam(f"v_{n}", type_=t.c[n].type) for n in names})
+            )
+            return stmt if ret == () else stmt.returning(*self._cols(t, ret))
+
+        stmt = _cached(key, build)
+        result = await (await self._connection(write=True)).execute(stmt, params)
+        if ret == ():
             return [{} for _ in range(result.rowcount)]
-        result = await conn.execute(stmt.returning(*self._cols(t, returning)))
         return [dict(r) for r in result.mappings()]
 
     async def delete(self, table: str, where: Mapping[str, Any]) -> int:
         t = table_for(table)
-        result = await (await self._connection()).execute(delete(t).where(where_clause(t, where)))
+        shape, params = where_shape(t, where)
+        stmt = _cached(
+            ("delete", t.name, shape), lambda: delete(t).where(where_clause_for(t, shape))
+        )
+        result = await (await self._connection(write=True)).execute(stmt, params)
         return int(result.rowcount)
 
     async def min_value(self, table: str, column: str, where: Mapping[str, Any]) -> Any:
         t = table_for(table)
-        stmt = select(func.min(t.c[column])).where(where_clause(t, where))
-        return (await (await self._connection()).execute(stmt)).scalar()
+        shape, params = where_shape(t, where)
+        stmt = _cached(
+            ("min", t.name, column, shape),
+            lambda: select(func.min(t.c[column])).where(where_clause_for(t, shape)),
+        )
+        return (await (await self._connection()).execute(stmt, params)).scalar()

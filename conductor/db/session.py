@@ -42,7 +42,9 @@ def create_engine(url: str, *, pool_size: int = 16, max_overflow: int = 32) -> A
     else:
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = max_overflow
-        kwargs["pool_pre_ping"] = True
+        # No pre-ping: it costs a round trip per request; a dead connection fails the request,
+        # is invalidated by SQLAlchemy, and the next checkout gets a fresh one.
+        kwargs["pool_recycle"] = 3600
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
 

@@ -5,56 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from objects_support import ConductorProcess, fleet_env
 
 from conductor.db import migration
 from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
 from shared_objects.config import MessagingConfig
-from shared_objects.context import RequestContext
-from shared_objects.messaging import MessagingTimeout, get_transport
+from shared_objects.messaging import get_transport
 
 BIN = Path(sys.executable).parent
-
-
-@dataclass
-class ConductorProcess:
-    process: asyncio.subprocess.Process
-    env: dict[str, str]
-    log_path: Path
-    database_url: str
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def fleet_env(**values: str) -> dict[str, str]:
-    """The environment of a Fleet subprocess: ours minus any FLEET_* setting, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(values)
-    return env
-
-
-async def wait_for_conductor(api: ConductorAPI, deadline: float = 30.0) -> None:
-    """Ping until a conductor answers (bounded)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while True:
-        try:
-            if await api.ping(RequestContext(), "up", wait=1.0) == "up":
-                return
-        except MessagingTimeout:
-            if loop.time() > end:
-                raise
-        await asyncio.sleep(0.2)
 
 
 @pytest.fixture

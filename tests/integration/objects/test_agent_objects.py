@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ConductorProcess, fleet_env, wait_for_conductor
+from objects_support import ConductorProcess, fleet_env, wait_for_conductor
 from sqlalchemy import select
 
 from conductor.db import models

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fleet_env, wait_for_conductor
+from objects_support import fleet_env, wait_for_conductor
 
 from conductor.db import migration
 from conductor.rpcapi import ConductorAPI

@@ -198,9 +198,12 @@ async def test_newer_conductor_answers_an_older_caller_at_its_version(
         assert reply["versioned_object.version"] == "1.0"
         assert NEWER_INSTANCE_FIELD not in reply["versioned_object.data"]
         assert reply["versioned_object.data"]["uuid"] == inst.uuid
-        newer_primitive = await endpoint.object_class_action_versions(
+        newer_reply = await endpoint.object_class_action_versions(
             ctxt, "Instance", "get_by_uuid", {**MANIFEST, "Instance": "1.1"}, [inst.uuid], {}
         )
+        # A caller at our versions gets the object as is (the RPC layer serialises it).
+        assert isinstance(newer_reply, Instance)
+        newer_primitive = newer_reply.obj_to_primitive()
         assert newer_primitive["versioned_object.version"] == "1.1"
         assert newer_primitive["versioned_object.data"][NEWER_INSTANCE_FIELD]
         # object_backport_versions does the same for a primitive the caller could not read.

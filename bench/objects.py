@@ -1,0 +1,330 @@
+"""Object benchmark: agent-side ``Instance.get_by_uuid`` + ``save()`` pairs through one conductor
+into PostgreSQL, against the same two operations done directly with SQLAlchemy in one process.
+
+    .venv/bin/python bench/objects.py            # 3 rounds x 5 s per cell
+    .venv/bin/python bench/objects.py --quick    # 1 round x 2 s per cell
+    .venv/bin/python bench/objects.py --json     # one JSON object instead of the table
+
+Setup: a fresh PostgreSQL database (dropped afterwards), migrated; one instance row per worker
+so workers never contend on a row (contention is what the CAS test is about, not this one).
+Paths, alternating within each round:
+
+* ``objects``: this process is the agent (no database access); a ``conductor`` subprocess on a
+  private topic and control exchange serves the calls. One pair = two RPC round trips, each
+  one database transaction in the conductor; ``save()`` sends only the changed field.
+* ``direct``: the same reads and writes with SQLAlchemy Core on an async engine in this process,
+  one transaction per operation, as the conductor does.
+
+JSON: ``{"objects": {"<c>": {...}}, "direct": {...}, "ratio": {"<c>": objects/direct}}`` with
+``pairs_per_s``, ``p50_ms`` and ``p99_ms`` per cell (medians over rounds).
+Compare the ratio of one run; absolute figures on a shared machine mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import select, update
+
+from conductor.db import migration, models
+from conductor.db.session import create_engine
+from conductor.rpcapi import ConductorAPI
+from conductor.testing import ALLOWED_EXMODS, indirection
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.messaging import MessagingTimeout, get_transport
+from shared_objects.objects import Flavor, Instance
+
+CONCURRENCIES = (1, 16, 64)
+TARGET_RATIO_AT_64 = 0.5
+PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("FLEET_TEST_TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/")
+BIN = Path(sys.executable).parent
+
+Pair = Callable[[int], Awaitable[None]]
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    pair: Pair, concurrency: int, seconds: float, other_pid: int | None = None
+) -> dict[str, float]:
+    """Run ``concurrency`` workers doing pairs for ``seconds``; pairs/s, latency and CPU per
+    pair of this process (and of ``other_pid``, the conductor, when given)."""
+    latencies: list[float] = []
+    cpu0 = time.process_time()
+    other0 = process_cpu(other_pid) if other_pid else 0.0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(index: int) -> None:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            await pair(index)
+            latencies.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    cpu = time.process_time() - cpu0
+    other = process_cpu(other_pid) - other0 if other_pid else 0.0
+    latencies.sort()
+    count = max(1, len(latencies))
+    return {
+        "pairs": len(latencies),
+        "cpu_ms_per_pair": 1000 * cpu / count,
+        "conductor_cpu_ms_per_pair": 1000 * other / count,
+        "pairs_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    }
+
+
+async def seed(ctxt: RequestContext, count: int) -> list[str]:
+    """One instance per worker, created through the conductor."""
+    flavor = Flavor(ctxt, name=f"bench-{uuid.uuid4().hex[:6]}", vcpus=1, memory_mb=512, root_gb=1)
+    await flavor.create()
+    uuids = []
+    for i in range(count):
+        inst = Instance(
+            ctxt,
+            name=f"bench-{i}",
+            host="bench-host",
+            node="n1",
+            flavor=flavor,
+            vm_state="active",
+            power_state="running",
+            image_ref="cirros",
+            launch_index=i,
+        )
+        await inst.create()
+        uuids.append(inst.uuid)
+    return uuids
+
+
+def objects_pair(ctxt: RequestContext, uuids: list[str]) -> Pair:
+    counter = [0]
+
+    async def pair(index: int) -> None:
+        counter[0] += 1
+        inst = await Instance.get_by_uuid(ctxt, uuids[index])
+        inst.progress = counter[0] % 100
+        await inst.save()
+
+    return pair
+
+
+def direct_pair(engine: Any, uuids: list[str]) -> Pair:
+    table = models.Instance.__table__
+    counter = [0]
+
+    async def pair(index: int) -> None:
+        counter[0] += 1
+        async with engine.begin() as conn:
+            row = (await conn.execute(select(table).where(table.c.uuid == uuids[index]))).one()
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(table)
+                .where(table.c.uuid == row.uuid)
+                .values(progress=counter[0] % 100, updated_at=datetime.datetime.now(datetime.UTC))
+            )
+
+    return pair
+
+
+@contextlib.asynccontextmanager
+async def fresh_database() -> Any:
+    name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def conductor_process(
+    db_url: str, exchange: str, topic: str, verbose: bool, profile: str | None = None
+) -> Any:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        FLEET_TRANSPORT_URL=AMQP_URL,
+        FLEET_CONTROL_EXCHANGE=exchange,
+        FLEET_DATABASE_URL=db_url,
+        FLEET_HOST=f"bench-conductor-{uuid.uuid4().hex[:6]}",
+        FLEET_LOG_LEVEL="warning",
+        FLEET_LOG_FORMAT="json",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "conductor"),
+        "--topic",
+        topic,
+        env=env,
+        stdout=None if verbose else asyncio.subprocess.DEVNULL,
+        stderr=None if verbose else asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def wait_ready(api: ConductorAPI, deadline: float = 60.0) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            await api.ping(RequestContext(), 1, wait=1.0)
+            return
+        except MessagingTimeout:
+            if time.monotonic() > end:
+                raise
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    rounds = 1 if args.quick else args.rounds
+    seconds = 2.0 if args.quick else args.seconds
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {
+        "objects": {c: [] for c in concurrencies},
+        "direct": {c: [] for c in concurrencies},
+    }
+    async with fresh_database() as db_url:
+        await migration.upgrade(db_url)
+        exchange = f"fleet-bench-{uuid.uuid4().hex[:8]}"
+        topic = f"conductor-bench-{uuid.uuid4().hex[:8]}"
+        cfg = MessagingConfig()
+        cfg.transport_url = AMQP_URL
+        cfg.control_exchange = exchange
+        engine = create_engine(db_url, pool_size=max(concurrencies), max_overflow=0)
+        async with conductor_process(
+            db_url, exchange, topic, args.verbose, args.profile_conductor
+        ) as proc:
+            transport = get_transport(cfg, allowed_remote_exmods=ALLOWED_EXMODS)
+            async with transport:
+                api = ConductorAPI(transport, timeout=60.0, topic=topic)
+                with indirection(api):
+                    await wait_ready(api)
+                    ctxt = RequestContext(user_id="bench", project_id="bench")
+                    uuids = await seed(ctxt, max(concurrencies))
+                    paths: dict[str, Pair] = {
+                        "objects": objects_pair(ctxt, uuids),
+                        "direct": direct_pair(engine, uuids),
+                    }
+                    for path in paths.values():  # warm up both: pools, caches, JIT-less paths
+                        await measure(path, max(concurrencies), 0.5)
+                    for r in range(rounds):
+                        order = list(paths) if r % 2 == 0 else list(reversed(paths))
+                        for c in concurrencies:
+                            for name in order:
+                                pid = proc.pid if name == "objects" else None
+                                samples[name][c].append(await measure(paths[name], c, seconds, pid))
+        await engine.dispose()
+
+    result: dict[str, Any] = {}
+    for name, by_c in samples.items():
+        result[name] = {
+            str(c): {
+                key: statistics.median(s[key] for s in runs)
+                for key in (
+                    "pairs_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "cpu_ms_per_pair",
+                    "conductor_cpu_ms_per_pair",
+                )
+            }
+            for c, runs in by_c.items()
+        }
+    result["ratio"] = {
+        str(c): result["objects"][str(c)]["pairs_per_s"] / result["direct"][str(c)]["pairs_per_s"]
+        for c in concurrencies
+    }
+    result["meta"] = {
+        "rounds": rounds,
+        "seconds_per_cell": seconds,
+        "target_ratio_at_64": TARGET_RATIO_AT_64,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "loop": type(asyncio.get_running_loop()).__module__,
+    }
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'concurrency':>11} | {'objects pairs/s':>15} | {'p50/p99 ms':>13} | "
+        f"{'cpu ms agent/cond':>17} | {'direct pairs/s':>14} | {'p50/p99 ms':>13} | "
+        f"{'cpu ms':>6} | {'ratio':>5}",
+    ]
+    for c, ratio in result["ratio"].items():
+        o, d = result["objects"][c], result["direct"][c]
+        lines.append(
+            f"{c:>11} | {o['pairs_per_s']:>15.0f} | {o['p50_ms']:>6.1f}/{o['p99_ms']:<6.1f} | "
+            f"{o['cpu_ms_per_pair']:>8.2f}/{o['conductor_cpu_ms_per_pair']:<8.2f} | "
+            f"{d['pairs_per_s']:>14.0f} | {d['p50_ms']:>6.1f}/{d['p99_ms']:<6.1f} | "
+            f"{d['cpu_ms_per_pair']:>6.2f} | {ratio:>5.2f}"
+        )
+    at64 = result["ratio"].get("64")
+    if at64 is not None:
+        verdict = "meets" if at64 >= TARGET_RATIO_AT_64 else "MISSES"
+        lines.append(f"ratio at 64 = {at64:.2f}: {verdict} the target >= {TARGET_RATIO_AT_64}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one round of 2 s per cell")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)))
+    parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="show the conductor's output")
+    parser.add_argument("--profile-conductor", metavar="FILE", help="cProfile the conductor")
+    args = parser.parse_args()
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is not None and not args.no_uvloop:
+        result = uvloop.run(run(args))
+    else:
+        result = asyncio.run(run(args))
+    print(json.dumps(result) if args.json else table(result))
+
+
+if __name__ == "__main__":
+    main()
