@@ -48,6 +48,8 @@ class ProcessHandle:
     env: dict[str, str]
     log_path: Path
     process: asyncio.subprocess.Process | None = None
+    # Source tree to run from (an older release exported from git), or the installed code.
+    cwd: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -68,6 +70,8 @@ class ClusterSpec:
     agent_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     # Environment for every process (e.g. FLEET_COMPUTE__SPAWN_DELAY).
     common_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Hosts whose agent runs another release's code: {host: exported source tree}.
+    agent_source: Mapping[str, Path] = dataclasses.field(default_factory=dict)
     report_interval: float = 2.0
     service_down_time: float = 10.0
 
@@ -122,8 +126,16 @@ class LocalCluster:
         env["FLEET_HOST"] = host
         env["FLEET_STATE_DIR"] = str(self.workdir / "hypervisors")
         env.update(self.spec.agent_env.get(host, {}))
+        source = self.spec.agent_source.get(host)
+        if source is not None:
+            # The tree's packages shadow the installed ones (cwd and PYTHONPATH come first).
+            env["PYTHONPATH"] = str(source)
         return ProcessHandle(
-            host, [sys.executable, "-m", "compute_agent"], env, self.workdir / f"{host}.log"
+            host,
+            [sys.executable, "-m", "compute_agent"],
+            env,
+            self.workdir / f"{host}.log",
+            cwd=source,
         )
 
     # --- process control --------------------------------------------------------------------
@@ -138,6 +150,7 @@ class LocalCluster:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=logfile,
+                cwd=handle.cwd,
             )
         finally:
             logfile.close()
@@ -237,8 +250,29 @@ class LocalCluster:
             await proc.wait()
 
     async def restart_agent(self, host: str, *, timeout: float = 60.0) -> None:
-        handle = self.processes[host]
-        await self._spawn(dataclasses.replace(handle, process=None))
+        """Start the agent of ``host`` again with the same code and environment."""
+        await self._spawn(dataclasses.replace(self.processes[host], process=None))
+        await self.wait_agents([host], timeout)
+
+    async def switch_agent_code(
+        self, host: str, source: Path | None, *, timeout: float = 60.0
+    ) -> int | None:
+        """Stop ``host``'s agent cleanly and start it on other code (None: the installed code),
+        as an operator upgrading (or downgrading) one host does. Returns the old exit code."""
+        code = await self.stop_process(host)
+        sources = dict(self.spec.agent_source)
+        if source is None:
+            sources.pop(host, None)
+        else:
+            sources[host] = source
+        self.spec = dataclasses.replace(self.spec, agent_source=sources)
+        await self._spawn(self.agent_handle(host))
+        await self.wait_agents([host], timeout)
+        return code
+
+    async def start_agent(self, host: str, *, timeout: float = 60.0) -> None:
+        """Start an agent for a host that was not in the spec (or was stopped)."""
+        await self._spawn(self.agent_handle(host))
         await self.wait_agents([host], timeout)
 
     async def stop(self) -> dict[str, int | None]:
