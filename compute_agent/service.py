@@ -110,7 +110,12 @@ class ComputeAgentService:
             self.transport,
             Target(topic=COMPUTE_TOPIC, server=cfg.host),
             endpoints=[self.endpoint],
-            serializer=FleetObjectSerializer(indirection_api=self.conductor),
+            # Safety net: an object too new for this agent is backported by the conductor,
+            # and counted (fleet_object_backports_total) so operators see who sent it.
+            serializer=FleetObjectSerializer(
+                indirection_api=self.conductor,
+                on_backport=lambda name: self.metrics.object_backports.labels(object=name).inc(),
+            ),
         )
         self.reporter = ServiceReporter(
             self._context,

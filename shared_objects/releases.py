@@ -30,6 +30,9 @@ class Release:
     compute_rpc_api: str
     conductor_rpc_api: str
     objects: Mapping[str, str]
+    # The git commit the release was cut at (upgrade tests run that commit's real code);
+    # None for the release being developed.
+    commit: str | None = None
 
 
 _OBJECTS_1_0 = types.MappingProxyType(

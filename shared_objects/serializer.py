@@ -10,9 +10,11 @@ conductor for a backport (``object_backport_versions``) when an indirection API 
 from __future__ import annotations
 
 import contextvars
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import structlog
 from oslo_versionedobjects import exception as ovo_exception
 
 from shared_objects import exception
@@ -29,6 +31,12 @@ VERSION_KEY = f"{_NS}.version"
 DATA_KEY = f"{_NS}.data"
 NAMESPACE_KEY = f"{_NS}.namespace"
 CHANGES_KEY = f"{_NS}.changes"
+
+log = structlog.get_logger(__name__)
+
+# FLEET_TRACE_OBJECT_VERSIONS=1 logs the name and version of every object this process receives:
+# how upgrade tests prove, from an old agent's own logs, that it was only sent what it knows.
+_TRACE_VERSIONS = os.environ.get("FLEET_TRACE_OBJECT_VERSIONS", "") not in ("", "0", "false")
 
 # Set while a backport request is in flight: a reply that is still too new must fail, not loop.
 _BACKPORTING: contextvars.ContextVar[bool] = contextvars.ContextVar("backporting", default=False)
@@ -134,7 +142,12 @@ class FleetObjectSerializer:
 
     async def _object(self, ctxt: Any, primitive: dict[str, Any]) -> FleetObject:
         try:
-            return object_from_primitive(primitive, ctxt)
+            obj = object_from_primitive(primitive, ctxt)
+            if _TRACE_VERSIONS:
+                log.info(
+                    "object_received", object=primitive[NAME_KEY], version=primitive[VERSION_KEY]
+                )
+            return obj
         except ovo_exception.IncompatibleObjectVersion as exc:
             version = primitive[VERSION_KEY]
             if version.count(".") == 2:
@@ -149,6 +162,8 @@ class FleetObjectSerializer:
                     objname=name, version=version, supported=supported
                 ) from exc
             self.backport_count += 1
+            # The safety net caught a sender that should have known better: worth a warning.
+            log.warning("object_backported", object=name, version=version)
             if self.on_backport is not None:
                 self.on_backport(name)
             token = _BACKPORTING.set(True)
