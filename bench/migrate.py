@@ -1,0 +1,230 @@
+"""Live-migration benchmark: many concurrent live migrations among several agent processes.
+
+    .venv/bin/python bench/migrate.py            # 100 migrations among 4 agents
+    .venv/bin/python bench/migrate.py --quick    # 40 migrations
+    .venv/bin/python bench/migrate.py --json     # one JSON object instead of the table
+
+One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
+compute agents as separate processes) on the local RabbitMQ, in a private vhost created and
+deleted here, and a fresh PostgreSQL database, dropped at the end. Agents use the fast copy
+model (``FLEET_FAKE_MIGRATION=time_scale=0``: the memory copy costs no simulated time, so what
+is measured is Fleet's protocol — prechecks, pre/post calls, CAS saves, progress saves — not a
+pretend network) and zero spawn delay.
+
+``--count`` instances are booted evenly over the agents, then every one is live-migrated to the
+next agent (host i -> host i+1) with all requests in flight at once. Each Migration's duration
+is ``updated_at - created_at`` of its row once finished (both written by the conductor's
+database: one clock). Throughput is ``count / (last finished - first created)``. A migration
+not ``completed`` within ``--timeout`` seconds counts as stuck.
+
+The machine this runs on is usually shared and small: compare runs on the same machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from conductor.cluster import ClusterSpec, LocalCluster
+from shared_objects.log import configure_logging
+from shared_objects.objects.flavor import Flavor
+
+PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_BASE = "rabbit://guest:guest@127.0.0.1:5672/"
+FLAVOR = "bench.lm"
+FINISHED = {"completed", "failed", "error", "cancelled"}
+AGENT_ENV = {
+    "FLEET_COMPUTE__VCPUS": "4096",
+    "FLEET_COMPUTE__MEMORY_MB": "16777216",
+    "FLEET_COMPUTE__DISK_GB": "1048576",
+    "FLEET_COMPUTE__SPAWN_DELAY": "0",
+    "FLEET_FAKE_SPAWN_DELAY": "0",
+    "FLEET_FAKE_MIGRATION": "time_scale=0",
+}
+
+
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost for this run only."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        raise SystemExit("bench/migrate.py: rabbitmqctl not found (needed for a private vhost)")
+    name = f"fleet-bench-migrate-{uuid.uuid4().hex[:8]}"
+    subprocess.run([ctl, "-q", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(
+            [ctl, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield name
+    finally:
+        subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """A new PostgreSQL database (asyncpg URL), dropped afterwards."""
+    name = f"fleet_bench_migrate_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def _stamp(value: str) -> float:
+    return datetime.datetime.fromisoformat(value).timestamp()
+
+
+async def boot_evenly(cluster: LocalCluster, hosts: list[str], count: int) -> dict[str, str]:
+    """``{instance uuid: host}`` with ``count`` instances spread round-robin over ``hosts``."""
+    per_host = {
+        h: count // len(hosts) + (1 if i < count % len(hosts) else 0) for i, h in enumerate(hosts)
+    }
+    placed: dict[str, str] = {}
+    for host, n in per_host.items():
+        if n:
+            for made in await cluster.boot(
+                flavor=FLAVOR, name=f"lm-{host}", count=n, forced_host=host
+            ):
+                placed[made] = host
+    await cluster.wait_instances(list(placed), timeout=120)
+    return placed
+
+
+async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, Any]:
+    hosts = [f"compute-{n}" for n in range(1, args.agents + 1)]
+    async with fresh_database() as database_url:
+        spec = ClusterSpec(
+            database_url=database_url,
+            transport_url=AMQP_BASE + vhost,
+            hosts=tuple(hosts),
+            workdir=workdir,
+            common_env=AGENT_ENV,
+        )
+        cluster = LocalCluster(spec)
+        try:
+            await cluster.start()
+            assert cluster.tasks is not None
+            await Flavor(
+                cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=256, root_gb=1
+            ).create()
+            placed = await boot_evenly(cluster, hosts, args.count)
+            started = time.perf_counter()
+            migs = await asyncio.gather(
+                *(
+                    cluster.tasks.live_migrate_instance(
+                        cluster.ctxt,
+                        instance_uuid=u,
+                        host=hosts[(hosts.index(h) + 1) % len(hosts)],
+                    )
+                    for u, h in placed.items()
+                )
+            )
+            wanted = set(migs)
+            deadline = time.perf_counter() + args.timeout
+            rows: dict[str, dict[str, Any]] = {}
+            while time.perf_counter() < deadline:
+                listed = await cluster.tasks.list_migrations(cluster.ctxt, limit=len(migs) + 10)
+                rows = {m["uuid"]: m for m in listed if m["uuid"] in wanted}
+                if all(rows.get(u, {}).get("status") in FINISHED for u in wanted):
+                    break
+                await asyncio.sleep(0.1)
+            wall = time.perf_counter() - started
+        finally:
+            await cluster.stop()
+    statuses: dict[str, int] = {}
+    for u in wanted:
+        status = rows.get(u, {}).get("status", "missing")
+        statuses[status] = statuses.get(status, 0) + 1
+    done = [rows[u] for u in wanted if rows.get(u, {}).get("status") == "completed"]
+    durations = [_stamp(m["updated_at"]) - _stamp(m["created_at"]) for m in done]
+    span = (
+        max(_stamp(m["updated_at"]) for m in done) - min(_stamp(m["created_at"]) for m in done)
+        if done
+        else float("nan")
+    )
+    return {
+        "benchmark": "live_migration",
+        "mode": "cluster: 1 conductor + agents as separate processes, RabbitMQ + PostgreSQL",
+        "copy_model": "fast (time_scale=0)",
+        "agents": args.agents,
+        "migrations": len(migs),
+        "completed": len(done),
+        "stuck_or_failed": len(migs) - len(done),
+        "statuses": statuses,
+        "migrations_per_s": round(len(done) / span, 2) if done and span > 0 else None,
+        "p50_s": round(percentile(durations, 50), 3),
+        "p99_s": round(percentile(durations, 99), 3),
+        "max_s": round(max(durations), 3) if durations else None,
+        "client_wall_s": round(wall, 2),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=None, help="migrations (default 100)")
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="40 migrations")
+    parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster's logs")
+    args = parser.parse_args()
+    if args.count is None:
+        args.count = 40 if args.quick else 100
+    configure_logging(level="WARNING")
+    workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-migrate-"))
+    try:
+        with private_vhost() as vhost:
+            result = asyncio.run(run(args, vhost, workdir))
+    finally:
+        if args.keep:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}: {value}")
+    return 0 if result["stuck_or_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
