@@ -1,0 +1,72 @@
+"""Each service's metrics endpoint after real traffic (issue 7 c): counters of the RPC methods
+used are non-zero, and ``/readyz`` / ``/healthz`` answer 200 once the service is ready."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from ops_cluster import OpsClusterFactory, ahttp_get
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.integration
+
+
+def server_calls(text: str, outcome: str = "ok") -> Counter[str]:
+    """``{method: n}`` of ``fleet_rpc_calls_total`` for role ``server`` and ``outcome``."""
+    calls: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name != "fleet_rpc_calls":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "fleet_rpc_calls_total"
+                and labels.get("role") == "server"
+                and labels.get("outcome") == outcome
+            ):
+                calls[labels["method"]] += int(sample.value)
+    return calls
+
+
+def gauge(text: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
+    ops_cluster: OpsClusterFactory,
+) -> None:
+    async with ops_cluster(metrics=True) as cluster:
+        ports = cluster.metrics_ports
+        assert set(ports) == {"conductor-1", "compute-1", "compute-2"}
+        for name, port in ports.items():
+            assert (await ahttp_get(port, "/readyz"))[0] == 200, name
+            assert (await ahttp_get(port, "/healthz"))[0] == 200, name
+
+        uuids = await cluster.boot(flavor="small", name="metered", count=6)
+        insts = await cluster.wait_instances(uuids, timeout=60)
+        assert {i.vm_state for i in insts} == {"active"}
+        per_host = Counter(str(i.host) for i in insts)
+        assert set(per_host) == {"compute-1", "compute-2"}
+
+        status, text = await ahttp_get(ports["conductor-1"], "/metrics")
+        assert status == 200
+        calls = server_calls(text)
+        assert calls["build_instances"] >= 1
+        # Agents' object calls (CAS saves, action events, BDM/SG lookups) land on the conductor.
+        assert calls["object_action"] >= 3 * len(uuids)
+        assert calls["object_class_action_versions"] > 0
+        assert gauge(text, "fleet_ready") == 1.0
+
+        for host, built in per_host.items():
+            status, text = await ahttp_get(ports[host], "/metrics")
+            assert status == 200
+            # Exactly one run_instance handled per instance the agent built.
+            assert server_calls(text)["run_instance"] == built, (host, server_calls(text))
+            assert server_calls(text, "error")["run_instance"] == 0
+            assert gauge(text, "fleet_ready") == 1.0
+            assert (await ahttp_get(ports[host], "/readyz"))[0] == 200
