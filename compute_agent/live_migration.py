@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import enum
 import os
 from collections.abc import Mapping
@@ -49,15 +50,15 @@ from compute_agent.virt.exceptions import (
     VirtError,
 )
 from compute_agent.virt.models import GuestPhase, MigrationProgress
-from shared_objects import exception
-from shared_objects.context import RequestContext
-from shared_objects.fields import MigrationStatus, PowerState, TaskState
-from shared_objects.messaging import ExpectedException
+from shared_objects import exception, releases
+from shared_objects.context import RequestContext, admin_context
+from shared_objects.fields import MigrationStatus, MigrationType, PowerState, TaskState
+from shared_objects.messaging import ExpectedException, MessagingError
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
-from shared_objects.objects.migration import Migration
+from shared_objects.objects.migration import Migration, MigrationList
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,11 @@ class LiveMigrationSettings:
     settle_retry_interval: float = 5.0
     #: How long to keep trying to reach the copy when an abort/force arrives at its very start.
     control_grace: float = 2.0
+    #: A migration from this host still ``accepted``/``queued`` this many seconds after its
+    #: last change, with no job here, lost its conductor: it is settled (ends ``error``).
+    orphan_after: float = 900.0
+    #: Seconds between two looks for such orphans.
+    orphan_check_interval: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LiveMigrationSettings:
@@ -138,6 +144,7 @@ class LiveMigrationManager:
         self.resolver = MigrationResolver(host, driver, tracker, compute, self.settings)
         self._jobs: dict[str, _Job] = {}
         self._semaphore: asyncio.Semaphore | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -149,11 +156,18 @@ class LiveMigrationManager:
         return await recover_migrations(ctxt, self.resolver, instances)
 
     def start(self) -> None:
-        """After the RPC server started: keep retrying what recovery could not settle yet."""
+        """After the RPC server started: keep retrying what recovery could not settle yet,
+        and look for migrations whose conductor vanished before handing them over."""
         self.resolver.start_retrying()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="live-migration-sweep")
 
     async def stop(self) -> None:
         """Cancel what still runs after the RPC server's grace: the next start settles it."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         await self.resolver.stop()
         tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
         for task in tasks:
@@ -602,6 +616,44 @@ class LiveMigrationManager:
                         )
                     ) from exc
             await asyncio.sleep(0.02)
+
+    # --- orphans: a conductor that died before handing the migration over -----------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.orphan_check_interval)
+            try:
+                await self.sweep_orphans(admin_context(releases.BINARY_COMPUTE))
+            except (exception.FleetException, MessagingError, VirtError):
+                log.exception("live_migration_sweep_failed")
+
+    async def sweep_orphans(self, ctxt: RequestContext) -> int:
+        """Settle migrations from this host stuck before the hand-over; returns how many."""
+        now = datetime.datetime.now(datetime.UTC)
+        limit = datetime.timedelta(seconds=self.settings.orphan_after)
+        running = {job.instance_uuid for job in self._jobs.values()}
+        settled = 0
+        for migration in await MigrationList.get_in_progress_by_host(ctxt, self.host):
+            if (
+                migration.source_compute != self.host
+                or migration.migration_type != MigrationType.LIVE_MIGRATION
+                or migration.status not in STARTABLE
+                or migration.instance_uuid in running
+            ):
+                continue
+            changed = migration.updated_at or migration.created_at
+            if changed is None or now - changed < limit:
+                continue
+            log.warning("live_migration_orphaned", migration_uuid=migration.uuid)
+            result = await self.resolver.settle(
+                ctxt,
+                migration.instance_uuid,
+                migration.uuid,
+                "source",
+                reason=f"not handed over within {self.settings.orphan_after:g}s (conductor lost)",
+            )
+            settled += result is not None
+        return settled
 
     # --- recovery support -----------------------------------------------------------------
 

@@ -128,3 +128,25 @@ async def test_crash_in_every_phase_ends_on_one_host(
         if status == "error":
             assert "settled on host-a" in await latest_fault(fleet, uuid)
         await check_invariants(fleet)
+
+
+@pytest.mark.parametrize("phase", ["accepted", "queued"])
+async def test_migration_whose_conductor_vanished_is_swept_by_its_source(
+    lm_fleet_factory: Any, phase: str
+) -> None:
+    from shared_objects.context import RequestContext
+
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await _stage(fleet, uuid, phase)
+        manager = fleet.agents["host-a"].live_migration
+        ctxt = RequestContext(user_id="compute")
+        assert await manager.sweep_orphans(ctxt) == 0  # young: a conductor may still own it
+        assert (await instance(fleet, uuid)).task_state == "migrating"
+        manager.settings.orphan_after = 0.0
+        assert await manager.sweep_orphans(ctxt) == 1
+        inst = await wait_idle(fleet, uuid)
+        assert inst.host == "host-a"
+        assert (await wait_migration(fleet, mig))["status"] == "error"
+        assert "conductor lost" in await latest_fault(fleet, uuid)
+        await check_invariants(fleet)
