@@ -2,7 +2,8 @@
 
 Starts a conductor and two compute agents as separate processes on the local RabbitMQ (its own
 vhost) and PostgreSQL (its own database), boots six instances, attaches and detaches a volume,
-prints the fleet, and stops everything cleanly. Exit status 0 means every step worked.
+live-migrates one with a progress bar, prints the fleet, and stops everything cleanly. Exit
+status 0 means every step worked.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from conductor.cli._output import object_dict, render_table
+from conductor.cli.migrations import FINAL, ProgressBar
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.compute_node import ComputeNodeList
@@ -72,6 +75,24 @@ async def print_fleet(cluster: LocalCluster) -> None:
     print(render_table([object_dict(n, HOST_COLUMNS) for n in nodes], HOST_COLUMNS))
 
 
+async def follow_migration(cluster: LocalCluster, migration_uuid: str) -> dict[str, Any]:
+    """Poll the Migration, drawing the same progress bar as ``fleetctl live-migrate --wait``."""
+    assert cluster.tasks is not None
+    bar = ProgressBar(sys.stdout, prefix="    ")
+    try:
+        for _ in range(1500):
+            migration = await cluster.tasks.get_migration(
+                cluster.ctxt, migration_uuid=migration_uuid
+            )
+            bar.update(migration)
+            if migration["status"] in FINAL:
+                return migration
+            await asyncio.sleep(0.1)
+        return migration
+    finally:
+        bar.close()
+
+
 async def demo(workdir: Path) -> int:
     started = time.monotonic()
     with private_vhost() as vhost:
@@ -121,6 +142,16 @@ async def demo(workdir: Path) -> int:
             await cluster.tasks.detach_volume(
                 cluster.ctxt, instance_uuid=target.uuid, volume_id="vol-demo"
             )
+            moving = next(i for i in insts if i.host == "compute-1")
+            say(f"live-migrating {moving.name} from compute-1 to compute-2")
+            migration_uuid = await cluster.tasks.live_migrate_instance(
+                cluster.ctxt, instance_uuid=moving.uuid, host="compute-2"
+            )
+            final = await follow_migration(cluster, migration_uuid)
+            if final["status"] != "completed":
+                say(f"FAILED: migration ended {final['status']}")
+                return 1
+            say(f"migration {migration_uuid} completed")
             say("the fleet:")
             await print_fleet(cluster)
         finally:

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "conductor.cli.instances",
     "conductor.cli.fleet",
     "conductor.cli.secgroups",
+    "conductor.cli.migrations",
 )
 
 

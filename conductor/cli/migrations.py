@@ -1,0 +1,148 @@
+"""``fleetctl live-migrate``, ``migrations`` and ``live-migration abort|force-complete``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any, TextIO
+
+from conductor.cli._output import emit
+from conductor.cli._session import CommandError, Session, check_uuid, session
+from shared_objects.config import FleetConfig
+
+FINAL = frozenset({"completed", "failed", "error", "cancelled"})
+LIST_COLUMNS = ("uuid", "instance_uuid", "source_compute", "dest_compute", "status", "progress")
+
+
+def percent(migration: dict[str, Any]) -> int:
+    """Progress in percent: the share of memory no longer left to copy (re-dirtied pages count
+    as left), or the instance's own figure when the Migration has no totals yet."""
+    if migration.get("status") == "completed":
+        return 100
+    total = migration.get("memory_total") or 0
+    remaining = migration.get("memory_remaining")
+    if total > 0 and remaining is not None:
+        return max(0, min(99, int(100 * (total - remaining) / total)))
+    progress = migration.get("progress")
+    return int(progress) if isinstance(progress, int) else 0
+
+
+def render_bar(migration: dict[str, Any], width: int = 30) -> str:
+    done = percent(migration)
+    filled = width * done // 100
+    remaining = (migration.get("memory_remaining") or 0) // (1024 * 1024)
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done:3d}% "
+        f"{migration.get('status', '?'):<14} {remaining} MiB left"
+    )
+
+
+class ProgressBar:
+    """Redraws one line on a terminal; elsewhere (logs, CI) prints a line per visible change."""
+
+    def __init__(self, stream: TextIO, prefix: str = "") -> None:
+        self.stream = stream
+        self.prefix = prefix
+        self.tty = stream.isatty()
+        self._last: tuple[str, int] | None = None
+
+    def update(self, migration: dict[str, Any]) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.prefix + render_bar(migration))
+        else:
+            key = (str(migration.get("status")), percent(migration) // 10)
+            if key == self._last:
+                return
+            self._last = key
+            self.stream.write(self.prefix + render_bar(migration) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def follow(
+    s: Session, migration_uuid: str, timeout: float, *, bar: TextIO | None
+) -> dict[str, Any]:
+    """Poll the Migration until it ends, drawing a progress bar on ``bar`` if given."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    progress = ProgressBar(bar) if bar is not None else None
+    while True:
+        migration = await s.tasks.get_migration(s.ctxt, migration_uuid=migration_uuid)
+        if progress is not None:
+            progress.update(migration)
+        if migration["status"] in FINAL:
+            if progress is not None:
+                progress.close()
+            return migration
+        if loop.time() > deadline:
+            raise CommandError(
+                f"migration {migration_uuid} still {migration['status']} after {timeout:g}s"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def live_migrate(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    uuid = check_uuid(args.uuid)
+    async with session(cfg) as s:
+        migration_uuid = await s.tasks.live_migrate_instance(
+            s.ctxt, instance_uuid=uuid, host=args.host
+        )
+        if not args.wait:
+            emit(args.format, {"migration_uuid": migration_uuid, "instance_uuid": uuid}, ())
+            return 0
+        bar = sys.stderr if args.format == "table" else None
+        final = await follow(s, migration_uuid, args.timeout, bar=bar)
+    emit(args.format, final, ())
+    return 0 if final["status"] == "completed" else 1
+
+
+async def migrations(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    instance = check_uuid(args.instance) if args.instance else None
+    async with session(cfg) as s:
+        found = await s.tasks.list_migrations(s.ctxt, instance_uuid=instance)
+    rows = [{**m, "progress": f"{percent(m)}%"} for m in found]
+    emit(args.format, found if args.format == "json" else rows, LIST_COLUMNS)
+    return 0
+
+
+async def abort(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    uuid = check_uuid(args.migration_uuid)
+    async with session(cfg) as s:
+        await s.tasks.live_migration_abort(s.ctxt, migration_uuid=uuid)
+    print(f"abort requested for migration {uuid}")
+    return 0
+
+
+async def force_complete(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    uuid = check_uuid(args.migration_uuid)
+    async with session(cfg) as s:
+        await s.tasks.live_migration_force_complete(s.ctxt, migration_uuid=uuid)
+    print(f"force-complete requested for migration {uuid}")
+    return 0
+
+
+def register_commands(commands: Any) -> None:
+    p = commands.add_parser("live-migrate", help="live-migrate an instance")
+    p.add_argument("uuid", help="instance uuid")
+    p.add_argument("--host", help="destination (default: the scheduler picks)")
+    p.add_argument("--wait", action="store_true", help="follow it with a progress bar")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=live_migrate)
+
+    p = commands.add_parser("migrations", help="list migrations")
+    p.add_argument("--instance", help="only this instance's")
+    p.set_defaults(func=migrations)
+
+    lm = commands.add_parser("live-migration", help="control a running live migration")
+    sub = lm.add_subparsers(dest="lm_command", metavar="COMMAND", required=True)
+    p = sub.add_parser("abort", help="stop it; the instance stays on its source")
+    p.add_argument("migration_uuid")
+    p.set_defaults(func=abort)
+    p = sub.add_parser("force-complete", help="pause the guest so the copy converges")
+    p.add_argument("migration_uuid")
+    p.set_defaults(func=force_complete)
