@@ -12,6 +12,7 @@ import asyncio
 import subprocess
 from pathlib import Path
 
+from shared_objects import releases
 from shared_objects.releases import Release
 
 
@@ -59,3 +60,10 @@ def export_release_sync(release: Release, dest: Path, *, repo: Path | None = Non
 async def export_release(release: Release, dest: Path, *, repo: Path | None = None) -> Path:
     """``export_release_sync`` off the event loop."""
     return await asyncio.to_thread(export_release_sync, release, dest, repo=repo)
+
+
+def previous_release() -> Release:
+    """The release before the one being developed (what a rolling upgrade starts from)."""
+    if len(releases.RELEASES) < 2:
+        raise ReleaseHistoryMissing("the release table has no previous release")
+    return releases.RELEASES[-2]

@@ -1,0 +1,145 @@
+"""A rolling upgrade in progress: the current conductor, an agent running the previous release's
+real code (exported from git history) and a current agent (issue 6 acceptance a to d)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conductor.release_tree import previous_release
+from shared_objects import releases
+from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
+from shared_objects.objects.instance import Instance
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+OLD, NEW = "compute-old", "compute-new"
+VERSION_TROUBLE = ("IncompatibleObjectVersion", "UnsupportedVersion", "UnsupportedObjectVersion")
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            events.append({"event": line, "level": "raw"})
+    return events
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+async def _migrate(cluster: Any, uuid: str, host: str) -> dict[str, Any]:
+    migration_uuid = await cluster.tasks.live_migrate_instance(
+        cluster.ctxt, instance_uuid=uuid, host=host
+    )
+    for _ in range(600):
+        migration = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=migration_uuid)
+        if migration["status"] in ("completed", "failed", "error", "cancelled"):
+            return dict(migration)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"migration {migration_uuid} did not finish")
+
+
+async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
+    cluster_factory: Any, previous_release_tree: Path
+) -> None:
+    old_release = previous_release()
+    env = {
+        "FLEET_TRACE_OBJECT_VERSIONS": "1",
+        "FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL": "1",
+    }
+    async with cluster_factory(
+        hosts=(OLD, NEW), agent_source={OLD: previous_release_tree}, common_env=env
+    ) as cluster:
+        ctxt = cluster.ctxt
+        await cluster.tasks.security_group_create(ctxt, name="web")
+        on_old = (await cluster.boot(flavor="small", name="a", forced_host=OLD))[0]
+        on_new = (await cluster.boot(flavor="small", name="b", forced_host=NEW))[0]
+        web_old = (
+            await cluster.boot(flavor="small", name="c", forced_host=OLD, security_groups=["web"])
+        )[0]
+        web_new = (
+            await cluster.boot(flavor="small", name="d", forced_host=NEW, security_groups=["web"])
+        )[0]
+        insts = await cluster.wait_instances([on_old, on_new, web_old, web_new])
+        assert [i.vm_state for i in insts] == ["active"] * 4
+
+        # (a) live migration in both directions between the releases.
+        assert (await _migrate(cluster, on_old, NEW))["status"] == "completed"
+        assert (await _migrate(cluster, on_new, OLD))["status"] == "completed"
+        moved = {u: (await Instance.get_by_uuid(ctxt, u)).host for u in (on_old, on_new)}
+        assert moved == {on_old: NEW, on_new: OLD}
+
+        # (a) volumes on the old agent, security-group refresh on both.
+        await cluster.tasks.attach_volume(ctxt, instance_uuid=on_new, volume_id="vol-up")
+        await cluster.tasks.detach_volume(ctxt, instance_uuid=on_new, volume_id="vol-up")
+        assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, on_new)) == []
+        refreshed = await cluster.tasks.security_group_rule_add(
+            ctxt, group="web", protocol="tcp", from_port=22, to_port=22, cidr="10.0.0.0/8"
+        )
+        assert refreshed["refreshed_hosts"] == {OLD: 1, NEW: 1}
+        await asyncio.sleep(1.0)  # the refresh casts land
+
+        logs = {name: log_events(cluster.workdir / f"{name}.log") for name in cluster.processes}
+
+        # (a) no version errors anywhere.
+        for name, events in logs.items():
+            bad = [
+                e
+                for e in events
+                if any(word in json.dumps(e) for word in VERSION_TROUBLE)
+                or e.get("event") == "object_backported"
+            ]
+            assert bad == [], f"{name}: version trouble {bad[:3]}"
+
+        # (b) the old agent only ever received versions its release knows (its own log says).
+        received_old = [e for e in logs[OLD] if e.get("event") == "object_received"]
+        assert received_old, "the old agent traced no object versions"
+        for event in received_old:
+            known = old_release.objects[event["object"]]
+            assert _version_tuple(event["version"]) <= _version_tuple(known), event
+        # ... and the current agent received this release's versions.
+        received_new = {
+            (e["object"], e["version"]) for e in logs[NEW] if e.get("event") == "object_received"
+        }
+        assert ("Instance", releases.CURRENT.objects["Instance"]) in received_new
+
+        # (c) while the old agent is registered, every agent is called at the capped version.
+        cap = old_release.compute_rpc_api
+        for host in (OLD, NEW):
+            versions = {e.get("rpc_version") for e in logs[host] if e.get("rpc_version")}
+            assert versions and all(_version_tuple(v) <= _version_tuple(cap) for v in versions), (
+                host,
+                versions,
+            )
+        caps = [e for e in logs["conductor-1"] if e.get("event") == "compute_rpc_version_cap"]
+        assert caps and caps[-1]["cap"] == cap
+
+        # (c) stop the old agent: once its service is down, SIGHUP lifts the cap at once.
+        assert await cluster.stop_process(OLD) == 0
+        await asyncio.sleep(cluster.spec.service_down_time + 1)
+        conductor = cluster.processes["conductor-1"].process
+        assert conductor is not None
+        os.kill(conductor.pid, signal.SIGHUP)
+        expected = releases.CURRENT.compute_rpc_api
+        for _ in range(50):
+            events = log_events(cluster.workdir / "conductor-1.log")
+            lifted = [
+                e
+                for e in events
+                if e.get("event") == "compute_rpc_version_cap" and e.get("cap") == expected
+            ]
+            if lifted or expected == cap:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the compute RPC cap did not lift after the old agent left")
