@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
@@ -21,6 +22,7 @@ from conductor.db.session import create_engine
 from shared_objects import exception
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+log = structlog.get_logger(__name__)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -67,14 +69,29 @@ async def upgrade(url: str, revision: str = "head") -> tuple[str | None, str | N
         await engine.dispose()
 
 
+def known_revisions() -> set[str]:
+    """Every revision this release ships."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return {rev.revision for rev in script.walk_revisions()}
+
+
 async def check_at_head(url: str) -> str:
-    """Raise ``SchemaNotAtHead`` unless the database is at this release's head revision."""
+    """Raise ``SchemaNotAtHead`` unless the schema is at this release's head or newer.
+
+    Migrations are expand-only (columns and tables are added, never dropped or renamed within a
+    supported upgrade window), so during a rolling upgrade a conductor of the previous release
+    keeps working on a schema the new release already migrated: a revision this release does
+    not know is taken as newer (and logged), one it knows but is not head is too old.
+    """
     current = await current_revision(url)
     head = head_revision()
-    if current != head:
-        raise exception.SchemaNotAtHead(current=current or "none (empty database)", head=head)
     assert head is not None
-    return head
+    if current == head:
+        return head
+    if current is not None and current not in known_revisions():
+        log.warning("schema_newer_than_release", current=current, head=head)
+        return current
+    raise exception.SchemaNotAtHead(current=current or "none (empty database)", head=head)
 
 
 async def schema_drift(url: str) -> list[Any]:
