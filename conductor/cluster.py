@@ -72,6 +72,8 @@ class ClusterSpec:
     common_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # Hosts whose agent runs another release's code: {host: exported source tree}.
     agent_source: Mapping[str, Path] = dataclasses.field(default_factory=dict)
+    # Conductors running another release's code (exported source tree), or None.
+    conductor_source: Path | None = None
     report_interval: float = 2.0
     service_down_time: float = 10.0
 
@@ -116,8 +118,15 @@ class LocalCluster:
         env = self._base_env()
         env["FLEET_DATABASE_URL"] = self.spec.database_url
         env["FLEET_HOST"] = name
+        source = self.spec.conductor_source
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
         return ProcessHandle(
-            name, [sys.executable, "-m", "conductor"], env, self.workdir / f"{name}.log"
+            name,
+            [sys.executable, "-m", "conductor"],
+            env,
+            self.workdir / f"{name}.log",
+            cwd=source,
         )
 
     def agent_handle(self, host: str) -> ProcessHandle:
@@ -160,7 +169,10 @@ class LocalCluster:
     async def start(self, *, timeout: float = 60.0) -> None:
         """Migrate the database, start conductors then agents, wait until all are up."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        await migration.upgrade(self.spec.database_url)
+        if self.spec.conductor_source is None:
+            await migration.upgrade(self.spec.database_url)
+        else:
+            await self.migrate_database(self.spec.conductor_source)
         cfg = MessagingConfig(
             transport_url=self.spec.transport_url, control_exchange=self.spec.control_exchange
         )
@@ -269,6 +281,35 @@ class LocalCluster:
         await self._spawn(self.agent_handle(host))
         await self.wait_agents([host], timeout)
         return code
+
+    async def switch_conductor_code(self, source: Path | None, *, timeout: float = 60.0) -> None:
+        """Restart every conductor, one by one, on other code (None: the installed code)."""
+        self.spec = dataclasses.replace(self.spec, conductor_source=source)
+        for name in [n for n in self.processes if n.startswith("conductor-")]:
+            await self.stop_process(name)
+            await self._spawn(self.conductor_handle(int(name.rsplit("-", 1)[1])))
+            await self.wait_conductor(timeout)
+
+    async def migrate_database(self, source: Path | None = None) -> None:
+        """``fleetctl db upgrade`` of the given code (None: the installed code)."""
+        env = self._base_env()
+        env["FLEET_DATABASE_URL"] = self.spec.database_url
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "conductor.cli",
+            "db",
+            "upgrade",
+            env=env,
+            cwd=source,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"db upgrade failed: {out.decode(errors='replace')}")
 
     async def start_agent(self, host: str, *, timeout: float = 60.0) -> None:
         """Start an agent for a host that was not in the spec (or was stopped)."""
