@@ -98,7 +98,6 @@ class MigrationResolver:
         self._pending: dict[str, tuple[str, Role]] = {}
         self._retry_task: asyncio.Task[None] | None = None
         self._retrying = False
-        self._claims_live = False
 
     # --- phases ---------------------------------------------------------------------------
 
@@ -294,8 +293,8 @@ class MigrationResolver:
                 raise exception.InvalidRequest(reason=f"unknown live-migration step {step!r}")
             await actions[step](instance)
             log.info("settle_step_done", instance_uuid=instance.uuid, step=step, host=self.host)
-        if not self._claims_live:
-            return  # at start: claims are computed from the outcome afterwards
+        if self.tracker.node is None:
+            return  # at start, before the tracker: claims are computed from the outcome after
         if owner == self.host:
             try:
                 await self.tracker.claim(instance)
@@ -312,8 +311,7 @@ class MigrationResolver:
             self._retry_task = asyncio.create_task(self._retry_loop(), name="settle-retry")
 
     def start_retrying(self) -> None:
-        """Claims are live from now on; retry what is pending."""
-        self._claims_live = True
+        """Retry what is pending (after the agent started serving)."""
         self._retrying = True
         if self._pending and (self._retry_task is None or self._retry_task.done()):
             self._retry_task = asyncio.create_task(self._retry_loop(), name="settle-retry")
