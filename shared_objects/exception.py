@@ -124,6 +124,10 @@ class ObjectAlreadyExists(Conflict):
     msg_fmt = "%(objname)s %(key)s already exists."
 
 
+class DatabaseConflict(Conflict):
+    msg_fmt = "The database refused the change to %(table)s: %(reason)s"
+
+
 class ObjectAlreadyCreated(ObjectActionError):
     msg_fmt = "%(objname)s was already created (it has an id)."
 

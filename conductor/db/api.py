@@ -12,8 +12,9 @@ is a deliberate full listing). A lookup without one is a programming error, refu
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -29,9 +30,11 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conductor.db import models
+from shared_objects import exception
 from shared_objects.base import AtLeast, DatabaseAPI
 
 Row = dict[str, Any]
@@ -159,6 +162,17 @@ def _cached(key: tuple[Any, ...], build: Any) -> Any:
     return stmt
 
 
+@contextlib.asynccontextmanager
+async def _conflicts(table: Table) -> AsyncIterator[None]:
+    """A constraint violation (unique key, foreign key, NOT NULL) becomes ``DatabaseConflict``,
+    an error agents can catch by class, instead of a driver error they cannot import."""
+    try:
+        yield
+    except IntegrityError as exc:
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+        raise exception.DatabaseConflict(table=table.name, reason=reason) from exc
+
+
 class DbApi(DatabaseAPI):
     """Database access for one request (see module docstring)."""
 
@@ -266,7 +280,9 @@ class DbApi(DatabaseAPI):
             if name not in t.c:
                 raise KeyError(f"{t.name} has no column {name!r}")
         stmt = _cached(("insert", t.name), lambda: insert(t).returning(*t.c))
-        result = await (await self._connection(write=True)).execute(stmt, dict(values))
+        conn = await self._connection(write=True)
+        async with _conflicts(t):
+            result = await conn.execute(stmt, dict(values))
         return dict(result.mappings().one())
 
     async def update(
@@ -296,7 +312,9 @@ class DbApi(DatabaseAPI):
             return stmt if ret == () else stmt.returning(*self._cols(t, ret))
 
         stmt = _cached(key, build)
-        result = await (await self._connection(write=True)).execute(stmt, params)
+        conn = await self._connection(write=True)
+        async with _conflicts(t):
+            result = await conn.execute(stmt, params)
         if ret == ():
             return [{} for _ in range(result.rowcount)]
         return [dict(r) for r in result.mappings()]
@@ -307,7 +325,9 @@ class DbApi(DatabaseAPI):
         stmt = _cached(
             ("delete", t.name, shape), lambda: delete(t).where(where_clause_for(t, shape))
         )
-        result = await (await self._connection(write=True)).execute(stmt, params)
+        conn = await self._connection(write=True)
+        async with _conflicts(t):
+            result = await conn.execute(stmt, params)
         return int(result.rowcount)
 
     async def min_value(self, table: str, column: str, where: Mapping[str, Any]) -> Any:

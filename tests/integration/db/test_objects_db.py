@@ -323,3 +323,17 @@ async def test_queries_without_an_index_are_refused(conductor: LocalConductor) -
             await db.update("instances", {"image_ref": "x"}, {"name": "y"})
         assert await db.select("instances", {"deleted": False}) == []
     assert await snapshot(conductor.database) == before
+
+
+async def test_constraint_violations_become_a_clear_conflict(conductor: LocalConductor) -> None:
+    ctxt = conductor.agent_context()
+    flavor = await _flavor(ctxt)
+    inst = await _instance(ctxt, flavor)
+    twin = Instance(ctxt, uuid=inst.uuid, name="twin", flavor=flavor, vm_state="building")
+    with pytest.raises(exception.DatabaseConflict, match="instances"):
+        await twin.create()
+    rule = SecurityGroupRule(ctxt, parent_group_id=987654, protocol="tcp")
+    with pytest.raises(exception.DatabaseConflict, match="security_group_rules"):
+        await rule.create()
+    # The failed requests left nothing behind and the conductor still serves.
+    assert len(await InstanceList.get_by_host(ctxt, "h1")) == 1
