@@ -17,6 +17,9 @@ is ``updated_at - created_at`` of its row once finished (both written by the con
 database: one clock). Throughput is ``count / (last finished - first created)``. A migration
 not ``completed`` within ``--timeout`` seconds counts as stuck.
 
+The conductor's ``/metrics`` is scraped before and after the migrations to count the RPCs it
+served per migration, by method (object indirection and compute-task calls).
+
 The machine this runs on is usually shared and small: compare runs on the same machine only.
 """
 
@@ -29,11 +32,13 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -44,6 +49,7 @@ import asyncpg
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.rabbit_node import free_port
 
 PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = "rabbit://guest:guest@127.0.0.1:5672/"
@@ -98,6 +104,25 @@ async def fresh_database() -> AsyncIterator[str]:
             await admin.close()
 
 
+_SAMPLE = re.compile(r"^fleet_rpc_calls_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
+
+
+def scrape_server_calls(port: int) -> dict[str, float]:
+    """``{method: calls}`` the service on ``port`` served (role server, every outcome)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    calls: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if labels.get("role") == "server":
+            method = labels.get("method", "?")
+            calls[method] = calls.get(method, 0.0) + float(match.group(2))
+    return calls
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -133,17 +158,32 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
             database_url=database_url,
             transport_url=AMQP_BASE + vhost,
             hosts=tuple(hosts),
+            conductors=args.conductors,
             workdir=workdir,
-            common_env=AGENT_ENV,
+            common_env={**AGENT_ENV, "FLEET_LOG_LEVEL": args.log_level},
+            report_interval=10.0,
+            service_down_time=60.0,
         )
         cluster = LocalCluster(spec)
+        port = free_port()
+        make_handle = cluster.conductor_handle
+
+        def conductor_handle(index: int) -> Any:
+            # Only the conductor serves /metrics: its per-method counts are what we read.
+            handle = make_handle(index)
+            if index == 1:
+                handle.env["FLEET_METRICS_PORT"] = str(port)
+            return handle
+
+        cluster.conductor_handle = conductor_handle  # type: ignore[method-assign]
         try:
-            await cluster.start()
+            await cluster.start(timeout=120)
             assert cluster.tasks is not None
             await Flavor(
                 cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=256, root_gb=1
             ).create()
             placed = await boot_evenly(cluster, hosts, args.count)
+            before = await asyncio.to_thread(scrape_server_calls, port)
             started = time.perf_counter()
             migs = await asyncio.gather(
                 *(
@@ -165,6 +205,7 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
                     break
                 await asyncio.sleep(0.1)
             wall = time.perf_counter() - started
+            after = await asyncio.to_thread(scrape_server_calls, port)
         finally:
             await cluster.stop()
     statuses: dict[str, int] = {}
@@ -180,7 +221,10 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
     )
     return {
         "benchmark": "live_migration",
-        "mode": "cluster: 1 conductor + agents as separate processes, RabbitMQ + PostgreSQL",
+        "mode": (
+            f"cluster: {args.conductors} conductor(s) + {args.agents} agents as separate "
+            "processes, RabbitMQ + PostgreSQL"
+        ),
         "copy_model": "fast (time_scale=0)",
         "agents": args.agents,
         "migrations": len(migs),
@@ -192,6 +236,13 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
         "p99_s": round(percentile(durations, 99), 3),
         "max_s": round(max(durations), 3) if durations else None,
         "client_wall_s": round(wall, 2),
+        "conductors": args.conductors,
+        # With several conductors this is conductor-1's share only.
+        "conductor_rpcs_per_migration": {
+            m: round((n - before.get(m, 0.0)) / len(migs), 2)
+            for m, n in sorted(after.items())
+            if n - before.get(m, 0.0) > 0
+        },
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
     }
@@ -201,10 +252,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=None, help="migrations (default 100)")
     parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--conductors", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="40 migrations")
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's logs")
+    parser.add_argument("--log-level", default="warning", help="services' log level")
     args = parser.parse_args()
     if args.count is None:
         args.count = 40 if args.quick else 100
