@@ -149,3 +149,49 @@ async def test_destination_sigkilled_mid_copy_recovers_on_destination(
         assert (inst.host, inst.vm_state) == ("compute-2", "active")
         assert (await _wait(cluster, mig, {"completed"}))["status"] == "completed"
         await _invariants(cluster)
+
+
+@pytest.mark.parametrize(
+    ("host", "rule", "statuses", "fault_text"),
+    [
+        ("compute-2", "check_can_live_migrate_destination:*", {"failed"}, "prechecks"),
+        ("compute-1", "check_can_live_migrate_source:*", {"failed"}, "prechecks"),
+        ("compute-2", "pre_live_migration:*", {"failed"}, "pre_live_migration"),
+        ("compute-1", "live_migration_copy:1:after=3", {"failed"}, "InjectedFailure"),
+        (
+            "compute-2",
+            "post_live_migration_at_destination:*",
+            {"error"},
+            "post_live_migration_at_destination",
+        ),
+    ],
+)
+async def test_failure_points_across_processes_leave_instance_on_source(
+    cluster_factory: Any,
+    tmp_path: Path,
+    host: str,
+    rule: str,
+    statuses: set[str],
+    fault_text: str,
+) -> None:
+    from shared_objects.objects.instance_fault import InstanceFault
+
+    rules = tmp_path / f"failures-{host}"
+    agent_env = _models("bandwidth_mb_s=2000,round_interval_s=0.02")
+    agent_env[host] = {**agent_env[host], "FLEET_FAKE_FAILURES_FILE": str(rules)}
+    async with cluster_factory(common_env=HEARTBEATS, agent_env=agent_env) as cluster:
+        (uuid,) = await cluster.boot(flavor="small", name="vm", forced_host="compute-1")
+        await cluster.wait_instances([uuid], timeout=60)
+        staged = rules.with_suffix(".tmp")
+        staged.write_text(rule)
+        staged.replace(rules)  # atomically: the agent re-reads it at its next step
+        mig = await cluster.tasks.live_migrate_instance(
+            cluster.ctxt, instance_uuid=uuid, host="compute-2"
+        )
+        got = await _wait(cluster, mig, FINISHED)
+        assert got["status"] in statuses, got
+        inst = await _wait_idle(cluster, uuid)
+        assert (inst.host, inst.vm_state) == ("compute-1", "active")
+        fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, uuid)
+        assert fault_text in (fault.message or "")
+        await _invariants(cluster)  # includes: compute-2's usage is zero again
