@@ -1,0 +1,108 @@
+"""The fleet invariant checker notices each kind of breakage (a checker that cannot fail is no
+check), and the live-migration settings read their environment overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from live_migration_helpers import boot
+
+from compute_agent.live_migration import LiveMigrationSettings
+from compute_agent.testing_invariants import (
+    InvariantViolation,
+    assert_fleet_invariants,
+    check_fleet_invariants,
+    driver_views,
+)
+from compute_agent.virt.models import GuestSpec
+from conductor.tasks.live_migrate import LiveMigrateSettings
+from shared_objects.objects.compute_node import ComputeNode
+from shared_objects.objects.instance import Instance
+
+
+async def _problems(fleet: Any, with_claims: bool = True) -> list[str]:
+    await fleet.flush()
+    drivers = {h: a.driver for h, a in fleet.agents.items()}
+    claims = {h: a.tracker.claims.claimed_uuids for h, a in fleet.agents.items()}
+    async with fleet.db() as ctxt:
+        return await check_fleet_invariants(
+            ctxt, await driver_views(drivers), claims=claims if with_claims else None
+        )
+
+
+async def test_a_healthy_fleet_has_no_violations(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory() as fleet:
+        await boot(fleet, "host-a", count=2)
+        assert await _problems(fleet) == []
+
+
+async def test_guest_on_two_hypervisors_is_reported(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory() as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        await fleet.driver("host-b").spawn(GuestSpec(uuid, memory_mb=512), "img")
+        problems = await _problems(fleet, with_claims=False)
+        assert any("runs on 2 hypervisors" in p for p in problems), problems
+
+
+async def test_database_host_disagreeing_with_hypervisor_is_reported(
+    lm_fleet_factory: Any,
+) -> None:
+    async with lm_fleet_factory() as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        async with fleet.db() as ctxt:
+            inst = await Instance.get_by_uuid(ctxt, uuid)
+            inst.host = "host-b"
+            await inst.save()
+        problems = await _problems(fleet, with_claims=False)
+        assert any("database says host host-b, hypervisor host-a" in p for p in problems)
+
+
+async def test_task_state_left_set_and_paused_copy_are_reported(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory() as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        async with fleet.db() as ctxt:
+            inst = await Instance.get_by_uuid(ctxt, uuid)
+            inst.task_state = "migrating"
+            await inst.save()
+        a, b = fleet.driver("host-a"), fleet.driver("host-b")
+        data = await a.check_can_live_migrate_source(
+            inst, await b.check_can_live_migrate_destination(inst, "host-a")
+        )
+        await b.pre_live_migration(inst, data)
+        problems = await _problems(fleet, with_claims=False)
+        assert any("task_state 'migrating' left set" in p for p in problems), problems
+        assert any("host-b: guest" in p and "incoming" in p for p in problems), problems
+
+
+async def test_usage_and_claims_mismatches_are_reported(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory() as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        await fleet.flush()
+        async with fleet.db() as ctxt:
+            node = await ComputeNode.get_by_host_and_nodename(ctxt, "host-b", "host-b")
+            node.memory_mb_used = 999
+            await node.save()
+        fleet.agents["host-a"].tracker.release(uuid)
+        drivers = {h: a.driver for h, a in fleet.agents.items()}
+        claims = {h: a.tracker.claims.claimed_uuids for h, a in fleet.agents.items()}
+        async with fleet.db() as ctxt:
+            with pytest.raises(InvariantViolation) as err:
+                await assert_fleet_invariants(ctxt, await driver_views(drivers), claims=claims)
+        text = "\n".join(err.value.violations)
+        assert "compute node host-b: usage" in text
+        assert f"host-a: claims for [] without instances, instances ['{uuid}']" in text
+
+
+def test_settings_read_environment_overrides() -> None:
+    agent = LiveMigrationSettings.from_env(
+        {
+            "FLEET_LIVE_MIGRATION_CALL_MONITOR_TIMEOUT": "4",
+            "FLEET_LIVE_MIGRATION_MAX_CONCURRENT": "3",
+        }
+    )
+    assert (agent.call_monitor_timeout, agent.max_concurrent) == (4.0, 3)
+    conductor = LiveMigrateSettings.from_env(
+        {"FLEET_LIVE_MIGRATE_MAX_ATTEMPTS": "5"}, service_down_time=30.0
+    )
+    assert (conductor.max_attempts, conductor.service_down_time) == (5, 30.0)
