@@ -64,9 +64,15 @@ async def test_oslo_listener_sees_create_and_volume_detach_notifications(
                 "instance.volume_detach.end",
             ]
             seen: dict[str, Any] = {}
+            # The notifications queue outlives a test (as in oslo): match on this instance.
             for event_type in wanted:
                 seen[event_type] = await listener.wait_event(
-                    lambda e, t=event_type: e.get("event_type") == t, within=15
+                    lambda e, t=event_type: (
+                        e.get("event_type") == t
+                        and (e.get("payload") or {}).get("fleet_object.data", {}).get("uuid")
+                        == uuid
+                    ),
+                    within=15,
                 )
             end = seen["instance.create.end"]
             assert end["publisher_id"] == f"compute.{inst.host}"
