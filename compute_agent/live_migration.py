@@ -80,6 +80,10 @@ class LiveMigrationSettings:
     progress_interval: float = 0.5
     #: Copies running at once with this host as source; the rest wait in ``queued``.
     max_concurrent: int = 16
+    #: Migrations from this host accepted at once (each holds an RPC handler slot for its
+    #: whole duration: keep it well below the server's ``max_concurrency``). Beyond it the
+    #: source precheck refuses.
+    max_in_flight: int = 32
     #: Seconds between attempts to settle a migration whose peer did not answer.
     settle_retry_interval: float = 5.0
     #: How long to keep trying to reach the copy when an abort/force arrives at its very start.
@@ -226,6 +230,11 @@ class LiveMigrationManager:
         if instance.host != self.host:
             raise MigrationPreCheckError(
                 uuid=instance.uuid, reason=f"instance is on {instance.host}, not {self.host}"
+            )
+        if len(self._jobs) >= self.settings.max_in_flight:
+            raise MigrationPreCheckError(
+                uuid=instance.uuid,
+                reason=f"{self.host} already runs {len(self._jobs)} outgoing live migrations",
             )
         async with instance_event(
             ctxt, instance.uuid, "compute_check_can_live_migrate_source", self.host

@@ -189,3 +189,19 @@ async def test_force_complete_needs_a_running_migration(lm_fleet_factory: Any) -
         got = await _migrate(fleet, uuid)
         with pytest.raises(exception.InvalidRequest, match="already completed"):
             await fleet.tasks.live_migration_force_complete(user(), migration_uuid=got["uuid"])
+
+
+async def test_source_with_too_many_outgoing_migrations_refuses_more(
+    lm_fleet_factory: Any,
+) -> None:
+    async with lm_fleet_factory(migration=UNTIL_FORCED) as fleet:
+        first, second = await boot(fleet, "host-a", count=2)
+        fleet.agents["host-a"].live_migration.settings.max_in_flight = 1
+        mig = await _running(fleet, first)
+        got = await _migrate(fleet, second)
+        assert got["status"] == "failed"
+        assert "outgoing live migrations" in await latest_fault(fleet, second)
+        await fleet.tasks.live_migration_force_complete(user(), migration_uuid=mig)
+        await settle_task(fleet, mig)
+        assert (await wait_migration(fleet, mig))["status"] == "completed"
+        await check_invariants(fleet)
