@@ -25,6 +25,10 @@ conductor's ``/metrics`` is scraped around each path to count the RPCs it served
 by method.
 Target: build >= 0.5x the floor's instances/s.
 
+``--decompose`` adds a third path, ``calls``: the floor client issuing every object call the build
+flow makes per instance (``boot_floor.py --calls full``), which splits the gap between the floor
+and the build into "more object calls" and "the flow itself" (scheduling, casts, agents).
+
 ``--profile DIR`` records the conductor and every agent with py-spy during the build path.
 
 The machine this runs on is usually shared and small: compare the ratio of one run, never
@@ -64,6 +68,8 @@ HERE = Path(__file__).resolve().parent
 PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = "rabbit://guest:guest@127.0.0.1:5672/"
 TARGET = 0.5
+# "calls" (only with --decompose): every object call of the build, without the build flow.
+PATHS = ("floor", "calls", "build")
 FLAVOR = "bench.tiny"
 # Capacity far above what a run needs: the benchmark measures the flow, not the scheduler saying no.
 AGENT_CAPACITY = {
@@ -192,7 +198,18 @@ def scrape_server_calls(port: int) -> dict[str, float]:
 
 
 async def calls_delta(port: int, before: dict[str, float]) -> dict[str, float]:
+    """Calls served since ``before``, read once the conductor is quiet.
+
+    Work goes on after the last instance is ACTIVE (event and action finish, usage updates):
+    wait until two scrapes a second apart agree (at most 30 s) so it is counted too.
+    """
     after = await asyncio.to_thread(scrape_server_calls, port)
+    for _ in range(30):
+        await asyncio.sleep(1.0)
+        again = await asyncio.to_thread(scrape_server_calls, port)
+        if again == after:
+            break
+        after = again
     return {m: n - before.get(m, 0.0) for m, n in after.items() if n - before.get(m, 0.0) > 0}
 
 
@@ -204,7 +221,11 @@ def per_instance(calls: dict[str, float], count: int) -> dict[str, float]:
 
 
 async def run_floor(
-    cluster: LocalCluster, args: argparse.Namespace, prefix: str, count: int
+    cluster: LocalCluster,
+    args: argparse.Namespace,
+    prefix: str,
+    count: int,
+    calls: str = "minimal",
 ) -> dict[str, Any]:
     argv = [
         sys.executable,
@@ -221,6 +242,8 @@ async def run_floor(
         str(args.concurrency),
         "--prefix",
         prefix,
+        "--calls",
+        calls,
         *(["--uvloop"] if HAVE_UVLOOP else []),
     ]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
@@ -382,12 +405,15 @@ async def measure(
     results: dict[str, Any] = {}
     calls: dict[str, dict[str, float]] = {}
     for round_no in range(1, args.rounds + 1):
-        order = ("floor", "build") if round_no % 2 else ("build", "floor")
+        order = PATHS if round_no % 2 else PATHS[::-1]
         for path in order:
+            if path == "calls" and not args.decompose:
+                continue
             prefix = f"{path}{round_no}"
             before = await asyncio.to_thread(scrape_server_calls, port)
-            if path == "floor":
-                floor = await run_floor(cluster, args, prefix, count)
+            if path in ("floor", "calls"):
+                mode = "minimal" if path == "floor" else "full"
+                floor = await run_floor(cluster, args, prefix, count, mode)
                 times = await instance_times(dsn, "name ~ $1", f"^{prefix}-[0-9]+$")
                 figures = summarize(count, floor["started_at"], times)
             else:
@@ -420,6 +446,7 @@ def report(
 
     floor, build = median_of("floor"), median_of("build")
     ratio = build["instances_per_s"] / floor["instances_per_s"]
+    extra = {"calls": median_of("calls")} if "calls" in results else {}
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -431,6 +458,7 @@ def report(
         "concurrency": args.concurrency,
         "batch": args.batch,
         "floor": floor,
+        **extra,
         "build": build,
         "ratio": round(ratio, 2),
         "target": TARGET,
@@ -452,7 +480,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"{'path':<6} {'inst/s':>8} {'elapsed s':>10} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}",
     ]
-    for path in ("floor", "build"):
+    paths = [p for p in PATHS if p in result]
+    for path in paths:
         r = result[path]
         lines.append(
             f"{path:<6} {r['instances_per_s']:>8} {r['elapsed_s']:>10} {r['p50_ms']:>9} "
@@ -465,7 +494,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         "conductor RPCs served per instance:",
     ]
-    for path in ("floor", "build"):
+    for path in paths:
         per = result[path]["conductor_rpcs_per_instance"]
         total = round(sum(per.values()), 2)
         detail = ", ".join(f"{m} {n}" for m, n in per.items())
@@ -492,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", help="services' log level")
     parser.add_argument("--workdir", help="keep the cluster's logs here")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the services (build path)")
+    parser.add_argument(
+        "--decompose",
+        action="store_true",
+        help="also path 'calls': all the build's object calls through the floor client",
+    )
     args = parser.parse_args(argv)
     if args.count is None:
         args.count = 100 if args.quick else 500

@@ -7,6 +7,12 @@ of a successful build (scheduling → block_device_mapping → spawning → acti
 ``--concurrency`` instances in flight at once. No scheduler, no casts, no claims, no instance
 actions, no notifications: what is left is the price of the indirection path itself.
 
+``--calls full`` issues instead every object call the build flow makes per instance, in its
+order (create, action start, the three saves, the run_instance event start and finish, the BDM
+and security-group-rule lookups, action finish): the build's object traffic without its
+scheduling, casts, claims and notifications. ``bench/boot.py --decompose`` uses it to split the
+gap between the floor and the build flow.
+
 Run by ``bench/boot.py``; prints one JSON line ``{"event": "result", "started_at": <epoch s>,
 "elapsed_s": ..., "count": ..., "latencies_ms": [...]}`` (client-side create→active per instance).
 """
@@ -26,16 +32,28 @@ from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.fields import PowerState, TaskState, VMState
 from shared_objects.messaging import get_transport
+from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
+from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.objects.instance_action_event import InstanceActionEvent
 from shared_objects.objects.security_group import SecurityGroupList
+from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 
 EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
-async def boot_one(ctxt: RequestContext, flavor: Flavor, name: str, host: str) -> float:
-    """Create one instance and walk it to ACTIVE with the build flow's CAS saves; seconds taken."""
+async def boot_one(
+    ctxt: RequestContext, flavor: Flavor, name: str, host: str, full: bool = False
+) -> float:
+    """Create one instance and walk it to ACTIVE with the build flow's CAS saves; seconds taken.
+
+    ``full``: also the build flow's other object calls (actions, events, lookups).
+    """
     started = time.perf_counter()
+    if full:
+        # One build request, one context: the action and its events are found by request id.
+        ctxt = RequestContext(user_id=ctxt.user_id, project_id=ctxt.project_id, is_admin=True)
     inst = Instance(
         ctxt,
         name=name,
@@ -51,10 +69,16 @@ async def boot_one(ctxt: RequestContext, flavor: Flavor, name: str, host: str) -
         security_groups=SecurityGroupList(ctxt, objects=[]),
     )
     await inst.create()
+    if full:
+        await InstanceAction.action_start(ctxt, inst.uuid, "create")
     inst.host = host
     inst.node = host
     inst.task_state = TaskState.BLOCK_DEVICE_MAPPING
     await inst.save(expected_task_state=[TaskState.SCHEDULING])
+    if full:
+        await InstanceActionEvent.event_start(ctxt, inst.uuid, "compute_run_instance", host)
+        await BlockDeviceMappingList.get_by_instance_uuid(ctxt, inst.uuid)
+        await SecurityGroupRuleList.get_by_instance(ctxt, inst.uuid)
     inst.task_state = TaskState.SPAWNING
     await inst.save(expected_task_state=[TaskState.BLOCK_DEVICE_MAPPING])
     inst.vm_state = VMState.ACTIVE
@@ -62,6 +86,9 @@ async def boot_one(ctxt: RequestContext, flavor: Flavor, name: str, host: str) -
     inst.power_state = PowerState.RUNNING
     inst.launched_at = datetime.datetime.now(datetime.UTC)
     await inst.save(expected_task_state=[TaskState.SPAWNING])
+    if full:
+        await InstanceActionEvent.event_finish(ctxt, inst.uuid, "compute_run_instance")
+        await InstanceAction.action_finish(ctxt, inst.uuid)
     return time.perf_counter() - started
 
 
@@ -73,6 +100,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         FleetObject.indirection_api = ConductorAPI(transport, timeout=120.0)
         ctxt = RequestContext(user_id="bench", project_id="bench", is_admin=True)
         flavor = await Flavor.get_by_name(ctxt, args.flavor)
+        full = args.calls == "full"
         queue: asyncio.Queue[int] = asyncio.Queue()
         for n in range(args.count):
             queue.put_nowait(n)
@@ -81,7 +109,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         async def worker() -> None:
             while not queue.empty():
                 n = queue.get_nowait()
-                latencies.append(await boot_one(ctxt, flavor, f"{args.prefix}-{n}", args.host))
+                name = f"{args.prefix}-{n}"
+                latencies.append(await boot_one(ctxt, flavor, name, args.host, full))
 
         started_at = time.time()
         t0 = time.perf_counter()
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--prefix", default="floor")
     parser.add_argument("--host", default="floor-host", help="host recorded on the instances")
+    parser.add_argument("--calls", choices=("minimal", "full"), default="minimal")
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args(argv)
     if args.uvloop:
