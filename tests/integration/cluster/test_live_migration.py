@@ -195,3 +195,40 @@ async def test_failure_points_across_processes_leave_instance_on_source(
         fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, uuid)
         assert fault_text in (fault.message or "")
         await _invariants(cluster)  # includes: compute-2's usage is zero again
+
+
+async def test_non_convergence_aborts_by_default_across_processes(cluster_factory: Any) -> None:
+    never = "dirty_rate_mb_s=2000,stall_rounds=20,round_interval_s=0.02"
+    async with cluster_factory(common_env=HEARTBEATS, agent_env=_models(never)) as cluster:
+        (uuid,) = await cluster.boot(flavor="small", name="vm", forced_host="compute-1")
+        await cluster.wait_instances([uuid], timeout=60)
+        mig = await cluster.tasks.live_migrate_instance(
+            cluster.ctxt, instance_uuid=uuid, host="compute-2"
+        )
+        assert (await _wait(cluster, mig, FINISHED))["status"] == "failed"
+        inst = await _wait_idle(cluster, uuid)
+        assert inst.host == "compute-1"
+        await _invariants(cluster)
+
+
+async def test_abort_and_force_complete_across_processes(cluster_factory: Any) -> None:
+    stalls = "dirty_rate_mb_s=2000,stall_rounds=100000,max_rounds=100000,round_interval_s=0.02"
+    async with cluster_factory(common_env=HEARTBEATS, agent_env=_models(stalls)) as cluster:
+        uuids = await cluster.boot(flavor="small", name="vm", count=2, forced_host="compute-1")
+        await cluster.wait_instances(uuids, timeout=60)
+        aborted, forced = [
+            await cluster.tasks.live_migrate_instance(
+                cluster.ctxt, instance_uuid=u, host="compute-2"
+            )
+            for u in uuids
+        ]
+        for mig in (aborted, forced):
+            await _wait(cluster, mig, {"running"})
+        await asyncio.sleep(0.3)
+        await cluster.tasks.live_migration_abort(cluster.ctxt, migration_uuid=aborted)
+        await cluster.tasks.live_migration_force_complete(cluster.ctxt, migration_uuid=forced)
+        assert (await _wait(cluster, aborted, FINISHED))["status"] == "cancelled"
+        assert (await _wait(cluster, forced, FINISHED))["status"] == "completed"
+        hosts = [(await _wait_idle(cluster, u)).host for u in uuids]
+        assert hosts == ["compute-1", "compute-2"]
+        await _invariants(cluster)
