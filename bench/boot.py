@@ -217,6 +217,28 @@ def per_instance(calls: dict[str, float], count: int) -> dict[str, float]:
     return {m: round(n / count, 2) for m, n in sorted(calls.items())}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_cpu(cluster: LocalCluster) -> dict[str, float]:
+    """CPU seconds used so far by the conductors and by the agents (summed per role)."""
+    out = {"conductor": 0.0, "agents": 0.0}
+    for name, handle in cluster.processes.items():
+        if handle.process is None:
+            continue
+        role = "conductor" if name.startswith("conductor-") else "agents"
+        out[role] += cpu_seconds(handle.process.pid)
+    return out
+
+
 # --- the two paths -----------------------------------------------------------------------------
 
 
@@ -411,12 +433,15 @@ async def measure(
                 continue
             prefix = f"{path}{round_no}"
             before = await asyncio.to_thread(scrape_server_calls, port)
+            cpu_before = service_cpu(cluster)
             if path in ("floor", "calls"):
                 mode = "minimal" if path == "floor" else "full"
                 floor = await run_floor(cluster, args, prefix, count, mode)
                 times = await instance_times(dsn, "name ~ $1", f"^{prefix}-[0-9]+$")
                 figures = summarize(count, floor["started_at"], times)
+                client_cpu = float(floor["cpu_s"])
             else:
+                client_started = time.process_time()
                 profilers = (
                     start_profilers(cluster, Path(args.profile))
                     if args.profile and round_no == 1
@@ -427,9 +452,18 @@ async def measure(
                     await wait_active(dsn, uuids, args.timeout)
                 finally:
                     stop_profilers(profilers)
+                client_cpu = time.process_time() - client_started
                 times = await instance_times(dsn, "uuid = ANY($1::text[])", uuids)
                 figures = summarize(count, started_at, times)
             calls[path] = await calls_delta(port, before)
+            cpu_after = service_cpu(cluster)
+            figures["cpu_ms_per_instance"] = {
+                **{
+                    role: round((cpu_after[role] - cpu_before[role]) * 1000 / count, 2)
+                    for role in cpu_after
+                },
+                "client": round(client_cpu * 1000 / count, 2),
+            }
             results.setdefault(path, []).append(figures)
     return report(args, results, calls)
 
@@ -439,7 +473,13 @@ def report(
 ) -> dict[str, Any]:
     def median_of(path: str) -> dict[str, Any]:
         runs = results[path]
-        merged = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        merged: dict[str, Any] = {
+            k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "cpu_ms_per_instance"
+        }
+        merged["cpu_ms_per_instance"] = {
+            role: statistics.median(r["cpu_ms_per_instance"][role] for r in runs)
+            for role in runs[0]["cpu_ms_per_instance"]
+        }
         merged["rounds"] = len(runs)
         merged["conductor_rpcs_per_instance"] = per_instance(calls[path], args.count)
         return merged
@@ -499,6 +539,11 @@ def render(result: dict[str, Any]) -> str:
         total = round(sum(per.values()), 2)
         detail = ", ".join(f"{m} {n}" for m, n in per.items())
         lines.append(f"  {path}: {total} ({detail})")
+    lines += ["", "CPU ms per instance (conductor + agents + client = total):"]
+    for path in paths:
+        cpu = result[path]["cpu_ms_per_instance"]
+        total = round(sum(cpu.values()), 1)
+        lines.append(f"  {path}: {cpu['conductor']} + {cpu['agents']} + {cpu['client']} = {total}")
     lines.append(f"machine: {result['machine']}")
     return "\n".join(lines)
 

@@ -14,7 +14,8 @@ scheduling, casts, claims and notifications. ``bench/boot.py --decompose`` uses 
 gap between the floor and the build flow.
 
 Run by ``bench/boot.py``; prints one JSON line ``{"event": "result", "started_at": <epoch s>,
-"elapsed_s": ..., "count": ..., "latencies_ms": [...]}`` (client-side create→active per instance).
+"elapsed_s": ..., "cpu_s": ..., "count": ..., "latencies_ms": [...]}`` (latencies: client-side,
+create to ACTIVE, per instance; cpu_s: this process's CPU time over the timed part).
 """
 
 from __future__ import annotations
@@ -114,12 +115,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
         started_at = time.time()
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         return {
             "event": "result",
             "started_at": started_at,
             "elapsed_s": elapsed,
+            "cpu_s": cpu,
             "count": len(latencies),
             "latencies_ms": [round(s * 1000, 3) for s in latencies],
         }
