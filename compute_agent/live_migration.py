@@ -74,8 +74,11 @@ class LiveMigrationSettings:
     call_monitor_timeout: float = 10.0
     #: Overall bound of a long call (a slow but alive peer may take this long).
     long_call_timeout: float = 6 * 3600.0
-    #: Plain calls: guest-phase queries, abort, force-complete.
+    #: Plain calls: abort, force-complete.
     rpc_timeout: float = 30.0
+    #: Asking a peer for its guest's phase (recovery): short, so a start with a dead peer
+    #: is not held up; an unanswered question is simply asked again later.
+    phase_query_timeout: float = 5.0
     #: Minimum seconds between two progress saves (the final report is always saved).
     progress_interval: float = 0.5
     #: Copies running at once with this host as source; the rest wait in ``queued``.

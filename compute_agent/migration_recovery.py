@@ -111,7 +111,7 @@ class MigrationResolver:
         """The peer hypervisor's phase; ``MessagingError`` when the peer does not answer,
         ``PeerBusy`` while the peer's own migration job for the guest still runs."""
         raw = await self.compute.get_live_migration_guest(
-            ctxt, peer, instance_uuid=uuid, timeout=self.settings.rpc_timeout
+            ctxt, peer, instance_uuid=uuid, timeout=self.settings.phase_query_timeout
         )
         if raw == BUSY:
             raise PeerBusy(peer)

@@ -235,6 +235,7 @@ def lm_fleet_factory(
         fast = LiveMigrationSettings(
             call_monitor_timeout=2.0,
             rpc_timeout=1.0,
+            phase_query_timeout=1.0,
             long_call_timeout=120.0,
             progress_interval=0.05,
             settle_retry_interval=0.3,

@@ -65,7 +65,7 @@ async def test_dead_destination_during_pre_live_migration_is_noticed_in_one_wind
         got = await wait_migration(fleet, mig, within=10)
         noticed = loop.time() - killed_at
         assert got["status"] == "failed"
-        assert noticed < 4.0, noticed  # one 2 s window plus slack, not a 60 s timeout
+        assert noticed < 5.0, noticed  # one 2 s window plus slack, not a 60 s timeout
         inst = await instance(fleet, uuid)
         assert (inst.host, inst.task_state) == ("host-a", None)
         assert "pre_live_migration" in await latest_fault(fleet, uuid)
@@ -86,7 +86,7 @@ async def test_dead_source_mid_copy_conductor_marks_error_then_source_recovers(
         await fleet.crash("host-a")
         await settle_task(fleet, mig)  # the conductor's call ends: heartbeats stopped
         noticed = loop.time() - killed_at
-        assert noticed < 4.0, noticed
+        assert noticed < 5.0, noticed
         assert (await wait_migration(fleet, mig))["status"] == "error"
         assert "lost" in await latest_fault(fleet, uuid)
         assert (await instance(fleet, uuid)).task_state == "migrating"  # nobody guessed
