@@ -163,3 +163,53 @@ async def test_second_migration_of_a_migrating_instance_is_refused(lm_fleet_fact
         await settle_task(fleet, first)
         assert (await wait_migration(fleet, first))["status"] == "completed"
         await check_invariants(fleet)
+
+
+async def test_volumes_and_firewall_follow_the_guest_and_detach_works_after(
+    lm_fleet_factory: Any,
+) -> None:
+    from compute_agent.virt import normalize_rules
+    from shared_objects.objects.flavor import Flavor
+    from shared_objects.objects.security_group import SecurityGroup
+    from shared_objects.objects.security_group_rule import SecurityGroupRule
+
+    async with lm_fleet_factory(migration=SLOWISH) as fleet:
+        async with fleet.db() as ctxt:
+            await Flavor(ctxt, name="vol", vcpus=1, memory_mb=512, root_gb=1).create()
+            group = SecurityGroup(ctxt, name="web", project_id="p1", user_id="u1")
+            await group.create()
+            await SecurityGroupRule(
+                ctxt,
+                parent_group_id=group.id,
+                protocol="tcp",
+                from_port=22,
+                to_port=22,
+                cidr="10.0.0.0/8",
+            ).create()
+        (made,) = await fleet.tasks.build_instances(
+            user(),
+            flavor="vol",
+            name="vm",
+            forced_host="host-a",
+            security_groups=["web"],
+            block_device_mappings=[{"volume_id": "vol-1", "device_name": "/dev/vdb"}],
+        )
+        uuid = made["uuid"]
+        import asyncio
+
+        for _ in range(200):
+            if (await instance(fleet, uuid)).vm_state == "active":
+                break
+            await asyncio.sleep(0.05)
+        rules_before = await fleet.driver("host-a").get_firewall_rules(uuid)
+        assert rules_before == normalize_rules(
+            [{"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.0.0.0/8"}]
+        )
+        mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        await settle_task(fleet, mig)
+        assert (await wait_migration(fleet, mig))["status"] == "completed"
+        assert await fleet.driver("host-b").get_volumes(uuid) == {"vol-1": "/dev/vdb"}
+        assert await fleet.driver("host-b").get_firewall_rules(uuid) == rules_before
+        await fleet.tasks.detach_volume(user(), instance_uuid=uuid, volume_id="vol-1")
+        assert await fleet.driver("host-b").get_volumes(uuid) == {}
+        await check_invariants(fleet)
