@@ -115,3 +115,39 @@ async def test_dead_destination_mid_copy_settles_on_destination_after_its_restar
         assert inst.host == "host-b"
         assert (await wait_migration(fleet, mig))["status"] == "completed"
         await check_invariants(fleet)
+
+
+async def test_dead_source_during_prechecks_fails_cleanly_after_restart(
+    lm_fleet_factory: Any,
+) -> None:
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        # The destination's check waits, then asks the (by then dead) source.
+        fleet.driver("host-b").failures.delay("check_can_live_migrate_destination", 1.0, count=1)
+        mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        await fleet.crash("host-a")
+        await settle_task(fleet, mig)
+        assert (await wait_migration(fleet, mig))["status"] == "failed"
+        assert "prechecks" in await latest_fault(fleet, uuid)
+        await fleet.restart("host-a")
+        inst = await wait_idle(fleet, uuid)
+        assert inst.host == "host-a"
+        await check_invariants(fleet)
+
+
+async def test_migration_completes_when_the_conductor_stops_following_it(
+    lm_fleet_factory: Any,
+) -> None:
+    slow = MigrationModel(bandwidth_mb_s=400, round_interval_s=0.05)
+    async with lm_fleet_factory(migration=slow) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        await wait_migration(fleet, mig, statuses={"running"})
+        # A conductor dying mid-migration: its task (and its call to the source) is gone.
+        task = fleet.endpoint.live_migrate._running[mig]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert (await wait_migration(fleet, mig))["status"] == "completed"
+        inst = await wait_idle(fleet, uuid)
+        assert inst.host == "host-b"
+        await check_invariants(fleet)
