@@ -511,6 +511,7 @@ class LiveMigrationManager:
     ) -> dict[str, Any]:
         instance.task_state = None
         instance.power_state = PowerState.RUNNING
+        instance.progress = 0  # nothing moved
         try:
             await instance.save(expected_task_state=[TaskState.MIGRATING])
         except exception.UnexpectedTaskStateError:

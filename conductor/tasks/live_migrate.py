@@ -141,6 +141,7 @@ class LiveMigrateTask:
             hosts = await _host_states(ctxt, self.settings.service_down_time)
             self._check_hosts(instance, source, host, hosts)
             instance.task_state = TaskState.MIGRATING
+            instance.progress = 0  # this migration's progress, not the last one's
             try:
                 await instance.save(expected_task_state=[None], expected_vm_state=[VMState.ACTIVE])
             except (exception.UnexpectedTaskStateError, exception.UnexpectedVMStateError) as exc:

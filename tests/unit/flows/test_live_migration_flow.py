@@ -213,3 +213,18 @@ async def test_volumes_and_firewall_follow_the_guest_and_detach_works_after(
         await fleet.tasks.detach_volume(user(), instance_uuid=uuid, volume_id="vol-1")
         assert await fleet.driver("host-b").get_volumes(uuid) == {}
         await check_invariants(fleet)
+
+
+async def test_second_migration_starts_its_progress_from_zero(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=SLOWISH) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        first = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        await settle_task(fleet, first)
+        assert (await instance(fleet, uuid)).progress == 100
+        fleet.driver("host-a").failures.delay("pre_live_migration", 0.5, count=1)
+        second = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-a")
+        assert (await fleet.tasks.get_migration(user(), migration_uuid=second))["progress"] == 0
+        await settle_task(fleet, second)
+        assert (await wait_migration(fleet, second))["status"] == "completed"
+        assert (await instance(fleet, uuid)).host == "host-a"
+        await check_invariants(fleet)
