@@ -46,6 +46,7 @@ from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
+from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingTimeout, get_transport
 from shared_objects.objects import Flavor, Instance
 
@@ -315,6 +316,8 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="show the conductor's output")
     parser.add_argument("--profile-conductor", metavar="FILE", help="cProfile the conductor")
     args = parser.parse_args()
+    # Logs go to stderr, quietly: stdout carries only the table or the JSON object.
+    configure_logging("console", "warning")
     try:
         import uvloop
     except ImportError:

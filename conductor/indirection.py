@@ -271,7 +271,7 @@ class ConductorIndirectionEndpoint:
         except exception.IndirectionError as exc:
             raise _refuse(exc, ctxt) from exc
         try:
-            async with self._database.request(ctxt):
+            async with self._database.request(ctxt, single_call=True):
                 result = await method.fn(cls, ctxt, *call_args, **call_kwargs)
         except exception.FleetException as exc:
             raise ExpectedException(exc) from exc
@@ -303,7 +303,7 @@ class ConductorIndirectionEndpoint:
         objinst._context = ctxt
         before = objinst.obj_clone()
         try:
-            async with self._database.request(ctxt):
+            async with self._database.request(ctxt, single_call=True):
                 result = await method.fn(objinst, *call_args, **call_kwargs)
         except exception.FleetException as exc:
             raise ExpectedException(exc) from exc

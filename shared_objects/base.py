@@ -88,7 +88,10 @@ class DatabaseAPI(Protocol):
     ``where`` maps column names to a value (``=``), ``None`` (``IS NULL``), a list/tuple/set
     (``IN``, ``None`` allowed inside) or :class:`AtLeast`. Every lookup must be able to use an
     index (the implementation refuses lookups whose columns lead no index). Rows are plain dicts
-    keyed by column name. Everything a request does is committed together when it ends.
+    keyed by column name. Everything a request writes is committed together when it ends, except
+    an ``update(..., standalone=True)`` made before any other write while serving one remotable
+    call from an agent: that statement commits on its own at once (use it only for a method's
+    single, final, self-contained write, such as a compare-and-swap save).
     """
 
     async def get(
@@ -115,6 +118,7 @@ class DatabaseAPI(Protocol):
         values: Mapping[str, Any],
         *,
         returning: Sequence[str] | None = None,
+        standalone: bool = False,
     ) -> list[Row]: ...
 
     async def delete(self, table: str, where: Mapping[str, Any]) -> int: ...

@@ -176,20 +176,28 @@ async def _conflicts(table: Table) -> AsyncIterator[None]:
 class DbApi(DatabaseAPI):
     """Database access for one request (see module docstring)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, allow_standalone: bool = False) -> None:
         self._engine = engine
+        # Only a unit serving one remotable call may commit a standalone write on its own.
+        self._allow_standalone = allow_standalone
         self._conn: AsyncConnection | None = None
         self._in_transaction = False
         self.statements = 0
 
-    async def _connection(self, *, write: bool = False) -> AsyncConnection:
+    async def _connection(
+        self, *, write: bool = False, standalone: bool = False
+    ) -> AsyncConnection:
         """The request's connection; its transaction starts at the first write.
 
         Reads before the first write run in autocommit: under READ COMMITTED every statement
         takes its own snapshot anyway, and a plain SELECT takes no lock, so an enclosing
         transaction would only add two round trips (BEGIN, COMMIT) to every read-only request.
         From the first write on, everything up to the end of the request is one transaction.
+        A ``standalone`` write (atomic on its own, the request's last) outside a transaction
+        runs in autocommit too: one round trip instead of three.
         """
+        if standalone and self._allow_standalone and not self._in_transaction:
+            write = False
         conn = self._conn
         if conn is None:
             conn = await self._engine.connect()
@@ -292,6 +300,7 @@ class DbApi(DatabaseAPI):
         values: Mapping[str, Any],
         *,
         returning: Sequence[str] | None = None,
+        standalone: bool = False,
     ) -> list[Row]:
         t = table_for(table)
         shape, params = where_shape(t, where)
@@ -312,7 +321,7 @@ class DbApi(DatabaseAPI):
             return stmt if ret == () else stmt.returning(*self._cols(t, ret))
 
         stmt = _cached(key, build)
-        conn = await self._connection(write=True)
+        conn = await self._connection(write=True, standalone=standalone)
         async with _conflicts(t):
             result = await conn.execute(stmt, params)
         if ret == ():

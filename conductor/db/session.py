@@ -69,23 +69,30 @@ class Database:
         self._sqlite_lock: asyncio.Lock | None = None
 
     @asynccontextmanager
-    async def request(self, context: Any = None) -> AsyncIterator[DbApi]:
+    async def request(
+        self, context: Any = None, *, single_call: bool = False
+    ) -> AsyncIterator[DbApi]:
         """A unit of work: sets ``context.db`` for the request, commits when it ends cleanly,
-        rolls back when it raises, always returns the connection to the pool."""
+        rolls back when it raises, always returns the connection to the pool.
+
+        ``single_call``: the unit serves exactly one remotable call (the indirection endpoint),
+        so a ``standalone`` write may commit on its own. Any other caller gets full atomicity:
+        everything written in the block commits or rolls back together.
+        """
         if self._sqlite:
             # One shared connection: requests must take turns, whole transactions at a time.
             if self._sqlite_lock is None:
                 self._sqlite_lock = asyncio.Lock()
             async with self._sqlite_lock:
-                async with self._unit(context) as db:
+                async with self._unit(context, single_call) as db:
                     yield db
         else:
-            async with self._unit(context) as db:
+            async with self._unit(context, single_call) as db:
                 yield db
 
     @asynccontextmanager
-    async def _unit(self, context: Any) -> AsyncIterator[DbApi]:
-        db = DbApi(self.engine)
+    async def _unit(self, context: Any, single_call: bool) -> AsyncIterator[DbApi]:
+        db = DbApi(self.engine, allow_standalone=single_call)
         previous = getattr(context, "db", None) if context is not None else None
         if context is not None:
             context.db = db

@@ -110,7 +110,7 @@ class BlockDeviceMapping(FleetPersistentObject, FleetObject):
             return
         values["updated_at"] = utcnow()
         rows = await get_db(self._context, "BlockDeviceMapping", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"]
+            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
         )
         if not rows:
             raise exception.BlockDeviceMappingNotFound(bdm_id=self.id)

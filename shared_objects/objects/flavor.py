@@ -127,7 +127,7 @@ class Flavor(FleetObject):
             return
         values["updated_at"] = utcnow()
         rows = await get_db(self._context, "Flavor", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"]
+            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
         )
         if not rows:
             raise exception.FlavorNotFound(flavor_id=self.id)

@@ -225,7 +225,12 @@ class Instance(FleetPersistentObject, FleetObject):
         if not values and "security_groups" not in changes and len(where) == 1:
             return
         values["updated_at"] = utcnow()
-        rows = await db.update(TABLE, where, values, returning=["updated_at"])
+        # Without a security group change the CAS is the request's only write: one statement,
+        # committed on its own (see DatabaseAPI.update).
+        standalone = "security_groups" not in changes
+        rows = await db.update(
+            TABLE, where, values, returning=["updated_at"], standalone=standalone
+        )
         if not rows:
             await self._raise_save_conflict(db, expected_task_state, expected_vm_state)
         if "security_groups" in changes:

@@ -108,7 +108,7 @@ class Migration(FleetPersistentObject, FleetObject):
             return
         values["updated_at"] = utcnow()
         rows = await get_db(self._context, "Migration", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"]
+            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
         )
         if not rows:
             raise exception.MigrationNotFound(migration_id=self.id)

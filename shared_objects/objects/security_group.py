@@ -90,7 +90,7 @@ class SecurityGroup(FleetPersistentObject, FleetObject):
             return
         values["updated_at"] = utcnow()
         rows = await get_db(self._context, "SecurityGroup", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"]
+            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
         )
         if not rows:
             raise exception.SecurityGroupNotFound(security_group_id=self.id)

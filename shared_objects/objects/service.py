@@ -177,7 +177,7 @@ class Service(FleetPersistentObject, FleetObject):
             return
         values["updated_at"] = utcnow()
         rows = await get_db(self._context, "Service", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"]
+            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
         )
         if not rows:
             raise exception.ServiceNotFound(service_id=self.id)

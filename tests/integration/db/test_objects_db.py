@@ -337,3 +337,15 @@ async def test_constraint_violations_become_a_clear_conflict(conductor: LocalCon
         await rule.create()
     # The failed requests left nothing behind and the conductor still serves.
     assert len(await InstanceList.get_by_host(ctxt, "h1")) == 1
+
+
+async def test_conductor_side_units_of_work_stay_atomic(conductor: LocalConductor) -> None:
+    ctxt = conductor.agent_context()
+    inst = await _instance(ctxt, await _flavor(ctxt))
+    with pytest.raises(RuntimeError, match="after the save"):
+        async with conductor.db_context() as local:
+            mine = await Instance.get_by_uuid(local, inst.uuid)
+            mine.progress = 77
+            await mine.save()  # a standalone write is NOT committed alone outside an RPC call
+            raise RuntimeError("failure after the save")
+    assert (await Instance.get_by_uuid(ctxt, inst.uuid)).progress is None
