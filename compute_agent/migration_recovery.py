@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 
@@ -412,14 +412,3 @@ async def _clear_orphan_task_state(ctxt: RequestContext, instance: Instance | No
     except exception.UnexpectedTaskStateError:
         return
     log.warning("migrating_task_state_cleared_without_migration", instance_uuid=instance.uuid)
-
-
-def describe(settlement: Settlement | None) -> dict[str, Any]:
-    """A settlement as a JSON-able dict (logs, RPC replies)."""
-    if settlement is None:
-        return {"outcome": None}
-    return {
-        "outcome": settlement.outcome.value,
-        "status": settlement.status,
-        "host": settlement.host,
-    }
