@@ -217,11 +217,13 @@ class LiveMigrateTask:
         self, ctxt: RequestContext, instance: Instance, migration: Migration, forced: str | None
     ) -> None:
         bound = log.bind(instance_uuid=instance.uuid, migration_uuid=migration.uuid)
+        handed_over = False
         try:
             picked = await self._precheck(ctxt, instance, migration, forced)
             if picked is None:
                 return
             _dest, migrate_data = picked
+            handed_over = True
             source = migration.source_compute or ""
             try:
                 outcome = await self.compute.live_migration(
@@ -238,10 +240,15 @@ class LiveMigrateTask:
                 return
             bound.info("live_migration_outcome", **outcome)
         except Exception as exc:
-            # The conductor could not follow the migration (e.g. the source's handler failed):
-            # record it; the agents' settle logic owns the instance.
-            bound.exception("live_migration_task_failed")
-            await self._source_lost(ctxt, instance, migration, f"{type(exc).__name__}: {exc}")
+            bound.exception("live_migration_task_failed", handed_over=handed_over)
+            why = f"{type(exc).__name__}: {exc}"
+            if handed_over:
+                # The conductor could not follow the migration (e.g. the source's handler
+                # failed): record it; the agents' settle logic owns the instance.
+                await self._source_lost(ctxt, instance, migration, why)
+            else:
+                # Nothing reached the source: release the instance here.
+                await self._fail(ctxt, instance, migration, MigrationStatus.ERROR, why)
         finally:
             self._abort_requested.discard(migration.uuid)
 
