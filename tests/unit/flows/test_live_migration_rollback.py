@@ -205,3 +205,20 @@ async def test_source_with_too_many_outgoing_migrations_refuses_more(
         await settle_task(fleet, mig)
         assert (await wait_migration(fleet, mig))["status"] == "completed"
         await check_invariants(fleet)
+
+
+async def test_conductor_task_failing_before_hand_over_releases_instance(
+    lm_fleet_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        task = fleet.endpoint.live_migrate
+
+        async def broken(*_args: Any, **_kwargs: Any) -> None:
+            raise RuntimeError("scheduler exploded")
+
+        monkeypatch.setattr(task, "_precheck", broken)
+        got = await _migrate(fleet, uuid)
+        assert got["status"] == "error"
+        assert "scheduler exploded" in await latest_fault(fleet, uuid)
+        await _assert_stayed_on_source(fleet, uuid)
