@@ -318,7 +318,13 @@ async def wait_active(dsn: str, uuids: list[str], timeout: float) -> None:
             if states.get(("active", None), 0) == len(uuids):
                 return
             if any(vm == "error" for vm, _ in states):
-                raise RuntimeError(f"instances in ERROR: {states}")
+                faults = await conn.fetch(
+                    "SELECT DISTINCT message FROM instance_faults "
+                    "WHERE instance_uuid = ANY($1::text[])",
+                    uuids,
+                )
+                reasons = [f["message"] for f in faults]
+                raise RuntimeError(f"instances in ERROR: {states}; faults: {reasons}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not all ACTIVE within {timeout}s: {states}")
             await asyncio.sleep(0.25)
@@ -477,7 +483,7 @@ def report(
             k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "cpu_ms_per_instance"
         }
         merged["cpu_ms_per_instance"] = {
-            role: statistics.median(r["cpu_ms_per_instance"][role] for r in runs)
+            role: round(statistics.median(r["cpu_ms_per_instance"][role] for r in runs), 2)
             for role in runs[0]["cpu_ms_per_instance"]
         }
         merged["rounds"] = len(runs)
