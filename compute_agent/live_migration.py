@@ -126,6 +126,15 @@ class _Job:
     task: asyncio.Task[dict[str, Any]] | None = None
 
 
+def _extra(migration: Migration) -> dict[str, Any]:
+    """Migration fields added to ``instance.live_migration_*`` notification payloads."""
+    return {
+        "migration_uuid": migration.uuid,
+        "source_compute": migration.source_compute,
+        "dest_compute": migration.dest_compute,
+    }
+
+
 def _outcome(status: str, reason: str | None = None, host: str | None = None) -> dict[str, Any]:
     return {"status": status, "reason": reason, "host": host}
 
@@ -287,7 +296,9 @@ class LiveMigrationManager:
             return {"ok": False, "rolled_back": True, "reason": f"{type(exc).__name__}: {exc}"}
         await self.hold_claim(instance)
         await self.resolver.move_instance_here(ctxt, current, migration)
-        await self.notifier.emit(ctxt, current, "instance.live_migration_post_dest.end")
+        await self.notifier.emit(
+            ctxt, current, "instance.live_migration_post_dest.end", extra=_extra(migration)
+        )
         return {"ok": True}
 
     async def rollback_live_migration_at_destination(
@@ -393,7 +404,9 @@ class LiveMigrationManager:
             return await self._end_on_source(
                 ctxt, instance, migration, MigrationStatus.CANCELLED, "aborted while queued"
             )
-        await self.notifier.emit(ctxt, instance, "instance.live_migration_pre.start")
+        await self.notifier.emit(
+            ctxt, instance, "instance.live_migration_pre.start", extra=_extra(migration)
+        )
         job.stage = Stage.PREPARING
         await self._set_status(migration, MigrationStatus.PREPARING)
         try:
@@ -469,7 +482,9 @@ class LiveMigrationManager:
         migration.status = MigrationStatus.COMPLETED
         await migration.save()
         await self._finish_action(ctxt, instance.uuid, None)
-        await self.notifier.emit(ctxt, instance, "instance.live_migration_post.end")
+        await self.notifier.emit(
+            ctxt, instance, "instance.live_migration_post.end", extra=_extra(migration)
+        )
         log.info("live_migration_completed", instance_uuid=instance.uuid, dest=dest)
         return _outcome(MigrationStatus.COMPLETED, None, dest)
 
@@ -498,7 +513,13 @@ class LiveMigrationManager:
             log.warning(
                 "rollback_at_destination_failed", instance_uuid=instance.uuid, error=str(exc)
             )
-        await self.notifier.emit(ctxt, instance, "instance.live_migration_rollback.end")
+        await self.notifier.emit(
+            ctxt,
+            instance,
+            "instance.live_migration_rollback.end",
+            fault=reason,
+            extra=_extra(migration),
+        )
         return await self._end_on_source(ctxt, instance, migration, status, reason)
 
     async def _end_on_source(

@@ -222,3 +222,24 @@ async def test_conductor_task_failing_before_hand_over_releases_instance(
         assert got["status"] == "error"
         assert "scheduler exploded" in await latest_fault(fleet, uuid)
         await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_abort_while_queued_behind_another_copy_cancels(lm_fleet_factory: Any) -> None:
+    async with lm_fleet_factory(migration=UNTIL_FORCED) as fleet:
+        first, second = await boot(fleet, "host-a", count=2)
+        fleet.agents["host-a"].live_migration.settings.max_concurrent = 1
+        running = await _running(fleet, first)
+        queued = await fleet.tasks.live_migrate_instance(
+            user(), instance_uuid=second, host="host-b"
+        )
+        await wait_migration(fleet, queued, statuses={"queued"})
+        await asyncio.sleep(0.2)  # the source holds it: one copy at a time
+        assert (await wait_migration(fleet, queued, statuses={"queued"}))["status"] == "queued"
+        await fleet.tasks.live_migration_abort(user(), migration_uuid=queued)
+        await fleet.tasks.live_migration_force_complete(user(), migration_uuid=running)
+        await settle_task(fleet, queued)
+        await settle_task(fleet, running)
+        assert (await wait_migration(fleet, queued))["status"] == "cancelled"
+        assert (await wait_migration(fleet, running))["status"] == "completed"
+        assert [(await instance(fleet, u)).host for u in (first, second)] == ["host-b", "host-a"]
+        await check_invariants(fleet)
