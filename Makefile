@@ -34,7 +34,7 @@ demo: $(STAMP) services
 	$(BIN)/python -m conductor.demo
 
 demo-upgrade: $(STAMP) services
-	$(BIN)/python -m tests.upgrade.demo
+	$(BIN)/python -m conductor.demo_upgrade
 
 bench: $(STAMP) services
 	$(BIN)/python bench/rpc.py --quick

@@ -83,7 +83,8 @@ class LocalCluster:
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
-        self.workdir = spec.workdir
+        # Absolute: processes may run from another release's source tree (another cwd).
+        self.workdir = spec.workdir.resolve()
         self.processes: dict[str, ProcessHandle] = {}
         self.transport: Transport | None = None
         self.conductor: ConductorAPI | None = None

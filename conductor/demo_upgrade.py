@@ -1,0 +1,161 @@
+"""``make demo-upgrade``: a rolling upgrade from the previous release to this one, narrated.
+
+1. A fleet on the previous release (its real code, exported from git): conductor + 2 agents.
+2. Boot instances.
+3. Migrate the database with the new release, upgrade the conductor: the compute RPC cap stays
+   at the old release because both agents are old.
+4. Upgrade one agent; live-migrate old → new and new → old across the releases.
+5. Upgrade the last agent and SIGHUP the conductor: the cap lifts to the new release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conductor.cluster import ClusterSpec, LocalCluster
+from conductor.demo import fresh_database, print_fleet, private_vhost, say
+from conductor.release_tree import export_release, previous_release
+from shared_objects import releases
+from shared_objects.log import configure_logging
+from shared_objects.objects.flavor import Flavor
+from shared_objects.objects.instance import Instance
+
+HOSTS = ("compute-1", "compute-2")
+
+
+def conductor_caps(cluster: LocalCluster) -> list[str]:
+    """The compute RPC caps the conductor logged, oldest first."""
+    caps = []
+    path = cluster.workdir / "conductor-1.log"
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "compute_rpc_version_cap":
+            caps.append(f"{event.get('cap')} (release {event.get('release')})")
+    return caps
+
+
+async def migrate(cluster: LocalCluster, uuid: str, host: str) -> str:
+    assert cluster.tasks is not None
+    migration_uuid = await cluster.tasks.live_migrate_instance(
+        cluster.ctxt, instance_uuid=uuid, host=host
+    )
+    for _ in range(600):
+        migration = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=migration_uuid)
+        if migration["status"] in ("completed", "failed", "error", "cancelled"):
+            return str(migration["status"])
+        await asyncio.sleep(0.1)
+    return "timeout"
+
+
+async def demo(workdir: Path) -> int:
+    started = time.monotonic()
+    old = previous_release()
+    new = releases.CURRENT
+    say(f"rolling upgrade from release {old.name} (commit {str(old.commit)[:10]}) to {new.name}")
+    with tempfile.TemporaryDirectory(prefix=f"fleet-release-{old.name}-") as tmp:
+        tree = await export_release(old, Path(tmp))
+        say(f"exported release {old.name}'s code from git history to {tree}")
+        with private_vhost() as vhost:
+            db_url = await fresh_database("fleet_demo_upgrade")
+            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+            spec = ClusterSpec(
+                database_url=db_url,
+                transport_url=f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
+                control_exchange="fleet",
+                hosts=HOSTS,
+                workdir=workdir,
+                conductor_source=tree,
+                agent_source={h: tree for h in HOSTS},
+                common_env={
+                    "FLEET_COMPUTE__SPAWN_DELAY": "0.2",
+                    "FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL": "1",
+                },
+                service_down_time=6.0,
+                report_interval=1.0,
+            )
+            cluster = LocalCluster(spec)
+            say(f"step 1: a fleet on release {old.name}: conductor-1, {', '.join(HOSTS)}")
+            await cluster.start()
+            try:
+                return await _steps(cluster, tree, old, new, started)
+            finally:
+                say("stopping every process")
+                await cluster.stop()
+
+
+async def _steps(
+    cluster: LocalCluster,
+    tree: Path,
+    old: releases.Release,
+    new: releases.Release,
+    started: float,
+) -> int:
+    assert cluster.tasks is not None
+    await Flavor(
+        cluster.ctxt, name="m1.small", flavorid="m1.small", vcpus=1, memory_mb=512, root_gb=5
+    ).create()
+    say("step 2: booting one instance on each host")
+    uuids: dict[str, str] = {}
+    for host in HOSTS:
+        (uuids[host],) = await cluster.boot(flavor="m1.small", name=f"vm-{host}", forced_host=host)
+    await cluster.wait_instances(list(uuids.values()))
+    say(f"step 3: database migrated by release {new.name}, conductor upgraded")
+    await cluster.migrate_database(None)
+    await cluster.switch_conductor_code(None)
+    await asyncio.sleep(1.5)
+    say(f"        conductor's compute RPC cap: {conductor_caps(cluster)[-1]}")
+    say(f"step 4: compute-1 upgraded to release {new.name}; compute-2 still on {old.name}")
+    await cluster.switch_agent_code("compute-1", None)
+    await asyncio.sleep(1.5)
+    say(f"        cap while compute-2 is old: {conductor_caps(cluster)[-1]}")
+    for uuid, dest, label in (
+        (uuids["compute-2"], "compute-1", f"old ({old.name}) -> new ({new.name})"),
+        (uuids["compute-1"], "compute-2", f"new ({new.name}) -> old ({old.name})"),
+    ):
+        status = await migrate(cluster, uuid, dest)
+        host = (await Instance.get_by_uuid(cluster.ctxt, uuid)).host
+        say(f"        live migration {label}: {status}, instance now on {host}")
+        if status != "completed":
+            return 1
+    say("step 5: compute-2 upgraded; SIGHUP to the conductor")
+    await cluster.switch_agent_code("compute-2", None)
+    conductor = cluster.processes["conductor-1"].process
+    assert conductor is not None
+    os.kill(conductor.pid, signal.SIGHUP)
+    lifted = False
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        if conductor_caps(cluster)[-1].startswith(new.compute_rpc_api):
+            lifted = True
+            break
+    say(f"        cap after the upgrade: {conductor_caps(cluster)[-1]}")
+    await print_fleet(cluster)
+    if not lifted:
+        say("FAILED: the cap did not lift")
+        return 1
+    say(f"done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleet-demo-upgrade", description=__doc__)
+    parser.add_argument("--workdir", default="var/demo-upgrade", type=Path)
+    args = parser.parse_args(argv)
+    configure_logging("console", "warning", stream=sys.stderr)
+    return asyncio.run(demo(args.workdir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
