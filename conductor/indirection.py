@@ -17,7 +17,9 @@ at the end), and object results are backported to the caller's version manifest.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
+import functools
 import inspect
 import types
 import typing
@@ -122,6 +124,12 @@ def _conforms(value: Any, hint: Any) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def _vtuple(version: str) -> tuple[int, ...]:
+    """A version string as a tuple (cached: the same few versions arrive on every call)."""
+    return tuple(versionutils.convert_version_to_tuple(version))
+
+
 def _manifest_is_current(objname: str, manifest: Mapping[str, str]) -> bool:
     """Whether ``manifest`` names our newest version of every object in ``objname``'s tree."""
     return all(manifest.get(name) == version for name, version in _tree(objname).items())
@@ -132,6 +140,12 @@ def _tree(objname: str) -> dict[str, str]:
         return obj_tree_get_versions(objname)
     except ovo_exception.UnregisteredSubobject:
         return {objname: ""}
+
+
+def _stored_values(obj: FleetObject) -> dict[str, Any]:
+    """The values of the fields that are set, read from oslo's storage (no properties)."""
+    store = obj.__dict__
+    return {name: store[f"_obj_{name}"] for name in obj.fields if f"_obj_{name}" in store}
 
 
 def _refuse(exc: exception.IndirectionError, ctxt: RequestContext) -> ExpectedException:
@@ -168,13 +182,13 @@ class ConductorIndirectionEndpoint:
         if not classes:
             raise exception.UnknownObject(objname=objname)
         try:
-            wanted = versionutils.convert_version_to_tuple(version)
+            wanted = _vtuple(version)
         except (ValueError, TypeError, AttributeError):
             raise exception.InvalidObjectCall(
                 objname=objname, method="-", reason=f"bad version {version!r}"
             ) from None
         for cls in classes:  # newest first
-            have = versionutils.convert_version_to_tuple(cls.VERSION)
+            have = _vtuple(cls.VERSION)
             if have[0] == wanted[0] and have >= wanted:
                 return cls
         raise exception.UnsupportedObjectVersion(
@@ -228,8 +242,8 @@ class ConductorIndirectionEndpoint:
             target = manifest.get(value.obj_name())
             if target is None:
                 return value
-            have = versionutils.convert_version_to_tuple(value.VERSION)
-            want = versionutils.convert_version_to_tuple(target)
+            have = _vtuple(value.VERSION)
+            want = _vtuple(target)
             if want > have and want[0] == have[0]:
                 # A caller newer than the conductor (conductors upgrade first, so rare): it can
                 # read our older version as is. Never "convert" upwards (Nova bug #1596119).
@@ -301,18 +315,24 @@ class ConductorIndirectionEndpoint:
         except exception.IndirectionError as exc:
             raise _refuse(exc, ctxt) from exc
         objinst._context = ctxt
-        before = objinst.obj_clone()
+        # What each field held before the call (containers copied, so an in-place change shows;
+        # object-valued fields are always sent back, as Nova's clone-and-compare did, since they
+        # may have changed inside).
+        before = {
+            name: copy.copy(value) if isinstance(value, (dict, list, set)) else value
+            for name, value in _stored_values(objinst).items()
+        }
         try:
             async with self._database.request(ctxt, single_call=True):
                 result = await method.fn(objinst, *call_args, **call_kwargs)
         except exception.FleetException as exc:
             raise ExpectedException(exc) from exc
         updates: dict[str, Any] = {}
-        for name, field in objinst.fields.items():
-            if not objinst.obj_attr_is_set(name):
-                continue
-            value = getattr(objinst, name)
-            if not before.obj_attr_is_set(name) or getattr(before, name) != value:
+        missing = object()
+        for name, value in _stored_values(objinst).items():
+            old = before.get(name, missing)
+            if old is missing or isinstance(value, FleetObject) or old != value:
+                field = objinst.fields[name]
                 updates[name] = field.to_primitive(objinst, name, value)
         # Safe: a field with this name would clash with the method anyway (Nova's convention).
         updates["obj_what_changed"] = sorted(objinst.obj_what_changed())
