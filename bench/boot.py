@@ -239,6 +239,27 @@ def service_cpu(cluster: LocalCluster) -> dict[str, float]:
     return out
 
 
+def shared_cpu() -> dict[str, float]:
+    """CPU seconds so far of the machine's RabbitMQ (``beam.smp``) and PostgreSQL processes.
+
+    Shared with whoever else uses them, and PostgreSQL backends that exit in between are missed:
+    an indication of the broker's and database's share, not an exact figure.
+    """
+    out = {"rabbitmq": 0.0, "postgres": 0.0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "beam.smp":
+            out["rabbitmq"] += cpu_seconds(int(entry.name))
+        elif comm == "postgres":
+            out["postgres"] += cpu_seconds(int(entry.name))
+    return out
+
+
 # --- the two paths -----------------------------------------------------------------------------
 
 
@@ -440,6 +461,7 @@ async def measure(
             prefix = f"{path}{round_no}"
             before = await asyncio.to_thread(scrape_server_calls, port)
             cpu_before = service_cpu(cluster)
+            shared_before = await asyncio.to_thread(shared_cpu)
             if path in ("floor", "calls"):
                 mode = "minimal" if path == "floor" else "full"
                 floor = await run_floor(cluster, args, prefix, count, mode)
@@ -463,6 +485,11 @@ async def measure(
                 figures = summarize(count, started_at, times)
             calls[path] = await calls_delta(port, before)
             cpu_after = service_cpu(cluster)
+            shared_after = await asyncio.to_thread(shared_cpu)
+            figures["shared_cpu_ms_per_instance"] = {
+                name: round((shared_after[name] - shared_before[name]) * 1000 / count, 2)
+                for name in shared_after
+            }
             figures["cpu_ms_per_instance"] = {
                 **{
                     role: round((cpu_after[role] - cpu_before[role]) * 1000 / count, 2)
@@ -479,13 +506,15 @@ def report(
 ) -> dict[str, Any]:
     def median_of(path: str) -> dict[str, Any]:
         runs = results[path]
+        nested = ("cpu_ms_per_instance", "shared_cpu_ms_per_instance")
         merged: dict[str, Any] = {
-            k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "cpu_ms_per_instance"
+            k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in nested
         }
-        merged["cpu_ms_per_instance"] = {
-            role: round(statistics.median(r["cpu_ms_per_instance"][role] for r in runs), 2)
-            for role in runs[0]["cpu_ms_per_instance"]
-        }
+        for key in nested:
+            merged[key] = {
+                name: round(statistics.median(r[key][name] for r in runs), 2)
+                for name in runs[0][key]
+            }
         merged["rounds"] = len(runs)
         merged["conductor_rpcs_per_instance"] = per_instance(calls[path], args.count)
         return merged
@@ -549,7 +578,11 @@ def render(result: dict[str, Any]) -> str:
     for path in paths:
         cpu = result[path]["cpu_ms_per_instance"]
         total = round(sum(cpu.values()), 1)
-        lines.append(f"  {path}: {cpu['conductor']} + {cpu['agents']} + {cpu['client']} = {total}")
+        shared = result[path]["shared_cpu_ms_per_instance"]
+        lines.append(
+            f"  {path}: {cpu['conductor']} + {cpu['agents']} + {cpu['client']} = {total}"
+            f"   (shared: rabbitmq {shared['rabbitmq']}, postgres {shared['postgres']})"
+        )
     lines.append(f"machine: {result['machine']}")
     return "\n".join(lines)
 
