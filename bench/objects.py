@@ -212,6 +212,75 @@ async def wait_ready(api: ConductorAPI, deadline: float = 60.0) -> None:
                 raise
 
 
+async def layer_costs(db_url: str, calls: int = 2000) -> dict[str, float]:
+    """CPU microseconds per call, in this process, without RPC: the database layer alone
+    (``DbApi`` get / update) against the conductor's endpoint doing the same through objects
+    (``get_by_uuid`` / ``save`` including (de)serialisation). The difference is what the object
+    layer itself costs per request."""
+    from conductor.db.session import Database
+    from conductor.indirection import ConductorIndirectionEndpoint
+    from shared_objects.base import obj_tree_get_versions
+    from shared_objects.serializer import FleetObjectSerializer
+
+    database = Database(db_url)
+    endpoint = ConductorIndirectionEndpoint(database)
+    serializer = FleetObjectSerializer()
+    ctxt = RequestContext()
+    async with database.request(ctxt):
+        flavor = Flavor(ctxt, name=f"layer-{uuid.uuid4().hex[:6]}", vcpus=1, memory_mb=1, root_gb=1)
+        await flavor.create()
+        inst = Instance(ctxt, name="layer", host="h", node="n", flavor=flavor, vm_state="active")
+        await inst.create()
+    manifest = obj_tree_get_versions("Instance")
+
+    async def db_get() -> None:
+        async with database.request(RequestContext(), single_call=True) as db:
+            await db.get("instances", {"uuid": inst.uuid})
+
+    async def db_update() -> None:
+        async with database.request(RequestContext(), single_call=True) as db:
+            await db.update(
+                "instances",
+                {"uuid": inst.uuid},
+                {"progress": 1, "updated_at": datetime.datetime.now(datetime.UTC)},
+                returning=["updated_at"],
+                standalone=True,
+            )
+
+    async def endpoint_get() -> None:
+        c = RequestContext()
+        reply = await endpoint.object_class_action_versions(
+            c, "Instance", "get_by_uuid", manifest, [inst.uuid], {}
+        )
+        await serializer.serialize_entity(c, reply)
+
+    async def endpoint_save() -> None:
+        c = RequestContext()
+        change = Instance(uuid=inst.uuid)
+        change.progress = 2
+        objinst = await serializer.deserialize_entity(c, change.obj_to_primitive())
+        reply = await endpoint.object_action(c, objinst, "save", [], {})
+        await serializer.serialize_entity(c, reply)
+
+    out: dict[str, float] = {}
+    try:
+        for name, fn in (
+            ("db_get_us", db_get),
+            ("db_update_us", db_update),
+            ("endpoint_get_us", endpoint_get),
+            ("endpoint_save_us", endpoint_save),
+        ):
+            for _ in range(100):
+                await fn()
+            start = time.process_time()
+            for _ in range(calls):
+                await fn()
+            out[name] = 1e6 * (time.process_time() - start) / calls
+    finally:
+        await database.dispose()
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = 1 if args.quick else args.rounds
     seconds = 2.0 if args.quick else args.seconds
@@ -251,9 +320,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 pid = proc.pid if name == "objects" else None
                                 samples[name][c].append(await measure(paths[name], c, seconds, pid))
         await engine.dispose()
+        layers = await layer_costs(db_url, 500 if args.quick else 2000)
 
-    result: dict[str, Any] = {}
-    for name, by_c in samples.items():
+    result: dict[str, Any] = {"layers": layers}
+    for name, by_c in samples.items():  # objects, direct
         result[name] = {
             str(c): {
                 key: statistics.median(s[key] for s in runs)
@@ -295,6 +365,14 @@ def table(result: dict[str, Any]) -> str:
             f"{o['cpu_ms_per_pair']:>8.2f}/{o['conductor_cpu_ms_per_pair']:<8.2f} | "
             f"{d['pairs_per_s']:>14.0f} | {d['p50_ms']:>6.1f}/{d['p99_ms']:<6.1f} | "
             f"{d['cpu_ms_per_pair']:>6.2f} | {ratio:>5.2f}"
+        )
+    layers = result.get("layers")
+    if layers:
+        lines.append(
+            "CPU per request in-process, no RPC (us): "
+            f"DbApi get {layers['db_get_us']:.0f} vs endpoint get_by_uuid "
+            f"{layers['endpoint_get_us']:.0f}; DbApi update {layers['db_update_us']:.0f} vs "
+            f"endpoint save {layers['endpoint_save_us']:.0f}"
         )
     at64 = result["ratio"].get("64")
     if at64 is not None:
