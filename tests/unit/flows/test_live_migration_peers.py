@@ -151,3 +151,18 @@ async def test_migration_completes_when_the_conductor_stops_following_it(
         inst = await wait_idle(fleet, uuid)
         assert inst.host == "host-b"
         await check_invariants(fleet)
+
+
+async def test_graceful_stop_of_the_source_lets_the_migration_finish(
+    lm_fleet_factory: Any,
+) -> None:
+    async with lm_fleet_factory(migration=STEADY) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        await wait_migration(fleet, mig, statuses={"running"})
+        agent = fleet.agents.pop("host-a")
+        await agent.stop(grace=20)  # SIGTERM: drain in-flight requests, then go
+        assert (await wait_migration(fleet, mig))["status"] == "completed"
+        assert (await instance(fleet, uuid)).host == "host-b"
+        await fleet.restart("host-a")
+        await check_invariants(fleet)
