@@ -27,11 +27,20 @@ def quiet_statement_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def create_engine(url: str, *, pool_size: int = 16, max_overflow: int = 32) -> AsyncEngine:
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def create_engine(url: str, *, pool_size: int = 32, max_overflow: int = 32) -> AsyncEngine:
     """An async engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``).
 
     SQLite gets one shared connection: it allows a single writer anyway, and one connection
     turns concurrent requests into a queue instead of ``database is locked`` errors.
+
+    PostgreSQL: the pool keeps up to ``pool_size`` connections (overflow ones are opened and
+    closed again under bursts, so keep it near the RPC server's concurrency). asyncpg tries TLS
+    first on every new connection by default; on a loopback host with no ``ssl``/``sslmode``
+    in the URL that attempt is skipped. TLS stays configuration: put ``?ssl=require`` (or
+    ``verify-full`` ...) in ``FLEET_DATABASE_URL``.
     """
     quiet_statement_logging()
     parsed = make_url(url)
@@ -45,6 +54,9 @@ def create_engine(url: str, *, pool_size: int = 16, max_overflow: int = 32) -> A
         # No pre-ping: it costs a round trip per request; a dead connection fails the request,
         # is invalidated by SQLAlchemy, and the next checkout gets a fresh one.
         kwargs["pool_recycle"] = 3600
+        query = {k.lower() for k in parsed.query}
+        if parsed.host in LOOPBACK_HOSTS and not query & {"ssl", "sslmode"}:
+            kwargs["connect_args"] = {"ssl": False}
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
 
