@@ -68,9 +68,12 @@ async def _wait_idle(cluster: Any, uuid: str, within: float = 60) -> Instance:
         await asyncio.sleep(0.1)
 
 
-async def test_ten_concurrent_migrations_a_to_b(cluster_factory: Any) -> None:
+@pytest.mark.parametrize("conductors", [1, 2])
+async def test_ten_concurrent_migrations_a_to_b(cluster_factory: Any, conductors: int) -> None:
     async with cluster_factory(
-        common_env=HEARTBEATS, agent_env=_models("bandwidth_mb_s=1000,progress_interval_s=0.05")
+        common_env=HEARTBEATS,
+        agent_env=_models("bandwidth_mb_s=1000,progress_interval_s=0.05"),
+        conductors=conductors,
     ) as cluster:
         uuids = await cluster.boot(flavor="small", name="vm", count=10, forced_host="compute-1")
         await cluster.wait_instances(uuids, timeout=60)
