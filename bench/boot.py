@@ -339,6 +339,7 @@ async def wait_active(dsn: str, uuids: list[str], timeout: float) -> None:
             if states.get(("active", None), 0) == len(uuids):
                 return
             if any(vm == "error" for vm, _ in states):
+                await asyncio.sleep(2.0)  # the fault row follows the ERROR save
                 faults = await conn.fetch(
                     "SELECT DISTINCT message FROM instance_faults "
                     "WHERE instance_uuid = ANY($1::text[])",
@@ -429,18 +430,23 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 return handle
 
             cluster.conductor_handle = conductor_handle  # type: ignore[method-assign]
-            await cluster.start(timeout=120)
             try:
+                await cluster.start(timeout=120)
                 await Flavor(
                     cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=64, root_gb=1
                 ).create()
-                return await measure(cluster, args, dsn, conductor_port)
+                measured = await measure(cluster, args, dsn, conductor_port)
+            except BaseException:
+                print(f"bench/boot.py: run failed; service logs kept in {workdir}", file=sys.stderr)
+                raise
             finally:
                 codes = await cluster.stop()
-                if not args.workdir and all(c == 0 for c in codes.values()):
-                    shutil.rmtree(workdir, ignore_errors=True)
-                elif any(c != 0 for c in codes.values()):
+                clean = all(c == 0 for c in codes.values())
+                if not clean:
                     print(f"unclean exits {codes}; logs in {workdir}", file=sys.stderr)
+            if not args.workdir and clean:
+                shutil.rmtree(workdir, ignore_errors=True)
+            return measured
 
 
 async def measure(
