@@ -123,7 +123,6 @@ class LiveMigrateTask:
         self.compute = compute
         self.settings = settings or LiveMigrateSettings()
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._abort_requested: set[str] = set()
 
     # --- the request ----------------------------------------------------------------------
 
@@ -249,8 +248,6 @@ class LiveMigrateTask:
             else:
                 # Nothing reached the source: release the instance here.
                 await self._fail(ctxt, instance, migration, MigrationStatus.ERROR, why)
-        finally:
-            self._abort_requested.discard(migration.uuid)
 
     async def _precheck(
         self, ctxt: RequestContext, instance: Instance, migration: Migration, forced: str | None
@@ -261,8 +258,8 @@ class LiveMigrateTask:
         reasons: list[str] = []
         req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
         for _attempt in range(self.settings.max_attempts if forced is None else 1):
-            if migration.uuid in self._abort_requested:
-                await self._fail(ctxt, instance, migration, MigrationStatus.CANCELLED, "aborted")
+            if await self._status(ctxt, migration.uuid) != MigrationStatus.ACCEPTED:
+                await self._stopped(ctxt, instance, migration)
                 return None
             dest = forced
             node: str | None = None
@@ -291,9 +288,6 @@ class LiveMigrateTask:
                 reasons.append(f"{dest}: {type(exc).__name__}: {exc}")
                 tried.append(dest)
                 continue
-            if migration.uuid in self._abort_requested:
-                await self._fail(ctxt, instance, migration, MigrationStatus.CANCELLED, "aborted")
-                return None
             dest_node = str(data.get("dest_node") or node or dest)
             async with self.database.request(ctxt):
                 db = ctxt.db
@@ -311,7 +305,7 @@ class LiveMigrateTask:
                     returning=["status"],
                 )
             if not rows:
-                log.warning("live_migration_settled_during_prechecks", migration=migration.uuid)
+                await self._stopped(ctxt, instance, migration)
                 return None
             migration.dest_compute = dest
             migration.dest_node = dest_node
@@ -327,6 +321,44 @@ class LiveMigrateTask:
         )
         return None
 
+    async def _status(self, ctxt: RequestContext, migration_uuid: str) -> str:
+        async with self.database.request(ctxt):
+            return (await Migration.get_by_uuid(ctxt, migration_uuid)).status
+
+    async def _stopped(
+        self, ctxt: RequestContext, instance: Instance, migration: Migration
+    ) -> None:
+        """The migration left ``accepted`` under this task: aborted, or settled by its source."""
+        status = await self._status(ctxt, migration.uuid)
+        if status == MigrationStatus.CANCELLED:
+            async with self.database.request(ctxt):
+                await self._finish_action(ctxt, instance.uuid, "Cancelled")
+        log.info("live_migration_stopped_during_prechecks", migration=migration.uuid, status=status)
+
+    @staticmethod
+    async def _release(ctxt: RequestContext, instance_uuid: str) -> None:
+        """``migrating`` → None (CAS), progress back to 0: nothing moved."""
+        current = await Instance.get_by_uuid(ctxt, instance_uuid)
+        current.task_state = None
+        current.progress = 0
+        try:
+            await current.save(expected_task_state=[TaskState.MIGRATING])
+        except exception.UnexpectedTaskStateError:
+            log.warning("live_migration_instance_moved_on", instance_uuid=instance_uuid)
+
+    @staticmethod
+    async def _leave_accepted(ctxt: RequestContext, migration_uuid: str, status: str) -> bool:
+        """CAS ``accepted`` → ``status``; False when someone else moved it first."""
+        db = ctxt.db
+        assert db is not None
+        rows = await db.update(
+            "migrations",
+            {"uuid": migration_uuid, "status": MigrationStatus.ACCEPTED},
+            {"status": status, "updated_at": datetime.datetime.now(datetime.UTC)},
+            returning=["status"],
+        )
+        return bool(rows)
+
     async def _fail(
         self,
         ctxt: RequestContext,
@@ -337,14 +369,12 @@ class LiveMigrateTask:
     ) -> None:
         """Before the source got involved: release the instance (CAS) and record why."""
         async with self.database.request(ctxt):
-            current = await Instance.get_by_uuid(ctxt, instance.uuid)
-            current.task_state = None
-            try:
-                await current.save(expected_task_state=[TaskState.MIGRATING])
-            except exception.UnexpectedTaskStateError:
-                log.warning("live_migration_instance_moved_on", instance_uuid=instance.uuid)
+            if not await self._leave_accepted(ctxt, migration.uuid, status):
+                log.info("live_migration_already_moved_on", migration=migration.uuid)
+                return
             migration.status = status
-            await migration.save()
+            migration.obj_reset_changes(["status"])
+            await self._release(ctxt, instance.uuid)
             if status != MigrationStatus.CANCELLED:
                 await InstanceFault(
                     ctxt,
@@ -418,10 +448,14 @@ class LiveMigrateTask:
         """Stop a live migration: the instance stays on its source (``cancelled``)."""
         migration = await self._unfinished(ctxt, migration_uuid)
         if migration.status == MigrationStatus.ACCEPTED:
-            # Still in this conductor's prechecks (or another replica's): flag it here too.
-            self._abort_requested.add(migration_uuid)
-            if migration_uuid in self._running:
-                return
+            # Still in prechecks (on whichever replica): cancel in the database; the task sees
+            # it at its next step and stops before handing anything over.
+            async with self.database.request(ctxt):
+                if await self._leave_accepted(ctxt, migration_uuid, MigrationStatus.CANCELLED):
+                    await self._release(ctxt, migration.instance_uuid)
+                    log.info("live_migration_cancelled_in_prechecks", migration=migration_uuid)
+                    return
+            migration = await self._unfinished(ctxt, migration_uuid)
         await self.compute.live_migration_abort(
             ctxt,
             migration.source_compute or "",

@@ -243,3 +243,24 @@ async def test_abort_while_queued_behind_another_copy_cancels(lm_fleet_factory: 
         assert (await wait_migration(fleet, running))["status"] == "completed"
         assert [(await instance(fleet, u)).host for u in (first, second)] == ["host-b", "host-a"]
         await check_invariants(fleet)
+
+
+async def test_abort_during_prechecks_works_from_any_conductor_replica(
+    lm_fleet_factory: Any,
+) -> None:
+    from conductor.tasks.live_migrate import LiveMigrateTask
+
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        fleet.driver("host-b").failures.delay("check_can_live_migrate_destination", 1.0, count=1)
+        mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
+        assert (await wait_migration(fleet, mig, statuses={"accepted"}))["status"] == "accepted"
+        # Another replica: same database, none of this one's in-memory state.
+        other = LiveMigrateTask(fleet.database, fleet.endpoint.live_migrate.compute)
+        await other.live_migration_abort(user(), migration_uuid=mig)
+        assert (await wait_migration(fleet, mig))["status"] == "cancelled"
+        assert (await instance(fleet, uuid)).task_state is None
+        await settle_task(fleet, mig)  # the prechecking task noticed and stopped
+        assert not fleet.agents["host-b"].tracker.holds(uuid)
+        assert "compute_pre_live_migration" not in {e for e, _h, _r in await events(fleet, uuid)}
+        await _assert_stayed_on_source(fleet, uuid)
