@@ -161,6 +161,7 @@ class LiveMigrationManager:
         self._jobs: dict[str, _Job] = {}
         self._semaphore: asyncio.Semaphore | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._early_aborts: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -400,7 +401,8 @@ class LiveMigrationManager:
             "call_monitor_timeout": settings.call_monitor_timeout,
             "timeout": settings.long_call_timeout,
         }
-        if job.abort_requested:
+        if job.abort_requested or migration.uuid in self._early_aborts:
+            self._early_aborts.discard(migration.uuid)
             return await self._end_on_source(
                 ctxt, instance, migration, MigrationStatus.CANCELLED, "aborted while queued"
             )
@@ -608,6 +610,17 @@ class LiveMigrationManager:
 
     async def live_migration_abort(self, ctxt: RequestContext, migration_uuid: str) -> None:
         """Stop the migration; the guest stays here. Too late once the switch-over began."""
+        if migration_uuid not in self._jobs:
+            migration = await Migration.get_by_uuid(ctxt, migration_uuid)
+            if (
+                migration_uuid not in self._jobs  # still, after the await
+                and migration.source_compute == self.host
+                and migration.status in STARTABLE
+            ):
+                # Queued by the conductor, its call not taken up here yet: remember it.
+                self._early_aborts.add(migration_uuid)
+                log.info("live_migration_abort_before_start", migration_uuid=migration_uuid)
+                return
         job = self._job_for(migration_uuid)
         if job.stage is Stage.POST:
             raise ExpectedException(

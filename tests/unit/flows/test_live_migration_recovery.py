@@ -150,3 +150,24 @@ async def test_migration_whose_conductor_vanished_is_swept_by_its_source(
         assert (await wait_migration(fleet, mig))["status"] == "error"
         assert "conductor lost" in await latest_fault(fleet, uuid)
         await check_invariants(fleet)
+
+
+async def test_abort_reaching_the_source_before_the_migration_call_cancels_it(
+    lm_fleet_factory: Any,
+) -> None:
+    from shared_objects.context import RequestContext
+
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await _stage(fleet, uuid, "queued")
+        manager = fleet.agents["host-a"].live_migration
+        ctxt = RequestContext(user_id="u1", project_id="p1")
+        await manager.live_migration_abort(ctxt, mig)  # no job yet: remembered
+        async with fleet.db() as dctxt:
+            inst = await Instance.get_by_uuid(dctxt, uuid)
+            migration = await Migration.get_by_uuid(dctxt, mig)
+        outcome = await manager.live_migration(ctxt, inst, migration, {})
+        assert outcome["status"] == "cancelled"
+        assert (await wait_migration(fleet, mig))["status"] == "cancelled"
+        assert (await wait_idle(fleet, uuid)).host == "host-a"
+        await check_invariants(fleet)
