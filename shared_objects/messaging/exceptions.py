@@ -90,6 +90,10 @@ class MessageDeliveryFailure(MessagingError):
     """The broker did not accept a message (connection lost, channel closed, nack, no route)."""
 
 
+class MessageUndeliverable(MessageDeliveryFailure):
+    """A mandatory message (a reply) was returned: no queue of that name exists right now."""
+
+
 class MalformedMessage(MessagingError):
     """A received message cannot be understood (not JSON, not a dict, wrong field types)."""
 

@@ -20,7 +20,11 @@ from typing import Any
 import structlog
 
 from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
-from shared_objects.messaging.exceptions import MessageDeliveryFailure, MessagingError
+from shared_objects.messaging.exceptions import (
+    MessageDeliveryFailure,
+    MessageUndeliverable,
+    MessagingError,
+)
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
 
 log = structlog.get_logger(__name__)
@@ -239,7 +243,7 @@ class MemoryDriver(Driver):
         self._published += 1
         if mandatory and not routed:
             self._returned += 1
-            raise MessageDeliveryFailure(
+            raise MessageUndeliverable(
                 f"NO_ROUTE: message to {exchange.name!r}/{routing_key!r} was returned"
             )
 

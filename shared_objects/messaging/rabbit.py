@@ -25,7 +25,11 @@ from aio_pika.robust_connection import RobustConnection
 from pamqp.commands import Basic
 
 from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
-from shared_objects.messaging.exceptions import MessageDeliveryFailure, MessagingError
+from shared_objects.messaging.exceptions import (
+    MessageDeliveryFailure,
+    MessageUndeliverable,
+    MessagingError,
+)
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
 from shared_objects.messaging.urls import ParsedURL
 
@@ -40,6 +44,16 @@ _RETRYABLE = (
     RuntimeError,
 )
 _RETRY_PAUSE = 0.05
+# Teardown talks to the broker only while connected, and never for longer than this: stopping a
+# server or closing a transport must not wait for a broker that is gone.
+_TEARDOWN_TIMEOUT = 5.0
+_TEARDOWN_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+
+
+def _is_up(channel: AbstractRobustChannel) -> bool:
+    connection = getattr(channel, "_connection", None)
+    connected = getattr(connection, "connected", None)
+    return not channel.is_closed and (connected is None or connected.is_set())
 
 
 class _FailoverRobustConnection(RobustConnection):
@@ -160,13 +174,14 @@ class _RabbitSubscription(Subscription):
         for task in self._recovery:
             task.cancel()
         tags, self._tags = self._tags, {}
-        if not tags or self._channel.is_closed:
-            return
+        if not tags or not _is_up(self._channel):
+            return  # no connection: the broker forgets our consumers by itself
         try:
-            underlay = await self._channel.get_underlay_channel()
-            for tag in tags.values():
-                await underlay.basic_cancel(tag)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            async with asyncio.timeout(_TEARDOWN_TIMEOUT):
+                underlay = await self._channel.get_underlay_channel()
+                for tag in tags.values():
+                    await underlay.basic_cancel(tag)
+        except _TEARDOWN_ERRORS as exc:
             log.warning("consumer_cancel_failed", queues=list(tags), error=repr(exc))
 
     async def close(self) -> None:
@@ -174,8 +189,9 @@ class _RabbitSubscription(Subscription):
         self._channel.reopen_callbacks.discard(self._on_reopen)
         if not self._channel.is_closed:
             try:
-                await self._channel.close()
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                async with asyncio.timeout(_TEARDOWN_TIMEOUT):
+                    await self._channel.close()
+            except _TEARDOWN_ERRORS as exc:
                 log.warning("channel_close_failed", error=repr(exc))
 
 
@@ -253,7 +269,11 @@ class RabbitDriver(Driver):
         self._publisher = None
         self._declared.clear()
         if connection is not None:
-            await connection.close()
+            try:
+                async with asyncio.timeout(_TEARDOWN_TIMEOUT):
+                    await connection.close()
+            except _TEARDOWN_ERRORS as exc:
+                log.warning("connection_close_failed", error=repr(exc))
 
     def _require(self) -> tuple[_FailoverRobustConnection, AbstractRobustChannel]:
         if self._connection is None or self._publisher is None:
@@ -379,7 +399,7 @@ class RabbitDriver(Driver):
                 continue
             if isinstance(result, aiormq.abc.DeliveredMessage):
                 self._returned += 1
-                raise MessageDeliveryFailure(
+                raise MessageUndeliverable(
                     f"NO_ROUTE: message to {exchange.name!r}/{routing_key!r} was returned"
                 )
             self._published += 1
@@ -445,8 +465,14 @@ class RabbitDriver(Driver):
 
     async def delete_queue(self, name: str) -> None:
         _, channel = self._require()
-        underlay = await channel.get_underlay_channel()
-        await underlay.queue_delete(name)
+        if not _is_up(channel):
+            raise MessagingError(f"cannot delete queue {name}: not connected")
+        try:
+            async with asyncio.timeout(_TEARDOWN_TIMEOUT):
+                underlay = await channel.get_underlay_channel()
+                await underlay.queue_delete(name)
+        except _TEARDOWN_ERRORS as exc:
+            raise MessagingError(f"cannot delete queue {name}: {exc!r}") from exc
 
     def stats(self) -> dict[str, Any]:
         return {

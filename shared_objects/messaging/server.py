@@ -33,10 +33,11 @@ from shared_objects.messaging.exceptions import (
     UnsupportedVersion,
 )
 from shared_objects.messaging.ids import new_id
+from shared_objects.messaging.reply_sender import ReplySender
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
 from shared_objects.messaging.stats import RPCStats
 from shared_objects.messaging.target import Target
-from shared_objects.messaging.topology import DEFAULT_EXCHANGE, QueueSpec
+from shared_objects.messaging.topology import QueueSpec
 
 if TYPE_CHECKING:
     from shared_objects.messaging.transport import Transport
@@ -76,7 +77,8 @@ class RPCServer:
 
     ``max_concurrency`` (default: the transport's ``max_concurrency``) bounds handlers running at
     once; ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds messages delivered but not
-    yet taken up.
+    yet taken up; a reply whose queue is missing is retried in the background for
+    ``reply_retry_window`` seconds (0: never).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class RPCServer:
         max_concurrency: int | None = None,
         *,
         prefetch: int | None = None,
+        reply_retry_window: float = 5.0,
     ):
         if not target.topic or not target.server:
             raise InvalidTarget("A server's target needs a topic and a server", target)
@@ -106,6 +109,12 @@ class RPCServer:
         self._recent_ids: collections.deque[str] = collections.deque(maxlen=DUPLICATE_CHECK_SIZE)
         self._stopping = False
         self._stats = RPCStats()
+        self._replies = ReplySender(
+            transport.driver,
+            self._stats,
+            publish_timeout=cfg.rpc_response_timeout,
+            retry_window=reply_retry_window,
+        )
         self._exposed = self.dispatcher.exposed_methods()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,6 +160,7 @@ class RPCServer:
                 log.warning("rpc_server_stop_cancelled_handlers", count=len(pending), grace=grace)
                 await asyncio.gather(*pending, return_exceptions=True)
         await subscription.close()
+        await self._replies.close()
         if self._fanout_queue is not None:
             try:
                 await self.transport.driver.delete_queue(self._fanout_queue.name)
@@ -245,8 +255,13 @@ class RPCServer:
             await self._fail(reply, label, MalformedMessage(f"bad context: {exc}"), None)
             return
 
+        version = message.get("version")
         with structlog.contextvars.bound_contextvars(
-            request_id=ctxt.request_id, caller=ctxt.caller, method=label
+            request_id=ctxt.request_id,
+            caller=ctxt.caller,
+            method=label,
+            # The API version the caller chose: shows version caps at work in every log line.
+            rpc_version=version if isinstance(version, str) else None,
         ):
             heartbeat = None
             if reply is not None and _wants_heartbeat(client_timeout):
@@ -346,19 +361,7 @@ class RPCServer:
         await self._publish_reply(reply, body)
 
     async def _publish_reply(self, reply: _Reply, body: bytes) -> None:
-        try:
-            await self.transport.driver.publish(
-                DEFAULT_EXCHANGE,
-                reply.queue,
-                body,
-                mandatory=True,
-                retry_for=self.transport.config.rpc_response_timeout,
-            )
-        except MessageDeliveryFailure as exc:
-            self._stats.dropped["reply_undeliverable"] += 1
-            log.warning(
-                "reply_undeliverable", reply_q=reply.queue, msg_id=reply.msg_id, error=str(exc)
-            )
+        await self._replies.send(reply.queue, reply.msg_id, body)
 
     async def _heartbeat(self, reply: _Reply, interval: float) -> None:
         body_fields = {"result": None, "failure": None, "ending": False, "_msg_id": reply.msg_id}

@@ -32,7 +32,7 @@ from shared_objects.messaging import (
     get_transport,
 )
 from shared_objects.messaging.driver import Delivery
-from shared_objects.messaging.topology import DEFAULT_EXCHANGE, QueueSpec
+from shared_objects.messaging.topology import QueueSpec
 
 TOPIC = "compute"
 
@@ -448,20 +448,37 @@ async def test_every_bad_message_is_acked_and_answered_when_addressable(
         assert (await client.call(None, "echo", value="ok"))["value"] == "ok"
 
 
-async def test_reply_to_missing_queue_is_logged_not_fatal(
+async def test_reply_to_missing_queue_is_retried_briefly_then_dropped_and_logged(
     transports: tuple[Transport, Transport],
 ) -> None:
     server_t, client_t = transports
-    async with RPCServer(server_t, Target(topic=TOPIC, server="s1"), [Endpoint()]) as server:
-        request = {"method": "echo", "args": {"value": 1}, "_msg_id": "m", "_reply_q": "gone"}
+    exchange = client_t.topology.control_exchange()
+    server = RPCServer(
+        server_t, Target(topic=TOPIC, server="s1"), [Endpoint()], reply_retry_window=0.6
+    )
+    async with server:
+        request = {"method": "echo", "args": {"value": 1}, "_msg_id": "m", "_reply_q": "late_q"}
+        await client_t.driver.publish(exchange, TOPIC, codec.encode_message(request))
+        await asyncio.sleep(0.1)
+        assert server.stats()["dropped"] == {}  # bounced, retrying in the background
+        assert server.in_flight == 0  # ... without holding a handler slot
+        replies = await _raw_replies(client_t, "late_q")  # the caller's queue comes back
+        for _ in range(100):
+            if replies:
+                break
+            await asyncio.sleep(0.01)
+        assert [r["_msg_id"] for r in replies] == ["m"]
+
         with capture_logs() as logs:
-            await client_t.driver.publish(
-                client_t.topology.control_exchange(), TOPIC, codec.encode_message(request)
-            )
+            request["_reply_q"] = "gone"
+            await client_t.driver.publish(exchange, TOPIC, codec.encode_message(request))
+            await asyncio.sleep(0.9)
+            assert server.stats()["dropped"]["reply_undeliverable"] == 1
+            # Known to be gone now: the next reply to it is dropped at once.
+            await client_t.driver.publish(exchange, TOPIC, codec.encode_message(request))
             await asyncio.sleep(0.05)
-        assert any(e["event"] == "reply_undeliverable" for e in logs)
-        assert server.stats()["dropped"]["reply_undeliverable"] == 1
-        assert DEFAULT_EXCHANGE.name == ""
+            assert server.stats()["dropped"]["reply_undeliverable"] == 2
+        assert [e["event"] for e in logs].count("reply_undeliverable") == 2
 
 
 async def test_request_expiration_drops_unconsumed_calls(
