@@ -17,6 +17,7 @@ import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import structlog
 from sqlalchemy import (
     ColumnElement,
     Table,
@@ -30,7 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conductor.db import models
@@ -38,6 +39,8 @@ from shared_objects import exception
 from shared_objects.base import AtLeast, DatabaseAPI
 
 Row = dict[str, Any]
+
+log = structlog.get_logger(__name__)
 
 # Columns that may filter a query without leading an index (low selectivity flags).
 _FILTER_ONLY = frozenset({"deleted"})
@@ -223,6 +226,36 @@ class DbApi(DatabaseAPI):
         self.statements += 1
         return conn
 
+    async def _execute(
+        self, stmt: Any, params: Any, *, write: bool = False, standalone: bool = False
+    ) -> Any:
+        """Run one statement; if the request's *first* statement finds its pooled connection
+        dead (database restarted, connection killed), retry it once on a fresh connection.
+
+        Nothing of the request has happened yet at that point, so the retry is safe; a later
+        failure is the request's error (its transaction is gone with the connection). This
+        replaces the pool's pre-ping, which cost a round trip on every request.
+        """
+        first = self._conn is None
+        conn = await self._connection(write=write, standalone=standalone)
+        try:
+            return await conn.execute(stmt, params)
+        except DBAPIError as exc:
+            if not (first and exc.connection_invalidated):
+                raise
+            log.warning("db_connection_lost_retrying", error=str(exc.orig)[:200])
+            await self._discard()
+            conn = await self._connection(write=write, standalone=standalone)
+            return await conn.execute(stmt, params)
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        self._in_transaction = False
+        if conn is not None:
+            with contextlib.suppress(DBAPIError):
+                await conn.invalidate()
+            await conn.close()
+
     async def commit(self) -> None:
         if self._conn is not None:
             await self._conn.commit()
@@ -264,7 +297,7 @@ class DbApi(DatabaseAPI):
         self, table: str, where: Mapping[str, Any], *, columns: Sequence[str] | None = None
     ) -> Row | None:
         stmt, params = self._select(table_for(table), where, columns, (), False, 1)
-        result = await (await self._connection()).execute(stmt, params)
+        result = await self._execute(stmt, params)
         row = result.mappings().first()
         return dict(row) if row is not None else None
 
@@ -279,7 +312,7 @@ class DbApi(DatabaseAPI):
         limit: int | None = None,
     ) -> list[Row]:
         stmt, params = self._select(table_for(table), where, columns, order_by, descending, limit)
-        result = await (await self._connection()).execute(stmt, params)
+        result = await self._execute(stmt, params)
         return [dict(r) for r in result.mappings()]
 
     async def insert(self, table: str, values: Mapping[str, Any]) -> Row:
@@ -288,9 +321,8 @@ class DbApi(DatabaseAPI):
             if name not in t.c:
                 raise KeyError(f"{t.name} has no column {name!r}")
         stmt = _cached(("insert", t.name), lambda: insert(t).returning(*t.c))
-        conn = await self._connection(write=True)
         async with _conflicts(t):
-            result = await conn.execute(stmt, dict(values))
+            result = await self._execute(stmt, dict(values), write=True)
         return dict(result.mappings().one())
 
     async def update(
@@ -321,9 +353,8 @@ class DbApi(DatabaseAPI):
             return stmt if ret == () else stmt.returning(*self._cols(t, ret))
 
         stmt = _cached(key, build)
-        conn = await self._connection(write=True, standalone=standalone)
         async with _conflicts(t):
-            result = await conn.execute(stmt, params)
+            result = await self._execute(stmt, params, write=True, standalone=standalone)
         if ret == ():
             return [{} for _ in range(result.rowcount)]
         return [dict(r) for r in result.mappings()]
@@ -334,9 +365,8 @@ class DbApi(DatabaseAPI):
         stmt = _cached(
             ("delete", t.name, shape), lambda: delete(t).where(where_clause_for(t, shape))
         )
-        conn = await self._connection(write=True)
         async with _conflicts(t):
-            result = await conn.execute(stmt, params)
+            result = await self._execute(stmt, params, write=True)
         return int(result.rowcount)
 
     async def min_value(self, table: str, column: str, where: Mapping[str, Any]) -> Any:
@@ -346,4 +376,4 @@ class DbApi(DatabaseAPI):
             ("min", t.name, column, shape),
             lambda: select(func.min(t.c[column])).where(where_clause_for(t, shape)),
         )
-        return (await (await self._connection()).execute(stmt, params)).scalar()
+        return (await self._execute(stmt, params)).scalar()

@@ -349,3 +349,39 @@ async def test_conductor_side_units_of_work_stay_atomic(conductor: LocalConducto
             await mine.save()  # a standalone write is NOT committed alone outside an RPC call
             raise RuntimeError("failure after the save")
     assert (await Instance.get_by_uuid(ctxt, inst.uuid)).progress is None
+
+
+async def test_dead_pooled_connections_are_replaced_without_failing_requests(
+    pg_database_url: str,
+) -> None:
+    import os
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from conductor.testing import local_conductor
+
+    admin_dsn = os.environ.get(
+        "FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    async with local_conductor(pg_database_url) as local:
+        ctxt = local.agent_context()
+        inst = await _instance(ctxt, await _flavor(ctxt))
+        await asyncio.gather(*(Instance.get_by_uuid(ctxt, inst.uuid) for _ in range(8)))
+        # Kill every server connection of this (test-only) database: the pool now holds
+        # only dead connections, as after a PostgreSQL restart.
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                make_url(pg_database_url).database,
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1
+        got = await Instance.get_by_uuid(ctxt, inst.uuid)
+        got.progress = 5
+        await got.save()
+        copies = await asyncio.gather(*(Instance.get_by_uuid(ctxt, inst.uuid) for _ in range(8)))
+        assert all(c.progress == 5 for c in copies)
