@@ -79,3 +79,29 @@ async def test_blackholed_client_gets_bounded_errors_and_recovers(
                 except MessagingError:
                     assert time.monotonic() < deadline, "client did not recover after heal"
             assert client_t.pending_replies == 0
+
+
+async def test_stop_and_close_do_not_wait_for_a_broker_that_is_gone(
+    amqp_url: str, control_exchange: str, unique_topic: str, janitor: BrokerJanitor
+) -> None:
+    janitor.server_topology(control_exchange, unique_topic, "s1")
+    proxy = TcpProxy(5672)
+    await proxy.start()
+    config = MessagingConfig(
+        transport_url=proxy.url(vhost=vhost_path(amqp_url)), control_exchange=control_exchange
+    )
+    transport = get_transport(config)
+    await transport.connect()
+    server = RPCServer(transport, Target(topic=unique_topic, server="s1"), [Ping()])
+    await server.start()
+    assert (
+        await RPCClient(transport, Target(topic=unique_topic), timeout=5).call(None, "ping")
+        == "pong"
+    )
+    # The broker disappears for good: connections cut, nothing listening any more.
+    proxy.reset()
+    await proxy.stop()
+    start = time.monotonic()
+    await server.stop(grace=1)
+    await transport.close()
+    assert time.monotonic() - start < 3
