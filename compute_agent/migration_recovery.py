@@ -288,9 +288,11 @@ class MigrationResolver:
             "post_live_migration": self.driver.post_live_migration,
             "rollback_live_migration_at_source": self.driver.rollback_live_migration_at_source,
         }
+        unknown = [step for step in steps if step not in PEER_STEPS]
+        if unknown:
+            # Checked before running any: a bad request changes nothing.
+            raise exception.InvalidRequest(reason=f"unknown live-migration step(s) {unknown!r}")
         for step in steps:
-            if step not in PEER_STEPS:
-                raise exception.InvalidRequest(reason=f"unknown live-migration step {step!r}")
             await actions[step](instance)
             log.info("settle_step_done", instance_uuid=instance.uuid, step=step, host=self.host)
         if self.tracker.node is None:

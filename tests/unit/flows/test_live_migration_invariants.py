@@ -106,3 +106,25 @@ def test_settings_read_environment_overrides() -> None:
         {"FLEET_LIVE_MIGRATE_MAX_ATTEMPTS": "5"}, service_down_time=30.0
     )
     assert (conductor.max_attempts, conductor.service_down_time) == (5, 30.0)
+
+
+async def test_peer_settle_refuses_steps_outside_the_allowed_list(lm_fleet_factory: Any) -> None:
+    from shared_objects import exception
+    from shared_objects.context import RequestContext
+
+    async with lm_fleet_factory() as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        async with fleet.db() as ctxt:
+            inst = await Instance.get_by_uuid(ctxt, uuid)
+        compute = fleet.agents["host-b"].compute
+        with pytest.raises(exception.InvalidRequest, match="unknown live-migration step"):
+            await compute.settle_live_migration_peer(
+                RequestContext(user_id="compute"),
+                "host-a",
+                instance=inst,
+                steps=["post_live_migration", "destroy"],
+                owner=None,
+                call_monitor_timeout=2,
+                timeout=10,
+            )
+        assert (await fleet.driver("host-a").get_info(uuid)).phase.value == "running"
