@@ -224,6 +224,31 @@ class FleetObject(VersionedObject):
             primitive[_PRIMITIVE_CHANGES] = changes
         return primitive
 
+    @classmethod
+    def _obj_from_primitive(cls, context: Any, objver: str, primitive: dict[str, Any]) -> Any:
+        """oslo's hydration, except that values already of their field's exact plain type
+        (``str`` for a string field, ``int`` for an integer one, ...) are stored without
+        oslo's identity conversion and re-coercion. Enums, None, datetimes and nested objects
+        still go through the field, so wire input is validated exactly as before."""
+        self = cls()
+        self._context = context
+        self.VERSION = objver
+        data = primitive[_PRIMITIVE_DATA]
+        store = self.__dict__
+        fields_ = cls.fields
+        for name, plain in _wire_plan(cls):
+            if name not in data:
+                continue
+            value = data[name]
+            if plain is not None and type(value) is plain:
+                store[_STORAGE_PREFIX + name] = value
+            else:
+                field = fields_[name]
+                setattr(self, name, field.from_primitive(self, name, value))
+        changes = primitive.get(_PRIMITIVE_CHANGES, ())
+        self._changed_fields = {name for name in changes if name in fields_}
+        return self
+
     def obj_what_changed(self) -> set[str]:
         fields_ = self.fields
         changes = {name for name in self._changed_fields if name in fields_}
@@ -288,6 +313,35 @@ def _object_valued_fields(cls: type[VersionedObject]) -> tuple[str, ...]:
         )
         _OBJECT_VALUED[cls] = names
     return names
+
+
+# Field types whose wire and stored forms are the same plain Python value and whose coercion
+# checks nothing else. Left out on purpose: enums (allowed values) and non-negative numbers
+# (sign), which must stay validated on input from the wire.
+_WIRE_PLAIN: tuple[tuple[type, type], ...] = (
+    (_fields.ovo_fields.Boolean, bool),
+    (_fields.ovo_fields.UUID, str),
+    (_fields.ovo_fields.Integer, int),
+    (_fields.ovo_fields.Float, float),
+)
+_WIRE_PLANS: dict[type, tuple[tuple[str, type | None], ...]] = {}
+
+
+def _wire_plan(cls: type[VersionedObject]) -> tuple[tuple[str, type | None], ...]:
+    """Per field of ``cls``: the plain type a primitive value may be stored as, or None."""
+    plan = _WIRE_PLANS.get(cls)
+    if plan is None:
+        entries: list[tuple[str, type | None]] = []
+        for name, field in cls.fields.items():
+            kind = field._type
+            plain: type | None = None
+            if type(kind) is _fields.ovo_fields.String:
+                plain = str
+            else:
+                plain = next((py for k, py in _WIRE_PLAIN if isinstance(kind, k)), None)
+            entries.append((name, plain))
+        plan = _WIRE_PLANS[cls] = tuple(entries)
+    return plan
 
 
 class FleetPersistentObject(ovo_base.VersionedObjectMixin):

@@ -115,3 +115,40 @@ async def test_serializer_with_a_manifest_sends_older_versions() -> None:
         wire = await ser.serialize_entity(RequestContext(), newer(uuid=UUID, locked_reason="x"))
     assert wire["versioned_object.version"] == "1.0"
     assert "locked_reason" not in wire["versioned_object.data"]
+
+
+def _instance_primitive(**data: Any) -> dict[str, Any]:
+    return {
+        "versioned_object.name": "Instance",
+        "versioned_object.version": "1.0",
+        "versioned_object.namespace": "fleet",
+        "versioned_object.data": {"uuid": UUID, **data},
+        "versioned_object.changes": ["vm_state"],
+    }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"vm_state": "exploded"}, {"vcpus": -1}, {"launched_at": "yesterday"}, {"progress": "x"}],
+)
+async def test_wire_values_are_still_validated(data: dict[str, Any]) -> None:
+    with pytest.raises(exception.InvalidObjectPrimitive):
+        await FleetObjectSerializer().deserialize_entity(
+            RequestContext(), _instance_primitive(**data)
+        )
+
+
+async def test_wire_values_keep_their_types_and_changes() -> None:
+    obj = await FleetObjectSerializer().deserialize_entity(
+        RequestContext(),
+        _instance_primitive(vm_state="active", progress="7", name="vm", vcpus=2, host=None),
+    )
+    assert (obj.vm_state, obj.progress, obj.name, obj.vcpus, obj.host) == (
+        "active",
+        7,
+        "vm",
+        2,
+        None,
+    )
+    assert obj.obj_what_changed() == {"vm_state"}
+    assert obj.obj_to_primitive()["versioned_object.data"]["progress"] == 7
