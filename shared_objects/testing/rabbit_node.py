@@ -61,10 +61,15 @@ class RabbitNode:
         start_timeout: float = 60.0,
         ctl_timeout: float = 60.0,
         extra_config: str = "",
+        port: int | None = None,
     ) -> None:
-        """Prepare (not start) a node; ``extra_config`` is appended to its rabbitmq.conf."""
+        """Prepare (not start) a node; ``extra_config`` is appended to its rabbitmq.conf.
+
+        ``port`` reuses a known AMQP port, e.g. to replace a killed node by a fresh one that
+        clients reconnect to; by default a free ephemeral port is picked.
+        """
         self.nodename = f"fleettest-{secrets.token_hex(4)}@localhost"
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.dist_port = free_port()
         self.start_timeout = start_timeout
         self.ctl_timeout = ctl_timeout

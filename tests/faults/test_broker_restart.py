@@ -147,3 +147,35 @@ async def test_broker_restart_while_idle_then_calls_and_casts_work(node: RabbitN
             # Both noticed the restart and reconnected (robust reconnect, not luck).
             assert server_transport.stats()["reconnects"] >= 1
             assert client_transport.stats()["reconnects"] >= 1
+
+
+async def test_broker_crash_fails_calls_promptly_and_a_replacement_broker_is_picked_up(
+    node: RabbitNode,
+) -> None:
+    """SIGKILL of the broker VM (no clean close), then a fresh node on the same port."""
+    exchange = f"fleet-test-{uuid.uuid4().hex[:8]}"
+    async with (
+        get_transport(_config(node.url, exchange)) as server_transport,
+        get_transport(_config(node.url, exchange)) as client_transport,
+    ):
+        async with RPCServer(server_transport, Target(topic="crash", server="s1"), [Echo()]):
+            client = RPCClient(client_transport, Target(topic="crash"), timeout=3.0)
+            ctxt = RequestContext()
+            stream = CallStream(lambda i: client.call(ctxt, "echo", i=i), deadline=3.0 + SLACK + 5)
+            running = asyncio.create_task(stream.run(200, concurrency=32))
+            await stream.wait_finished(40, within=60)
+            await node.kill()
+            outcomes = await asyncio.wait_for(running, 120)
+            assert stream.hung == []
+            assert max(o.elapsed for o in outcomes) < 3.0 + SLACK
+            assert all(isinstance(o.error, MessagingError) for o in stream.failed)
+            assert len(stream.failed) >= 32  # everything after the crash failed, and clearly
+
+            # A new, empty broker on the same address: robust reconnect re-declares exchanges,
+            # queues and bindings, and the server consumes again, without any restart.
+            async with RabbitNode(port=node.port):
+                await _await_service(client, within=60)
+                results = await asyncio.gather(*(client.call(ctxt, "echo", i=i) for i in range(50)))
+                assert results == list(range(50))
+                assert await client.prepare(server="s1").call(ctxt, "echo", i=5) == 5
+                assert client_transport.pending_replies == 0
