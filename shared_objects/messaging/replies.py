@@ -16,7 +16,7 @@ import structlog
 
 from shared_objects.messaging import codec
 from shared_objects.messaging.driver import Delivery, Driver, Subscription
-from shared_objects.messaging.exceptions import MalformedMessage
+from shared_objects.messaging.exceptions import MalformedMessage, MessagingError
 from shared_objects.messaging.topology import QueueSpec
 
 log = structlog.get_logger(__name__)
@@ -107,4 +107,6 @@ class ReplyWaiter:
                 log.warning("reply_queue_delete_failed", queue=self.spec.name, error=repr(exc))
         for waiter in self._waiters.values():
             if not waiter.future.done():
-                waiter.future.cancel()
+                waiter.future.set_exception(
+                    MessagingError("transport closed while the call was waiting for its reply")
+                )

@@ -18,6 +18,7 @@ from shared_objects.context import RequestContext
 from shared_objects.messaging import (
     InvalidTarget,
     MemoryBroker,
+    MessagingError,
     MessagingTimeout,
     NoSuchMethod,
     RemoteError,
@@ -524,3 +525,19 @@ async def test_stop_hands_messages_not_started_back_to_the_broker(
     async with second:
         assert await asyncio.gather(*calls) == ["slept"] * 5
     assert second.stats()["calls"] == {"sleep:ok": 4}
+
+
+async def test_closing_the_transport_fails_waiting_calls_with_a_clear_error(
+    broker: MemoryBroker,
+) -> None:
+    server_t = get_transport(_config("host1"), memory_broker=broker)
+    client_t = get_transport(_config("alice"), memory_broker=broker)
+    async with server_t, RPCServer(server_t, Target(topic=TOPIC, server="s1"), [Endpoint()]):
+        await client_t.connect()
+        client = RPCClient(client_t, Target(topic=TOPIC), timeout=5.0)
+        call = asyncio.create_task(client.call(None, "sleep", seconds=1))
+        await asyncio.sleep(0.05)
+        await client_t.close()
+        with pytest.raises(MessagingError, match="transport closed"):
+            await call
+        assert client_t.pending_replies == 0
