@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aio_pika
@@ -47,16 +47,29 @@ async def fleet_transport(amqp_url: str, control_exchange: str) -> AsyncIterator
 async def start_oslo_peer(
     amqp_url: str, control_exchange: str, topic: str
 ) -> AsyncIterator[StartPeer]:
-    """Start ``oslo_peer.py <mode>`` (own process and oslo transport); wait until it is ready."""
+    """Start ``oslo_peer.py <mode>`` (own process and oslo transport); wait until it is ready.
+
+    ``url`` overrides the broker (e.g. a private node); ``rabbit_opts`` are passed as
+    ``[oslo_messaging_rabbit]`` overrides.
+    """
     peers: list[PeerProcess] = []
 
-    async def start(mode: str, *, servers: str = "oslo1", allowed_exmods: str = "") -> PeerProcess:
+    async def start(
+        mode: str,
+        *,
+        servers: str = "oslo1",
+        allowed_exmods: str = "",
+        url: str | None = None,
+        rabbit_opts: Mapping[str, object] | None = None,
+    ) -> PeerProcess:
+        options = [f"--rabbit-opt={k}={v}" for k, v in (rabbit_opts or {}).items()]
         argv = [
             sys.executable,
             str(OSLO_PEER),
             mode,
+            *options,
             "--url",
-            amqp_url,
+            url or amqp_url,
             "--exchange",
             control_exchange,
             "--topic",

@@ -55,6 +55,15 @@ def make_transport(args: argparse.Namespace) -> Any:
     """An oslo RPC transport on the global ``cfg.CONF`` (oslo 18.3 needs the global one)."""
     oslo_messaging.set_transport_defaults(control_exchange=args.exchange)
     cfg.CONF([], project="fleet-interop", default_config_files=[], default_config_dirs=[])
+    # Topology options (durable / quorum queues...) must be set before the driver is created.
+    from oslo_messaging._drivers import amqp, impl_rabbit
+
+    cfg.CONF.register_opts(amqp.amqp_opts, group="oslo_messaging_rabbit")
+    cfg.CONF.register_opts(impl_rabbit.rabbit_opts, group="oslo_messaging_rabbit")
+    for item in args.rabbit_opt:
+        name, _, value = item.partition("=")
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        cfg.CONF.set_override(name, parsed, group="oslo_messaging_rabbit")
     allowed = [m for m in args.allowed_exmods.split(",") if m]
     return oslo_messaging.get_rpc_transport(cfg.CONF, url=args.url, allowed_remote_exmods=allowed)
 
@@ -248,6 +257,12 @@ def main() -> None:
     parser.add_argument("--servers", default="oslo1")
     parser.add_argument("--allowed-exmods", default="")
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--rabbit-opt",
+        action="append",
+        default=[],
+        help="NAME=VALUE for [oslo_messaging_rabbit], e.g. rabbit_quorum_queue=true (repeatable)",
+    )
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     # Hard stop: whatever happens, the peer never outlives its budget.
