@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -151,3 +152,12 @@ async def test_fleet_call_monitor_gives_up_on_a_silent_peer_before_the_call_time
     with pytest.raises(MessagingTimeout):
         await cctx.call(_context(), "slow", delay=1)
     assert time.monotonic() - started < 2 + 1.0
+
+
+async def test_fleet_concurrent_calls_to_oslo_servers_each_get_their_own_result(
+    oslo_server: PeerProcess, client: RPCClient, fleet_transport: Transport
+) -> None:
+    results = await asyncio.gather(*(client.call(_context(), "echo", i=i) for i in range(300)))
+    assert [r["args"] for r in results] == [{"i": i} for i in range(300)]
+    assert {r["server"] for r in results} == set(SERVERS)
+    assert fleet_transport.pending_replies == 0

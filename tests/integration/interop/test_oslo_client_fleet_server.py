@@ -232,3 +232,13 @@ async def test_slow_fleet_call_without_call_monitor_sends_oslo_no_heartbeat(
     reply = await _call(oslo_client, "slow", args={"delay": 2.5}, timeout=15)
     assert reply["ok"], reply
     assert reply["result"] == "slept 2.5"
+
+
+async def test_oslo_threaded_burst_gets_every_result_back_to_its_own_caller(
+    oslo_client: PeerProcess, seen: Seen
+) -> None:
+    command = {"op": "burst", "method": "echo", "count": 300, "threads": 16, "timeout": 20}
+    reply = await oslo_client.request(command, within=60)
+    assert reply["ok"], reply
+    assert reply["correct"] == 300
+    assert len(seen.calls) == 300

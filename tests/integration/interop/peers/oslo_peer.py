@@ -9,6 +9,7 @@ Modes (first argument):
                  {"id": 1, "op": "call", "method": "echo", "args": {...}, "server": "s1",
                   "timeout": 10, "call_monitor_timeout": 2, "ctxt": {...}}
                  {"id": 2, "op": "cast", "method": "note", "args": {...}, "fanout": true}
+                 {"id": 3, "op": "burst", "method": "echo", "count": 300, "threads": 16}
 
              and answering ``{"id": 1, "ok": true, "result": ...}`` or ``{"id": 1, "ok": false,
              "exc_class": ..., "exc_module": ..., "mro": [...], "message": ...}``.
@@ -161,6 +162,18 @@ def describe_exception(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def burst(prepared: Any, ctxt: Any, method: str, count: int, threads: int) -> dict[str, Any]:
+    """``count`` calls ``method(i=i)`` from ``threads`` threads; which results came back right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> bool:
+        return bool(prepared.call(ctxt, method, i=i)["args"] == {"i": i})
+
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(one, range(count)))
+    return {"ok": True, "correct": sum(outcomes), "count": count}
+
+
 def run_client(args: argparse.Namespace, transport: Any) -> None:
     target = oslo_messaging.Target(topic=args.topic, version="1.0")
     client = oslo_messaging.get_rpc_client(transport, target, timeout=10)
@@ -184,6 +197,10 @@ def run_client(args: argparse.Namespace, transport: Any) -> None:
             if command["op"] == "call":
                 result = prepared.call(ctxt, command["method"], **command.get("args", {}))
                 reply: dict[str, Any] = {"ok": True, "result": result}
+            elif command["op"] == "burst":
+                reply = burst(
+                    prepared, ctxt, command["method"], command["count"], command["threads"]
+                )
             else:
                 prepared.cast(ctxt, command["method"], **command.get("args", {}))
                 reply = {"ok": True, "result": None}
