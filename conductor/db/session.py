@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,12 @@ def quiet_statement_logging() -> None:
     for name in ("sqlalchemy.engine", "sqlalchemy.engine.Engine"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+
+# The task holding the SQLite unit (tasks started inside a unit inherit the value, but they are
+# other tasks: they wait for the lock instead of being refused).
+_SQLITE_UNIT_OWNER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "sqlite_unit_owner", default=None
+)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -93,11 +100,21 @@ class Database:
         """
         if self._sqlite:
             # One shared connection: requests must take turns, whole transactions at a time.
+            # A unit opened inside another one in the same task would wait for itself forever.
+            if _SQLITE_UNIT_OWNER.get() is asyncio.current_task():
+                raise RuntimeError(
+                    "nested Database.request() on SQLite would deadlock: reuse the outer "
+                    "unit's context (its context.db) instead"
+                )
             if self._sqlite_lock is None:
                 self._sqlite_lock = asyncio.Lock()
             async with self._sqlite_lock:
-                async with self._unit(context, single_call) as db:
-                    yield db
+                token = _SQLITE_UNIT_OWNER.set(asyncio.current_task())
+                try:
+                    async with self._unit(context, single_call) as db:
+                        yield db
+                finally:
+                    _SQLITE_UNIT_OWNER.reset(token)
         else:
             async with self._unit(context, single_call) as db:
                 yield db

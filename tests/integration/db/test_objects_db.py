@@ -385,3 +385,47 @@ async def test_dead_pooled_connections_are_replaced_without_failing_requests(
         await got.save()
         copies = await asyncio.gather(*(Instance.get_by_uuid(ctxt, inst.uuid) for _ in range(8)))
         assert all(c.progress == 5 for c in copies)
+
+
+async def test_nested_units_of_work_on_sqlite_fail_fast_instead_of_hanging(
+    sqlite_database_url: str,
+) -> None:
+    from conductor.db import migration
+    from conductor.db.session import Database
+
+    await migration.upgrade(sqlite_database_url)
+    database = Database(sqlite_database_url)
+    try:
+        async with asyncio.timeout(10), database.request(RequestContext()):
+            with pytest.raises(RuntimeError, match="nested"):
+                async with database.request(RequestContext()):
+                    pass
+        # The lock was released: a later unit works.
+        async with asyncio.timeout(10), database.request(RequestContext()) as db:
+            assert await db.select("instances", {"deleted": False}) == []
+    finally:
+        await database.dispose()
+
+
+async def test_a_task_started_inside_a_sqlite_unit_waits_for_it(sqlite_database_url: str) -> None:
+    from conductor.db import migration
+    from conductor.db.session import Database
+
+    await migration.upgrade(sqlite_database_url)
+    database = Database(sqlite_database_url)
+    order: list[str] = []
+
+    async def later() -> None:
+        async with database.request(RequestContext()):
+            order.append("child")
+
+    try:
+        async with asyncio.timeout(10):
+            async with database.request(RequestContext()):
+                child = asyncio.create_task(later())
+                await asyncio.sleep(0.05)
+                order.append("parent")
+            await child
+        assert order == ["parent", "child"]
+    finally:
+        await database.dispose()
