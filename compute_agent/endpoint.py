@@ -13,6 +13,7 @@ from shared_objects.context import RequestContext
 from shared_objects.messaging import Target, expose
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping
 from shared_objects.objects.instance import Instance
+from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
 
 
@@ -73,17 +74,21 @@ class ComputeEndpoint:
     @expose
     async def check_can_live_migrate_destination(
         self, ctxt: RequestContext, instance: Instance, migration: Migration, source_host: str
-    ) -> dict[str, Any]:
-        return await self.live_migration_manager.check_can_live_migrate_destination(
-            ctxt, instance, migration, source_host
+    ) -> LiveMigrateData:
+        return LiveMigrateData.from_driver_data(
+            await self.live_migration_manager.check_can_live_migrate_destination(
+                ctxt, instance, migration, source_host
+            )
         )
 
     @expose
     async def check_can_live_migrate_source(
-        self, ctxt: RequestContext, instance: Instance, dest_check_data: dict[str, Any]
-    ) -> dict[str, Any]:
-        return await self.live_migration_manager.check_can_live_migrate_source(
-            ctxt, instance, dest_check_data
+        self, ctxt: RequestContext, instance: Instance, dest_check_data: LiveMigrateData
+    ) -> LiveMigrateData:
+        return LiveMigrateData.from_driver_data(
+            await self.live_migration_manager.check_can_live_migrate_source(
+                ctxt, instance, dest_check_data.to_driver_data()
+            )
         )
 
     @expose
@@ -92,10 +97,10 @@ class ComputeEndpoint:
         ctxt: RequestContext,
         instance: Instance,
         migration: Migration,
-        migrate_data: dict[str, Any],
+        migrate_data: LiveMigrateData,
     ) -> dict[str, Any]:
         return await self.live_migration_manager.live_migration(
-            ctxt, instance, migration, migrate_data
+            ctxt, instance, migration, migrate_data.to_driver_data()
         )
 
     @expose
@@ -104,10 +109,10 @@ class ComputeEndpoint:
         ctxt: RequestContext,
         instance: Instance,
         migration: Migration,
-        migrate_data: dict[str, Any],
+        migrate_data: LiveMigrateData,
     ) -> dict[str, Any]:
         return await self.live_migration_manager.pre_live_migration(
-            ctxt, instance, migration, migrate_data
+            ctxt, instance, migration, migrate_data.to_driver_data()
         )
 
     @expose

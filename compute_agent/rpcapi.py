@@ -21,6 +21,7 @@ from shared_objects.messaging import (
     Transport,
     version_is_compatible,
 )
+from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
@@ -34,6 +35,13 @@ TOPIC = "compute"
 #      live_migration_abort, live_migration_force_complete, get_live_migration_guest,
 #      settle_live_migration_peer.
 API_VERSION = "1.0"
+
+
+def _driver_data(value: Any) -> dict[str, Any]:
+    """Migrate data from the wire as the driver's dict (a LiveMigrateData object on the wire)."""
+    if isinstance(value, LiveMigrateData):
+        return value.to_driver_data()
+    raise TypeError(f"expected LiveMigrateData, got {type(value).__name__}")
 
 
 class ComputeAPI:
@@ -158,14 +166,14 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the destination: can it take the instance? Returns the migrate data."""
-        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+        result = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt,
             "check_can_live_migrate_destination",
             instance=instance,
             migration=migration,
             source_host=source_host,
         )
-        return result
+        return _driver_data(result)
 
     async def check_can_live_migrate_source(
         self,
@@ -178,13 +186,13 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the source: can the guest leave? Returns the full migrate data."""
-        result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
+        result = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt,
             "check_can_live_migrate_source",
             instance=instance,
-            dest_check_data=dest_check_data,
+            dest_check_data=LiveMigrateData.from_driver_data(dest_check_data),
         )
-        return result
+        return _driver_data(result)
 
     async def live_migration(
         self,
@@ -203,7 +211,7 @@ class ComputeAPI:
             "live_migration",
             instance=instance,
             migration=migration,
-            migrate_data=migrate_data,
+            migrate_data=LiveMigrateData.from_driver_data(migrate_data),
         )
         return result
 
@@ -224,7 +232,7 @@ class ComputeAPI:
             "pre_live_migration",
             instance=instance,
             migration=migration,
-            migrate_data=migrate_data,
+            migrate_data=LiveMigrateData.from_driver_data(migrate_data),
         )
         return result
 

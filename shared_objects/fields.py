@@ -52,6 +52,7 @@ __all__ = [
     "FlexibleBooleanField",
     "FloatField",
     "IntegerField",
+    "JSONDictField",
     "ListOfObjectsField",
     "ListOfStringsField",
     "MigrationStatus",
@@ -232,3 +233,21 @@ class BDMDestinationTypeField(BaseEnumField):
 
 class SecurityGroupRuleProtocolField(BaseEnumField):
     AUTO_TYPE = SecurityGroupRuleProtocol()
+
+
+class JSONDict(_ovo_fields.FieldType):
+    """A mapping of JSON values with string keys (a hypervisor driver's own migration data).
+
+    The driver on both ends is the same kind, so its private data needs no versioning of its
+    own; the object carrying it does.
+    """
+
+    @staticmethod
+    def coerce(obj: object, attr: str, value: object) -> dict[str, object]:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{attr} must be a mapping with string keys")
+        return dict(value)
+
+
+class JSONDictField(_ovo_fields.AutoTypedField):
+    AUTO_TYPE = JSONDict()

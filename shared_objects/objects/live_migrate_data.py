@@ -6,7 +6,8 @@ post/rollback), so it has no remotable methods.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from shared_objects import fields
 from shared_objects.base import FleetObject, FleetObjectRegistry
@@ -31,6 +32,7 @@ class LiveMigrateData(FleetObject):
     dest_node: str | None
     max_downtime_ms: int | None
     force_complete: bool
+    driver_data: dict[str, Any]
 
     fields = {
         "block_migration": fields.BooleanField(nullable=True),
@@ -43,4 +45,25 @@ class LiveMigrateData(FleetObject):
         "dest_node": fields.StringField(nullable=True),
         "max_downtime_ms": fields.NonNegativeIntegerField(nullable=True),
         "force_complete": fields.BooleanField(default=False),
+        "driver_data": fields.JSONDictField(default={}),
     }
+
+    # Keys of a driver's migrate-data dict that are fields of their own here.
+    _PROMOTED = ("source_host", "dest_host", "dest_node")
+
+    @classmethod
+    def from_driver_data(cls, data: Mapping[str, Any]) -> LiveMigrateData:
+        """Wrap a driver's migrate-data dict for the wire (hosts become typed fields)."""
+        lmd = cls(driver_data={k: v for k, v in data.items() if k not in cls._PROMOTED})
+        for key in cls._PROMOTED:
+            if key in data:
+                setattr(lmd, key, data[key])
+        return lmd
+
+    def to_driver_data(self) -> dict[str, Any]:
+        """The dict the driver works with (the inverse of ``from_driver_data``)."""
+        out = dict(self.driver_data) if self.obj_attr_is_set("driver_data") else {}
+        for key in self._PROMOTED:
+            if self.obj_attr_is_set(key):
+                out[key] = getattr(self, key)
+        return out

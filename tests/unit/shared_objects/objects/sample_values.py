@@ -8,6 +8,7 @@ from typing import Any
 
 from oslo_versionedobjects import fields as ovo_fields
 
+from shared_objects import fields
 from shared_objects.base import FleetObject, FleetObjectRegistry
 
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
@@ -35,6 +36,8 @@ def sample_value(field: ovo_fields.Field[Any]) -> Any:
         return NOW
     if isinstance(kind, ovo_fields.Dict):
         return {"k": "v"}
+    if isinstance(kind, fields.JSONDict):
+        return {"volumes": {"vol-1": "/dev/vdb"}, "rules": [{"protocol": "tcp"}], "n": 1}
     if isinstance(kind, ovo_fields.String):
         return "text"
     raise AssertionError(f"no sample for {field!r}")

@@ -22,7 +22,7 @@ EXPECTED_HASHES = {
     "InstanceActionEvent": "1.0-ebe0e25d285dd662a2ec36342e139453",
     "InstanceFault": "1.0-f2882d5cafba9689976e441cb15fd2ee",
     "InstanceList": "1.0-daafe92b184928f7c3bd1227b7e6ae72",
-    "LiveMigrateData": "1.0-5e67b715a921a8c1fec05f52eeea815b",
+    "LiveMigrateData": "1.0-3926aa87fdf54329b3d457fda428b08b",
     "Migration": "1.0-84e92c75a0dd85e2f6240d92c1d8e0f6",
     "MigrationList": "1.0-5ecf0fb171c3ff4a77a484038dcc0b24",
     "SecurityGroup": "1.0-23903dfd3fdbcf9e13b224e2c7458cbc",
