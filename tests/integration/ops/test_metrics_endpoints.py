@@ -3,6 +3,7 @@ used are non-zero, and ``/readyz`` / ``/healthz`` answer 200 once the service is
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
@@ -63,9 +64,17 @@ async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
         assert gauge(text, "fleet_ready") == 1.0
 
         for host, built in per_host.items():
-            status, text = await ahttp_get(ports[host], "/metrics")
-            assert status == 200
-            # Exactly one run_instance handled per instance the agent built.
+            # Exactly one run_instance handled per instance the agent built. A call is counted
+            # when its handler returns, which is a little after the instance is ACTIVE (action
+            # finish, notification): poll for a bounded time.
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:
+                status, text = await ahttp_get(ports[host], "/metrics")
+                assert status == 200
+                if server_calls(text)["run_instance"] >= built:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (host, server_calls(text))
+                await asyncio.sleep(0.2)
             assert server_calls(text)["run_instance"] == built, (host, server_calls(text))
             assert server_calls(text, "error")["run_instance"] == 0
             assert gauge(text, "fleet_ready") == 1.0

@@ -30,7 +30,7 @@ async def eventually_logged(
 ) -> list[dict[str, Any]]:
     """The ``event`` lines of ``name`` carrying ``request_id``, once there are ``count``."""
     found: list[dict[str, Any]] = []
-    for _ in range(50):  # log lines are flushed per line; allow the writer a moment
+    for _ in range(200):  # the line comes as the handler ends, after ACTIVE: allow 20 s
         found = [r for r in lines_for(cluster, name, request_id) if r.get("event") == event]
         if len(found) >= count:
             return found
