@@ -30,6 +30,7 @@ class CallOutcome:
     started: float
     elapsed: float
     result: Any = None
+    #: What the call raised (a leaked ``CancelledError`` included), None if it returned.
     error: BaseException | None = None
     hung: bool = False
 
@@ -87,6 +88,10 @@ class CallStream:
             try:
                 outcome.result = task.result()
             except Exception as exc:  # recorded for the test to judge, not swallowed
+                outcome.error = exc
+            except asyncio.CancelledError as exc:
+                # Nobody cancelled the call (our own cancellation would surface at the wait
+                # above): the call itself leaked a CancelledError, which tests must see.
                 outcome.error = exc
         else:
             outcome.hung = True
