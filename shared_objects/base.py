@@ -41,6 +41,7 @@ __all__ = [
     "FleetObject",
     "FleetObjectRegistry",
     "FleetPersistentObject",
+    "Increment",
     "IndirectionAPI",
     "ObjectListBase",
     "get_db",
@@ -82,11 +83,19 @@ class AtLeast(NamedTuple):
     value: Any
 
 
+class Increment(NamedTuple):
+    """A ``column = column + by`` value in a :class:`DatabaseAPI` ``update``: atomic, unlike
+    reading the value and writing it back."""
+
+    by: int = 1
+
+
 class DatabaseAPI(Protocol):
     """What ``context.db`` provides: the conductor's per-request database access.
 
     ``where`` maps column names to a value (``=``), ``None`` (``IS NULL``), a list/tuple/set
-    (``IN``, ``None`` allowed inside) or :class:`AtLeast`. Every lookup must be able to use an
+    (``IN``, ``None`` allowed inside) or :class:`AtLeast`; ``update`` values may be
+    :class:`Increment`. Every lookup must be able to use an
     index (the implementation refuses lookups whose columns lead no index). Rows are plain dicts
     keyed by column name. Everything a request writes is committed together when it ends, except
     an ``update(..., standalone=True)`` made before any other write while serving one remotable

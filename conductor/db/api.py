@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conductor.db import models
 from shared_objects import exception
-from shared_objects.base import AtLeast, DatabaseAPI
+from shared_objects.base import AtLeast, DatabaseAPI, Increment
 
 Row = dict[str, Any]
 
@@ -337,18 +337,24 @@ class DbApi(DatabaseAPI):
         t = table_for(table)
         shape, params = where_shape(t, where)
         names = tuple(values)
+        increments = tuple(n for n in names if isinstance(values[n], Increment))
         for name in names:
             if name not in t.c:
                 raise KeyError(f"{t.name} has no column {name!r}")
-            params[f"v_{name}"] = values[name]
+            value = values[name]
+            params[f"v_{name}"] = value.by if isinstance(value, Increment) else value
         ret = tuple(returning) if returning is not None else None
-        key = ("update", t.name, shape, names, ret)
+        key = ("update", t.name, shape, names, increments, ret)
 
         def build() -> Any:
+            def new_value(n: str) -> Any:
+                param = bindparam(f"v_{n}", type_=t.c[n].type)
+                return t.c[n] + param if n in increments else param
+
             stmt = (
                 update(t)
                 .where(where_clause_for(t, shape))
-                .values({t.c[n]: bindparam(f"v_{n}", type_=t.c[n].type) for n in names})
+                .values({t.c[n]: new_value(n) for n in names})
             )
             return stmt if ret == () else stmt.returning(*self._cols(t, ret))
 

@@ -17,6 +17,7 @@ from shared_objects.base import (
     FleetObject,
     FleetObjectRegistry,
     FleetPersistentObject,
+    Increment,
     ObjectListBase,
     get_db,
     remotable,
@@ -187,17 +188,15 @@ class Service(FleetPersistentObject, FleetObject):
     @remotable(send_changes_only=True)
     async def heartbeat(self) -> None:
         """Record that the service is alive now (conductor's clock), counting reports."""
-        db = get_db(self._context, "Service", "heartbeat")
-        current = await db.get(TABLE, {"id": self.id}, columns=["report_count"])
-        if current is None:
-            raise exception.ServiceNotFound(service_id=self.id)
-        now = utcnow()
-        rows = await db.update(
+        rows = await get_db(self._context, "Service", "heartbeat").update(
             TABLE,
             {"id": self.id},
-            {"last_seen_up": now, "report_count": current["report_count"] + 1},
+            {"last_seen_up": utcnow(), "report_count": Increment()},
             returning=["last_seen_up", "report_count"],
+            standalone=True,
         )
+        if not rows:
+            raise exception.ServiceNotFound(service_id=self.id)
         self.last_seen_up = rows[0]["last_seen_up"]
         self.report_count = rows[0]["report_count"]
         self.obj_reset_changes()

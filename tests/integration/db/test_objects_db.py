@@ -429,3 +429,12 @@ async def test_a_task_started_inside_a_sqlite_unit_waits_for_it(sqlite_database_
         assert order == ["parent", "child"]
     finally:
         await database.dispose()
+
+
+async def test_concurrent_heartbeats_count_every_report(conductor: LocalConductor) -> None:
+    ctxt = conductor.agent_context()
+    service = await Service.register(ctxt, "hb", "fleet-compute", "compute", 1)
+    copies = [await Service.get_by_id(ctxt, service.id) for _ in range(10)]
+    await asyncio.wait_for(asyncio.gather(*(c.heartbeat() for c in copies)), timeout=60)
+    assert sorted(c.report_count for c in copies) == list(range(1, 11))
+    assert (await Service.get_by_id(ctxt, service.id)).report_count == 10
