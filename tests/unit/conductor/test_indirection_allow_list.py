@@ -212,3 +212,21 @@ async def test_newer_conductor_answers_an_older_caller_at_its_version(
         assert backported["versioned_object.version"] == "1.0"
         assert NEWER_INSTANCE_FIELD not in backported["versioned_object.data"]
         assert backported["versioned_object.data"]["name"] == "vm"
+
+
+async def test_object_backport_versions_over_rpc_returns_the_older_version(
+    conductor: LocalConductor,
+) -> None:
+    inst = await _seed(conductor)
+    with isolated_registry():
+        newer = register_newer_instance()
+        async with conductor.db_context() as ctxt:
+            primitive = (await newer.get_by_uuid(ctxt, inst.uuid)).obj_to_primitive()
+        assert primitive["versioned_object.version"] == "1.1"
+        back = await conductor.api.object_backport_versions(
+            conductor.agent_context(), primitive, MANIFEST
+        )
+    assert back.VERSION == "1.0"
+    assert back.uuid == inst.uuid and back.name == "vm"
+    # Hydrated as the 1.0 class: the newer field does not even exist on it.
+    assert NEWER_INSTANCE_FIELD not in back.fields
