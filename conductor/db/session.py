@@ -37,14 +37,15 @@ _SQLITE_UNIT_OWNER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextva
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def create_engine(url: str, *, pool_size: int = 32, max_overflow: int = 32) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> AsyncEngine:
     """An async engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``).
 
     SQLite gets one shared connection: it allows a single writer anyway, and one connection
     turns concurrent requests into a queue instead of ``database is locked`` errors.
 
-    PostgreSQL: the pool keeps up to ``pool_size`` connections (overflow ones are opened and
-    closed again under bursts, so keep it near the RPC server's concurrency). asyncpg tries TLS
+    PostgreSQL: the pool keeps up to ``pool_size`` connections, opened on demand and then kept:
+    the default matches the RPC server's 64 concurrent handlers, because overflow connections
+    (opened and closed again per burst) cost the conductor a third of its throughput at c=64. asyncpg tries TLS
     first on every new connection by default; on a loopback host with no ``ssl``/``sslmode``
     in the URL that attempt is skipped. TLS stays configuration: put ``?ssl=require`` (or
     ``verify-full`` ...) in ``FLEET_DATABASE_URL``.
