@@ -45,10 +45,10 @@ def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> As
 
     PostgreSQL: the pool keeps up to ``pool_size`` connections, opened on demand and then kept:
     the default matches the RPC server's 64 concurrent handlers, because overflow connections
-    (opened and closed again per burst) cost the conductor a third of its throughput at c=64. asyncpg tries TLS
-    first on every new connection by default; on a loopback host with no ``ssl``/``sslmode``
-    in the URL that attempt is skipped. TLS stays configuration: put ``?ssl=require`` (or
-    ``verify-full`` ...) in ``FLEET_DATABASE_URL``.
+    (opened and closed again per burst) cost the conductor a third of its throughput at c=64.
+    asyncpg tries TLS first on every new connection by default; on a loopback host with no
+    ``ssl``/``sslmode`` in the URL that attempt is skipped. TLS stays configuration: put
+    ``?ssl=require`` (or ``verify-full`` ...) in ``FLEET_DATABASE_URL``.
     """
     quiet_statement_logging()
     parsed = make_url(url)
