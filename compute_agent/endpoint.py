@@ -132,8 +132,10 @@ class ComputeEndpoint:
         )
 
     @expose
-    async def live_migration_abort(self, ctxt: RequestContext, migration_uuid: str) -> None:
-        await self.live_migration_manager.live_migration_abort(ctxt, migration_uuid)
+    async def live_migration_abort(
+        self, ctxt: RequestContext, migration_uuid: str, reason: str | None = None
+    ) -> None:
+        await self.live_migration_manager.live_migration_abort(ctxt, migration_uuid, reason)
 
     @expose
     async def live_migration_force_complete(

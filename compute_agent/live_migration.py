@@ -123,6 +123,7 @@ class _Job:
     instance_uuid: str
     stage: Stage = Stage.QUEUED
     abort_requested: bool = False
+    abort_reason: str | None = None
     task: asyncio.Task[dict[str, Any]] | None = None
 
 
@@ -442,7 +443,11 @@ class LiveMigrationManager:
             if phase is not GuestPhase.MIGRATED_OUT:
                 aborted = isinstance(exc, MigrationAborted) and job.abort_requested
                 status = MigrationStatus.CANCELLED if aborted else MigrationStatus.FAILED
-                reason = "aborted by request" if aborted else f"{type(exc).__name__}: {exc}"
+                reason = (
+                    f"aborted by request: {job.abort_reason or 'no reason given'}"
+                    if aborted
+                    else f"{type(exc).__name__}: {exc}"
+                )
                 return await self._roll_back(ctxt, instance, migration, status, reason)
             log.warning("live_migration_raised_after_switch_over", error=repr(exc))
         job.stage = Stage.POST
@@ -591,6 +596,13 @@ class LiveMigrationManager:
             migration.memory_total = progress.memory_total
             migration.memory_processed = progress.memory_processed
             migration.memory_remaining = progress.memory_remaining
+            if not migration.obj_attr_is_set("disk_total") or migration.disk_total is None:
+                # Migration 1.1: the local disk travels too. The fake hypervisor moves it
+                # with the incoming guest in pre_live_migration, so it is complete by now.
+                disk = instance.root_gb * 1024**3
+                migration.disk_total = disk
+                migration.disk_processed = disk
+                migration.disk_remaining = 0
             await migration.save()
             if instance.progress != progress.percent:
                 instance.progress = progress.percent
@@ -608,8 +620,12 @@ class LiveMigrationManager:
             )
         return job
 
-    async def live_migration_abort(self, ctxt: RequestContext, migration_uuid: str) -> None:
-        """Stop the migration; the guest stays here. Too late once the switch-over began."""
+    async def live_migration_abort(
+        self, ctxt: RequestContext, migration_uuid: str, reason: str | None = None
+    ) -> None:
+        """Stop the migration; the guest stays here. Too late once the switch-over began.
+
+        ``reason`` (compute RPC 1.1) ends up in the fault that records the cancellation."""
         if migration_uuid not in self._jobs:
             migration = await Migration.get_by_uuid(ctxt, migration_uuid)
             if (
@@ -629,6 +645,7 @@ class LiveMigrationManager:
                 )
             )
         job.abort_requested = True
+        job.abort_reason = reason
         if job.stage is Stage.COPYING:
             await self._control(job, migration_uuid, self.driver.live_migration_abort)
         log.info("live_migration_abort_requested", migration_uuid=migration_uuid)

@@ -34,7 +34,8 @@ TOPIC = "compute"
 #      post_live_migration_at_destination, rollback_live_migration_at_destination,
 #      live_migration_abort, live_migration_force_complete, get_live_migration_guest,
 #      settle_live_migration_peer.
-API_VERSION = "1.0"
+# 1.1: live_migration_abort takes a reason (recorded in the migration's fault).
+API_VERSION = "1.1"
 
 
 def _driver_data(value: Any) -> dict[str, Any]:
@@ -268,9 +269,23 @@ class ComputeAPI:
         )
 
     async def live_migration_abort(
-        self, ctxt: RequestContext, host: str, *, migration_uuid: str, timeout: float
+        self,
+        ctxt: RequestContext,
+        host: str,
+        *,
+        migration_uuid: str,
+        timeout: float,
+        reason: str | None = None,
     ) -> None:
-        """On the source: stop the migration; the guest stays on the source."""
+        """On the source: stop the migration; the guest stays on the source.
+
+        The reason needs API 1.1; while any agent is older it is left out (1.0).
+        """
+        if self.can_send_version("1.1"):
+            await self._to(host, "1.1", timeout=timeout).call(
+                ctxt, "live_migration_abort", migration_uuid=migration_uuid, reason=reason
+            )
+            return
         await self._to(host, "1.0", timeout=timeout).call(
             ctxt, "live_migration_abort", migration_uuid=migration_uuid
         )

@@ -128,20 +128,23 @@ def isolated_registry() -> Iterator[None]:
         table.update(saved)
 
 
-NEWER_INSTANCE_FIELD = "locked_reason"
+NEWER_INSTANCE_FIELD = "test_only_note"
 NEWER_INSTANCE_VALUE = "held by a newer release"
+CURRENT_INSTANCE_VERSION = objects.Instance.VERSION
+_MAJOR, _MINOR = CURRENT_INSTANCE_VERSION.split(".")
+NEWER_INSTANCE_VERSION = f"{_MAJOR}.{int(_MINOR) + 1}"
 
 
 def register_newer_instance() -> type[objects.Instance]:
-    """Register a test-only Instance 1.1 that adds ``locked_reason`` (use in isolated_registry).
+    """Register a test-only Instance one minor above the release's, adding ``test_only_note``
+    (use in isolated_registry); ``NEWER_INSTANCE_VERSION`` / ``CURRENT_INSTANCE_VERSION`` name both.
 
     Rows read through it carry ``locked_reason`` set, so a backport to 1.0 visibly drops it.
     """
 
     class Instance(objects.Instance):  # the class name is the object's wire name
-        # Version 1.0: Initial version
-        # Version 1.1: Added locked_reason (test only)
-        VERSION = "1.1"
+        # (the release's history, then) Version 1.x+1: Added test_only_note (test only)
+        VERSION = NEWER_INSTANCE_VERSION
 
         fields = {
             **objects.Instance.fields,
@@ -165,7 +168,8 @@ def register_newer_instance() -> type[objects.Instance]:
 
         def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
             super().obj_make_compatible(primitive, target_version)
-            if versionutils.convert_version_to_tuple(target_version) < (1, 1):
+            newer = versionutils.convert_version_to_tuple(NEWER_INSTANCE_VERSION)
+            if versionutils.convert_version_to_tuple(target_version) < newer:
                 primitive.pop(NEWER_INSTANCE_FIELD, None)
 
     FleetObjectRegistry.register(Instance)

@@ -60,6 +60,10 @@ _OBJECTS_1_0 = types.MappingProxyType(
     }
 )
 
+_OBJECTS_1_1 = types.MappingProxyType(
+    {**_OBJECTS_1_0, "Instance": "1.1", "LiveMigrateData": "1.1", "Migration": "1.1"}
+)
+
 RELEASES: tuple[Release, ...] = (
     Release(
         name="1.0",
@@ -67,6 +71,16 @@ RELEASES: tuple[Release, ...] = (
         compute_rpc_api="1.0",
         conductor_rpc_api="1.0",
         objects=_OBJECTS_1_0,
+        commit="e5f7502dcafab62e84ca9da18927cd9f8e5cc4ae",
+    ),
+    # 1.1: Instance locks, Migration disk progress, LiveMigrateData bandwidth limit, and
+    #      compute RPC 1.1 (live_migration_abort takes a reason).
+    Release(
+        name="1.1",
+        service_version=2,
+        compute_rpc_api="1.1",
+        conductor_rpc_api="1.0",
+        objects=_OBJECTS_1_1,
     ),
 )
 

@@ -9,6 +9,7 @@ It starts no background work: an idle driver costs nothing. docs/virt.md has the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -401,7 +402,7 @@ class FakeDriver(ComputeDriver):
         reporter = ProgressReporter(progress_cb, self.config.migration.progress_interval_s, uuid)
         try:
             await self._save()
-            result = await self._copy(guest, job, reporter)
+            result = await self._copy(guest, job, reporter, _bandwidth_limit(migrate_data))
         except BaseException:
             if not job.switching and self._guests.get(uuid) is guest:
                 # Nothing was switched: the guest keeps running here, as if never touched.
@@ -422,9 +423,16 @@ class FakeDriver(ComputeDriver):
         return result
 
     async def _copy(
-        self, guest: GuestRecord, job: _CopyJob, reporter: ProgressReporter
+        self,
+        guest: GuestRecord,
+        job: _CopyJob,
+        reporter: ProgressReporter,
+        bandwidth_limit_mb_s: float | None = None,
     ) -> MigrationResult:
         model = self.config.migration
+        if bandwidth_limit_mb_s is not None and bandwidth_limit_mb_s < model.bandwidth_mb_s:
+            # The operator's cap for this migration (LiveMigrateData.bandwidth_limit_mb_s).
+            model = dataclasses.replace(model, bandwidth_mb_s=float(bandwidth_limit_mb_s))
         uuid = guest.uuid
         state = CopyState.start(guest.memory_mb)
         sleep_s = model.real_round_sleep_s
@@ -622,3 +630,11 @@ def _volumes_from_bdi(uuid: str, block_device_info: BlockDeviceInfo | None) -> d
             raise VolumeAlreadyAttached(uuid=uuid, volume_id=volume_id, mountpoint=mountpoint)
         volumes[volume_id] = mountpoint
     return volumes
+
+
+def _bandwidth_limit(migrate_data: Mapping[str, Any]) -> float | None:
+    """The migration's bandwidth cap in MB/s, when the caller set a valid one."""
+    value = migrate_data.get("bandwidth_limit_mb_s")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None

@@ -27,6 +27,8 @@ SHOW_FIELDS = (
     "root_gb",
     "image_ref",
     "progress",
+    "locked",
+    "locked_reason",
     "launched_at",
     "created_at",
     "updated_at",
@@ -126,6 +128,22 @@ async def delete(args: argparse.Namespace, cfg: FleetConfig) -> int:
     return 0
 
 
+async def lock(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    uuid = check_uuid(args.uuid)
+    async with session(cfg) as s:
+        await s.tasks.lock_instance(s.ctxt, instance_uuid=uuid, reason=args.reason)
+    print(f"instance {uuid} locked")
+    return 0
+
+
+async def unlock(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    uuid = check_uuid(args.uuid)
+    async with session(cfg) as s:
+        await s.tasks.unlock_instance(s.ctxt, instance_uuid=uuid)
+    print(f"instance {uuid} unlocked")
+    return 0
+
+
 def register_commands(commands: Any) -> None:
     p = commands.add_parser("boot", help="boot instances")
     p.add_argument("--flavor", required=True, help="flavor name or id")
@@ -146,6 +164,15 @@ def register_commands(commands: Any) -> None:
     p = commands.add_parser("show", help="show one instance")
     p.add_argument("uuid")
     p.set_defaults(func=show)
+
+    p = commands.add_parser("lock", help="protect an instance from delete and live migration")
+    p.add_argument("uuid")
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=lock)
+
+    p = commands.add_parser("unlock", help="remove an instance's lock")
+    p.add_argument("uuid")
+    p.set_defaults(func=unlock)
 
     p = commands.add_parser("delete", help="delete an instance")
     p.add_argument("uuid")

@@ -90,7 +90,7 @@ async def live_migrate(args: argparse.Namespace, cfg: FleetConfig) -> int:
     uuid = check_uuid(args.uuid)
     async with session(cfg) as s:
         migration_uuid = await s.tasks.live_migrate_instance(
-            s.ctxt, instance_uuid=uuid, host=args.host
+            s.ctxt, instance_uuid=uuid, host=args.host, bandwidth_limit_mb_s=args.bandwidth_limit
         )
         if not args.wait:
             emit(args.format, {"migration_uuid": migration_uuid, "instance_uuid": uuid}, ())
@@ -113,7 +113,7 @@ async def migrations(args: argparse.Namespace, cfg: FleetConfig) -> int:
 async def abort(args: argparse.Namespace, cfg: FleetConfig) -> int:
     uuid = check_uuid(args.migration_uuid)
     async with session(cfg) as s:
-        await s.tasks.live_migration_abort(s.ctxt, migration_uuid=uuid)
+        await s.tasks.live_migration_abort(s.ctxt, migration_uuid=uuid, reason=args.reason)
     print(f"abort requested for migration {uuid}")
     return 0
 
@@ -131,6 +131,7 @@ def register_commands(commands: Any) -> None:
     p.add_argument("uuid", help="instance uuid")
     p.add_argument("--host", help="destination (default: the scheduler picks)")
     p.add_argument("--wait", action="store_true", help="follow it with a progress bar")
+    p.add_argument("--bandwidth-limit", type=int, metavar="MB_S", help="cap the memory copy")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=live_migrate)
 
@@ -142,6 +143,7 @@ def register_commands(commands: Any) -> None:
     sub = lm.add_subparsers(dest="lm_command", metavar="COMMAND", required=True)
     p = sub.add_parser("abort", help="stop it; the instance stays on its source")
     p.add_argument("migration_uuid")
+    p.add_argument("--reason", help="recorded with the cancellation")
     p.set_defaults(func=abort)
     p = sub.add_parser("force-complete", help="pause the guest so the copy converges")
     p.add_argument("migration_uuid")

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -90,6 +92,9 @@ class Instance(SoftDelete, Base):
     terminated_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
     progress: Mapped[int | None] = mapped_column(Integer)
     launch_index: Mapped[int | None] = mapped_column(Integer)
+    # Release 1.1: an operator lock (no delete, no live migration) and why.
+    locked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    locked_reason: Mapped[str | None] = mapped_column(String(255))
 
 
 class SecurityGroup(SoftDelete, Base):
@@ -180,9 +185,14 @@ class Migration(SoftDelete, Base):
     dest_node: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(36))
     migration_type: Mapped[str] = mapped_column(String(36))
-    memory_total: Mapped[int | None] = mapped_column(Integer)
-    memory_processed: Mapped[int | None] = mapped_column(Integer)
-    memory_remaining: Mapped[int | None] = mapped_column(Integer)
+    # Bytes: 64-bit (a guest's memory easily exceeds 2 GiB).
+    memory_total: Mapped[int | None] = mapped_column(BigInteger)
+    memory_processed: Mapped[int | None] = mapped_column(BigInteger)
+    memory_remaining: Mapped[int | None] = mapped_column(BigInteger)
+    # Release 1.1: disk copy progress of migrations without shared storage, in bytes.
+    disk_total: Mapped[int | None] = mapped_column(BigInteger)
+    disk_processed: Mapped[int | None] = mapped_column(BigInteger)
+    disk_remaining: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class BlockDeviceMapping(SoftDelete, Base):

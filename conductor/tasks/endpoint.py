@@ -105,15 +105,34 @@ class ComputeTaskEndpoint:
 
     @expose
     async def live_migrate_instance(
-        self, ctxt: RequestContext, instance_uuid: str, host: str | None = None
+        self,
+        ctxt: RequestContext,
+        instance_uuid: str,
+        host: str | None = None,
+        bandwidth_limit_mb_s: int | None = None,
     ) -> str:
         return await self.live_migrate.live_migrate_instance(
-            ctxt, instance_uuid=instance_uuid, host=host
+            ctxt,
+            instance_uuid=instance_uuid,
+            host=host,
+            bandwidth_limit_mb_s=bandwidth_limit_mb_s,
         )
 
     @expose
-    async def live_migration_abort(self, ctxt: RequestContext, migration_uuid: str) -> None:
-        await self.live_migrate.live_migration_abort(ctxt, migration_uuid=migration_uuid)
+    async def live_migration_abort(
+        self, ctxt: RequestContext, migration_uuid: str, reason: str | None = None
+    ) -> None:
+        await self.live_migrate.live_migration_abort(
+            ctxt, migration_uuid=migration_uuid, reason=reason
+        )
+
+    @expose
+    async def lock_instance(self, ctxt: RequestContext, instance_uuid: str, reason: str) -> None:
+        await self.instances.lock_instance(ctxt, instance_uuid=instance_uuid, reason=reason)
+
+    @expose
+    async def unlock_instance(self, ctxt: RequestContext, instance_uuid: str) -> None:
+        await self.instances.unlock_instance(ctxt, instance_uuid=instance_uuid)
 
     @expose
     async def live_migration_force_complete(

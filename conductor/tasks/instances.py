@@ -32,6 +32,10 @@ class InstanceTasks:
             instance = await Instance.get_by_uuid(ctxt, instance_uuid)
             if instance.task_state == TaskState.DELETING:
                 raise exception.InvalidRequest(reason=f"instance {instance_uuid} is being deleted")
+            if instance.locked:
+                raise exception.InvalidRequest(
+                    reason=f"instance {instance_uuid} is locked: {instance.locked_reason or '-'}"
+                )
             await InstanceAction.action_start(ctxt, instance_uuid, "delete")
             previous = instance.task_state
             if instance.host is None:
@@ -44,6 +48,23 @@ class InstanceTasks:
             instance.task_state = TaskState.DELETING
             await instance.save(expected_task_state=[previous])
         await self.compute.terminate_instance(ctxt, instance.host, instance=instance)
+
+    async def lock_instance(self, ctxt: RequestContext, *, instance_uuid: str, reason: str) -> None:
+        """Protect an instance from delete and live migration until it is unlocked."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise exception.InvalidRequest(reason="a lock needs a reason")
+        async with self.database.request(ctxt):
+            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+            instance.locked = True
+            instance.locked_reason = reason[:255]
+            await instance.save()
+
+    async def unlock_instance(self, ctxt: RequestContext, *, instance_uuid: str) -> None:
+        async with self.database.request(ctxt):
+            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+            instance.locked = False
+            instance.locked_reason = None
+            await instance.save()
 
     async def _placed(self, ctxt: RequestContext, instance_uuid: str) -> Instance:
         instance = await Instance.get_by_uuid(ctxt, instance_uuid)

@@ -123,15 +123,31 @@ class LiveMigrateTask:
         self.compute = compute
         self.settings = settings or LiveMigrateSettings()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._bandwidth_limits: dict[str, int] = {}
 
     # --- the request ----------------------------------------------------------------------
 
     async def live_migrate_instance(
-        self, ctxt: RequestContext, *, instance_uuid: str, host: str | None = None
+        self,
+        ctxt: RequestContext,
+        *,
+        instance_uuid: str,
+        host: str | None = None,
+        bandwidth_limit_mb_s: int | None = None,
     ) -> str:
-        """Start migrating the instance (to ``host`` or a scheduled one); the Migration uuid."""
+        """Start migrating the instance (to ``host`` or a scheduled one); the Migration uuid.
+
+        ``bandwidth_limit_mb_s`` caps the memory copy (LiveMigrateData 1.1; a source of an
+        older release does not know it and copies at full speed).
+        """
         if not isinstance(instance_uuid, str) or not instance_uuid:
             raise _invalid("an instance uuid is required")
+        if bandwidth_limit_mb_s is not None and (
+            isinstance(bandwidth_limit_mb_s, bool)
+            or not isinstance(bandwidth_limit_mb_s, int)
+            or bandwidth_limit_mb_s < 1
+        ):
+            raise _invalid("bandwidth limit must be a positive whole number of MB/s")
         if host is not None and (not isinstance(host, str) or not host):
             raise _invalid("the destination host must be a host name")
         async with self.database.request(ctxt):
@@ -164,6 +180,8 @@ class LiveMigrateTask:
             source=source,
             dest=host,
         )
+        if bandwidth_limit_mb_s is not None:
+            self._bandwidth_limits[migration.uuid] = bandwidth_limit_mb_s
         task = asyncio.create_task(
             self._run(ctxt, instance, migration, host), name=f"live-migrate-{migration.uuid}"
         )
@@ -175,6 +193,8 @@ class LiveMigrateTask:
     def _check_instance(instance: Instance) -> str:
         if instance.vm_state != VMState.ACTIVE:
             raise _invalid(f"instance {instance.uuid} is not ACTIVE (vm_state={instance.vm_state})")
+        if instance.locked:
+            raise _invalid(f"instance {instance.uuid} is locked: {instance.locked_reason or '-'}")
         if instance.task_state is not None:
             raise _invalid(
                 f"instance {instance.uuid} is busy (task_state={instance.task_state}); "
@@ -222,6 +242,9 @@ class LiveMigrateTask:
             if picked is None:
                 return
             _dest, migrate_data = picked
+            limit = self._bandwidth_limits.pop(migration.uuid, None)
+            if limit is not None:
+                migrate_data = {**migrate_data, "bandwidth_limit_mb_s": limit}
             handed_over = True
             source = migration.source_compute or ""
             try:
@@ -444,7 +467,9 @@ class LiveMigrateTask:
             raise _invalid(f"migration {migration_uuid} is already {migration.status}")
         return migration
 
-    async def live_migration_abort(self, ctxt: RequestContext, *, migration_uuid: str) -> None:
+    async def live_migration_abort(
+        self, ctxt: RequestContext, *, migration_uuid: str, reason: str | None = None
+    ) -> None:
         """Stop a live migration: the instance stays on its source (``cancelled``)."""
         migration = await self._unfinished(ctxt, migration_uuid)
         if migration.status == MigrationStatus.ACCEPTED:
@@ -460,6 +485,7 @@ class LiveMigrateTask:
             ctxt,
             migration.source_compute or "",
             migration_uuid=migration_uuid,
+            reason=reason,
             timeout=self.settings.rpc_timeout,
         )
 

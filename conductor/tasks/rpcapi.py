@@ -20,7 +20,9 @@ NAMESPACE = "compute_task"
 #      live_migration_force_complete, get_migration, list_migrations,
 #      security_group_create, security_group_list, security_group_rule_add,
 #      security_group_rule_delete.
-API_VERSION = "1.0"
+# 1.1: lock_instance, unlock_instance; live_migrate_instance takes bandwidth_limit_mb_s,
+#      live_migration_abort takes a reason.
+API_VERSION = "1.1"
 
 
 class ComputeTaskAPI:
@@ -83,20 +85,37 @@ class ComputeTaskAPI:
     # --- live migration (docs/live-migration.md) ------------------------------------------
 
     async def live_migrate_instance(
-        self, ctxt: RequestContext, *, instance_uuid: str, host: str | None = None
+        self,
+        ctxt: RequestContext,
+        *,
+        instance_uuid: str,
+        host: str | None = None,
+        bandwidth_limit_mb_s: int | None = None,
     ) -> str:
         """Start a live migration (to ``host``, or one the scheduler picks); the Migration uuid.
 
         Returns once the request is validated and recorded (status ``accepted``); follow it
         with ``get_migration``. Bad requests raise ``InvalidRequest`` and change nothing.
         """
+        extra = (
+            {} if bandwidth_limit_mb_s is None else {"bandwidth_limit_mb_s": bandwidth_limit_mb_s}
+        )
         result: str = await self.client.call(
-            ctxt, "live_migrate_instance", instance_uuid=instance_uuid, host=host
+            ctxt, "live_migrate_instance", instance_uuid=instance_uuid, host=host, **extra
         )
         return result
 
-    async def live_migration_abort(self, ctxt: RequestContext, *, migration_uuid: str) -> None:
-        await self.client.call(ctxt, "live_migration_abort", migration_uuid=migration_uuid)
+    async def live_migration_abort(
+        self, ctxt: RequestContext, *, migration_uuid: str, reason: str | None = None
+    ) -> None:
+        extra = {} if reason is None else {"reason": reason}
+        await self.client.call(ctxt, "live_migration_abort", migration_uuid=migration_uuid, **extra)
+
+    async def lock_instance(self, ctxt: RequestContext, *, instance_uuid: str, reason: str) -> None:
+        await self.client.call(ctxt, "lock_instance", instance_uuid=instance_uuid, reason=reason)
+
+    async def unlock_instance(self, ctxt: RequestContext, *, instance_uuid: str) -> None:
+        await self.client.call(ctxt, "unlock_instance", instance_uuid=instance_uuid)
 
     async def live_migration_force_complete(
         self, ctxt: RequestContext, *, migration_uuid: str

@@ -7,6 +7,8 @@ import uuid as uuidlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
+from oslo_utils import versionutils
+
 from shared_objects import exception, fields
 from shared_objects.base import (
     NOT_GIVEN,
@@ -75,7 +77,8 @@ class Instance(FleetPersistentObject, FleetObject):
     """A virtual machine. ``save()`` is a compare-and-swap on task/vm state."""
 
     # Version 1.0: Initial version
-    VERSION = "1.0"
+    # Version 1.1: Added locked and locked_reason
+    VERSION = "1.1"
 
     # Typed views of the fields below (oslo makes them properties at registration).
     id: int
@@ -99,6 +102,8 @@ class Instance(FleetPersistentObject, FleetObject):
     progress: int | None
     security_groups: SecurityGroupList
     launch_index: int | None
+    locked: bool
+    locked_reason: str | None
 
     obj_identity_fields: ClassVar[tuple[str, ...]] = ("uuid",)
 
@@ -124,7 +129,16 @@ class Instance(FleetPersistentObject, FleetObject):
         "progress": fields.IntegerField(nullable=True),
         "security_groups": fields.ObjectField("SecurityGroupList"),
         "launch_index": fields.IntegerField(nullable=True),
+        "locked": fields.BooleanField(default=False),
+        "locked_reason": fields.StringField(nullable=True),
     }
+
+    def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
+        super().obj_make_compatible(primitive, target_version)
+        target = versionutils.convert_version_to_tuple(target_version)
+        if target < (1, 1):
+            for name in ("locked", "locked_reason"):
+                primitive.pop(name, None)
 
     @staticmethod
     def _from_db_object(
@@ -181,7 +195,7 @@ class Instance(FleetPersistentObject, FleetObject):
             for name in ("vcpus", "memory_mb", "root_gb", "ephemeral_gb"):
                 if not self.obj_attr_is_set(name):
                     setattr(self, name, getattr(self.flavor, name))
-        self.obj_set_defaults("vcpus", "memory_mb", "root_gb", "ephemeral_gb", "deleted")
+        self.obj_set_defaults("vcpus", "memory_mb", "root_gb", "ephemeral_gb", "deleted", "locked")
         values = {k: v for k, v in self.obj_get_changes().items() if k not in _NOT_COLUMNS}
         attrs: list[str] = []
         if self.obj_attr_is_set("flavor"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from oslo_utils import versionutils
+
 from shared_objects import fields
 from shared_objects.base import FleetObject, FleetObjectRegistry
 
@@ -19,7 +21,8 @@ if TYPE_CHECKING:
 @FleetObjectRegistry.register
 class LiveMigrateData(FleetObject):
     # Version 1.0: Initial version
-    VERSION = "1.0"
+    # Version 1.1: Added bandwidth_limit_mb_s
+    VERSION = "1.1"
 
     # Typed views of the fields below (oslo makes them properties at registration).
     block_migration: bool | None
@@ -33,6 +36,7 @@ class LiveMigrateData(FleetObject):
     max_downtime_ms: int | None
     force_complete: bool
     driver_data: dict[str, Any]
+    bandwidth_limit_mb_s: int | None
 
     fields = {
         "block_migration": fields.BooleanField(nullable=True),
@@ -46,10 +50,18 @@ class LiveMigrateData(FleetObject):
         "max_downtime_ms": fields.NonNegativeIntegerField(nullable=True),
         "force_complete": fields.BooleanField(default=False),
         "driver_data": fields.JSONDictField(default={}),
+        "bandwidth_limit_mb_s": fields.NonNegativeIntegerField(nullable=True),
     }
 
+    def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
+        super().obj_make_compatible(primitive, target_version)
+        target = versionutils.convert_version_to_tuple(target_version)
+        if target < (1, 1):
+            for name in ("bandwidth_limit_mb_s",):
+                primitive.pop(name, None)
+
     # Keys of a driver's migrate-data dict that are fields of their own here.
-    _PROMOTED = ("source_host", "dest_host", "dest_node")
+    _PROMOTED = ("source_host", "dest_host", "dest_node", "bandwidth_limit_mb_s")
 
     @classmethod
     def from_driver_data(cls, data: Mapping[str, Any]) -> LiveMigrateData:

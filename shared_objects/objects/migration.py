@@ -6,6 +6,8 @@ import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from oslo_utils import versionutils
+
 from shared_objects import exception, fields
 from shared_objects.base import (
     FleetObject,
@@ -25,7 +27,8 @@ class Migration(FleetPersistentObject, FleetObject):
     """A (live) migration: accepted → preparing → running → post-migrating → completed."""
 
     # Version 1.0: Initial version
-    VERSION = "1.0"
+    # Version 1.1: Added disk_total, disk_processed, disk_remaining
+    VERSION = "1.1"
 
     # Typed views of the fields below (oslo makes them properties at registration).
     id: int
@@ -40,6 +43,9 @@ class Migration(FleetPersistentObject, FleetObject):
     memory_total: int | None
     memory_processed: int | None
     memory_remaining: int | None
+    disk_total: int | None
+    disk_processed: int | None
+    disk_remaining: int | None
 
     obj_identity_fields: ClassVar[tuple[str, ...]] = ("id", "uuid")
 
@@ -56,7 +62,17 @@ class Migration(FleetPersistentObject, FleetObject):
         "memory_total": fields.NonNegativeIntegerField(nullable=True),
         "memory_processed": fields.NonNegativeIntegerField(nullable=True),
         "memory_remaining": fields.NonNegativeIntegerField(nullable=True),
+        "disk_total": fields.NonNegativeIntegerField(nullable=True),
+        "disk_processed": fields.NonNegativeIntegerField(nullable=True),
+        "disk_remaining": fields.NonNegativeIntegerField(nullable=True),
     }
+
+    def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
+        super().obj_make_compatible(primitive, target_version)
+        target = versionutils.convert_version_to_tuple(target_version)
+        if target < (1, 1):
+            for name in ("disk_total", "disk_processed", "disk_remaining"):
+                primitive.pop(name, None)
 
     @staticmethod
     def _from_db_object(context: Any, migration: Migration, row: Mapping[str, Any]) -> Migration:

@@ -17,6 +17,7 @@ from conductor.db import migration
 from conductor.rpcapi import ConductorAPI
 from conductor.service import ConductorService
 from conductor.testing import (
+    CURRENT_INSTANCE_VERSION,
     NEWER_INSTANCE_FIELD,
     isolated_registry,
     register_newer_instance,
@@ -82,12 +83,12 @@ async def test_older_agent_receives_the_older_version(
     assert proc.returncode == 0, err.decode()[-3000:]
     report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
 
-    assert report["instance_version"] == "1.0"
+    assert report["instance_version"] == CURRENT_INSTANCE_VERSION
     assert NEWER_INSTANCE_FIELD not in report["instance_fields"]
     assert "flavor" in report["instance_fields"]
     assert report["listed"] == [inst.uuid]
     instances = [r for r in report["received"] if r["name"] == "Instance"]
     assert len(instances) == 2  # the single get and the one list element
-    assert all(r["version"] == "1.0" for r in instances)
+    assert all(r["version"] == CURRENT_INSTANCE_VERSION for r in instances)
     assert all(NEWER_INSTANCE_FIELD not in r["fields"] for r in instances)
     assert report["backports"] == 0

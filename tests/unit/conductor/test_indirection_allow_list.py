@@ -9,7 +9,9 @@ import pytest
 
 from conductor.indirection import ConductorIndirectionEndpoint, remotable_methods
 from conductor.testing import (
+    CURRENT_INSTANCE_VERSION,
     NEWER_INSTANCE_FIELD,
+    NEWER_INSTANCE_VERSION,
     LocalConductor,
     isolated_registry,
     register_newer_instance,
@@ -188,28 +190,33 @@ async def test_newer_conductor_answers_an_older_caller_at_its_version(
     with isolated_registry():
         newer = register_newer_instance()
         async with conductor.db_context() as ctxt:
-            # The conductor itself now reads 1.1 (with the new field set)...
+            # The conductor itself now reads the newer minor (with the new field set)...
             assert getattr(await newer.get_by_uuid(ctxt, inst.uuid), NEWER_INSTANCE_FIELD)
         ctxt = conductor.agent_context()
         reply = await endpoint.object_class_action_versions(
             ctxt, "Instance", "get_by_uuid", MANIFEST, [inst.uuid], {}
         )
-        # ...but a caller that knows only 1.0 gets 1.0 without it.
-        assert reply["versioned_object.version"] == "1.0"
+        # ...but a caller that knows only the release's version gets that, without it.
+        assert reply["versioned_object.version"] == CURRENT_INSTANCE_VERSION
         assert NEWER_INSTANCE_FIELD not in reply["versioned_object.data"]
         assert reply["versioned_object.data"]["uuid"] == inst.uuid
         newer_reply = await endpoint.object_class_action_versions(
-            ctxt, "Instance", "get_by_uuid", {**MANIFEST, "Instance": "1.1"}, [inst.uuid], {}
+            ctxt,
+            "Instance",
+            "get_by_uuid",
+            {**MANIFEST, "Instance": NEWER_INSTANCE_VERSION},
+            [inst.uuid],
+            {},
         )
         # A caller at our versions gets the object as is (the RPC layer serialises it).
         assert isinstance(newer_reply, Instance)
         newer_primitive = newer_reply.obj_to_primitive()
-        assert newer_primitive["versioned_object.version"] == "1.1"
+        assert newer_primitive["versioned_object.version"] == NEWER_INSTANCE_VERSION
         assert newer_primitive["versioned_object.data"][NEWER_INSTANCE_FIELD]
         # object_backport_versions does the same for a primitive the caller could not read.
         objinst = Instance.obj_from_primitive(newer_primitive)
         backported = await endpoint.object_backport_versions(ctxt, objinst, MANIFEST)
-        assert backported["versioned_object.version"] == "1.0"
+        assert backported["versioned_object.version"] == CURRENT_INSTANCE_VERSION
         assert NEWER_INSTANCE_FIELD not in backported["versioned_object.data"]
         assert backported["versioned_object.data"]["name"] == "vm"
 
@@ -222,11 +229,11 @@ async def test_object_backport_versions_over_rpc_returns_the_older_version(
         newer = register_newer_instance()
         async with conductor.db_context() as ctxt:
             primitive = (await newer.get_by_uuid(ctxt, inst.uuid)).obj_to_primitive()
-        assert primitive["versioned_object.version"] == "1.1"
+        assert primitive["versioned_object.version"] == NEWER_INSTANCE_VERSION
         back = await conductor.api.object_backport_versions(
             conductor.agent_context(), primitive, MANIFEST
         )
-    assert back.VERSION == "1.0"
+    assert back.VERSION == CURRENT_INSTANCE_VERSION
     assert back.uuid == inst.uuid and back.name == "vm"
     # Hydrated as the 1.0 class: the newer field does not even exist on it.
     assert NEWER_INSTANCE_FIELD not in back.fields

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shared_objects import exception
+from shared_objects import exception, releases
 from shared_objects.base import FleetObject, is_remotable
 from shared_objects.context import RequestContext
 from shared_objects.objects import Flavor, Instance, InstanceList, Service
@@ -83,10 +83,8 @@ async def test_class_remotable_sends_the_version_manifest(
     await InstanceList.get_by_host(RequestContext(), "h1", expected_attrs=["flavor"])
     kind, objname, method, manifest, args, kwargs = indirection.calls[0]
     assert (kind, objname, method) == ("class", "InstanceList", "get_by_host")
-    assert manifest["InstanceList"] == "1.0"
-    assert manifest["Instance"] == "1.0"
-    assert manifest["Flavor"] == "1.0"
-    assert manifest["SecurityGroupList"] == "1.0"
+    for name in ("InstanceList", "Instance", "Flavor", "SecurityGroupList"):
+        assert manifest[name] == releases.CURRENT.objects[name]
     assert args == ("h1",)
     assert kwargs == {"expected_attrs": ["flavor"]}
 

@@ -8,7 +8,9 @@ from oslo_utils import versionutils
 from sample_values import populated
 
 from conductor.testing import (
+    CURRENT_INSTANCE_VERSION,
     NEWER_INSTANCE_FIELD,
+    NEWER_INSTANCE_VERSION,
     isolated_registry,
     register_newer_instance,
 )
@@ -43,14 +45,14 @@ def test_newer_minor_drops_its_field_when_made_compatible_with_the_older() -> No
         obj = newer(uuid="3f0b1b6c-2b9e-4b7e-9d1c-4a3e2c7a2b11", host="h")
         setattr(obj, NEWER_INSTANCE_FIELD, "x")
         current = obj.obj_to_primitive()
-        assert current["versioned_object.version"] == "1.1"
+        assert current["versioned_object.version"] == NEWER_INSTANCE_VERSION
         assert NEWER_INSTANCE_FIELD in current["versioned_object.data"]
-        older = obj.obj_to_primitive(target_version="1.0")
-        assert older["versioned_object.version"] == "1.0"
+        older = obj.obj_to_primitive(target_version=CURRENT_INSTANCE_VERSION)
+        assert older["versioned_object.version"] == CURRENT_INSTANCE_VERSION
         assert NEWER_INSTANCE_FIELD not in older["versioned_object.data"]
         assert older["versioned_object.data"]["host"] == "h"
     # The registry is back to the release's versions.
-    assert FleetObjectRegistry.fleet_classes()["Instance"][0].VERSION == "1.0"
+    assert FleetObjectRegistry.fleet_classes()["Instance"][0].VERSION == CURRENT_INSTANCE_VERSION
 
 
 def test_current_release_manifest_equals_the_registered_classes() -> None:

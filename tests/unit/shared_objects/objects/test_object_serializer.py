@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from conductor.testing import isolated_registry, register_newer_instance
+from conductor.testing import (
+    CURRENT_INSTANCE_VERSION,
+    NEWER_INSTANCE_FIELD,
+    NEWER_INSTANCE_VERSION,
+    isolated_registry,
+    register_newer_instance,
+)
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.objects import Flavor, Instance
@@ -82,39 +88,47 @@ class BackportingAPI:
 
     async def object_backport_versions(self, context: Any, objinst: Any, versions: Any) -> Any:
         self.calls.append((objinst, versions))
-        data = {k: v for k, v in objinst["versioned_object.data"].items() if k != "locked_reason"}
-        return {**objinst, "versioned_object.version": "1.0", "versioned_object.data": data}
+        data = {
+            k: v for k, v in objinst["versioned_object.data"].items() if k != NEWER_INSTANCE_FIELD
+        }
+        return {
+            **objinst,
+            "versioned_object.version": CURRENT_INSTANCE_VERSION,
+            "versioned_object.data": data,
+        }
 
 
 async def test_too_new_object_is_backported_through_the_indirection_api_and_counted() -> None:
     with isolated_registry():
         newer = register_newer_instance()
-        primitive = newer(uuid=UUID, locked_reason="x").obj_to_primitive()
+        primitive = newer(uuid=UUID, **{NEWER_INSTANCE_FIELD: "x"}).obj_to_primitive()
     api = BackportingAPI()
     ser = FleetObjectSerializer(indirection_api=api)  # type: ignore[arg-type]
     obj = await ser.deserialize_entity(RequestContext(), primitive)
-    assert isinstance(obj, Instance) and obj.VERSION == "1.0" and obj.uuid == UUID
+    assert isinstance(obj, Instance) and obj.VERSION == CURRENT_INSTANCE_VERSION
+    assert obj.uuid == UUID
     assert ser.backport_count == 1
     sent, versions = api.calls[0]
-    assert sent["versioned_object.version"] == "1.1"
-    assert versions["Instance"] == "1.0"
+    assert sent["versioned_object.version"] == NEWER_INSTANCE_VERSION
+    assert versions["Instance"] == CURRENT_INSTANCE_VERSION
 
 
 async def test_too_new_object_without_indirection_is_a_clear_error() -> None:
     with isolated_registry():
         newer = register_newer_instance()
         primitive = newer(uuid=UUID).obj_to_primitive()
-    with pytest.raises(exception.UnsupportedObjectVersion, match=r"1\.1"):
+    with pytest.raises(exception.UnsupportedObjectVersion, match=NEWER_INSTANCE_VERSION):
         await FleetObjectSerializer().deserialize_entity(RequestContext(), primitive)
 
 
 async def test_serializer_with_a_manifest_sends_older_versions() -> None:
     with isolated_registry():
         newer = register_newer_instance()
-        ser = FleetObjectSerializer(version_manifest={"Instance": "1.0"})
-        wire = await ser.serialize_entity(RequestContext(), newer(uuid=UUID, locked_reason="x"))
-    assert wire["versioned_object.version"] == "1.0"
-    assert "locked_reason" not in wire["versioned_object.data"]
+        ser = FleetObjectSerializer(version_manifest={"Instance": CURRENT_INSTANCE_VERSION})
+        note = {NEWER_INSTANCE_FIELD: "x"}
+        wire = await ser.serialize_entity(RequestContext(), newer(uuid=UUID, **note))
+    assert wire["versioned_object.version"] == CURRENT_INSTANCE_VERSION
+    assert NEWER_INSTANCE_FIELD not in wire["versioned_object.data"]
 
 
 def _instance_primitive(**data: Any) -> dict[str, Any]:
