@@ -18,6 +18,7 @@ from compute_agent.build import BuildManager
 from compute_agent.endpoint import ComputeEndpoint
 from compute_agent.init_host import recover_instances
 from compute_agent.live_migration import LiveMigrationManager
+from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
 from compute_agent.rpcapi import ComputeAPI
@@ -112,7 +113,8 @@ class ComputeAgentService:
             endpoints=[self.endpoint],
             # Safety net: an object too new for this agent is backported by the conductor,
             # and counted (fleet_object_backports_total) so operators see who sent it.
-            serializer=FleetObjectSerializer(
+            # Replies go back at the caller's release (see reply_serializer).
+            serializer=CallerReleaseSerializer(
                 indirection_api=self.conductor,
                 on_backport=lambda name: self.metrics.object_backports.labels(object=name).inc(),
             ),

@@ -106,3 +106,14 @@ def for_service_version(version: int) -> Release:
         if release.service_version <= version:
             chosen = release
     return chosen
+
+
+def for_compute_rpc_api(version: str) -> Release:
+    """The newest release whose compute RPC API is ``version`` or older (a caller asking for
+    ``version`` understands at least that release's objects)."""
+    wanted = tuple(int(p) for p in version.split("."))
+    chosen = RELEASES[0]
+    for release in RELEASES:
+        if tuple(int(p) for p in release.compute_rpc_api.split(".")) <= wanted:
+            chosen = release
+    return chosen

@@ -65,8 +65,9 @@ class Levels:
         return self.cap.compute_rpc_api
 
     def release_for(self, host: str) -> Release:
-        # An unknown host (not registered yet) gets the cap's release: always safe.
-        return self.hosts.get(host, self.cap)
+        # A host not seen yet (registered after the last refresh) may run any supported
+        # release: send it the oldest one's versions until the next refresh knows better.
+        return self.hosts.get(host, releases.RELEASES[0])
 
 
 def compute_levels(
@@ -82,7 +83,9 @@ def compute_levels(
             live.append(release)
     if pinned is not None:
         return Levels(pinned, hosts, pinned=True)
-    cap = min(live, key=lambda r: r.service_version) if live else releases.CURRENT
+    # No live agent yet: stay at the oldest supported release until one reports (an old agent
+    # starting right after this refresh must not be sent what it does not know).
+    cap = min(live, key=lambda r: r.service_version) if live else releases.RELEASES[0]
     return Levels(cap, hosts)
 
 
@@ -101,7 +104,9 @@ class ComputeUpgradeLevels:
         self._context_factory = context_factory
         self.service_down_time = service_down_time
         self.refresh_interval = refresh_interval
-        self.levels = Levels(self.pinned or releases.CURRENT, {}, pinned=self.pinned is not None)
+        self.levels = Levels(
+            self.pinned or releases.RELEASES[0], {}, pinned=self.pinned is not None
+        )
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> Levels:

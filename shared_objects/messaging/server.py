@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import inspect
 from collections.abc import Iterable
 from types import TracebackType
@@ -43,6 +44,17 @@ if TYPE_CHECKING:
     from shared_objects.messaging.transport import Transport
 
 log = structlog.get_logger(__name__)
+
+_REQUEST_VERSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fleet_rpc_request_version", default=None
+)
+
+
+def request_version() -> str | None:
+    """The API version the caller asked for, while its handler runs and its result is
+    serialised (None outside a handler): lets a reply speak the caller's release."""
+    return _REQUEST_VERSION.get()
+
 
 # oslo's _MsgIdCache.DUP_MSG_CHECK_SIZE: a request whose _unique_id is among the last 16 is a
 # redelivered duplicate and is dropped.
@@ -266,6 +278,7 @@ class RPCServer:
             heartbeat = None
             if reply is not None and _wants_heartbeat(client_timeout):
                 heartbeat = asyncio.create_task(self._heartbeat(reply, int(client_timeout) / 2))
+            version_token = _REQUEST_VERSION.set(version if isinstance(version, str) else None)
             try:
                 result = await self._dispatch(ctxt, message)
                 body = (
@@ -289,6 +302,7 @@ class RPCServer:
                 await self._fail(reply, label, exc, heartbeat)
                 return
             finally:
+                _REQUEST_VERSION.reset(version_token)
                 if heartbeat is not None:
                     heartbeat.cancel()
             self._stats.record(label, "ok")

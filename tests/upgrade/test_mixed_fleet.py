@@ -143,3 +143,50 @@ async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
             await asyncio.sleep(0.2)
         else:
             raise AssertionError("the compute RPC cap did not lift after the old agent left")
+
+
+async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
+    cluster_factory: Any, previous_release_tree: Path
+) -> None:
+    """(d) The receiver-side safety net: a sender that ignores the levels still works."""
+    import urllib.request
+
+    from compute_agent.rpcapi import ComputeAPI
+    from shared_objects.serializer import FleetObjectSerializer
+    from shared_objects.testing.rabbit_node import free_port
+
+    port = free_port()
+    async with cluster_factory(
+        hosts=(OLD,),
+        agent_source={OLD: previous_release_tree},
+        agent_env={OLD: {"FLEET_METRICS_PORT": str(port)}},
+    ) as cluster:
+        (uuid,) = await cluster.boot(flavor="small", name="vm", forced_host=OLD)
+        await cluster.wait_instances([uuid])
+        instance = await Instance.get_by_uuid(cluster.ctxt, uuid)
+        # A careless sender: no upgrade levels, objects at this release's versions.
+        careless = ComputeAPI(cluster.transport, FleetObjectSerializer())
+        await careless.refresh_instance_security_rules(cluster.ctxt, OLD, instance=instance)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+
+        for _ in range(50):
+            text = await asyncio.to_thread(scrape)
+            counted = [
+                line
+                for line in text.splitlines()
+                if line.startswith("fleet_object_backports_total") and 'object="Instance"' in line
+            ]
+            if counted and float(counted[0].rsplit(" ", 1)[1]) >= 1:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the old agent did not count a backport")
+        events = log_events(cluster.workdir / f"{OLD}.log")
+        backported = [e for e in events if e.get("event") == "object_backported"]
+        assert backported and backported[0]["object"] == "Instance"
+        assert backported[0]["version"] == releases.CURRENT.objects["Instance"]
+        errors = [e for e in events if e.get("level") == "error"]
+        assert errors == []

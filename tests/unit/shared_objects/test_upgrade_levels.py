@@ -48,10 +48,23 @@ def test_dead_services_do_not_hold_the_cap_down() -> None:
     assert levels.release_for("old") == OLDEST
 
 
-def test_no_live_compute_means_no_cap() -> None:
+def test_without_live_agents_the_cap_stays_at_the_oldest_supported_release() -> None:
+    # An old agent registering right after this refresh must not be sent what it cannot read.
     levels = compute_levels([], now=NOW, service_down_time=60, pinned=None)
+    assert levels.cap == OLDEST
+    assert levels.release_for("unknown") == OLDEST
+
+
+def test_a_host_registered_after_the_refresh_gets_the_oldest_release() -> None:
+    services = [FakeService("b", NEWEST.service_version)]
+    levels = compute_levels(services, now=NOW, service_down_time=60, pinned=None)
     assert levels.cap == NEWEST
-    assert levels.release_for("unknown") == NEWEST
+    assert levels.release_for("newcomer") == OLDEST
+
+
+def test_release_for_a_compute_rpc_api_version() -> None:
+    assert releases.for_compute_rpc_api(OLDEST.compute_rpc_api) == OLDEST
+    assert releases.for_compute_rpc_api(NEWEST.compute_rpc_api) == NEWEST
 
 
 def test_pinned_level_overrides_auto() -> None:
