@@ -58,6 +58,9 @@ MIGRATION_FIELDS = (
     "memory_total",
     "memory_processed",
     "memory_remaining",
+    "disk_total",
+    "disk_processed",
+    "disk_remaining",
 )
 
 

@@ -29,7 +29,9 @@ class ComputeTaskAPI:
     def __init__(self, transport: Transport, *, timeout: float | None = None) -> None:
         self.client = RPCClient(
             transport,
-            Target(topic=TOPIC, namespace=NAMESPACE, version=API_VERSION),
+            # Each call asks for the oldest version that has what it sends, so a client keeps
+            # working with conductors of the previous release during their upgrade.
+            Target(topic=TOPIC, namespace=NAMESPACE, version="1.0"),
             timeout=timeout,
         )
 
@@ -100,7 +102,8 @@ class ComputeTaskAPI:
         extra = (
             {} if bandwidth_limit_mb_s is None else {"bandwidth_limit_mb_s": bandwidth_limit_mb_s}
         )
-        result: str = await self.client.call(
+        cctx = self.client.prepare(version="1.1") if extra else self.client
+        result: str = await cctx.call(
             ctxt, "live_migrate_instance", instance_uuid=instance_uuid, host=host, **extra
         )
         return result
@@ -109,13 +112,18 @@ class ComputeTaskAPI:
         self, ctxt: RequestContext, *, migration_uuid: str, reason: str | None = None
     ) -> None:
         extra = {} if reason is None else {"reason": reason}
-        await self.client.call(ctxt, "live_migration_abort", migration_uuid=migration_uuid, **extra)
+        cctx = self.client.prepare(version="1.1") if extra else self.client
+        await cctx.call(ctxt, "live_migration_abort", migration_uuid=migration_uuid, **extra)
 
     async def lock_instance(self, ctxt: RequestContext, *, instance_uuid: str, reason: str) -> None:
-        await self.client.call(ctxt, "lock_instance", instance_uuid=instance_uuid, reason=reason)
+        await self.client.prepare(version="1.1").call(
+            ctxt, "lock_instance", instance_uuid=instance_uuid, reason=reason
+        )
 
     async def unlock_instance(self, ctxt: RequestContext, *, instance_uuid: str) -> None:
-        await self.client.call(ctxt, "unlock_instance", instance_uuid=instance_uuid)
+        await self.client.prepare(version="1.1").call(
+            ctxt, "unlock_instance", instance_uuid=instance_uuid
+        )
 
     async def live_migration_force_complete(
         self, ctxt: RequestContext, *, migration_uuid: str
