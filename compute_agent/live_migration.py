@@ -203,6 +203,12 @@ class LiveMigrationManager:
         self, ctxt: RequestContext, instance: Instance, migration: Migration, source_host: str
     ) -> dict[str, Any]:
         """Can this host take the instance? Asks the source in turn; returns the migrate data."""
+        log.info(
+            "live_migration_check_destination",
+            instance_uuid=instance.uuid,
+            migration_uuid=migration.uuid,
+            source=source_host,
+        )
         async with instance_event(
             ctxt, instance.uuid, "compute_check_can_live_migrate_destination", self.host
         ):
@@ -265,6 +271,11 @@ class LiveMigrationManager:
         migrate_data: dict[str, Any],
     ) -> dict[str, Any]:
         """Claim here and create the paused incoming guest (volumes, firewall)."""
+        log.info(
+            "live_migration_pre_destination",
+            instance_uuid=instance.uuid,
+            migration_uuid=migration.uuid,
+        )
         async with instance_event(ctxt, instance.uuid, "compute_pre_live_migration", self.host):
             await self.tracker.claim(instance)
             try:

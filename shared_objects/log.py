@@ -110,6 +110,9 @@ def configure_logging(
     root.setLevel(numeric_level)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(max(numeric_level, logging.INFO))
+    # SQLAlchemy treats INFO on its engine logger as echo=True (every statement logged).
+    logging.getLogger("sqlalchemy.engine").setLevel(max(numeric_level, logging.WARNING))
+    logging.getLogger("sqlalchemy.engine.Engine").setLevel(max(numeric_level, logging.WARNING))
 
     structlog.configure(
         processors=[
