@@ -397,6 +397,16 @@ class RabbitDriver(Driver):
                     raise MessageDeliveryFailure("transport closed") from exc
                 await self._pause_or_fail(deadline, exc)
                 continue
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # our caller was cancelled: honour it
+                # aiormq cancels a pending confirm when the connection dies (heartbeat lost):
+                # that is a lost connection, not a cancellation of the caller.
+                if connection.is_closed and self._connection is None:
+                    raise MessageDeliveryFailure("transport closed") from exc
+                await self._pause_or_fail(deadline, exc)
+                continue
             if isinstance(result, aiormq.abc.DeliveredMessage):
                 self._returned += 1
                 raise MessageUndeliverable(

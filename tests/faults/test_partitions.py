@@ -173,11 +173,6 @@ async def test_blackholed_client_no_call_hangs_and_service_heals(
             assert client_transport.pending_replies == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="runtime bug (reported): RPCClient.call() leaks a bare asyncio.CancelledError when "
-    "the connection dies while the request's publish awaits its confirm",
-)
 async def test_calls_cut_off_by_a_dead_client_connection_raise_messaging_errors(
     node: RabbitNode, proxy: TcpProxy
 ) -> None:
