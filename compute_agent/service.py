@@ -168,6 +168,7 @@ class ComputeAgentService:
         instances = await self.live_migration.recover(ctxt, instances)
         await self.tracker.start(ctxt, instances)
         self.metrics.watch_rpc("server", self.server.stats)
+        self.server.latency_observer = self.metrics.latency_observer("server")
         self.metrics.watch_transport(self.transport.stats)
         await self.server.start()
         self.live_migration.start()

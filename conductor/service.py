@@ -7,6 +7,7 @@ unless the database schema is at this release's head (``fleetctl db upgrade`` mi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -79,7 +80,9 @@ class ConductorService:
             serializer=self.serializer,
         )
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
+        self._census: asyncio.Task[None] | None = None
         self.metrics.watch_rpc("server", self.server.stats)
+        self.server.latency_observer = self.metrics.latency_observer("server")
         self.metrics.watch_transport(self.transport.stats)
         self.reporter = ServiceReporter(
             self._db_context,
@@ -106,17 +109,41 @@ class ConductorService:
         await self.server.start()
         await self.reporter.start()
         await self.levels.start()
+        self._census = asyncio.create_task(self._count_instances(), name="instance-census")
         log.info("conductor_started", host=self.cfg.host, schema=head)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop heartbeating, drain in-flight requests, disconnect."""
         await self.levels.stop()
+        if self._census is not None:
+            self._census.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._census
         await self.reporter.stop()
         await self.server.stop(grace=grace if grace is not None else self._grace())
         if self._own_transport:
             await self.transport.close()
         await self.database.dispose()
         log.info("conductor_stopped", host=self.cfg.host)
+
+    async def _count_instances(self) -> None:
+        """``fleet_instances{vm_state}`` every report interval: one grouped read."""
+        while True:
+            try:
+                async with self._db_context() as ctxt:
+                    rows = await ctxt.db.select(
+                        "instances", {"deleted": False}, columns=["vm_state"]
+                    )
+                counts: dict[str, int] = {}
+                for row in rows:
+                    state = str(row["vm_state"])
+                    counts[state] = counts.get(state, 0) + 1
+                self.metrics.set_instances(counts)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("instance_census_failed", exc_info=True)
+            await asyncio.sleep(self.cfg.service.report_interval)
 
     @property
     def ready(self) -> bool:

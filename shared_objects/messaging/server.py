@@ -13,7 +13,8 @@ import asyncio
 import collections
 import contextvars
 import inspect
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,8 @@ class RPCServer:
         self._recent_ids: collections.deque[str] = collections.deque(maxlen=DUPLICATE_CHECK_SIZE)
         self._stopping = False
         self._stats = RPCStats()
+        # Optional ``observe(method, seconds)`` called for every handled request (metrics).
+        self.latency_observer: Callable[[str, float], None] | None = None
         self._replies = ReplySender(
             transport.driver,
             self._stats,
@@ -279,6 +282,7 @@ class RPCServer:
             if reply is not None and _wants_heartbeat(client_timeout):
                 heartbeat = asyncio.create_task(self._heartbeat(reply, int(client_timeout) / 2))
             version_token = _REQUEST_VERSION.set(version if isinstance(version, str) else None)
+            started = time.monotonic()
             try:
                 result = await self._dispatch(ctxt, message)
                 body = (
@@ -303,6 +307,8 @@ class RPCServer:
                 return
             finally:
                 _REQUEST_VERSION.reset(version_token)
+                if self.latency_observer is not None:
+                    self.latency_observer(label, time.monotonic() - started)
                 if heartbeat is not None:
                     heartbeat.cancel()
             self._stats.record(label, "ok")

@@ -38,6 +38,15 @@ def gauge(text: str, name: str) -> float | None:
     return None
 
 
+def labelled(text: str, name: str, **labels: str) -> float:
+    """The sample ``name`` whose labels include ``labels`` (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
 async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
     ops_cluster: OpsClusterFactory,
 ) -> None:
@@ -62,6 +71,15 @@ async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
         assert calls["object_action"] >= 3 * len(uuids)
         assert calls["object_class_action_versions"] > 0
         assert gauge(text, "fleet_ready") == 1.0
+        # Latency histograms are filled for what the conductor served.
+        assert labelled(text, "fleet_rpc_latency_seconds_count", method="build_instances") >= 1
+        # Instances by state: the census runs every report interval.
+        for _ in range(50):
+            _, text = await ahttp_get(ports["conductor-1"], "/metrics")
+            if labelled(text, "fleet_instances", vm_state="active") == len(uuids):
+                break
+            await asyncio.sleep(0.2)
+        assert labelled(text, "fleet_instances", vm_state="active") == len(uuids)
 
         for host, built in per_host.items():
             # Exactly one run_instance handled per instance the agent built. A call is counted
