@@ -169,6 +169,10 @@ class ComputeAgentService:
         await self.tracker.start(ctxt, instances)
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
+        # What this agent asks of others: object calls, compute-task calls, peer calls (at
+        # this release; calls to older peers use per-release clients that are not counted).
+        for client in (self.conductor.client, self.tasks.client, self.compute.client):
+            self.metrics.watch_rpc("client", client.stats)
         self.metrics.watch_transport(self.transport.stats)
         await self.server.start()
         self.live_migration.start()

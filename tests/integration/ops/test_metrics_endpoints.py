@@ -94,6 +94,10 @@ async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
                 assert asyncio.get_running_loop().time() < deadline, (host, server_calls(text))
                 await asyncio.sleep(0.2)
             assert server_calls(text)["run_instance"] == built, (host, server_calls(text))
+            # ...and what it asked of the conductor, as a client.
+            assert (
+                labelled(text, "fleet_rpc_calls_total", role="client", method="object_action") > 0
+            )
             assert server_calls(text, "error")["run_instance"] == 0
             assert gauge(text, "fleet_ready") == 1.0
             assert (await ahttp_get(ports[host], "/readyz"))[0] == 200
