@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import asyncpg
+import asyncpg.transaction
 import structlog
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Table,
     and_,
+    any_,
     bindparam,
     delete,
     false,
@@ -33,8 +39,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
 
-from conductor.db import models
+from conductor.db import asyncpg_exec, models
 from shared_objects import exception
 from shared_objects.base import AtLeast, DatabaseAPI, Increment
 
@@ -130,22 +138,27 @@ def where_shape(table: Table, where: Mapping[str, Any]) -> tuple[Shape, dict[str
     return tuple(shape), params
 
 
-def where_clause_for(table: Table, shape: Shape) -> ColumnElement[bool]:
-    """The SQL condition of a where shape, with bound parameters named ``w_<column>``."""
+def where_clause_for(table: Table, shape: Shape, *, arrays: bool = False) -> ColumnElement[bool]:
+    """The SQL condition of a where shape, with bound parameters named ``w_<column>``.
+
+    ``arrays``: membership as ``col = ANY(:array)`` (PostgreSQL) instead of an expanding
+    ``IN``, so the statement text does not depend on the list's length and compiles once.
+    """
     clauses: list[ColumnElement[bool]] = []
     for name, mode in shape:
         col = table.c[name]
         key = f"w_{name}"
-        if mode == _EQ:
+        if mode in (_IN, _IN_OR_NULL):
+            member = (
+                col == any_(bindparam(key, type_=ARRAY(col.type)))
+                if arrays
+                else col.in_(bindparam(key, expanding=True, type_=col.type))
+            )
+            clauses.append(member if mode == _IN else or_(member, col.is_(None)))
+        elif mode == _EQ:
             clauses.append(col == bindparam(key, type_=col.type))
         elif mode == _NULL:
             clauses.append(col.is_(None))
-        elif mode == _IN:
-            clauses.append(col.in_(bindparam(key, expanding=True, type_=col.type)))
-        elif mode == _IN_OR_NULL:
-            clauses.append(
-                or_(col.in_(bindparam(key, expanding=True, type_=col.type)), col.is_(None))
-            )
         elif mode == _AT_LEAST:
             clauses.append(col >= bindparam(key, type_=col.type))
         else:
@@ -154,42 +167,99 @@ def where_clause_for(table: Table, shape: Shape) -> ColumnElement[bool]:
 
 
 # Built statements by (operation, table, shape, ...): SQLAlchemy then finds their compiled form
-# in its cache without rebuilding and re-hashing the expression tree on every request.
+# in its cache without rebuilding and re-hashing the expression tree on every request. The
+# driver path keeps its own compiled forms (``asyncpg_exec.AsyncpgStatement``).
 _STATEMENTS: dict[tuple[Any, ...], Any] = {}
+_DRIVER_STATEMENTS: dict[tuple[Any, ...], asyncpg_exec.AsyncpgStatement] = {}
+
+# Builds a statement; ``arrays`` as in ``where_clause_for``.
+Build = Callable[[bool], Any]
 
 
-def _cached(key: tuple[Any, ...], build: Any) -> Any:
+def _cached(key: tuple[Any, ...], build: Build) -> Any:
     stmt = _STATEMENTS.get(key)
     if stmt is None:
-        stmt = _STATEMENTS[key] = build()
+        stmt = _STATEMENTS[key] = build(False)
     return stmt
 
 
-@contextlib.asynccontextmanager
-async def _conflicts(table: Table) -> AsyncIterator[None]:
-    """A constraint violation (unique key, foreign key, NOT NULL) becomes ``DatabaseConflict``,
-    an error agents can catch by class, instead of a driver error they cannot import."""
-    try:
-        yield
-    except IntegrityError as exc:
-        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
-        raise exception.DatabaseConflict(table=table.name, reason=reason) from exc
+def _conflict(table: Table, reason: str, cause: BaseException) -> exception.DatabaseConflict:
+    """A constraint violation (unique key, foreign key, NOT NULL) as ``DatabaseConflict``, an
+    error agents can catch by class, instead of a driver error they cannot import."""
+    err = exception.DatabaseConflict(table=table.name, reason=reason.splitlines()[0])
+    err.__cause__ = cause
+    return err
+
+
+def _invalidate_and_close(fairy: PoolProxiedConnection) -> None:
+    """Drop a pooled connection (runs in SQLAlchemy's greenlet: closing awaits the driver)."""
+    with contextlib.suppress(DBAPIError, *asyncpg_exec.CONNECTION_LOST):
+        fairy.invalidate()
+    fairy.close()
+
+
+def uses_driver_path(engine: AsyncEngine) -> bool:
+    """Whether ``DbApi`` runs statements on the asyncpg connection directly (see
+    ``asyncpg_exec``): PostgreSQL through asyncpg. SQLite goes through SQLAlchemy."""
+    return engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg"
+
+
+POOL_BORN_KEY = "fleet_born"
+
+
+class PoolHealth:
+    """When a pooled connection was last found dead, shared by all requests of one engine.
+
+    A dead connection usually means the server restarted, so every connection pooled before
+    then is dead too: the driver path drops each such connection at checkout (the pool records
+    when each connection was opened, under ``POOL_BORN_KEY``) instead of failing one request
+    per dead connection. SQLAlchemy's own execution does the same internally.
+    """
+
+    def __init__(self) -> None:
+        self.lost_at = 0.0
+
+    def stale(self, connection_info: Mapping[str, Any]) -> bool:
+        # A connection opened without the pool's "connect" hook has no birth: never stale.
+        return float(connection_info.get(POOL_BORN_KEY, math.inf)) < self.lost_at
+
+    def mark_lost(self) -> None:
+        self.lost_at = time.monotonic()
 
 
 class DbApi(DatabaseAPI):
     """Database access for one request (see module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, *, allow_standalone: bool = False) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        allow_standalone: bool = False,
+        driver_path: bool = False,
+        health: PoolHealth | None = None,
+    ) -> None:
         self._engine = engine
+        self._health = health if health is not None else PoolHealth()
         # Only a unit serving one remotable call may commit a standalone write on its own.
         self._allow_standalone = allow_standalone
+        self._driver_path = driver_path
+        # SQLAlchemy path: the request's connection. Driver path: the pooled connection
+        # (checked out without an AsyncConnection around it) and its asyncpg connection.
         self._conn: AsyncConnection | None = None
+        self._fairy: PoolProxiedConnection | None = None
+        self._driver: asyncpg.Connection | None = None
+        self._transaction: asyncpg.transaction.Transaction | None = None
+        # Set while a driver call runs: a request interrupted there (cancelled) leaves the
+        # connection in an unknown protocol state, so it is discarded instead of pooled.
+        self._driver_busy = False
         self._in_transaction = False
         self.statements = 0
 
-    async def _connection(
-        self, *, write: bool = False, standalone: bool = False
-    ) -> AsyncConnection:
+    @property
+    def _connected(self) -> bool:
+        return self._conn is not None or self._driver is not None
+
+    async def _connection(self, *, write: bool = False, standalone: bool = False) -> Any:
         """The request's connection; its transaction starts at the first write.
 
         Reads before the first write run in autocommit: under READ COMMITTED every statement
@@ -198,9 +268,18 @@ class DbApi(DatabaseAPI):
         From the first write on, everything up to the end of the request is one transaction.
         A ``standalone`` write (atomic on its own, the request's last) outside a transaction
         runs in autocommit too: one round trip instead of three.
+
+        Returns the ``AsyncConnection`` (SQLAlchemy path) or the ``asyncpg.Connection``.
         """
         if standalone and self._allow_standalone and not self._in_transaction:
             write = False
+        self.statements += 1
+        if self._driver_path:
+            if self._driver is None:
+                await self._checkout_driver()
+            if write and not self._in_transaction:
+                await self._begin_driver_transaction()
+            return self._driver
         conn = self._conn
         if conn is None:
             conn = await self._engine.connect()
@@ -223,50 +302,164 @@ class DbApi(DatabaseAPI):
             )
             await conn.begin()
             self._in_transaction = True
-        self.statements += 1
         return conn
 
-    async def _execute(
-        self, stmt: Any, params: Any, *, write: bool = False, standalone: bool = False
-    ) -> Any:
-        """Run one statement; if the request's *first* statement finds its pooled connection
-        dead (database restarted, connection killed), retry it once on a fresh connection.
+    async def _checkout_driver(self) -> None:
+        """A pooled asyncpg connection opened after the last connection loss (bounded: each
+        stale one is invalidated, so the pool reconnects it on its next checkout).
 
-        Nothing of the request has happened yet at that point, so the retry is safe; a later
-        failure is the request's error (its transaction is gone with the connection). This
-        replaces the pool's pre-ping, which cost a round trip on every request.
+        SQLAlchemy never executes on it, so its adapter never opens a transaction: the driver
+        stays in autocommit until ``_begin_driver_transaction``. The pool is SQLAlchemy's;
+        its calls run in one greenlet hop each (checkout here, checkin in ``close``).
         """
-        first = self._conn is None
-        conn = await self._connection(write=write, standalone=standalone)
+        pool = self._engine.sync_engine.pool
+        for _ in range(pool.size() + 1):  # type: ignore[attr-defined]
+            fairy = await greenlet_spawn(pool.connect)
+            if not self._health.stale(fairy.info):
+                break
+            await greenlet_spawn(_invalidate_and_close, fairy)
+        self._fairy = fairy
+        self._driver = fairy.driver_connection
+
+    async def _begin_driver_transaction(self) -> None:
+        assert self._driver is not None
+        transaction = self._driver.transaction()
+        self._driver_busy = True
+        await transaction.start()
+        self._driver_busy = False
+        self._transaction = transaction
+        self._in_transaction = True
+
+    async def _run(
+        self,
+        table: Table,
+        key: tuple[Any, ...],
+        build: Build,
+        params: dict[str, Any],
+        *,
+        rows: bool,
+        write: bool = False,
+        standalone: bool = False,
+        column_keys: Sequence[str] | None = None,
+    ) -> Any:
+        """Run one statement: its rows as dicts (``rows``) or the number of rows it touched.
+
+        If the request's *first* statement finds its pooled connection dead (database
+        restarted, connection killed), it is retried once on a fresh connection: nothing of the
+        request has happened yet, so the retry is safe; a later failure is the request's error
+        (its transaction is gone with the connection). This replaces the pool's pre-ping, which
+        cost a round trip on every request.
+        """
+        first = not self._connected
         try:
-            return await conn.execute(stmt, params)
+            return await self._run_once(
+                table, key, build, params, rows, write, standalone, column_keys
+            )
         except DBAPIError as exc:
             if not (first and exc.connection_invalidated):
                 raise
-            log.warning("db_connection_lost_retrying", error=str(exc.orig)[:200])
-            await self._discard()
-            conn = await self._connection(write=write, standalone=standalone)
-            return await conn.execute(stmt, params)
+            lost: BaseException = exc
+        except asyncpg_exec.CONNECTION_LOST as exc:
+            if not first:
+                raise
+            lost = exc
+        log.warning("db_connection_lost_retrying", error=str(lost)[:200])
+        self._health.mark_lost()
+        await self._discard()
+        return await self._run_once(table, key, build, params, rows, write, standalone, column_keys)
+
+    async def _run_once(
+        self,
+        table: Table,
+        key: tuple[Any, ...],
+        build: Build,
+        params: dict[str, Any],
+        rows: bool,
+        write: bool,
+        standalone: bool,
+        column_keys: Sequence[str] | None,
+    ) -> Any:
+        conn = await self._connection(write=write, standalone=standalone)
+        if not self._driver_path:
+            try:
+                result = await conn.execute(_cached(key, build), params)
+            except IntegrityError as exc:
+                raise _conflict(table, str(exc.orig or exc), exc) from exc
+            return [dict(r) for r in result.mappings()] if rows else result.rowcount
+        stmt = _DRIVER_STATEMENTS.get(key)
+        if stmt is None:
+            stmt = asyncpg_exec.compile_statement(build(True), self._engine.dialect, column_keys)
+            _DRIVER_STATEMENTS[key] = stmt
+        self._driver_busy = True
+        try:
+            if rows:
+                out: Any = await asyncpg_exec.fetch(conn, stmt, params)
+            else:
+                out = await asyncpg_exec.execute(conn, stmt, params)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            self._driver_busy = False
+            raise _conflict(table, str(exc), exc) from exc
+        except asyncpg.PostgresError:
+            # The server answered with an error: the connection itself is fine.
+            self._driver_busy = False
+            raise
+        self._driver_busy = False
+        return out
 
     async def _discard(self) -> None:
+        """Drop the request's connection for good (the pool opens a new one in its place)."""
         conn, self._conn = self._conn, None
+        fairy, self._fairy = self._fairy, None
+        self._driver = None
+        self._transaction = None
+        self._driver_busy = False
         self._in_transaction = False
         if conn is not None:
-            with contextlib.suppress(DBAPIError):
+            with contextlib.suppress(DBAPIError, *asyncpg_exec.CONNECTION_LOST):
                 await conn.invalidate()
             await conn.close()
+        if fairy is not None:
+            await greenlet_spawn(_invalidate_and_close, fairy)
 
     async def commit(self) -> None:
-        if self._conn is not None:
+        if self._transaction is not None:
+            transaction, self._transaction = self._transaction, None
+            self._driver_busy = True
+            await transaction.commit()
+            self._driver_busy = False
+        elif self._conn is not None:
             await self._conn.commit()
 
     async def rollback(self) -> None:
-        if self._conn is not None:
+        if self._transaction is not None:
+            transaction, self._transaction = self._transaction, None
+            if self._driver_busy:
+                # A call was interrupted: the connection is discarded on close, and the server
+                # rolls the transaction back when it goes.
+                return
+            self._driver_busy = True
+            try:
+                await transaction.rollback()
+            except (asyncpg.InterfaceError, *asyncpg_exec.CONNECTION_LOST):
+                # The connection is unusable (busy, closed): discarded on close all the same.
+                return
+            self._driver_busy = False
+        elif self._conn is not None:
             await self._conn.rollback()
 
     async def close(self) -> None:
+        driver, fairy = self._driver, self._fairy
+        if fairy is not None and driver is not None:
+            if self._driver_busy or driver.is_in_transaction():
+                # Interrupted mid-call or mid-transaction: never hand this connection out again.
+                await self._discard()
+                return
+            self._fairy = self._driver = None
+            self._in_transaction = False
+            await greenlet_spawn(fairy.close)
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            self._in_transaction = False
             await conn.close()
 
     @staticmethod
@@ -281,25 +474,29 @@ class DbApi(DatabaseAPI):
         order_by: Sequence[str],
         descending: bool,
         limit: int | None,
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> tuple[tuple[Any, ...], Build, dict[str, Any]]:
         shape, params = where_shape(t, where)
         cols = tuple(columns) if columns is not None else None
         key = ("select", t.name, shape, cols, tuple(order_by), descending, limit)
 
-        def build() -> Any:
+        def build(arrays: bool) -> Any:
             order = [t.c[c].desc() if descending else t.c[c] for c in order_by]
-            stmt = select(*self._cols(t, cols)).where(where_clause_for(t, shape)).order_by(*order)
+            stmt = (
+                select(*self._cols(t, cols))
+                .where(where_clause_for(t, shape, arrays=arrays))
+                .order_by(*order)
+            )
             return stmt.limit(limit) if limit is not None else stmt
 
-        return _cached(key, build), params
+        return key, build, params
 
     async def get(
         self, table: str, where: Mapping[str, Any], *, columns: Sequence[str] | None = None
     ) -> Row | None:
-        stmt, params = self._select(table_for(table), where, columns, (), False, 1)
-        result = await self._execute(stmt, params)
-        row = result.mappings().first()
-        return dict(row) if row is not None else None
+        t = table_for(table)
+        key, build, params = self._select(t, where, columns, (), False, 1)
+        found: list[Row] = await self._run(t, key, build, params, rows=True)
+        return found[0] if found else None
 
     async def select(
         self,
@@ -311,19 +508,40 @@ class DbApi(DatabaseAPI):
         descending: bool = False,
         limit: int | None = None,
     ) -> list[Row]:
-        stmt, params = self._select(table_for(table), where, columns, order_by, descending, limit)
-        result = await self._execute(stmt, params)
-        return [dict(r) for r in result.mappings()]
+        t = table_for(table)
+        key, build, params = self._select(t, where, columns, order_by, descending, limit)
+        found: list[Row] = await self._run(t, key, build, params, rows=True)
+        return found
 
     async def insert(self, table: str, values: Mapping[str, Any]) -> Row:
         t = table_for(table)
         for name in values:
             if name not in t.c:
                 raise KeyError(f"{t.name} has no column {name!r}")
-        stmt = _cached(("insert", t.name), lambda: insert(t).returning(*t.c))
-        async with _conflicts(t):
-            result = await self._execute(stmt, dict(values), write=True)
-        return dict(result.mappings().one())
+        params = dict(values)
+        column_keys: tuple[str, ...] = ()
+        if self._driver_path:
+            # The driver path fills Python-side defaults itself, so the statement's columns
+            # are known when it is compiled; a default only SQLAlchemy can compute keeps the
+            # statement on SQLAlchemy's execution.
+            filled = asyncpg_exec.scalar_defaults(t, params)
+            if filled is None:
+                raise NotImplementedError(f"{t.name} has a non-scalar column default")
+            params = filled
+            column_keys = tuple(sorted(params))
+        key = ("insert", t.name, column_keys)
+        found: list[Row] = await self._run(
+            t,
+            key,
+            lambda _arrays: insert(t).returning(*t.c),
+            params,
+            rows=True,
+            write=True,
+            column_keys=column_keys,
+        )
+        if len(found) != 1:
+            raise RuntimeError(f"insert into {t.name} returned {len(found)} rows")
+        return found[0]
 
     async def update(
         self,
@@ -346,40 +564,51 @@ class DbApi(DatabaseAPI):
         ret = tuple(returning) if returning is not None else None
         key = ("update", t.name, shape, names, increments, ret)
 
-        def build() -> Any:
+        def build(arrays: bool) -> Any:
             def new_value(n: str) -> Any:
                 param = bindparam(f"v_{n}", type_=t.c[n].type)
                 return t.c[n] + param if n in increments else param
 
             stmt = (
                 update(t)
-                .where(where_clause_for(t, shape))
+                .where(where_clause_for(t, shape, arrays=arrays))
                 .values({t.c[n]: new_value(n) for n in names})
             )
             return stmt if ret == () else stmt.returning(*self._cols(t, ret))
 
-        stmt = _cached(key, build)
-        async with _conflicts(t):
-            result = await self._execute(stmt, params, write=True, standalone=standalone)
         if ret == ():
-            return [{} for _ in range(result.rowcount)]
-        return [dict(r) for r in result.mappings()]
+            count: int = await self._run(
+                t, key, build, params, rows=False, write=True, standalone=standalone
+            )
+            return [{} for _ in range(count)]
+        found: list[Row] = await self._run(
+            t, key, build, params, rows=True, write=True, standalone=standalone
+        )
+        return found
 
     async def delete(self, table: str, where: Mapping[str, Any]) -> int:
         t = table_for(table)
         shape, params = where_shape(t, where)
-        stmt = _cached(
-            ("delete", t.name, shape), lambda: delete(t).where(where_clause_for(t, shape))
+        count: int = await self._run(
+            t,
+            ("delete", t.name, shape),
+            lambda arrays: delete(t).where(where_clause_for(t, shape, arrays=arrays)),
+            params,
+            rows=False,
+            write=True,
         )
-        async with _conflicts(t):
-            result = await self._execute(stmt, params, write=True)
-        return int(result.rowcount)
+        return count
 
     async def min_value(self, table: str, column: str, where: Mapping[str, Any]) -> Any:
         t = table_for(table)
         shape, params = where_shape(t, where)
-        stmt = _cached(
+        found: list[Row] = await self._run(
+            t,
             ("min", t.name, column, shape),
-            lambda: select(func.min(t.c[column])).where(where_clause_for(t, shape)),
+            lambda arrays: select(func.min(t.c[column]).label("min_value")).where(
+                where_clause_for(t, shape, arrays=arrays)
+            ),
+            params,
+            rows=True,
         )
-        return (await self._execute(stmt, params)).scalar()
+        return found[0]["min_value"] if found else None

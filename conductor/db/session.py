@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from conductor.db.api import DbApi
+from conductor.db.api import POOL_BORN_KEY, DbApi, PoolHealth, uses_driver_path
 
 
 def quiet_statement_logging() -> None:
@@ -66,6 +67,12 @@ def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> As
         if parsed.host in LOOPBACK_HOSTS and not query & {"ssl", "sslmode"}:
             kwargs["connect_args"] = {"ssl": False}
     engine = create_async_engine(url, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _remember_birth(_dbapi_conn: Any, record: Any) -> None:
+        # Read by PoolHealth: connections opened before a connection loss are dropped.
+        record.info[POOL_BORN_KEY] = time.monotonic()
+
     if parsed.get_backend_name() == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -80,11 +87,20 @@ def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> As
 class Database:
     """Owns the engine; hands out one ``DbApi`` per request."""
 
-    def __init__(self, url: str, *, engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self, url: str, *, engine: AsyncEngine | None = None, driver_path: bool | None = None
+    ) -> None:
+        """``driver_path``: run statements on the asyncpg connection directly
+        (``conductor.db.asyncpg_exec``); default: whenever the URL is PostgreSQL via asyncpg.
+        ``False`` keeps every statement on SQLAlchemy's execution (tests compare the two)."""
         self.url = url
         # Logging may have been configured after the module was imported: quiet it again.
         quiet_statement_logging()
         self.engine = engine if engine is not None else create_engine(url)
+        self.driver_path = uses_driver_path(self.engine) if driver_path is None else driver_path
+        if self.driver_path and not uses_driver_path(self.engine):
+            raise ValueError(f"the driver path needs postgresql+asyncpg, not {url!r}")
+        self.health = PoolHealth()
         self._sqlite = make_url(url).get_backend_name() == "sqlite"
         self._sqlite_lock: asyncio.Lock | None = None
 
@@ -122,7 +138,12 @@ class Database:
 
     @asynccontextmanager
     async def _unit(self, context: Any, single_call: bool) -> AsyncIterator[DbApi]:
-        db = DbApi(self.engine, allow_standalone=single_call)
+        db = DbApi(
+            self.engine,
+            allow_standalone=single_call,
+            driver_path=self.driver_path,
+            health=self.health,
+        )
         previous = getattr(context, "db", None) if context is not None else None
         if context is not None:
             context.db = db
