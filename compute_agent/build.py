@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from compute_agent.claims import InsufficientResources
-from compute_agent.instance_events import instance_event
+from compute_agent.instance_events import abandon_event, instance_event
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import VirtError
@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 # Failures that mean "this host could not build it": another host may succeed.
 RESCHEDULABLE = (InsufficientResources, VirtError)
+
+RUN_EVENT = "compute_run_instance"
 
 
 def utcnow() -> datetime.datetime:
@@ -78,7 +80,14 @@ class BuildManager:
         request_spec: dict[str, Any],
         alternates: list[str],
         attempt: int,
+        *,
+        block_device_mappings: BlockDeviceMappingList | None = None,
+        security_group_rules: SecurityGroupRuleList | None = None,
+        event_started: bool = False,
     ) -> None:
+        """Build ``instance`` here. A conductor casting at compute RPC >= 1.2 hands over the
+        BDMs and rules and has recorded the event start (``event_started``); from an older one
+        none of these come, and this agent fetches and records them itself."""
         bound = log.bind(instance_uuid=instance.uuid, attempt=attempt)
         # Take ownership: only a build still waiting to be scheduled can be taken.
         instance.host = self.host
@@ -88,11 +97,19 @@ class BuildManager:
             await instance.save(expected_task_state=[TaskState.SCHEDULING])
         except exception.UnexpectedTaskStateError as exc:
             bound.info("build_skipped_not_scheduling", reason=str(exc))
+            if event_started:
+                await abandon_event(
+                    ctxt, instance.uuid, RUN_EVENT, f"build skipped on {self.host}: {exc}"
+                )
             return
         await self.notifier.emit(ctxt, instance, "instance.create.start")
         try:
-            async with instance_event(ctxt, instance.uuid, "compute_run_instance", self.host):
-                await self._build(ctxt, instance, request_spec)
+            async with instance_event(
+                ctxt, instance.uuid, RUN_EVENT, self.host, already_started=event_started
+            ):
+                await self._build(
+                    ctxt, instance, request_spec, block_device_mappings, security_group_rules
+                )
         except exception.UnexpectedTaskStateError as exc:
             # Someone else (a delete) took the instance over mid-build: leave it to them.
             bound.info("build_interrupted", reason=str(exc))
@@ -115,11 +132,18 @@ class BuildManager:
         bound.info("build_succeeded", host=self.host)
 
     async def _build(
-        self, ctxt: RequestContext, instance: Instance, request_spec: dict[str, Any]
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        request_spec: dict[str, Any],
+        bdms: BlockDeviceMappingList | None,
+        rules: SecurityGroupRuleList | None,
     ) -> None:
         await self.tracker.claim(instance)
-        bdms = await BlockDeviceMappingList.get_by_instance_uuid(ctxt, instance.uuid)
-        rules = await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid)
+        if bdms is None:
+            bdms = await BlockDeviceMappingList.get_by_instance_uuid(ctxt, instance.uuid)
+        if rules is None:
+            rules = await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid)
         block_device_info = [
             {"volume_id": b.volume_id, "mountpoint": b.device_name or f"/dev/vd{chr(98 + n)}"}
             for n, b in enumerate(bdms)

@@ -11,10 +11,14 @@ from compute_agent.security_groups import SecurityGroupManager
 from compute_agent.volumes import VolumeManager
 from shared_objects.context import RequestContext
 from shared_objects.messaging import Target, expose
-from shared_objects.objects.block_device_mapping import BlockDeviceMapping
+from shared_objects.objects.block_device_mapping import (
+    BlockDeviceMapping,
+    BlockDeviceMappingList,
+)
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
+from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 
 
 class ComputeEndpoint:
@@ -40,8 +44,21 @@ class ComputeEndpoint:
         request_spec: dict[str, Any],
         alternates: list[str],
         attempt: int,
+        block_device_mappings: BlockDeviceMappingList | None = None,
+        security_group_rules: SecurityGroupRuleList | None = None,
+        event_started: bool = False,
     ) -> None:
-        await self.build.run_instance(ctxt, instance, request_spec, alternates, attempt)
+        # The extras arrive from conductors casting at 1.2; older ones send none of them.
+        await self.build.run_instance(
+            ctxt,
+            instance,
+            request_spec,
+            alternates,
+            attempt,
+            block_device_mappings=block_device_mappings,
+            security_group_rules=security_group_rules,
+            event_started=event_started,
+        )
 
     @expose
     async def terminate_instance(self, ctxt: RequestContext, instance: Instance) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from shared_objects import releases
 from shared_objects.context import RequestContext
 from shared_objects.messaging import (
@@ -21,9 +23,13 @@ from shared_objects.messaging import (
     Transport,
     version_is_compatible,
 )
+from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.live_migrate_data import LiveMigrateData
+from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
+
+log = structlog.get_logger(__name__)
 
 TOPIC = "compute"
 
@@ -35,7 +41,14 @@ TOPIC = "compute"
 #      live_migration_abort, live_migration_force_complete, get_live_migration_guest,
 #      settle_live_migration_peer.
 # 1.1: live_migration_abort takes a reason (recorded in the migration's fault).
-API_VERSION = "1.1"
+# 1.2: run_instance takes block_device_mappings (BlockDeviceMappingList),
+#      security_group_rules (SecurityGroupRuleList) and event_started: the conductor hands over
+#      what the agent used to fetch with two object calls, and has recorded the
+#      compute_run_instance event start itself.
+API_VERSION = "1.2"
+
+# The first version whose run_instance carries the conductor's build extras.
+RUN_INSTANCE_EXTRAS_VERSION = "1.2"
 
 
 def _driver_data(value: Any) -> dict[str, Any]:
@@ -108,6 +121,16 @@ class ComputeAPI:
         client = self._client_for(self.release_for(host))
         return client.prepare(server=host, version=version, version_cap=self.version_cap, **opts)
 
+    def can_send_build_extras(self, host: str) -> bool:
+        """Whether ``run_instance`` to ``host`` may carry BDMs, rules and a started event (API
+        1.2): within the cap, and ``host`` itself is known to speak it. The cap alone is not
+        enough: it counts the agents seen at the last refresh, and an older agent that
+        registered since would reject the cast, leaving its instance stuck in scheduling."""
+        wanted = RUN_INSTANCE_EXTRAS_VERSION
+        return self.can_send_version(wanted) and version_is_compatible(
+            self.release_for(host).compute_rpc_api, wanted
+        )
+
     async def run_instance(
         self,
         ctxt: RequestContext,
@@ -117,15 +140,39 @@ class ComputeAPI:
         request_spec: dict[str, Any],
         alternates: list[str],
         attempt: int,
+        block_device_mappings: BlockDeviceMappingList | None = None,
+        security_group_rules: SecurityGroupRuleList | None = None,
+        event_started: bool = False,
     ) -> None:
-        await self._to(host, "1.0").cast(
-            ctxt,
-            "run_instance",
-            instance=instance,
-            request_spec=request_spec,
-            alternates=alternates,
-            attempt=attempt,
+        """Cast the build to ``host``.
+
+        The extras need API 1.2. Below it the 1.0 message goes out and the agent fetches the
+        BDMs and rules and records the event start itself, as agents of release 1.0 always do.
+        """
+        args: dict[str, Any] = {
+            "instance": instance,
+            "request_spec": request_spec,
+            "alternates": alternates,
+            "attempt": attempt,
+        }
+        version = "1.0"
+        has_extras = (
+            block_device_mappings is not None or security_group_rules is not None or event_started
         )
+        if has_extras and self.can_send_build_extras(host):
+            version = RUN_INSTANCE_EXTRAS_VERSION
+            args.update(
+                block_device_mappings=block_device_mappings,
+                security_group_rules=security_group_rules,
+                event_started=event_started,
+            )
+        elif event_started:
+            # The levels changed between the conductor's unit of work and this cast (an older
+            # agent came back): that agent records a second start for this attempt.
+            log.warning(
+                "run_instance_extras_dropped", host=host, cap=self.version_cap, attempt=attempt
+            )
+        await self._to(host, version).cast(ctxt, "run_instance", **args)
 
     async def terminate_instance(self, ctxt: RequestContext, host: str, *, instance: Any) -> None:
         await self._to(host, "1.0").cast(ctxt, "terminate_instance", instance=instance)

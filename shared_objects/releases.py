@@ -74,11 +74,14 @@ RELEASES: tuple[Release, ...] = (
         commit="e5f7502dcafab62e84ca9da18927cd9f8e5cc4ae",
     ),
     # 1.1: Instance locks, Migration disk progress, LiveMigrateData bandwidth limit, and
-    #      compute RPC 1.1 (live_migration_abort takes a reason).
+    #      compute RPC 1.1 (live_migration_abort takes a reason) and 1.2 (run_instance takes
+    #      the BDMs, the security group rules and event_started from the conductor).
+    #      Compute RPC 1.2 came while 1.1 was still in development: no agent speaking only 1.1
+    #      was ever released, so service version 2 keeps meaning "1.1 code" and needs no bump.
     Release(
         name="1.1",
         service_version=2,
-        compute_rpc_api="1.1",
+        compute_rpc_api="1.2",
         conductor_rpc_api="1.0",
         objects=_OBJECTS_1_1,
     ),
