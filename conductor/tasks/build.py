@@ -6,6 +6,11 @@ one unit of work (``building``/``scheduling``, an InstanceAction ``create``, its
 mappings), then casts ``run_instance`` to each chosen agent. An agent whose build fails hands the
 instance back through ``reschedule_instance``; after ``max_attempts`` or when no host is left the
 instance goes to ERROR with a fault that says why.
+
+When every live agent speaks compute RPC 1.2, the unit of work that places an attempt (the
+request's, or the reschedule's) also records its ``compute_run_instance`` event start, and the
+cast carries the BDMs and security group rules (``conductor.tasks.build_extras``): the agent
+then makes three fewer object calls per build.
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ import structlog
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
 from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
+from conductor.tasks.build_extras import BuildExtras, bdm_list, rules_of_groups, start_run_event
 from conductor.tasks.faults import set_instance_error
 from conductor.tasks.hosts import FleetView, PlacementLedger, load_host_states
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import BDMDestinationType, BDMSourceType, TaskState, VMState
-from shared_objects.objects.block_device_mapping import BlockDeviceMapping
+from shared_objects.objects.block_device_mapping import BlockDeviceMapping, BlockDeviceMappingList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
+from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 
 log = structlog.get_logger(__name__)
 
@@ -114,21 +121,56 @@ class BuildTask:
                 picks = self._place(view, req, count, force_host=forced_host)
             except NoValidHost as exc:
                 no_host = exc
-            instances = await self._create_records(
+            records = await self._create_records(
                 ctxt, the_flavor, name, image_ref, count, groups, bdms
             )
+            instances = [inst for inst, _ in records]
+            extras: list[BuildExtras | None] = [None] * count
             if no_host is not None:
                 for inst in instances:
                     await set_instance_error(ctxt, inst, str(no_host), code=503)
+            else:
+                # In this unit of work: the event starts commit with the records they belong to.
+                extras = await self._extras_for_request(ctxt, records, picks, groups)
 
         if no_host is None:
             await asyncio.gather(
                 *(
-                    self._cast_build(ctxt, inst, [h.host for h in pick], attempt=1, tried=[])
-                    for inst, pick in zip(instances, picks, strict=True)
+                    self._cast_build(
+                        ctxt, inst, [h.host for h in pick], attempt=1, tried=[], extras=extra
+                    )
+                    for inst, pick, extra in zip(instances, picks, extras, strict=True)
                 )
             )
         return [{"uuid": i.uuid, "name": i.name} for i in instances]
+
+    async def _extras_for_request(
+        self,
+        ctxt: RequestContext,
+        records: list[tuple[Instance, BlockDeviceMappingList]],
+        picks: list[list[HostState]],
+        groups: list[SecurityGroup],
+    ) -> list[BuildExtras | None]:
+        """For each instance whose host speaks compute RPC 1.2: its BDMs, the rules and its
+        started event; None for the others (they get the 1.0 message)."""
+        extras: list[BuildExtras | None] = []
+        rules: SecurityGroupRuleList | None = None
+        for (inst, inst_bdms), pick in zip(records, picks, strict=True):
+            host = pick[0].host
+            if not self.compute.can_send_build_extras(host):
+                extras.append(None)
+                continue
+            if rules is None:
+                # Every instance of a request has the same groups: one read serves them all.
+                rules = await rules_of_groups(ctxt, groups)
+            extras.append(
+                BuildExtras(
+                    block_device_mappings=inst_bdms,
+                    security_group_rules=rules,
+                    event_started=await start_run_event(ctxt, inst.uuid, host),
+                )
+            )
+        return extras
 
     def _place(
         self,
@@ -162,8 +204,9 @@ class BuildTask:
         count: int,
         groups: list[SecurityGroup],
         bdms: list[dict[str, Any]],
-    ) -> list[Instance]:
-        instances: list[Instance] = []
+    ) -> list[tuple[Instance, BlockDeviceMappingList]]:
+        """Each new instance with the BDMs created for it (kept for the 1.2 cast)."""
+        records: list[tuple[Instance, BlockDeviceMappingList]] = []
         for index in range(count):
             inst = Instance(
                 ctxt,
@@ -181,8 +224,9 @@ class BuildTask:
             )
             await inst.create()
             await InstanceAction.action_start(ctxt, inst.uuid, "create")
+            created: list[BlockDeviceMapping] = []
             for bdm in bdms:
-                await BlockDeviceMapping(
+                mapping = BlockDeviceMapping(
                     ctxt,
                     instance_uuid=inst.uuid,
                     source_type=BDMSourceType.VOLUME,
@@ -191,9 +235,11 @@ class BuildTask:
                     device_name=bdm.get("device_name"),
                     boot_index=None,
                     delete_on_termination=False,
-                ).create()
-            instances.append(inst)
-        return instances
+                )
+                await mapping.create()
+                created.append(mapping)
+            records.append((inst, bdm_list(ctxt, created)))
+        return records
 
     async def _cast_build(
         self,
@@ -203,6 +249,7 @@ class BuildTask:
         *,
         attempt: int,
         tried: list[str],
+        extras: BuildExtras | None,
     ) -> None:
         host, alternates = hosts[0], hosts[1:]
         request_spec = {
@@ -219,6 +266,9 @@ class BuildTask:
             request_spec=request_spec,
             alternates=alternates,
             attempt=attempt,
+            block_device_mappings=extras.block_device_mappings if extras else None,
+            security_group_rules=extras.security_group_rules if extras else None,
+            event_started=extras.event_started if extras else False,
         )
 
     async def reschedule_instance(
@@ -266,6 +316,27 @@ class BuildTask:
                     host=failed_host,
                 )
                 return
+            extras = None
+            if self.compute.can_send_build_extras(picks[0][0].host):
+                extras = await self._extras_for_reschedule(ctxt, instance, picks[0][0].host)
         await self._cast_build(
-            ctxt, instance, [h.host for h in picks[0]], attempt=attempt + 1, tried=tried
+            ctxt,
+            instance,
+            [h.host for h in picks[0]],
+            attempt=attempt + 1,
+            tried=tried,
+            extras=extras,
+        )
+
+    async def _extras_for_reschedule(
+        self, ctxt: RequestContext, instance: Instance, host: str
+    ) -> BuildExtras:
+        # A reschedule is a request of its own: nothing of the first attempt's unit of work is
+        # at hand, so read what the agent would have read (at most four queries, no RPC).
+        return BuildExtras(
+            block_device_mappings=await BlockDeviceMappingList.get_by_instance_uuid(
+                ctxt, instance.uuid
+            ),
+            security_group_rules=await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid),
+            event_started=await start_run_event(ctxt, instance.uuid, host),
         )

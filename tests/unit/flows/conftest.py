@@ -39,6 +39,8 @@ class InProcessFleet:
     database: Database
     tasks: ComputeTaskAPI
     agents: dict[str, ComputeAgentService]
+    # The conductor's client of the agents (tests cap its version like an upgrade would).
+    compute: ComputeAPI | None = None
 
     @contextlib.asynccontextmanager
     async def db(self) -> AsyncIterator[RequestContext]:
@@ -105,7 +107,9 @@ def fleet_factory(
                     agents[host] = agent
                 async with database.request(RequestContext()) as _:
                     pass
-                yield InProcessFleet(database, ComputeTaskAPI(transport, timeout=30), agents)
+                yield InProcessFleet(
+                    database, ComputeTaskAPI(transport, timeout=30), agents, compute
+                )
             finally:
                 for agent in agents.values():
                     await agent.stop(grace=5)

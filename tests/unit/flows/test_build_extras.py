@@ -1,0 +1,249 @@
+"""Compute RPC 1.2: the conductor hands the agent its BDMs and security group rules and records
+the ``compute_run_instance`` event start; capped below 1.2 the agent does all three itself."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from compute_agent.virt.firewall import normalize_rules
+from conductor.db.api import DbApi
+from shared_objects.base import FleetObject
+from shared_objects.context import RequestContext
+from shared_objects.fields import VMState
+from shared_objects.objects.flavor import Flavor
+from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.objects.instance_action_event import InstanceActionEvent
+
+OPS = RequestContext(user_id="ops", project_id="p1")
+
+# The agent's object calls this feature is about, as (object, method).
+BDMS = ("BlockDeviceMappingList", "get_by_instance_uuid")
+RULES = ("SecurityGroupRuleList", "get_by_instance")
+EVENT_START = ("InstanceActionEvent", "event_start")
+EVENT_FINISH = ("InstanceActionEvent", "event_finish")
+WATCHED = {BDMS, RULES, EVENT_START, EVENT_FINISH}
+
+
+class CountingIndirection:
+    """Passes the agents' object calls on to the real indirection API, counting them."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def watched(self) -> dict[tuple[str, str], int]:
+        return {call: n for call, n in self.calls.items() if call in WATCHED}
+
+    async def object_class_action_versions(
+        self,
+        context: Any,
+        objname: str,
+        objmethod: str,
+        object_versions: dict[str, str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        self.calls[(objname, objmethod)] += 1
+        return await self.inner.object_class_action_versions(
+            context, objname, objmethod, object_versions, args, kwargs
+        )
+
+    async def object_action(
+        self,
+        context: Any,
+        objinst: FleetObject,
+        objmethod: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[dict[str, Any], Any]:
+        self.calls[(objinst.obj_name(), objmethod)] += 1
+        result: tuple[dict[str, Any], Any] = await self.inner.object_action(
+            context, objinst, objmethod, args, kwargs
+        )
+        return result
+
+    async def object_backport_versions(
+        self, context: Any, objinst: Any, object_versions: dict[str, str]
+    ) -> Any:
+        return await self.inner.object_backport_versions(context, objinst, object_versions)
+
+
+@pytest.fixture
+def counting() -> Callable[[], CountingIndirection]:
+    """Installs the counter; call it once the fleet's agents have set the indirection API
+    (the fleet fixture puts back the one it found when it ends)."""
+
+    def install() -> CountingIndirection:
+        api = CountingIndirection(FleetObject.indirection_api)
+        FleetObject.indirection_api = api
+        return api
+
+    return install
+
+
+async def _setup(fleet: Any) -> None:
+    async with fleet.db() as ctxt:
+        await Flavor(ctxt, name="small", vcpus=1, memory_mb=256, root_gb=1).create()
+    await fleet.tasks.security_group_create(OPS, name="web")
+    await fleet.tasks.security_group_rule_add(
+        OPS, group="web", protocol="tcp", from_port=22, to_port=22, cidr="10.0.0.0/8"
+    )
+
+
+async def _settled(fleet: Any, uuids: list[str]) -> Any:
+    async with fleet.db() as ctxt:
+        insts = list(await InstanceList.get_by_uuids(ctxt, uuids))
+    if len(insts) == len(uuids) and all(
+        i.vm_state in ("active", "error") and i.task_state is None for i in insts
+    ):
+        return insts
+    return None
+
+
+async def _run_events(fleet: Any, uuid: str) -> list[dict[str, Any]]:
+    async with fleet.db() as ctxt:
+        (action,) = await ctxt.db.select("instance_actions", {"instance_uuid": uuid})
+        events = await ctxt.db.select("instance_action_events", {"action_id": action["id"]})
+    return sorted(
+        (e for e in events if e["event"] == "compute_run_instance"), key=lambda e: e["id"]
+    )
+
+
+@pytest.mark.parametrize("cap", [None, "1.2", "1.1", "1.0"])
+async def test_run_instance_extras_at_1_2_and_the_old_flow_below(
+    fleet_factory: Any, wait_for: Any, counting: Any, cap: str | None
+) -> None:
+    async with fleet_factory() as fleet:
+        await _setup(fleet)
+        fleet.compute.set_version_cap(cap)
+        calls = counting()
+        (made,) = await fleet.tasks.build_instances(
+            OPS,
+            flavor="small",
+            name="vm",
+            forced_host="host-a",
+            security_groups=["web"],
+            block_device_mappings=[{"volume_id": "vol-1", "device_name": "/dev/vdc"}],
+        )
+        (inst,) = await wait_for(lambda: _settled(fleet, [made["uuid"]]))
+        assert inst.vm_state == "active"
+
+        if cap in (None, "1.2"):
+            # Handed over: only the event finish is left to the agent.
+            assert calls.watched() == {EVENT_FINISH: 1}
+        else:
+            # An older message: the agent fetches and records as release 1.0 agents do.
+            assert calls.watched() == {BDMS: 1, RULES: 1, EVENT_START: 1, EVENT_FINISH: 1}
+
+        # Either way the guest got its volume and firewall, and one attempt was recorded.
+        driver = fleet.driver("host-a")
+        assert await driver.get_volumes(inst.uuid) == {"vol-1": "/dev/vdc"}
+        expected_rules = normalize_rules(
+            [
+                {
+                    "protocol": "tcp",
+                    "from_port": 22,
+                    "to_port": 22,
+                    "cidr": "10.0.0.0/8",
+                    "grantee_group_id": None,
+                }
+            ]
+        )
+        assert await driver.get_firewall_rules(inst.uuid) == expected_rules
+        (event,) = await _run_events(fleet, inst.uuid)
+        assert (event["host"], event["result"]) == ("host-a", "Success")
+        assert event["start_time"] is not None and event["finish_time"] is not None
+
+
+@pytest.mark.parametrize("cap", [None, "1.1"])
+async def test_rescheduled_build_shows_each_attempt_once(
+    fleet_factory: Any, wait_for: Any, counting: Any, cap: str | None
+) -> None:
+    async with fleet_factory(failures={"host-a": "spawn:*"}) as fleet:
+        await _setup(fleet)
+        fleet.compute.set_version_cap(cap)
+        calls = counting()
+        (made,) = await fleet.tasks.build_instances(
+            OPS, flavor="small", name="vm", forced_host=None, security_groups=["web"]
+        )
+        (inst,) = await wait_for(lambda: _settled(fleet, [made["uuid"]]))
+        assert (inst.vm_state, inst.host) == ("active", "host-b")
+        events = await _run_events(fleet, inst.uuid)
+        assert [(e["host"], e["result"]) for e in events] == [
+            ("host-a", "Error"),
+            ("host-b", "Success"),
+        ]
+        assert all(e["finish_time"] is not None for e in events)
+        if cap is None:
+            # The reschedule's unit of work started host-b's attempt, rules included.
+            assert calls.watched() == {EVENT_FINISH: 2}
+        else:
+            assert calls.watched() == {BDMS: 2, RULES: 2, EVENT_START: 2, EVENT_FINISH: 2}
+        assert await fleet.driver("host-b").get_firewall_rules(inst.uuid)
+
+
+async def test_rules_of_a_multi_instance_request_are_read_in_one_query(
+    fleet_factory: Any, wait_for: Any, counting: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fleet_factory(("host-a", "host-b", "host-c")) as fleet:
+        await _setup(fleet)
+        await fleet.tasks.security_group_create(OPS, name="db")
+        await fleet.tasks.security_group_rule_add(
+            OPS, group="db", protocol="tcp", from_port=5432, to_port=5432, cidr="10.1.0.0/16"
+        )
+        selects: collections.Counter[str] = collections.Counter()
+        original = DbApi.select
+
+        async def counted(self: DbApi, table: str, *args: Any, **kwargs: Any) -> Any:
+            selects[table] += 1
+            return await original(self, table, *args, **kwargs)
+
+        monkeypatch.setattr(DbApi, "select", counted)
+        calls = counting()
+        made = await fleet.tasks.build_instances(
+            OPS, flavor="small", name="vm", count=6, security_groups=["web", "db"]
+        )
+        insts = await wait_for(lambda: _settled(fleet, [m["uuid"] for m in made]))
+        assert {i.vm_state for i in insts} == {"active"}
+        assert selects["security_group_rules"] == 1
+        assert calls.watched() == {EVENT_FINISH: 6}
+        for inst in insts:
+            rules = await fleet.driver(inst.host).get_firewall_rules(inst.uuid)
+            assert len(rules) == 2
+
+
+async def test_agent_closes_a_started_event_for_a_build_it_skips(fleet_factory: Any) -> None:
+    """The conductor started the attempt, but the instance moved on (e.g. deleted) before the
+    agent took it: the attempt is closed as an Error, never left looking in progress."""
+    async with fleet_factory() as fleet:
+        async with fleet.db() as ctxt:
+            await Flavor(ctxt, name="small", vcpus=1, memory_mb=256, root_gb=1).create()
+            flavor = await Flavor.get_by_name(ctxt, "small")
+            inst = Instance(
+                ctxt,
+                name="gone",
+                project_id="p1",
+                vm_state=VMState.DELETED,
+                task_state=None,
+                flavor=flavor,
+            )
+            await inst.create()
+            await InstanceAction.action_start(ctxt, inst.uuid, "create")
+            await InstanceActionEvent.event_start(ctxt, inst.uuid, "compute_run_instance", "host-a")
+        agent_ctxt = RequestContext(request_id=ctxt.request_id, project_id="p1")
+        on_agent = await Instance.get_by_uuid(agent_ctxt, inst.uuid)
+        await fleet.agents["host-a"].build.run_instance(
+            agent_ctxt, on_agent, {}, [], 1, event_started=True
+        )
+        (event,) = await _run_events(fleet, inst.uuid)
+        assert event["result"] == "Error" and event["finish_time"] is not None
+        assert "build skipped on host-a" in event["details"]
+        async with fleet.db() as ctxt:
+            row = await Instance.get_by_uuid(ctxt, inst.uuid)
+        assert (row.host, row.vm_state, row.task_state) == (None, VMState.DELETED, None)
+        assert not await fleet.driver("host-a").instance_exists(inst.uuid)
