@@ -1,15 +1,23 @@
-"""Helpers shared by the object modules (row copying, timestamps, expected_attrs checks)."""
+"""Helpers shared by the object modules: row copying, timestamps, expected_attrs checks, and
+the bodies of the ordinary ``create``/``save``/``destroy`` remotables and list reads.
+
+The persistence helpers only hold the *body* of a remotable: each object keeps its own
+``@remotable`` methods (oslo's fingerprint covers their names and signatures) and calls them.
+An object whose method does something else on purpose (a compare-and-swap, a hard delete, a
+uniqueness check) keeps its own body.
+"""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+import uuid as uuidlib
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from oslo_versionedobjects import fields as ovo_fields
 
 from shared_objects import exception
-from shared_objects.base import FleetObject
+from shared_objects.base import FleetObject, get_db
 
 _STORAGE = "_obj_"  # where oslo's field properties keep their values
 
@@ -80,3 +88,134 @@ def check_expected_attrs(
 def db_values(obj: FleetObject, names: Iterable[str]) -> dict[str, Any]:
     """Column values for the named plain fields of ``obj`` (set ones only)."""
     return {name: getattr(obj, name) for name in names if obj.obj_attr_is_set(name)}
+
+
+_Obj = TypeVar("_Obj", bound=FleetObject)
+_List = TypeVar("_List", bound=FleetObject)
+
+# Builds the exception a missing row raises; called only when the row is missing, so each
+# object keeps its own NotFound class and kwargs without building an exception per call.
+NotFoundFactory = Callable[[], Exception]
+
+
+class StoredObject(Protocol):
+    """What the persistence helpers use of an object kept in a table keyed by ``id``."""
+
+    _context: Any
+    id: int
+    updated_at: datetime.datetime | None
+
+    def obj_name(self) -> str: ...
+
+    def obj_attr_is_set(self, attrname: str) -> bool: ...
+
+    def obj_set_defaults(self, *attrs: str) -> None: ...
+
+    def obj_get_changes(self) -> dict[str, Any]: ...
+
+    def obj_reset_changes(self) -> None: ...
+
+    def _from_db_object(self, context: Any, obj: Any, row: Mapping[str, Any], /) -> Any: ...
+
+
+class SoftDeletable(StoredObject, Protocol):
+    """A stored object whose ``destroy`` keeps the row (``FleetPersistentObject``)."""
+
+    deleted: bool
+    deleted_at: datetime.datetime | None
+
+
+class _WithUuid(StoredObject, Protocol):
+    uuid: str
+
+
+class RowLoader(Protocol):
+    """An object class as list reads use it: built empty, then filled by its own
+    ``_from_db_object`` (so an object that extends that hook gets it in lists too)."""
+
+    def __call__(self) -> Any: ...
+
+    def _from_db_object(self, context: Any, obj: Any, row: Mapping[str, Any], /) -> Any: ...
+
+
+def from_row(context: Any, obj: _Obj, row: Mapping[str, Any]) -> _Obj:
+    """``obj`` filled from ``row``, bound to ``context`` and with nothing left to save: the
+    plain ``_from_db_object`` of an object whose fields are all columns."""
+    copy_row(obj, row)
+    obj._context = context
+    obj.obj_reset_changes()
+    return obj
+
+
+def list_from_rows(
+    cls: type[_List], context: Any, rows: Iterable[Mapping[str, Any]], item: RowLoader
+) -> _List:
+    """A ``cls`` list object of ``item`` objects, one per row, with nothing left to save."""
+    result = cls(context, objects=[item._from_db_object(context, item(), row) for row in rows])
+    result.obj_reset_changes()
+    return result
+
+
+async def insert_row(
+    obj: StoredObject,
+    table: str,
+    *,
+    defaults: tuple[str, ...] | Literal["all"],
+    new_uuid: bool = False,
+) -> None:
+    """The body of an ordinary ``create()``: insert ``obj``'s set fields and reload it.
+
+    ``defaults`` names the fields whose declared defaults fill in when unset (``"all"``: every
+    field that has one). ``new_uuid`` generates a uuid when the caller gave none. Refuses an
+    object that already has an ``id``, since it was created already.
+    """
+    objname = obj.obj_name()
+    if obj.obj_attr_is_set("id"):
+        raise exception.ObjectAlreadyCreated(objname=objname)
+    if new_uuid and not obj.obj_attr_is_set("uuid"):
+        # Only objects with a uuid field pass new_uuid; the protocol cannot say so.
+        cast(_WithUuid, obj).uuid = str(uuidlib.uuid4())
+    if defaults == "all":
+        obj.obj_set_defaults()
+    else:
+        obj.obj_set_defaults(*defaults)
+    values = obj.obj_get_changes()
+    values["created_at"] = utcnow()
+    row = await get_db(obj._context, objname, "create").insert(table, values)
+    obj._from_db_object(obj._context, obj, row)
+
+
+async def save_changes(obj: StoredObject, table: str, not_found: NotFoundFactory) -> None:
+    """The body of an ordinary ``save()``: write the changed fields (and ``updated_at``) to the
+    row with ``obj.id``; raises ``not_found()`` when that row is gone.
+
+    A single, final write, so it is ``standalone`` (committed at once, see DatabaseAPI.update).
+    """
+    values = obj.obj_get_changes()
+    if not values:
+        return
+    values["updated_at"] = utcnow()
+    rows = await get_db(obj._context, obj.obj_name(), "save").update(
+        table, {"id": obj.id}, values, returning=["updated_at"], standalone=True
+    )
+    if not rows:
+        raise not_found()
+    obj.updated_at = rows[0]["updated_at"]
+    obj.obj_reset_changes()
+
+
+async def soft_delete(obj: SoftDeletable, table: str, not_found: NotFoundFactory) -> None:
+    """The body of an ordinary ``destroy()``: mark the live row with ``obj.id`` deleted (the
+    row stays for history); raises ``not_found()`` when there is no such live row."""
+    now = utcnow()
+    rows = await get_db(obj._context, obj.obj_name(), "destroy").update(
+        table,
+        {"id": obj.id, "deleted": False},
+        {"deleted": True, "deleted_at": now},
+        returning=["deleted_at"],
+    )
+    if not rows:
+        raise not_found()
+    obj.deleted = True
+    obj.deleted_at = rows[0]["deleted_at"]
+    obj.obj_reset_changes()

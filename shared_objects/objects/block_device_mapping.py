@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +14,13 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+    list_from_rows,
+    save_changes,
+    soft_delete,
+)
 
 TABLE = "block_device_mappings"
 
@@ -70,10 +75,7 @@ class BlockDeviceMapping(FleetPersistentObject, FleetObject):
     def _from_db_object(
         context: Any, bdm: BlockDeviceMapping, row: Mapping[str, Any]
     ) -> BlockDeviceMapping:
-        copy_row(bdm, row)
-        bdm._context = context
-        bdm.obj_reset_changes()
-        return bdm
+        return from_row(context, bdm, row)
 
     @property
     def is_volume(self) -> bool:
@@ -93,44 +95,17 @@ class BlockDeviceMapping(FleetPersistentObject, FleetObject):
 
     @remotable
     async def create(self) -> None:
-        if self.obj_attr_is_set("id"):
-            raise exception.ObjectAlreadyCreated(objname="BlockDeviceMapping")
-        if not self.obj_attr_is_set("uuid"):
-            self.uuid = str(uuidlib.uuid4())
-        self.obj_set_defaults("deleted", "delete_on_termination")
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await get_db(self._context, "BlockDeviceMapping", "create").insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults=("deleted", "delete_on_termination"), new_uuid=True)
 
     @remotable(send_changes_only=True)
     async def save(self) -> None:
-        values = self.obj_get_changes()
-        if not values:
-            return
-        values["updated_at"] = utcnow()
-        rows = await get_db(self._context, "BlockDeviceMapping", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
+        await save_changes(
+            self, TABLE, lambda: exception.BlockDeviceMappingNotFound(bdm_id=self.id)
         )
-        if not rows:
-            raise exception.BlockDeviceMappingNotFound(bdm_id=self.id)
-        self.updated_at = rows[0]["updated_at"]
-        self.obj_reset_changes()
 
     @remotable(send_changes_only=True)
     async def destroy(self) -> None:
-        now = utcnow()
-        rows = await get_db(self._context, "BlockDeviceMapping", "destroy").update(
-            TABLE,
-            {"id": self.id, "deleted": False},
-            {"deleted": True, "deleted_at": now},
-            returning=["deleted_at"],
-        )
-        if not rows:
-            raise exception.BlockDeviceMappingNotFound(bdm_id=self.id)
-        self.deleted = True
-        self.deleted_at = rows[0]["deleted_at"]
-        self.obj_reset_changes()
+        await soft_delete(self, TABLE, lambda: exception.BlockDeviceMappingNotFound(bdm_id=self.id))
 
 
 @FleetObjectRegistry.register
@@ -151,11 +126,4 @@ class BlockDeviceMappingList(ObjectListBase[BlockDeviceMapping], FleetObject):
         rows = await get_db(context, "BlockDeviceMappingList", "get_by_instance_uuid").select(
             TABLE, {"instance_uuid": instance_uuid, "deleted": False}
         )
-        result = cls(
-            context,
-            objects=[
-                BlockDeviceMapping._from_db_object(context, BlockDeviceMapping(), r) for r in rows
-            ],
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, BlockDeviceMapping)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +14,13 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+    list_from_rows,
+    save_changes,
+    soft_delete,
+)
 
 TABLE = "compute_nodes"
 
@@ -64,10 +69,7 @@ class ComputeNode(FleetPersistentObject, FleetObject):
 
     @staticmethod
     def _from_db_object(context: Any, node: ComputeNode, row: Mapping[str, Any]) -> ComputeNode:
-        copy_row(node, row)
-        node._context = context
-        node.obj_reset_changes()
-        return node
+        return from_row(context, node, row)
 
     @classmethod
     @remotable
@@ -91,44 +93,19 @@ class ComputeNode(FleetPersistentObject, FleetObject):
 
     @remotable
     async def create(self) -> None:
-        if self.obj_attr_is_set("id"):
-            raise exception.ObjectAlreadyCreated(objname="ComputeNode")
-        if not self.obj_attr_is_set("uuid"):
-            self.uuid = str(uuidlib.uuid4())
-        self.obj_set_defaults()
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await get_db(self._context, "ComputeNode", "create").insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults="all", new_uuid=True)
 
     @remotable(send_changes_only=True)
     async def save(self) -> None:
-        values = self.obj_get_changes()
-        if not values:
-            return
-        values["updated_at"] = utcnow()
-        rows = await get_db(self._context, "ComputeNode", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
+        await save_changes(
+            self, TABLE, lambda: exception.ComputeHostNotFound(host=self.id, node=None)
         )
-        if not rows:
-            raise exception.ComputeHostNotFound(host=self.id, node=None)
-        self.updated_at = rows[0]["updated_at"]
-        self.obj_reset_changes()
 
     @remotable(send_changes_only=True)
     async def destroy(self) -> None:
-        now = utcnow()
-        rows = await get_db(self._context, "ComputeNode", "destroy").update(
-            TABLE,
-            {"id": self.id, "deleted": False},
-            {"deleted": True, "deleted_at": now},
-            returning=["deleted_at"],
+        await soft_delete(
+            self, TABLE, lambda: exception.ComputeHostNotFound(host=self.id, node=None)
         )
-        if not rows:
-            raise exception.ComputeHostNotFound(host=self.id, node=None)
-        self.deleted = True
-        self.deleted_at = rows[0]["deleted_at"]
-        self.obj_reset_changes()
 
 
 @FleetObjectRegistry.register
@@ -144,18 +121,10 @@ class ComputeNodeList(ObjectListBase[ComputeNode], FleetObject):
     }
 
     @classmethod
-    def _from_rows(cls, context: Any, rows: list[dict[str, Any]]) -> ComputeNodeList:
-        result = cls(
-            context, objects=[ComputeNode._from_db_object(context, ComputeNode(), r) for r in rows]
-        )
-        result.obj_reset_changes()
-        return result
-
-    @classmethod
     @remotable
     async def get_all(cls, context: Any) -> ComputeNodeList:
         rows = await get_db(context, "ComputeNodeList", "get_all").select(TABLE, {"deleted": False})
-        return cls._from_rows(context, rows)
+        return list_from_rows(cls, context, rows, ComputeNode)
 
     @classmethod
     @remotable
@@ -163,4 +132,4 @@ class ComputeNodeList(ObjectListBase[ComputeNode], FleetObject):
         rows = await get_db(context, "ComputeNodeList", "get_all_by_host").select(
             TABLE, {"host": host, "deleted": False}
         )
-        return cls._from_rows(context, rows)
+        return list_from_rows(cls, context, rows, ComputeNode)

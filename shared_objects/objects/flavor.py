@@ -14,7 +14,13 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    copy_row,
+    from_row,
+    list_from_rows,
+    save_changes,
+    utcnow,
+)
 
 TABLE = "flavors"
 
@@ -60,10 +66,7 @@ class Flavor(FleetObject):
 
     @staticmethod
     def _from_db_object(context: Any, flavor: Flavor, row: Mapping[str, Any]) -> Flavor:
-        copy_row(flavor, row)
-        flavor._context = context
-        flavor.obj_reset_changes()
-        return flavor
+        return from_row(context, flavor, row)
 
     def to_embedded(self) -> dict[str, Any]:
         """The copy stored with an instance (plain JSON values, no timestamps)."""
@@ -122,17 +125,7 @@ class Flavor(FleetObject):
 
     @remotable(send_changes_only=True)
     async def save(self) -> None:
-        values = self.obj_get_changes()
-        if not values:
-            return
-        values["updated_at"] = utcnow()
-        rows = await get_db(self._context, "Flavor", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
-        )
-        if not rows:
-            raise exception.FlavorNotFound(flavor_id=self.id)
-        self.updated_at = rows[0]["updated_at"]
-        self.obj_reset_changes()
+        await save_changes(self, TABLE, lambda: exception.FlavorNotFound(flavor_id=self.id))
 
     @remotable(send_changes_only=True)
     async def destroy(self) -> None:
@@ -157,6 +150,4 @@ class FlavorList(ObjectListBase[Flavor], FleetObject):
     @remotable
     async def get_all(cls, context: Any) -> FlavorList:
         rows = await get_db(context, "FlavorList", "get_all").select(TABLE, {})
-        result = cls(context, objects=[Flavor._from_db_object(context, Flavor(), r) for r in rows])
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, Flavor)

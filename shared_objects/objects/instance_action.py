@@ -15,7 +15,11 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    copy_row,
+    from_row,
+    utcnow,
+)
 
 TABLE = "instance_actions"
 
@@ -52,10 +56,7 @@ class InstanceAction(FleetPersistentObject, FleetObject):
     def _from_db_object(
         context: Any, action: InstanceAction, row: Mapping[str, Any]
     ) -> InstanceAction:
-        copy_row(action, row)
-        action._context = context
-        action.obj_reset_changes()
-        return action
+        return from_row(context, action, row)
 
     @classmethod
     @remotable

@@ -15,7 +15,10 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    utcnow,
+)
 from shared_objects.objects.instance_action import TABLE as ACTIONS_TABLE
 
 TABLE = "instance_action_events"
@@ -56,10 +59,7 @@ class InstanceActionEvent(FleetPersistentObject, FleetObject):
     def _from_db_object(
         context: Any, event: InstanceActionEvent, row: Mapping[str, Any]
     ) -> InstanceActionEvent:
-        copy_row(event, row)
-        event._context = context
-        event.obj_reset_changes()
-        return event
+        return from_row(context, event, row)
 
     @staticmethod
     async def _action_id(context: Any, method: str, instance_uuid: str) -> int:

@@ -13,7 +13,10 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+)
 
 TABLE = "instance_faults"
 
@@ -44,10 +47,7 @@ class InstanceFault(FleetPersistentObject, FleetObject):
     def _from_db_object(
         context: Any, fault: InstanceFault, row: Mapping[str, Any]
     ) -> InstanceFault:
-        copy_row(fault, row)
-        fault._context = context
-        fault.obj_reset_changes()
-        return fault
+        return from_row(context, fault, row)
 
     @classmethod
     @remotable
@@ -61,10 +61,4 @@ class InstanceFault(FleetPersistentObject, FleetObject):
 
     @remotable
     async def create(self) -> None:
-        if self.obj_attr_is_set("id"):
-            raise exception.ObjectAlreadyCreated(objname="InstanceFault")
-        self.obj_set_defaults("deleted")
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await get_db(self._context, "InstanceFault", "create").insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults=("deleted",))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -17,7 +16,12 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+    list_from_rows,
+    save_changes,
+)
 
 TABLE = "migrations"
 
@@ -76,10 +80,7 @@ class Migration(FleetPersistentObject, FleetObject):
 
     @staticmethod
     def _from_db_object(context: Any, migration: Migration, row: Mapping[str, Any]) -> Migration:
-        copy_row(migration, row)
-        migration._context = context
-        migration.obj_reset_changes()
-        return migration
+        return from_row(context, migration, row)
 
     @property
     def is_finished(self) -> bool:
@@ -107,29 +108,11 @@ class Migration(FleetPersistentObject, FleetObject):
 
     @remotable
     async def create(self) -> None:
-        if self.obj_attr_is_set("id"):
-            raise exception.ObjectAlreadyCreated(objname="Migration")
-        if not self.obj_attr_is_set("uuid"):
-            self.uuid = str(uuidlib.uuid4())
-        self.obj_set_defaults("deleted")
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await get_db(self._context, "Migration", "create").insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults=("deleted",), new_uuid=True)
 
     @remotable(send_changes_only=True)
     async def save(self) -> None:
-        values = self.obj_get_changes()
-        if not values:
-            return
-        values["updated_at"] = utcnow()
-        rows = await get_db(self._context, "Migration", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
-        )
-        if not rows:
-            raise exception.MigrationNotFound(migration_id=self.id)
-        self.updated_at = rows[0]["updated_at"]
-        self.obj_reset_changes()
+        await save_changes(self, TABLE, lambda: exception.MigrationNotFound(migration_id=self.id))
 
 
 @FleetObjectRegistry.register
@@ -145,20 +128,12 @@ class MigrationList(ObjectListBase[Migration], FleetObject):
     }
 
     @classmethod
-    def _from_rows(cls, context: Any, rows: list[dict[str, Any]]) -> MigrationList:
-        result = cls(
-            context, objects=[Migration._from_db_object(context, Migration(), r) for r in rows]
-        )
-        result.obj_reset_changes()
-        return result
-
-    @classmethod
     @remotable
     async def get_by_instance(cls, context: Any, instance_uuid: str) -> MigrationList:
         rows = await get_db(context, "MigrationList", "get_by_instance").select(
             TABLE, {"instance_uuid": instance_uuid, "deleted": False}
         )
-        return cls._from_rows(context, rows)
+        return list_from_rows(cls, context, rows, Migration)
 
     @classmethod
     @remotable
@@ -174,4 +149,4 @@ class MigrationList(ObjectListBase[Migration], FleetObject):
             if row["id"] not in seen:
                 rows.append(row)
         rows.sort(key=lambda r: r["id"])
-        return cls._from_rows(context, rows)
+        return list_from_rows(cls, context, rows, Migration)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +14,13 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+    list_from_rows,
+    save_changes,
+    soft_delete,
+)
 
 TABLE = "security_groups"
 
@@ -46,10 +51,7 @@ class SecurityGroup(FleetPersistentObject, FleetObject):
     def _from_db_object(
         context: Any, group: SecurityGroup, row: Mapping[str, Any]
     ) -> SecurityGroup:
-        copy_row(group, row)
-        group._context = context
-        group.obj_reset_changes()
-        return group
+        return from_row(context, group, row)
 
     @classmethod
     @remotable
@@ -73,44 +75,19 @@ class SecurityGroup(FleetPersistentObject, FleetObject):
 
     @remotable
     async def create(self) -> None:
-        if self.obj_attr_is_set("id"):
-            raise exception.ObjectAlreadyCreated(objname="SecurityGroup")
-        if not self.obj_attr_is_set("uuid"):
-            self.uuid = str(uuidlib.uuid4())
-        self.obj_set_defaults("deleted")
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await get_db(self._context, "SecurityGroup", "create").insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults=("deleted",), new_uuid=True)
 
     @remotable(send_changes_only=True)
     async def save(self) -> None:
-        values = self.obj_get_changes()
-        if not values:
-            return
-        values["updated_at"] = utcnow()
-        rows = await get_db(self._context, "SecurityGroup", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
+        await save_changes(
+            self, TABLE, lambda: exception.SecurityGroupNotFound(security_group_id=self.id)
         )
-        if not rows:
-            raise exception.SecurityGroupNotFound(security_group_id=self.id)
-        self.updated_at = rows[0]["updated_at"]
-        self.obj_reset_changes()
 
     @remotable(send_changes_only=True)
     async def destroy(self) -> None:
-        now = utcnow()
-        rows = await get_db(self._context, "SecurityGroup", "destroy").update(
-            TABLE,
-            {"id": self.id, "deleted": False},
-            {"deleted": True, "deleted_at": now},
-            returning=["deleted_at"],
+        await soft_delete(
+            self, TABLE, lambda: exception.SecurityGroupNotFound(security_group_id=self.id)
         )
-        if not rows:
-            raise exception.SecurityGroupNotFound(security_group_id=self.id)
-        self.deleted = True
-        self.deleted_at = rows[0]["deleted_at"]
-        self.obj_reset_changes()
 
 
 @FleetObjectRegistry.register
@@ -131,12 +108,7 @@ class SecurityGroupList(ObjectListBase[SecurityGroup], FleetObject):
         rows = await get_db(context, "SecurityGroupList", "get_by_project").select(
             TABLE, {"project_id": project_id, "deleted": False}
         )
-        result = cls(
-            context,
-            objects=[SecurityGroup._from_db_object(context, SecurityGroup(), r) for r in rows],
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, SecurityGroup)
 
     @classmethod
     @remotable
@@ -152,9 +124,4 @@ class SecurityGroupList(ObjectListBase[SecurityGroup], FleetObject):
             rows = await db.select(
                 TABLE, {"id": [link["security_group_id"] for link in links], "deleted": False}
             )
-        result = cls(
-            context,
-            objects=[SecurityGroup._from_db_object(context, SecurityGroup(), r) for r in rows],
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, SecurityGroup)

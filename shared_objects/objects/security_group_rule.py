@@ -14,7 +14,12 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+    list_from_rows,
+    soft_delete,
+)
 
 TABLE = "security_group_rules"
 
@@ -47,10 +52,7 @@ class SecurityGroupRule(FleetPersistentObject, FleetObject):
     def _from_db_object(
         context: Any, rule: SecurityGroupRule, row: Mapping[str, Any]
     ) -> SecurityGroupRule:
-        copy_row(rule, row)
-        rule._context = context
-        rule.obj_reset_changes()
-        return rule
+        return from_row(context, rule, row)
 
     @classmethod
     @remotable
@@ -64,28 +66,11 @@ class SecurityGroupRule(FleetPersistentObject, FleetObject):
 
     @remotable
     async def create(self) -> None:
-        if self.obj_attr_is_set("id"):
-            raise exception.ObjectAlreadyCreated(objname="SecurityGroupRule")
-        self.obj_set_defaults("deleted")
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await get_db(self._context, "SecurityGroupRule", "create").insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults=("deleted",))
 
     @remotable(send_changes_only=True)
     async def destroy(self) -> None:
-        now = utcnow()
-        rows = await get_db(self._context, "SecurityGroupRule", "destroy").update(
-            TABLE,
-            {"id": self.id, "deleted": False},
-            {"deleted": True, "deleted_at": now},
-            returning=["deleted_at"],
-        )
-        if not rows:
-            raise exception.SecurityGroupRuleNotFound(rule_id=self.id)
-        self.deleted = True
-        self.deleted_at = rows[0]["deleted_at"]
-        self.obj_reset_changes()
+        await soft_delete(self, TABLE, lambda: exception.SecurityGroupRuleNotFound(rule_id=self.id))
 
 
 @FleetObjectRegistry.register
@@ -109,14 +94,7 @@ class SecurityGroupRuleList(ObjectListBase[SecurityGroupRule], FleetObject):
         rows = await get_db(context, "SecurityGroupRuleList", "get_by_security_group_ids").select(
             TABLE, {"parent_group_id": list(security_group_ids), "deleted": False}
         )
-        result = cls(
-            context,
-            objects=[
-                SecurityGroupRule._from_db_object(context, SecurityGroupRule(), r) for r in rows
-            ],
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, SecurityGroupRule)
 
     @classmethod
     @remotable
@@ -137,11 +115,4 @@ class SecurityGroupRuleList(ObjectListBase[SecurityGroupRule], FleetObject):
                     "deleted": False,
                 },
             )
-        result = cls(
-            context,
-            objects=[
-                SecurityGroupRule._from_db_object(context, SecurityGroupRule(), r) for r in rows
-            ],
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, SecurityGroupRule)

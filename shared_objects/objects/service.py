@@ -22,7 +22,14 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import copy_row, utcnow
+from shared_objects.objects._common import (
+    from_row,
+    insert_row,
+    list_from_rows,
+    save_changes,
+    soft_delete,
+    utcnow,
+)
 
 TABLE = "services"
 
@@ -68,10 +75,7 @@ class Service(FleetPersistentObject, FleetObject):
 
     @staticmethod
     def _from_db_object(context: Any, service: Service, row: Mapping[str, Any]) -> Service:
-        copy_row(service, row)
-        service._context = context
-        service.obj_reset_changes()
-        return service
+        return from_row(context, service, row)
 
     def is_up_at(self, now: datetime.datetime, service_down_time: float | None = None) -> bool:
         """Whether the last heartbeat is recent enough at ``now`` (and not forced down)."""
@@ -165,25 +169,11 @@ class Service(FleetPersistentObject, FleetObject):
         db = get_db(self._context, "Service", "create")
         if await db.get(TABLE, {"host": self.host, "binary": self.binary, "deleted": False}):
             raise exception.ObjectAlreadyExists(objname="Service", key=f"{self.binary}@{self.host}")
-        self.obj_set_defaults()
-        values = self.obj_get_changes()
-        values["created_at"] = utcnow()
-        row = await db.insert(TABLE, values)
-        self._from_db_object(self._context, self, row)
+        await insert_row(self, TABLE, defaults="all")
 
     @remotable(send_changes_only=True)
     async def save(self) -> None:
-        values = self.obj_get_changes()
-        if not values:
-            return
-        values["updated_at"] = utcnow()
-        rows = await get_db(self._context, "Service", "save").update(
-            TABLE, {"id": self.id}, values, returning=["updated_at"], standalone=True
-        )
-        if not rows:
-            raise exception.ServiceNotFound(service_id=self.id)
-        self.updated_at = rows[0]["updated_at"]
-        self.obj_reset_changes()
+        await save_changes(self, TABLE, lambda: exception.ServiceNotFound(service_id=self.id))
 
     @remotable(send_changes_only=True)
     async def heartbeat(self) -> None:
@@ -203,18 +193,7 @@ class Service(FleetPersistentObject, FleetObject):
 
     @remotable(send_changes_only=True)
     async def destroy(self) -> None:
-        now = utcnow()
-        rows = await get_db(self._context, "Service", "destroy").update(
-            TABLE,
-            {"id": self.id, "deleted": False},
-            {"deleted": True, "deleted_at": now},
-            returning=["deleted_at"],
-        )
-        if not rows:
-            raise exception.ServiceNotFound(service_id=self.id)
-        self.deleted = True
-        self.deleted_at = rows[0]["deleted_at"]
-        self.obj_reset_changes()
+        await soft_delete(self, TABLE, lambda: exception.ServiceNotFound(service_id=self.id))
 
 
 @FleetObjectRegistry.register
@@ -238,21 +217,13 @@ class ServiceList(ObjectListBase[Service], FleetObject):
         if not include_disabled:
             where["disabled"] = False
         rows = await get_db(context, "ServiceList", "get_by_binary").select(TABLE, where)
-        result = cls(
-            context, objects=[Service._from_db_object(context, Service(), r) for r in rows]
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, Service)
 
     @classmethod
     @remotable
     async def get_all(cls, context: Any) -> ServiceList:
         rows = await get_db(context, "ServiceList", "get_all").select(TABLE, {"deleted": False})
-        result = cls(
-            context, objects=[Service._from_db_object(context, Service(), r) for r in rows]
-        )
-        result.obj_reset_changes()
-        return result
+        return list_from_rows(cls, context, rows, Service)
 
 
 ContextFactory = Callable[[], AbstractAsyncContextManager[Any]]
