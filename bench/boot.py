@@ -427,6 +427,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             def conductor_handle(index: int) -> Any:
                 handle = orig_handle(index)
                 handle.env["FLEET_METRICS_PORT"] = str(conductor_port)
+                # It starts before any agent and so caps compute RPC at the oldest release
+                # until its next refresh (30 s by default, longer than a quick run): refresh
+                # every second so the run measures the current API. Only the conductor: the
+                # agents' refreshes are object calls it would count as served RPCs.
+                handle.env["FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL"] = "1"
                 return handle
 
             cluster.conductor_handle = conductor_handle  # type: ignore[method-assign]
