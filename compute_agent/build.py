@@ -17,6 +17,7 @@ import structlog
 from compute_agent.claims import InsufficientResources
 from compute_agent.instance_events import abandon_event, instance_event
 from compute_agent.resource_tracker import ResourceTracker
+from compute_agent.security_groups import RulesWatch, rules_for_driver
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import VirtError
 from conductor.tasks.rpcapi import ComputeTaskAPI
@@ -42,20 +43,6 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def rules_for_driver(rules: SecurityGroupRuleList) -> list[dict[str, Any]]:
-    """Security group rules in the driver's plain form."""
-    return [
-        {
-            "protocol": r.protocol,
-            "from_port": r.from_port,
-            "to_port": r.to_port,
-            "cidr": r.cidr,
-            "grantee_group_id": r.grantee_group_id,
-        }
-        for r in rules
-    ]
-
-
 class BuildManager:
     """Builds and deletes instances on this host."""
 
@@ -66,8 +53,10 @@ class BuildManager:
         tracker: ResourceTracker,
         tasks: ComputeTaskAPI,
         notifier: InstanceNotifier,
+        rules_watch: RulesWatch | None = None,
     ) -> None:
         self.host = host
+        self.rules_watch = rules_watch if rules_watch is not None else RulesWatch()
         self.driver = driver
         self.tracker = tracker
         self.tasks = tasks
@@ -82,12 +71,11 @@ class BuildManager:
         attempt: int,
         *,
         block_device_mappings: BlockDeviceMappingList | None = None,
-        security_group_rules: SecurityGroupRuleList | None = None,
         event_started: bool = False,
     ) -> None:
         """Build ``instance`` here. A conductor casting at compute RPC >= 1.2 hands over the
-        BDMs and rules and has recorded the event start (``event_started``); from an older one
-        none of these come, and this agent fetches and records them itself."""
+        BDMs and has recorded the event start (``event_started``); from an older one neither
+        comes, and this agent fetches and records them itself."""
         bound = log.bind(instance_uuid=instance.uuid, attempt=attempt)
         # Take ownership: only a build still waiting to be scheduled can be taken.
         instance.host = self.host
@@ -107,9 +95,7 @@ class BuildManager:
             async with instance_event(
                 ctxt, instance.uuid, RUN_EVENT, self.host, already_started=event_started
             ):
-                await self._build(
-                    ctxt, instance, request_spec, block_device_mappings, security_group_rules
-                )
+                await self._build(ctxt, instance, request_spec, block_device_mappings)
         except exception.UnexpectedTaskStateError as exc:
             # Someone else (a delete) took the instance over mid-build: leave it to them.
             bound.info("build_interrupted", reason=str(exc))
@@ -137,13 +123,35 @@ class BuildManager:
         instance: Instance,
         request_spec: dict[str, Any],
         bdms: BlockDeviceMappingList | None,
-        rules: SecurityGroupRuleList | None,
     ) -> None:
         await self.tracker.claim(instance)
         if bdms is None:
             bdms = await BlockDeviceMappingList.get_by_instance_uuid(ctxt, instance.uuid)
-        if rules is None:
+        # Read after taking the instance (its host is ours now), watched until the guest
+        # exists: a rule change from here on is applied to it (compute_agent/security_groups).
+        self.rules_watch.start(instance.uuid)
+        try:
             rules = await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid)
+            await self._spawn(ctxt, instance, request_spec, bdms, rules)
+        finally:
+            changed = self.rules_watch.finish(instance.uuid)
+        if changed:
+            rules = await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid)
+            await self.driver.refresh_instance_security_rules(instance, rules_for_driver(rules))
+        instance.vm_state = VMState.ACTIVE
+        instance.task_state = None
+        instance.power_state = PowerState.RUNNING
+        instance.launched_at = utcnow()
+        await instance.save(expected_task_state=[TaskState.SPAWNING])
+
+    async def _spawn(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        request_spec: dict[str, Any],
+        bdms: BlockDeviceMappingList,
+        rules: SecurityGroupRuleList,
+    ) -> None:
         block_device_info = [
             {"volume_id": b.volume_id, "mountpoint": b.device_name or f"/dev/vd{chr(98 + n)}"}
             for n, b in enumerate(bdms)
@@ -157,11 +165,6 @@ class BuildManager:
             block_device_info=block_device_info,
             security_rules=rules_for_driver(rules),
         )
-        instance.vm_state = VMState.ACTIVE
-        instance.task_state = None
-        instance.power_state = PowerState.RUNNING
-        instance.launched_at = utcnow()
-        await instance.save(expected_task_state=[TaskState.SPAWNING])
 
     async def _cleanup(self, instance: Instance) -> None:
         """Undo a partial build on this host: no guest, no claim."""

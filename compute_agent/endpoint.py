@@ -18,7 +18,6 @@ from shared_objects.objects.block_device_mapping import (
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
-from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 
 
 class ComputeEndpoint:
@@ -45,7 +44,6 @@ class ComputeEndpoint:
         alternates: list[str],
         attempt: int,
         block_device_mappings: BlockDeviceMappingList | None = None,
-        security_group_rules: SecurityGroupRuleList | None = None,
         event_started: bool = False,
     ) -> None:
         # The extras arrive from conductors casting at 1.2; older ones send none of them.
@@ -56,7 +54,6 @@ class ComputeEndpoint:
             alternates,
             attempt,
             block_device_mappings=block_device_mappings,
-            security_group_rules=security_group_rules,
             event_started=event_started,
         )
 

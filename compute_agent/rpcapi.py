@@ -25,7 +25,6 @@ from shared_objects.messaging import (
 )
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.live_migrate_data import LiveMigrateData
-from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
@@ -41,14 +40,18 @@ TOPIC = "compute"
 #      live_migration_abort, live_migration_force_complete, get_live_migration_guest,
 #      settle_live_migration_peer.
 # 1.1: live_migration_abort takes a reason (recorded in the migration's fault).
-# 1.2: run_instance takes block_device_mappings (BlockDeviceMappingList),
-#      security_group_rules (SecurityGroupRuleList) and event_started: the conductor hands over
-#      what the agent used to fetch with two object calls, and has recorded the
-#      compute_run_instance event start itself.
+# 1.2: run_instance takes block_device_mappings (BlockDeviceMappingList) and event_started:
+#      the conductor hands over the BDMs it has just created and has recorded the
+#      compute_run_instance event start itself. The agent still reads the security group rules
+#      itself, after taking the instance; refresh_instance_security_rules may now name an
+#      instance still being built here (applied once its guest exists), so a rule change made
+#      after that read reaches the build.
 API_VERSION = "1.2"
 
 # The first version whose run_instance carries the conductor's build extras.
 RUN_INSTANCE_EXTRAS_VERSION = "1.2"
+# The first version that takes refresh_instance_security_rules for a build in progress.
+BUILD_REFRESH_VERSION = "1.2"
 
 
 def _driver_data(value: Any) -> dict[str, Any]:
@@ -121,15 +124,17 @@ class ComputeAPI:
         client = self._client_for(self.release_for(host))
         return client.prepare(server=host, version=version, version_cap=self.version_cap, **opts)
 
-    def can_send_build_extras(self, host: str) -> bool:
-        """Whether ``run_instance`` to ``host`` may carry BDMs, rules and a started event (API
-        1.2): within the cap, and ``host`` itself is known to speak it. The cap alone is not
-        enough: it counts the agents seen at the last refresh, and an older agent that
-        registered since would reject the cast, leaving its instance stuck in scheduling."""
-        wanted = RUN_INSTANCE_EXTRAS_VERSION
-        return self.can_send_version(wanted) and version_is_compatible(
-            self.release_for(host).compute_rpc_api, wanted
+    def host_speaks(self, host: str, version: str) -> bool:
+        """Whether a message at ``version`` may go to ``host``: within the cap, and ``host``
+        itself is known to speak it. The cap alone is not enough: it counts the agents seen at
+        the last refresh, and an older agent that registered since would reject the message."""
+        return self.can_send_version(version) and version_is_compatible(
+            self.release_for(host).compute_rpc_api, version
         )
+
+    def can_send_build_extras(self, host: str) -> bool:
+        """Whether ``run_instance`` to ``host`` may carry BDMs and a started event (API 1.2)."""
+        return self.host_speaks(host, RUN_INSTANCE_EXTRAS_VERSION)
 
     async def run_instance(
         self,
@@ -141,13 +146,12 @@ class ComputeAPI:
         alternates: list[str],
         attempt: int,
         block_device_mappings: BlockDeviceMappingList | None = None,
-        security_group_rules: SecurityGroupRuleList | None = None,
         event_started: bool = False,
     ) -> None:
         """Cast the build to ``host``.
 
         The extras need API 1.2. Below it the 1.0 message goes out and the agent fetches the
-        BDMs and rules and records the event start itself, as agents of release 1.0 always do.
+        BDMs and records the event start itself, as agents of release 1.0 always do.
         """
         args: dict[str, Any] = {
             "instance": instance,
@@ -156,16 +160,10 @@ class ComputeAPI:
             "attempt": attempt,
         }
         version = "1.0"
-        has_extras = (
-            block_device_mappings is not None or security_group_rules is not None or event_started
-        )
+        has_extras = block_device_mappings is not None or event_started
         if has_extras and self.can_send_build_extras(host):
             version = RUN_INSTANCE_EXTRAS_VERSION
-            args.update(
-                block_device_mappings=block_device_mappings,
-                security_group_rules=security_group_rules,
-                event_started=event_started,
-            )
+            args.update(block_device_mappings=block_device_mappings, event_started=event_started)
         elif event_started:
             # The levels changed between the conductor's unit of work and this cast (an older
             # agent came back): that agent records a second start for this attempt.

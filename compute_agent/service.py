@@ -22,7 +22,7 @@ from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
 from compute_agent.rpcapi import ComputeAPI
-from compute_agent.security_groups import SecurityGroupManager
+from compute_agent.security_groups import RulesWatch, SecurityGroupManager
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
@@ -84,7 +84,11 @@ class ComputeAgentService:
             ram_allocation_ratio=compute.ram_allocation_ratio,
             disk_allocation_ratio=compute.disk_allocation_ratio,
         )
-        self.build = BuildManager(cfg.host, self.driver, self.tracker, self.tasks, self.notifier)
+        # Shared: a rule refresh for an instance still being built here is applied by its build.
+        rules_watch = RulesWatch()
+        self.build = BuildManager(
+            cfg.host, self.driver, self.tracker, self.tasks, self.notifier, rules_watch
+        )
         # Peer calls (live migration) carry objects through the conductor's indirection.
         # Peers of an older release get calls and objects they understand (auto version cap).
         self.levels = ComputeUpgradeLevels(
@@ -104,7 +108,7 @@ class ComputeAgentService:
         self.endpoint = ComputeEndpoint(
             self.build,
             VolumeManager(cfg.host, self.driver, self.notifier),
-            SecurityGroupManager(self.driver),
+            SecurityGroupManager(self.driver, rules_watch),
             self.live_migration,
         )
         self.server = RPCServer(

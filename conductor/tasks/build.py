@@ -9,8 +9,10 @@ instance goes to ERROR with a fault that says why.
 
 When every live agent speaks compute RPC 1.2, the unit of work that places an attempt (the
 request's, or the reschedule's) also records its ``compute_run_instance`` event start, and the
-cast carries the BDMs and security group rules (``conductor.tasks.build_extras``): the agent
-then makes three fewer object calls per build.
+cast carries the BDMs (``conductor.tasks.build_extras``): the agent then makes two fewer object
+calls per build. The security group rules are not sent along: the agent reads them once it
+has taken the instance, so that a rule change from then on reaches the build (see
+``conductor.tasks.security_groups``), which a snapshot taken here could miss.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import structlog
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
 from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
-from conductor.tasks.build_extras import BuildExtras, bdm_list, rules_of_groups, start_run_event
+from conductor.tasks.build_extras import BuildExtras, bdm_list, start_run_event
 from conductor.tasks.faults import set_instance_error
 from conductor.tasks.hosts import FleetView, PlacementLedger, load_host_states
 from shared_objects import exception
@@ -35,7 +37,6 @@ from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
-from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 
 log = structlog.get_logger(__name__)
 
@@ -131,7 +132,7 @@ class BuildTask:
                     await set_instance_error(ctxt, inst, str(no_host), code=503)
             else:
                 # In this unit of work: the event starts commit with the records they belong to.
-                extras = await self._extras_for_request(ctxt, records, picks, groups)
+                extras = await self._extras_for_request(ctxt, records, picks)
 
         if no_host is None:
             await asyncio.gather(
@@ -149,24 +150,18 @@ class BuildTask:
         ctxt: RequestContext,
         records: list[tuple[Instance, BlockDeviceMappingList]],
         picks: list[list[HostState]],
-        groups: list[SecurityGroup],
     ) -> list[BuildExtras | None]:
-        """For each instance whose host speaks compute RPC 1.2: its BDMs, the rules and its
-        started event; None for the others (they get the 1.0 message)."""
+        """For each instance whose host speaks compute RPC 1.2: its BDMs and its started event;
+        None for the others (they get the 1.0 message)."""
         extras: list[BuildExtras | None] = []
-        rules: SecurityGroupRuleList | None = None
         for (inst, inst_bdms), pick in zip(records, picks, strict=True):
             host = pick[0].host
             if not self.compute.can_send_build_extras(host):
                 extras.append(None)
                 continue
-            if rules is None:
-                # Every instance of a request has the same groups: one read serves them all.
-                rules = await rules_of_groups(ctxt, groups)
             extras.append(
                 BuildExtras(
                     block_device_mappings=inst_bdms,
-                    security_group_rules=rules,
                     event_started=await start_run_event(ctxt, inst.uuid, host),
                 )
             )
@@ -267,7 +262,6 @@ class BuildTask:
             alternates=alternates,
             attempt=attempt,
             block_device_mappings=extras.block_device_mappings if extras else None,
-            security_group_rules=extras.security_group_rules if extras else None,
             event_started=extras.event_started if extras else False,
         )
 
@@ -337,6 +331,5 @@ class BuildTask:
             block_device_mappings=await BlockDeviceMappingList.get_by_instance_uuid(
                 ctxt, instance.uuid
             ),
-            security_group_rules=await SecurityGroupRuleList.get_by_instance(ctxt, instance.uuid),
             event_started=await start_run_event(ctxt, instance.uuid, host),
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from compute_agent.rpcapi import ComputeAPI
+from compute_agent.rpcapi import BUILD_REFRESH_VERSION, ComputeAPI
 from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.context import RequestContext
@@ -146,12 +146,27 @@ class SecurityGroupTasks:
         return {"rule_id": rule_id, "refreshed_hosts": hosts}
 
     async def refresh_members(self, ctxt: RequestContext, group_id: int) -> dict[str, int]:
-        """Tell the host of every active member to re-apply its rules; ``{host: members}``."""
+        """Tell the host of every member to re-apply its rules; ``{host: members}``.
+
+        Active members, and members being built on a host that has already taken them: that
+        host read the rules when it took the instance and may have read them before this change;
+        from compute RPC 1.2 on, an agent applies a refresh for a build in progress once the
+        guest exists (``compute_agent.security_groups.RulesWatch``). An older agent would find
+        no guest to refresh and log an error, so it gets none (its build may keep the rules it
+        read; the gap release 1.0 always had).
+        """
         async with self.database.request(ctxt):
             members = [
                 i
                 for i in await InstanceList.get_by_security_group(ctxt, group_id)
-                if i.host and i.vm_state == VMState.ACTIVE
+                if i.host
+                and (
+                    i.vm_state == VMState.ACTIVE
+                    or (
+                        i.vm_state == VMState.BUILDING
+                        and self.compute.host_speaks(i.host, BUILD_REFRESH_VERSION)
+                    )
+                )
             ]
         await asyncio.gather(
             *(

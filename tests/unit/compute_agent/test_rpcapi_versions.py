@@ -18,7 +18,6 @@ from shared_objects.objects.block_device_mapping import BlockDeviceMapping, Bloc
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
-from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.upgrade_levels import ComputeUpgradeLevels, Levels
 
@@ -76,7 +75,7 @@ def test_migration_and_live_migrate_data_1_1_fields_are_dropped_for_1_0() -> Non
     assert lmd.to_driver_data()["bandwidth_limit_mb_s"] == 50
 
 
-# --- run_instance: 1.2 carries the BDMs, the rules and event_started ------------------------
+# --- run_instance: 1.2 carries the BDMs and event_started ------------------------
 
 
 class OldBuildAgent:
@@ -142,12 +141,8 @@ def _extras() -> dict[str, Any]:
         volume_id="vol-1",
         device_name="/dev/vdb",
     )
-    rule = SecurityGroupRule(
-        id=3, parent_group_id=1, protocol="tcp", from_port=22, to_port=22, cidr="10.0.0.0/8"
-    )
     return {
         "block_device_mappings": BlockDeviceMappingList(objects=[bdm]),
-        "security_group_rules": SecurityGroupRuleList(objects=[rule]),
         "event_started": True,
     }
 
@@ -193,9 +188,8 @@ async def test_run_instance_at_1_2_carries_the_extras() -> None:
     (bdm,) = args["block_device_mappings"]
     assert isinstance(args["block_device_mappings"], BlockDeviceMappingList)
     assert (bdm.volume_id, bdm.device_name) == ("vol-1", "/dev/vdb")
-    (rule,) = args["security_group_rules"]
-    assert isinstance(args["security_group_rules"], SecurityGroupRuleList)
-    assert (rule.protocol, rule.from_port, rule.cidr) == ("tcp", 22, "10.0.0.0/8")
+    # The rules are the agent's to read once it has taken the instance, never a snapshot.
+    assert "security_group_rules" not in args
     assert args["instance"].uuid == INSTANCE_UUID and args["attempt"] == 1
 
 

@@ -1,8 +1,11 @@
-"""Compute RPC 1.2: the conductor hands the agent its BDMs and security group rules and records
-the ``compute_run_instance`` event start; capped below 1.2 the agent does all three itself."""
+"""Compute RPC 1.2: the conductor hands the agent its BDMs and records the
+``compute_run_instance`` event start; capped below 1.2 the agent does both itself. The agent
+always reads the security group rules itself, and a rule change made while a build is in
+progress reaches its guest."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +13,6 @@ from typing import Any
 import pytest
 
 from compute_agent.virt.firewall import normalize_rules
-from conductor.db.api import DbApi
 from shared_objects.base import FleetObject
 from shared_objects.context import RequestContext
 from shared_objects.fields import VMState
@@ -134,8 +136,8 @@ async def test_run_instance_extras_at_1_2_and_the_old_flow_below(
         assert inst.vm_state == "active"
 
         if cap in (None, "1.2"):
-            # Handed over: only the event finish is left to the agent.
-            assert calls.watched() == {EVENT_FINISH: 1}
+            # Handed over: the agent reads only the rules and finishes the event.
+            assert calls.watched() == {RULES: 1, EVENT_FINISH: 1}
         else:
             # An older message: the agent fetches and records as release 1.0 agents do.
             assert calls.watched() == {BDMS: 1, RULES: 1, EVENT_START: 1, EVENT_FINISH: 1}
@@ -180,41 +182,49 @@ async def test_rescheduled_build_shows_each_attempt_once(
         ]
         assert all(e["finish_time"] is not None for e in events)
         if cap is None:
-            # The reschedule's unit of work started host-b's attempt, rules included.
-            assert calls.watched() == {EVENT_FINISH: 2}
+            # The reschedule's unit of work started host-b's attempt.
+            assert calls.watched() == {RULES: 2, EVENT_FINISH: 2}
         else:
             assert calls.watched() == {BDMS: 2, RULES: 2, EVENT_START: 2, EVENT_FINISH: 2}
         assert await fleet.driver("host-b").get_firewall_rules(inst.uuid)
 
 
-async def test_rules_of_a_multi_instance_request_are_read_in_one_query(
-    fleet_factory: Any, wait_for: Any, counting: Any, monkeypatch: pytest.MonkeyPatch
+async def test_a_rule_change_during_a_build_reaches_its_guest(
+    fleet_factory: Any, wait_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with fleet_factory(("host-a", "host-b", "host-c")) as fleet:
+    """The agent read the rules, then a rule was added before the guest existed: the refresh
+    the conductor casts to the building instance's host is applied once the guest exists."""
+    async with fleet_factory() as fleet:
         await _setup(fleet)
-        await fleet.tasks.security_group_create(OPS, name="db")
-        await fleet.tasks.security_group_rule_add(
-            OPS, group="db", protocol="tcp", from_port=5432, to_port=5432, cidr="10.1.0.0/16"
-        )
-        selects: collections.Counter[str] = collections.Counter()
-        original = DbApi.select
+        driver = fleet.driver("host-a")
+        gate = asyncio.Event()
+        real_spawn = driver.spawn
 
-        async def counted(self: DbApi, table: str, *args: Any, **kwargs: Any) -> Any:
-            selects[table] += 1
-            return await original(self, table, *args, **kwargs)
+        async def gated_spawn(*args: Any, **kwargs: Any) -> None:
+            await gate.wait()  # the rules were read; no guest exists yet
+            await real_spawn(*args, **kwargs)
 
-        monkeypatch.setattr(DbApi, "select", counted)
-        calls = counting()
-        made = await fleet.tasks.build_instances(
-            OPS, flavor="small", name="vm", count=6, security_groups=["web", "db"]
+        monkeypatch.setattr(driver, "spawn", gated_spawn)
+        (made,) = await fleet.tasks.build_instances(
+            OPS, flavor="small", name="vm", forced_host="host-a", security_groups=["web"]
         )
-        insts = await wait_for(lambda: _settled(fleet, [m["uuid"] for m in made]))
-        assert {i.vm_state for i in insts} == {"active"}
-        assert selects["security_group_rules"] == 1
-        assert calls.watched() == {EVENT_FINISH: 6}
-        for inst in insts:
-            rules = await fleet.driver(inst.host).get_firewall_rules(inst.uuid)
-            assert len(rules) == 2
+
+        async def spawning() -> bool:
+            async with fleet.db() as ctxt:
+                inst = await Instance.get_by_uuid(ctxt, made["uuid"])
+            return inst.task_state == "spawning"
+
+        await wait_for(spawning)
+        added = await fleet.tasks.security_group_rule_add(
+            OPS, group="web", protocol="tcp", from_port=443, to_port=443, cidr="0.0.0.0/0"
+        )
+        assert added["refreshed_hosts"] == {"host-a": 1}
+        await asyncio.sleep(0.2)  # the refresh reaches the agent while the build waits
+        gate.set()
+        (inst,) = await wait_for(lambda: _settled(fleet, [made["uuid"]]))
+        assert inst.vm_state == "active"
+        ports = {r["from_port"] for r in await driver.get_firewall_rules(inst.uuid)}
+        assert ports == {22, 443}
 
 
 async def test_agent_closes_a_started_event_for_a_build_it_skips(fleet_factory: Any) -> None:
