@@ -315,7 +315,10 @@ class DbApi(DatabaseAPI):
         pool = self._engine.sync_engine.pool
         for _ in range(pool.size() + 1):  # type: ignore[attr-defined]
             fairy = await greenlet_spawn(pool.connect)
-            if not self._health.stale(fairy.info):
+            # A connection already closed under us (the server ended it) is dropped like one
+            # opened before the last loss.
+            driver = fairy.driver_connection
+            if not self._health.stale(fairy.info) and driver is not None and not driver.is_closed():
                 break
             await greenlet_spawn(_invalidate_and_close, fairy)
         self._fairy = fairy
@@ -351,10 +354,11 @@ class DbApi(DatabaseAPI):
         cost a round trip on every request.
         """
         first = not self._connected
+        once = functools.partial(
+            self._run_once, table, key, build, params, rows, write, standalone, column_keys
+        )
         try:
-            return await self._run_once(
-                table, key, build, params, rows, write, standalone, column_keys
-            )
+            return await once()
         except DBAPIError as exc:
             if not (first and exc.connection_invalidated):
                 raise
@@ -366,7 +370,7 @@ class DbApi(DatabaseAPI):
         log.warning("db_connection_lost_retrying", error=str(lost)[:200])
         self._health.mark_lost()
         await self._discard()
-        return await self._run_once(table, key, build, params, rows, write, standalone, column_keys)
+        return await once()
 
     async def _run_once(
         self,
@@ -399,9 +403,11 @@ class DbApi(DatabaseAPI):
         except asyncpg.IntegrityConstraintViolationError as exc:
             self._driver_busy = False
             raise _conflict(table, str(exc), exc) from exc
-        except asyncpg.PostgresError:
-            # The server answered with an error: the connection itself is fine.
-            self._driver_busy = False
+        except asyncpg.PostgresError as exc:
+            # The server answered with an error: the connection itself is fine, unless the
+            # error is the server ending the session (busy stays set: discarded on close).
+            if not isinstance(exc, asyncpg_exec.CONNECTION_LOST):
+                self._driver_busy = False
             raise
         self._driver_busy = False
         return out

@@ -34,6 +34,9 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.AdminShutdownError,
+    # The protocol is still consuming a previous failure (e.g. the server's FATAL shutdown
+    # notice on a connection it is closing): the connection is unusable.
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
 )
