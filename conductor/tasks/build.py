@@ -26,7 +26,7 @@ import structlog
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
 from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
-from conductor.tasks.build_extras import BuildExtras, bdm_list, start_run_event
+from conductor.tasks.build_extras import RUN_EVENT, BuildExtras, bdm_list, start_run_event
 from conductor.tasks.faults import set_instance_error
 from conductor.tasks.hosts import FleetView, PlacementLedger, load_host_states
 from shared_objects import exception
@@ -36,9 +36,20 @@ from shared_objects.objects.block_device_mapping import BlockDeviceMapping, Bloc
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.objects.instance_action_event import InstanceActionEvent
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
 
 log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Record:
+    """What the request's unit of work created for one instance."""
+
+    instance: Instance
+    bdms: BlockDeviceMappingList
+    action_id: int
+
 
 MAX_COUNT = 1000
 
@@ -125,7 +136,7 @@ class BuildTask:
             records = await self._create_records(
                 ctxt, the_flavor, name, image_ref, count, groups, bdms
             )
-            instances = [inst for inst, _ in records]
+            instances = [r.instance for r in records]
             extras: list[BuildExtras | None] = [None] * count
             if no_host is not None:
                 for inst in instances:
@@ -148,23 +159,20 @@ class BuildTask:
     async def _extras_for_request(
         self,
         ctxt: RequestContext,
-        records: list[tuple[Instance, BlockDeviceMappingList]],
+        records: list[_Record],
         picks: list[list[HostState]],
     ) -> list[BuildExtras | None]:
         """For each instance whose host speaks compute RPC 1.2: its BDMs and its started event;
         None for the others (they get the 1.0 message)."""
         extras: list[BuildExtras | None] = []
-        for (inst, inst_bdms), pick in zip(records, picks, strict=True):
+        for record, pick in zip(records, picks, strict=True):
             host = pick[0].host
             if not self.compute.can_send_build_extras(host):
                 extras.append(None)
                 continue
-            extras.append(
-                BuildExtras(
-                    block_device_mappings=inst_bdms,
-                    event_started=await start_run_event(ctxt, inst.uuid, host),
-                )
-            )
+            # The action was created in this unit of work: start the event under it directly.
+            await InstanceActionEvent.start_under(ctxt, record.action_id, RUN_EVENT, host)
+            extras.append(BuildExtras(block_device_mappings=record.bdms, event_started=True))
         return extras
 
     def _place(
@@ -199,9 +207,9 @@ class BuildTask:
         count: int,
         groups: list[SecurityGroup],
         bdms: list[dict[str, Any]],
-    ) -> list[tuple[Instance, BlockDeviceMappingList]]:
-        """Each new instance with the BDMs created for it (kept for the 1.2 cast)."""
-        records: list[tuple[Instance, BlockDeviceMappingList]] = []
+    ) -> list[_Record]:
+        """Each new instance with the BDMs and the action created for it (kept for the cast)."""
+        records: list[_Record] = []
         for index in range(count):
             inst = Instance(
                 ctxt,
@@ -218,7 +226,7 @@ class BuildTask:
                 security_groups=SecurityGroupList(ctxt, objects=groups),
             )
             await inst.create()
-            await InstanceAction.action_start(ctxt, inst.uuid, "create")
+            action = await InstanceAction.action_start(ctxt, inst.uuid, "create")
             created: list[BlockDeviceMapping] = []
             for bdm in bdms:
                 mapping = BlockDeviceMapping(
@@ -233,7 +241,7 @@ class BuildTask:
                 )
                 await mapping.create()
                 created.append(mapping)
-            records.append((inst, bdm_list(ctxt, created)))
+            records.append(_Record(inst, bdm_list(ctxt, created), action.id))
         return records
 
     async def _cast_build(

@@ -83,6 +83,14 @@ class InstanceActionEvent(FleetPersistentObject, FleetObject):
     ) -> InstanceActionEvent:
         """Start ``event_name`` under the action of the context's request."""
         action_id = await cls._action_id(context, "event_start", instance_uuid)
+        return await cls.start_under(context, action_id, event_name, host)
+
+    @classmethod
+    async def start_under(
+        cls, context: Any, action_id: int, event_name: str, host: str | None = None
+    ) -> InstanceActionEvent:
+        """Start ``event_name`` under a known action (database side only, not remotable): for
+        the conductor, which has just created the action and need not look it up again."""
         now = utcnow()
         row = await get_db(context, "InstanceActionEvent", "event_start").insert(
             TABLE,
