@@ -14,6 +14,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Literal, Protocol, TypeVar, cast
 
+from oslo_utils import versionutils
 from oslo_versionedobjects import fields as ovo_fields
 
 from shared_objects import exception
@@ -219,3 +220,17 @@ async def soft_delete(obj: SoftDeletable, table: str, not_found: NotFoundFactory
     obj.deleted = True
     obj.deleted_at = rows[0]["deleted_at"]
     obj.obj_reset_changes()
+
+
+def drop_added_fields(
+    primitive: dict[str, Any],
+    target_version: str,
+    added: Mapping[tuple[int, int], Iterable[str]],
+) -> None:
+    """For ``obj_make_compatible``: remove from ``primitive`` the fields a reader at
+    ``target_version`` does not know; ``added`` maps each version to the fields it added."""
+    target = versionutils.convert_version_to_tuple(target_version)
+    for version, names in added.items():
+        if target < version:
+            for name in names:
+                primitive.pop(name, None)

@@ -7,8 +7,6 @@ import uuid as uuidlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
-from oslo_utils import versionutils
-
 from shared_objects import exception, fields
 from shared_objects.base import (
     NOT_GIVEN,
@@ -20,7 +18,7 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.objects._common import check_expected_attrs, copy_row, utcnow
+from shared_objects.objects._common import check_expected_attrs, copy_row, drop_added_fields, utcnow
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
 
@@ -135,10 +133,7 @@ class Instance(FleetPersistentObject, FleetObject):
 
     def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
         super().obj_make_compatible(primitive, target_version)
-        target = versionutils.convert_version_to_tuple(target_version)
-        if target < (1, 1):
-            for name in ("locked", "locked_reason"):
-                primitive.pop(name, None)
+        drop_added_fields(primitive, target_version, {(1, 1): ("locked", "locked_reason")})
 
     @staticmethod
     def _from_db_object(

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from oslo_utils import versionutils
-
 from shared_objects import fields
 from shared_objects.base import FleetObject, FleetObjectRegistry
+from shared_objects.objects._common import drop_added_fields
 
 if TYPE_CHECKING:
     from shared_objects.objects.migration import Migration
@@ -55,10 +54,7 @@ class LiveMigrateData(FleetObject):
 
     def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
         super().obj_make_compatible(primitive, target_version)
-        target = versionutils.convert_version_to_tuple(target_version)
-        if target < (1, 1):
-            for name in ("bandwidth_limit_mb_s",):
-                primitive.pop(name, None)
+        drop_added_fields(primitive, target_version, {(1, 1): ("bandwidth_limit_mb_s",)})
 
     # Keys of a driver's migrate-data dict that are fields of their own here.
     _PROMOTED = ("source_host", "dest_host", "dest_node", "bandwidth_limit_mb_s")

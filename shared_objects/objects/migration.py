@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from oslo_utils import versionutils
-
 from shared_objects import exception, fields
 from shared_objects.base import (
     FleetObject,
@@ -17,6 +15,7 @@ from shared_objects.base import (
     remotable,
 )
 from shared_objects.objects._common import (
+    drop_added_fields,
     from_row,
     insert_row,
     list_from_rows,
@@ -73,10 +72,9 @@ class Migration(FleetPersistentObject, FleetObject):
 
     def obj_make_compatible(self, primitive: dict[str, Any], target_version: str) -> None:
         super().obj_make_compatible(primitive, target_version)
-        target = versionutils.convert_version_to_tuple(target_version)
-        if target < (1, 1):
-            for name in ("disk_total", "disk_processed", "disk_remaining"):
-                primitive.pop(name, None)
+        drop_added_fields(
+            primitive, target_version, {(1, 1): ("disk_total", "disk_processed", "disk_remaining")}
+        )
 
     @staticmethod
     def _from_db_object(context: Any, migration: Migration, row: Mapping[str, Any]) -> Migration:
