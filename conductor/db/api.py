@@ -528,8 +528,9 @@ class DbApi(DatabaseAPI):
         column_keys: tuple[str, ...] = ()
         if self._driver_path:
             # The driver path fills Python-side defaults itself, so the statement's columns
-            # are known when it is compiled; a default only SQLAlchemy can compute keeps the
-            # statement on SQLAlchemy's execution.
+            # are known when it is compiled. A default only SQLAlchemy's execution can compute
+            # (callable, sequence) is refused loudly: the schema has none, and one added later
+            # must be given a value here first.
             filled = asyncpg_exec.scalar_defaults(t, params)
             if filled is None:
                 raise NotImplementedError(f"{t.name} has a non-scalar column default")

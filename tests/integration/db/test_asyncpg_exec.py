@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conductor.db import migration, models
+from conductor.db import migration
 from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.base import AtLeast, Increment
@@ -111,25 +111,21 @@ async def test_both_paths_read_and_write_identically(
     assert results["driver"] == results["plain"]
 
 
-async def test_every_table_round_trips_the_same_on_both_paths(
+async def test_rows_written_on_the_driver_path_read_the_same_on_sqlalchemys(
     databases: tuple[Database, Database],
 ) -> None:
-    """Whatever one path wrote, the other reads back identically, for every table."""
+    """Whatever the driver path wrote (JSON, booleans, timestamps, Python-side defaults),
+    SQLAlchemy's execution reads back identically, and the other way round."""
     driver, plain = databases
-    async with driver.request(RequestContext()) as db:
-        await db.insert("flavors", _sample("flavors", 99))
-        await db.insert("instances", _sample("instances", 99))
-        await db.insert("services", _sample("services", 99))
-    for table in sorted(models.metadata.tables):
-        if table == "alembic_version":
-            continue
+    for n, writer in enumerate((driver, plain)):
+        async with writer.request(RequestContext()) as db:
+            for table in ("flavors", "instances", "services"):
+                await db.insert(table, _sample(table, 90 + n))
+    for table in ("flavors", "instances", "services"):
         async with driver.request(RequestContext()) as a, plain.request(RequestContext()) as b:
-            rows_a = await a.select(
-                table, {"deleted": False} if "deleted" in models.metadata.tables[table].c else {}
-            )
-            rows_b = await b.select(
-                table, {"deleted": False} if "deleted" in models.metadata.tables[table].c else {}
-            )
+            rows_a = await a.select(table, {"deleted": False} if table != "flavors" else {})
+            rows_b = await b.select(table, {"deleted": False} if table != "flavors" else {})
+        assert len(rows_a) == 2
         assert rows_a == rows_b, table
 
 

@@ -118,14 +118,9 @@ class NewBuildAgent(OldBuildAgent):
         attempt: int,
         **extras: Any,
     ) -> None:
-        args = {
-            "instance": instance,
-            "request_spec": request_spec,
-            "alternates": alternates,
-            "attempt": attempt,
-            **extras,
-        }
-        self.received.put_nowait((request_version(), args))
+        await super().run_instance(ctxt, instance, request_spec, alternates, attempt)
+        version, args = self.received.get_nowait()
+        self.received.put_nowait((version, {**args, **extras}))
 
 
 INSTANCE_UUID = "3f0b1b6c-2b9e-4b7e-9d1c-4a3e2c7a2b11"
