@@ -248,6 +248,48 @@ class ComputeConfig:
         return {k: v for k, v in options.items() if v != ""}
 
 
+def _check_login_patterns(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "must name at least one login (pattern)"
+    bad = [p for p in v if not p.strip() or any(c.isspace() for c in p)]
+    return f"login patterns must be non-empty and without spaces; got {bad!r}" if bad else None
+
+
+def _check_login_prefix(v: str) -> str | None:
+    if not v or any(c.isspace() or c in "*?[]" for c in v):
+        return f"must be a non-empty login prefix without spaces or wildcards; got {v!r}"
+    return None
+
+
+def _check_hosts(v: tuple[str, ...]) -> str | None:
+    bad = [h for h in v if _check_host(h)]
+    return f"must be host names; got {bad!r}" if bad else None
+
+
+@dataclasses.dataclass(slots=True)
+class SecurityConfig:
+    """Who may call what: broker logins and the roles they map to (docs/security.md).
+
+    The role of a caller comes only from its broker-validated AMQP ``user_id`` (its login):
+    logins matching ``conductor_logins`` are conductors, ``operator_logins`` operators, and
+    ``<host_login_prefix><host>`` is the agent of ``<host>``. During a rolling upgrade from a
+    release that shared one login between hosts, ``legacy_shared_login`` may speak for the hosts
+    listed in ``legacy_hosts`` (and only those); both are empty in a new deployment.
+    """
+
+    conductor_logins: tuple[str, ...] = dataclasses.field(
+        default=("fleet-conductor", "fleet-conductor-*"), metadata=_meta(_check_login_patterns)
+    )
+    operator_logins: tuple[str, ...] = dataclasses.field(
+        default=("fleet-operator", "fleet-operator-*"), metadata=_meta(_check_login_patterns)
+    )
+    host_login_prefix: str = dataclasses.field(
+        default="fleet-host-", metadata=_meta(_check_login_prefix)
+    )
+    legacy_shared_login: str = ""
+    legacy_hosts: tuple[str, ...] = dataclasses.field(default=(), metadata=_meta(_check_hosts))
+
+
 @dataclasses.dataclass(slots=True)
 class LoggingConfig:
     """Log output: JSON lines for machines, readable text for people."""
@@ -270,6 +312,7 @@ class FleetConfig:
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
     upgrade_levels: UpgradeLevelsConfig = dataclasses.field(default_factory=UpgradeLevelsConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
@@ -305,7 +348,14 @@ def _field(cls: type, key: str) -> tuple[dataclasses.Field[Any], type] | None:
 
 
 def _convert(name: str, kind: type, value: Any, *, from_env: bool) -> Any:
-    """``value`` as ``kind`` (str/int/float/bool), or ConfigError naming ``name``."""
+    """``value`` as ``kind`` (str/int/float/bool/tuple of str), or ConfigError naming ``name``."""
+    if kind == tuple[str, ...]:
+        # A list: comma-separated in the environment, a TOML array of strings in a file.
+        if from_env:
+            return tuple(item.strip() for item in str(value).split(",") if item.strip())
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
     if from_env:
         text = str(value).strip()
         if kind is bool:
@@ -520,6 +570,8 @@ def mask_url(url: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

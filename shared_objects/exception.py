@@ -164,6 +164,18 @@ class InvalidObjectCall(IndirectionError):
     msg_fmt = "Invalid call of %(objname)s.%(method)s: %(reason)s"
 
 
+class Forbidden(FleetException):
+    """The caller (as the broker validated it) may not do this; nothing was changed.
+
+    Raised by the conductor's and the agents' authorisation (``docs/security.md``): by the
+    policy table before a call runs, or by the ownership condition inside the statement that
+    would have acted. ``caller`` is the broker login, ``action`` what was asked, ``target``
+    what it would have touched.
+    """
+
+    msg_fmt = "Forbidden: %(caller)s may not %(action)s %(target)s"
+
+
 class SchemaNotAtHead(FleetException):
     msg_fmt = (
         "The database schema revision is %(current)s but this release needs %(head)s: run "
