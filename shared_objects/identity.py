@@ -67,7 +67,8 @@ class Identities:
     def __init__(self, config: SecurityConfig | None = None) -> None:
         self.config = config if config is not None else SecurityConfig()
         self._legacy_login = self.config.legacy_shared_login
-        self._legacy_hosts = frozenset(self.config.legacy_hosts) if self._legacy_login else frozenset()
+        legacy = self.config.legacy_hosts if self._legacy_login else ()
+        self._legacy_hosts = frozenset(legacy)
         self.resolve = functools.lru_cache(maxsize=4096)(self._resolve)  # type: ignore[method-assign]
 
     def login_for_host(self, host: str) -> str:
