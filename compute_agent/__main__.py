@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(run_service(service, cfg, "compute-agent"))
-    except exception.ServiceTooNew as exc:
+    except (exception.ServiceTooNew, exception.WrongIdentity) as exc:
         print(f"compute-agent: {exc}", file=sys.stderr)
         return 2
     return 0

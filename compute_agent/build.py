@@ -77,8 +77,8 @@ class BuildManager:
         BDMs and has recorded the event start (``event_started``); from an older one neither
         comes, and this agent fetches and records them itself."""
         bound = log.bind(instance_uuid=instance.uuid, attempt=attempt)
-        # Take ownership: only a build still waiting to be scheduled can be taken.
-        instance.host = self.host
+        # Take the build: the conductor assigned it to this host (only then may this agent
+        # write the row at all), and only a build still waiting to be scheduled can be taken.
         instance.node = self.tracker.nodename
         instance.task_state = TaskState.BLOCK_DEVICE_MAPPING
         try:
@@ -181,9 +181,8 @@ class BuildManager:
         request_spec: dict[str, Any],
         reason: str,
     ) -> None:
-        # Hand the instance back: no host, waiting to be scheduled again.
-        instance.host = None
-        instance.node = None
+        # Hand the instance back, waiting to be scheduled again. It stays assigned to this
+        # host: that is what proves to the conductor that the failed build was ours.
         instance.task_state = TaskState.SCHEDULING
         try:
             await instance.save(
@@ -209,6 +208,23 @@ class BuildManager:
         await InstanceAction.action_finish(ctxt, instance.uuid, message="Error")
 
     async def terminate_instance(self, ctxt: RequestContext, instance: Instance) -> None:
+        # Never destroy on the word of the message alone: the instance must still be here,
+        # being deleted and unlocked. The compare-and-swap on ``deleting`` makes that hold at
+        # the moment we act (no other flow starts from ``deleting``).
+        current = await Instance.get_by_uuid(ctxt, instance.uuid)
+        if current.host != self.host or current.locked:
+            log.warning(
+                "terminate_refused",
+                instance_uuid=instance.uuid,
+                host=current.host,
+                locked=current.locked,
+            )
+            return
+        try:
+            await current.save(expected_task_state=[TaskState.DELETING])
+        except exception.UnexpectedTaskStateError as exc:
+            log.warning("terminate_refused", instance_uuid=instance.uuid, reason=str(exc))
+            return
         await self.notifier.emit(ctxt, instance, "instance.delete.start")
         async with instance_event(ctxt, instance.uuid, "compute_terminate_instance", self.host):
             await self.driver.destroy(instance)

@@ -1,4 +1,9 @@
-"""The agent's RPC endpoint: the compute API, dispatched to the manager that owns each call."""
+"""The agent's RPC endpoint: the compute API, dispatched to the manager that owns each call.
+
+Who may call what is in ``shared_objects.policy.COMPUTE_RPC_POLICY`` (checked by the RPC
+server's authorizer before anything is decoded); the live-migration peer methods also check here
+that an agent caller is the other side of the migration (``compute_agent.peer_auth``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any
 
 from compute_agent.build import BuildManager
 from compute_agent.live_migration import LiveMigrationManager
+from compute_agent.peer_auth import PeerCheck
 from compute_agent.rpcapi import API_VERSION
 from compute_agent.security_groups import SecurityGroupManager
 from compute_agent.volumes import VolumeManager
@@ -29,7 +35,9 @@ class ComputeEndpoint:
         volumes: VolumeManager,
         security: SecurityGroupManager,
         live_migration: LiveMigrationManager | None = None,
+        peers: PeerCheck | None = None,
     ) -> None:
+        self.peers = peers if peers is not None else PeerCheck(build.host)
         self.build = build
         self.volumes = volumes
         self.security = security
@@ -99,6 +107,13 @@ class ComputeEndpoint:
     async def check_can_live_migrate_source(
         self, ctxt: RequestContext, instance: Instance, dest_check_data: LiveMigrateData
     ) -> LiveMigrateData:
+        await self.peers.during(
+            ctxt,
+            "check_can_live_migrate_source",
+            instance.uuid,
+            migration_uuid=None,
+            caller_is="dest",
+        )
         return LiveMigrateData.from_driver_data(
             await self.live_migration_manager.check_can_live_migrate_source(
                 ctxt, instance, dest_check_data.to_driver_data()
@@ -125,6 +140,7 @@ class ComputeEndpoint:
         migration: Migration,
         migrate_data: LiveMigrateData,
     ) -> dict[str, Any]:
+        await self._from_source(ctxt, "pre_live_migration", instance, migration)
         return await self.live_migration_manager.pre_live_migration(
             ctxt, instance, migration, migrate_data.to_driver_data()
         )
@@ -133,6 +149,7 @@ class ComputeEndpoint:
     async def post_live_migration_at_destination(
         self, ctxt: RequestContext, instance: Instance, migration: Migration
     ) -> dict[str, Any]:
+        await self._from_source(ctxt, "post_live_migration_at_destination", instance, migration)
         return await self.live_migration_manager.post_live_migration_at_destination(
             ctxt, instance, migration
         )
@@ -141,6 +158,7 @@ class ComputeEndpoint:
     async def rollback_live_migration_at_destination(
         self, ctxt: RequestContext, instance: Instance, migration: Migration
     ) -> None:
+        await self._from_source(ctxt, "rollback_live_migration_at_destination", instance, migration)
         await self.live_migration_manager.rollback_live_migration_at_destination(
             ctxt, instance, migration
         )
@@ -161,10 +179,19 @@ class ComputeEndpoint:
     async def get_live_migration_guest(
         self, ctxt: RequestContext, instance_uuid: str
     ) -> str | None:
+        await self.peers.recovery(ctxt, "get_live_migration_guest", instance_uuid)
         return await self.live_migration_manager.get_live_migration_guest(ctxt, instance_uuid)
 
     @expose
     async def settle_live_migration_peer(
         self, ctxt: RequestContext, instance: Instance, steps: list[str], owner: str | None
     ) -> None:
+        await self.peers.recovery(ctxt, "settle_live_migration_peer", instance.uuid)
         await self.live_migration_manager.settle_live_migration_peer(ctxt, instance, steps, owner)
+
+    async def _from_source(
+        self, ctxt: RequestContext, action: str, instance: Instance, migration: Migration
+    ) -> None:
+        await self.peers.during(
+            ctxt, action, instance.uuid, migration_uuid=migration.uuid, caller_is="source"
+        )

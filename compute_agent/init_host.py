@@ -88,6 +88,11 @@ async def recover_instances(
     survivors: list[Instance] = []
     for instance in instances:
         guest = guests.get(instance.uuid)
+        if instance.task_state == TaskState.SCHEDULING and guest is None:
+            # Assigned here but not taken yet: its run_instance is still queued for this agent
+            # (or it was handed back for a reschedule). Nothing of it is here to recover.
+            log.info("recovery_build_not_taken_yet", instance_uuid=instance.uuid)
+            continue
         try:
             if instance.vm_state == VMState.BUILDING or instance.task_state in BUILD_TASKS:
                 await _recover_build(ctxt, driver, host, instance, guest)

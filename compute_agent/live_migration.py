@@ -317,7 +317,27 @@ class LiveMigrationManager:
     async def rollback_live_migration_at_destination(
         self, ctxt: RequestContext, instance: Instance, migration: Migration
     ) -> None:
-        """Remove the incoming guest (idempotent) and release the claim."""
+        """Remove the incoming guest (idempotent) and release the claim.
+
+        Only while the instance is still the source's and migrating: once it has moved here the
+        guest on this host is the only running copy, and a (late, repeated or forged) rollback
+        must not destroy it. The compare-and-swap on ``migrating`` checks that at the moment
+        we act."""
+        migration = await Migration.get_by_uuid(ctxt, migration.uuid)
+        current = await Instance.get_by_uuid(ctxt, instance.uuid)
+        if current.host == self.host or current.host != migration.source_compute:
+            log.warning(
+                "rollback_at_destination_refused",
+                instance_uuid=instance.uuid,
+                host=current.host,
+                source=migration.source_compute,
+            )
+            raise ExpectedException(
+                exception.InvalidRequest(
+                    reason=f"instance {instance.uuid} is on {current.host}: nothing to roll back"
+                )
+            )
+        await current.save(expected_task_state=[TaskState.MIGRATING])
         async with instance_event(
             ctxt, instance.uuid, "compute_rollback_live_migration_at_destination", self.host
         ):

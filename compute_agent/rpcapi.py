@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from shared_objects.messaging.authorization import ReplyFrom
 
 from shared_objects import releases
 from shared_objects.context import RequestContext
@@ -78,8 +79,10 @@ class ComputeAPI:
         version_cap: str | None = None,
         timeout: float | None = None,
         levels: ComputeUpgradeLevels | None = None,
+        reply_from: ReplyFrom | None = None,
     ) -> None:
         self._transport = transport
+        self._reply_from = reply_from
         self._serializer = serializer
         self._timeout = timeout
         self._version_cap = version_cap
@@ -98,6 +101,7 @@ class ComputeAPI:
                 Target(topic=TOPIC, version=API_VERSION),
                 serializer=serializer,
                 timeout=self._timeout,
+                reply_from=self._reply_from,
             )
             self._clients[release.name] = client
         return client

@@ -18,6 +18,7 @@ from compute_agent.build import BuildManager
 from compute_agent.endpoint import ComputeEndpoint
 from compute_agent.init_host import recover_instances
 from compute_agent.live_migration import LiveMigrationManager
+from compute_agent.peer_auth import PeerCheck
 from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
@@ -29,14 +30,17 @@ from compute_agent.virt.fake_config import FakeDriverConfig
 from compute_agent.volumes import VolumeManager
 from conductor.rpcapi import ConductorAPI
 from conductor.tasks.rpcapi import ComputeTaskAPI
-from shared_objects import releases
+from shared_objects import exception, releases
+from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext, admin_context
+from shared_objects.identity import Identities
 from shared_objects.messaging import MessagingError, RPCServer, Target, Transport, get_transport
 from shared_objects.metrics import ServiceMetrics
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.service import ServiceReporter
+from shared_objects.policy import COMPUTE_RPC_POLICY
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_conductors_not_older
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
@@ -72,8 +76,11 @@ class ComputeAgentService:
             if transport is not None
             else get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
         )
-        self.conductor = ConductorAPI(self.transport)
-        self.tasks = ComputeTaskAPI(self.transport)
+        self.identities = Identities(cfg.security)
+        # Replies count only from the login the call went to (a conductor, or the peer host).
+        replies = reply_checks(self.identities)
+        self.conductor = ConductorAPI(self.transport, reply_from=replies)
+        self.tasks = ComputeTaskAPI(self.transport, reply_from=replies)
         self.metrics = ServiceMetrics("compute-agent", host=cfg.host)
         self.notifier = InstanceNotifier(self.transport, f"compute.{cfg.host}")
         compute = cfg.compute
@@ -101,6 +108,7 @@ class ComputeAgentService:
             self.transport,
             FleetObjectSerializer(indirection_api=self.conductor),
             levels=self.levels,
+            reply_from=replies,
         )
         self.live_migration = LiveMigrationManager(
             cfg.host, self.driver, self.tracker, self.compute, self.notifier
@@ -110,6 +118,7 @@ class ComputeAgentService:
             VolumeManager(cfg.host, self.driver, self.notifier),
             SecurityGroupManager(self.driver, rules_watch),
             self.live_migration,
+            PeerCheck(cfg.host),
         )
         self.server = RPCServer(
             self.transport,
@@ -122,6 +131,10 @@ class ComputeAgentService:
                 indirection_api=self.conductor,
                 on_backport=lambda name: self.metrics.object_backports.labels(object=name).inc(),
             ),
+            # Conductors (and live-migration peers) only: shared_objects/policy.py.
+            authorizer=RoleAuthorizer(self.identities, COMPUTE_RPC_POLICY, service=cfg.host),
+            # Only compute.<host>: the bare "compute" queue would hand this host others' work.
+            listen_on_topic=False,
         )
         self.reporter = ServiceReporter(
             self._context,
@@ -154,7 +167,20 @@ class ComputeAgentService:
                     raise
                 log.info("waiting_for_conductor", error=str(exc))
 
+    def check_identity(self) -> None:
+        """Refuse to run on a broker login that is not this host's: the conductor would refuse
+        every call of this agent, and its peers every reply."""
+        login = self.transport.user_id
+        if login not in self.identities.host_logins(self.host):
+            raise exception.WrongIdentity(
+                service=f"compute agent of {self.host}",
+                login=login,
+                expected=repr(self.identities.login_for_host(self.host)),
+            )
+        log.info("security_identities", login=login, **self.identities.describe())
+
     async def start(self) -> None:
+        self.check_identity()
         if self._own_transport:
             await self.transport.connect()
         # Every remotable object call in this process goes to the conductor.

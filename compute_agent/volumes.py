@@ -6,6 +6,7 @@ import structlog
 
 from compute_agent.instance_events import instance_event
 from compute_agent.virt.driver import ComputeDriver
+from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping
@@ -36,6 +37,14 @@ class VolumeManager:
     async def detach_volume(self, ctxt: RequestContext, instance: Instance, volume_id: str) -> None:
         """Disconnect in the hypervisor, then forget the mapping; notifications around both."""
         extra = {"volume_id": volume_id}
+        # Re-read before touching the hypervisor: the instance must still be here and idle
+        # (the compare-and-swap on no task fails if a migration or delete has started).
+        current = await Instance.get_by_uuid(ctxt, instance.uuid)
+        if current.host != self.host:
+            raise exception.InvalidRequest(
+                reason=f"instance {instance.uuid} is on {current.host}, not {self.host}"
+            )
+        await current.save(expected_task_state=[None])
         await self.notifier.emit(ctxt, instance, "instance.volume_detach.start", extra=extra)
         async with instance_event(ctxt, instance.uuid, "compute_detach_volume", self.host):
             bdm = await BlockDeviceMapping.get_by_volume_and_instance(

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_service_logging(cfg, "conductor")
     try:
         run(run_service(ConductorService(cfg, topic=args.topic), cfg, "conductor"))
-    except (exception.SchemaNotAtHead, exception.ServiceTooOld) as exc:
+    except (exception.SchemaNotAtHead, exception.ServiceTooOld, exception.WrongIdentity) as exc:
         print(f"conductor: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,11 @@ are bound to the method's signature and checked against its annotations before a
 Every refusal is an ``IndirectionError`` from ``shared_objects.exception``, which agents re-raise
 as the same class.
 
+Authorisation (``conductor/object_policy.py``, table in ``shared_objects/policy.py``): every call
+is admitted for the broker-validated caller before it runs; an agent's call runs under its
+ownership scope, enforced inside the statements. Refusals are ``Forbidden`` error replies with one
+audit line; every accepted change is audited too.
+
 Each call runs in one database unit of work (``Database.request``: ``context.db`` set, committed
 at the end), and object results are backported to the caller's version manifest.
 """
@@ -31,6 +36,7 @@ from oslo_utils import versionutils
 from oslo_versionedobjects import exception as ovo_exception
 
 from conductor.db.session import Database
+from conductor.object_policy import Admission, ObjectPolicy, accepted, refused_inside
 from shared_objects import exception
 from shared_objects.base import (
     FleetObject,
@@ -39,6 +45,7 @@ from shared_objects.base import (
     obj_tree_get_versions,
 )
 from shared_objects.context import RequestContext
+from shared_objects.identity import Identities
 from shared_objects.messaging import ExpectedException, Target, expose
 
 log = structlog.get_logger(__name__)
@@ -148,6 +155,23 @@ def _stored_values(obj: FleetObject) -> dict[str, Any]:
     return {name: store[f"_obj_{name}"] for name in obj.fields if f"_obj_{name}" in store}
 
 
+def _call_target(args: list[Any], kwargs: Mapping[str, Any]) -> Any:
+    """What a class-level call is about, for the audit line: its first argument."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
+def _object_target(obj: FleetObject) -> Any:
+    """An object's identity for the audit line (uuid, else id, else its name)."""
+    store = obj.__dict__
+    for name in ("uuid", "id", "host"):
+        value = store.get(f"_obj_{name}")
+        if value is not None:
+            return f"{obj.obj_name()}:{value}"
+    return obj.obj_name()
+
+
 def _refuse(exc: exception.IndirectionError, ctxt: RequestContext) -> ExpectedException:
     log.warning("indirection_refused", error=str(exc), caller=ctxt.caller)
     return ExpectedException(exc)
@@ -158,8 +182,9 @@ class ConductorIndirectionEndpoint:
 
     target = Target(version=CONDUCTOR_API_VERSION)
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, identities: Identities | None = None) -> None:
         self._database = database
+        self.policy = ObjectPolicy(identities if identities is not None else Identities())
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -282,14 +307,39 @@ class ConductorIndirectionEndpoint:
             cls = self.class_for(objname, manifest[objname])
             method = self.lookup(cls, objmethod, classmethod_=True)
             call_args, call_kwargs = self.bind(method, objname, cls, ctxt, args, kwargs)
+            admission = self.policy.admit(
+                ctxt, objname, method.name, method.signature, (cls, ctxt), call_args, call_kwargs
+            )
         except exception.IndirectionError as exc:
             raise _refuse(exc, ctxt) from exc
+        except exception.Forbidden as exc:
+            raise ExpectedException(exc) from exc
+        target = _call_target(call_args, call_kwargs)
+        result = await self._run(
+            admission, target, ctxt, method.fn, cls, ctxt, *call_args, **call_kwargs
+        )
+        return self.backport(result, manifest)
+
+    async def _run(
+        self,
+        admission: Admission,
+        target: Any,
+        ctxt: RequestContext,
+        fn: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """Run one admitted remotable in its own unit of work, under the admission's scope."""
         try:
-            async with self._database.request(ctxt, single_call=True):
-                result = await method.fn(cls, ctxt, *call_args, **call_kwargs)
+            async with self._database.request(ctxt, single_call=True, scope=admission.scope):
+                result = await fn(*args, **kwargs)
+        except exception.Forbidden as exc:
+            refused_inside(admission, target, exc)
+            raise ExpectedException(exc) from exc
         except exception.FleetException as exc:
             raise ExpectedException(exc) from exc
-        return self.backport(result, manifest)
+        accepted(admission, target)
+        return result
 
     @expose
     async def object_action(
@@ -312,8 +362,13 @@ class ConductorIndirectionEndpoint:
             objname = objinst.obj_name()
             method = self.lookup(type(objinst), objmethod, classmethod_=False)
             call_args, call_kwargs = self.bind(method, objname, objinst, ctxt, args, kwargs)
+            admission = self.policy.admit(
+                ctxt, objname, method.name, method.signature, (objinst,), call_args, call_kwargs
+            )
         except exception.IndirectionError as exc:
             raise _refuse(exc, ctxt) from exc
+        except exception.Forbidden as exc:
+            raise ExpectedException(exc) from exc
         objinst._context = ctxt
         # What each field held before the call (containers copied, so an in-place change shows;
         # object-valued fields are always sent back, as Nova's clone-and-compare did, since they
@@ -322,11 +377,9 @@ class ConductorIndirectionEndpoint:
             name: copy.copy(value) if isinstance(value, (dict, list, set)) else value
             for name, value in _stored_values(objinst).items()
         }
-        try:
-            async with self._database.request(ctxt, single_call=True):
-                result = await method.fn(objinst, *call_args, **call_kwargs)
-        except exception.FleetException as exc:
-            raise ExpectedException(exc) from exc
+        result = await self._run(
+            admission, _object_target(objinst), ctxt, method.fn, objinst, *call_args, **call_kwargs
+        )
         updates: dict[str, Any] = {}
         missing = object()
         for name, value in _stored_values(objinst).items():

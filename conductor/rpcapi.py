@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared_objects.messaging.authorization import ReplyFrom
+
 from conductor.indirection import (
     BASEAPI_NAMESPACE,
     BASEAPI_VERSION,
@@ -31,7 +33,10 @@ class ConductorAPI(IndirectionAPI):
         topic: str = CONDUCTOR_TOPIC,
         timeout: float | None = None,
         serializer: FleetObjectSerializer | None = None,
+        reply_from: ReplyFrom | None = None,
     ) -> None:
+        """``reply_from``: which logins may answer (a conductor's; see
+        ``shared_objects.authorizer.reply_checks``); None accepts any (tests, tools)."""
         self.serializer = serializer if serializer is not None else FleetObjectSerializer()
         if self.serializer.indirection_api is None:
             # Objects too new for us are sent back to the conductor for a backport.
@@ -41,11 +46,13 @@ class ConductorAPI(IndirectionAPI):
             Target(topic=topic, version=CONDUCTOR_API_VERSION),
             serializer=self.serializer,
             timeout=timeout,
+            reply_from=reply_from,
         )
         self._base_client = RPCClient(
             transport,
             Target(topic=topic, namespace=BASEAPI_NAMESPACE, version=BASEAPI_VERSION),
             timeout=timeout,
+            reply_from=reply_from,
         )
 
     async def object_class_action_versions(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import structlog
@@ -20,12 +20,15 @@ from conductor.db.session import Database
 from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
-from shared_objects import releases
+from shared_objects import exception, releases
+from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.config import FleetConfig
 from shared_objects.context import admin_context
+from shared_objects.identity import Identities, Role
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.metrics import ServiceMetrics
 from shared_objects.objects.service import ServiceReporter
+from shared_objects.policy import CONDUCTOR_RPC_POLICY
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_computes_supported
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
@@ -43,6 +46,7 @@ class ConductorService:
         cfg: FleetConfig,
         *,
         extra_endpoints: list[Any] | None = None,
+        extra_policy: Mapping[tuple[str | None, str], frozenset[Role]] | None = None,
         transport: Transport | None = None,
         topic: str = CONDUCTOR_TOPIC,
     ) -> None:
@@ -59,7 +63,8 @@ class ConductorService:
             else get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
         )
         self.serializer = FleetObjectSerializer()
-        self.endpoint = ConductorIndirectionEndpoint(self.database)
+        self.identities = Identities(cfg.security)
+        self.endpoint = ConductorIndirectionEndpoint(self.database, self.identities)
         # Calls to agents: objects go at the receiver's versions (see shared_objects.releases).
         self.levels = ComputeUpgradeLevels(
             cfg.upgrade_levels.compute,
@@ -67,7 +72,12 @@ class ConductorService:
             service_down_time=cfg.service.service_down_time,
             refresh_interval=cfg.upgrade_levels.refresh_interval,
         )
-        self.compute = ComputeAPI(self.transport, FleetObjectSerializer(), levels=self.levels)
+        self.compute = ComputeAPI(
+            self.transport,
+            FleetObjectSerializer(),
+            levels=self.levels,
+            reply_from=reply_checks(self.identities),
+        )
         self.tasks = ComputeTaskEndpoint(
             self.database,
             self.compute,
@@ -78,6 +88,11 @@ class ConductorService:
             Target(topic=topic, server=cfg.host),
             endpoints=[self.endpoint, BaseAPIEndpoint(), self.tasks, *(extra_endpoints or [])],
             serializer=self.serializer,
+            authorizer=RoleAuthorizer(
+                self.identities,
+                CONDUCTOR_RPC_POLICY | dict(extra_policy or {}),
+                service="conductor",
+            ),
         )
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
         self._census: asyncio.Task[None] | None = None
@@ -100,7 +115,9 @@ class ConductorService:
             yield ctxt
 
     async def start(self) -> None:
-        """Check the schema (raises ``SchemaNotAtHead``), connect, serve, register."""
+        """Check the identity (``WrongIdentity``) and the schema (``SchemaNotAtHead``), connect,
+        serve, register."""
+        self.check_identity()
         head = await migration.check_at_head(self.cfg.database.url)
         if self._own_transport:
             await self.transport.connect()
@@ -111,6 +128,26 @@ class ConductorService:
         await self.levels.start()
         self._census = asyncio.create_task(self._count_instances(), name="instance-census")
         log.info("conductor_started", host=self.cfg.host, schema=head)
+
+    def check_identity(self) -> None:
+        """Refuse to run on a login that is not a conductor's: agents would refuse its calls
+        and drop its replies, and it would be refused everything it asks of them."""
+        login = self.transport.user_id
+        if self.identities.resolve(login).role is not Role.CONDUCTOR:
+            raise exception.WrongIdentity(
+                service="conductor",
+                login=login,
+                expected=f"a conductor login ({', '.join(self.cfg.security.conductor_logins)})",
+            )
+        log.info("security_identities", login=login, **self.identities.describe())
+        if self.cfg.security.legacy_shared_login:
+            log.warning(
+                "legacy_shared_login_enabled",
+                login=self.cfg.security.legacy_shared_login,
+                hosts=list(self.cfg.security.legacy_hosts),
+                hint="agents on the shared login act for all of these hosts; remove once "
+                "every listed host runs release 1.2 with its own login",
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop heartbeating, drain in-flight requests, disconnect."""

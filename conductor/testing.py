@@ -29,10 +29,14 @@ from conductor.indirection import (
 )
 from conductor.rpcapi import ConductorAPI
 from shared_objects import fields, objects
+from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, FleetObjectRegistry, IndirectionAPI
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
+from shared_objects.identity import Identities
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
+from shared_objects.messaging.memory import broker_for
+from shared_objects.policy import CONDUCTOR_RPC_POLICY
 from shared_objects.serializer import FleetObjectSerializer
 
 ALLOWED_EXMODS = ["shared_objects.exception"]
@@ -85,23 +89,36 @@ async def local_conductor(
     migrate: bool = True,
     install: bool = True,
     messaging: MessagingConfig | None = None,
+    login: str = "fleet-operator",
 ) -> AsyncIterator[LocalConductor]:
-    """Run a conductor (endpoints + RPC server) and a client for it inside this process."""
+    """Run a conductor (endpoints + RPC server) and a client for it inside this process.
+
+    The conductor serves under a conductor login with authorisation on (the real policy); the
+    client logs in as ``login``: an operator by default, ``fleet-host-<host>`` to act as that
+    host's agent. On a ``memory://`` transport the two are separate drivers on one broker, so
+    every request carries the client's login as its validated ``user_id``, as on RabbitMQ.
+    """
     if migrate:
         await migration.upgrade(database_url)
     database = Database(database_url)
     cfg = messaging or memory_messaging_config()
-    transport = get_transport(cfg, allowed_remote_exmods=ALLOWED_EXMODS)
-    endpoint = ConductorIndirectionEndpoint(database)
+    identities = Identities()
+    endpoint = ConductorIndirectionEndpoint(database, identities)
+    server_transport, transport = _login_transports(cfg, "fleet-conductor-local", login)
     try:
-        async with transport:
+        async with server_transport, transport:
             server = RPCServer(
-                transport,
+                server_transport,
                 Target(topic=CONDUCTOR_TOPIC, server="local"),
                 endpoints=[endpoint, BaseAPIEndpoint()],
                 serializer=FleetObjectSerializer(),
+                authorizer=RoleAuthorizer(
+                    identities,
+                    {k: v for k, v in CONDUCTOR_RPC_POLICY.items() if k[0] != "compute_task"},
+                    service="conductor",
+                ),
             )
-            api = ConductorAPI(transport, timeout=30.0)
+            api = ConductorAPI(transport, timeout=30.0, reply_from=reply_checks(identities))
             async with server:
                 if install:
                     with indirection(api):
@@ -110,6 +127,25 @@ async def local_conductor(
                     yield LocalConductor(database, endpoint, server, api, transport)
     finally:
         await database.dispose()
+
+
+def _login_transports(
+    cfg: MessagingConfig, server_login: str, client_login: str
+) -> tuple[Transport, Transport]:
+    """The conductor's and the client's transports: two logins on one broker (on RabbitMQ the
+    URL's credentials are used for both; give a memory:// URL to test authorisation)."""
+    url = cfg.transport_url
+    if not url.startswith("memory://"):
+        same = get_transport(cfg, allowed_remote_exmods=ALLOWED_EXMODS)
+        return same, same
+    name = url.removeprefix("memory://").rpartition("@")[2]
+    broker = broker_for(name)
+    server = dataclasses.replace(cfg, transport_url=f"memory://{server_login}@{name}")
+    client = dataclasses.replace(cfg, transport_url=f"memory://{client_login}@{name}")
+    return (
+        get_transport(server, allowed_remote_exmods=ALLOWED_EXMODS, memory_broker=broker),
+        get_transport(client, allowed_remote_exmods=ALLOWED_EXMODS, memory_broker=broker),
+    )
 
 
 @contextlib.contextmanager

@@ -174,6 +174,18 @@ class Forbidden(FleetException):
     """
 
     msg_fmt = "Forbidden: %(caller)s may not %(action)s %(target)s"
+    # Marks the refusal for the RPC runtime (shared_objects/messaging/authorization.py): counted
+    # as outcome "forbidden", never logged there with a traceback (the audit line says it all).
+    rpc_outcome: ClassVar[str] = "forbidden"
+
+
+class WrongIdentity(FleetException):
+    """A service configured with a broker login that is not its own (docs/security.md)."""
+
+    msg_fmt = (
+        "this %(service)s logs in to the broker as %(login)r, which is not %(expected)s "
+        "([security] in the configuration; see docs/security.md)"
+    )
 
 
 class SchemaNotAtHead(FleetException):

@@ -84,6 +84,21 @@ RELEASES: tuple[Release, ...] = (
         compute_rpc_api="1.2",
         conductor_rpc_api="1.0",
         objects=_OBJECTS_1_1,
+        commit="7dede75a5cd028dc5c7b9197c74482254041502b",
+    ),
+    # 1.2: per-host identity and authorisation (docs/security.md). No message or object changes
+    #      shape, so the RPC APIs and objects stay as in 1.1; what changes is who may send what:
+    #      one broker login per host, the conductor's policy table and ownership scopes, agents
+    #      serving compute RPC to conductors (and live-migration peers) only, replies accepted
+    #      from the login called, builds assigned to their host when placed (agents take only
+    #      their own), and reschedules that prove the failed build was the caller's. Agents of
+    #      1.0 and 1.1 keep working on the legacy shared login while a conductor lists them.
+    Release(
+        name="1.2",
+        service_version=3,
+        compute_rpc_api="1.2",
+        conductor_rpc_api="1.0",
+        objects=_OBJECTS_1_1,
     ),
 )
 

@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 
 from conductor.rpcapi import ConductorAPI
 from conductor.tasks.rpcapi import ComputeTaskAPI
+from shared_objects.authorizer import reply_checks
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
+from shared_objects.identity import Identities
 from shared_objects.messaging import get_transport
 
 ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
@@ -49,10 +51,12 @@ async def session(cfg: FleetConfig, *, timeout: float = 30.0) -> AsyncIterator[S
     """Connect, make object calls go to the conductor, and check one answers."""
     transport = get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
     async with transport:
-        conductor = ConductorAPI(transport, timeout=timeout)
+        replies = reply_checks(Identities(cfg.security))
+        conductor = ConductorAPI(transport, timeout=timeout, reply_from=replies)
         previous = FleetObject.indirection_api
         FleetObject.indirection_api = conductor
         try:
-            yield Session(operator_context(), conductor, ComputeTaskAPI(transport, timeout=timeout))
+            tasks = ComputeTaskAPI(transport, timeout=timeout, reply_from=replies)
+            yield Session(operator_context(), conductor, tasks)
         finally:
             FleetObject.indirection_api = previous

@@ -133,8 +133,11 @@ class BuildTask:
                 picks = self._place(view, req, count, force_host=forced_host)
             except NoValidHost as exc:
                 no_host = exc
+            # Each instance is assigned to its host in the same statement that creates it: the
+            # agent may take only a build assigned to it (its ownership scope says so).
+            assigned = [p[0].host for p in picks] if no_host is None else [None] * count
             records = await self._create_records(
-                ctxt, the_flavor, name, image_ref, count, groups, bdms
+                ctxt, the_flavor, name, image_ref, count, groups, bdms, assigned
             )
             instances = [r.instance for r in records]
             extras: list[BuildExtras | None] = [None] * count
@@ -207,12 +210,15 @@ class BuildTask:
         count: int,
         groups: list[SecurityGroup],
         bdms: list[dict[str, Any]],
+        hosts: list[str | None],
     ) -> list[_Record]:
-        """Each new instance with the BDMs and the action created for it (kept for the cast)."""
+        """Each new instance, assigned to its host, with the BDMs and the action created for it
+        (kept for the cast)."""
         records: list[_Record] = []
         for index in range(count):
             inst = Instance(
                 ctxt,
+                host=hosts[index],
                 name=name if count == 1 else f"{name}-{index + 1}",
                 user_id=ctxt.user_id,
                 project_id=ctxt.project_id,
@@ -281,21 +287,33 @@ class BuildTask:
         failed_host: str,
         reason: str,
         request_spec: dict[str, Any],
+        allow_unassigned: bool = True,
     ) -> None:
-        """Place a build that failed on ``failed_host`` somewhere else, or put it in ERROR."""
+        """Place a build that failed on ``failed_host`` somewhere else, or put it in ERROR.
+
+        The agent hands the build back still assigned to itself (``host`` = ``failed_host``,
+        ``scheduling``), which proves it was its build. Agents of releases before 1.2 clear the
+        host instead; ``allow_unassigned`` accepts that (conductors, operators and the legacy
+        shared login only: an unassigned build proves nothing about who asks)."""
         tried = [h for h in request_spec.get("tried_hosts", []) if isinstance(h, str)]
         if failed_host not in tried:
             tried.append(failed_host)
         attempt = int(request_spec.get("attempt", 1))
         async with self.database.request(ctxt):
             instance = await Instance.get_by_uuid(ctxt, instance_uuid)
-            if instance.task_state != TaskState.SCHEDULING or instance.host is not None:
-                # The agent must hand the instance back first (host cleared, scheduling):
-                # anything else means someone else owns it now.
+            handed_back = instance.host == failed_host or (
+                allow_unassigned and instance.host is None
+            )
+            if instance.task_state != TaskState.SCHEDULING or not handed_back:
+                # The agent must hand the instance back first (still assigned to it, waiting
+                # to be scheduled): anything else means someone else owns it now.
                 raise _invalid(
                     f"instance {instance_uuid} is not waiting to be rescheduled "
                     f"(task_state={instance.task_state}, host={instance.host})"
                 )
+            # No host keeps a failed build: it is unassigned whatever happens next.
+            instance.host = None
+            instance.node = None
             if attempt >= self.settings.max_attempts:
                 await set_instance_error(
                     ctxt,
@@ -318,6 +336,10 @@ class BuildTask:
                     host=failed_host,
                 )
                 return
+            # Assign it to the new host before the cast (the CAS fails if a delete took it).
+            instance.host = picks[0][0].host
+            instance.node = None
+            await instance.save(expected_task_state=[TaskState.SCHEDULING])
             extras = None
             if self.compute.can_send_build_extras(picks[0][0].host):
                 extras = await self._extras_for_reschedule(ctxt, instance, picks[0][0].host)

@@ -14,8 +14,11 @@ from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
 from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
 from conductor.tasks.security_groups import SecurityGroupTasks
+from shared_objects import audit
+from shared_objects.authorizer import forbidden
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Target, expose
+from shared_objects.identity import Caller
+from shared_objects.messaging import ExpectedException, Target, expose
 
 
 class ComputeTaskEndpoint:
@@ -73,12 +76,23 @@ class ComputeTaskEndpoint:
         reason: str,
         request_spec: dict[str, Any],
     ) -> None:
+        # An agent may only hand back its own failed build (the task checks the instance is
+        # still assigned to it); older agents on the legacy shared login clear the host first.
+        caller = ctxt.principal
+        unassigned_ok = True
+        if isinstance(caller, Caller) and caller.is_agent:
+            if not caller.speaks_for(failed_host):
+                action = "compute_task.reschedule_instance"
+                audit.refused(caller, action, instance_uuid, f"failed_host {failed_host!r}")
+                raise ExpectedException(forbidden(caller, action, instance_uuid))
+            unassigned_ok = caller.legacy
         await self.build.reschedule_instance(
             ctxt,
             instance_uuid=instance_uuid,
             failed_host=failed_host,
             reason=reason,
             request_spec=request_spec,
+            allow_unassigned=unassigned_ok,
         )
 
     @expose

@@ -27,7 +27,7 @@ class InstanceTasks:
         self.compute = compute
 
     async def delete_instance(self, ctxt: RequestContext, *, instance_uuid: str) -> None:
-        """Never-placed instances are deleted here; placed ones by their agent."""
+        """Builds no agent has taken yet are deleted here; placed ones by their agent."""
         async with self.database.request(ctxt):
             instance = await Instance.get_by_uuid(ctxt, instance_uuid)
             if instance.task_state == TaskState.DELETING:
@@ -38,7 +38,9 @@ class InstanceTasks:
                 )
             await InstanceAction.action_start(ctxt, instance_uuid, "delete")
             previous = instance.task_state
-            if instance.host is None:
+            if instance.host is None or previous == TaskState.SCHEDULING:
+                # Not taken by an agent (its build may still be queued there): the agent's
+                # take is a CAS on ``scheduling`` and fails once this save has run.
                 instance.vm_state = VMState.DELETED
                 instance.task_state = None
                 await instance.save(expected_task_state=[previous])

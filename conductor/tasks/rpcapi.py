@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared_objects.messaging.authorization import ReplyFrom
+
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCClient, Target, Transport
 
@@ -26,13 +28,20 @@ API_VERSION = "1.1"
 
 
 class ComputeTaskAPI:
-    def __init__(self, transport: Transport, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        timeout: float | None = None,
+        reply_from: ReplyFrom | None = None,
+    ) -> None:
         self.client = RPCClient(
             transport,
             # Each call asks for the oldest version that has what it sends, so a client keeps
             # working with conductors of the previous release during their upgrade.
             Target(topic=TOPIC, namespace=NAMESPACE, version="1.0"),
             timeout=timeout,
+            reply_from=reply_from,
         )
 
     async def build_instances(self, ctxt: RequestContext, **request: Any) -> list[dict[str, Any]]:
