@@ -5,6 +5,11 @@ entry point with its own environment (agents get no database URL), logs to its o
 stopped with SIGTERM (or killed, to test recovery). The caller's process becomes an operator
 client: object reads go to the conductors, actions through the compute-task API.
 
+With ``ClusterSpec.logins`` (a ``BrokerLogins``), every process logs in to RabbitMQ as its own
+user, created on demand in one batch: agent ``<host>`` as ``fleet-host-<host>``, conductor ``n`` as
+``fleet-conductor-<n>``, this process (and ``fleetctl`` run for it) as ``fleet-operator`` (plus the
+logins' tag, if any). Without it, every process uses ``transport_url`` as given.
+
 All traffic stays on loopback: the broker and database URLs must point at 127.0.0.0/8.
 """
 
@@ -17,7 +22,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.service import ServiceList
 from shared_objects.releases import BINARY_COMPUTE
+from shared_objects.testing.broker_logins import BrokerLogins
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +82,13 @@ class ClusterSpec:
     conductor_source: Path | None = None
     report_interval: float = 2.0
     service_down_time: float = 10.0
+    # One broker login per process (see the module docstring), on transport_url's hosts and
+    # vhost; None: everyone logs in with transport_url's own user.
+    logins: BrokerLogins | None = None
+    # With logins: agents running another release's code (agent_source) share this login, as a
+    # deployment from before per-host logins did; processes on this release's code are told so
+    # (FLEET_SECURITY__LEGACY_SHARED_LOGIN, FLEET_SECURITY__LEGACY_HOSTS = those hosts).
+    legacy_shared_login: str | None = None
 
 
 class LocalCluster:
@@ -92,9 +105,76 @@ class LocalCluster:
         self.ctxt = RequestContext(user_id="operator", project_id="admin", is_admin=True)
         self._previous_api: Any = None
 
+    # --- broker logins ----------------------------------------------------------------------
+
+    @property
+    def operator_login(self) -> str | None:
+        """The login of this process (and of ``fleetctl`` run for it); None without logins."""
+        logins = self.spec.logins
+        return logins.operator_login() if logins is not None else None
+
+    @property
+    def operator_url(self) -> str:
+        """Transport URL for operator tools (``fleetctl``) against this cluster."""
+        return self._url_of(self.operator_login)
+
+    def login_of(self, name: str) -> str | None:
+        """The broker login of process ``name`` (``conductor-<n>`` or an agent's host)."""
+        logins = self.spec.logins
+        if logins is None:
+            return None
+        kind, _, index = name.rpartition("-")
+        if kind == "conductor" and index.isdigit():
+            return logins.conductor_login(index)
+        if name in self.spec.agent_source and self.spec.legacy_shared_login:
+            return self.spec.legacy_shared_login
+        return logins.host_login(name)
+
+    def _url_of(self, login: str | None) -> str:
+        if login is None or self.spec.logins is None:
+            return self.spec.transport_url
+        return self.spec.logins.url_for(login)
+
+    async def provision(self, *, hosts: Iterable[str] = (), conductors: Iterable[int] = ()) -> None:
+        """Create (one batch, only what is missing) the logins of these processes, this
+        process's operator login and the permissions on the cluster's control exchange."""
+        logins = self.spec.logins
+        if logins is None:
+            return
+        new: list[str] = []
+        old: list[str] = []
+        shared: dict[str, list[str]] = {}
+        for host in hosts:
+            if host not in self.spec.agent_source:
+                new.append(host)
+            elif self.spec.legacy_shared_login:
+                shared.setdefault(self.spec.legacy_shared_login, []).append(host)
+            else:
+                old.append(host)
+        await logins.ensure(
+            conductors=[str(index) for index in conductors],
+            operators=[""],
+            hosts=new,
+            old_runtime_hosts=old,
+            legacy=shared,
+            exchanges=[self.spec.control_exchange],
+        )
+
+    def _security_env(self, source: Path | None) -> dict[str, str]:
+        """``FLEET_SECURITY__*`` for a process on this release's code (``source`` None): older
+        releases have no ``[security]`` section and refuse an unknown one."""
+        logins = self.spec.logins
+        if source is not None or logins is None:
+            return {}
+        env = logins.security_env()
+        if self.spec.legacy_shared_login:
+            env["FLEET_SECURITY__LEGACY_SHARED_LOGIN"] = self.spec.legacy_shared_login
+            env["FLEET_SECURITY__LEGACY_HOSTS"] = ",".join(sorted(self.spec.agent_source))
+        return env
+
     # --- environment ------------------------------------------------------------------------
 
-    def _base_env(self) -> dict[str, str]:
+    def _base_env(self, login: str | None = None, source: Path | None = None) -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -102,7 +182,7 @@ class LocalCluster:
         }
         env.update(
             {
-                "FLEET_TRANSPORT_URL": self.spec.transport_url,
+                "FLEET_TRANSPORT_URL": self._url_of(login),
                 "FLEET_CONTROL_EXCHANGE": self.spec.control_exchange,
                 "FLEET_LOG_FORMAT": "json",
                 "FLEET_SERVICE__REPORT_INTERVAL": str(self.spec.report_interval),
@@ -111,15 +191,16 @@ class LocalCluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(self._security_env(source))
         env.update(self.spec.common_env)
         return env
 
     def conductor_handle(self, index: int) -> ProcessHandle:
         name = f"conductor-{index}"
-        env = self._base_env()
+        source = self.spec.conductor_source
+        env = self._base_env(self.login_of(name), source)
         env["FLEET_DATABASE_URL"] = self.spec.database_url
         env["FLEET_HOST"] = name
-        source = self.spec.conductor_source
         if source is not None:
             env["PYTHONPATH"] = str(source)
         return ProcessHandle(
@@ -131,12 +212,12 @@ class LocalCluster:
         )
 
     def agent_handle(self, host: str) -> ProcessHandle:
-        env = self._base_env()
+        source = self.spec.agent_source.get(host)
+        env = self._base_env(self.login_of(host), source)
         env.pop("FLEET_DATABASE_URL", None)  # agents never hold database credentials
         env["FLEET_HOST"] = host
         env["FLEET_STATE_DIR"] = str(self.workdir / "hypervisors")
         env.update(self.spec.agent_env.get(host, {}))
-        source = self.spec.agent_source.get(host)
         if source is not None:
             # The tree's packages shadow the installed ones (cwd and PYTHONPATH come first).
             env["PYTHONPATH"] = str(source)
@@ -174,8 +255,9 @@ class LocalCluster:
             await migration.upgrade(self.spec.database_url)
         else:
             await self.migrate_database(self.spec.conductor_source)
+        await self.provision(hosts=self.spec.hosts, conductors=range(1, self.spec.conductors + 1))
         cfg = MessagingConfig(
-            transport_url=self.spec.transport_url, control_exchange=self.spec.control_exchange
+            transport_url=self.operator_url, control_exchange=self.spec.control_exchange
         )
         self.transport = get_transport(cfg, allowed_remote_exmods=EXMODS)
         await self.transport.connect()
@@ -279,6 +361,7 @@ class LocalCluster:
         else:
             sources[host] = source
         self.spec = dataclasses.replace(self.spec, agent_source=sources)
+        await self.provision(hosts=[host])  # its login (or its rights) may change with the code
         await self._spawn(self.agent_handle(host))
         await self.wait_agents([host], timeout)
         return code
@@ -293,7 +376,7 @@ class LocalCluster:
 
     async def migrate_database(self, source: Path | None = None) -> None:
         """``fleetctl db upgrade`` of the given code (None: the installed code)."""
-        env = self._base_env()
+        env = self._base_env(self.operator_login, source)
         env["FLEET_DATABASE_URL"] = self.spec.database_url
         if source is not None:
             env["PYTHONPATH"] = str(source)
@@ -314,6 +397,7 @@ class LocalCluster:
 
     async def start_agent(self, host: str, *, timeout: float = 60.0) -> None:
         """Start an agent for a host that was not in the spec (or was stopped)."""
+        await self.provision(hosts=[host])
         await self._spawn(self.agent_handle(host))
         await self.wait_agents([host], timeout)
 

@@ -1,11 +1,13 @@
 """Fixtures shared by every test package: real service locations and per-run isolation.
 
 Integration tests isolate themselves on the shared RabbitMQ and PostgreSQL: each test gets its own
-control exchange name, each database test its own freshly created PostgreSQL database.
+control exchange name, each database test its own freshly created PostgreSQL database. Clusters
+log every process in as its own broker user (``broker_logins``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -19,6 +21,7 @@ import pytest
 
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.broker_logins import BrokerLogins
 
 AMQP_URL = os.environ.get("FLEET_TEST_TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/")
 PG_ADMIN_DSN = os.environ.get(
@@ -54,6 +57,39 @@ def amqp_vhost() -> Iterator[str]:
         yield name
     finally:
         ctl_run("delete_vhost", name)
+
+
+# The hosts, conductors and operators most cluster tests use: created once per session in one
+# batch; anything else is created on demand (also batched) when a cluster starts it.
+SESSION_HOSTS = ("compute-1", "compute-2", "compute-3", "compute-old", "compute-new")
+SESSION_CONDUCTORS = ("1", "2")
+
+
+@pytest.fixture(scope="session")
+def broker_logins(amqp_vhost: str) -> Iterator[BrokerLogins | None]:
+    """Broker logins on the session's vhost: agents ``fleet-host-<tag>-<host>``, conductors
+    ``fleet-conductor-<tag>-<n>``, the test driver ``fleet-operator-<tag>``; deleted at the end.
+
+    The tag keeps two sessions on one broker apart (users are global, vhosts are not); clusters
+    pass ``FLEET_SECURITY__HOST_LOGIN_PREFIX`` to their processes. Permissions cover the
+    per-test control exchanges (``fleet-test-<12 hex>``); each cluster adds the topic
+    permissions of its own. None when the session has no private vhost (no rabbitmqctl, or
+    ``FLEET_TEST_TRANSPORT_URL`` names another broker): clusters then share that URL's login.
+    """
+    if not amqp_vhost or os.environ.get("FLEET_TEST_TRANSPORT_URL"):
+        yield None
+        return
+    logins = BrokerLogins(
+        AMQP_URL.rstrip("/") + "/" + amqp_vhost,
+        amqp_vhost,
+        tag=uuid.uuid4().hex[:6],
+        exchange_pattern=r"fleet-test-[0-9a-f]{12}",
+    )
+    asyncio.run(logins.ensure(conductors=SESSION_CONDUCTORS, operators=[""], hosts=SESSION_HOSTS))
+    try:
+        yield logins
+    finally:
+        asyncio.run(logins.delete())
 
 
 @pytest.fixture
@@ -109,7 +145,11 @@ ClusterFactory = Callable[..., contextlib.AbstractAsyncContextManager[LocalClust
 
 @pytest.fixture
 def cluster_factory(
-    pg_database_url: str, amqp_url: str, control_exchange: str, tmp_path: Path
+    pg_database_url: str,
+    amqp_url: str,
+    control_exchange: str,
+    tmp_path: Path,
+    broker_logins: BrokerLogins | None,
 ) -> ClusterFactory:
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[LocalCluster]:
@@ -121,6 +161,7 @@ def cluster_factory(
             control_exchange=control_exchange,
             workdir=tmp_path / "cluster",
             common_env=common_env,
+            logins=overrides.pop("logins", broker_logins),
             **overrides,
         )
         cluster = LocalCluster(spec)

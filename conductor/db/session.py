@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from conductor.db.api import POOL_BORN_KEY, DbApi, PoolHealth, uses_driver_path
+from conductor.db.ownership import OwnerScope
 
 
 def quiet_statement_logging() -> None:
@@ -106,7 +107,11 @@ class Database:
 
     @asynccontextmanager
     async def request(
-        self, context: Any = None, *, single_call: bool = False
+        self,
+        context: Any = None,
+        *,
+        single_call: bool = False,
+        scope: OwnerScope | None = None,
     ) -> AsyncIterator[DbApi]:
         """A unit of work: sets ``context.db`` for the request, commits when it ends cleanly,
         rolls back when it raises, always returns the connection to the pool.
@@ -114,6 +119,10 @@ class Database:
         ``single_call``: the unit serves exactly one remotable call (the indirection endpoint),
         so a ``standalone`` write may commit on its own. Any other caller gets full atomicity:
         everything written in the block commits or rolls back together.
+
+        ``scope``: every statement of the unit runs under that ownership scope (an agent's
+        call: ``conductor.db.ownership``); a refusal raises ``Forbidden`` and, like any error,
+        rolls the unit back. None (the default): unrestricted.
         """
         if self._sqlite:
             # One shared connection: requests must take turns, whole transactions at a time.
@@ -128,21 +137,24 @@ class Database:
             async with self._sqlite_lock:
                 token = _SQLITE_UNIT_OWNER.set(asyncio.current_task())
                 try:
-                    async with self._unit(context, single_call) as db:
+                    async with self._unit(context, single_call, scope) as db:
                         yield db
                 finally:
                     _SQLITE_UNIT_OWNER.reset(token)
         else:
-            async with self._unit(context, single_call) as db:
+            async with self._unit(context, single_call, scope) as db:
                 yield db
 
     @asynccontextmanager
-    async def _unit(self, context: Any, single_call: bool) -> AsyncIterator[DbApi]:
+    async def _unit(
+        self, context: Any, single_call: bool, scope: OwnerScope | None
+    ) -> AsyncIterator[DbApi]:
         db = DbApi(
             self.engine,
             allow_standalone=single_call,
             driver_path=self.driver_path,
             health=self.health,
+            scope=scope,
         )
         previous = getattr(context, "db", None) if context is not None else None
         if context is not None:

@@ -10,6 +10,7 @@ import structlog
 
 from shared_objects.context import RequestContext
 from shared_objects.messaging import codec
+from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.messaging.exceptions import (
     InvalidTarget,
     MessageDeliveryFailure,
@@ -17,6 +18,7 @@ from shared_objects.messaging.exceptions import (
     RPCVersionCapError,
 )
 from shared_objects.messaging.ids import new_id
+from shared_objects.messaging.replies import AcceptReply
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
 from shared_objects.messaging.stats import RPCStats
 from shared_objects.messaging.target import Target
@@ -44,6 +46,7 @@ class CallContext:
         version_cap: str | None,
         call_monitor_timeout: float | None,
         stats: RPCStats,
+        reply_from: ReplyFrom | None = None,
     ):
         self.transport = transport
         self.target = target
@@ -51,6 +54,9 @@ class CallContext:
         self.timeout = timeout
         self.version_cap = version_cap
         self.call_monitor_timeout = call_monitor_timeout
+        self.reply_from = reply_from
+        # reply_from(target), made on the first call of this context (casts never need it).
+        self._accept: AcceptReply | None = None
         self._stats = stats
         self._noop = type(serializer) is NoOpSerializer
         topology = transport.topology
@@ -123,7 +129,10 @@ class CallContext:
             if monitor is not None and cm_timeout is not None:
                 monitor.reschedule(loop.time() + cm_timeout)
 
-        future = replies.register(msg_id, on_heartbeat if cm_timeout else None)
+        accept = self._accept
+        if accept is None and self.reply_from is not None:
+            accept = self._accept = self.reply_from(target)
+        future = replies.register(msg_id, on_heartbeat if cm_timeout else None, accept)
         stats = self._stats
         stats.in_flight += 1
         overall = asyncio.timeout(timeout)
@@ -229,6 +238,7 @@ class CallContext:
             self.version_cap if version_cap is _UNSET else version_cap,
             self.call_monitor_timeout if call_monitor_timeout is _UNSET else call_monitor_timeout,
             self._stats,
+            self.reply_from,
         )
 
 
@@ -238,6 +248,12 @@ class RPCClient(CallContext):
     ``timeout`` defaults to the transport's ``rpc_response_timeout``. ``version_cap`` bounds the
     versions this client may send (``can_send_version``; sending above raises
     ``RPCVersionCapError``). ``call_monitor_timeout`` asks servers for heartbeats.
+
+    ``reply_from`` (kept by ``prepare``) says who may answer: called with a call's target, it
+    returns a predicate over the broker-validated AMQP ``user_id`` of the reply; replies and
+    heartbeats it rejects are dropped and the call keeps waiting for the genuine reply. ``None``
+    accepts any sender (today's oslo behaviour: generic and interop use only; Fleet services
+    always pass one).
     """
 
     def __init__(
@@ -248,6 +264,8 @@ class RPCClient(CallContext):
         timeout: float | None = None,
         version_cap: str | None = None,
         call_monitor_timeout: float | None = None,
+        *,
+        reply_from: ReplyFrom | None = None,
     ):
         super().__init__(
             transport,
@@ -257,6 +275,7 @@ class RPCClient(CallContext):
             version_cap,
             call_monitor_timeout,
             RPCStats(),
+            reply_from,
         )
 
     @property

@@ -83,3 +83,7 @@ class Dispatcher:
 
     def exposed_methods(self) -> set[str]:
         return {name for e in self.endpoints for name in e.methods}
+
+    def exposed_pairs(self) -> set[tuple[str | None, str]]:
+        """Every (namespace, method) a request can reach: what an authorizer must cover."""
+        return {(e.namespace, name) for e in self.endpoints for name in e.methods}

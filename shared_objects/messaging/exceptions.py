@@ -138,3 +138,44 @@ class UnsupportedVersion(MessagingError):
         )
         self.version = version
         self.method = method
+
+
+class Unauthenticated(MessagingError):
+    """A request carried no broker-validated AMQP ``user_id``, so its sender is unknown.
+
+    RabbitMQ checks ``user_id`` against the publisher's login only when it is present; a server
+    built with ``require_user_id=True`` refuses requests without one (oslo.messaging publishers
+    never set it).
+    """
+
+    def __init__(self, reason: str = "request has no broker-validated user_id"):
+        super().__init__()
+        self._describe(reason, reason)
+        self.reason = reason
+
+
+class RequestRefused(MessagingError):
+    """An authorizer refused the request (a generic refusal, for authorizers without their own
+    error class). ``rpc_outcome = "forbidden"`` is the marker the server classifies refusals by
+    (see ``shared_objects.messaging.authorization``)."""
+
+    rpc_outcome = "forbidden"
+
+    def __init__(self, message: str = "request refused"):
+        super().__init__()
+        self._describe(message, message)
+
+
+class UncoveredMethods(MessagingError, ValueError):
+    """An RPC server's authorizer has no policy for some exposed methods (raised at
+    construction, so a new RPC method never ships without a policy entry)."""
+
+    def __init__(self, authorizer: str, uncovered: list[tuple[str | None, str]]):
+        super().__init__()
+        names = ", ".join(f"{ns}.{m}" if ns else m for ns, m in uncovered)
+        self._describe(
+            f"authorizer {authorizer} has no policy for exposed RPC method(s): {names}",
+            authorizer,
+            uncovered,
+        )
+        self.uncovered = uncovered

@@ -2,9 +2,12 @@
 
 Emulates what the RPC runtime relies on: topic, fanout and default exchanges, queues bound by
 routing key, declaration equivalence (406-style error on a mismatch), per-message expiration,
-prefetch windows, acks, and the publisher's ``user_id``. Not emulated: ``x-expires``, durability,
-reconnects. Transports built from the same ``memory://<name>`` URL share one broker, so a client
-transport and a server transport talk to each other like two processes on one RabbitMQ.
+prefetch windows, acks, the publisher's ``user_id``, and exclusive queues (each ``MemoryDriver``
+plays one connection: another one declaring, consuming or deleting an exclusive queue gets
+``RESOURCE_LOCKED``; closing the owner deletes it). Not emulated: ``x-expires``, durability,
+reconnects, permissions. Transports built from the same ``memory://<name>`` URL share one
+broker, so a client transport and a server transport talk to each other like two processes on one
+RabbitMQ.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ log = structlog.get_logger(__name__)
 @dataclasses.dataclass(slots=True)
 class _Message:
     body: bytes
-    user_id: str
+    user_id: str | None
     expires_at: float | None
 
 
@@ -55,8 +58,10 @@ class _Consumer:
 
 
 class _Queue:
-    def __init__(self, spec: QueueSpec):
+    def __init__(self, spec: QueueSpec, owner: object | None):
         self.spec = spec
+        # The connection (driver) an exclusive queue belongs to.
+        self.owner = owner if spec.exclusive else None
         self.messages: collections.deque[_Message] = collections.deque()
         self.consumers: list[_Consumer] = []
         self._rr = itertools.count()
@@ -83,25 +88,38 @@ class MemoryBroker:
             )
         self.exchanges[spec.name] = spec
 
-    def declare_queue(self, spec: QueueSpec) -> _Queue:
+    def _check_owner(self, queue: _Queue, owner: object | None) -> None:
+        if queue.owner is not None and queue.owner is not owner:
+            raise MessagingError(
+                "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
+                f"{queue.spec.name!r}"
+            )
+
+    def declare_queue(self, spec: QueueSpec, owner: object | None = None) -> _Queue:
+        """Declare ``spec`` for the connection ``owner`` (which an exclusive queue belongs to)."""
         queue = self.queues.get(spec.name)
         if queue is None:
-            queue = self.queues[spec.name] = _Queue(spec)
-        elif (queue.spec.durable, queue.spec.auto_delete, queue.spec.arguments_dict) != (
-            spec.durable,
-            spec.auto_delete,
-            spec.arguments_dict,
-        ):
-            raise MessagingError(f"PRECONDITION_FAILED - inequivalent queue {spec.name}")
+            queue = self.queues[spec.name] = _Queue(spec, owner)
+        else:
+            self._check_owner(queue, owner)
+            if (
+                queue.spec.durable,
+                queue.spec.auto_delete,
+                queue.spec.exclusive,
+                queue.spec.arguments_dict,
+            ) != (spec.durable, spec.auto_delete, spec.exclusive, spec.arguments_dict):
+                raise MessagingError(f"PRECONDITION_FAILED - inequivalent queue {spec.name}")
         if spec.exchange is not None and spec.exchange.name:
             self.declare_exchange(spec.exchange)
             self.bindings[spec.exchange.name].add((spec.routing_key, spec.name))
         return queue
 
-    def delete_queue(self, name: str) -> None:
-        queue = self.queues.pop(name, None)
+    def delete_queue(self, name: str, owner: object | None = None) -> None:
+        queue = self.queues.get(name)
         if queue is None:
             return
+        self._check_owner(queue, owner)
+        del self.queues[name]
         for consumer in queue.consumers:
             consumer.active = False
         for exchange_name, bound in list(self.bindings.items()):
@@ -175,6 +193,11 @@ class MemoryBroker:
         if not task.cancelled() and task.exception() is not None:
             log.error("memory_consumer_failed", exc_info=task.exception())
 
+    def close_connection(self, owner: object) -> None:
+        """What closing a connection does to the exclusive queues it declared: deletes them."""
+        for name in [n for n, q in self.queues.items() if q.owner is owner]:
+            self.delete_queue(name, owner)
+
     def message_count(self, name: str) -> tuple[int, int]:
         """(ready, unacknowledged) for a queue, like ``rabbitmqctl list_queues``."""
         queue = self.queues[name]
@@ -223,7 +246,7 @@ class MemoryDriver(Driver):
         return None
 
     async def close(self) -> None:
-        return None
+        self.broker.close_connection(self)
 
     async def publish(
         self,
@@ -237,8 +260,9 @@ class MemoryDriver(Driver):
     ) -> None:
         self.broker.declare_exchange(exchange)
         expires_at = time.monotonic() + expiration if expiration is not None else None
+        # An empty login publishes without user_id (like an oslo.messaging peer).
         routed = self.broker.publish(
-            exchange.name, routing_key, _Message(bytes(body), self.user_id, expires_at)
+            exchange.name, routing_key, _Message(bytes(body), self.user_id or None, expires_at)
         )
         self._published += 1
         if mandatory and not routed:
@@ -249,7 +273,7 @@ class MemoryDriver(Driver):
 
     async def declare(self, queues: Sequence[QueueSpec]) -> None:
         for spec in queues:
-            self.broker.declare_queue(spec)
+            self.broker.declare_queue(spec, self)
 
     async def subscribe(
         self,
@@ -259,9 +283,10 @@ class MemoryDriver(Driver):
         prefetch: int = 0,
         no_ack: bool = False,
     ) -> Subscription:
+        # Declare everything first: a refused declaration leaves no consumer behind.
+        declared = [self.broker.declare_queue(spec, self) for spec in queues]
         consumers = []
-        for spec in queues:
-            queue = self.broker.declare_queue(spec)
+        for queue in declared:
             consumer = _Consumer(queue, callback, prefetch, no_ack)
             queue.consumers.append(consumer)
             consumers.append(consumer)
@@ -270,7 +295,7 @@ class MemoryDriver(Driver):
         return _MemorySubscription(self.broker, consumers)
 
     async def delete_queue(self, name: str) -> None:
-        self.broker.delete_queue(name)
+        self.broker.delete_queue(name, self)
 
     def stats(self) -> dict[str, Any]:
         return {

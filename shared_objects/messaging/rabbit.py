@@ -2,8 +2,16 @@
 
 Channels: one publisher channel (publisher confirms, pipelined by concurrent publishers), one
 channel per subscription (its own prefetch). aio-pika's robust connection and channels restore
-exchanges, queues, bindings and consumers after a reconnect; with several hosts in the URL each
-connection attempt moves on to the next host (round robin, like oslo's default strategy).
+exchanges, queues and bindings after a reconnect, Fleet re-issues its consumers; with several
+hosts in the URL each connection attempt moves on to the next host (round robin, like oslo's
+default strategy).
+
+Exclusive queues (the reply queue) are declared by Fleet itself, on a short-lived channel, and
+re-declared after a reconnect by the subscription, not by aio-pika: until the broker has noticed
+that our previous connection is dead it still owns the queue and refuses the declaration
+(``RESOURCE_LOCKED``). On aio-pika's restore path that refusal would fail the whole reconnect
+(publishing and every server included); here only that queue waits, retried every second in the
+background until the broker lets the old connection go.
 """
 
 from __future__ import annotations
@@ -48,6 +56,12 @@ _RETRY_PAUSE = 0.05
 # server or closing a transport must not wait for a broker that is gone.
 _TEARDOWN_TIMEOUT = 5.0
 _TEARDOWN_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+# Errors after which restoring a consumer is retried in the background.
+_RECOVERABLE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+_RECOVERY_PAUSE = 1.0
+# A shared queue that cannot be re-declared for this many attempts is given up on (an exclusive
+# queue never is: the broker frees it once it drops our previous connection).
+_RECOVERY_ATTEMPTS = 30
 
 
 def _is_up(channel: AbstractRobustChannel) -> bool:
@@ -91,21 +105,26 @@ class _RabbitSubscription(Subscription):
         self._no_ack = no_ack
         self._declare = declare
         self.specs: dict[str, QueueSpec] = {}
-        self._tags: dict[str, str] = {}  # queue -> consumer tag on the current underlay channel
+        # queue -> (underlay channel, consumer tag) of its consumer
+        self._tags: dict[str, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._cancelled = False
-        self._recovery: set[asyncio.Task[None]] = set()
+        self._recovery: dict[str, asyncio.Task[None]] = {}
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
     def queues(self) -> list[str]:
         return list(self.specs)
 
+    def _is_consuming(self, queue: str) -> bool:
+        entry = self._tags.get(queue)
+        return entry is not None and not entry[0].is_closed
+
     async def _consume(self, queue: str) -> None:
         underlay = await self._channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         ok = await underlay.basic_consume(queue, self._on_message(queue), no_ack=self._no_ack)
         assert ok.consumer_tag is not None
-        self._tags[queue] = ok.consumer_tag
+        self._tags[queue] = (underlay, ok.consumer_tag)
 
     async def add(self, spec: QueueSpec) -> None:
         self.specs[spec.name] = spec
@@ -115,37 +134,62 @@ class _RabbitSubscription(Subscription):
         # The broker cancels a consumer when its queue disappears (deleted, node lost): declare
         # the queue again and resume consuming, in the background (we are in the channel reader).
         tag = getattr(frame, "consumer_tag", None)
-        queue = next((q for q, t in self._tags.items() if t == tag), None)
+        queue = next((q for q, (_, t) in self._tags.items() if t == tag), None)
         if queue is None or self._cancelled:
             return  # our own cancel (CancelOk) or a consumer we no longer track
         del self._tags[queue]
         log.warning("consumer_cancelled_by_broker", queue=queue)
+        self._start_recovery(queue)
+
+    def _start_recovery(self, queue: str) -> None:
+        if queue in self._recovery or self._cancelled:
+            return  # already being recovered
         task = asyncio.ensure_future(self._recover(queue))
-        self._recovery.add(task)
-        task.add_done_callback(self._recovery.discard)
+        self._recovery[queue] = task
+        task.add_done_callback(lambda _: self._recovery.pop(queue, None))
 
     async def _recover(self, queue: str) -> None:
-        for attempt in range(1, 31):
-            if self._cancelled or queue in self._tags:
-                return
+        spec = self.specs[queue]
+        attempt = 0
+        while not self._cancelled and not self._is_consuming(queue):
+            attempt += 1
             try:
-                await self._declare(self._channel, self.specs[queue])
+                await self._declare(self._channel, spec)
+                if self._is_consuming(queue):
+                    return  # a reconnect restored it meanwhile
                 await self._consume(queue)
                 log.info("consumer_recovered", queue=queue, attempt=attempt)
                 return
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                log.warning("consumer_recovery_failed", queue=queue, error=repr(exc))
-                await asyncio.sleep(1.0)
-        log.error("consumer_recovery_gave_up", queue=queue)
+            except _RECOVERABLE as exc:
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "consumer_recovery_failed", queue=queue, attempt=attempt, error=repr(exc)
+                    )
+                if not spec.exclusive and attempt >= _RECOVERY_ATTEMPTS:
+                    log.error("consumer_recovery_gave_up", queue=queue)
+                    return
+                await asyncio.sleep(_RECOVERY_PAUSE)
 
     async def _on_reopen(self, *_: Any) -> None:
-        # A new underlay channel: aio-pika restored qos, queues and bindings; consumers are ours.
+        # A new underlay channel: aio-pika restored qos, shared queues and bindings; exclusive
+        # queues and consumers are ours. A queue that cannot be restored now (an exclusive one
+        # the broker still gives to our previous connection) is retried in the background.
         self._tags.clear()
         if self._cancelled:
             return
-        for queue in self.specs:
-            await self._consume(queue)
-        log.info("consumers_restored", queues=self.queues)
+        failed = []
+        for queue, spec in self.specs.items():
+            if queue in self._recovery:
+                continue  # its recovery task restores it
+            try:
+                if spec.exclusive:
+                    await self._declare(self._channel, spec)
+                await self._consume(queue)
+            except _RECOVERABLE as exc:
+                log.warning("consumer_restore_failed", queue=queue, error=repr(exc))
+                failed.append(queue)
+                self._start_recovery(queue)
+        log.info("consumers_restored", queues=[q for q in self.queues if q not in failed])
 
     def _on_message(self, queue: str) -> Any:
         callback = self._callback
@@ -171,7 +215,7 @@ class _RabbitSubscription(Subscription):
 
     async def cancel(self) -> None:
         self._cancelled = True
-        for task in self._recovery:
+        for task in list(self._recovery.values()):
             task.cancel()
         tags, self._tags = self._tags, {}
         if not tags or not _is_up(self._channel):
@@ -179,8 +223,9 @@ class _RabbitSubscription(Subscription):
         try:
             async with asyncio.timeout(_TEARDOWN_TIMEOUT):
                 underlay = await self._channel.get_underlay_channel()
-                for tag in tags.values():
-                    await underlay.basic_cancel(tag)
+                for consumer_channel, tag in tags.values():
+                    if consumer_channel is underlay:
+                        await underlay.basic_cancel(tag)
         except _TEARDOWN_ERRORS as exc:
             log.warning("consumer_cancel_failed", queues=list(tags), error=repr(exc))
 
@@ -424,11 +469,12 @@ class RabbitDriver(Driver):
         log.debug("publish_retry", error=repr(exc), remaining=round(remaining, 2))
         await asyncio.sleep(min(_RETRY_PAUSE, remaining))
 
-    async def _declare_on(
-        self, channel: AbstractRobustChannel, spec: QueueSpec
-    ) -> AbstractRobustQueue:
+    async def _declare_on(self, channel: AbstractRobustChannel, spec: QueueSpec) -> None:
         if spec.exchange is not None and spec.exchange.name:
             await self._declare_exchange(channel, spec.exchange)
+        if spec.exclusive:
+            await self._declare_exclusive(channel, spec)
+            return
         queue: AbstractRobustQueue = await channel.declare_queue(
             spec.name,
             durable=spec.durable,
@@ -437,7 +483,29 @@ class RabbitDriver(Driver):
         )
         if spec.exchange is not None and spec.exchange.name:
             await queue.bind(spec.exchange.name, routing_key=spec.routing_key)
-        return queue
+
+    async def _declare_exclusive(self, channel: AbstractRobustChannel, spec: QueueSpec) -> None:
+        """Declare (and bind) an exclusive queue on a throwaway channel of ``channel``'s
+        connection: exclusivity belongs to the connection, and a refusal (RESOURCE_LOCKED) then
+        closes only that channel. Not registered with aio-pika (see the module docstring)."""
+        underlay = await channel.get_underlay_channel()
+        probe = await underlay.connection.channel(publisher_confirms=False)
+        try:
+            await probe.queue_declare(
+                spec.name,
+                durable=spec.durable,
+                exclusive=True,
+                auto_delete=spec.auto_delete,
+                arguments=spec.arguments_dict or None,
+            )
+            if spec.exchange is not None and spec.exchange.name:
+                await probe.queue_bind(spec.name, spec.exchange.name, routing_key=spec.routing_key)
+        finally:
+            if not probe.is_closed:
+                try:
+                    await probe.close()
+                except _TEARDOWN_ERRORS as exc:
+                    log.debug("probe_channel_close_failed", error=repr(exc))
 
     async def declare(self, queues: Sequence[QueueSpec]) -> None:
         _, channel = self._require()

@@ -1,9 +1,12 @@
 """The per-transport reply queue and the futures of calls waiting on it.
 
-One ``reply_<uuid hex>`` queue per transport, created on the first call and shared by every
-client on the transport (oslo does the same). Each call registers a waiter under its ``_msg_id``;
-the waiter is removed when the call ends however it ends, so nothing leaks. A reply nobody waits
-for (the call timed out) is dropped with an INFO log line.
+One ``reply_<login>_<32 hex>`` queue per transport, exclusive to its connection, created on the
+first call and shared by every client on the transport (oslo also shares one). Each call
+registers a waiter under its ``_msg_id``, optionally with an ``accept`` predicate over the
+broker-validated AMQP ``user_id`` of what arrives: a reply or heartbeat from any other login is
+dropped (``reply_refused``, counted in ``forged_replies``) and the call keeps waiting for the
+genuine one. The waiter is removed when the call ends however it ends, so nothing leaks. A reply
+nobody waits for (the call timed out) is dropped with an INFO log line.
 """
 
 from __future__ import annotations
@@ -22,14 +25,22 @@ from shared_objects.messaging.topology import QueueSpec
 log = structlog.get_logger(__name__)
 
 
+#: Decides whether a reply's AMQP ``user_id`` (None when the publisher set none) may answer.
+AcceptReply = Callable[[str | None], bool]
+
+
 class _Waiter:
-    __slots__ = ("future", "on_heartbeat")
+    __slots__ = ("accept", "future", "on_heartbeat")
 
     def __init__(
-        self, future: asyncio.Future[dict[str, Any]], on_heartbeat: Callable[[], None] | None
+        self,
+        future: asyncio.Future[dict[str, Any]],
+        on_heartbeat: Callable[[], None] | None,
+        accept: AcceptReply | None,
     ):
         self.future = future
         self.on_heartbeat = on_heartbeat
+        self.accept = accept
 
 
 class ReplyWaiter:
@@ -43,6 +54,7 @@ class ReplyWaiter:
         self._lock = asyncio.Lock()
         self.late_replies = 0
         self.malformed_replies = 0
+        self.forged_replies = 0
 
     @property
     def queue_name(self) -> str:
@@ -66,10 +78,15 @@ class ReplyWaiter:
                 log.debug("reply_queue_listening", queue=self.spec.name)
 
     def register(
-        self, msg_id: str, on_heartbeat: Callable[[], None] | None = None
+        self,
+        msg_id: str,
+        on_heartbeat: Callable[[], None] | None = None,
+        accept: AcceptReply | None = None,
     ) -> asyncio.Future[dict[str, Any]]:
+        """A future for the reply to ``msg_id``; ``on_heartbeat`` runs on call-monitor
+        heartbeats; ``accept`` (None: anyone) must approve the sender's login of both."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters[msg_id] = _Waiter(future, on_heartbeat)
+        self._waiters[msg_id] = _Waiter(future, on_heartbeat, accept)
         return future
 
     def unregister(self, msg_id: str) -> None:
@@ -87,6 +104,19 @@ class ReplyWaiter:
         if waiter is None:
             self.late_replies += 1
             log.info("late_reply_dropped", msg_id=msg_id, reason="no call waiting for this msg_id")
+            return
+        accept = waiter.accept
+        if accept is not None and not accept(delivery.user_id):
+            # Someone who can publish to our reply queue and knows the msg_id, but is not the
+            # peer we called: ignore it, the call keeps waiting for the real reply.
+            self.forged_replies += 1
+            log.warning(
+                "reply_refused",
+                msg_id=msg_id,
+                login=delivery.user_id,
+                queue=self.spec.name,
+                heartbeat=message.get("ending") is False,
+            )
             return
         if message.get("ending") is False:
             # Call-monitor heartbeat: the server is still working on it.

@@ -5,6 +5,11 @@ the handler runs: at-most-once. Every received message is acknowledged, includin
 so nothing stays unacked. Concurrency is bounded twice: the broker delivers at most
 ``rabbit_qos_prefetch_count`` unacknowledged messages, and at most ``max_concurrency`` handlers run
 at once (a message waiting for a slot stays unacked, so ``stop`` can hand it back to the broker).
+
+Trust: the caller is the broker-validated AMQP ``user_id`` (``ctxt.caller``); the wire context's
+``is_admin`` and ``roles`` are claims and are cleared. With ``require_user_id`` a request without
+a ``user_id`` is refused, and an ``authorizer`` decides every request after its method is found
+and before its arguments are deserialised (``shared_objects.messaging.authorization``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import structlog.contextvars
 
 from shared_objects.context import RequestContext, generate_request_id
 from shared_objects.messaging import codec
+from shared_objects.messaging.authorization import Authorizer, check_coverage, is_refusal
 from shared_objects.messaging.dispatcher import Dispatcher
 from shared_objects.messaging.driver import Delivery, Subscription
 from shared_objects.messaging.exceptions import (
@@ -31,6 +37,7 @@ from shared_objects.messaging.exceptions import (
     MalformedMessage,
     MessageDeliveryFailure,
     NoSuchMethod,
+    Unauthenticated,
     UnsupportedEnvelopeVersion,
     UnsupportedVersion,
 )
@@ -65,6 +72,14 @@ _MAX_ROUTING_KEY = 255
 _CLIENT_ERRORS = (NoSuchMethod, UnsupportedVersion, MalformedMessage)
 
 
+class _Refused(Exception):
+    """What ``authorize`` raised, carried to the failure path (``bug``: not marked a refusal)."""
+
+    def __init__(self, exc: Exception):
+        super().__init__()
+        self.exc = exc
+
+
 class _Reply:
     """Where a request's reply goes; ``None`` for casts and unaddressable messages."""
 
@@ -92,6 +107,13 @@ class RPCServer:
     once; ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds messages delivered but not
     yet taken up; a reply whose queue is missing is retried in the background for
     ``reply_retry_window`` seconds (0: never).
+
+    Security (``docs/rpc.md``): ``authorizer`` (an ``Authorizer``) must cover every exposed
+    (namespace, method), else construction raises ``UncoveredMethods``; it then decides every
+    request. ``require_user_id`` refuses requests without a broker-validated AMQP ``user_id``
+    (off by default: oslo.messaging publishers never set one; Fleet services turn it on).
+    ``listen_on_topic=False`` consumes only ``<topic>.<server>`` and the fanout queue, not the
+    shared ``<topic>`` queue.
     """
 
     def __init__(
@@ -104,12 +126,20 @@ class RPCServer:
         *,
         prefetch: int | None = None,
         reply_retry_window: float = 5.0,
+        authorizer: Authorizer | None = None,
+        require_user_id: bool = False,
+        listen_on_topic: bool = True,
     ):
         if not target.topic or not target.server:
             raise InvalidTarget("A server's target needs a topic and a server", target)
         self.transport = transport
         self.target = target
         self.dispatcher = Dispatcher(endpoints)
+        if authorizer is not None:
+            check_coverage(authorizer, self.dispatcher.exposed_pairs())
+        self.authorizer = authorizer
+        self.require_user_id = require_user_id
+        self.listen_on_topic = listen_on_topic
         self.serializer = serializer if serializer is not None else NoOpSerializer()
         self._noop = type(self.serializer) is NoOpSerializer
         cfg = transport.config
@@ -146,17 +176,26 @@ class RPCServer:
         topic, server = self.target.topic, self.target.server
         assert topic is not None and server is not None
         exchange = topology.control_exchange(self.target.exchange)
-        self._fanout_queue = topology.fanout_queue(topic)
+        self._fanout_queue = topology.fanout_queue(topic, server)
         queues = [
-            topology.topic_queue(exchange, topic),
             topology.topic_queue(exchange, f"{topic}.{server}"),
             self._fanout_queue,
         ]
+        if self.listen_on_topic:
+            queues.insert(0, topology.topic_queue(exchange, topic))
         self._stopping = False
         self._subscription = await self.transport.driver.subscribe(
             queues, self._on_delivery, prefetch=self.prefetch
         )
-        log.info("rpc_server_started", topic=topic, server=server, exchange=exchange.name)
+        log.info(
+            "rpc_server_started",
+            topic=topic,
+            server=server,
+            exchange=exchange.name,
+            queues=[q.name for q in queues],
+            authorizer=type(self.authorizer).__name__ if self.authorizer is not None else None,
+            require_user_id=self.require_user_id,
+        )
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop consuming, let running handlers finish for up to ``grace`` seconds, then cancel
@@ -243,6 +282,9 @@ class RPCServer:
             message = codec.decode_message(delivery.body)
         except UnsupportedEnvelopeVersion as exc:
             reply = _Reply.from_message(exc.message) if exc.message else None
+            if self.require_user_id and not delivery.user_id:
+                await self._refuse_unauthenticated(delivery, reply)
+                return
             if reply is None:
                 self._drop("unsupported_envelope", error=str(exc), size=len(delivery.body))
                 return
@@ -254,6 +296,9 @@ class RPCServer:
             return
 
         reply = _Reply.from_message(message)
+        if self.require_user_id and not delivery.user_id:
+            await self._refuse_unauthenticated(delivery, reply)
+            return
         client_timeout = message.pop("_timeout", None)
         unique_id = message.pop("_unique_id", None)
         if isinstance(unique_id, str):
@@ -302,6 +347,9 @@ class RPCServer:
                 log.debug("rpc_expected_exception", error=repr(wrapped.exc))
                 await self._fail(reply, label, wrapped.exc, heartbeat, expected=True)
                 return
+            except _Refused as refused:
+                await self._refuse(reply, label, refused.exc, heartbeat)
+                return
             except Exception as exc:
                 await self._fail(reply, label, exc, heartbeat)
                 return
@@ -319,6 +367,11 @@ class RPCServer:
         ctxt = RequestContext.from_dict(codec.unpack_context(message), caller=user_id)
         if not isinstance(ctxt.request_id, str) or not ctxt.request_id:
             ctxt.request_id = generate_request_id()
+        # Privileges come from the broker login, never from what the sender claims: the wire
+        # ``is_admin`` / ``roles`` are dropped (not kept in ``extra``, so they are not passed on
+        # by onward calls either).
+        ctxt.is_admin = False
+        ctxt.roles = []
         return ctxt
 
     async def _dispatch(self, ctxt: RequestContext, message: dict[str, Any]) -> Any:
@@ -337,6 +390,12 @@ class RPCServer:
         if version is not None and not isinstance(version, str):
             raise UnsupportedVersion(str(version), method)
         handler = self.dispatcher.lookup(method, namespace, version)
+        authorizer = self.authorizer
+        if authorizer is not None:
+            try:
+                authorizer.authorize(ctxt, namespace, method)
+            except Exception as exc:
+                raise _Refused(exc) from None
         if not self._noop:
             args = {k: await self.serializer.deserialize_entity(ctxt, v) for k, v in args.items()}
         result = handler(ctxt, **args)
@@ -367,6 +426,36 @@ class RPCServer:
             log.error("rpc_handler_failed", cast=reply is None, exc_info=exc)
         if reply is not None:
             await self._send_failure(reply, exc)
+
+    async def _refuse(
+        self,
+        reply: _Reply | None,
+        label: str,
+        exc: Exception,
+        heartbeat: asyncio.Task[None] | None,
+    ) -> None:
+        """The authorizer raised: the request is refused either way (fail closed)."""
+        if heartbeat is not None:
+            heartbeat.cancel()
+        if is_refusal(exc):
+            # A policy decision: the authorizer wrote the audit line.
+            self._stats.record(label, "forbidden")
+        else:
+            self._stats.record(label, "error")
+            log.error("rpc_authorizer_failed", cast=reply is None, exc_info=exc)
+        if reply is not None:
+            await self._send_failure(reply, exc)
+
+    async def _refuse_unauthenticated(self, delivery: Delivery, reply: _Reply | None) -> None:
+        self._stats.dropped["no_user_id"] += 1
+        log.warning(
+            "rpc_request_refused",
+            reason="no_user_id",
+            queue=delivery.queue,
+            replied=reply is not None,
+        )
+        if reply is not None:
+            await self._send_failure(reply, Unauthenticated())
 
     async def _send_failure(self, reply: _Reply, exc: BaseException) -> None:
         body = codec.encode_message(

@@ -9,10 +9,10 @@ for the same option values. Options carry oslo's names; see ``MessagingConfig``.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from typing import Any, Literal
 
 from shared_objects.config import MessagingConfig
+from shared_objects.messaging.ids import new_id
 
 ExchangeType = Literal["topic", "fanout", "direct"]
 
@@ -32,7 +32,11 @@ DEFAULT_EXCHANGE = ExchangeSpec("", "direct")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueSpec:
-    """A queue to declare, with the exchange it is bound to (if any) and its binding key."""
+    """A queue to declare, with the exchange it is bound to (if any) and its binding key.
+
+    ``exclusive``: only the declaring connection may use (consume, declare, delete) the queue,
+    and the broker deletes it when that connection closes.
+    """
 
     name: str
     durable: bool = False
@@ -40,6 +44,7 @@ class QueueSpec:
     arguments: tuple[tuple[str, Any], ...] = ()
     exchange: ExchangeSpec | None = None
     routing_key: str = ""
+    exclusive: bool = False
 
     @property
     def arguments_dict(self) -> dict[str, Any]:
@@ -88,30 +93,43 @@ class Topology:
             routing_key=topic,
         )
 
-    def fanout_queue(self, topic: str) -> QueueSpec:
-        """``<topic>_fanout_<uuid hex>``, unique per server, expiring when unused."""
+    def fanout_queue(self, topic: str, server: str) -> QueueSpec:
+        """``<topic>_fanout_<server>_<32 hex>``, unique per server, expiring when unused.
+
+        oslo names it ``<topic>_fanout_<uuid hex>``; the server name in the middle lets a
+        deployment grant each host's login the fanout queues of its own servers by a regular
+        expression. Flags and arguments are oslo's.
+        """
         return QueueSpec(
-            name=f"{topic}_fanout_{uuid.uuid4().hex}",
+            name=f"{topic}_fanout_{server}_{new_id()}",
             durable=bool(self.config.rabbit_transient_quorum_queue),
             auto_delete=False,
-            arguments=self._args(
-                quorum=self.config.rabbit_transient_quorum_queue,
-                ttl=self.config.rabbit_transient_queues_ttl,
-            ),
+            arguments=self._transient_args(),
             exchange=self.fanout_exchange(topic),
             routing_key=topic,
         )
 
-    def reply_queue(self) -> QueueSpec:
-        """``reply_<uuid hex>``: one per transport, on the default exchange."""
+    def reply_queue(self, login: str) -> QueueSpec:
+        """``reply_<login>_<32 hex>``: one per transport, on the default exchange.
+
+        Named after the caller's broker login (per-login permissions can then be written as
+        regular expressions) and exclusive to the connection that declares it, so no other
+        connection can consume it. Quorum queues cannot be exclusive: with
+        ``rabbit_transient_quorum_queue`` the reply queue is a non-exclusive quorum queue.
+        """
+        quorum = bool(self.config.rabbit_transient_quorum_queue)
         return QueueSpec(
-            name=f"reply_{uuid.uuid4().hex}",
-            durable=bool(self.config.rabbit_transient_quorum_queue),
+            name=f"reply_{login}_{new_id()}" if login else f"reply_{new_id()}",
+            durable=quorum,
             auto_delete=False,
-            arguments=self._args(
-                quorum=self.config.rabbit_transient_quorum_queue,
-                ttl=self.config.rabbit_transient_queues_ttl,
-            ),
+            arguments=self._transient_args(),
+            exclusive=not quorum,
+        )
+
+    def _transient_args(self) -> tuple[tuple[str, Any], ...]:
+        return self._args(
+            quorum=self.config.rabbit_transient_quorum_queue,
+            ttl=self.config.rabbit_transient_queues_ttl,
         )
 
     def notification_queue(self, exchange: ExchangeSpec, routing_key: str) -> QueueSpec:

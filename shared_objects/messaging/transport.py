@@ -39,7 +39,8 @@ class Transport:
         self.driver = driver
         self.topology = Topology(config)
         self.allowed_remote_exmods = frozenset(allowed_remote_exmods) | ALWAYS_ALLOWED_EXMODS
-        self.replies = ReplyWaiter(driver, self.topology.reply_queue())
+        # Named after the login (the driver knows it before connecting: it is in the URL).
+        self.replies = ReplyWaiter(driver, self.topology.reply_queue(driver.user_id))
         self._connected = False
 
     @property
@@ -80,12 +81,15 @@ class Transport:
         await self.close()
 
     def stats(self) -> dict[str, Any]:
-        """Driver counters (reconnects, published, ...) plus reply-side counters."""
+        """Driver counters (reconnects, published, ...) plus reply-side counters
+        (``forged_replies``: replies and heartbeats refused because they came from a login the
+        call did not expect)."""
         return {
             **self.driver.stats(),
             "pending_replies": self.replies.pending,
             "late_replies": self.replies.late_replies,
             "malformed_replies": self.replies.malformed_replies,
+            "forged_replies": self.replies.forged_replies,
         }
 
 

@@ -2,6 +2,12 @@
 
 Fast checks of the build flow's logic; the same flows are proven across real processes on
 RabbitMQ and PostgreSQL in ``tests/integration/cluster``.
+
+As on RabbitMQ, every party logs in as its own user: the conductor as ``fleet-conductor-1``,
+each agent as ``fleet-host-<host>`` (its own transport, owned by the agent service), the test
+driver (``tasks``, the compute-task API) as ``fleet-operator``; all on one memory broker. The
+AMQP ``user_id`` each server sees is therefore the caller's real login, so authorisation is
+exercised here too.
 """
 
 from __future__ import annotations
@@ -28,10 +34,36 @@ from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCServer, Target, get_transport
+from shared_objects.identity import Identities
+from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.serializer import FleetObjectSerializer
 
 EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
+CONDUCTOR_LOGIN = "fleet-conductor-1"
+OPERATOR_LOGIN = "fleet-operator"
+
+
+def _memory_config(cfg: FleetConfig) -> FleetConfig:
+    """A fleet configuration on a fresh memory broker with its own control exchange."""
+    cfg.messaging.transport_url = f"memory://{uuid.uuid4().hex}"
+    cfg.messaging.control_exchange = f"fleet-{uuid.uuid4().hex[:8]}"
+    return cfg
+
+
+def login_config(cfg: FleetConfig, login: str, host: str | None = None) -> FleetConfig:
+    """``cfg`` for one party: the same memory broker, logged in as ``login``."""
+    broker = cfg.messaging.transport_url.rpartition("@")[2].removeprefix("memory://")
+    messaging = dataclasses.replace(cfg.messaging, transport_url=f"memory://{login}@{broker}")
+    return dataclasses.replace(cfg, host=host or cfg.host, messaging=messaging)
+
+
+def party_transport(cfg: FleetConfig, login: str) -> Transport:
+    return get_transport(login_config(cfg, login).messaging, allowed_remote_exmods=EXMODS)
+
+
+def agent_config(cfg: FleetConfig, host: str) -> FleetConfig:
+    """An agent's configuration: its host and its own login (``[security]`` naming rule)."""
+    return login_config(cfg, Identities(cfg.security).login_for_host(host), host)
 
 
 @dataclasses.dataclass
@@ -44,7 +76,7 @@ class InProcessFleet:
 
     @contextlib.asynccontextmanager
     async def db(self) -> AsyncIterator[RequestContext]:
-        ctxt = RequestContext(user_id="admin", project_id="p1")
+        ctxt = RequestContext(user_id="admin", project_id="p1", caller=OPERATOR_LOGIN)
         async with self.database.request(ctxt):
             yield ctxt
 
@@ -70,14 +102,13 @@ def fleet_factory(
         url = f"sqlite+aiosqlite:///{tmp_path}/fleet.db"
         await migration.upgrade(url)
         database = Database(url)
-        cfg = FleetConfig()
-        cfg.messaging.transport_url = f"memory://{uuid.uuid4().hex}"
-        cfg.messaging.control_exchange = f"fleet-{uuid.uuid4().hex[:8]}"
+        cfg = _memory_config(FleetConfig())
         cfg.compute.spawn_delay = 0.0
-        transport = get_transport(cfg.messaging, allowed_remote_exmods=EXMODS)
+        transport = party_transport(cfg, CONDUCTOR_LOGIN)
+        operator = party_transport(cfg, OPERATOR_LOGIN)
         previous = FleetObject.indirection_api
         agents: dict[str, ComputeAgentService] = {}
-        async with transport:
+        async with transport, operator:
             compute = ComputeAPI(transport, FleetObjectSerializer())
             settings = BuildSettings(service_down_time=60.0)
             endpoint = ComputeTaskEndpoint(database, compute, settings)
@@ -90,7 +121,7 @@ def fleet_factory(
             await server.start()
             try:
                 for host in hosts:
-                    hcfg = dataclasses.replace(cfg, host=host)
+                    hcfg = agent_config(cfg, host)
                     driver = FakeDriver(
                         FakeDriverConfig(
                             state_dir=tmp_path / "virt",
@@ -102,13 +133,14 @@ def fleet_factory(
                             failures=(failures or {}).get(host, ""),
                         )
                     )
-                    agent = ComputeAgentService(hcfg, driver=driver, transport=transport)
+                    # Its own transport (created and closed by the service), as a process has.
+                    agent = ComputeAgentService(hcfg, driver=driver)
                     await agent.start()
                     agents[host] = agent
                 async with database.request(RequestContext()) as _:
                     pass
                 yield InProcessFleet(
-                    database, ComputeTaskAPI(transport, timeout=30), agents, compute
+                    database, ComputeTaskAPI(operator, timeout=30), agents, compute
                 )
             finally:
                 for agent in agents.values():
@@ -154,6 +186,7 @@ class LiveMigrationFleet:
     database: Database
     tasks: ComputeTaskAPI
     endpoint: ComputeTaskEndpoint
+    # The conductor's transport; each agent has its own (agent_config), the test driver too.
     transport: Any
     cfg: FleetConfig
     driver_configs: dict[str, FakeDriverConfig]
@@ -163,7 +196,7 @@ class LiveMigrationFleet:
 
     @contextlib.asynccontextmanager
     async def db(self) -> AsyncIterator[RequestContext]:
-        ctxt = RequestContext(user_id="admin", project_id="p1")
+        ctxt = RequestContext(user_id="admin", project_id="p1", caller=OPERATOR_LOGIN)
         async with self.database.request(ctxt):
             yield ctxt
 
@@ -174,11 +207,8 @@ class LiveMigrationFleet:
 
     async def start_agent(self, host: str, failures: str = "") -> ComputeAgentService:
         config = dataclasses.replace(self.driver_configs[host], failures=failures)
-        agent = ComputeAgentService(
-            dataclasses.replace(self.cfg, host=host),
-            driver=FakeDriver(config),
-            transport=self.transport,
-        )
+        # Its own transport and login (created and closed by the service), as a process has.
+        agent = ComputeAgentService(agent_config(self.cfg, host), driver=FakeDriver(config))
         # One settings object is shared by the manager and its resolver: update it in place.
         for field in dataclasses.fields(self.agent_settings):
             setattr(
@@ -230,11 +260,10 @@ def lm_fleet_factory(
         url = f"sqlite+aiosqlite:///{tmp_path}/fleet.db"
         await migration_upgrade(url)
         database = Database(url)
-        cfg = FleetConfig()
-        cfg.messaging.transport_url = f"memory://{uuid.uuid4().hex}"
-        cfg.messaging.control_exchange = f"fleet-{uuid.uuid4().hex[:8]}"
+        cfg = _memory_config(FleetConfig())
         cfg.compute.spawn_delay = 0.0
-        transport = get_transport(cfg.messaging, allowed_remote_exmods=EXMODS)
+        transport = party_transport(cfg, CONDUCTOR_LOGIN)
+        operator = party_transport(cfg, OPERATOR_LOGIN)
         previous = FleetObject.indirection_api
         fast = LiveMigrationSettings(
             call_monitor_timeout=2.0,
@@ -245,7 +274,7 @@ def lm_fleet_factory(
             settle_retry_interval=0.3,
         )
         models = migration if isinstance(migration, dict) else {}
-        async with transport:
+        async with transport, operator:
             compute = ComputeAPI(transport, FleetObjectSerializer())
             endpoint = ComputeTaskEndpoint(
                 database,
@@ -265,7 +294,7 @@ def lm_fleet_factory(
             await server.start()
             fleet = LiveMigrationFleet(
                 database,
-                ComputeTaskAPI(transport, timeout=30),
+                ComputeTaskAPI(operator, timeout=30),
                 endpoint,
                 transport,
                 cfg,
@@ -290,6 +319,8 @@ def lm_fleet_factory(
             finally:
                 for agent in fleet.agents.values():
                     await agent.stop(grace=2)
+                for agent in fleet.crashed.values():
+                    await agent.transport.close()  # a crashed agent's connection
                 await server.stop(grace=2)
                 FleetObject.indirection_api = previous
                 await database.dispose()

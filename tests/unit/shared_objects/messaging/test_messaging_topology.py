@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 import pytest
@@ -62,11 +63,9 @@ def test_queue_and_exchange_declarations_equal_oslos(options: dict[str, Any]) ->
         options["rabbit_quorum_queue"], 0
     )  # declare_topic_consumer: no TTL
 
-    fanout = topology.fanout_queue("compute")
-    assert (
-        fanout.name.startswith("compute_fanout_")
-        and len(fanout.name) == len("compute_fanout_") + 32
-    )
+    fanout = topology.fanout_queue("compute", "host-1")
+    # oslo: compute_fanout_<uuid hex>; Fleet puts the server in (per-host permission regexes).
+    assert re.fullmatch(r"compute_fanout_host-1_[0-9a-f]{32}", fanout.name), fanout.name
     assert (fanout.durable, fanout.auto_delete, fanout.routing_key) == (
         transient_q,
         False,
@@ -76,11 +75,15 @@ def test_queue_and_exchange_declarations_equal_oslos(options: dict[str, Any]) ->
     assert fanout.exchange is not None
     assert (fanout.exchange.name, fanout.exchange.type) == ("compute_fanout", "fanout")
     assert (fanout.exchange.durable, fanout.exchange.auto_delete) == (transient_q, True)
+    assert not fanout.exclusive
 
-    reply = topology.reply_queue()
-    assert reply.name.startswith("reply_") and reply.exchange is None
+    reply = topology.reply_queue("fleet-host-h1")
+    assert re.fullmatch(r"reply_fleet-host-h1_[0-9a-f]{32}", reply.name), reply.name
+    assert reply.exchange is None
     assert (reply.durable, reply.auto_delete) == (transient_q, False)
     assert reply.arguments_dict == _oslo_args(transient_q, options["ttl"])
+    # Exclusive to its connection, except as a quorum queue (which cannot be exclusive).
+    assert reply.exclusive is not transient_q
 
     notify = topology.notification_queue(exchange, "notifications.info")
     assert (notify.name, notify.durable, notify.auto_delete) == (
@@ -124,3 +127,12 @@ def test_memory_url() -> None:
 def test_unknown_scheme_is_rejected() -> None:
     with pytest.raises(ValueError):
         parse_transport_url("kafka://h/")
+
+
+def test_queue_names_are_fresh_and_unpredictable_per_call() -> None:
+    topology = Topology(MessagingConfig())
+    names = {topology.reply_queue("u").name for _ in range(100)}
+    names |= {topology.fanout_queue("t", "s").name for _ in range(100)}
+    assert len(names) == 200
+    # Without a login (a URL naming no user) the login part is left out.
+    assert re.fullmatch(r"reply_[0-9a-f]{32}", topology.reply_queue("").name)
