@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+import contextvars
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,7 +33,7 @@ from conductor.rpcapi import ConductorAPI
 from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
-from shared_objects.base import FleetObject
+from shared_objects.base import FleetObject, use_indirection_api
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.identity import Identities
@@ -46,6 +47,8 @@ from shared_objects.startup_checks import check_conductors_not_older
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
@@ -146,6 +149,7 @@ class ComputeAgentService:
         )
         self.conductor_wait = conductor_wait
         self._started = False
+        self._contextvars = contextvars.copy_context()
 
     @property
     def ready(self) -> bool:
@@ -179,7 +183,25 @@ class ComputeAgentService:
             )
         log.info("security_identities", login=login, **self.identities.describe())
 
+    async def run_as_agent(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Await ``coro`` as this agent: its object calls go out under this agent's login
+        (tests that drive one of several in-process agents directly)."""
+        result: _T = await self._in_own_context(coro)
+        return result
+
+    def _in_own_context(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` (and every task it starts) with this agent's conductor client as the
+        current indirection API: several agents can share a process (in-process test fleets),
+        each reaching the conductor under its own login."""
+        context = self._contextvars.copy()
+        return asyncio.get_running_loop().create_task(coro, context=context)
+
     async def start(self) -> None:
+        self._contextvars = contextvars.copy_context()
+        self._contextvars.run(use_indirection_api, self.conductor)
+        await self._in_own_context(self._start())
+
+    async def _start(self) -> None:
         self.check_identity()
         if self._own_transport:
             await self.transport.connect()
@@ -211,6 +233,9 @@ class ComputeAgentService:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work, let in-flight builds finish (up to ``grace``), then disconnect."""
+        await self._in_own_context(self._stop(grace))
+
+    async def _stop(self, grace: float | None = None) -> None:
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
         await self.server.stop(grace=grace)
         await self.live_migration.stop()

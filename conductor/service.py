@@ -90,7 +90,7 @@ class ConductorService:
             serializer=self.serializer,
             authorizer=RoleAuthorizer(
                 self.identities,
-                CONDUCTOR_RPC_POLICY | dict(extra_policy or {}),
+                {**CONDUCTOR_RPC_POLICY, **(extra_policy or {})},
                 service="conductor",
             ),
         )

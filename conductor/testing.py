@@ -61,9 +61,13 @@ class LocalConductor:
     api: ConductorAPI
     transport: Transport
 
-    @staticmethod
-    def agent_context(**kwargs: Any) -> RequestContext:
-        """A context as an agent has it: no database handle."""
+    login: str = "fleet-operator"
+
+    def agent_context(self, **kwargs: Any) -> RequestContext:
+        """A context as the client has it: no database handle. ``caller`` is the client's
+        login (never sent: on RPC the server takes it from the broker), so the endpoints can
+        also be called directly with it."""
+        kwargs.setdefault("caller", self.login)
         return RequestContext(**kwargs)
 
     @contextlib.asynccontextmanager
@@ -122,9 +126,9 @@ async def local_conductor(
             async with server:
                 if install:
                     with indirection(api):
-                        yield LocalConductor(database, endpoint, server, api, transport)
+                        yield LocalConductor(database, endpoint, server, api, transport, login)
                 else:
-                    yield LocalConductor(database, endpoint, server, api, transport)
+                    yield LocalConductor(database, endpoint, server, api, transport, login)
     finally:
         await database.dispose()
 

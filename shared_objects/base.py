@@ -17,9 +17,11 @@ Objects never lazy-load: touching an attribute that was not loaded raises
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import functools
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 from oslo_versionedobjects import base as ovo_base
@@ -45,11 +47,13 @@ __all__ = [
     "IndirectionAPI",
     "ObjectListBase",
     "get_db",
+    "indirection_api_in_context",
     "is_remotable",
     "obj_make_list",
     "obj_tree_get_versions",
     "remotable",
     "remotable_classmethod",
+    "use_indirection_api",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -161,6 +165,30 @@ class IndirectionAPI(Protocol):
     async def object_backport_versions(
         self, context: Any, objinst: Any, object_versions: dict[str, str]
     ) -> Any: ...
+
+
+# The conductor client of the service whose task is running, when it set one: several agents
+# in one process (the in-process test fleets) each reach the conductor under their own login.
+# It wins over ``FleetObject.indirection_api``, the process-wide default.
+_CURRENT_API: contextvars.ContextVar[IndirectionAPI | None] = contextvars.ContextVar(
+    "fleet_indirection_api", default=None
+)
+
+
+def use_indirection_api(api: IndirectionAPI | None) -> contextvars.Token[IndirectionAPI | None]:
+    """Make remotable calls of the current context (and the tasks it starts from now on) go
+    through ``api``; returns the token to reset it."""
+    return _CURRENT_API.set(api)
+
+
+@contextlib.contextmanager
+def indirection_api_in_context(api: IndirectionAPI | None) -> Iterator[None]:
+    """``use_indirection_api`` for one block (e.g. a test acting as one of several agents)."""
+    token = _CURRENT_API.set(api)
+    try:
+        yield
+    finally:
+        _CURRENT_API.reset(token)
 
 
 class FleetObjectRegistry(VersionedObjectRegistry):
@@ -403,7 +431,7 @@ def remotable(fn: _F | None = None, *, send_changes_only: bool = False) -> Any:
         name = func.__name__
 
         async def class_call(cls: Any, context: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
-            api = cls.indirection_api
+            api = _CURRENT_API.get() or cls.indirection_api
             if api is not None and not _has_db(context):
                 objname = cls.obj_name()
                 return await api.object_class_action_versions(
@@ -418,7 +446,7 @@ def remotable(fn: _F | None = None, *, send_changes_only: bool = False) -> Any:
             ctxt = self._context
             if ctxt is None:
                 raise exception.OrphanedObjectError(objname=self.obj_name(), method=name)
-            api = self.indirection_api
+            api = _CURRENT_API.get() or self.indirection_api
             if api is not None and not _has_db(ctxt):
                 sent = self.obj_for_changes() if send_changes_only else self
                 updates, result = await api.object_action(ctxt, sent, name, args, kwargs)

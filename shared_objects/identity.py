@@ -69,7 +69,7 @@ class Identities:
         self._legacy_login = self.config.legacy_shared_login
         legacy = self.config.legacy_hosts if self._legacy_login else ()
         self._legacy_hosts = frozenset(legacy)
-        self.resolve = functools.lru_cache(maxsize=4096)(self._resolve)  # type: ignore[method-assign]
+        self.resolve = functools.lru_cache(maxsize=4096)(self._resolve)
 
     def login_for_host(self, host: str) -> str:
         """The login the agent of ``host`` uses (the documented naming rule)."""

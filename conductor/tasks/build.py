@@ -135,7 +135,9 @@ class BuildTask:
                 no_host = exc
             # Each instance is assigned to its host in the same statement that creates it: the
             # agent may take only a build assigned to it (its ownership scope says so).
-            assigned = [p[0].host for p in picks] if no_host is None else [None] * count
+            assigned: list[str | None] = (
+                [p[0].host for p in picks] if no_host is None else [None] * count
+            )
             records = await self._create_records(
                 ctxt, the_flavor, name, image_ref, count, groups, bdms, assigned
             )

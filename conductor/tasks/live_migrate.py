@@ -298,6 +298,11 @@ class LiveMigrateTask:
                     reasons.append(str(exc))
                     break
                 dest, node = pick[0][0].host, pick[0][0].node
+            # Name the candidate in the row before asking it (a CAS from ``accepted``): the
+            # source answers its precheck call only for the destination the row names.
+            if not await self._propose(ctxt, migration, dest):
+                await self._stopped(ctxt, instance, migration)
+                return None
             try:
                 data = await self.compute.check_can_live_migrate_destination(
                     ctxt,
@@ -346,6 +351,23 @@ class LiveMigrateTask:
             "no destination passed the live-migration prechecks: " + "; ".join(reasons),
         )
         return None
+
+    async def _propose(self, ctxt: RequestContext, migration: Migration, dest: str) -> bool:
+        """Record ``dest`` as the candidate destination while the migration is ``accepted``;
+        False when it has left ``accepted`` (aborted, or settled by its source)."""
+        async with self.database.request(ctxt):
+            db = ctxt.db
+            assert db is not None
+            rows = await db.update(
+                "migrations",
+                {"uuid": migration.uuid, "status": MigrationStatus.ACCEPTED},
+                {"dest_compute": dest, "updated_at": datetime.datetime.now(datetime.UTC)},
+                returning=["status"],
+            )
+        if rows:
+            migration.dest_compute = dest
+            migration.obj_reset_changes(["dest_compute"])
+        return bool(rows)
 
     async def _status(self, ctxt: RequestContext, migration_uuid: str) -> str:
         async with self.database.request(ctxt):

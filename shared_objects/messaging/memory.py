@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import itertools
 import time
@@ -48,6 +49,9 @@ class _Consumer:
         self.no_ack = no_ack
         self.pending: dict[int, _Message] = {}  # delivered, not acked yet
         self.active = True
+        # Deliveries run in the subscriber's context, as in a process of its own on RabbitMQ
+        # (the consumer's connection reader runs there), never in the publisher's.
+        self.context = contextvars.copy_context()
 
     @property
     def unacked(self) -> int:
@@ -167,7 +171,9 @@ class MemoryBroker:
                 queue.unacked += 1
                 ack = self._make_ack(queue, consumer, tag)
             delivery = Delivery(message.body, message.user_id, ack, queue.spec.name)
-            task = asyncio.ensure_future(consumer.callback(delivery))
+            task = asyncio.get_running_loop().create_task(
+                consumer.callback(delivery), context=consumer.context.copy()
+            )
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 

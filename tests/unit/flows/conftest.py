@@ -234,7 +234,7 @@ class LiveMigrationFleet:
 
     async def flush(self) -> None:
         for agent in self.agents.values():
-            await agent.tracker.flush()
+            await agent.run_as_agent(agent.tracker.flush())
 
 
 @pytest.fixture

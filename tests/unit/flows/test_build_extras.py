@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from compute_agent.virt.firewall import normalize_rules
-from shared_objects.base import FleetObject
+from shared_objects.base import FleetObject, indirection_api_in_context
 from shared_objects.context import RequestContext
 from shared_objects.fields import VMState
 from shared_objects.objects.flavor import Flavor
@@ -32,58 +32,44 @@ WATCHED = {BDMS, RULES, EVENT_START, EVENT_FINISH}
 
 
 class CountingIndirection:
-    """Passes the agents' object calls on to the real indirection API, counting them."""
+    """Counts the agents' object calls on their way to the conductor."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self) -> None:
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def watched(self) -> dict[tuple[str, str], int]:
         return {call: n for call, n in self.calls.items() if call in WATCHED}
 
-    async def object_class_action_versions(
-        self,
-        context: Any,
-        objname: str,
-        objmethod: str,
-        object_versions: dict[str, str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        self.calls[(objname, objmethod)] += 1
-        return await self.inner.object_class_action_versions(
-            context, objname, objmethod, object_versions, args, kwargs
-        )
+    def wrap(self, api: Any) -> None:
+        """Count the calls of one agent's conductor client (each agent has its own, under its
+        own login: the one its tasks use)."""
+        class_call, instance_call = api.object_class_action_versions, api.object_action
 
-    async def object_action(
-        self,
-        context: Any,
-        objinst: FleetObject,
-        objmethod: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[dict[str, Any], Any]:
-        self.calls[(objinst.obj_name(), objmethod)] += 1
-        result: tuple[dict[str, Any], Any] = await self.inner.object_action(
-            context, objinst, objmethod, args, kwargs
-        )
-        return result
+        async def object_class_action_versions(
+            context: Any, objname: str, objmethod: str, *rest: Any
+        ) -> Any:
+            self.calls[(objname, objmethod)] += 1
+            return await class_call(context, objname, objmethod, *rest)
 
-    async def object_backport_versions(
-        self, context: Any, objinst: Any, object_versions: dict[str, str]
-    ) -> Any:
-        return await self.inner.object_backport_versions(context, objinst, object_versions)
+        async def object_action(
+            context: Any, objinst: FleetObject, objmethod: str, *rest: Any
+        ) -> Any:
+            self.calls[(objinst.obj_name(), objmethod)] += 1
+            return await instance_call(context, objinst, objmethod, *rest)
+
+        api.object_class_action_versions = object_class_action_versions
+        api.object_action = object_action
 
 
 @pytest.fixture
-def counting() -> Callable[[], CountingIndirection]:
-    """Installs the counter; call it once the fleet's agents have set the indirection API
-    (the fleet fixture puts back the one it found when it ends)."""
+def counting() -> Callable[[Any], CountingIndirection]:
+    """Installs the counter on every agent of a started fleet (the agents go with the fleet)."""
 
-    def install() -> CountingIndirection:
-        api = CountingIndirection(FleetObject.indirection_api)
-        FleetObject.indirection_api = api
-        return api
+    def install(fleet: Any) -> CountingIndirection:
+        counter = CountingIndirection()
+        for agent in fleet.agents.values():
+            counter.wrap(agent.conductor)
+        return counter
 
     return install
 
@@ -123,7 +109,7 @@ async def test_run_instance_extras_at_1_2_and_the_old_flow_below(
     async with fleet_factory() as fleet:
         await _setup(fleet)
         fleet.compute.set_version_cap(cap)
-        calls = counting()
+        calls = counting(fleet)
         (made,) = await fleet.tasks.build_instances(
             OPS,
             flavor="small",
@@ -169,7 +155,7 @@ async def test_rescheduled_build_shows_each_attempt_once(
     async with fleet_factory(failures={"host-a": "spawn:*"}) as fleet:
         await _setup(fleet)
         fleet.compute.set_version_cap(cap)
-        calls = counting()
+        calls = counting(fleet)
         (made,) = await fleet.tasks.build_instances(
             OPS, flavor="small", name="vm", forced_host=None, security_groups=["web"]
         )
@@ -237,6 +223,7 @@ async def test_agent_closes_a_started_event_for_a_build_it_skips(fleet_factory: 
             inst = Instance(
                 ctxt,
                 name="gone",
+                host="host-a",
                 project_id="p1",
                 vm_state=VMState.DELETED,
                 task_state=None,
@@ -246,14 +233,16 @@ async def test_agent_closes_a_started_event_for_a_build_it_skips(fleet_factory: 
             await InstanceAction.action_start(ctxt, inst.uuid, "create")
             await InstanceActionEvent.event_start(ctxt, inst.uuid, "compute_run_instance", "host-a")
         agent_ctxt = RequestContext(request_id=ctxt.request_id, project_id="p1")
-        on_agent = await Instance.get_by_uuid(agent_ctxt, inst.uuid)
-        await fleet.agents["host-a"].build.run_instance(
-            agent_ctxt, on_agent, {}, [], 1, event_started=True
-        )
+        # As host-a's agent: its object calls go out under its own login.
+        with indirection_api_in_context(fleet.agents["host-a"].conductor):
+            on_agent = await Instance.get_by_uuid(agent_ctxt, inst.uuid)
+            await fleet.agents["host-a"].build.run_instance(
+                agent_ctxt, on_agent, {}, [], 1, event_started=True
+            )
         (event,) = await _run_events(fleet, inst.uuid)
         assert event["result"] == "Error" and event["finish_time"] is not None
         assert "build skipped on host-a" in event["details"]
         async with fleet.db() as ctxt:
             row = await Instance.get_by_uuid(ctxt, inst.uuid)
-        assert (row.host, row.vm_state, row.task_state) == (None, VMState.DELETED, None)
+        assert (row.host, row.vm_state, row.task_state) == ("host-a", VMState.DELETED, None)
         assert not await fleet.driver("host-a").instance_exists(inst.uuid)

@@ -44,7 +44,8 @@ async def test_boot_spreads_over_hosts_and_usage_matches(fleet_factory: Any, wai
             by_host[inst.host] = by_host.get(inst.host, 0) + 1
         assert by_host == {"host-a": 3, "host-b": 3}
         for host in ("host-a", "host-b"):
-            await fleet.agents[host].tracker.flush()
+            agent = fleet.agents[host]
+            await agent.run_as_agent(agent.tracker.flush())
         async with fleet.db() as dctxt:
             nodes = {n.host: n for n in await ComputeNodeList.get_all(dctxt)}
         for host, count in by_host.items():

@@ -116,10 +116,22 @@ async def test_peer_settle_refuses_steps_outside_the_allowed_list(lm_fleet_facto
         (uuid,) = await boot(fleet, "host-a")
         async with fleet.db() as ctxt:
             inst = await Instance.get_by_uuid(ctxt, uuid)
+        # host-b takes part in no migration of the instance: host-a refuses it as a peer
+        # before looking at the steps (a conductor asking is refused on the steps instead).
         compute = fleet.agents["host-b"].compute
-        with pytest.raises(exception.InvalidRequest, match="unknown live-migration step"):
+        with pytest.raises(exception.Forbidden, match="settle_live_migration_peer"):
             await compute.settle_live_migration_peer(
                 RequestContext(user_id="compute"),
+                "host-a",
+                instance=inst,
+                steps=["post_live_migration", "destroy"],
+                owner=None,
+                call_monitor_timeout=2,
+                timeout=10,
+            )
+        with pytest.raises(exception.InvalidRequest, match="unknown live-migration step"):
+            await fleet.endpoint.live_migrate.compute.settle_live_migration_peer(
+                RequestContext(user_id="conductor"),
                 "host-a",
                 instance=inst,
                 steps=["post_live_migration", "destroy"],

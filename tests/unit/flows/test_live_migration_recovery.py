@@ -141,10 +141,11 @@ async def test_migration_whose_conductor_vanished_is_swept_by_its_source(
         mig = await _stage(fleet, uuid, phase)
         manager = fleet.agents["host-a"].live_migration
         ctxt = RequestContext(user_id="compute")
-        assert await manager.sweep_orphans(ctxt) == 0  # young: a conductor may still own it
+        as_source = fleet.agents["host-a"].run_as_agent
+        assert await as_source(manager.sweep_orphans(ctxt)) == 0  # young: a conductor may own it
         assert (await instance(fleet, uuid)).task_state == "migrating"
         manager.settings.orphan_after = 0.0
-        assert await manager.sweep_orphans(ctxt) == 1
+        assert await as_source(manager.sweep_orphans(ctxt)) == 1
         inst = await wait_idle(fleet, uuid)
         assert inst.host == "host-a"
         assert (await wait_migration(fleet, mig))["status"] == "error"
@@ -162,11 +163,12 @@ async def test_abort_reaching_the_source_before_the_migration_call_cancels_it(
         mig = await _stage(fleet, uuid, "queued")
         manager = fleet.agents["host-a"].live_migration
         ctxt = RequestContext(user_id="u1", project_id="p1")
-        await manager.live_migration_abort(ctxt, mig)  # no job yet: remembered
+        as_source = fleet.agents["host-a"].run_as_agent
+        await as_source(manager.live_migration_abort(ctxt, mig))  # no job yet: remembered
         async with fleet.db() as dctxt:
             inst = await Instance.get_by_uuid(dctxt, uuid)
             migration = await Migration.get_by_uuid(dctxt, mig)
-        outcome = await manager.live_migration(ctxt, inst, migration, {})
+        outcome = await as_source(manager.live_migration(ctxt, inst, migration, {}))
         assert outcome["status"] == "cancelled"
         assert (await wait_migration(fleet, mig))["status"] == "cancelled"
         assert (await wait_idle(fleet, uuid)).host == "host-a"
