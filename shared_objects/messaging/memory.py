@@ -18,7 +18,7 @@ import contextvars
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import structlog
@@ -39,6 +39,10 @@ class _Message:
     body: bytes
     user_id: str | None
     expires_at: float | None
+
+
+async def _run(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 class _Consumer:
@@ -171,8 +175,8 @@ class MemoryBroker:
                 queue.unacked += 1
                 ack = self._make_ack(queue, consumer, tag)
             delivery = Delivery(message.body, message.user_id, ack, queue.spec.name)
-            task = asyncio.get_running_loop().create_task(
-                consumer.callback(delivery), context=consumer.context.copy()
+            task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+                _run(consumer.callback(delivery)), context=consumer.context.copy()
             )
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
