@@ -132,6 +132,16 @@ class LocalCluster:
             return self.spec.legacy_shared_login
         return logins.host_login(name)
 
+    @contextlib.asynccontextmanager
+    async def transport_as(self, login: str | None) -> AsyncIterator[Transport]:
+        """A connected transport logged in as ``login`` (e.g. ``login_of("conductor-1")``, to
+        send what only a conductor may); the cluster's URL as given when ``login`` is None."""
+        cfg = MessagingConfig(
+            transport_url=self._url_of(login), control_exchange=self.spec.control_exchange
+        )
+        async with get_transport(cfg, allowed_remote_exmods=EXMODS) as transport:
+            yield transport
+
     def _url_of(self, login: str | None) -> str:
         if login is None or self.spec.logins is None:
             return self.spec.transport_url
