@@ -91,8 +91,10 @@ from conductor.db import models
 from shared_objects import exception, releases
 from shared_objects.fields import MigrationStatus, TaskState
 
-#: Statuses of a migration still in progress (it holds resources on both hosts). The agent side
-#: should reuse this set wherever it asks "is this migration still going on?".
+#: Statuses of a migration still in progress (it holds resources on both hosts): the set
+#: ``MigrationList.get_in_progress_by_host`` uses. Agents must not import ``conductor.db``; their
+#: "is this migration still going on?" should use the same definition (``MigrationStatus.ALL``
+#: minus ``MigrationStatus.FINISHED``).
 ACTIVE_MIGRATION_STATUSES: tuple[str, ...] = tuple(
     s for s in MigrationStatus.ALL if s not in MigrationStatus.FINISHED
 )
