@@ -155,14 +155,15 @@ class LocalCluster:
             return
         new: list[str] = []
         old: list[str] = []
-        shared: dict[str, list[str]] = {}
         for host in hosts:
             if host not in self.spec.agent_source:
                 new.append(host)
-            elif self.spec.legacy_shared_login:
-                shared.setdefault(self.spec.legacy_shared_login, []).append(host)
-            else:
+            elif not self.spec.legacy_shared_login:
                 old.append(host)
+        shared: dict[str, list[str]] = {}
+        if self.spec.legacy_shared_login:
+            # It speaks for every host still on older code, and for no other.
+            shared[self.spec.legacy_shared_login] = sorted(self.spec.agent_source)
         await logins.ensure(
             conductors=[str(index) for index in conductors],
             operators=[""],

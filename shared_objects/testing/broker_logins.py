@@ -548,10 +548,7 @@ class BrokerLogins:
         known = self._grants.get(grant.login)
         if known is not None and known.role is not grant.role:
             raise ValueError(f"login {grant.login!r} is already a {known.role.value}")
-        if grant.role is Role.AGENT and known is not None and known.hosts != grant.hosts:
-            # A shared login gains hosts; an agent's own login keeps its one host.
-            grant = dataclasses.replace(grant, hosts=known.hosts | grant.hosts)
-        self._grants[grant.login] = grant
+        self._grants[grant.login] = grant  # replaces: a host's runtime, a shared login's hosts
         self._passwords.setdefault(grant.login, secrets.token_urlsafe(24))
 
     def _get_lock(self) -> asyncio.Lock:
@@ -587,7 +584,6 @@ class BrokerLogins:
             requested.append(login)
         for host in [*hosts, *sorted(old_hosts)]:
             login = self.host_login(host)
-            self._grants.pop(login, None)  # its runtime may have changed
             self._grant(_Grant(login, Role.AGENT, frozenset({host}), host in old_hosts))
             requested.append(login)
         for login, served in (legacy or {}).items():
@@ -615,7 +611,8 @@ class BrokerLogins:
         ``conductors`` / ``operators`` are names (``"1"`` -> ``fleet-conductor[-<tag>]-1``, ``""``
         -> ``fleet-operator[-<tag>]``); ``hosts`` are agent host names, their agents on this
         release; ``old_runtime_hosts`` the hosts whose agents (own logins) run an older release;
-        ``legacy`` maps a shared login to the hosts of older agents using it; ``exchanges`` are
+        ``legacy`` maps a shared login to ALL the hosts whose older agents use it now (what it
+        served before and is not listed loses its rights); ``exchanges`` are
         control exchanges (permissions and topic permissions for every login). Returns the
         logins named by this call. What the broker already holds is not sent again.
         """

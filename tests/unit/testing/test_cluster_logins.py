@@ -123,6 +123,9 @@ async def test_a_shared_legacy_login_for_old_agents(tmp_path: Path) -> None:
     security = load_config(fleet_env(env)).security
     assert (security.legacy_shared_login, security.legacy_hosts) == ("fleet", ("compute-2",))
     assert local.login_of("compute-2") == "fleet"
+    # The shared login keeps the rights of the hosts still old, and only those.
+    perm = local.spec.logins.permissions("fleet")  # type: ignore[union-attr]
+    assert "compute\\.compute-2" in perm.read and "compute\\.compute-1" not in perm.read
 
 
 async def test_without_logins_everyone_uses_the_given_url(tmp_path: Path) -> None:
