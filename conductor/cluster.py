@@ -56,6 +56,8 @@ class ProcessHandle:
     process: asyncio.subprocess.Process | None = None
     # Source tree to run from (an older release exported from git), or the installed code.
     cwd: Path | None = None
+    # Size of the (appended) log when this process started: what it wrote comes after.
+    log_offset: int = 0
 
     @property
     def running(self) -> bool:
@@ -130,6 +132,16 @@ class LocalCluster:
             return self.spec.legacy_shared_login
         return logins.host_login(name)
 
+    @contextlib.asynccontextmanager
+    async def transport_as(self, login: str | None) -> AsyncIterator[Transport]:
+        """A connected transport logged in as ``login`` (e.g. ``login_of("conductor-1")``, to
+        send what only a conductor may); the cluster's URL as given when ``login`` is None."""
+        cfg = MessagingConfig(
+            transport_url=self._url_of(login), control_exchange=self.spec.control_exchange
+        )
+        async with get_transport(cfg, allowed_remote_exmods=EXMODS) as transport:
+            yield transport
+
     def _url_of(self, login: str | None) -> str:
         if login is None or self.spec.logins is None:
             return self.spec.transport_url
@@ -143,14 +155,15 @@ class LocalCluster:
             return
         new: list[str] = []
         old: list[str] = []
-        shared: dict[str, list[str]] = {}
         for host in hosts:
             if host not in self.spec.agent_source:
                 new.append(host)
-            elif self.spec.legacy_shared_login:
-                shared.setdefault(self.spec.legacy_shared_login, []).append(host)
-            else:
+            elif not self.spec.legacy_shared_login:
                 old.append(host)
+        shared: dict[str, list[str]] = {}
+        if self.spec.legacy_shared_login:
+            # It speaks for every host still on older code, and for no other.
+            shared[self.spec.legacy_shared_login] = sorted(self.spec.agent_source)
         await logins.ensure(
             conductors=[str(index) for index in conductors],
             operators=[""],
@@ -234,6 +247,7 @@ class LocalCluster:
     async def _spawn(self, handle: ProcessHandle) -> None:
         handle.log_path.parent.mkdir(parents=True, exist_ok=True)
         logfile = await asyncio.to_thread(open, handle.log_path, "ab")
+        handle.log_offset = logfile.tell()
         try:
             handle.process = await asyncio.create_subprocess_exec(
                 *handle.argv,
@@ -251,11 +265,11 @@ class LocalCluster:
     async def start(self, *, timeout: float = 60.0) -> None:
         """Migrate the database, start conductors then agents, wait until all are up."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        await self.provision(hosts=self.spec.hosts, conductors=range(1, self.spec.conductors + 1))
         if self.spec.conductor_source is None:
             await migration.upgrade(self.spec.database_url)
         else:
             await self.migrate_database(self.spec.conductor_source)
-        await self.provision(hosts=self.spec.hosts, conductors=range(1, self.spec.conductors + 1))
         cfg = MessagingConfig(
             transport_url=self.operator_url, control_exchange=self.spec.control_exchange
         )
@@ -289,7 +303,8 @@ class LocalCluster:
                 await asyncio.sleep(0.2)
 
     async def wait_agents(self, hosts: tuple[str, ...] | list[str], timeout: float) -> None:
-        """Until each host has a live service row and a ComputeNode."""
+        """Until each host has a service row and a ComputeNode, and its agent process (when we
+        started one) has said it is ready: after a restart the rows are already there."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -297,7 +312,8 @@ class LocalCluster:
                 self._check_alive(host)
             services = {s.host for s in await ServiceList.get_by_binary(self.ctxt, BINARY_COMPUTE)}
             nodes = {n.host for n in await ComputeNodeList.get_all(self.ctxt)}
-            if set(hosts) <= services & nodes:
+            ready = [await self._said_ready(host) for host in hosts]
+            if set(hosts) <= services & nodes and all(ready):
                 # Registered; give the RPC consumer its start (ready comes right after).
                 await asyncio.sleep(0.3)
                 return
@@ -307,6 +323,19 @@ class LocalCluster:
                     f"(services: {sorted(services)}, compute nodes: {sorted(nodes)})"
                 )
             await asyncio.sleep(0.2)
+
+    async def _said_ready(self, name: str) -> bool:
+        """Whether the current process ``name`` logged ``service_ready`` (True if not ours)."""
+        handle = self.processes.get(name)
+        if handle is None or handle.process is None:
+            return True
+
+        def read() -> bytes:
+            with handle.log_path.open("rb") as log_file:
+                log_file.seek(handle.log_offset)
+                return log_file.read()
+
+        return b'"service_ready"' in await asyncio.to_thread(read)
 
     def _check_alive(self, name: str) -> None:
         """Fail fast, with the log's tail, when a process died while we wait for it."""
@@ -376,6 +405,7 @@ class LocalCluster:
 
     async def migrate_database(self, source: Path | None = None) -> None:
         """``fleetctl db upgrade`` of the given code (None: the installed code)."""
+        await self.provision()  # fleetctl runs as the operator
         env = self._base_env(self.operator_login, source)
         env["FLEET_DATABASE_URL"] = self.spec.database_url
         if source is not None:

@@ -4,6 +4,10 @@ Starts a conductor and two compute agents as separate processes on the local Rab
 vhost) and PostgreSQL (its own database), boots six instances, attaches and detaches a volume,
 live-migrates one with a progress bar, prints the fleet, and stops everything cleanly. Exit
 status 0 means every step worked.
+
+Each process logs in to RabbitMQ as its own user, as in a deployment: ``fleet-conductor-1``,
+``fleet-host-compute-1``, ``fleet-host-compute-2``, and the demo itself as ``fleet-operator``
+(created for the demo's vhost, deleted at the end; see ``docs/operations.md``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,10 @@ from shared_objects.log import configure_logging
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import InstanceList
+from shared_objects.testing.broker_logins import BrokerLogins
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+AMQP_ADMIN = "rabbit://guest:guest@127.0.0.1:5672/"
 INSTANCE_COLUMNS = ("name", "uuid", "host", "vm_state", "task_state", "power_state")
 HOST_COLUMNS = ("host", "running_vms", "vcpus_used", "memory_mb_used", "memory_mb")
 
@@ -56,6 +62,32 @@ def private_vhost() -> Iterator[str]:
         yield name
     finally:
         subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True)
+
+
+def vhost_url(vhost: str) -> str:
+    return AMQP_ADMIN if vhost == "/" else AMQP_ADMIN + vhost
+
+
+@contextlib.asynccontextmanager
+async def demo_broker() -> AsyncIterator[tuple[str, BrokerLogins | None]]:
+    """A private vhost and the broker logins of the demo's processes on it (the documented
+    names, no tag), both deleted at the end. Without rabbitmqctl: vhost ``/`` and no logins
+    (every process then uses the guest URL)."""
+    with private_vhost() as vhost:
+        if vhost == "/":
+            yield vhost, None
+            return
+        logins = BrokerLogins(vhost_url(vhost), vhost)
+        try:
+            yield vhost, logins
+        finally:
+            await logins.delete()
+
+
+def describe_logins(cluster: LocalCluster) -> str:
+    names = [name for name in cluster.processes if cluster.login_of(name)]
+    pairs = [f"{name} as {cluster.login_of(name)}" for name in names]
+    return ", ".join([*pairs, f"this demo as {cluster.operator_login}"])
 
 
 async def fresh_database(name: str) -> str:
@@ -95,16 +127,17 @@ async def follow_migration(cluster: LocalCluster, migration_uuid: str) -> dict[s
 
 async def demo(workdir: Path) -> int:
     started = time.monotonic()
-    with private_vhost() as vhost:
+    async with demo_broker() as (vhost, logins):
         say("creating a fresh PostgreSQL database 'fleet_demo' and RabbitMQ vhost " + vhost)
         db_url = await fresh_database("fleet_demo")
         spec = ClusterSpec(
             database_url=db_url,
-            transport_url=f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
+            transport_url=vhost_url(vhost),
             control_exchange="fleet",
             hosts=("compute-1", "compute-2"),
             workdir=workdir,
             common_env={"FLEET_COMPUTE__SPAWN_DELAY": "0.3"},
+            logins=logins,
         )
         await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         cluster = LocalCluster(spec)
@@ -112,6 +145,8 @@ async def demo(workdir: Path) -> int:
         await cluster.start()
         try:
             say(f"cluster up; logs in {workdir}/")
+            if logins is not None:
+                say(f"RabbitMQ logins (one per process): {describe_logins(cluster)}")
             await Flavor(
                 cluster.ctxt,
                 name="m1.small",

@@ -6,6 +6,12 @@
    at the old release because both agents are old.
 4. Upgrade one agent; live-migrate old → new and new → old across the releases.
 5. Upgrade the last agent and SIGHUP the conductor: the cap lifts to the new release.
+
+Broker logins: the old agents keep ONE shared login (``fleet``), as deployments of the old
+release did; conductors log in as ``fleet-conductor-1`` from the start and the demo as
+``fleet-operator``. Processes on the new code are told that ``fleet`` speaks for the hosts still
+on the old release (``FLEET_SECURITY__LEGACY_SHARED_LOGIN`` / ``FLEET_SECURITY__LEGACY_HOSTS``);
+an upgraded agent logs in as its own ``fleet-host-<host>``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from pathlib import Path
 
 from conductor.cluster import ClusterSpec, LocalCluster
-from conductor.demo import fresh_database, print_fleet, private_vhost, say
+from conductor.demo import demo_broker, fresh_database, print_fleet, say, vhost_url
 from conductor.release_tree import export_release, previous_release
 from shared_objects import releases
 from shared_objects.log import configure_logging
@@ -30,6 +36,8 @@ from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
 
 HOSTS = ("compute-1", "compute-2")
+# The one login the old release's agents share (what a deployment of that release had).
+SHARED_LOGIN = "fleet"
 
 
 def conductor_caps(cluster: LocalCluster) -> list[str]:
@@ -67,12 +75,12 @@ async def demo(workdir: Path) -> int:
     with tempfile.TemporaryDirectory(prefix=f"fleet-release-{old.name}-") as tmp:
         tree = await export_release(old, Path(tmp))
         say(f"exported release {old.name}'s code from git history to {tree}")
-        with private_vhost() as vhost:
+        async with demo_broker() as (vhost, logins):
             db_url = await fresh_database("fleet_demo_upgrade")
             await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
             spec = ClusterSpec(
                 database_url=db_url,
-                transport_url=f"rabbit://guest:guest@127.0.0.1:5672/{vhost}",
+                transport_url=vhost_url(vhost),
                 control_exchange="fleet",
                 hosts=HOSTS,
                 workdir=workdir,
@@ -84,10 +92,17 @@ async def demo(workdir: Path) -> int:
                 },
                 service_down_time=6.0,
                 report_interval=1.0,
+                logins=logins,
+                legacy_shared_login=SHARED_LOGIN if logins is not None else None,
             )
             cluster = LocalCluster(spec)
             say(f"step 1: a fleet on release {old.name}: conductor-1, {', '.join(HOSTS)}")
             await cluster.start()
+            if logins is not None:
+                say(
+                    f"        broker logins: conductor-1 as {cluster.login_of('conductor-1')}, "
+                    f"both old agents share {SHARED_LOGIN!r}"
+                )
             try:
                 return await _steps(cluster, tree, old, new, started)
             finally:
@@ -118,6 +133,8 @@ async def _steps(
     say(f"        conductor's compute RPC cap: {conductor_caps(cluster)[-1]}")
     say(f"step 4: compute-1 upgraded to release {new.name}; compute-2 still on {old.name}")
     await cluster.switch_agent_code("compute-1", None)
+    if cluster.spec.logins is not None:
+        say(f"        compute-1 now logs in as {cluster.login_of('compute-1')}")
     await asyncio.sleep(1.5)
     say(f"        cap while compute-2 is old: {conductor_caps(cluster)[-1]}")
     for uuid, dest, label in (

@@ -54,8 +54,9 @@ Values a write may set:
 * ``instances.host``: unchanged; or ``None`` on an instance whose ``host`` is in H (an agent
   hands a build back); or the destination of the instance's latest migration, while the
   instance is ``migrating`` and still on that migration's source, when the caller is its
-  source or its destination (the switch-over, and its recovery after a crash). ``node`` follows
-  no rule of its own: ownership goes by ``host``.
+  source or its destination and the migration is active or ``error`` (the switch-over, and its
+  settlement by recovery after a crash or a silent peer). ``node`` follows no rule of its own:
+  ownership goes by ``host``.
 * ``deleted``: only ever set (never cleared); on ``instances`` only where ``host`` is in H (a
   migration peer may not destroy the instance).
 * ``migrations.status``: an active status only on a migration that is still active (a finished
@@ -90,11 +91,18 @@ from conductor.db import models
 from shared_objects import exception, releases
 from shared_objects.fields import MigrationStatus, TaskState
 
-#: Statuses of a migration still in progress (it holds resources on both hosts). The agent side
-#: should reuse this set wherever it asks "is this migration still going on?".
+#: Statuses of a migration still in progress (it holds resources on both hosts): the set
+#: ``MigrationList.get_in_progress_by_host`` uses. Agents must not import ``conductor.db``; their
+#: "is this migration still going on?" should use the same definition (``MigrationStatus.ALL``
+#: minus ``MigrationStatus.FINISHED``).
 ACTIVE_MIGRATION_STATUSES: tuple[str, ...] = tuple(
     s for s in MigrationStatus.ALL if s not in MigrationStatus.FINISHED
 )
+
+#: Statuses under which an instance may still switch hosts through its migration: active ones,
+#: and ``error`` (the outcome is unknown; the recovery of either host settles it from the
+#: hypervisors). ``completed``, ``failed`` and ``cancelled`` are settled.
+MOVABLE_MIGRATION_STATUSES: tuple[str, ...] = (*ACTIVE_MIGRATION_STATUSES, MigrationStatus.ERROR)
 
 #: The only binary whose ``services`` rows an agent may write.
 AGENT_BINARY = releases.BINARY_COMPUTE
@@ -202,12 +210,14 @@ def instance_writable(i: FromClause, q: Sql) -> ColumnElement[bool]:
 
 def _host_move(i: FromClause, q: Sql) -> ColumnElement[bool]:
     """``host`` may become ``:g_host``: it already is, or ``:g_host`` is the destination of the
-    instance's latest migration, which the caller takes part in, while the instance is
-    migrating and still on that migration's source."""
+    instance's latest migration, which the caller takes part in and which is not settled
+    (``MOVABLE_MIGRATION_STATUSES``), while the instance is migrating and still on that
+    migration's source."""
     new_host = bindparam("g_host", type_=String())
     switch_over: Callable[[FromClause], Iterable[ColumnElement[bool]]] = lambda m: (  # noqa: E731
         m.c.source_compute == i.c.host,
         m.c.dest_compute == new_host,
+        q.one_of(m.c.status, "o_movable", MOVABLE_MIGRATION_STATUSES),
     )
     return or_(
         i.c.host == new_host,

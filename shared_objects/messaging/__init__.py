@@ -3,6 +3,7 @@
 See ``docs/rpc.md`` for the contract. Everything callers need is importable from here.
 """
 
+from shared_objects.messaging.authorization import Authorizer, ReplyFrom
 from shared_objects.messaging.client import CallContext, RPCClient
 from shared_objects.messaging.dispatcher import expose
 from shared_objects.messaging.exceptions import (
@@ -15,7 +16,10 @@ from shared_objects.messaging.exceptions import (
     MessagingTimeout,
     NoSuchMethod,
     RemoteError,
+    RequestRefused,
     RPCVersionCapError,
+    Unauthenticated,
+    UncoveredMethods,
     UnsupportedEnvelopeVersion,
     UnsupportedVersion,
 )
@@ -28,6 +32,7 @@ from shared_objects.messaging.transport import Transport, get_transport
 from shared_objects.messaging.versions import version_is_compatible
 
 __all__ = [
+    "Authorizer",
     "CallContext",
     "ExpectedException",
     "InvalidTarget",
@@ -44,9 +49,13 @@ __all__ = [
     "RPCServer",
     "RPCVersionCapError",
     "RemoteError",
+    "ReplyFrom",
+    "RequestRefused",
     "Serializer",
     "Target",
     "Transport",
+    "Unauthenticated",
+    "UncoveredMethods",
     "UnsupportedEnvelopeVersion",
     "UnsupportedVersion",
     "expose",

@@ -73,7 +73,7 @@ _CLIENT_ERRORS = (NoSuchMethod, UnsupportedVersion, MalformedMessage)
 
 
 class _Refused(Exception):
-    """What ``authorize`` raised, carried to the failure path (``bug``: not marked a refusal)."""
+    """Carries what ``Authorizer.authorize`` raised to the failure path (``RPCServer._refuse``)."""
 
     def __init__(self, exc: Exception):
         super().__init__()

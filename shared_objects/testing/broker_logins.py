@@ -357,7 +357,8 @@ class BrokerLogins:
     :meth:`ensure` are always covered (and get topic permissions). ``legacy_queue_names``: also
     grant the pre-issue-11 queue names to every agent and operator login (None: when this tree's
     runtime still uses them); ``agent_topic_queue``: agents may consume the shared ``compute``
-    queue (None: when this tree's agent still does).
+    queue (None: when this tree's agent still does). ``passwords`` fixes some logins' passwords
+    (a deployment file's); the others get random ones (``secrets``).
 
     Not bound to an event loop: it may be used from several ``asyncio.run`` calls in turn.
     """
@@ -375,6 +376,7 @@ class BrokerLogins:
         notification_topics: Sequence[str] = NOTIFICATION_TOPICS,
         legacy_queue_names: bool | None = None,
         agent_topic_queue: bool | None = None,
+        passwords: Mapping[str, str] | None = None,
     ) -> None:
         from shared_objects.messaging.urls import parse_transport_url
 
@@ -402,7 +404,8 @@ class BrokerLogins:
         if agent_topic_queue is None:
             agent_topic_queue = legacy_queue_names or agents_consume_topic_queue()
         self.agent_topic_queue = agent_topic_queue
-        self._passwords: dict[str, str] = {}
+        # Fixed passwords (a compose file's local-only ones); every other login gets a random one.
+        self._passwords: dict[str, str] = dict(passwords or {})
         self._grants: dict[str, _Grant] = {}
         self._exchanges: list[str] = []
         # What the broker holds (as far as this object knows), to send only changes.
@@ -545,10 +548,7 @@ class BrokerLogins:
         known = self._grants.get(grant.login)
         if known is not None and known.role is not grant.role:
             raise ValueError(f"login {grant.login!r} is already a {known.role.value}")
-        if grant.role is Role.AGENT and known is not None and known.hosts != grant.hosts:
-            # A shared login gains hosts; an agent's own login keeps its one host.
-            grant = dataclasses.replace(grant, hosts=known.hosts | grant.hosts)
-        self._grants[grant.login] = grant
+        self._grants[grant.login] = grant  # replaces: a host's runtime, a shared login's hosts
         self._passwords.setdefault(grant.login, secrets.token_urlsafe(24))
 
     def _get_lock(self) -> asyncio.Lock:
@@ -556,6 +556,45 @@ class BrokerLogins:
         if self._lock is None or self._lock_loop is not loop:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
+
+    def add(
+        self,
+        *,
+        conductors: Iterable[str] = (),
+        operators: Iterable[str] = (),
+        hosts: Iterable[str] = (),
+        old_runtime_hosts: Iterable[str] = (),
+        legacy: Mapping[str, Iterable[str]] | None = None,
+        exchanges: Iterable[str] = (),
+    ) -> list[str]:
+        """Record logins and control exchanges without touching the broker (:meth:`ensure` sends
+        them; :meth:`definitions` writes them to a file). Arguments as for :meth:`ensure`."""
+        requested: list[str] = []
+        old_hosts = set(old_runtime_hosts)
+        for exchange in exchanges:
+            if exchange not in self._exchanges:
+                self._exchanges.append(exchange)
+        for name in conductors:
+            login = self.conductor_login(name)
+            self._grant(_Grant(login, Role.CONDUCTOR))
+            requested.append(login)
+        for name in operators:
+            login = self.operator_login(name)
+            self._grant(_Grant(login, Role.OPERATOR))
+            requested.append(login)
+        for host in [*hosts, *sorted(old_hosts)]:
+            login = self.host_login(host)
+            self._grant(_Grant(login, Role.AGENT, frozenset({host}), host in old_hosts))
+            requested.append(login)
+        for login, served in (legacy or {}).items():
+            if not _LOGIN_RE.match(login):
+                raise ValueError(f"unsafe broker login {login!r}")
+            role = self.identities.resolve(login).role
+            if role in (Role.CONDUCTOR, Role.OPERATOR):
+                raise ValueError(f"shared agent login {login!r} is a {role.value} login")
+            self._grant(_Grant(login, Role.AGENT, frozenset(served), old_runtime=True))
+            requested.append(login)
+        return requested
 
     async def ensure(
         self,
@@ -572,37 +611,20 @@ class BrokerLogins:
         ``conductors`` / ``operators`` are names (``"1"`` -> ``fleet-conductor[-<tag>]-1``, ``""``
         -> ``fleet-operator[-<tag>]``); ``hosts`` are agent host names, their agents on this
         release; ``old_runtime_hosts`` the hosts whose agents (own logins) run an older release;
-        ``legacy`` maps a shared login to the hosts of older agents using it; ``exchanges`` are
+        ``legacy`` maps a shared login to ALL the hosts whose older agents use it now (what it
+        served before and is not listed loses its rights); ``exchanges`` are
         control exchanges (permissions and topic permissions for every login). Returns the
         logins named by this call. What the broker already holds is not sent again.
         """
-        requested: list[str] = []
-        old_hosts = set(old_runtime_hosts)
         async with self._get_lock():
-            for exchange in exchanges:
-                if exchange not in self._exchanges:
-                    self._exchanges.append(exchange)
-            for name in conductors:
-                login = self.conductor_login(name)
-                self._grant(_Grant(login, Role.CONDUCTOR))
-                requested.append(login)
-            for name in operators:
-                login = self.operator_login(name)
-                self._grant(_Grant(login, Role.OPERATOR))
-                requested.append(login)
-            for host in [*hosts, *sorted(old_hosts)]:
-                login = self.host_login(host)
-                self._grants.pop(login, None)  # its runtime may have changed
-                self._grant(_Grant(login, Role.AGENT, frozenset({host}), host in old_hosts))
-                requested.append(login)
-            for login, served in (legacy or {}).items():
-                if not _LOGIN_RE.match(login):
-                    raise ValueError(f"unsafe broker login {login!r}")
-                role = self.identities.resolve(login).role
-                if role in (Role.CONDUCTOR, Role.OPERATOR):
-                    raise ValueError(f"shared agent login {login!r} is a {role.value} login")
-                self._grant(_Grant(login, Role.AGENT, frozenset(served), old_runtime=True))
-                requested.append(login)
+            requested = self.add(
+                conductors=conductors,
+                operators=operators,
+                hosts=hosts,
+                old_runtime_hosts=old_runtime_hosts,
+                legacy=legacy,
+                exchanges=exchanges,
+            )
             await self._apply()
         return requested
 

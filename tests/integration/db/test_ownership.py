@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 
 from conductor.db import migration
-from conductor.db.ownership import ACTIVE_MIGRATION_STATUSES, OwnerScope
+from conductor.db.ownership import (
+    ACTIVE_MIGRATION_STATUSES,
+    MOVABLE_MIGRATION_STATUSES,
+    OwnerScope,
+)
 from conductor.db.session import Database
 from conductor.testing import snapshot
 from shared_objects import exception, releases
@@ -608,6 +612,27 @@ async def test_after_a_migration_its_hosts_may_finish_its_records_but_not_write_
     await refused(world, lambda c: Instance.get_by_uuid(c, inst.uuid), host=H2)
 
 
+@pytest.mark.parametrize(
+    "status", [MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED]
+)
+async def test_a_settled_migration_moves_nothing(world: World, status: str) -> None:
+    """Even with the instance (re)marked ``migrating`` by its owner, a settled latest migration
+    does not let the instance switch to that migration's destination."""
+    inst = await world.instance(H1, task_state=TaskState.MIGRATING)
+    await world.migration(inst, H1, H2, status)
+    inst.host = H2
+    inst.obj_reset_changes(["task_state"])
+    await refused(world, lambda c: inst.save(expected_task_state=[TaskState.MIGRATING]), inst)
+    stale = await world.reload(inst)
+    stale.host = H2
+    await refused(
+        world,
+        lambda c: stale.save(expected_task_state=[TaskState.MIGRATING]),
+        stale,
+        host=H2,
+    )
+
+
 async def test_an_unsettled_migration_stays_writable_for_both_hosts(world: World) -> None:
     """A migration marked ``error`` while the instance is still ``migrating`` (the source could
     not reach the destination) is settled later by either host's recovery."""
@@ -684,3 +709,4 @@ async def test_active_statuses_are_the_unfinished_ones() -> None:
     assert set(ACTIVE_MIGRATION_STATUSES) == set(MigrationStatus.ALL) - set(
         MigrationStatus.FINISHED
     )
+    assert set(MOVABLE_MIGRATION_STATUSES) - set(ACTIVE_MIGRATION_STATUSES) == {"error"}

@@ -1,5 +1,6 @@
 """Recovery without a broker restart: queues deleted under a running server and client are
-declared again and consumed again (the broker cancels the consumers; we resume)."""
+declared again and consumed again (the broker cancels the consumers; we resume). The client's
+reply queue is exclusive, so only its own connection can delete it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import aiormq
 import pytest
 from structlog.testing import capture_logs
 
@@ -57,8 +59,13 @@ async def test_deleted_server_and_reply_queues_are_recreated(
         async with RPCServer(server_t, Target(topic=unique_topic, server="s1"), [Ping()]):
             client = RPCClient(client_t, Target(topic=unique_topic), timeout=5)
             assert await client.call(None, "ping") == "pong"
+            # The reply queue is exclusive: no other connection may delete it...
+            with pytest.raises(aiormq.exceptions.ChannelLockedResource):
+                await delete_entities(amqp_url, queues=[client_t.replies.queue_name])
             with capture_logs() as logs:
-                await delete_entities(amqp_url, queues=[unique_topic, client_t.replies.queue_name])
+                await delete_entities(amqp_url, queues=[unique_topic])
+                # ...but its own connection can (as a lost quorum node would for shared ones).
+                await client_t.driver.delete_queue(client_t.replies.queue_name)
                 took = await _until_pong(client, within=15)
             events = [e["event"] for e in logs]
             assert events.count("consumer_cancelled_by_broker") == 2

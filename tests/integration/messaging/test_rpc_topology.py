@@ -1,5 +1,6 @@
 """Declarations and connection options on the real RabbitMQ: oslo-identical declarations for
-quorum options (a redeclaration with oslo's flags must not be refused), multi-host failover."""
+quorum options (a redeclaration with oslo's flags must not be refused; the reply queue, which no
+oslo peer declares, is exclusive unless it is a quorum queue), multi-host failover."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 
 from shared_objects.config import MessagingConfig
@@ -73,14 +75,16 @@ async def test_quorum_declarations_are_identical_to_oslos(
                     if transient_quorum
                     else {"x-expires": 1800000},
                 ),
-                (
-                    transport.replies.queue_name,
-                    transient_quorum,
-                    {"x-queue-type": "quorum", "x-expires": 1800000}
-                    if transient_quorum
-                    else {"x-expires": 1800000},
-                ),
             ]
+            if transient_quorum:
+                # A quorum queue cannot be exclusive: the reply queue is a shared one then.
+                expected.append(
+                    (
+                        transport.replies.queue_name,
+                        True,
+                        {"x-queue-type": "quorum", "x-expires": 1800000},
+                    )
+                )
             connection = await aio_pika.connect(amqp_url.replace("rabbit://", "amqp://"))
             async with connection:
                 channel = await connection.channel()
@@ -98,6 +102,15 @@ async def test_quorum_declarations_are_identical_to_oslos(
                         name, durable=durable, auto_delete=False, arguments=arguments
                     )
                 assert not channel.is_closed
+                if not transient_quorum:
+                    # Otherwise the reply queue is exclusive to its connection: no other
+                    # connection can declare (or consume, or delete) it, whatever the flags.
+                    with pytest.raises(aiormq.exceptions.ChannelLockedResource):
+                        await channel.declare_queue(
+                            transport.replies.queue_name,
+                            auto_delete=False,
+                            arguments={"x-expires": 1800000},
+                        )
 
 
 async def test_multi_host_url_fails_over_to_a_live_host(

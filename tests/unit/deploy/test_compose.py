@@ -6,14 +6,18 @@ does not know which services exist or what Fleet needs, so the project checks be
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import check_jsonschema
 import jsonschema
@@ -27,6 +31,10 @@ SCHEMA = Path(check_jsonschema.__file__).parent / "builtin_schemas/vendor/compos
 FLEET_IMAGE = "fleet:latest"
 # Services that must reach the database; every other Fleet service must not get its URL.
 DATABASE_USERS = {"conductor", "migrate"}
+DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
+DEFINITIONS_CONF = ROOT / "deploy" / "rabbitmq" / "30-fleet-definitions.conf"
+DEFINITIONS_SCRIPT = ROOT / "deploy" / "rabbitmq" / "make_definitions.py"
+AGENTS = ("compute-1", "compute-2")
 
 
 @pytest.fixture(scope="module")
@@ -129,20 +137,43 @@ def test_broker_and_database_healthchecks(compose: dict[str, Any]) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def definitions() -> dict[str, Any]:
+    data = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_definitions", DEFINITIONS_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def login_of(service: dict[str, Any]) -> tuple[str, str, str]:
+    """(login, password, vhost) of a Fleet service's transport URL."""
+    url = urlsplit(environment(service)["FLEET_TRANSPORT_URL"])
+    assert url.username and url.password is not None
+    return unquote(url.username), unquote(url.password), unquote(url.path.lstrip("/")) or "/"
+
+
+def verifies(password_hash: str, password: str) -> bool:
+    raw = base64.b64decode(password_hash)
+    return raw[4:] == hashlib.sha256(raw[:4] + password.encode()).digest()
+
+
 def test_each_fleet_service_gets_the_environment_it_needs(compose: dict[str, Any]) -> None:
     services = fleet_services(compose)
     assert set(services) == {"migrate", "conductor", "compute-1", "compute-2"}
-    rabbit_env = environment(compose["services"]["rabbitmq"])
     pg_env = environment(compose["services"]["postgres"])
     for name, service in services.items():
         env = environment(service)
         transport = urlsplit(env["FLEET_TRANSPORT_URL"])
         assert transport.scheme == "rabbit"
         assert transport.hostname == "rabbitmq"
-        assert (transport.username, transport.password) == (
-            rabbit_env["RABBITMQ_DEFAULT_USER"],
-            rabbit_env["RABBITMQ_DEFAULT_PASS"],
-        ), name
+        assert transport.path == "/fleet", name
         if name in DATABASE_USERS:
             db = urlsplit(env["FLEET_DATABASE_URL"])
             assert db.scheme == "postgresql+asyncpg"
@@ -155,6 +186,96 @@ def test_each_fleet_service_gets_the_environment_it_needs(compose: dict[str, Any
         else:
             # Agents never hold database credentials (DESIGN.md section 1).
             assert not any("DATABASE" in key for key in env), name
+
+
+def test_no_service_uses_the_broker_administrator_or_guest(
+    compose: dict[str, Any], definitions: dict[str, Any]
+) -> None:
+    admins = {u["name"] for u in definitions["users"] if "administrator" in u["tags"]}
+    assert admins == {"fleet-admin"}
+    for name, service in fleet_services(compose).items():
+        login, password, _ = login_of(service)
+        assert login not in admins | {"guest"}, name
+        assert password not in ("guest", "fleet", "fleet-admin-local-only"), name
+    # The broker seeds no default guest user: it loads the definitions at boot instead.
+    rabbit_env = environment(compose["services"]["rabbitmq"])
+    assert "RABBITMQ_DEFAULT_USER" not in rabbit_env
+    assert "guest" not in {u["name"] for u in definitions["users"]}
+
+
+def test_every_service_logs_in_as_its_own_role(compose: dict[str, Any]) -> None:
+    from shared_objects.config import load_config
+    from shared_objects.identity import Identities, Role
+
+    services = fleet_services(compose)
+    agent_logins = set()
+    for host in AGENTS:
+        env = environment(services[host])
+        login, _, _ = login_of(services[host])
+        cfg = load_config(env)
+        identities = Identities(cfg.security)
+        # The naming rule: the agent of host X logs in as fleet-host-X, and no other login.
+        assert login == identities.login_for_host(env["FLEET_HOST"]) == f"fleet-host-{host}"
+        assert identities.resolve(login).hosts == {env["FLEET_HOST"]}
+        agent_logins.add(login)
+    assert len(agent_logins) == len(AGENTS)
+    identities = Identities()
+    assert identities.resolve(login_of(services["conductor"])[0]).role is Role.CONDUCTOR
+    assert identities.resolve(login_of(services["migrate"])[0]).role is Role.OPERATOR
+
+
+def test_rabbitmq_loads_the_definitions_at_boot(compose: dict[str, Any]) -> None:
+    mounts = {}
+    for mount in compose["services"]["rabbitmq"]["volumes"]:
+        source, target = mount.split(":")[:2]
+        mounts[target] = source
+    conf = DEFINITIONS_CONF.read_text(encoding="utf-8")
+    [path] = re.findall(r"^load_definitions\s*=\s*(\S+)\s*$", conf, flags=re.M)
+    assert (ROOT / mounts[path]).resolve() == DEFINITIONS
+    conf_mount = "/etc/rabbitmq/conf.d/" + DEFINITIONS_CONF.name
+    assert (ROOT / mounts[conf_mount]).resolve() == DEFINITIONS_CONF
+
+
+def test_definitions_grant_each_service_login_its_role(
+    compose: dict[str, Any], definitions: dict[str, Any]
+) -> None:
+    users = {u["name"]: u for u in definitions["users"]}
+    perms = {(p["user"], p["vhost"]): p for p in definitions["permissions"]}
+    vhosts = {v["name"] for v in definitions["vhosts"]}
+    for name, service in fleet_services(compose).items():
+        login, password, vhost = login_of(service)
+        assert vhost in vhosts, name
+        user = users[login]
+        assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+        assert verifies(user["password_hash"], password), f"{name}: password does not match"
+        assert user["tags"] == [], name
+        assert (login, vhost) in perms, name
+    for host in AGENTS:
+        perm = perms[(f"fleet-host-{host}", "fleet")]
+        assert re.search(perm["read"], f"compute.{host}")
+        assert not re.search(perm["read"], "conductor")
+        for other in AGENTS:
+            if other != host:
+                assert not re.search(perm["read"], f"compute.{other}")
+    admin = users["fleet-admin"]
+    assert verifies(admin["password_hash"], generator().ADMIN[1])
+
+
+def test_definitions_file_is_what_the_generator_writes(definitions: dict[str, Any]) -> None:
+    # Password hashes are salted afresh on every run: compare everything else.
+    def strip(data: dict[str, Any]) -> dict[str, Any]:
+        users = [{k: v for k, v in u.items() if k != "password_hash"} for u in data["users"]]
+        return {**data, "users": users}
+
+    module = generator()
+    assert strip(module.definitions()) == strip(definitions), (
+        "deploy/rabbitmq/definitions.json is stale: run "
+        ".venv/bin/python deploy/rabbitmq/make_definitions.py > deploy/rabbitmq/definitions.json"
+    )
+    passwords = dict(module.SERVICE_LOGINS.values())
+    for user in definitions["users"]:
+        if user["name"] in passwords:
+            assert verifies(user["password_hash"], passwords[user["name"]]), user["name"]
 
 
 def test_fleet_environment_is_accepted_by_the_config_loader(compose: dict[str, Any]) -> None:

@@ -72,3 +72,21 @@ def test_operations_guide_documents_every_option_and_variable() -> None:
         assert f"`{key}`" in text, f"docs/operations.md misses [{section}] {key}"
     for var in ENV_ALIASES:
         assert var in text, f"docs/operations.md misses {var}"
+
+
+def test_env_example_logs_each_host_in_as_itself() -> None:
+    from urllib.parse import urlsplit
+
+    from shared_objects.identity import Identities, Role
+
+    lines = ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+    active = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    cfg = load_config(active)
+    identities = Identities(cfg.security)
+    login = urlsplit(active["FLEET_TRANSPORT_URL"]).username
+    assert login == identities.login_for_host(active["FLEET_HOST"]) == f"fleet-host-{cfg.host}"
+    # The conductor variant, commented out, is a conductor login of its own.
+    [conductor_url] = re.findall(r"^#FLEET_TRANSPORT_URL=(\S+)$", "\n".join(lines), flags=re.M)
+    conductor = urlsplit(conductor_url).username
+    assert identities.resolve(conductor).role is Role.CONDUCTOR
+    assert {login, conductor}.isdisjoint({"guest", "fleet", "admin"})

@@ -1,0 +1,511 @@
+"""Issue 11 on the real RabbitMQ, with per-host broker logins: forged replies are ignored, reply
+queues are exclusive and carry the login, ids come from ``secrets``, requests without a
+broker-validated user_id are refused, the authorizer refuses before anything runs, and agents
+stay off the shared topic queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+from structlog.testing import capture_logs
+
+from shared_objects.config import MessagingConfig
+from shared_objects.context import RequestContext
+from shared_objects.messaging import (
+    MessagingError,
+    MessagingTimeout,
+    RPCClient,
+    RPCServer,
+    Target,
+    Transport,
+    codec,
+    expose,
+    get_transport,
+    ids,
+)
+from shared_objects.messaging.exceptions import RequestRefused, UncoveredMethods
+from shared_objects.messaging.testing import BrokerJanitor, vhost_path
+from shared_objects.testing import ProxyMode, TcpProxy
+from shared_objects.testing.broker_logins import BrokerLogins
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+HEX32 = "[0-9a-f]{32}"
+MakeTransport = Callable[[str], Transport]  # the ``transport_as`` fixture (conftest.py)
+
+
+class Conductor:
+    """What a conductor serves: state that refused calls must leave alone."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, str | None]] = []
+        self.things = {"a", "b"}
+        self.release = asyncio.Event()
+        self.release.set()
+
+    @expose
+    async def echo(self, ctxt: RequestContext, value: Any = None) -> dict[str, Any]:
+        self.calls.append(("echo", value, ctxt.caller))
+        await self.release.wait()
+        return {"value": value, "caller": ctxt.caller, "is_admin": ctxt.is_admin}
+
+    @expose
+    async def delete_everything(self, ctxt: RequestContext) -> int:
+        self.calls.append(("delete_everything", None, ctxt.caller))
+        deleted = len(self.things)
+        self.things.clear()
+        return deleted
+
+
+class LoginPolicy:
+    """An authorizer keyed by login, as a service would build from its identities."""
+
+    def __init__(self, table: dict[str, set[str]]) -> None:
+        self.table = table
+        self.refused: list[tuple[str | None, str]] = []
+
+    def covers(self, namespace: str | None, method: str) -> bool:
+        return namespace is None and method in self.table
+
+    def authorize(self, ctxt: RequestContext, namespace: str | None, method: str) -> None:
+        if ctxt.caller not in self.table[method]:
+            self.refused.append((ctxt.caller, method))
+            raise RequestRefused(f"{ctxt.caller} may not call {method}")
+
+
+def only(*logins: str) -> Callable[[Target], Callable[[str | None], bool]]:
+    def reply_from(target: Target) -> Callable[[str | None], bool]:
+        return lambda login: login in logins
+
+    return reply_from
+
+
+@pytest.fixture
+async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
+    janitor = BrokerJanitor(amqp_url)
+    yield janitor
+    await janitor.cleanup()
+
+
+async def _until(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def _reply_body(msg_id: str, result: Any, *, ending: bool = True) -> bytes:
+    return codec.encode_message(
+        {
+            "result": result,
+            "failure": None,
+            "ending": ending,
+            "_msg_id": msg_id,
+            "_unique_id": uuid.uuid4().hex,
+        }
+    )
+
+
+# -- replies -----------------------------------------------------------------------------------
+
+
+async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_returned(
+    logins: BrokerLogins,
+    transport_as: MakeTransport,
+    amqp_url_for: Callable[[str], str],
+    control_exchange: str,
+    janitor: BrokerJanitor,
+) -> None:
+    conductor, host1, host2 = (
+        logins.conductor_login("1"),
+        logins.host_login("compute-1"),
+        logins.host_login("compute-2"),
+    )
+    janitor.server_topology(control_exchange, "conductor", "c1")
+    endpoint = Conductor()
+    endpoint.release.clear()
+    async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
+        async with RPCServer(conductor_t, Target(topic="conductor", server="c1"), [endpoint]):
+            client = RPCClient(
+                host_t, Target(topic="conductor"), timeout=15, reply_from=only(conductor)
+            )
+            call = asyncio.create_task(client.call(None, "echo", value="genuine"))
+            await _until(lambda: bool(endpoint.calls))
+            (msg_id,) = host_t.replies._waiters
+            reply_q = host_t.replies.queue_name
+
+            # compute-2 knows the queue and the msg_id and may publish to the default exchange.
+            forger = await aio_pika.connect(amqp_url_for(host2))
+            async with forger:
+                channel = await forger.channel()
+                with capture_logs() as logs:
+                    for message in (
+                        aio_pika.Message(_reply_body(msg_id, "forged"), user_id=host2),
+                        aio_pika.Message(_reply_body(msg_id, "forged, no user_id")),
+                        aio_pika.Message(_reply_body(msg_id, None, ending=False)),
+                    ):
+                        await channel.default_exchange.publish(message, routing_key=reply_q)
+                    await _until(lambda: host_t.stats()["forged_replies"] == 3)
+                # Claiming the conductor's login is refused by the broker itself.
+                spoof = await forger.channel()
+                with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                    await spoof.default_exchange.publish(
+                        aio_pika.Message(_reply_body(msg_id, "spoofed"), user_id=conductor),
+                        routing_key=reply_q,
+                    )
+            await asyncio.sleep(0.2)
+            assert not call.done()
+            endpoint.release.set()
+            result = await call
+    assert result == {"value": "genuine", "caller": host1, "is_admin": False}
+    refused = [e for e in logs if e["event"] == "reply_refused"]
+    assert [(e["log_level"], e["msg_id"], e["login"]) for e in refused] == [
+        ("warning", msg_id, host2),
+        ("warning", msg_id, None),
+        ("warning", msg_id, None),
+    ]
+    assert host_t.pending_replies == 0
+
+
+async def test_reply_queue_carries_the_login_and_no_other_connection_can_consume_it(
+    logins: BrokerLogins,
+    transport_as: MakeTransport,
+    amqp_url_for: Callable[[str], str],
+    amqp_url: str,
+    control_exchange: str,
+    janitor: BrokerJanitor,
+) -> None:
+    conductor, host1, host2 = (
+        logins.conductor_login("1"),
+        logins.host_login("compute-1"),
+        logins.host_login("compute-2"),
+    )
+    janitor.server_topology(control_exchange, "conductor", "c1")
+    async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
+        async with RPCServer(conductor_t, Target(topic="conductor", server="c1"), [Conductor()]):
+            client = RPCClient(host_t, Target(topic="conductor"), timeout=10)
+            await client.call(None, "echo", value=1)
+            name = host_t.replies.queue_name
+            assert re.fullmatch(rf"reply_{re.escape(host1)}_{HEX32}", name), name
+
+            # The same login from another connection: the queue is exclusive (405). Another
+            # host: its permissions do not even reach the queue (403). The broker admin: 405.
+            expected = {
+                host1: aiormq.exceptions.ChannelLockedResource,
+                host2: aiormq.exceptions.ChannelAccessRefused,
+                "guest": aiormq.exceptions.ChannelLockedResource,
+            }
+            admin_url = amqp_url.replace("rabbit", "amqp", 1)
+            for login, error in expected.items():
+                url = amqp_url_for(login) if login != "guest" else admin_url
+                connection = await aiormq.connect(url)
+                try:
+                    channel = await connection.channel()
+                    with pytest.raises(error):
+                        await channel.basic_consume(name, _ignore, no_ack=True)
+                finally:
+                    await connection.close()
+            # Still ours, still working.
+            assert (await client.call(None, "echo", value=2))["value"] == 2
+
+
+async def _ignore(message: Any) -> None:
+    return None
+
+
+# -- ids ---------------------------------------------------------------------------------------
+
+
+async def test_ids_on_the_wire_come_from_secrets(
+    amqp_url: str,
+    control_exchange: str,
+    unique_topic: str,
+    janitor: BrokerJanitor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[str] = []
+    real_token_hex = secrets.token_hex
+
+    def recording_token_hex(nbytes: int) -> str:
+        value = real_token_hex(nbytes)
+        made.append(value)
+        return value
+
+    monkeypatch.setattr(ids.secrets, "token_hex", recording_token_hex)
+    janitor.exchanges.add(control_exchange)
+    spy_q = f"spy-{unique_topic}"
+    janitor.queues.add(spy_q)
+    config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
+    async with get_transport(config) as transport:
+        connection = await aio_pika.connect(amqp_url.replace("rabbit", "amqp"))
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(control_exchange, "topic")
+            queue = await channel.declare_queue(spy_q)
+            await queue.bind(exchange, routing_key=unique_topic)
+            seen: list[dict[str, Any]] = []
+            user_ids: list[str | None] = []
+
+            async def spy(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                seen.append(codec.decode_message(message.body))
+                user_ids.append(message.user_id)
+
+            await queue.consume(spy, no_ack=True)  # calls expire after their timeout
+            client = RPCClient(transport, Target(topic=unique_topic), timeout=0.5)
+            for _ in range(3):
+                with pytest.raises(MessagingTimeout):
+                    await client.call(None, "anything")
+            await _until(lambda: len(seen) == 3)
+    assert user_ids == ["guest"] * 3
+    for request in seen:
+        assert request["_msg_id"] in made and request["_unique_id"] in made
+    assert len({r["_msg_id"] for r in seen} | {r["_unique_id"] for r in seen}) == 6
+    assert transport.replies.queue_name.rpartition("_")[2] in made
+
+
+# -- requests without a broker-validated user_id -----------------------------------------------
+
+
+async def test_request_without_user_id_is_refused_with_an_error_reply(
+    logins: BrokerLogins,
+    transport_as: MakeTransport,
+    amqp_url: str,
+    control_exchange: str,
+    janitor: BrokerJanitor,
+) -> None:
+    janitor.server_topology(control_exchange, "conductor", "c1")
+    endpoint = Conductor()
+    async with transport_as(logins.conductor_login("1")) as conductor_t:
+        server = RPCServer(
+            conductor_t, Target(topic="conductor", server="c1"), [endpoint], require_user_id=True
+        )
+        async with server:
+            connection = await aio_pika.connect(amqp_url.replace("rabbit", "amqp"))
+            async with connection:
+                channel = await connection.channel()
+                replies: dict[str, dict[str, Any]] = {}
+                reply_q = await channel.declare_queue(exclusive=True)
+
+                async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                    body = codec.decode_message(message.body)
+                    replies[body["_msg_id"]] = body
+
+                await reply_q.consume(on_reply, no_ack=True)
+                exchange = await channel.get_exchange(control_exchange, ensure=False)
+
+                def request(msg_id: str | None, value: str) -> bytes:
+                    inner: dict[str, Any] = {"method": "echo", "args": {"value": value}}
+                    if msg_id is not None:
+                        inner.update(_msg_id=msg_id, _reply_q=reply_q.name)
+                    return codec.encode_message(inner)
+
+                with capture_logs() as logs:
+                    # Like an oslo.messaging publisher: no user_id property at all.
+                    await exchange.publish(
+                        aio_pika.Message(request("anon", "x")), routing_key="conductor"
+                    )
+                    await exchange.publish(
+                        aio_pika.Message(request(None, "cast")), routing_key="conductor"
+                    )
+                    # The same with the broker-validated login set.
+                    await exchange.publish(
+                        aio_pika.Message(request("authed", "y"), user_id="guest"),
+                        routing_key="conductor",
+                    )
+                    await _until(lambda: len(replies) == 2)
+                    await _until(lambda: server.stats()["dropped"].get("no_user_id") == 2)
+    anon = replies["anon"]
+    failure = json.loads(anon["failure"])
+    assert (failure["class"], failure["module"]) == (
+        "Unauthenticated",
+        "shared_objects.messaging.exceptions",
+    )
+    assert "no broker-validated user_id" in failure["message"]
+    assert replies["authed"]["result"]["value"] == "y"
+    assert endpoint.calls == [("echo", "y", "guest")]
+    refused = [e for e in logs if e["event"] == "rpc_request_refused"]
+    assert [(e["log_level"], e["reason"], e["queue"]) for e in refused] == [
+        ("warning", "no_user_id", "conductor")
+    ] * 2
+
+
+# -- the authorizer ----------------------------------------------------------------------------
+
+
+async def test_authorizer_refusal_returns_the_error_and_changes_nothing(
+    logins: BrokerLogins,
+    transport_as: MakeTransport,
+    control_exchange: str,
+    janitor: BrokerJanitor,
+) -> None:
+    conductor, host1, host2 = (
+        logins.conductor_login("1"),
+        logins.host_login("compute-1"),
+        logins.host_login("compute-2"),
+    )
+    janitor.server_topology(control_exchange, "conductor", "c1")
+    endpoint = Conductor()
+    policy = LoginPolicy({"echo": {host1, host2}, "delete_everything": {conductor}})
+    async with transport_as(conductor) as conductor_t, transport_as(host2) as host_t:
+        server = RPCServer(
+            conductor_t,
+            Target(topic="conductor", server="c1"),
+            [endpoint],
+            authorizer=policy,
+            require_user_id=True,
+        )
+        async with server:
+            client = RPCClient(
+                host_t, Target(topic="conductor"), timeout=10, reply_from=only(conductor)
+            )
+            with pytest.raises(RequestRefused, match="may not call delete_everything"):
+                await client.call(None, "delete_everything")
+            # A wire context claiming admin rights changes nothing.
+            admin = RequestContext(is_admin=True, roles=["admin"])
+            with pytest.raises(RequestRefused):
+                await client.call(admin, "delete_everything")
+            assert endpoint.things == {"a", "b"}
+            assert endpoint.calls == []
+            assert (await client.call(admin, "echo", value=1)) == {
+                "value": 1,
+                "caller": host2,
+                "is_admin": False,
+            }
+            assert server.stats()["calls"] == {"delete_everything:forbidden": 2, "echo:ok": 1}
+    assert policy.refused == [(host2, "delete_everything")] * 2
+
+
+async def test_authorizer_that_misses_an_exposed_method_fails_construction(
+    amqp_url: str, control_exchange: str
+) -> None:
+    config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
+    transport = get_transport(config)
+    with pytest.raises(UncoveredMethods, match="delete_everything"):
+        RPCServer(
+            transport,
+            Target(topic="conductor", server="c1"),
+            [Conductor()],
+            authorizer=LoginPolicy({"echo": set()}),
+        )
+
+
+# -- agents stay off the shared topic queue ----------------------------------------------------
+
+
+async def test_agent_serves_only_its_own_queues_within_its_permissions(
+    logins: BrokerLogins,
+    transport_as: MakeTransport,
+    amqp_url: str,
+    control_exchange: str,
+    janitor: BrokerJanitor,
+) -> None:
+    conductor, host1 = logins.conductor_login("1"), logins.host_login("compute-1")
+    janitor.server_topology(control_exchange, "compute", "compute-1")
+    endpoint = Conductor()
+    async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
+        server = RPCServer(
+            host_t, Target(topic="compute", server="compute-1"), [endpoint], listen_on_topic=False
+        )
+        async with server:
+            fanout = server._fanout_queue
+            assert fanout is not None
+            assert re.fullmatch(rf"compute_fanout_compute-1_{HEX32}", fanout.name)
+            client = RPCClient(
+                conductor_t, Target(topic="compute"), timeout=10, reply_from=only(host1)
+            )
+            result = await client.prepare(server="compute-1").call(None, "echo", value=1)
+            assert result["caller"] == conductor
+            await client.prepare(fanout=True).cast(None, "echo", value="everyone")
+            await _until(lambda: ("echo", "everyone", conductor) in endpoint.calls)
+            # Nobody declared the shared queue: a call to the bare topic goes nowhere.
+            connection = await aiormq.connect(amqp_url.replace("rabbit", "amqp"))
+            try:
+                channel = await connection.channel()
+                with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                    await channel.queue_declare("compute", passive=True)
+            finally:
+                await connection.close()
+        if not logins.agent_topic_queue:
+            # Where agents are not granted the shared queue, consuming it is refused outright.
+            with pytest.raises(MessagingError, match="ACCESS_REFUSED"):
+                await RPCServer(
+                    host_t, Target(topic="compute", server="compute-1"), [endpoint]
+                ).start()
+
+
+# -- exclusive reply queues across a reconnect -------------------------------------------------
+
+
+async def test_reply_queue_held_by_a_stale_connection_is_retried_until_free(
+    amqp_url: str, control_exchange: str, unique_topic: str, janitor: BrokerJanitor
+) -> None:
+    """After a reconnect the broker may still give the exclusive reply queue to our previous,
+    half-dead connection. The rest of the transport must come back at once and the reply queue
+    as soon as the broker lets go. A stand-in connection plays the stale one, deterministically:
+    it takes the queue while the proxy keeps our client from reconnecting."""
+    other = f"{unique_topic}-b"
+    janitor.server_topology(control_exchange, unique_topic, "s1")
+    janitor.server_topology(control_exchange, other, "s1")
+    config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
+    async with TcpProxy(5672) as proxy:
+        proxied = MessagingConfig(
+            transport_url=proxy.url(vhost=vhost_path(amqp_url)), control_exchange=control_exchange
+        )
+        async with (
+            get_transport(config) as server_t,
+            get_transport(proxied, reconnect_interval=0.3) as client_t,
+            RPCServer(server_t, Target(topic=unique_topic, server="s1"), [Conductor()]),
+            # The proxied transport serves too: its publisher must not wait for the reply queue.
+            RPCServer(client_t, Target(topic=other, server="s1"), [Conductor()]),
+        ):
+            client = RPCClient(client_t, Target(topic=unique_topic), timeout=2)
+            assert (await client.call(None, "echo", value=0))["value"] == 0
+            name, spec = client_t.replies.queue_name, client_t.replies.spec
+
+            with capture_logs() as logs:
+                proxy.set_mode(ProxyMode.RESET)  # our connection dies; the broker drops it
+                holder = await aio_pika.connect(amqp_url.replace("rabbit", "amqp"))
+                try:
+                    channel = await holder.channel()
+                    deadline = time.monotonic() + 10
+                    while True:  # the broker deletes the queue with our connection
+                        try:
+                            await channel.declare_queue(
+                                name, exclusive=True, arguments=spec.arguments_dict
+                            )
+                            break
+                        except aiormq.exceptions.ChannelLockedResource:
+                            assert time.monotonic() < deadline
+                            channel = await holder.channel()
+                            await asyncio.sleep(0.05)
+                    proxy.heal()
+                    await _until(lambda: client_t.stats()["reconnects"] >= 1, within=15)
+                    await _until(lambda: any(e["event"] == "consumer_restore_failed" for e in logs))
+                    # Publishing and serving work meanwhile; our own calls cannot get replies.
+                    server_side = RPCClient(server_t, Target(topic=other), timeout=5)
+                    assert (await server_side.call(None, "echo", value="b"))["value"] == "b"
+                    with pytest.raises(MessagingTimeout):
+                        await client.prepare(timeout=1).call(None, "echo", value=1)
+                finally:
+                    await holder.close()  # the stale connection goes: the queue is free
+                started = time.monotonic()
+                while True:
+                    with contextlib.suppress(MessagingTimeout):
+                        await client.prepare(timeout=1).call(None, "echo", value=2)
+                        break
+                    assert time.monotonic() - started < 10, "reply queue never came back"
+            assert client_t.replies.queue_name == name
+            assert any(e["event"] == "consumer_recovered" and e["queue"] == name for e in logs)
+            results = await asyncio.gather(*(client.call(None, "echo", value=i) for i in range(20)))
+            assert [r["value"] for r in results] == list(range(20))
