@@ -138,6 +138,7 @@ class ComputeAgentService:
             authorizer=RoleAuthorizer(self.identities, COMPUTE_RPC_POLICY, service=cfg.host),
             # Only compute.<host>: the bare "compute" queue would hand this host others' work.
             listen_on_topic=False,
+            require_user_id=True,
         )
         self.reporter = ServiceReporter(
             self._context,

@@ -93,6 +93,9 @@ class ConductorService:
                 {**CONDUCTOR_RPC_POLICY, **(extra_policy or {})},
                 service="conductor",
             ),
+            # Fleet's publishers always set user_id and RabbitMQ validates it: none means a
+            # publisher that sidesteps identity, refused (docs/security.md).
+            require_user_id=True,
         )
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
         self._census: asyncio.Task[None] | None = None

@@ -121,6 +121,7 @@ async def local_conductor(
                     {k: v for k, v in CONDUCTOR_RPC_POLICY.items() if k[0] != "compute_task"},
                     service="conductor",
                 ),
+                require_user_id=True,
             )
             api = ConductorAPI(transport, timeout=30.0, reply_from=reply_checks(identities))
             async with server:

@@ -543,11 +543,15 @@ class DbApi(DatabaseAPI):
         descending: bool = False,
         limit: int | None = None,
     ) -> list[Row]:
-        """Under a scope: only the rows it may read (never ``Forbidden`` for the others)."""
+        """Under a scope: only the rows it may read. A listing never says ``Forbidden`` for
+        the others; a lookup of one row (``limit=1``, the newest of something) does, like
+        ``get``, when it finds nothing the caller may read but the row exists."""
         t = table_for(table)
         owned = self._readable(t, "select")
         key, build, params = self._select(t, where, columns, order_by, descending, limit, owned)
         found: list[Row] = await self._run(t, key, build, params, rows=True)
+        if not found and owned is not None and limit == 1:
+            await self._refuse_if_found(t, where, "get")
         return found
 
     async def insert(self, table: str, values: Mapping[str, Any]) -> Row:
