@@ -165,8 +165,10 @@ async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
         await cluster.wait_instances([uuid])
         instance = await Instance.get_by_uuid(cluster.ctxt, uuid)
         # A careless sender: no upgrade levels, objects at this release's versions.
-        careless = ComputeAPI(cluster.transport, FleetObjectSerializer())
-        await careless.refresh_instance_security_rules(cluster.ctxt, OLD, instance=instance)
+        # Only a conductor may call an agent: send it under a conductor's login.
+        async with cluster.transport_as(cluster.login_of("conductor-1")) as conductor_transport:
+            careless = ComputeAPI(conductor_transport, FleetObjectSerializer())
+            await careless.refresh_instance_security_rules(cluster.ctxt, OLD, instance=instance)
 
         def scrape() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:

@@ -144,7 +144,7 @@ def test_fleetctl_json_list_matches_database(cluster_factory: Any) -> None:
             await cluster.wait_instances(uuids)
             env = {
                 **os.environ,
-                "FLEET_TRANSPORT_URL": cluster.spec.transport_url,
+                "FLEET_TRANSPORT_URL": cluster.operator_url,
                 "FLEET_CONTROL_EXCHANGE": cluster.spec.control_exchange,
             }
             out = await asyncio.to_thread(

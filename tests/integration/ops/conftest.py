@@ -17,12 +17,17 @@ from ops_cluster import OpsCluster, OpsClusterFactory
 
 from conductor.cluster import ClusterSpec
 from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.rabbit_node import free_port
 
 
 @pytest.fixture
 def ops_cluster(
-    pg_database_url: str, amqp_url: str, control_exchange: str, tmp_path: Path
+    pg_database_url: str,
+    amqp_url: str,
+    control_exchange: str,
+    tmp_path: Path,
+    broker_logins: BrokerLogins | None,
 ) -> OpsClusterFactory:
     """``async with ops_cluster(metrics=True, common_env=..., agent_env=...) as cluster``.
 
@@ -54,6 +59,7 @@ def ops_cluster(
             workdir=tmp_path / "cluster",
             common_env=env,
             agent_env=per_agent,
+            logins=overrides.pop("logins", broker_logins),
             **overrides,
         )
         cluster = OpsCluster(spec, conductor_env)
