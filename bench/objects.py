@@ -12,10 +12,18 @@ Paths, alternating within each round:
 * ``objects``: this process is the agent (no database access); a ``conductor`` subprocess on a
   private topic and control exchange serves the calls. One pair = two RPC round trips, each
   one database transaction in the conductor; ``save()`` sends only the changed field.
+* ``objects_open``: the same, against a second conductor process with authorisation off (no
+  role check, no ownership scope, no audit lines): ``objects`` / ``objects_open`` is what the
+  policy costs (docs/security.md; target: at least 0.95 at c=64).
 * ``direct``: the same reads and writes with SQLAlchemy Core on an async engine in this process,
   one transaction per operation, as the conductor does.
 
-JSON: ``{"objects": {"<c>": {...}}, "direct": {...}, "ratio": {"<c>": objects/direct}}`` with
+Logins: this process is the agent of ``bench-host`` (its own broker login, created for the run
+and deleted afterwards, as every login below); the instances it reads and saves are placed on
+that host, so the policy allows them, scoped, as for a real agent. Seeding runs as an operator.
+
+JSON: ``{"objects": {"<c>": {...}}, "objects_open": ..., "direct": {...}, "ratio": {"<c>":
+objects/direct}, "policy_ratio": {"<c>": objects/objects_open}}`` with
 ``pairs_per_s``, ``p50_ms`` and ``p99_ms`` per cell (medians over rounds).
 Compare the ratio of one run; absolute figures on a shared machine mean little.
 """
@@ -44,14 +52,18 @@ from conductor.db import migration, models
 from conductor.db.session import create_engine
 from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
+from shared_objects.base import indirection_api_in_context
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingTimeout, get_transport
 from shared_objects.objects import Flavor, Instance
+from shared_objects.testing.broker_logins import BrokerLogins
 
 CONCURRENCIES = (1, 16, 64)
 TARGET_RATIO_AT_64 = 0.5
+TARGET_POLICY_RATIO_AT_64 = 0.95
+BENCH_HOST = "bench-host"
 PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("FLEET_TEST_TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/")
 BIN = Path(sys.executable).parent
@@ -107,7 +119,7 @@ async def seed(ctxt: RequestContext, count: int) -> list[str]:
         inst = Instance(
             ctxt,
             name=f"bench-{i}",
-            host="bench-host",
+            host=BENCH_HOST,
             node="n1",
             flavor=flavor,
             vm_state="active",
@@ -120,14 +132,15 @@ async def seed(ctxt: RequestContext, count: int) -> list[str]:
     return uuids
 
 
-def objects_pair(ctxt: RequestContext, uuids: list[str]) -> Pair:
+def objects_pair(ctxt: RequestContext, uuids: list[str], api: ConductorAPI) -> Pair:
     counter = [0]
 
     async def pair(index: int) -> None:
         counter[0] += 1
-        inst = await Instance.get_by_uuid(ctxt, uuids[index])
-        inst.progress = counter[0] % 100
-        await inst.save()
+        with indirection_api_in_context(api):
+            inst = await Instance.get_by_uuid(ctxt, uuids[index])
+            inst.progress = counter[0] % 100
+            await inst.save()
 
     return pair
 
@@ -170,19 +183,29 @@ async def fresh_database() -> Any:
 
 @contextlib.asynccontextmanager
 async def conductor_process(
-    db_url: str, exchange: str, topic: str, verbose: bool, profile: str | None = None
+    db_url: str,
+    exchange: str,
+    topic: str,
+    verbose: bool,
+    profile: str | None = None,
+    *,
+    url: str = AMQP_URL,
+    security_env: dict[str, str] | None = None,
 ) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(
-        FLEET_TRANSPORT_URL=AMQP_URL,
+        FLEET_TRANSPORT_URL=url,
         FLEET_CONTROL_EXCHANGE=exchange,
         FLEET_DATABASE_URL=db_url,
         FLEET_HOST=f"bench-conductor-{uuid.uuid4().hex[:6]}",
         FLEET_LOG_LEVEL="warning",
         FLEET_LOG_FORMAT="json",
     )
+    env.update(security_env or {})
+    # The real conductor, plus the same without authorisation on "<topic>-open".
+    argv = [sys.executable, __file__, "--serve-bench-conductor"]
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "conductor"),
+        *argv,
         "--topic",
         topic,
         env=env,
@@ -247,16 +270,18 @@ async def layer_costs(db_url: str, calls: int = 2000) -> dict[str, float]:
                 standalone=True,
             )
 
+    # As the agent of host "h" (the instance's host): the policy and the scope included.
     async def endpoint_get() -> None:
-        c = RequestContext()
+        c = RequestContext(caller="fleet-host-h")
         reply = await endpoint.object_class_action_versions(
             c, "Instance", "get_by_uuid", manifest, [inst.uuid], {}
         )
         await serializer.serialize_entity(c, reply)
 
     async def endpoint_save() -> None:
-        c = RequestContext()
+        c = RequestContext(caller="fleet-host-h")
         change = Instance(uuid=inst.uuid)
+        change.obj_reset_changes()  # what an agent sends: the key, and the change
         change.progress = 2
         objinst = await serializer.deserialize_entity(c, change.obj_to_primitive())
         reply = await endpoint.object_action(c, objinst, "save", [], {})
@@ -287,43 +312,81 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     samples: dict[str, dict[int, list[dict[str, float]]]] = {
         "objects": {c: [] for c in concurrencies},
+        "objects_open": {c: [] for c in concurrencies},
         "direct": {c: [] for c in concurrencies},
     }
-    async with fresh_database() as db_url:
-        await migration.upgrade(db_url)
-        exchange = f"fleet-bench-{uuid.uuid4().hex[:8]}"
-        topic = f"conductor-bench-{uuid.uuid4().hex[:8]}"
-        cfg = MessagingConfig()
-        cfg.transport_url = AMQP_URL
-        cfg.control_exchange = exchange
-        engine = create_engine(db_url, pool_size=max(concurrencies), max_overflow=0)
-        async with conductor_process(
-            db_url, exchange, topic, args.verbose, args.profile_conductor
-        ) as proc:
-            transport = get_transport(cfg, allowed_remote_exmods=ALLOWED_EXMODS)
-            async with transport:
-                api = ConductorAPI(transport, timeout=60.0, topic=topic)
-                with indirection(api):
+    exchange = f"fleet-bench-{uuid.uuid4().hex[:8]}"
+    topic = f"conductor-bench-{uuid.uuid4().hex[:8]}"
+    open_topic = f"{topic}-open"
+    # One set of logins per conductor topic (an agent may publish only to its conductors').
+    logins = BrokerLogins(AMQP_URL, tag=uuid.uuid4().hex[:6], conductor_topic=topic)
+    open_logins = BrokerLogins(AMQP_URL, tag=uuid.uuid4().hex[:6], conductor_topic=open_topic)
+    agent, operator = logins.host_login(BENCH_HOST), logins.operator_login()
+    conductor_login = logins.conductor_login()
+    open_agent = open_logins.host_login(BENCH_HOST)
+    for each in (logins, open_logins):
+        await each.ensure(conductors=[""], operators=[""], hosts=[BENCH_HOST], exchanges=[exchange])
+    try:
+        async with fresh_database() as db_url:
+            await migration.upgrade(db_url)
+            engine = create_engine(db_url, pool_size=max(concurrencies), max_overflow=0)
+            conductor = conductor_process(
+                db_url,
+                exchange,
+                topic,
+                args.verbose,
+                url=logins.url_for(conductor_login),
+                security_env=logins.security_env(),
+            )
+            async with conductor as proc:
+                as_agent = get_transport(
+                    MessagingConfig(transport_url=logins.url_for(agent), control_exchange=exchange),
+                    allowed_remote_exmods=ALLOWED_EXMODS,
+                )
+                as_operator = get_transport(
+                    MessagingConfig(
+                        transport_url=logins.url_for(operator), control_exchange=exchange
+                    ),
+                    allowed_remote_exmods=ALLOWED_EXMODS,
+                )
+                as_open_agent = get_transport(
+                    MessagingConfig(
+                        transport_url=open_logins.url_for(open_agent), control_exchange=exchange
+                    ),
+                    allowed_remote_exmods=ALLOWED_EXMODS,
+                )
+                async with as_agent, as_open_agent, as_operator:
+                    api = ConductorAPI(as_agent, timeout=60.0, topic=topic)
+                    open_api = ConductorAPI(as_open_agent, timeout=60.0, topic=open_topic)
+                    ops_api = ConductorAPI(as_operator, timeout=60.0, topic=topic)
                     await wait_ready(api)
+                    await wait_ready(open_api)
                     ctxt = RequestContext(user_id="bench", project_id="bench")
-                    uuids = await seed(ctxt, max(concurrencies))
+                    with indirection(ops_api):
+                        uuids = await seed(ctxt, max(concurrencies))
                     paths: dict[str, Pair] = {
-                        "objects": objects_pair(ctxt, uuids),
+                        "objects": objects_pair(ctxt, uuids, api),
+                        "objects_open": objects_pair(ctxt, uuids, open_api),
                         "direct": direct_pair(engine, uuids),
                     }
-                    for path in paths.values():  # warm up both: pools, caches, JIT-less paths
+                    pids = {"objects": proc.pid, "objects_open": proc.pid}
+                    for path in paths.values():  # warm up all: pools, caches, JIT-less paths
                         await measure(path, max(concurrencies), 0.5)
                     for r in range(rounds):
                         order = list(paths) if r % 2 == 0 else list(reversed(paths))
                         for c in concurrencies:
                             for name in order:
-                                pid = proc.pid if name == "objects" else None
-                                samples[name][c].append(await measure(paths[name], c, seconds, pid))
-        await engine.dispose()
-        layers = await layer_costs(db_url, 500 if args.quick else 2000)
+                                samples[name][c].append(
+                                    await measure(paths[name], c, seconds, pids.get(name))
+                                )
+            await engine.dispose()
+            layers = await layer_costs(db_url, 500 if args.quick else 2000)
+    finally:
+        await logins.delete()
+        await open_logins.delete()
 
     result: dict[str, Any] = {"layers": layers}
-    for name, by_c in samples.items():  # objects, direct
+    for name, by_c in samples.items():  # objects, objects_open, direct
         result[name] = {
             str(c): {
                 key: statistics.median(s[key] for s in runs)
@@ -339,6 +402,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     result["ratio"] = {
         str(c): result["objects"][str(c)]["pairs_per_s"] / result["direct"][str(c)]["pairs_per_s"]
+        for c in concurrencies
+    }
+    result["policy_ratio"] = {
+        str(c): result["objects"][str(c)]["pairs_per_s"]
+        / result["objects_open"][str(c)]["pairs_per_s"]
         for c in concurrencies
     }
     result["meta"] = {
@@ -374,6 +442,20 @@ def table(result: dict[str, Any]) -> str:
             f"{layers['endpoint_get_us']:.0f}; DbApi update {layers['db_update_us']:.0f} vs "
             f"endpoint save {layers['endpoint_save_us']:.0f}"
         )
+    for c, ratio in result.get("policy_ratio", {}).items():
+        o, p = result["objects"][c], result["objects_open"][c]
+        lines.append(
+            f"policy on/off at c={c}: {o['pairs_per_s']:.0f} / {p['pairs_per_s']:.0f} pairs/s "
+            f"= {ratio:.3f}; conductor cpu ms/pair {o['conductor_cpu_ms_per_pair']:.2f} / "
+            f"{p['conductor_cpu_ms_per_pair']:.2f}"
+        )
+    policy64 = result.get("policy_ratio", {}).get("64")
+    if policy64 is not None:
+        verdict = "meets" if policy64 >= TARGET_POLICY_RATIO_AT_64 else "MISSES"
+        lines.append(
+            f"policy ratio at 64 = {policy64:.3f}: {verdict} the target >= "
+            f"{TARGET_POLICY_RATIO_AT_64} (authorisation costs at most 5%)"
+        )
     at64 = result["ratio"].get("64")
     if at64 is not None:
         verdict = "meets" if at64 >= TARGET_RATIO_AT_64 else "MISSES"
@@ -381,7 +463,72 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _OpenPolicy:
+    """Admits every object call unscoped and unaudited: the conductor as it was before
+    authorisation, for the ``objects_open`` baseline only."""
+
+    def admit(self, ctxt: Any, objname: str, method: str, *_: Any) -> Any:
+        from conductor.object_policy import Admission
+        from shared_objects.identity import Caller, Role
+
+        return Admission(Caller("", Role.CONDUCTOR), f"{objname}.{method}", None, False)
+
+
+class _BenchConductor:
+    """A real conductor (policy on, topic ``T``) that also serves ``T-open`` with authorisation
+    off, from the same process and database pool: the two object paths differ only by the
+    policy (a second conductor process would double the database connections)."""
+
+    def __init__(self, topic: str) -> None:
+        from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
+        from conductor.service import ConductorService
+        from shared_objects.config import load_config
+        from shared_objects.log import configure_service_logging
+        from shared_objects.messaging import RPCServer, Target
+        from shared_objects.serializer import FleetObjectSerializer
+
+        self.cfg = load_config()
+        configure_service_logging(self.cfg, "conductor")
+        self.service = ConductorService(self.cfg, topic=topic)
+        open_endpoint = ConductorIndirectionEndpoint(self.service.database)
+        open_endpoint.policy = _OpenPolicy()  # type: ignore[assignment]
+        self.open_server = RPCServer(
+            self.service.transport,
+            Target(topic=f"{topic}-open", server=self.cfg.host),
+            endpoints=[open_endpoint, BaseAPIEndpoint()],
+            serializer=FleetObjectSerializer(),
+        )
+        self.metrics = self.service.metrics
+
+    @property
+    def ready(self) -> bool:
+        return self.service.ready
+
+    async def start(self) -> None:
+        await self.service.start()
+        await self.open_server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.open_server.stop()
+        await self.service.stop(grace)
+
+    async def reload(self) -> None:
+        await self.service.reload()
+
+
+def serve_bench_conductor(topic: str) -> None:
+    """``--serve-bench-conductor``: see :class:`_BenchConductor` (bench only: the real
+    services have no switch that turns authorisation off)."""
+    from shared_objects.service_runner import run, run_service
+
+    conductor = _BenchConductor(topic)
+    run(run_service(conductor, conductor.cfg, "conductor"))
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-bench-conductor" and sys.argv[2] == "--topic":
+        serve_bench_conductor(sys.argv[3])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

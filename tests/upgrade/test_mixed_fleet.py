@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from conductor.release_tree import previous_release
 from shared_objects import releases
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import Instance
+from shared_objects.testing.broker_logins import BrokerLogins
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -49,16 +51,30 @@ async def _migrate(cluster: Any, uuid: str, host: str) -> dict[str, Any]:
     raise AssertionError(f"migration {migration_uuid} did not finish")
 
 
+# Every release a fleet may upgrade from: the previous one, and skip-level from the oldest.
+UPGRADES_FROM = sorted({previous_release().name, releases.RELEASES[0].name}, reverse=True)
+
+
+@pytest.mark.parametrize("old_name", UPGRADES_FROM)
 async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
-    cluster_factory: Any, previous_release_tree: Path
+    cluster_factory: Any,
+    release_tree: Callable[[str], Path],
+    broker_logins: BrokerLogins | None,
+    old_name: str,
 ) -> None:
-    old_release = previous_release()
+    old_release = releases.by_name(old_name)
     env = {
         "FLEET_TRACE_OBJECT_VERSIONS": "1",
         "FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL": "1",
     }
+    # The old agent runs on the shared login of the releases before per-host logins, which the
+    # conductor and the new agent accept for it only because [security] lists the old host.
+    shared = f"fleet-shared-{broker_logins.tag}" if broker_logins is not None else None
     async with cluster_factory(
-        hosts=(OLD, NEW), agent_source={OLD: previous_release_tree}, common_env=env
+        hosts=(OLD, NEW),
+        agent_source={OLD: release_tree(old_name)},
+        common_env=env,
+        legacy_shared_login=shared,
     ) as cluster:
         ctxt = cluster.ctxt
         await cluster.tasks.security_group_create(ctxt, name="web")
@@ -146,9 +162,11 @@ async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
 
 
 async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
-    cluster_factory: Any, previous_release_tree: Path
+    cluster_factory: Any, release_tree: Callable[[str], Path]
 ) -> None:
-    """(d) The receiver-side safety net: a sender that ignores the levels still works."""
+    """(d) The receiver-side safety net: a sender that ignores the levels still works (an
+    agent of release 1.0, which knows only Instance 1.0)."""
+    previous_release_tree = release_tree(releases.RELEASES[0].name)
     import urllib.request
 
     from compute_agent.rpcapi import ComputeAPI
