@@ -120,8 +120,8 @@ class ConductorService:
     async def start(self) -> None:
         """Check the identity (``WrongIdentity``) and the schema (``SchemaNotAtHead``), connect,
         serve, register."""
-        self.check_identity()
         head = await migration.check_at_head(self.cfg.database.url)
+        self.check_identity()
         if self._own_transport:
             await self.transport.connect()
         async with self._db_context() as ctxt:
