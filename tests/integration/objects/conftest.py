@@ -19,14 +19,25 @@ from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
 from shared_objects.config import MessagingConfig
 from shared_objects.messaging import get_transport
+from shared_objects.testing.broker_logins import BrokerLogins
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def messaging_config(amqp_url: str, control_exchange: str) -> MessagingConfig:
+def conductor_url(amqp_url: str, broker_logins: BrokerLogins | None) -> str:
+    """A conductor's login, for the conductor and for this process and its agent peer alike:
+    these tests are about the object plumbing, which a conductor may use unrestricted (what an
+    agent's login may do is tests/security's and tests/integration/db/test_ownership.py's)."""
+    if broker_logins is None:
+        return amqp_url
+    return broker_logins.url_for(broker_logins.conductor_login("1"))
+
+
+@pytest.fixture
+def messaging_config(conductor_url: str, control_exchange: str) -> MessagingConfig:
     cfg = MessagingConfig()
-    cfg.transport_url = amqp_url
+    cfg.transport_url = conductor_url
     cfg.control_exchange = control_exchange
     return cfg
 
@@ -52,7 +63,7 @@ async def agent_api(
 @pytest.fixture
 async def conductor_process(
     pg_database_url: str,
-    amqp_url: str,
+    conductor_url: str,
     control_exchange: str,
     conductor_topic: str,
     tmp_path: Path,
@@ -60,7 +71,7 @@ async def conductor_process(
     """A `conductor` subprocess serving a freshly migrated PostgreSQL database."""
     await migration.upgrade(pg_database_url)
     env = fleet_env(
-        FLEET_TRANSPORT_URL=amqp_url,
+        FLEET_TRANSPORT_URL=conductor_url,
         FLEET_CONTROL_EXCHANGE=control_exchange,
         FLEET_DATABASE_URL=pg_database_url,
         FLEET_HOST=f"conductor-{uuid.uuid4().hex[:6]}",

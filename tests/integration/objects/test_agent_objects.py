@@ -44,14 +44,14 @@ async def _run_agent(env: dict[str, str]) -> dict[str, Any]:
 async def test_agent_process_uses_objects_through_the_conductor(
     conductor_process: ConductorProcess,
     agent_api: ConductorAPI,
-    amqp_url: str,
+    conductor_url: str,
     control_exchange: str,
     conductor_topic: str,
 ) -> None:
     await wait_for_conductor(agent_api)
     report = await _run_agent(
         fleet_env(
-            FLEET_TRANSPORT_URL=amqp_url,
+            FLEET_TRANSPORT_URL=conductor_url,
             FLEET_CONTROL_EXCHANGE=control_exchange,
             FLEET_LOG_LEVEL="warning",
             AGENT_TOPIC=conductor_topic,

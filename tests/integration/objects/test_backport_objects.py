@@ -53,7 +53,7 @@ async def newer_conductor(
 async def test_older_agent_receives_the_older_version(
     newer_conductor: ConductorService,
     agent_api: ConductorAPI,
-    amqp_url: str,
+    conductor_url: str,
     control_exchange: str,
     conductor_topic: str,
 ) -> None:
@@ -70,7 +70,7 @@ async def test_older_agent_receives_the_older_version(
         sys.executable,
         str(PEER),
         env=fleet_env(
-            FLEET_TRANSPORT_URL=amqp_url,
+            FLEET_TRANSPORT_URL=conductor_url,
             FLEET_CONTROL_EXCHANGE=control_exchange,
             FLEET_LOG_LEVEL="warning",
             AGENT_READ_UUID=inst.uuid,
