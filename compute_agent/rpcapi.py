@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from shared_objects.messaging.authorization import ReplyFrom
 
 from shared_objects import releases
 from shared_objects.context import RequestContext
@@ -24,6 +23,7 @@ from shared_objects.messaging import (
     Transport,
     version_is_compatible,
 )
+from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.serializer import FleetObjectSerializer

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_objects.messaging.authorization import ReplyFrom
-
 from conductor.indirection import (
     BASEAPI_NAMESPACE,
     BASEAPI_VERSION,
@@ -19,6 +17,7 @@ from conductor.indirection import (
 )
 from shared_objects.base import FleetObject, IndirectionAPI
 from shared_objects.messaging import RPCClient, Target, Transport
+from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.serializer import FleetObjectSerializer
 
 

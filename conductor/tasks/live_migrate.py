@@ -320,28 +320,15 @@ class LiveMigrateTask:
                 tried.append(dest)
                 continue
             dest_node = str(data.get("dest_node") or node or dest)
-            async with self.database.request(ctxt):
-                db = ctxt.db
-                assert db is not None
-                # CAS from ``accepted``: a source that restarted meanwhile may have settled it.
-                rows = await db.update(
-                    "migrations",
-                    {"uuid": migration.uuid, "status": MigrationStatus.ACCEPTED},
-                    {
-                        "status": MigrationStatus.QUEUED,
-                        "dest_compute": dest,
-                        "dest_node": dest_node,
-                        "updated_at": datetime.datetime.now(datetime.UTC),
-                    },
-                    returning=["status"],
-                )
-            if not rows:
+            # A source that restarted meanwhile may have settled it: CAS from ``accepted``.
+            queued = {
+                "status": MigrationStatus.QUEUED,
+                "dest_compute": dest,
+                "dest_node": dest_node,
+            }
+            if not await self._while_accepted(ctxt, migration, queued):
                 await self._stopped(ctxt, instance, migration)
                 return None
-            migration.dest_compute = dest
-            migration.dest_node = dest_node
-            migration.status = MigrationStatus.QUEUED
-            migration.obj_reset_changes(["dest_compute", "dest_node", "status"])
             return dest, data
         await self._fail(
             ctxt,
@@ -355,18 +342,26 @@ class LiveMigrateTask:
     async def _propose(self, ctxt: RequestContext, migration: Migration, dest: str) -> bool:
         """Record ``dest`` as the candidate destination while the migration is ``accepted``;
         False when it has left ``accepted`` (aborted, or settled by its source)."""
+        return await self._while_accepted(ctxt, migration, {"dest_compute": dest})
+
+    async def _while_accepted(
+        self, ctxt: RequestContext, migration: Migration, values: dict[str, Any]
+    ) -> bool:
+        """Write ``values`` to the migration in one compare-and-swap on ``accepted`` (and into
+        ``migration``); False when it has left ``accepted``."""
         async with self.database.request(ctxt):
             db = ctxt.db
             assert db is not None
             rows = await db.update(
                 "migrations",
                 {"uuid": migration.uuid, "status": MigrationStatus.ACCEPTED},
-                {"dest_compute": dest, "updated_at": datetime.datetime.now(datetime.UTC)},
+                {**values, "updated_at": datetime.datetime.now(datetime.UTC)},
                 returning=["status"],
             )
         if rows:
-            migration.dest_compute = dest
-            migration.obj_reset_changes(["dest_compute"])
+            for name, value in values.items():
+                setattr(migration, name, value)
+            migration.obj_reset_changes(list(values))
         return bool(rows)
 
     async def _status(self, ctxt: RequestContext, migration_uuid: str) -> str:

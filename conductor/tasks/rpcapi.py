@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_objects.messaging.authorization import ReplyFrom
-
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCClient, Target, Transport
+from shared_objects.messaging.authorization import ReplyFrom
 
 TOPIC = "conductor"
 NAMESPACE = "compute_task"
