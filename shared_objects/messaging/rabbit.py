@@ -35,6 +35,7 @@ from pamqp.commands import Basic
 from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
 from shared_objects.messaging.exceptions import (
     MessageDeliveryFailure,
+    MessageRejected,
     MessageUndeliverable,
     MessagingError,
 )
@@ -267,6 +268,7 @@ class RabbitDriver(Driver):
         self._publish_failures = 0
         self._returned = 0
 
+        self._rejected = 0
     @property
     def user_id(self) -> str:  # type: ignore[override]
         """The login of the connected host: what RabbitMQ validates ``user_id`` against."""
@@ -426,6 +428,18 @@ class RabbitDriver(Driver):
                 # An inequivalent exchange, a refused user_id, no permission. The channel close
                 # also fails every concurrent publish, so one retry tells "ours" from "theirs".
                 self._declared.pop(exchange, None)
+                if isinstance(exc.frame, Basic.Nack):
+                    self._rejected += 1
+                    # basic.nack: a queue the message routes to refused it; with Fleet's
+                    # policies (overflow=reject-publish) that is a queue at its length limit.
+                    raise MessageRejected(
+                        f"queue full: the broker refused the message to "
+                        f"{exchange.name or 'amq.default'!r}/{routing_key!r} (basic.nack: a "
+                        "queue it routes to is at its length limit, overflow=reject-publish); "
+                        "it was not enqueued",
+                        exchange=exchange.name,
+                        routing_key=routing_key,
+                    ) from exc
                 refused += 1
                 if refused > 1:
                     self._publish_failures += 1
@@ -559,3 +573,4 @@ class RabbitDriver(Driver):
             "publish_failures": self._publish_failures,
             "returned": self._returned,
         }
+            "rejected": self._rejected,

@@ -90,12 +90,14 @@ import structlog
 
 from shared_objects.config import MessagingConfig, SecurityConfig
 from shared_objects.identity import Identities, Role
+from shared_objects.messaging.topology import REPLY_EXCHANGE
 
 if TYPE_CHECKING:
     from shared_objects.testing.rabbit_node import RabbitNode
 
 __all__ = [
     "AMQP_DEFAULT_EXCHANGE",
+    "REPLY_EXCHANGE_NAME",
     "BrokerLogins",
     "Ctl",
     "CtlError",
@@ -117,6 +119,10 @@ COMPUTE_TOPIC = "compute"
 NOTIFICATION_TOPICS = ("versioned_notifications",)
 NOTIFICATION_PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
 _HEX32 = "[0-9a-f]{32}"
+#: The exchange Fleet replies travel through (``shared_objects.messaging.topology``).
+REPLY_EXCHANGE_NAME = REPLY_EXCHANGE.name
+# The characters of a login (no ``_``: it separates the login in ``reply_<login>_<hex>``).
+_LOGIN_CHARS = "[A-Za-z0-9.@+-]"
 # Logins go into URLs, JSON and an Erlang expression: keep them to a safe alphabet.
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,254}$")
 
@@ -163,6 +169,20 @@ def _alt(parts: Iterable[str]) -> str:
     """``^(?:a|b|c)$`` over the (already escaped) ``parts``; ``^$`` matches nothing useful."""
     unique = list(dict.fromkeys(p for p in parts if p))
     return f"^(?:{'|'.join(unique)})$" if unique else "^$"
+
+
+def _glob_regex(pattern: str) -> str:
+    """A ``[security]`` login glob (``fleet-conductor-*``) as an unanchored RabbitMQ regex over
+    login characters (``*``: any run of them, ``?``: one; everything else literal)."""
+    out = []
+    for char in pattern:
+        if char == "*":
+            out.append(f"{_LOGIN_CHARS}*")
+        elif char == "?":
+            out.append(_LOGIN_CHARS)
+        else:
+            out.append(_escape(char))
+    return "".join(out)
 
 
 def _covers(pattern: str | None, name: str) -> bool:
@@ -499,17 +519,28 @@ class BrokerLogins:
         topics = "|".join(_escape(t) for t in self.notification_topics)
         return f"(?:{topics})\\.(?:{'|'.join(NOTIFICATION_PRIORITIES)})" if topics else ""
 
+    def _amq_default_for_agents(self) -> bool:
+        """Agents keep write on ``amq.default`` only while some caller still has a reply queue
+        without a login (``reply_<hex>``: a release before 1.2), which only the default exchange
+        reaches: during a rolling upgrade, never in a deployment on this release alone."""
+        return self.legacy_queue_names or any(g.old_runtime for g in self._grants.values())
+
     def permissions(self, login: str) -> Permissions:
         """The vhost permissions of ``login`` (see the module docstring)."""
         grant = self._grants[login]
         if grant.role is Role.CONDUCTOR:
             return FULL
         e = self.exchanges_regex()
+        r = _escape(REPLY_EXCHANGE_NAME)
         esc = _escape(login)
         old = grant.old_runtime or self.legacy_queue_names
         if grant.role is Role.OPERATOR:
             replies = [f"reply_{esc}_{_HEX32}", *([f"reply_{_HEX32}"] if old else [])]
-            return Permissions(configure=_alt([e, *replies]), write=_alt([e]), read=_alt(replies))
+            return Permissions(
+                configure=_alt([e, r, *replies]),
+                write=_alt([e, *replies]),
+                read=_alt([r, *replies]),
+            )
         own = [f"reply_{esc}_{_HEX32}"]
         for host in sorted(grant.hosts):
             h = _escape(host)
@@ -520,10 +551,11 @@ class BrokerLogins:
             own.append(COMPUTE_TOPIC)
         fanout = f"{COMPUTE_TOPIC}_fanout"
         notes = self._notification_queues()
+        default = [_escape(AMQP_DEFAULT_EXCHANGE)] if old or self._amq_default_for_agents() else []
         return Permissions(
-            configure=_alt([e, fanout, *own, notes]),
-            write=_alt([e, _escape(AMQP_DEFAULT_EXCHANGE), *own, notes]),
-            read=_alt([e, fanout, *own]),
+            configure=_alt([e, r, fanout, *own, notes]),
+            write=_alt([e, r, *default, *own, notes]),
+            read=_alt([e, r, fanout, *own]),
         )
 
     def topic_permissions(self, login: str) -> TopicPermissions | None:
@@ -541,6 +573,53 @@ class BrokerLogins:
         return TopicPermissions(
             write=_alt([topic, f"{COMPUTE_TOPIC}\\..+", notes]), read=_alt([*binds, notes])
         )
+
+    def reply_callers_regex(self) -> str:
+        """The logins an agent may answer, unanchored: conductors and agents (live-migration
+        peers call each other; ``reply_checks`` on the caller's side refuses a reply from
+        anyone but the agent it called). Never an operator: operators call only conductors."""
+        parts = [_glob_regex(g) for g in self.security.conductor_logins]
+        parts.append(f"{_escape(self.security.host_login_prefix)}{_LOGIN_CHARS}+")
+        if self.security.legacy_shared_login:
+            parts.append(_escape(self.security.legacy_shared_login))
+        prefix = self.security.host_login_prefix
+        parts += [
+            _escape(g.login)
+            for g in self._grants.values()
+            if g.role is Role.AGENT and not g.login.startswith(prefix)
+        ]
+        parts = [p for p in dict.fromkeys(parts) if p]
+        return f"(?:{'|'.join(parts)})"
+
+    def reply_topic_permissions(self, login: str) -> TopicPermissions | None:
+        """Routing-key permissions of ``login`` on the reply exchange (None: unrestricted).
+
+        Read (what it may bind a queue to): its own ``reply_<login>_<hex>`` only, so no login
+        can have another's replies delivered to a queue of its own. Write (which reply queues
+        it may answer): an agent, the reply queues of conductors and agents; an operator
+        serves nobody, nothing.
+        """
+        grant = self._grants[login]
+        if grant.role is Role.CONDUCTOR:
+            return None
+        read = _alt([f"reply_{_escape(login)}_{_HEX32}"])
+        if grant.role is Role.OPERATOR:
+            return TopicPermissions(write="^$", read=read)
+        return TopicPermissions(
+            write=_alt([f"reply_{self.reply_callers_regex()}_{_HEX32}"]), read=read
+        )
+
+    def topic_grants(self, login: str) -> dict[str, TopicPermissions]:
+        """Every topic permission of ``login``: exchange -> routing-key regexes."""
+        out: dict[str, TopicPermissions] = {}
+        topic = self.topic_permissions(login)
+        if topic is not None:
+            for exchange in self._exchanges:
+                out[exchange] = topic
+        reply = self.reply_topic_permissions(login)
+        if reply is not None:
+            out[REPLY_EXCHANGE_NAME] = reply
+        return out
 
     # --- provisioning -----------------------------------------------------------------------
 
@@ -647,10 +726,8 @@ class BrokerLogins:
         for login in logins if logins is not None else list(self._grants):
             users.append(self._user_entry(login))
             perms.append(self._perm_entry(login, self.permissions(login)))
-            topic = self.topic_permissions(login)
-            if topic is not None:
-                for exchange in self._exchanges:
-                    topics.append(self._topic_entry(login, exchange, topic))
+            for exchange, topic in self.topic_grants(login).items():
+                topics.append(self._topic_entry(login, exchange, topic))
         return {"users": users, "permissions": perms, "topic_permissions": topics}
 
     def _user_entry(self, login: str) -> dict[str, Any]:
@@ -683,10 +760,7 @@ class BrokerLogins:
             if self._perms_done.get(login) != perm:
                 perms.append(self._perm_entry(login, perm))
                 want_perms[login] = perm
-            topic = self.topic_permissions(login)
-            if topic is None:
-                continue
-            for exchange in self._exchanges:
+            for exchange, topic in self.topic_grants(login).items():
                 if self._topics_done.get((login, exchange)) != topic:
                     topics.append(self._topic_entry(login, exchange, topic))
                     want_topics[(login, exchange)] = topic
