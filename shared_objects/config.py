@@ -291,6 +291,17 @@ class SecurityConfig:
 
 
 @dataclasses.dataclass(slots=True)
+class NotificationsConfig:
+    """Versioned notifications (``versioned_notifications.<priority>`` on the control exchange).
+
+    Off: the agents publish nothing and declare no notification queue. On, the queue is bounded
+    by the broker policy ``fleetctl broker setup`` installs (docs/operations.md).
+    """
+
+    enabled: bool = True
+
+
+@dataclasses.dataclass(slots=True)
 class LoggingConfig:
     """Log output: JSON lines for machines, readable text for people."""
 
@@ -313,6 +324,7 @@ class FleetConfig:
     upgrade_levels: UpgradeLevelsConfig = dataclasses.field(default_factory=UpgradeLevelsConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    notifications: NotificationsConfig = dataclasses.field(default_factory=NotificationsConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
