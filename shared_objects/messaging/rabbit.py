@@ -267,8 +267,8 @@ class RabbitDriver(Driver):
         self._published = 0
         self._publish_failures = 0
         self._returned = 0
-
         self._rejected = 0
+
     @property
     def user_id(self) -> str:  # type: ignore[override]
         """The login of the connected host: what RabbitMQ validates ``user_id`` against."""
@@ -420,14 +420,6 @@ class RabbitDriver(Driver):
                 )
             except aiormq.exceptions.DeliveryError as exc:
                 self._publish_failures += 1
-                raise MessageDeliveryFailure(f"broker refused the message: {exc!r}") from exc
-            except (
-                aiormq.exceptions.ChannelPreconditionFailed,
-                aiormq.exceptions.ChannelAccessRefused,
-            ) as exc:
-                # An inequivalent exchange, a refused user_id, no permission. The channel close
-                # also fails every concurrent publish, so one retry tells "ours" from "theirs".
-                self._declared.pop(exchange, None)
                 if isinstance(exc.frame, Basic.Nack):
                     self._rejected += 1
                     # basic.nack: a queue the message routes to refused it; with Fleet's
@@ -440,6 +432,14 @@ class RabbitDriver(Driver):
                         exchange=exchange.name,
                         routing_key=routing_key,
                     ) from exc
+                raise MessageDeliveryFailure(f"broker refused the message: {exc!r}") from exc
+            except (
+                aiormq.exceptions.ChannelPreconditionFailed,
+                aiormq.exceptions.ChannelAccessRefused,
+            ) as exc:
+                # An inequivalent exchange, a refused user_id, no permission. The channel close
+                # also fails every concurrent publish, so one retry tells "ours" from "theirs".
+                self._declared.pop(exchange, None)
                 refused += 1
                 if refused > 1:
                     self._publish_failures += 1
@@ -572,5 +572,5 @@ class RabbitDriver(Driver):
             "published": self._published,
             "publish_failures": self._publish_failures,
             "returned": self._returned,
-        }
             "rejected": self._rejected,
+        }
