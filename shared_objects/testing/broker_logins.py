@@ -98,15 +98,20 @@ if TYPE_CHECKING:
 __all__ = [
     "AMQP_DEFAULT_EXCHANGE",
     "REPLY_EXCHANGE_NAME",
+    "BrokerLimits",
     "BrokerLogins",
     "Ctl",
     "CtlError",
     "NodeCtl",
     "Permissions",
     "Rabbitmqctl",
+    "SetupCtl",
+    "SetupPlan",
     "TopicPermissions",
     "agents_consume_topic_queue",
     "hash_password",
+    "password_matches",
+    "plan_setup",
     "runtime_names_queues_by_login",
 ]
 
@@ -246,6 +251,12 @@ class Ctl(Protocol):
     async def delete_users(self, logins: Sequence[str]) -> None: ...
 
 
+class SetupCtl(Ctl, Protocol):
+    """What ``fleetctl broker setup`` needs besides: the broker's current definitions."""
+
+    async def export_definitions(self) -> dict[str, Any]: ...
+
+
 class Rabbitmqctl:
     """``rabbitmqctl`` run as asyncio subprocesses (never blocking the loop).
 
@@ -303,6 +314,18 @@ class Rabbitmqctl:
     async def import_definitions(self, definitions: Mapping[str, Any]) -> None:
         # No file argument: rabbitmqctl reads the definitions from stdin.
         await self.run("import_definitions", stdin=json.dumps(definitions).encode())
+
+    async def export_definitions(self) -> dict[str, Any]:
+        """Everything the broker holds (users with their password hashes and limits, vhosts,
+        permissions, topic permissions, policies, exchanges, ...), as one JSON document."""
+        text = await self.run("export_definitions", "-", "--format", "json")
+        try:
+            found = json.loads(text[text.index("{") :])
+        except ValueError as exc:
+            raise CtlError(f"rabbitmqctl export_definitions: not JSON: {text[:200]!r}") from exc
+        if not isinstance(found, dict):
+            raise CtlError("rabbitmqctl export_definitions: not a JSON object")
+        return found
 
     async def delete_users(self, logins: Sequence[str]) -> None:
         if not logins:
@@ -621,6 +644,75 @@ class BrokerLogins:
             out[REPLY_EXCHANGE_NAME] = reply
         return out
 
+    # --- a whole deployment (fleetctl broker setup, plan_setup) ------------------------------
+
+    def policies(self, limits: BrokerLimits) -> list[dict[str, Any]]:
+        """One policy per kind of Fleet queue (a queue gets only its highest-priority policy,
+        so each carries its whole definition). Patterns are anchored, over queue names."""
+        vhost = self.vhost
+        topics = "|".join(_escape(t) for t in dict.fromkeys([self.conductor_topic, COMPUTE_TOPIC]))
+        notes = "|".join(_escape(t) for t in self.notification_topics)
+        out = [
+            _policy(
+                vhost,
+                "fleet-rpc",
+                f"^(?:{topics})(?:\\.|$)",
+                10,
+                {
+                    "max-length": limits.rpc_max_length,
+                    "max-length-bytes": limits.rpc_max_bytes,
+                    "overflow": "reject-publish",
+                },
+            ),
+            _policy(
+                vhost,
+                "fleet-replies",
+                "^reply_",
+                20,
+                {
+                    "max-length": limits.reply_max_length,
+                    "overflow": "reject-publish",
+                    "message-ttl": _ms(limits.reply_ttl),
+                },
+            ),
+            _policy(
+                vhost,
+                "fleet-fanout",
+                "^[A-Za-z0-9.-]+_fanout_",
+                20,
+                {
+                    "max-length": limits.fanout_max_length,
+                    "overflow": "reject-publish",
+                    "message-ttl": _ms(limits.fanout_ttl),
+                },
+            ),
+        ]
+        if notes:
+            out.append(
+                _policy(
+                    vhost,
+                    "fleet-notifications",
+                    f"^(?:{notes})\\.",
+                    20,
+                    {
+                        "max-length": limits.notifications_max_length,
+                        "overflow": "drop-head",
+                        "message-ttl": _ms(limits.notifications_ttl),
+                    },
+                )
+            )
+        return out
+
+    def user_limits(self, login: str, limits: BrokerLimits) -> dict[str, int]:
+        role = self._grants[login].role
+        if role is Role.AGENT:
+            pair = (limits.agent_max_connections, limits.agent_max_channels)
+        elif role is Role.OPERATOR:
+            pair = (limits.operator_max_connections, limits.operator_max_channels)
+        else:
+            return {}
+        return {k: v for k, v in zip(("max-connections", "max-channels"), pair, strict=True) if v}
+
     # --- provisioning -----------------------------------------------------------------------
 
     def _grant(self, grant: _Grant) -> None:
@@ -802,3 +894,190 @@ class BrokerLogins:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.delete()
+
+
+# --- a whole deployment: fleetctl broker setup ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    """The limits ``fleetctl broker setup`` puts on a Fleet vhost (policies and user limits).
+
+    Sizes in messages and bytes, times in seconds; 0 leaves that limit out.
+    """
+
+    #: every RPC queue (``<conductor topic>[.<server>]``, ``compute[.<host>]``): a stopped
+    #: agent's backlog stops here, further casts and calls are refused (``overflow`` below).
+    rpc_max_length: int = 10_000
+    rpc_max_bytes: int = 64 * 1024 * 1024
+    #: reply queues: a reply older than the call's timeout is useless to the caller.
+    reply_max_length: int = 1_000
+    reply_ttl: float = 60.0
+    #: fanout queues (``<topic>_fanout_<server>_<hex>``): broadcast casts are refresh notices.
+    fanout_max_length: int = 1_000
+    fanout_ttl: float = 600.0
+    #: ``versioned_notifications.<priority>``: the oldest are dropped first (drop-head), so an
+    #: absent listener never makes an agent's work fail; kept for ``notifications_ttl``.
+    notifications_max_length: int = 10_000
+    notifications_ttl: float = 86_400.0
+    #: per-login connection and channel limits (``rabbitmqctl set_user_limits``); conductors
+    #: have none.
+    agent_max_connections: int = 8
+    agent_max_channels: int = 64
+    operator_max_connections: int = 8
+    operator_max_channels: int = 64
+
+
+def _policy(
+    vhost: str, name: str, pattern: str, priority: int, definition: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "vhost": vhost,
+        "name": name,
+        "pattern": pattern,
+        "apply-to": "queues",
+        "priority": priority,
+        "definition": {k: v for k, v in definition.items() if v},
+    }
+
+
+def password_matches(password: str, password_hash: str) -> bool:
+    """Whether ``password`` is the one behind RabbitMQ's ``rabbit_password_hashing_sha256``."""
+    try:
+        raw = base64.b64decode(password_hash, validate=True)
+    except ValueError:
+        return False
+    return len(raw) == 36 and hash_password(password, raw[:4]) == password_hash
+
+
+@dataclasses.dataclass
+class SetupPlan:
+    """What ``fleetctl broker setup`` finds to change: one line per action, and the definitions
+    that make those changes in one ``import_definitions`` (empty when nothing changes)."""
+
+    actions: list[str]
+    definitions: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.actions)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _exchange_entry(vhost: str, spec: Any) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "vhost": vhost,
+        "type": spec.type,
+        "durable": spec.durable,
+        "auto_delete": spec.auto_delete,
+        "internal": False,
+        "arguments": {},
+    }
+
+
+def plan_setup(
+    logins: BrokerLogins,
+    current: Mapping[str, Any],
+    limits: BrokerLimits,
+    exchanges: Sequence[Any] = (),
+) -> SetupPlan:
+    """Compare what ``logins`` (every login added to it), ``limits`` and ``exchanges``
+    (``ExchangeSpec``s to create) want on the vhost with the broker's ``current`` definitions
+    (``rabbitmqctl export_definitions``). Only what differs is planned; an existing password is
+    kept when the password given for the login matches its hash."""
+    vhost = logins.vhost
+    actions: list[str] = []
+    warnings: list[str] = []
+    out: dict[str, list[dict[str, Any]]] = {
+        "vhosts": [],
+        "users": [],
+        "permissions": [],
+        "topic_permissions": [],
+        "policies": [],
+        "exchanges": [],
+    }
+    if not any(v.get("name") == vhost for v in current.get("vhosts", ())):
+        actions.append(f"create vhost {vhost}")
+        out["vhosts"].append({"name": vhost})
+    users = {u.get("name"): u for u in current.get("users", ())}
+    perms = {(p.get("user"), p.get("vhost")): p for p in current.get("permissions", ())}
+    topics = {
+        (t.get("user"), t.get("vhost"), t.get("exchange")): t
+        for t in current.get("topic_permissions", ())
+    }
+    for login, grant in logins._grants.items():
+        role = grant.role.value
+        want_limits = logins.user_limits(login, limits)
+        have = users.get(login)
+        entry = logins._user_entry(login)
+        entry["limits"] = want_limits
+        if have is None:
+            actions.append(f"create user {login} ({role})")
+            out["users"].append(entry)
+        else:
+            why = []
+            if not password_matches(logins.password(login), str(have.get("password_hash", ""))):
+                why.append("password")
+            else:
+                entry["password_hash"] = have["password_hash"]
+                entry["hashing_algorithm"] = have.get("hashing_algorithm", HASHING_ALGORITHM)
+            if list(have.get("tags") or []) != []:
+                why.append(f"tags {have.get('tags')} -> none")
+            if dict(have.get("limits") or {}) != want_limits:
+                why.append(f"limits {dict(have.get('limits') or {})} -> {want_limits}")
+            if why:
+                actions.append(f"update user {login} ({role}): {', '.join(why)}")
+                out["users"].append(entry)
+        perm = logins.permissions(login)
+        got = perms.get((login, vhost))
+        if got is None or (got.get("configure"), got.get("write"), got.get("read")) != (
+            perm.configure,
+            perm.write,
+            perm.read,
+        ):
+            verb = "set" if got is None else "change"
+            actions.append(f"{verb} permissions of {login} on {vhost}")
+            out["permissions"].append(logins._perm_entry(login, perm))
+        for exchange, topic in logins.topic_grants(login).items():
+            got_t = topics.get((login, vhost, exchange))
+            if got_t is None or (got_t.get("write"), got_t.get("read")) != (
+                topic.write,
+                topic.read,
+            ):
+                verb = "set" if got_t is None else "change"
+                actions.append(f"{verb} topic permissions of {login} on {exchange}")
+                out["topic_permissions"].append(logins._topic_entry(login, exchange, topic))
+        for (user, v, exchange), _ in topics.items():
+            if user == login and v == vhost and exchange not in logins.topic_grants(login):
+                warnings.append(
+                    f"{login} has topic permissions on {exchange} that Fleet does not grant "
+                    f"(left as is; rabbitmqctl clear_topic_permissions -p {vhost} {login})"
+                )
+    policies = {(p.get("vhost"), p.get("name")): p for p in current.get("policies", ())}
+    for policy in logins.policies(limits):
+        got_p = policies.get((vhost, policy["name"]))
+        keys = ("pattern", "apply-to", "priority", "definition")
+        if got_p is None or any(got_p.get(k) != policy[k] for k in keys):
+            verb = "create" if got_p is None else "change"
+            actions.append(f"{verb} policy {policy['name']} ({policy['pattern']})")
+            out["policies"].append(policy)
+    found = {(e.get("vhost"), e.get("name")): e for e in current.get("exchanges", ())}
+    for spec in exchanges:
+        want = _exchange_entry(vhost, spec)
+        got_e = found.get((vhost, spec.name))
+        if got_e is None:
+            actions.append(f"create exchange {spec.name} ({spec.type}, durable={spec.durable})")
+            out["exchanges"].append(want)
+        elif any(got_e.get(k) != want[k] for k in ("type", "durable", "auto_delete")):
+            warnings.append(
+                f"exchange {spec.name} exists with other flags "
+                f"(type={got_e.get('type')}, durable={got_e.get('durable')}, "
+                f"auto_delete={got_e.get('auto_delete')}); left as is"
+            )
+    definitions = {k: v for k, v in out.items() if v}
+    return SetupPlan(actions, definitions, warnings)
