@@ -28,36 +28,47 @@ this object names unique (``fleet-host-<tag>-compute-1``, ``fleet-conductor-<tag
 ``FLEET_SECURITY__HOST_LOGIN_PREFIX`` the processes need to read the agent logins back. Without a
 tag (``make demo``) the logins are the documented ones, ``fleet-host-<host>``.
 
-Permissions (regular ones on the vhost, topic ones on each control exchange), by role. ``E`` is
-the control exchange(s) — ``exchange_pattern`` and the names given to ``ensure(exchanges=...)`` —,
-``T`` the conductor topic, ``N`` the notification queues ``<topic>.<priority>`` of
-``notification_topics`` (the agents' notifier declares and binds them), ``L`` the login, ``X`` the
-agent's host; every regex is anchored (RabbitMQ's are not by default):
+Permissions (regular ones on the vhost, topic ones on each control exchange and on the reply
+exchange ``R`` = ``fleet_reply``), by role. ``E`` is the control exchange(s) —
+``exchange_pattern`` and the names given to ``ensure(exchanges=...)`` —, ``T`` the conductor
+topic, ``N`` the notification queues ``<topic>.<priority>`` of ``notification_topics`` (the
+agents' notifier declares and binds them), ``L`` the login, ``X`` the agent's host, ``C`` the
+logins an agent answers (conductors by the ``[security]`` globs, agents by the host prefix, a
+legacy shared login); every regex is anchored (RabbitMQ's are not by default):
 
-=========  ===============================================  ============================
-role       configure / write / read                          topic permissions on ``E``
-=========  ===============================================  ============================
+=========  ===============================================  ====================================
+role       configure / write / read                          topic permissions on ``E`` / ``R``
+=========  ===============================================  ====================================
 conductor  ``.*`` / ``.*`` / ``.*``                           none (every routing key)
-agent      c: ``^(E|compute_fanout|Q|N)$``                    write ``^(T|compute\\..+|N)$``
-           w: ``^(E|amq\\.default|Q|N)$``                      read ``^(compute\\.X|N)$``
-           r: ``^(E|compute_fanout|Q)$``
-           where Q = ``compute\\.X|reply_L_[0-9a-f]{32}|compute_fanout_X_[0-9a-f]{32}``
-operator   c: ``^(E|reply_L_[0-9a-f]{32})$``                   write ``^T$``
-           w: ``^(E)$``  r: ``^(reply_L_[0-9a-f]{32})$``      read ``^$`` (binds nothing)
-=========  ===============================================  ============================
+agent      c: ``^(E|R|compute_fanout|Q|N)$``                  E write ``^(T|compute\\..+|N)$``
+           w: ``^(E|R|Q|N)$``                                 E read ``^(compute\\.X|N)$``
+           r: ``^(E|R|compute_fanout|Q)$``                    R write ``^reply_C_[0-9a-f]{32}$``
+           where Q = ``compute\\.X|reply_L_[0-9a-f]{32}|``   R read ``^reply_L_[0-9a-f]{32}$``
+           ``compute_fanout_X_[0-9a-f]{32}``
+operator   c: ``^(E|R|reply_L_[0-9a-f]{32})$``                 E write ``^T$``, read ``^$``
+           w: ``^(E|reply_L_[0-9a-f]{32})$``                   R write ``^$``
+           r: ``^(R|reply_L_[0-9a-f]{32})$``                   R read ``^reply_L_[0-9a-f]{32}$``
+=========  ===============================================  ====================================
 
 Why each right: an RPC client declares ``E`` before publishing (configure) and publishes to it
 (write); a server declares and binds its queues (configure and write on the queue, read on the
-exchange, topic read on the binding key) and consumes them (read); replies go through the
-default exchange (write on ``amq.default``); a server's fanout queue is deleted at stop
-(configure). An agent may therefore consume only its own ``compute.X``, fanout and reply queues,
-bind only ``compute.X`` (and the notification queues), and publish on ``E`` only to the
-conductor, to another agent's ``compute.<host>`` and notifications; it cannot consume
-``conductor`` nor another login's replies. Limits, for issue 12 to tighten: write on
-``amq.default`` lets an agent publish to ANY queue by name (RabbitMQ has no per-routing-key
-check on the default exchange) — the broker still stamps its ``user_id`` on it, which is what
-Fleet authorises on; topic permissions exist per exchange name only, so an exchange known only by
-``exchange_pattern`` has none (every routing key) until it is passed to ``ensure``.
+exchange, topic read on the binding key) and consumes them (read); a caller declares ``R`` and
+binds its reply queue there under the queue's own name (topic read: its own name only); a
+server publishes its replies on ``R`` (write; topic write: the reply queues of the logins that
+may call it); a server's fanout queue is deleted at stop (configure). An agent may therefore
+consume only its own ``compute.X``, fanout and reply queues, bind only ``compute.X``, its reply
+queue (and the notification queues), and publish on ``E`` only to the conductor, to another
+agent's ``compute.<host>`` and notifications, on ``R`` only to conductors' and agents' reply
+queues; it cannot consume ``conductor`` nor another login's replies, nor publish through the
+default exchange (``amq.default``, which reaches ANY queue by name and has no per-routing-key
+check): agents get write on it only while a login of an older release (``old_runtime_hosts``,
+``legacy``, ``legacy_queue_names``) is present, whose ``reply_<32 hex>`` queues only the
+default exchange reaches. Topic permissions exist per exchange name only, so an exchange known
+only by ``exchange_pattern`` has none (every routing key) until it is passed to ``ensure``.
+
+``fleetctl broker setup`` builds on this class: :meth:`BrokerLogins.policies`,
+:meth:`BrokerLogins.user_limits` and :func:`plan_setup` (the differences between these
+definitions and the broker's ``export_definitions``).
 
 Agents on a release before issue 11 (``old_runtime_hosts``, shared ``legacy`` logins) name their
 queues differently: the bare ``compute`` queue (bound with key ``compute``), ``reply_<32 hex>``
