@@ -41,6 +41,7 @@ from shared_objects.messaging.exceptions import (
 )
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
 from shared_objects.messaging.urls import ParsedURL
+from shared_objects.tls import describe_tls_failure
 
 log = structlog.get_logger(__name__)
 
@@ -301,6 +302,13 @@ class RabbitDriver(Driver):
                 log.warning("broker_connect_failed", url=str(connection), error=repr(exc))
                 await connection.close()
         else:
+            assert last_error is not None
+            tls_failure = describe_tls_failure(last_error)
+            if tls_failure is not None:
+                # One line an operator can act on (wrong CA, wrong host name, expired ...).
+                raise MessageDeliveryFailure(
+                    f"cannot connect to any broker host: {tls_failure} (last tried {connection})"
+                ) from last_error
             raise MessageDeliveryFailure(f"cannot connect to any broker host: {last_error!r}")
         connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection = connection
