@@ -305,7 +305,8 @@ async def test_request_without_user_id_is_refused_with_an_error_reply(
             async with connection:
                 channel = await connection.channel()
                 replies: dict[str, dict[str, Any]] = {}
-                reply_q = await channel.declare_queue(exclusive=True)
+                # oslo-style: servers answer only queues named like reply queues
+                reply_q = await channel.declare_queue(f"reply_{uuid.uuid4().hex}", exclusive=True)
 
                 async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
                     body = codec.decode_message(message.body)
