@@ -85,7 +85,9 @@ class ComputeAgentService:
         self.conductor = ConductorAPI(self.transport, reply_from=replies)
         self.tasks = ComputeTaskAPI(self.transport, reply_from=replies)
         self.metrics = ServiceMetrics("compute-agent", host=cfg.host)
-        self.notifier = InstanceNotifier(self.transport, f"compute.{cfg.host}")
+        self.notifier = InstanceNotifier(
+            self.transport, f"compute.{cfg.host}", enabled=cfg.notifications.enabled
+        )
         compute = cfg.compute
         self.tracker = ResourceTracker(
             cfg.host,

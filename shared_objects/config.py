@@ -27,7 +27,9 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl
+
+from shared_objects.url_secrets import HostPart, mask_url, split_authority
 
 __all__ = [
     "ENV_ALIASES",
@@ -89,6 +91,24 @@ TRANSPORT_SCHEMES = ("rabbit", "rabbits", "amqp", "amqps", "memory")
 DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
+def _check_hostports(parts: Sequence[HostPart]) -> str | None:
+    """Each ``host[:port]``; errors show the host part only, never the user-info before it."""
+    for part in parts:
+        hostport = part.hostport
+        if hostport.startswith("["):
+            host, _, after = hostport[1:].partition("]")
+            port = after[1:]
+            if after and not after.startswith(":"):
+                return f"has a bad host:port {hostport!r}"
+        else:
+            host, _, port = hostport.partition(":")
+        if not host:
+            return f"has an empty host in {hostport!r}"
+        if port and not (port.isdigit() and int(port) <= 65535):
+            return f"has a bad host:port {hostport!r} (the port must be 0..65535)"
+    return None
+
+
 def _check_transport_url(url: str) -> str | None:
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -97,38 +117,56 @@ def _check_transport_url(url: str) -> str | None:
         return f"scheme must be one of {', '.join(TRANSPORT_SCHEMES)}; got {scheme!r}"
     if scheme.lower() == "memory":
         return None
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    if not netloc:
-        return None  # oslo.messaging's "rabbit:///": guest@localhost, the runtime's default
-    # oslo.messaging allows several brokers: rabbit://u:p@h1:5672,u:p@h2:5672/vhost
-    for hostpart in netloc.split(","):
-        hostport = hostpart.rpartition("@")[2]
-        try:
-            parsed = urlsplit(f"//{hostport}")
-            parsed.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
-        except ValueError as exc:
-            return f"has a bad host:port {hostport!r} ({exc})"
-        if not parsed.hostname:
-            return f"has an empty host in {hostpart.rpartition('@')[2]!r}"
+    parts, tail = split_authority(rest)
+    if not parts:
+        error = None  # oslo.messaging's "rabbit:///": guest@localhost, the runtime's default
+    else:
+        # oslo.messaging allows several brokers: rabbit://u:p@h1:5672,u:p@h2:5672/vhost
+        error = _check_hostports(parts)
+    if error:
+        return error
+    options = dict(parse_qsl(tail.partition("?")[2], keep_blank_values=True))
+    auth = options.get("auth", "plain").lower()
+    if auth not in ("plain", "external"):
+        return f"auth must be plain or external; got {auth!r}"
+    tls = scheme.lower() in ("amqps", "rabbits") or options.get("ssl", "").lower() in _TRUE
+    if auth == "external" and not (tls and options.get("certfile")):
+        return "auth=external (x509 client-certificate login) needs TLS (amqps://) and certfile="
+    if options.get("keyfile") and not options.get("certfile"):
+        return "keyfile= is given without certfile="
     return None
 
 
+# libpq's sslmode values; "verify-ca"/"verify-full" check the server certificate.
+DATABASE_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def _check_database_url(url: str) -> str | None:
-    scheme, sep, _ = url.partition("://")
+    scheme, sep, rest = url.partition("://")
     if not sep:
         return f"is not a URL (expected e.g. sqlite+aiosqlite:///fleet.db): {mask_url(url)!r}"
     if scheme not in DATABASE_SCHEMES:
         return f"scheme must be one of {', '.join(DATABASE_SCHEMES)}; got {scheme!r}"
     if scheme.startswith("postgresql"):
-        try:
-            parsed = urlsplit(url)
-            parsed.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            return f"has a bad host:port ({exc})"
-        if not parsed.hostname and "host=" not in parsed.query:
-            return f"has no host: {mask_url(url)!r}"
-        if not parsed.path.strip("/"):
+        parts, tail = split_authority(rest)
+        path, _, query = tail.partition("?")
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        if len(parts) > 1:
+            return f"names several hosts ({len(parts)}); Fleet connects to one: {mask_url(url)!r}"
+        if not parts or not parts[0].hostport:
+            if "host" not in options:
+                return f"has no host: {mask_url(url)!r}"
+        else:
+            error = _check_hostports(parts)
+            if error:
+                return error
+        if not path.strip("/"):
             return f"names no database: {mask_url(url)!r}"
+        if "sslmode" in options and "ssl" in options:
+            return "sets both sslmode= and ssl=; use sslmode="
+        mode = options.get("sslmode", options.get("ssl"))
+        if mode is not None and mode not in DATABASE_SSLMODES:
+            return f"sslmode must be one of {', '.join(DATABASE_SSLMODES)}; got {mode!r}"
     return None
 
 
@@ -158,6 +196,12 @@ class MessagingConfig:
         default="rabbit://guest:guest@127.0.0.1:5672/",
         metadata=_meta(_check_transport_url, secret=True),
     )
+    # A file holding the transport URL (e.g. a systemd credential: "%d/transport_url" in the
+    # unit); replaces transport_url, which must then not be set as well. Not a secret itself.
+    transport_url_file: str = ""
+    # Allow ?no_verify_ssl=1 on the transport URL (TLS without checking the broker's
+    # certificate). Refused unless this is true, and logged at WARNING at start even then.
+    tls_insecure: bool = False
     control_exchange: str = dataclasses.field(default="fleet", metadata=_meta(_non_empty))
     heartbeat: int = dataclasses.field(default=20, metadata=_meta(_min(0)))
     rpc_response_timeout: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
@@ -178,6 +222,8 @@ class DatabaseConfig:
     url: str = dataclasses.field(
         default="sqlite+aiosqlite:///fleet.db", metadata=_meta(_check_database_url, secret=True)
     )
+    # A file holding the database URL (e.g. a systemd credential: "%d/database_url").
+    url_file: str = ""
 
 
 @dataclasses.dataclass(slots=True)
@@ -291,6 +337,17 @@ class SecurityConfig:
 
 
 @dataclasses.dataclass(slots=True)
+class NotificationsConfig:
+    """Versioned notifications (``versioned_notifications.<priority>`` on the control exchange).
+
+    Off: the agents publish nothing and declare no notification queue. On, the queue is bounded
+    by the broker policy ``fleetctl broker setup`` installs (docs/operations.md).
+    """
+
+    enabled: bool = True
+
+
+@dataclasses.dataclass(slots=True)
 class LoggingConfig:
     """Log output: JSON lines for machines, readable text for people."""
 
@@ -313,6 +370,7 @@ class FleetConfig:
     upgrade_levels: UpgradeLevelsConfig = dataclasses.field(default_factory=UpgradeLevelsConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    notifications: NotificationsConfig = dataclasses.field(default_factory=NotificationsConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
@@ -418,8 +476,17 @@ def _assign(
     found = _field(type(target), key)
     if found is None or (section is None and key != "host"):
         raise ConfigError(f"{origin}: unknown option")
-    _, kind = found
-    setattr(target, key, _convert(origin, kind, value, from_env=from_env))
+    field, kind = found
+    try:
+        converted = _convert(origin, kind, value, from_env=from_env)
+    except ConfigError:
+        if not field.metadata.get("secret"):
+            raise
+        # The value may hold a password: name the key, not the value.
+        raise ConfigError(
+            f"{origin}: expected a string (value not shown: may hold a secret)"
+        ) from None
+    setattr(target, key, converted)
     origins[(section, key)] = origin
 
 
@@ -483,6 +550,49 @@ def _validate(cfg: FleetConfig, origins: Origins) -> None:
             f"({cfg.service.service_down_time:g} <= {cfg.service.report_interval:g}), "
             "or every service would look down between two reports"
         )
+    _check_tls_policy(cfg, origins)
+
+
+# (section, option holding a file name, option the file's content replaces)
+SECRET_FILE_OPTIONS = (
+    ("messaging", "transport_url_file", "transport_url"),
+    ("database", "url_file", "url"),
+)
+
+
+def _read_secret_files(cfg: FleetConfig, origins: Origins) -> None:
+    """Replace each URL by the content of its ``*_file`` option, when that option is set."""
+    for section, file_key, key in SECRET_FILE_OPTIONS:
+        obj = getattr(cfg, section)
+        path = getattr(obj, file_key)
+        if not path:
+            continue
+        file_origin = origins.get((section, file_key), f"[{section}] {file_key}")
+        if (section, key) in origins:
+            raise ConfigError(
+                f"{file_origin}: {origins[(section, key)]} is set too; set only one of them"
+            )
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+            raise ConfigError(f"{file_origin}: cannot read {path}: {reason}") from None
+        if not text or "\n" in text:
+            raise ConfigError(f"{file_origin}: {path} must hold exactly one line (the URL)")
+        setattr(obj, key, text)
+        origins[(section, key)] = f"{file_origin} ({path})"
+
+
+def _check_tls_policy(cfg: FleetConfig, origins: Origins) -> None:
+    """Certificate verification can be turned off only explicitly (``tls_insecure``)."""
+    url = cfg.messaging.transport_url
+    options = dict(parse_qsl(split_authority(url.partition("://")[2])[1].partition("?")[2]))
+    if options.get("no_verify_ssl", "0") not in ("", "0") and not cfg.messaging.tls_insecure:
+        where = origins.get(("messaging", "transport_url"), "[messaging] transport_url")
+        raise ConfigError(
+            f"{where}: no_verify_ssl turns off the broker certificate check; refused unless "
+            "[messaging] tls_insecure = true"
+        )
 
 
 def load_config(
@@ -503,6 +613,7 @@ def load_config(
         # systemd's StateDirectory= hands the service its directory in $STATE_DIRECTORY.
         state = env.get("STATE_DIRECTORY", "").split(":")[0]
         cfg.compute.state_dir = state or "fleet-state"
+    _read_secret_files(cfg, origins)
     _validate(cfg, origins)
     return cfg
 
@@ -551,22 +662,6 @@ def config_from_args(
         sys.stdout.write(format_config(cfg))
         raise SystemExit(0)
     return cfg
-
-
-def mask_url(url: str) -> str:
-    """``url`` with every password replaced by ``***`` (several ``user:pass@host`` allowed)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    hosts = []
-    for hostpart in netloc.split(","):
-        userinfo, at, hostport = hostpart.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        hosts.append(f"{user}:***@{hostport}" if at and colon else hostpart)
-    # libpq-style ?password=... in the query string is a secret too.
-    tail = re.sub(r"(?i)(password=)[^&]*", r"\1***", tail)
-    return f"{scheme}{sep}{','.join(hosts)}{slash}{tail}"
 
 
 def _toml_value(value: Any) -> str:

@@ -59,9 +59,14 @@ def instance_action_payload(
 
 
 class InstanceNotifier:
-    """Emits ``instance.*`` versioned notifications for one service."""
+    """Emits ``instance.*`` versioned notifications for one service.
 
-    def __init__(self, transport: Transport, publisher_id: str) -> None:
+    ``enabled=False`` (``[notifications] enabled = false``): every emit is a no-op; nothing is
+    published and no notification queue is declared.
+    """
+
+    def __init__(self, transport: Transport, publisher_id: str, *, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.notifier = Notifier(transport, publisher_id, topics=(TOPIC,))
 
     async def emit(
@@ -73,6 +78,8 @@ class InstanceNotifier:
         fault: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        if not self.enabled:
+            return
         payload = instance_action_payload(instance, fault=fault, extra=extra)
         if event_type.endswith(".error"):
             await self.notifier.error(ctxt, event_type, payload)

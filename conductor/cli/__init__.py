@@ -21,7 +21,7 @@ from shared_objects.exception import FleetException
 from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingError, RemoteError
 
-COMMAND_GROUPS: tuple[str, ...] = ("conductor.cli.db",)
+COMMAND_GROUPS: tuple[str, ...] = ("conductor.cli.db", "conductor.cli.broker")
 COMMAND_MODULES: tuple[str, ...] = (
     "conductor.cli.instances",
     "conductor.cli.fleet",

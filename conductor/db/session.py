@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote, unquote
 
-from sqlalchemy import event
+import structlog
+from sqlalchemy import URL, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from conductor.db.api import POOL_BORN_KEY, DbApi, PoolHealth, uses_driver_path
 from conductor.db.ownership import OwnerScope
+from shared_objects.tls import TLSConfigError, client_context, is_loopback
+from shared_objects.url_secrets import split_authority
+
+log = structlog.get_logger(__name__)
 
 
 def quiet_statement_logging() -> None:
@@ -38,6 +45,72 @@ _SQLITE_UNIT_OWNER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextva
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
+# libpq's TLS options in the URL query; Fleet turns them into asyncpg's ``ssl=`` argument.
+_TLS_QUERY_KEYS = ("sslmode", "ssl", "sslrootcert", "sslcert", "sslkey")
+_VERIFYING_MODES = ("verify-ca", "verify-full")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatabaseTLS:
+    """What ``create_engine`` does about TLS for one PostgreSQL URL."""
+
+    mode: str | None  # the URL's sslmode (or ssl), None if absent
+    connect_ssl: Any  # asyncpg's ssl= argument (False, a mode string or an SSLContext); None: unset
+    verified: bool  # the server's certificate (and, for verify-full, its name) is checked
+    loopback: bool
+
+
+def database_tls(url: URL) -> DatabaseTLS:
+    """TLS for a ``postgresql+asyncpg`` URL, from libpq-style query options.
+
+    ``sslmode=verify-full`` (or ``verify-ca``) builds an ``SSLContext`` trusting
+    ``sslrootcert`` (a PEM CA file; absent: the system trust store, not libpq's
+    ``~/.postgresql/root.crt``); verify-full also checks that the server certificate names the
+    host of the URL. ``sslcert``/``sslkey``: a client certificate. ``ssl=`` is accepted as
+    another spelling of ``sslmode=``. Other modes (``require``, ``prefer`` ...) encrypt without
+    verifying: asyncpg's behaviour. With no mode, a loopback host gets no TLS at all.
+    """
+    query = {k.lower(): v for k, v in url.query.items()}
+    raw = query.get("sslmode", query.get("ssl"))
+    mode = raw if isinstance(raw, str) or raw is None else raw[-1]
+    loopback = is_loopback(url.host) and not url.query.get("host")
+    if mode in _VERIFYING_MODES:
+
+        def one(key: str) -> str | None:
+            value = query.get(key)
+            return value if isinstance(value, str) or value is None else value[-1]
+
+        try:
+            context = client_context(
+                cafile=one("sslrootcert"),
+                certfile=one("sslcert"),
+                keyfile=one("sslkey"),
+                check_hostname=mode == "verify-full",
+            )
+        except TLSConfigError as exc:
+            raise ValueError(f"database TLS: {exc}") from None
+        return DatabaseTLS(mode, context, True, loopback)
+    if mode is None:
+        return DatabaseTLS(None, False if loopback else None, False, loopback)
+    if mode == "disable":
+        return DatabaseTLS(mode, False, False, loopback)
+    return DatabaseTLS(mode, mode, False, loopback)
+
+
+def normalize_url(url: str) -> URL:
+    """``url`` as a SQLAlchemy URL, user-info split at the last ``@`` (a password may contain
+    ``/ , @ : ?`` unencoded: ``shared_objects.url_secrets``)."""
+    scheme, sep, rest = url.partition("://")
+    parts, tail = split_authority(rest) if sep else ([], "")
+    if len(parts) != 1 or parts[0].userinfo is None:
+        return make_url(url)
+    part = parts[0]
+    user = quote(unquote(part.user or ""), safe="")
+    creds = user
+    if part.password is not None:
+        creds += ":" + quote(unquote(part.password), safe="")
+    return make_url(f"{scheme}{sep}{creds}@{part.hostport}{tail}")
+
 
 def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> AsyncEngine:
     """An async engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``).
@@ -48,12 +121,14 @@ def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> As
     PostgreSQL: the pool keeps up to ``pool_size`` connections, opened on demand and then kept:
     the default matches the RPC server's 64 concurrent handlers, because overflow connections
     (opened and closed again per burst) cost the conductor a third of its throughput at c=64.
-    asyncpg tries TLS first on every new connection by default; on a loopback host with no
-    ``ssl``/``sslmode`` in the URL that attempt is skipped. TLS stays configuration: put
-    ``?ssl=require`` (or ``verify-full`` ...) in ``FLEET_DATABASE_URL``.
+    TLS is configuration (``database_tls``): ``?sslmode=verify-full&sslrootcert=/path/ca.pem``
+    verifies the server; it applies to every pooled connection, so to both execution paths
+    (SQLAlchemy's and the driver path of ``conductor.db.asyncpg_exec``). asyncpg tries TLS first
+    on every new connection by default; on a loopback host with no ``sslmode`` that attempt is
+    skipped. A host off this machine without verified TLS is logged at WARNING.
     """
     quiet_statement_logging()
-    parsed = make_url(url)
+    parsed = normalize_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         kwargs["poolclass"] = StaticPool
@@ -64,10 +139,23 @@ def create_engine(url: str, *, pool_size: int = 64, max_overflow: int = 0) -> As
         # No pre-ping: it costs a round trip per request; a dead connection fails the request,
         # is invalidated by SQLAlchemy, and the next checkout gets a fresh one.
         kwargs["pool_recycle"] = 3600
-        query = {k.lower() for k in parsed.query}
-        if parsed.host in LOOPBACK_HOSTS and not query & {"ssl", "sslmode"}:
-            kwargs["connect_args"] = {"ssl": False}
-    engine = create_async_engine(url, **kwargs)
+        tls = database_tls(parsed)
+        parsed = parsed.difference_update_query(
+            [k for k in parsed.query if k.lower() in _TLS_QUERY_KEYS]
+        )
+        if tls.connect_ssl is not None:
+            kwargs["connect_args"] = {"ssl": tls.connect_ssl}
+        if not tls.verified and not tls.loopback:
+            log.warning(
+                "database_tls_unverified",
+                host=parsed.host,
+                sslmode=tls.mode,
+                detail="a database off this machine without a verified certificate: use "
+                "?sslmode=verify-full&sslrootcert=<CA file> (docs/operations.md, TLS)",
+            )
+        elif tls.verified:
+            log.info("database_tls", host=parsed.host, sslmode=tls.mode)
+    engine = create_async_engine(parsed, **kwargs)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _remember_birth(_dbapi_conn: Any, record: Any) -> None:
@@ -102,7 +190,7 @@ class Database:
         if self.driver_path and not uses_driver_path(self.engine):
             raise ValueError(f"the driver path needs postgresql+asyncpg, not {url!r}")
         self.health = PoolHealth()
-        self._sqlite = make_url(url).get_backend_name() == "sqlite"
+        self._sqlite = normalize_url(url).get_backend_name() == "sqlite"
         self._sqlite_lock: asyncio.Lock | None = None
 
     @asynccontextmanager

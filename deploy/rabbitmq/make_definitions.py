@@ -4,7 +4,8 @@
 
 RabbitMQ loads the file at boot (``load_definitions`` in ``20-fleet.conf``): the vhost ``fleet``,
 one login per service with the permissions of its role (the same regexes the test kit grants,
-``shared_objects/testing/broker_logins.py``; docs/operations.md), and ``fleet-admin`` for the
+``shared_objects/testing/broker_logins.py``; docs/operations.md), the queue policies and reply
+exchange of ``fleetctl broker setup`` (default limits), and ``fleet-admin`` for the
 management UI only. No service logs in as the administrator; no ``guest`` user is created (a node
 that loads definitions at boot seeds no default user).
 
@@ -19,7 +20,8 @@ import json
 import sys
 from typing import Any
 
-from shared_objects.testing.broker_logins import BrokerLogins, hash_password
+from shared_objects.messaging.topology import REPLY_EXCHANGE
+from shared_objects.testing.broker_logins import BrokerLimits, BrokerLogins, hash_password
 
 VHOST = "fleet"
 CONTROL_EXCHANGE = "fleet"
@@ -62,6 +64,19 @@ def definitions() -> dict[str, Any]:
             *found["permissions"],
         ],
         "topic_permissions": found["topic_permissions"],
+        # The queue policies and the reply exchange of ``fleetctl broker setup`` (defaults).
+        "policies": logins.policies(BrokerLimits()),
+        "exchanges": [
+            {
+                "name": REPLY_EXCHANGE.name,
+                "vhost": VHOST,
+                "type": REPLY_EXCHANGE.type,
+                "durable": REPLY_EXCHANGE.durable,
+                "auto_delete": REPLY_EXCHANGE.auto_delete,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
     }
 
 

@@ -94,6 +94,17 @@ class MessageUndeliverable(MessageDeliveryFailure):
     """A mandatory message (a reply) was returned: no queue of that name exists right now."""
 
 
+class MessageRejected(MessageDeliveryFailure):
+    """The broker nacked the publish: a queue it routes to is full (a length limit with
+    ``overflow=reject-publish``, see ``fleetctl broker setup``), or the queue could not take it.
+    The message was NOT enqueued; ``exchange`` and ``routing_key`` say where it was going."""
+
+    def __init__(self, message: str, *, exchange: str = "", routing_key: str = ""):
+        super().__init__(message)
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
 class MalformedMessage(MessagingError):
     """A received message cannot be understood (not JSON, not a dict, wrong field types)."""
 

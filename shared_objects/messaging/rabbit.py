@@ -35,11 +35,13 @@ from pamqp.commands import Basic
 from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
 from shared_objects.messaging.exceptions import (
     MessageDeliveryFailure,
+    MessageRejected,
     MessageUndeliverable,
     MessagingError,
 )
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
 from shared_objects.messaging.urls import ParsedURL
+from shared_objects.tls import describe_tls_failure
 
 log = structlog.get_logger(__name__)
 
@@ -266,6 +268,7 @@ class RabbitDriver(Driver):
         self._published = 0
         self._publish_failures = 0
         self._returned = 0
+        self._rejected = 0
 
     @property
     def user_id(self) -> str:  # type: ignore[override]
@@ -299,6 +302,13 @@ class RabbitDriver(Driver):
                 log.warning("broker_connect_failed", url=str(connection), error=repr(exc))
                 await connection.close()
         else:
+            assert last_error is not None
+            tls_failure = describe_tls_failure(last_error)
+            if tls_failure is not None:
+                # One line an operator can act on (wrong CA, wrong host name, expired ...).
+                raise MessageDeliveryFailure(
+                    f"cannot connect to any broker host: {tls_failure} (last tried {connection})"
+                ) from last_error
             raise MessageDeliveryFailure(f"cannot connect to any broker host: {last_error!r}")
         connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection = connection
@@ -418,6 +428,18 @@ class RabbitDriver(Driver):
                 )
             except aiormq.exceptions.DeliveryError as exc:
                 self._publish_failures += 1
+                if isinstance(exc.frame, Basic.Nack):
+                    self._rejected += 1
+                    # basic.nack: a queue the message routes to refused it; with Fleet's
+                    # policies (overflow=reject-publish) that is a queue at its length limit.
+                    raise MessageRejected(
+                        f"queue full: the broker refused the message to "
+                        f"{exchange.name or 'amq.default'!r}/{routing_key!r} (basic.nack: a "
+                        "queue it routes to is at its length limit, overflow=reject-publish); "
+                        "it was not enqueued",
+                        exchange=exchange.name,
+                        routing_key=routing_key,
+                    ) from exc
                 raise MessageDeliveryFailure(f"broker refused the message: {exc!r}") from exc
             except (
                 aiormq.exceptions.ChannelPreconditionFailed,
@@ -558,4 +580,5 @@ class RabbitDriver(Driver):
             "published": self._published,
             "publish_failures": self._publish_failures,
             "returned": self._returned,
+            "rejected": self._rejected,
         }

@@ -6,6 +6,10 @@ reply is retried for a short window; unlike oslo, the retry runs in the backgrou
 holds a handler slot, and the number of replies retrying at once is capped, so messages naming
 bogus reply queues cannot pile up work. A queue that stayed missing for the whole window is
 remembered for a while and further replies to it are dropped at once.
+
+Replies to Fleet reply queues (``reply_<login>_<hex>``) go through the reply exchange, those to
+oslo.messaging peers (``reply_<hex>``) through the default exchange; a ``_reply_q`` naming any
+other queue gets no reply at all (``topology.reply_route``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import structlog
 from shared_objects.messaging.driver import Driver
 from shared_objects.messaging.exceptions import MessageDeliveryFailure, MessageUndeliverable
 from shared_objects.messaging.stats import RPCStats
-from shared_objects.messaging.topology import DEFAULT_EXCHANGE
+from shared_objects.messaging.topology import reply_route
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +33,7 @@ _OBSOLETE_SIZE = 200
 
 
 class ReplySender:
-    """Publishes replies to ``_reply_q`` on the default exchange, mandatory, with retry."""
+    """Publishes replies to ``_reply_q`` (``reply_route``), mandatory, with retry."""
 
     def __init__(
         self,
@@ -58,6 +62,9 @@ class ReplySender:
         if self._is_obsolete(queue):
             self._give_up(queue, msg_id, "reply queue known to be gone")
             return
+        if reply_route(queue) is None:
+            self._give_up(queue, msg_id, "not a reply queue name")
+            return
         try:
             await self._publish(queue, body)
         except MessageUndeliverable:
@@ -73,8 +80,11 @@ class ReplySender:
             self._give_up(queue, msg_id, str(exc))
 
     async def _publish(self, queue: str, body: bytes) -> None:
+        route = reply_route(queue)
+        assert route is not None  # checked by send()
+        exchange, routing_key = route
         await self._driver.publish(
-            DEFAULT_EXCHANGE, queue, body, mandatory=True, retry_for=self._publish_timeout
+            exchange, routing_key, body, mandatory=True, retry_for=self._publish_timeout
         )
 
     async def _retry(self, queue: str, msg_id: str, body: bytes) -> None:

@@ -9,6 +9,7 @@ for the same option values. Options carry oslo's names; see ``MessagingConfig``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 from shared_objects.config import MessagingConfig
@@ -28,6 +29,35 @@ class ExchangeSpec:
 
 
 DEFAULT_EXCHANGE = ExchangeSpec("", "direct")
+
+#: Where Fleet's replies travel: a topic exchange (RabbitMQ checks topic permissions on topic
+#: exchanges only) to which every ``reply_<login>_<hex>`` queue is bound with its own name as the
+#: binding key. Per-login topic permissions then say which reply queues a login may bind (its
+#: own) and publish to, and no login needs write on the default exchange, which reaches ANY queue
+#: by name. One fixed name, independent of ``control_exchange`` and ``Target.exchange``: a reply
+#: reaches the caller whatever exchange the call went through. Durable, never auto-deleted
+#: (``fleetctl broker setup`` may create it ahead with the same flags).
+REPLY_EXCHANGE = ExchangeSpec("fleet_reply", "topic", durable=True, auto_delete=False)
+
+# Reply queues of peers that have no login in the name (oslo.messaging, Fleet before 1.2): they
+# are reached through the default exchange, as oslo does.
+_LEGACY_REPLY_QUEUE = re.compile(r"reply_[0-9a-f]{32}")
+_FLEET_REPLY_QUEUE = re.compile(r"reply_[^_\s]+_[0-9a-f]{32}")
+
+
+def reply_route(queue: str) -> tuple[ExchangeSpec, str] | None:
+    """Where a reply to the reply queue ``queue`` is published, or None: not a reply queue.
+
+    ``reply_<login>_<32 hex>`` (Fleet): the reply exchange, routing key = the queue name.
+    ``reply_<32 hex>`` (oslo.messaging peers, Fleet before 1.2): the default exchange. Anything
+    else is no reply queue, and a server never publishes to it: a caller cannot make a server
+    drop its reply into some other queue (``conductor``, ``compute.<host>``) by naming it.
+    """
+    if _FLEET_REPLY_QUEUE.fullmatch(queue):
+        return REPLY_EXCHANGE, queue
+    if _LEGACY_REPLY_QUEUE.fullmatch(queue):
+        return DEFAULT_EXCHANGE, queue
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,20 +140,25 @@ class Topology:
         )
 
     def reply_queue(self, login: str) -> QueueSpec:
-        """``reply_<login>_<32 hex>``: one per transport, on the default exchange.
+        """``reply_<login>_<32 hex>``: one per transport, bound to :data:`REPLY_EXCHANGE`.
 
         Named after the caller's broker login (per-login permissions can then be written as
-        regular expressions) and exclusive to the connection that declares it, so no other
-        connection can consume it. Quorum queues cannot be exclusive: with
-        ``rabbit_transient_quorum_queue`` the reply queue is a non-exclusive quorum queue.
+        regular expressions), bound to the reply exchange with its own name as the key, and
+        exclusive to the connection that declares it, so no other connection can consume it.
+        Quorum queues cannot be exclusive: with ``rabbit_transient_quorum_queue`` the reply
+        queue is a non-exclusive quorum queue. Without a login: ``reply_<32 hex>`` on the
+        default exchange only (oslo's).
         """
         quorum = bool(self.config.rabbit_transient_quorum_queue)
+        name = f"reply_{login}_{new_id()}" if login else f"reply_{new_id()}"
         return QueueSpec(
-            name=f"reply_{login}_{new_id()}" if login else f"reply_{new_id()}",
+            name=name,
             durable=quorum,
             auto_delete=False,
             arguments=self._transient_args(),
             exclusive=not quorum,
+            exchange=REPLY_EXCHANGE if login else None,
+            routing_key=name if login else "",
         )
 
     def _transient_args(self) -> tuple[tuple[str, Any], ...]:

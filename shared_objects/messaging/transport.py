@@ -16,7 +16,8 @@ from shared_objects.messaging.exceptions import MessagingError
 from shared_objects.messaging.memory import MemoryBroker, MemoryDriver, broker_for
 from shared_objects.messaging.replies import ReplyWaiter
 from shared_objects.messaging.topology import Topology
-from shared_objects.messaging.urls import parse_transport_url
+from shared_objects.messaging.urls import ParsedURL, parse_transport_url
+from shared_objects.tls import TLSConfigError, all_loopback, client_context
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +94,59 @@ class Transport:
         }
 
 
+def broker_ssl_context(
+    parsed: ParsedURL, config: MessagingConfig, ssl_context: ssl.SSLContext | None = None
+) -> ssl.SSLContext | None:
+    """The client SSLContext for ``parsed`` (``ssl_context`` if given), after the TLS policy:
+    ``no_verify_ssl`` only with ``tls_insecure`` (then a WARNING), and a WARNING whenever a
+    broker off this machine is reached without a verified certificate."""
+    tls = parsed.tls
+    if tls is not None and ssl_context is None:
+        if not tls.verify and not config.tls_insecure:
+            raise MessagingError(
+                "transport URL: no_verify_ssl turns off the broker certificate check; refused "
+                "unless [messaging] tls_insecure = true"
+            )
+        try:
+            ssl_context = client_context(
+                cafile=tls.cafile,
+                capath=tls.capath,
+                certfile=tls.certfile,
+                keyfile=tls.keyfile,
+                verify=tls.verify,
+            )
+        except TLSConfigError as exc:
+            raise MessagingError(f"broker TLS: {exc}") from None
+    verified = (
+        tls is not None
+        and ssl_context is not None
+        and ssl_context.verify_mode == ssl.CERT_REQUIRED
+        and ssl_context.check_hostname
+    )
+    if tls is not None and not verified:
+        log.warning(
+            "broker_tls_unverified",
+            hosts=list(parsed.hostnames),
+            detail="the broker's certificate is not checked ([messaging] tls_insecure = true): "
+            "anyone on the path can impersonate the broker",
+        )
+    elif tls is None and not all_loopback(parsed.hostnames):
+        log.warning(
+            "broker_without_tls",
+            hosts=list(parsed.hostnames),
+            detail="a broker off this machine without TLS: passwords and messages cross the "
+            "network in clear; use amqps:// (docs/operations.md, TLS)",
+        )
+    if tls is not None:
+        log.info(
+            "broker_tls",
+            verified=verified,
+            auth=parsed.auth,
+            login=parsed.users[0] if parsed.auth == "external" else None,
+        )
+    return ssl_context
+
+
 def get_transport(
     messaging_config: MessagingConfig,
     allowed_remote_exmods: Iterable[str] | None = None,
@@ -105,14 +159,19 @@ def get_transport(
     """A transport for ``messaging_config.transport_url`` (not connected yet).
 
     ``rabbit://`` / ``amqp://`` / ``amqps://`` give the aio-pika driver (several comma-separated
-    hosts fail over; ``amqps://`` or ``?ssl=1`` use TLS, with ``ssl_context`` or the URL's
-    ``cafile``/``certfile``/``keyfile`` options). ``memory://[user@]name`` gives the in-process
+    hosts fail over; ``amqps://`` or ``?ssl=1`` use TLS, with ``ssl_context`` or one built from
+    the URL's ``cafile``/``capath``/``certfile``/``keyfile`` options: the broker's certificate
+    and host name are verified; ``?auth=external`` logs in with the client certificate; see
+    ``shared_objects.messaging.urls``). ``memory://[user@]name`` gives the in-process
     driver; transports naming the same broker share it (or pass ``memory_broker``).
     ``allowed_remote_exmods`` lists modules whose exceptions a caller may re-raise as themselves.
     """
-    parsed = parse_transport_url(
-        messaging_config.transport_url, heartbeat=messaging_config.heartbeat
-    )
+    try:
+        parsed = parse_transport_url(
+            messaging_config.transport_url, heartbeat=messaging_config.heartbeat
+        )
+    except ValueError as exc:  # the message never carries user-info
+        raise MessagingError(str(exc)) from None
     driver: Driver
     if parsed.scheme == "memory":
         broker = memory_broker if memory_broker is not None else broker_for(parsed.hosts[0])
@@ -122,6 +181,7 @@ def get_transport(
 
         if messaging_config.rabbit_quorum_queue and messaging_config.amqp_auto_delete:
             raise MessagingError("rabbit_quorum_queue cannot be combined with amqp_auto_delete")
+        ssl_context = broker_ssl_context(parsed, messaging_config, ssl_context)
         driver = RabbitDriver(
             parsed,
             publisher_confirms=messaging_config.publisher_confirms,

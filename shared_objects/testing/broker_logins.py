@@ -28,36 +28,47 @@ this object names unique (``fleet-host-<tag>-compute-1``, ``fleet-conductor-<tag
 ``FLEET_SECURITY__HOST_LOGIN_PREFIX`` the processes need to read the agent logins back. Without a
 tag (``make demo``) the logins are the documented ones, ``fleet-host-<host>``.
 
-Permissions (regular ones on the vhost, topic ones on each control exchange), by role. ``E`` is
-the control exchange(s) — ``exchange_pattern`` and the names given to ``ensure(exchanges=...)`` —,
-``T`` the conductor topic, ``N`` the notification queues ``<topic>.<priority>`` of
-``notification_topics`` (the agents' notifier declares and binds them), ``L`` the login, ``X`` the
-agent's host; every regex is anchored (RabbitMQ's are not by default):
+Permissions (regular ones on the vhost, topic ones on each control exchange and on the reply
+exchange ``R`` = ``fleet_reply``), by role. ``E`` is the control exchange(s) —
+``exchange_pattern`` and the names given to ``ensure(exchanges=...)`` —, ``T`` the conductor
+topic, ``N`` the notification queues ``<topic>.<priority>`` of ``notification_topics`` (the
+agents' notifier declares and binds them), ``L`` the login, ``X`` the agent's host, ``C`` the
+logins an agent answers (conductors by the ``[security]`` globs, agents by the host prefix, a
+legacy shared login); every regex is anchored (RabbitMQ's are not by default):
 
-=========  ===============================================  ============================
-role       configure / write / read                          topic permissions on ``E``
-=========  ===============================================  ============================
+=========  ===============================================  ====================================
+role       configure / write / read                          topic permissions on ``E`` / ``R``
+=========  ===============================================  ====================================
 conductor  ``.*`` / ``.*`` / ``.*``                           none (every routing key)
-agent      c: ``^(E|compute_fanout|Q|N)$``                    write ``^(T|compute\\..+|N)$``
-           w: ``^(E|amq\\.default|Q|N)$``                      read ``^(compute\\.X|N)$``
-           r: ``^(E|compute_fanout|Q)$``
-           where Q = ``compute\\.X|reply_L_[0-9a-f]{32}|compute_fanout_X_[0-9a-f]{32}``
-operator   c: ``^(E|reply_L_[0-9a-f]{32})$``                   write ``^T$``
-           w: ``^(E)$``  r: ``^(reply_L_[0-9a-f]{32})$``      read ``^$`` (binds nothing)
-=========  ===============================================  ============================
+agent      c: ``^(E|R|compute_fanout|Q|N)$``                  E write ``^(T|compute\\..+|N)$``
+           w: ``^(E|R|Q|N)$``                                 E read ``^(compute\\.X|N)$``
+           r: ``^(E|R|compute_fanout|Q)$``                    R write ``^reply_C_[0-9a-f]{32}$``
+           where Q = ``compute\\.X|reply_L_[0-9a-f]{32}|``   R read ``^reply_L_[0-9a-f]{32}$``
+           ``compute_fanout_X_[0-9a-f]{32}``
+operator   c: ``^(E|R|reply_L_[0-9a-f]{32})$``                 E write ``^T$``, read ``^$``
+           w: ``^(E|reply_L_[0-9a-f]{32})$``                   R write ``^$``
+           r: ``^(R|reply_L_[0-9a-f]{32})$``                   R read ``^reply_L_[0-9a-f]{32}$``
+=========  ===============================================  ====================================
 
 Why each right: an RPC client declares ``E`` before publishing (configure) and publishes to it
 (write); a server declares and binds its queues (configure and write on the queue, read on the
-exchange, topic read on the binding key) and consumes them (read); replies go through the
-default exchange (write on ``amq.default``); a server's fanout queue is deleted at stop
-(configure). An agent may therefore consume only its own ``compute.X``, fanout and reply queues,
-bind only ``compute.X`` (and the notification queues), and publish on ``E`` only to the
-conductor, to another agent's ``compute.<host>`` and notifications; it cannot consume
-``conductor`` nor another login's replies. Limits, for issue 12 to tighten: write on
-``amq.default`` lets an agent publish to ANY queue by name (RabbitMQ has no per-routing-key
-check on the default exchange) — the broker still stamps its ``user_id`` on it, which is what
-Fleet authorises on; topic permissions exist per exchange name only, so an exchange known only by
-``exchange_pattern`` has none (every routing key) until it is passed to ``ensure``.
+exchange, topic read on the binding key) and consumes them (read); a caller declares ``R`` and
+binds its reply queue there under the queue's own name (topic read: its own name only); a
+server publishes its replies on ``R`` (write; topic write: the reply queues of the logins that
+may call it); a server's fanout queue is deleted at stop (configure). An agent may therefore
+consume only its own ``compute.X``, fanout and reply queues, bind only ``compute.X``, its reply
+queue (and the notification queues), and publish on ``E`` only to the conductor, to another
+agent's ``compute.<host>`` and notifications, on ``R`` only to conductors' and agents' reply
+queues; it cannot consume ``conductor`` nor another login's replies, nor publish through the
+default exchange (``amq.default``, which reaches ANY queue by name and has no per-routing-key
+check): agents get write on it only while a login of an older release (``old_runtime_hosts``,
+``legacy``, ``legacy_queue_names``) is present, whose ``reply_<32 hex>`` queues only the
+default exchange reaches. Topic permissions exist per exchange name only, so an exchange known
+only by ``exchange_pattern`` has none (every routing key) until it is passed to ``ensure``.
+
+``fleetctl broker setup`` builds on this class: :meth:`BrokerLogins.policies`,
+:meth:`BrokerLogins.user_limits` and :func:`plan_setup` (the differences between these
+definitions and the broker's ``export_definitions``).
 
 Agents on a release before issue 11 (``old_runtime_hosts``, shared ``legacy`` logins) name their
 queues differently: the bare ``compute`` queue (bound with key ``compute``), ``reply_<32 hex>``
@@ -90,21 +101,28 @@ import structlog
 
 from shared_objects.config import MessagingConfig, SecurityConfig
 from shared_objects.identity import Identities, Role
+from shared_objects.messaging.topology import REPLY_EXCHANGE
 
 if TYPE_CHECKING:
     from shared_objects.testing.rabbit_node import RabbitNode
 
 __all__ = [
     "AMQP_DEFAULT_EXCHANGE",
+    "REPLY_EXCHANGE_NAME",
+    "BrokerLimits",
     "BrokerLogins",
     "Ctl",
     "CtlError",
     "NodeCtl",
     "Permissions",
     "Rabbitmqctl",
+    "SetupCtl",
+    "SetupPlan",
     "TopicPermissions",
     "agents_consume_topic_queue",
     "hash_password",
+    "password_matches",
+    "plan_setup",
     "runtime_names_queues_by_login",
 ]
 
@@ -117,6 +135,10 @@ COMPUTE_TOPIC = "compute"
 NOTIFICATION_TOPICS = ("versioned_notifications",)
 NOTIFICATION_PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
 _HEX32 = "[0-9a-f]{32}"
+#: The exchange Fleet replies travel through (``shared_objects.messaging.topology``).
+REPLY_EXCHANGE_NAME = REPLY_EXCHANGE.name
+# The characters of a login (no ``_``: it separates the login in ``reply_<login>_<hex>``).
+_LOGIN_CHARS = "[A-Za-z0-9.@+-]"
 # Logins go into URLs, JSON and an Erlang expression: keep them to a safe alphabet.
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,254}$")
 
@@ -163,6 +185,20 @@ def _alt(parts: Iterable[str]) -> str:
     """``^(?:a|b|c)$`` over the (already escaped) ``parts``; ``^$`` matches nothing useful."""
     unique = list(dict.fromkeys(p for p in parts if p))
     return f"^(?:{'|'.join(unique)})$" if unique else "^$"
+
+
+def _glob_regex(pattern: str) -> str:
+    """A ``[security]`` login glob (``fleet-conductor-*``) as an unanchored RabbitMQ regex over
+    login characters (``*``: any run of them, ``?``: one; everything else literal)."""
+    out = []
+    for char in pattern:
+        if char == "*":
+            out.append(f"{_LOGIN_CHARS}*")
+        elif char == "?":
+            out.append(_LOGIN_CHARS)
+        else:
+            out.append(_escape(char))
+    return "".join(out)
 
 
 def _covers(pattern: str | None, name: str) -> bool:
@@ -226,6 +262,12 @@ class Ctl(Protocol):
     async def delete_users(self, logins: Sequence[str]) -> None: ...
 
 
+class SetupCtl(Ctl, Protocol):
+    """What ``fleetctl broker setup`` needs besides: the broker's current definitions."""
+
+    async def export_definitions(self) -> dict[str, Any]: ...
+
+
 class Rabbitmqctl:
     """``rabbitmqctl`` run as asyncio subprocesses (never blocking the loop).
 
@@ -283,6 +325,18 @@ class Rabbitmqctl:
     async def import_definitions(self, definitions: Mapping[str, Any]) -> None:
         # No file argument: rabbitmqctl reads the definitions from stdin.
         await self.run("import_definitions", stdin=json.dumps(definitions).encode())
+
+    async def export_definitions(self) -> dict[str, Any]:
+        """Everything the broker holds (users with their password hashes and limits, vhosts,
+        permissions, topic permissions, policies, exchanges, ...), as one JSON document."""
+        text = await self.run("export_definitions", "-", "--format", "json")
+        try:
+            found = json.loads(text[text.index("{") :])
+        except ValueError as exc:
+            raise CtlError(f"rabbitmqctl export_definitions: not JSON: {text[:200]!r}") from exc
+        if not isinstance(found, dict):
+            raise CtlError("rabbitmqctl export_definitions: not a JSON object")
+        return found
 
     async def delete_users(self, logins: Sequence[str]) -> None:
         if not logins:
@@ -499,17 +553,28 @@ class BrokerLogins:
         topics = "|".join(_escape(t) for t in self.notification_topics)
         return f"(?:{topics})\\.(?:{'|'.join(NOTIFICATION_PRIORITIES)})" if topics else ""
 
+    def _amq_default_for_agents(self) -> bool:
+        """Agents keep write on ``amq.default`` only while some caller still has a reply queue
+        without a login (``reply_<hex>``: a release before 1.2), which only the default exchange
+        reaches: during a rolling upgrade, never in a deployment on this release alone."""
+        return self.legacy_queue_names or any(g.old_runtime for g in self._grants.values())
+
     def permissions(self, login: str) -> Permissions:
         """The vhost permissions of ``login`` (see the module docstring)."""
         grant = self._grants[login]
         if grant.role is Role.CONDUCTOR:
             return FULL
         e = self.exchanges_regex()
+        r = _escape(REPLY_EXCHANGE_NAME)
         esc = _escape(login)
         old = grant.old_runtime or self.legacy_queue_names
         if grant.role is Role.OPERATOR:
             replies = [f"reply_{esc}_{_HEX32}", *([f"reply_{_HEX32}"] if old else [])]
-            return Permissions(configure=_alt([e, *replies]), write=_alt([e]), read=_alt(replies))
+            return Permissions(
+                configure=_alt([e, r, *replies]),
+                write=_alt([e, *replies]),
+                read=_alt([r, *replies]),
+            )
         own = [f"reply_{esc}_{_HEX32}"]
         for host in sorted(grant.hosts):
             h = _escape(host)
@@ -520,10 +585,11 @@ class BrokerLogins:
             own.append(COMPUTE_TOPIC)
         fanout = f"{COMPUTE_TOPIC}_fanout"
         notes = self._notification_queues()
+        default = [_escape(AMQP_DEFAULT_EXCHANGE)] if old or self._amq_default_for_agents() else []
         return Permissions(
-            configure=_alt([e, fanout, *own, notes]),
-            write=_alt([e, _escape(AMQP_DEFAULT_EXCHANGE), *own, notes]),
-            read=_alt([e, fanout, *own]),
+            configure=_alt([e, r, fanout, *own, notes]),
+            write=_alt([e, r, *default, *own, notes]),
+            read=_alt([e, r, fanout, *own]),
         )
 
     def topic_permissions(self, login: str) -> TopicPermissions | None:
@@ -541,6 +607,122 @@ class BrokerLogins:
         return TopicPermissions(
             write=_alt([topic, f"{COMPUTE_TOPIC}\\..+", notes]), read=_alt([*binds, notes])
         )
+
+    def reply_callers_regex(self) -> str:
+        """The logins an agent may answer, unanchored: conductors and agents (live-migration
+        peers call each other; ``reply_checks`` on the caller's side refuses a reply from
+        anyone but the agent it called). Never an operator: operators call only conductors."""
+        parts = [_glob_regex(g) for g in self.security.conductor_logins]
+        parts.append(f"{_escape(self.security.host_login_prefix)}{_LOGIN_CHARS}+")
+        if self.security.legacy_shared_login:
+            parts.append(_escape(self.security.legacy_shared_login))
+        prefix = self.security.host_login_prefix
+        parts += [
+            _escape(g.login)
+            for g in self._grants.values()
+            if g.role is Role.AGENT and not g.login.startswith(prefix)
+        ]
+        parts = [p for p in dict.fromkeys(parts) if p]
+        return f"(?:{'|'.join(parts)})"
+
+    def reply_topic_permissions(self, login: str) -> TopicPermissions | None:
+        """Routing-key permissions of ``login`` on the reply exchange (None: unrestricted).
+
+        Read (what it may bind a queue to): its own ``reply_<login>_<hex>`` only, so no login
+        can have another's replies delivered to a queue of its own. Write (which reply queues
+        it may answer): an agent, the reply queues of conductors and agents; an operator
+        serves nobody, nothing.
+        """
+        grant = self._grants[login]
+        if grant.role is Role.CONDUCTOR:
+            return None
+        read = _alt([f"reply_{_escape(login)}_{_HEX32}"])
+        if grant.role is Role.OPERATOR:
+            return TopicPermissions(write="^$", read=read)
+        return TopicPermissions(
+            write=_alt([f"reply_{self.reply_callers_regex()}_{_HEX32}"]), read=read
+        )
+
+    def topic_grants(self, login: str) -> dict[str, TopicPermissions]:
+        """Every topic permission of ``login``: exchange -> routing-key regexes."""
+        out: dict[str, TopicPermissions] = {}
+        topic = self.topic_permissions(login)
+        if topic is not None:
+            for exchange in self._exchanges:
+                out[exchange] = topic
+        reply = self.reply_topic_permissions(login)
+        if reply is not None:
+            out[REPLY_EXCHANGE_NAME] = reply
+        return out
+
+    # --- a whole deployment (fleetctl broker setup, plan_setup) ------------------------------
+
+    def policies(self, limits: BrokerLimits) -> list[dict[str, Any]]:
+        """One policy per kind of Fleet queue (a queue gets only its highest-priority policy,
+        so each carries its whole definition). Patterns are anchored, over queue names."""
+        vhost = self.vhost
+        topics = "|".join(_escape(t) for t in dict.fromkeys([self.conductor_topic, COMPUTE_TOPIC]))
+        notes = "|".join(_escape(t) for t in self.notification_topics)
+        out = [
+            _policy(
+                vhost,
+                "fleet-rpc",
+                f"^(?:{topics})(?:\\.|$)",
+                10,
+                {
+                    "max-length": limits.rpc_max_length,
+                    "max-length-bytes": limits.rpc_max_bytes,
+                    "overflow": "reject-publish",
+                },
+            ),
+            _policy(
+                vhost,
+                "fleet-replies",
+                "^reply_",
+                20,
+                {
+                    "max-length": limits.reply_max_length,
+                    "overflow": "reject-publish",
+                    "message-ttl": _ms(limits.reply_ttl),
+                },
+            ),
+            _policy(
+                vhost,
+                "fleet-fanout",
+                "^[A-Za-z0-9.-]+_fanout_",
+                20,
+                {
+                    "max-length": limits.fanout_max_length,
+                    "overflow": "reject-publish",
+                    "message-ttl": _ms(limits.fanout_ttl),
+                },
+            ),
+        ]
+        if notes:
+            out.append(
+                _policy(
+                    vhost,
+                    "fleet-notifications",
+                    f"^(?:{notes})\\.",
+                    20,
+                    {
+                        "max-length": limits.notifications_max_length,
+                        "overflow": "drop-head",
+                        "message-ttl": _ms(limits.notifications_ttl),
+                    },
+                )
+            )
+        return out
+
+    def user_limits(self, login: str, limits: BrokerLimits) -> dict[str, int]:
+        role = self._grants[login].role
+        if role is Role.AGENT:
+            pair = (limits.agent_max_connections, limits.agent_max_channels)
+        elif role is Role.OPERATOR:
+            pair = (limits.operator_max_connections, limits.operator_max_channels)
+        else:
+            return {}
+        return {k: v for k, v in zip(("max-connections", "max-channels"), pair, strict=True) if v}
 
     # --- provisioning -----------------------------------------------------------------------
 
@@ -647,10 +829,8 @@ class BrokerLogins:
         for login in logins if logins is not None else list(self._grants):
             users.append(self._user_entry(login))
             perms.append(self._perm_entry(login, self.permissions(login)))
-            topic = self.topic_permissions(login)
-            if topic is not None:
-                for exchange in self._exchanges:
-                    topics.append(self._topic_entry(login, exchange, topic))
+            for exchange, topic in self.topic_grants(login).items():
+                topics.append(self._topic_entry(login, exchange, topic))
         return {"users": users, "permissions": perms, "topic_permissions": topics}
 
     def _user_entry(self, login: str) -> dict[str, Any]:
@@ -683,10 +863,7 @@ class BrokerLogins:
             if self._perms_done.get(login) != perm:
                 perms.append(self._perm_entry(login, perm))
                 want_perms[login] = perm
-            topic = self.topic_permissions(login)
-            if topic is None:
-                continue
-            for exchange in self._exchanges:
+            for exchange, topic in self.topic_grants(login).items():
                 if self._topics_done.get((login, exchange)) != topic:
                     topics.append(self._topic_entry(login, exchange, topic))
                     want_topics[(login, exchange)] = topic
@@ -728,3 +905,190 @@ class BrokerLogins:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.delete()
+
+
+# --- a whole deployment: fleetctl broker setup ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    """The limits ``fleetctl broker setup`` puts on a Fleet vhost (policies and user limits).
+
+    Sizes in messages and bytes, times in seconds; 0 leaves that limit out.
+    """
+
+    #: every RPC queue (``<conductor topic>[.<server>]``, ``compute[.<host>]``): a stopped
+    #: agent's backlog stops here, further casts and calls are refused (``overflow`` below).
+    rpc_max_length: int = 10_000
+    rpc_max_bytes: int = 64 * 1024 * 1024
+    #: reply queues: a reply older than the call's timeout is useless to the caller.
+    reply_max_length: int = 1_000
+    reply_ttl: float = 60.0
+    #: fanout queues (``<topic>_fanout_<server>_<hex>``): broadcast casts are refresh notices.
+    fanout_max_length: int = 1_000
+    fanout_ttl: float = 600.0
+    #: ``versioned_notifications.<priority>``: the oldest are dropped first (drop-head), so an
+    #: absent listener never makes an agent's work fail; kept for ``notifications_ttl``.
+    notifications_max_length: int = 10_000
+    notifications_ttl: float = 86_400.0
+    #: per-login connection and channel limits (``rabbitmqctl set_user_limits``); conductors
+    #: have none.
+    agent_max_connections: int = 8
+    agent_max_channels: int = 64
+    operator_max_connections: int = 8
+    operator_max_channels: int = 64
+
+
+def _policy(
+    vhost: str, name: str, pattern: str, priority: int, definition: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "vhost": vhost,
+        "name": name,
+        "pattern": pattern,
+        "apply-to": "queues",
+        "priority": priority,
+        "definition": {k: v for k, v in definition.items() if v},
+    }
+
+
+def password_matches(password: str, password_hash: str) -> bool:
+    """Whether ``password`` is the one behind RabbitMQ's ``rabbit_password_hashing_sha256``."""
+    try:
+        raw = base64.b64decode(password_hash, validate=True)
+    except ValueError:
+        return False
+    return len(raw) == 36 and hash_password(password, raw[:4]) == password_hash
+
+
+@dataclasses.dataclass
+class SetupPlan:
+    """What ``fleetctl broker setup`` finds to change: one line per action, and the definitions
+    that make those changes in one ``import_definitions`` (empty when nothing changes)."""
+
+    actions: list[str]
+    definitions: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.actions)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _exchange_entry(vhost: str, spec: Any) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "vhost": vhost,
+        "type": spec.type,
+        "durable": spec.durable,
+        "auto_delete": spec.auto_delete,
+        "internal": False,
+        "arguments": {},
+    }
+
+
+def plan_setup(
+    logins: BrokerLogins,
+    current: Mapping[str, Any],
+    limits: BrokerLimits,
+    exchanges: Sequence[Any] = (),
+) -> SetupPlan:
+    """Compare what ``logins`` (every login added to it), ``limits`` and ``exchanges``
+    (``ExchangeSpec``s to create) want on the vhost with the broker's ``current`` definitions
+    (``rabbitmqctl export_definitions``). Only what differs is planned; an existing password is
+    kept when the password given for the login matches its hash."""
+    vhost = logins.vhost
+    actions: list[str] = []
+    warnings: list[str] = []
+    out: dict[str, list[dict[str, Any]]] = {
+        "vhosts": [],
+        "users": [],
+        "permissions": [],
+        "topic_permissions": [],
+        "policies": [],
+        "exchanges": [],
+    }
+    if not any(v.get("name") == vhost for v in current.get("vhosts", ())):
+        actions.append(f"create vhost {vhost}")
+        out["vhosts"].append({"name": vhost})
+    users = {u.get("name"): u for u in current.get("users", ())}
+    perms = {(p.get("user"), p.get("vhost")): p for p in current.get("permissions", ())}
+    topics = {
+        (t.get("user"), t.get("vhost"), t.get("exchange")): t
+        for t in current.get("topic_permissions", ())
+    }
+    for login, grant in logins._grants.items():
+        role = grant.role.value
+        want_limits = logins.user_limits(login, limits)
+        have = users.get(login)
+        entry = logins._user_entry(login)
+        entry["limits"] = want_limits
+        if have is None:
+            actions.append(f"create user {login} ({role})")
+            out["users"].append(entry)
+        else:
+            why = []
+            if not password_matches(logins.password(login), str(have.get("password_hash", ""))):
+                why.append("password")
+            else:
+                entry["password_hash"] = have["password_hash"]
+                entry["hashing_algorithm"] = have.get("hashing_algorithm", HASHING_ALGORITHM)
+            if list(have.get("tags") or []) != []:
+                why.append(f"tags {have.get('tags')} -> none")
+            if dict(have.get("limits") or {}) != want_limits:
+                why.append(f"limits {dict(have.get('limits') or {})} -> {want_limits}")
+            if why:
+                actions.append(f"update user {login} ({role}): {', '.join(why)}")
+                out["users"].append(entry)
+        perm = logins.permissions(login)
+        got = perms.get((login, vhost))
+        if got is None or (got.get("configure"), got.get("write"), got.get("read")) != (
+            perm.configure,
+            perm.write,
+            perm.read,
+        ):
+            verb = "set" if got is None else "change"
+            actions.append(f"{verb} permissions of {login} on {vhost}")
+            out["permissions"].append(logins._perm_entry(login, perm))
+        for exchange, topic in logins.topic_grants(login).items():
+            got_t = topics.get((login, vhost, exchange))
+            if got_t is None or (got_t.get("write"), got_t.get("read")) != (
+                topic.write,
+                topic.read,
+            ):
+                verb = "set" if got_t is None else "change"
+                actions.append(f"{verb} topic permissions of {login} on {exchange}")
+                out["topic_permissions"].append(logins._topic_entry(login, exchange, topic))
+        for (user, v, exchange), _ in topics.items():
+            if user == login and v == vhost and exchange not in logins.topic_grants(login):
+                warnings.append(
+                    f"{login} has topic permissions on {exchange} that Fleet does not grant "
+                    f"(left as is; rabbitmqctl clear_topic_permissions -p {vhost} {login})"
+                )
+    policies = {(p.get("vhost"), p.get("name")): p for p in current.get("policies", ())}
+    for policy in logins.policies(limits):
+        got_p = policies.get((vhost, policy["name"]))
+        keys = ("pattern", "apply-to", "priority", "definition")
+        if got_p is None or any(got_p.get(k) != policy[k] for k in keys):
+            verb = "create" if got_p is None else "change"
+            actions.append(f"{verb} policy {policy['name']} ({policy['pattern']})")
+            out["policies"].append(policy)
+    found = {(e.get("vhost"), e.get("name")): e for e in current.get("exchanges", ())}
+    for spec in exchanges:
+        want = _exchange_entry(vhost, spec)
+        got_e = found.get((vhost, spec.name))
+        if got_e is None:
+            actions.append(f"create exchange {spec.name} ({spec.type}, durable={spec.durable})")
+            out["exchanges"].append(want)
+        elif any(got_e.get(k) != want[k] for k in ("type", "durable", "auto_delete")):
+            warnings.append(
+                f"exchange {spec.name} exists with other flags "
+                f"(type={got_e.get('type')}, durable={got_e.get('durable')}, "
+                f"auto_delete={got_e.get('auto_delete')}); left as is"
+            )
+    definitions = {k: v for k, v in out.items() if v}
+    return SetupPlan(actions, definitions, warnings)

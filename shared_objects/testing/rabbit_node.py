@@ -27,6 +27,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -62,8 +63,10 @@ class RabbitNode:
         ctl_timeout: float = 60.0,
         extra_config: str = "",
         port: int | None = None,
+        plugins: Sequence[str] = (),
     ) -> None:
-        """Prepare (not start) a node; ``extra_config`` is appended to its rabbitmq.conf.
+        """Prepare (not start) a node; ``extra_config`` is appended to its rabbitmq.conf,
+        ``plugins`` are enabled at boot (e.g. ``rabbitmq_auth_mechanism_ssl``).
 
         ``port`` reuses a known AMQP port, e.g. to replace a killed node by a fresh one that
         clients reconnect to; by default a free ephemeral port is picked.
@@ -74,6 +77,7 @@ class RabbitNode:
         self.start_timeout = start_timeout
         self.ctl_timeout = ctl_timeout
         self._extra_config = extra_config
+        self._plugins = tuple(plugins)
         self._base: Path | None = None
         self._proc: asyncio.subprocess.Process | None = None
         #: Seconds the last ``start()`` took until the AMQP listener answered.
@@ -239,7 +243,7 @@ class RabbitNode:
             )
             # An empty env file: /etc/rabbitmq/rabbitmq-env.conf names the shared node.
             env_file.write_text("")
-            plugins.write_text("[].\n")
+            plugins.write_text(f"[{','.join(self._plugins)}].\n")
         env = {
             key: value
             for key, value in os.environ.items()

@@ -370,15 +370,20 @@ async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
                         "_msg_id": "forged-msg-id",
                     }
                 )
-                from shared_objects.messaging.topology import DEFAULT_EXCHANGE
+                from shared_objects.messaging import MessageDeliveryFailure
+                from shared_objects.messaging.topology import DEFAULT_EXCHANGE, REPLY_EXCHANGE
 
-                await evil.transport.driver.publish(
-                    DEFAULT_EXCHANGE, victim_replies.queue_name, forged
-                )
+                # An operator's reply queue: neither exchange takes it from a host (no write on
+                # amq.default; on the reply exchange, topic permissions name callers of agents).
+                for exchange in (DEFAULT_EXCHANGE, REPLY_EXCHANGE):
+                    with pytest.raises(MessageDeliveryFailure, match="ACCESS_REFUSED"):
+                        await evil.transport.driver.publish(
+                            exchange, victim_replies.queue_name, forged, retry_for=2
+                        )
                 await asyncio.sleep(0.5)
                 assert not waiting.done(), "a forged reply was accepted"
                 victim_replies.unregister("forged-msg-id")
-                results["forge a reply"] = "dropped"
+                results["forge a reply"] = "refused by the broker"
 
                 # A request published without user_id (RabbitMQ only checks it when present).
                 mine_replies = evil.transport.replies

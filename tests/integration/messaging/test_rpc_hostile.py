@@ -122,7 +122,10 @@ async def test_1000_bad_messages_get_error_replies_or_logged_drops_and_server_su
         connection = await aio_pika.connect(amqp_url.replace("rabbit://", "amqp://"))
         async with connection:
             channel = await connection.channel()
-            reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            # An oslo-style reply queue: servers answer only queues named like reply queues.
+            reply_queue = await channel.declare_queue(
+                f"reply_{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+            )
             replies: dict[str, dict[str, Any]] = {}
 
             async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:

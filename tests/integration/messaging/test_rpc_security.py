@@ -36,6 +36,7 @@ from shared_objects.messaging import (
 )
 from shared_objects.messaging.exceptions import RequestRefused, UncoveredMethods
 from shared_objects.messaging.testing import BrokerJanitor, vhost_path
+from shared_objects.messaging.topology import REPLY_EXCHANGE
 from shared_objects.testing import ProxyMode, TcpProxy
 from shared_objects.testing.broker_logins import BrokerLogins
 
@@ -145,22 +146,31 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
             (msg_id,) = host_t.replies._waiters
             reply_q = host_t.replies.queue_name
 
-            # compute-2 knows the queue and the msg_id and may publish to the default exchange.
+            # compute-2 knows the queue and the msg_id. The default exchange is closed to it;
+            # the reply exchange is open (an agent answers its live-migration peers there).
             forger = await aio_pika.connect(amqp_url_for(host2))
             async with forger:
+                closed = await forger.channel(publisher_confirms=True)
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                    await closed.default_exchange.publish(
+                        aio_pika.Message(_reply_body(msg_id, "forged"), user_id=host2),
+                        routing_key=reply_q,
+                    )
                 channel = await forger.channel()
+                replies = await channel.get_exchange(REPLY_EXCHANGE.name, ensure=False)
                 with capture_logs() as logs:
                     for message in (
                         aio_pika.Message(_reply_body(msg_id, "forged"), user_id=host2),
                         aio_pika.Message(_reply_body(msg_id, "forged, no user_id")),
                         aio_pika.Message(_reply_body(msg_id, None, ending=False)),
                     ):
-                        await channel.default_exchange.publish(message, routing_key=reply_q)
+                        await replies.publish(message, routing_key=reply_q)
                     await _until(lambda: host_t.stats()["forged_replies"] == 3)
                 # Claiming the conductor's login is refused by the broker itself.
                 spoof = await forger.channel()
+                spoof_replies = await spoof.get_exchange(REPLY_EXCHANGE.name, ensure=False)
                 with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
-                    await spoof.default_exchange.publish(
+                    await spoof_replies.publish(
                         aio_pika.Message(_reply_body(msg_id, "spoofed"), user_id=conductor),
                         routing_key=reply_q,
                     )
@@ -295,7 +305,8 @@ async def test_request_without_user_id_is_refused_with_an_error_reply(
             async with connection:
                 channel = await connection.channel()
                 replies: dict[str, dict[str, Any]] = {}
-                reply_q = await channel.declare_queue(exclusive=True)
+                # oslo-style: servers answer only queues named like reply queues
+                reply_q = await channel.declare_queue(f"reply_{uuid.uuid4().hex}", exclusive=True)
 
                 async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
                     body = codec.decode_message(message.body)

@@ -22,12 +22,15 @@ DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 
 
 def service_urls() -> dict[str, str]:
+    """Each service's transport URL: the compose secret file its environment names."""
     compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    return {
-        name: str(service["environment"]["FLEET_TRANSPORT_URL"])
-        for name, service in compose["services"].items()
-        if "FLEET_TRANSPORT_URL" in service.get("environment", {})
-    }
+    files = {name: ROOT / spec["file"] for name, spec in compose.get("secrets", {}).items()}
+    urls = {}
+    for name, service in compose["services"].items():
+        path = service.get("environment", {}).get("FLEET_MESSAGING__TRANSPORT_URL_FILE")
+        if path:
+            urls[name] = files[path.removeprefix("/run/secrets/")].read_text().strip()
+    return urls
 
 
 def on_node(url: str, node: RabbitNode) -> str:

@@ -54,11 +54,37 @@ def fleet_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: s for n, s in compose["services"].items() if s.get("image") == FLEET_IMAGE}
 
 
-def environment(service: dict[str, Any]) -> dict[str, str]:
+# Variables naming a compose secret file, and the variable whose value the file holds.
+SECRET_FILE_VARIABLES = {
+    "FLEET_MESSAGING__TRANSPORT_URL_FILE": "FLEET_TRANSPORT_URL",
+    "FLEET_DATABASE__URL_FILE": "FLEET_DATABASE_URL",
+    "POSTGRES_PASSWORD_FILE": "POSTGRES_PASSWORD",
+}
+
+
+def secret_files() -> dict[str, Path]:
+    """Compose secret name -> the file in the repository it is made of."""
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    return {name: ROOT / spec["file"] for name, spec in data.get("secrets", {}).items()}
+
+
+def raw_environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {k: str(v) for k, v in env.items()}
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """The service's environment with each secret file variable replaced by the value the
+    file holds (``FLEET_TRANSPORT_URL`` ...), as the service ends up configured."""
+    env = raw_environment(service)
+    files = secret_files()
+    for variable, target in SECRET_FILE_VARIABLES.items():
+        if variable in env:
+            name = env.pop(variable).removeprefix("/run/secrets/")
+            env[target] = files[name].read_text(encoding="utf-8").strip()
+    return env
 
 
 def test_compose_file_is_valid_against_the_compose_spec(compose: dict[str, Any]) -> None:
@@ -391,3 +417,30 @@ def test_cluster_comes_up_on_a_local_docker_engine() -> None:
             assert all(r["Health"] == "healthy" for r in by_service[name]), name
     finally:
         subprocess.run([*project, "down", "-v"], check=False, timeout=300)
+
+
+def test_passwords_are_compose_secrets_not_environment(compose: dict[str, Any]) -> None:
+    from shared_objects.config import load_config
+
+    files = secret_files()
+    for name, service in compose["services"].items():
+        env = raw_environment(service)
+        # No URL with user-info and no password in any environment (docker inspect shows it).
+        assert not [v for v in env.values() if "://" in v and "@" in v], name
+        assert "POSTGRES_PASSWORD" not in env, name
+        mounted = set(service.get("secrets", []))
+        for variable in SECRET_FILE_VARIABLES:
+            if variable in env:
+                secret = env[variable].removeprefix("/run/secrets/")
+                assert env[variable] == f"/run/secrets/{secret}", name
+                assert secret in mounted, f"{name} reads {secret} without mounting it"
+                assert files[secret].is_file(), secret
+    for name, service in fleet_services(compose).items():
+        env = raw_environment(service)
+        # The loader reads the files itself (paths remapped from /run/secrets to the repo).
+        remapped = {
+            k: str(files[v.removeprefix("/run/secrets/")]) if k in SECRET_FILE_VARIABLES else v
+            for k, v in env.items()
+        }
+        cfg = load_config(remapped)
+        assert cfg.messaging.transport_url == environment(service)["FLEET_TRANSPORT_URL"], name

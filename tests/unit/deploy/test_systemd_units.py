@@ -159,3 +159,49 @@ def test_agent_unit_carries_no_database_settings() -> None:
         if not line.startswith("#"):
             assert "DATABASE" not in line.upper()
             assert "postgresql" not in line
+
+
+# Secrets (URLs with passwords) come from systemd credentials, read through the *_file options.
+CREDENTIALS = {
+    "fleet-conductor.service": {
+        "transport_url": ("messaging", "transport_url_file"),
+        "database_url": ("database", "url_file"),
+    },
+    "fleet-compute-agent.service": {"transport_url": ("messaging", "transport_url_file")},
+}
+
+
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_unit_reads_its_urls_from_credentials(unit: str) -> None:
+    from shared_objects.config import option_names
+
+    d = directives(UNIT_DIR / unit)
+    loaded = dict(value.split(":", 1) for value in d.get("LoadCredential", []))
+    environment = dict(v.split("=", 1) for v in d.get("Environment", []))
+    assert set(loaded) == set(CREDENTIALS[unit])
+    for credential, (section, key) in CREDENTIALS[unit].items():
+        assert loaded[credential] == f"/etc/fleet/credentials/{credential}"
+        assert (section, key) in option_names()
+        # %d is the service's $CREDENTIALS_DIRECTORY.
+        assert environment[f"FLEET_{section.upper()}__{key.upper()}"] == f"%d/{credential}"
+    # No secret in the unit itself.
+    assert not [v for v in environment.values() if "://" in v]
+
+
+def test_credential_files_feed_the_config_like_systemd_would(tmp_path: Path) -> None:
+    from shared_objects.config import format_config, load_config
+
+    d = directives(UNIT_DIR / "fleet-conductor.service")
+    (tmp_path / "transport_url").write_text(
+        "rabbit://fleet-conductor-1:s3/cr,et@broker:5672/fleet\n"
+    )
+    (tmp_path / "database_url").write_text("postgresql+asyncpg://fleet:s3@cret@db:5432/fleet\n")
+    env = {
+        k: v.replace("%d", str(tmp_path))
+        for k, v in (item.split("=", 1) for item in d["Environment"])
+        if k.startswith("FLEET_")
+    }
+    cfg = load_config({**env, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert cfg.messaging.transport_url.startswith("rabbit://fleet-conductor-1:s3/cr,et@")
+    assert cfg.database.url.endswith("@db:5432/fleet")
+    assert "s3" not in format_config(cfg)

@@ -123,7 +123,18 @@ async def test_agent_permissions_cover_its_own_queues_only() -> None:
         assert matches(perm.write, name), name
     for name in (EXCHANGE, "compute_fanout"):
         assert matches(perm.configure, name) and matches(perm.read, name), name
-    assert matches(perm.write, EXCHANGE) and matches(perm.write, "amq.default")
+    assert matches(perm.write, EXCHANGE) and not matches(perm.write, "amq.default")
+    # Replies: declare, bind to and publish on the reply exchange; the routing keys are limited.
+    assert all(matches(r, "fleet_reply") for r in (perm.configure, perm.write, perm.read))
+    reply = logins.reply_topic_permissions(login)
+    assert reply is not None
+    assert matches(reply.read, f"reply_{login}_{HEX}")
+    for key in (f"reply_fleet-host-t1-compute-2_{HEX}", f"reply_fleet-conductor-1_{HEX}", "#"):
+        assert not matches(reply.read, key), key
+    for key in (f"reply_fleet-host-t1-compute-2_{HEX}", f"reply_fleet-conductor-t1-1_{HEX}"):
+        assert matches(reply.write, key), key
+    for key in (f"reply_fleet-operator-t1_{HEX}", "conductor", "compute.compute-2", f"reply_{HEX}"):
+        assert not matches(reply.write, key), key
     notifications = "versioned_notifications.info"
     assert matches(perm.configure, notifications) and matches(perm.write, notifications)
     assert not matches(perm.read, notifications)
@@ -165,6 +176,11 @@ async def test_operator_and_conductor_permissions() -> None:
     assert matches(perm.configure, f"reply_fleet-operator_{HEX}")
     assert matches(perm.read, f"reply_fleet-operator_{HEX}")
     assert matches(perm.write, EXCHANGE) and not matches(perm.write, "amq.default")
+    assert matches(perm.write, f"reply_fleet-operator_{HEX}")  # binds it to the reply exchange
+    reply = logins.reply_topic_permissions("fleet-operator")
+    assert reply is not None and reply.write == "^$"
+    assert matches(reply.read, f"reply_fleet-operator_{HEX}")
+    assert logins.reply_topic_permissions("fleet-conductor-1") is None
     for name in ("conductor", "compute.compute-1", f"reply_fleet-host-compute-1_{HEX}"):
         assert not any(matches(r, name) for r in (perm.configure, perm.write, perm.read)), name
     topic = logins.topic_permissions("fleet-operator")
@@ -207,7 +223,9 @@ async def test_batches_send_only_what_changed() -> None:
     assert len(ctl.imports) == 1
     first = ctl.imports[0]
     assert len(first["users"]) == len(first["permissions"]) == 5
-    assert first["topic_permissions"] == []  # no exchange named yet
+    # No control exchange named yet: only the reply exchange's, for agents and operators.
+    assert {t["exchange"] for t in first["topic_permissions"]} == {"fleet_reply"}
+    assert len(first["topic_permissions"]) == 3
     for user in first["users"]:
         assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
         raw = base64.b64decode(user["password_hash"])
@@ -232,7 +250,8 @@ async def test_batches_send_only_what_changed() -> None:
     await logins.ensure(hosts=["compute-9"], exchanges=[EXCHANGE])
     third = ctl.imports[2]
     assert [u["name"] for u in third["users"]] == ["fleet-host-b1-compute-9"]
-    assert len(third["permissions"]) == len(third["topic_permissions"]) == 1
+    assert len(third["permissions"]) == 1
+    assert len(third["topic_permissions"]) == 2  # control and reply exchanges
 
     # An exchange the pattern does not cover: every non-conductor login's rights change.
     await logins.ensure(exchanges=["elsewhere"])
@@ -243,7 +262,11 @@ async def test_batches_send_only_what_changed() -> None:
     # Same login, older code: its rights change, its password does not.
     before = logins.password("fleet-host-b1-compute-1")
     await logins.ensure(old_runtime_hosts=["compute-1"])
-    assert [p["user"] for p in ctl.imports[4]["permissions"]] == ["fleet-host-b1-compute-1"]
+    # (and, a reply queue without a login existing now, every agent may answer it through
+    # the default exchange)
+    changed = {p["user"]: p for p in ctl.imports[4]["permissions"]}
+    assert set(changed) == {f"fleet-host-b1-compute-{n}" for n in (1, 2, 9)}
+    assert all("amq\\.default" in p["write"] for p in changed.values())
     assert logins.password("fleet-host-b1-compute-1") == before
 
     await logins.delete()
@@ -260,7 +283,10 @@ async def test_definitions_describe_every_login_in_full() -> None:
     full = logins.definitions()
     assert [u["name"] for u in full["users"]] == ["fleet-conductor-1", "fleet-host-compute-1"]
     assert full["permissions"] == ctl.imports[0]["permissions"]
-    assert [t["user"] for t in full["topic_permissions"]] == ["fleet-host-compute-1"]
+    assert [(t["user"], t["exchange"]) for t in full["topic_permissions"]] == [
+        ("fleet-host-compute-1", "fleet"),
+        ("fleet-host-compute-1", "fleet_reply"),
+    ]
     with pytest.raises(KeyError):
         logins.definitions(["fleet-host-compute-2"])
 

@@ -313,13 +313,13 @@ async def test_heartbeats_only_when_request_carries_numeric_timeout_of_2_or_more
 ) -> None:
     server_t, client_t = transports
     async with RPCServer(server_t, Target(topic=TOPIC, server="s1"), [Endpoint()]):
-        replies = await _raw_replies(client_t, "raw_reply")
+        replies = await _raw_replies(client_t, "reply_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
         request = {
             "method": "sleep",
             "args": {"seconds": 1.2},
             "version": "1.0",
             "_msg_id": "m1",
-            "_reply_q": "raw_reply",
+            "_reply_q": "reply_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
             "_timeout": client_timeout,
             "_unique_id": "u1",
         }
@@ -399,8 +399,8 @@ async def test_every_bad_message_is_acked_and_answered_when_addressable(
 ) -> None:
     server_t, client_t = transports
     async with RPCServer(server_t, Target(topic=TOPIC, server="s1"), [Endpoint()]) as server:
-        replies = await _raw_replies(client_t, "bad_reply")
-        addr = {"_reply_q": "bad_reply"}
+        replies = await _raw_replies(client_t, "reply_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb")
+        addr = {"_reply_q": "reply_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}
         bodies = [
             b"\x00not json",
             b"[1, 2, 3]",
@@ -458,12 +458,19 @@ async def test_reply_to_missing_queue_is_retried_briefly_then_dropped_and_logged
         server_t, Target(topic=TOPIC, server="s1"), [Endpoint()], reply_retry_window=0.6
     )
     async with server:
-        request = {"method": "echo", "args": {"value": 1}, "_msg_id": "m", "_reply_q": "late_q"}
+        request = {
+            "method": "echo",
+            "args": {"value": 1},
+            "_msg_id": "m",
+            "_reply_q": "reply_cccccccccccccccccccccccccccccccc",
+        }
         await client_t.driver.publish(exchange, TOPIC, codec.encode_message(request))
         await asyncio.sleep(0.1)
         assert server.stats()["dropped"] == {}  # bounced, retrying in the background
         assert server.in_flight == 0  # ... without holding a handler slot
-        replies = await _raw_replies(client_t, "late_q")  # the caller's queue comes back
+        replies = await _raw_replies(
+            client_t, "reply_cccccccccccccccccccccccccccccccc"
+        )  # the caller's queue comes back
         for _ in range(100):
             if replies:
                 break
@@ -471,7 +478,7 @@ async def test_reply_to_missing_queue_is_retried_briefly_then_dropped_and_logged
         assert [r["_msg_id"] for r in replies] == ["m"]
 
         with capture_logs() as logs:
-            request["_reply_q"] = "gone"
+            request["_reply_q"] = "reply_dddddddddddddddddddddddddddddddd"
             await client_t.driver.publish(exchange, TOPIC, codec.encode_message(request))
             await asyncio.sleep(0.9)
             assert server.stats()["dropped"]["reply_undeliverable"] == 1

@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from shared_objects.config import MessagingConfig
-from shared_objects.messaging.topology import Topology
+from shared_objects.messaging.topology import (
+    DEFAULT_EXCHANGE,
+    REPLY_EXCHANGE,
+    Topology,
+    reply_route,
+)
 from shared_objects.messaging.urls import parse_transport_url
 
 OPTION_SETS = [
@@ -79,7 +84,10 @@ def test_queue_and_exchange_declarations_equal_oslos(options: dict[str, Any]) ->
 
     reply = topology.reply_queue("fleet-host-h1")
     assert re.fullmatch(r"reply_fleet-host-h1_[0-9a-f]{32}", reply.name), reply.name
-    assert reply.exchange is None
+    # Bound to Fleet's reply exchange under its own name (per-login topic permissions).
+    assert reply.exchange == REPLY_EXCHANGE
+    assert (REPLY_EXCHANGE.name, REPLY_EXCHANGE.type) == ("fleet_reply", "topic")
+    assert reply.routing_key == reply.name
     assert (reply.durable, reply.auto_delete) == (transient_q, False)
     assert reply.arguments_dict == _oslo_args(transient_q, options["ttl"])
     # Exclusive to its connection, except as a quorum queue (which cannot be exclusive).
@@ -136,3 +144,16 @@ def test_queue_names_are_fresh_and_unpredictable_per_call() -> None:
     assert len(names) == 200
     # Without a login (a URL naming no user) the login part is left out.
     assert re.fullmatch(r"reply_[0-9a-f]{32}", topology.reply_queue("").name)
+
+
+def test_replies_route_by_queue_name_and_only_to_reply_queues() -> None:
+    hex32 = "0123456789abcdef" * 2
+    fleet = f"reply_fleet-host-h1.example.com_{hex32}"
+    assert reply_route(fleet) == (REPLY_EXCHANGE, fleet)
+    # oslo.messaging peers (and Fleet before 1.2): through the default exchange.
+    assert reply_route(f"reply_{hex32}") == (DEFAULT_EXCHANGE, f"reply_{hex32}")
+    # A caller naming another queue as its reply queue gets no reply there.
+    for name in ("conductor", "compute.h2", f"compute_fanout_h2_{hex32}", "reply_x", ""):
+        assert reply_route(name) is None, name
+    # Without a login the queue stays on the default exchange only.
+    assert Topology(MessagingConfig()).reply_queue("").exchange is None
