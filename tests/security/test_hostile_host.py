@@ -120,6 +120,10 @@ async def _refused(attack: Awaitable[Any]) -> BaseException:
     raise AssertionError("the attack was accepted")
 
 
+async def _ignore(message: Any) -> None:
+    """A consumer that does nothing (the broker refuses it before any message)."""
+
+
 async def _broker_refuses(url: str, queue: str) -> str:
     """Consume ``queue`` as the login of ``url``; returns the broker's refusal."""
     connection = await aio_pika.connect(url)
@@ -127,7 +131,7 @@ async def _broker_refuses(url: str, queue: str) -> str:
         channel = await connection.channel()
         try:
             q = await channel.get_queue(queue, ensure=False)
-            await q.consume(lambda m: None)
+            await q.consume(_ignore)
         except (
             aiormq.exceptions.ChannelAccessRefused,
             aiormq.exceptions.ChannelLockedResource,

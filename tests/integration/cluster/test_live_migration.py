@@ -15,6 +15,7 @@ import pytest
 
 from compute_agent.testing_invariants import assert_fleet_invariants
 from compute_agent.virt.state_view import hypervisor_view
+from shared_objects import exception
 from shared_objects.objects.instance import Instance
 
 pytestmark = pytest.mark.integration
@@ -196,8 +197,18 @@ async def test_failure_points_across_processes_leave_instance_on_source(
         assert got["status"] in statuses, got
         inst = await _wait_idle(cluster, uuid)
         assert (inst.host, inst.vm_state) == ("compute-1", "active")
-        fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, uuid)
-        assert fault_text in (fault.message or "")
+        # The source records the fault after it has settled the migration's status: poll.
+        message = ""
+        for _ in range(100):
+            try:
+                fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, uuid)
+                message = fault.message or ""
+            except exception.InstanceFaultNotFound:
+                message = ""
+            if fault_text in message:
+                break
+            await asyncio.sleep(0.1)
+        assert fault_text in message
         await _invariants(cluster)  # includes: compute-2's usage is zero again
 
 
