@@ -58,3 +58,6 @@ pg_ok || { log "PostgreSQL did not come up on 127.0.0.1:5432"; exit 1; }
 psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1 from pg_database where datname='test'" | grep -q 1 \
   || psql -h 127.0.0.1 -U postgres -d postgres -qc 'create database test' >/dev/null
 log "PostgreSQL up on 127.0.0.1:5432"
+
+# ---------- tools the TLS tests use (a throwaway CA) ----------
+command -v openssl >/dev/null 2>&1 || { log "installing openssl"; apt_install openssl || true; }
