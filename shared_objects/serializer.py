@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
+from oslo_utils import versionutils
 from oslo_versionedobjects import exception as ovo_exception
 
 from shared_objects import exception
@@ -119,9 +120,13 @@ class FleetObjectSerializer:
         if isinstance(entity, FleetObject):
             manifest = self.version_manifest
             if manifest and entity.obj_name() in manifest:
-                return entity.obj_to_primitive(
-                    target_version=manifest[entity.obj_name()], version_manifest=manifest
-                )
+                target = manifest[entity.obj_name()]
+                if _older(entity.VERSION, target):
+                    # An object that reached us at an older version (from a sender that did not
+                    # know our release yet) goes on as it is: never "convert" upwards; a reader
+                    # of the newer release reads the older minor.
+                    target = entity.VERSION
+                return entity.obj_to_primitive(target_version=target, version_manifest=manifest)
             return entity.obj_to_primitive()
         if isinstance(entity, dict):
             return {k: await self.serialize_entity(ctxt, v) for k, v in entity.items()}
@@ -180,3 +185,10 @@ class FleetObjectSerializer:
                     reason=f"backport of {name} returned {type(result).__name__}"
                 ) from exc
             return result
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether ``version`` is an older minor of the same major as ``than``."""
+    mine = versionutils.convert_version_to_tuple(version)
+    other = versionutils.convert_version_to_tuple(than)
+    return mine[0] == other[0] and mine < other

@@ -77,6 +77,21 @@ async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
         legacy_shared_login=shared,
     ) as cluster:
         ctxt = cluster.ctxt
+        # The conductor learns each agent's release at its next levels refresh (1 s here):
+        # until it has seen both, calls to a host go at the oldest release, or at the newest
+        # when only the new agent had registered yet. Start once it knows both.
+        for _ in range(100):
+            caps = [
+                e
+                for e in log_events(cluster.workdir / "conductor-1.log")
+                if e.get("event") == "compute_rpc_version_cap"
+                and {OLD, NEW} <= set(e.get("hosts") or {})
+            ]
+            if caps:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the conductor never saw both agents")
         await cluster.tasks.security_group_create(ctxt, name="web")
         on_old = (await cluster.boot(flavor="small", name="a", forced_host=OLD))[0]
         on_new = (await cluster.boot(flavor="small", name="b", forced_host=NEW))[0]
