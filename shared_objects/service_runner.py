@@ -5,6 +5,8 @@ Both console scripts (``conductor``, ``compute-agent``) hand their service objec
 
     SIGTERM / SIGINT  -> STOPPING=1, stop consuming, drain in-flight work up to the grace period
     SIGHUP            -> service.reload() (e.g. refresh the compute RPC version cap)
+    SIGUSR2           -> log every asyncio task with its stack (``task_report``), like Nova's
+                         Guru Meditation report: what is this process waiting for right now?
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ async def run_service(service: RunnableService, cfg: FleetConfig, name: str) -> 
         task.add_done_callback(_log_reload_result)
 
     loop.add_signal_handler(signal.SIGHUP, _reload)
+    loop.add_signal_handler(signal.SIGUSR2, log_task_report)
     notifier = SystemdNotifier()
     watchdog = asyncio.create_task(notifier.watchdog_task(), name="sd-watchdog")
     try:
@@ -66,9 +69,32 @@ async def run_service(service: RunnableService, cfg: FleetConfig, name: str) -> 
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
     log.info("service_stopped", service=name, host=cfg.host)
+
+
+def task_report() -> list[dict[str, Any]]:
+    """Every live task of the running loop: its name, what it runs and where it waits."""
+    report = []
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=12)
+        report.append(
+            {
+                "task": task.get_name(),
+                "coro": getattr(task.get_coro(), "__qualname__", repr(task.get_coro())),
+                "stack": [
+                    f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+                    for f in frames
+                ],
+            }
+        )
+    return sorted(report, key=lambda t: str(t["coro"]))
+
+
+def log_task_report() -> None:
+    tasks = task_report()
+    log.warning("task_report", count=len(tasks), tasks=tasks)
 
 
 def _log_reload_result(task: asyncio.Task[None]) -> None:

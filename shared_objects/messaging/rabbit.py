@@ -111,6 +111,8 @@ class _RabbitSubscription(Subscription):
         self._tags: dict[str, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._cancelled = False
         self._recovery: dict[str, asyncio.Task[None]] = {}
+        # Handlers of delivered messages, detached from the channel (see _on_message).
+        self._handlers: set[asyncio.Task[None]] = set()
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
@@ -211,7 +213,21 @@ class _RabbitSubscription(Subscription):
                     except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
                         raise MessageDeliveryFailure(f"ack failed: {exc!r}") from exc
 
-            await callback(Delivery(message.body, message.header.properties.user_id, ack, queue))
+            delivery = Delivery(message.body, message.header.properties.user_id, ack, queue)
+            # aiormq runs this callback as a task of the channel and cancels every such task
+            # when the channel closes (a broker restart, a lost connection): a handler half-way
+            # through a build would vanish without a trace. The work runs in a task of its own
+            # instead, kept alive by this subscription, whatever happens to the channel.
+            task = asyncio.get_running_loop().create_task(callback(delivery))
+            handlers.add(task)
+            task.add_done_callback(_handler_done)
+
+        handlers = self._handlers
+
+        def _handler_done(task: asyncio.Task[None]) -> None:
+            handlers.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("delivery_handler_failed", queue=queue, error=repr(task.exception()))
 
         return on_message
 

@@ -106,16 +106,29 @@ class RabbitNode:
         """Start the node and wait until its AMQP listener answers; clean up if that fails."""
         if self._proc is not None:
             raise RabbitNodeError("node already started")
-        server_script = _RABBIT_BIN / "rabbitmq-server"
-        if not server_script.exists():
+        if not (_RABBIT_BIN / "rabbitmq-server").exists():
             raise RabbitNodeError(
-                f"{server_script} not found: install rabbitmq-server (make services does) or set "
+                f"{_RABBIT_BIN}/rabbitmq-server not found: install rabbitmq-server "
+                "(make services does) or set "
                 "FLEET_RABBITMQ_BIN to the directory holding rabbitmq-server and rabbitmqctl"
             )
         self._base = Path(tempfile.mkdtemp(prefix="fleet-rabbit-"))
         env = self._prepare_environment(self._base)
+        await self._launch(env)
+
+    async def revive(self) -> None:
+        """Start the node again after ``kill()``, on the same port, data and users: a crashed
+        broker coming back (durable queues, logins and permissions survive; the rest is lost)."""
+        if self._proc is not None:
+            raise RabbitNodeError("node is running: kill() it first")
+        env = self._prepare_environment(self.base_dir, write_files=False)
+        await self._launch(env)
+
+    async def _launch(self, env: dict[str, str]) -> None:
+        assert self._base is not None
+        server_script = _RABBIT_BIN / "rabbitmq-server"
         started = time.monotonic()
-        log = (self._base / "server.out").open("wb")
+        log = (self._base / "server.out").open("ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 str(server_script),
