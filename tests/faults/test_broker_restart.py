@@ -100,8 +100,12 @@ async def test_broker_restart_mid_stream_no_call_hangs_and_service_resumes(
                     assert outcome.result == outcome.index  # each result reached its own caller
                 else:
                     assert isinstance(outcome.error, MessagingError), repr(outcome.error)
-            # The restart really hit the stream: some calls failed, some got through before.
-            assert stream.failed, "the restart did not disturb any call; the test proves nothing"
+            # The restart really hit the stream: calls were in flight across it (handlers and
+            # reply queues now survive a restart, so such calls may well succeed, late).
+            restart_end = restart_at + restart_took
+            spanning = [o for o in outcomes if o.started < restart_at < o.started + o.elapsed]
+            assert spanning, "no call was in flight during the restart; the test proves nothing"
+            assert any(o.started + o.elapsed > restart_end - 0.5 for o in spanning) or stream.failed
             assert len(stream.succeeded) >= 100
 
             # Without restarting client or server: consumers and reply queue come back.
