@@ -70,13 +70,20 @@ class Reconciler:
         interval: float,
         batch: int = 500,
         registry: CollectorRegistry | None = None,
+        trust_after: float | None = None,
     ) -> None:
+        """``trust_after``: seconds this reconciler must have been reading the database
+        without failure before it takes a host's stale report for a dead host (default
+        ``service_down_time``: time enough for every live agent to have reported)."""
         self.database = database
         self.build = build
         self.bounds = bounds
         self.interval = interval
         self.batch = batch
         self._task: asyncio.Task[None] | None = None
+        self.trust_after = bounds.service_down_time if trust_after is None else trust_after
+        # Since when passes have been reading the database without failure (monotonic).
+        self._working_since: float | None = None
         self.actions = Counter(
             "fleet_reconciler_actions",
             "Changes made by the conductor's reconciler, by rule.",
@@ -123,7 +130,9 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # A database or broker outage: the next pass retries from the state it reads.
+                # A database or broker outage: the next pass retries from the state it reads,
+                # and trusts "down" only once agents have had the time to report again.
+                self._working_since = None
                 self.passes.labels(outcome="error").inc()
                 log.warning("reconcile_pass_failed", exc_info=True)
 
@@ -156,7 +165,13 @@ class Reconciler:
         started = time.perf_counter()
         now = datetime.datetime.now(datetime.UTC)
         snapshot, used = await self.read(now)
-        plan = rules.plan(snapshot, self.bounds)
+        clock = time.monotonic()
+        if self._working_since is None:
+            self._working_since = clock
+        trust_down = clock - self._working_since >= self.trust_after
+        plan = rules.plan(snapshot, self.bounds, trust_down=trust_down)
+        if plan.held:
+            log.warning("reconcile_held", reason=plan.held)
         report = PassReport(
             rows_read=len(snapshot.instances) + len(snapshot.migrations) + len(snapshot.actions),
             statements=used,

@@ -135,6 +135,8 @@ class Plan:
     #: Actions to finish as errors, and as successes: id → (instance uuid, action name).
     actions_error: dict[int, tuple[str, str]] = dataclasses.field(default_factory=dict)
     actions_ok: dict[int, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    #: Why host-down rules on taken work were held back this pass (None: they were not).
+    held: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -174,7 +176,9 @@ def _age(now: datetime.datetime, row: Mapping[str, Any]) -> float:
     return (now - stamp).total_seconds() if stamp is not None else float("inf")
 
 
-def _instance_rule(row: Mapping[str, Any], age: float, up: frozenset[str], b: Bounds) -> str | None:
+def _instance_rule(
+    row: Mapping[str, Any], age: float, up: frozenset[str], b: Bounds, taken_ok: bool
+) -> str | None:
     state, host = row["task_state"], row["host"]
     host_up = host in up
     if state == TaskState.SCHEDULING:
@@ -187,7 +191,7 @@ def _instance_rule(row: Mapping[str, Any], age: float, up: frozenset[str], b: Bo
         if row["recast"]:
             return BUILD_NOT_TAKEN if age >= b.build_reschedule_after else None
         return BUILD_CAST_LOST if age >= b.build_recast_after else None
-    if host is None or host_up:
+    if host is None or host_up or not taken_ok:
         return None
     if state == TaskState.BLOCK_DEVICE_MAPPING and age >= b.build_host_down_after:
         return BUILD_TAKEN_HOST_DOWN
@@ -198,13 +202,27 @@ def _instance_rule(row: Mapping[str, Any], age: float, up: frozenset[str], b: Bo
     return None
 
 
-def plan(snapshot: Snapshot, bounds: Bounds) -> Plan:
-    """Decide what to do with the rows of one pass (see the module docstring)."""
+def plan(snapshot: Snapshot, bounds: Bounds, *, trust_down: bool = True) -> Plan:
+    """Decide what to do with the rows of one pass (see the module docstring).
+
+    Two guards against taking a control-plane outage for dead hosts (agents report through
+    the conductors and the broker: when those were down, every host's report is stale):
+
+    * ``trust_down`` False (this conductor has not yet been working for ``service_down_time``,
+      e.g. just started or just past a database outage): no host counts as down.
+    * When *every* compute host looks down, work a host has taken (spawning, deleting,
+      migrating) is left alone; builds nobody took are still placed (or fail: no host).
+    """
     now = snapshot.now
     up = up_hosts(snapshot.services, now, bounds.service_down_time)
+    if not trust_down:
+        up = frozenset(str(row["host"]) for row in snapshot.services) | _hosts_of(snapshot)
     out = Plan(batches={SPAWN_HOST_DOWN: {}, DELETE_HOST_DOWN: {}})
+    taken_ok = bool(up)
+    if not taken_ok and snapshot.services:
+        out.held = "every compute host looks down: suspecting the control plane"
     for row in snapshot.instances:
-        rule = _instance_rule(row, _age(now, row), up, bounds)
+        rule = _instance_rule(row, _age(now, row), up, bounds, taken_ok)
         if rule is None:
             continue
         if rule in out.batches:
@@ -224,7 +242,7 @@ def plan(snapshot: Snapshot, bounds: Bounds) -> Plan:
         )
     for row in snapshot.migrations:
         source, dest = row["source_compute"], row["dest_compute"]
-        if source in up or (dest is not None and dest in up):
+        if not taken_ok or source in up or (dest is not None and dest in up):
             continue
         if row["task_state"] != TaskState.MIGRATING:
             continue  # the instance moved on; the migration row is the agents' to settle
@@ -237,3 +255,11 @@ def plan(snapshot: Snapshot, bounds: Bounds) -> Plan:
         target_actions = out.actions_error if failed else out.actions_ok
         target_actions[int(row["id"])] = (str(row["instance_uuid"]), str(row["action"]))
     return out
+
+
+def _hosts_of(snapshot: Snapshot) -> frozenset[str]:
+    """Every host the rows name (all taken as up while hosts cannot be judged)."""
+    hosts = {row["host"] for row in snapshot.instances}
+    for row in snapshot.migrations:
+        hosts |= {row["source_compute"], row["dest_compute"]}
+    return frozenset(str(h) for h in hosts if h is not None)

@@ -67,7 +67,8 @@ class World:
 
     def reconciler(self, **overrides: Any) -> Reconciler:
         bounds = dataclasses.replace(self.bounds, **overrides)
-        return Reconciler(self.database, self.build, bounds, interval=0)
+        # Hosts are judged from the first pass: the rows say how long each was silent.
+        return Reconciler(self.database, self.build, bounds, interval=0, trust_after=0)
 
     async def _ctxt(self) -> Any:
         return RequestContext(user_id="admin", project_id="p1", is_admin=True)
@@ -102,8 +103,8 @@ class World:
                     "host": name,
                     "hypervisor_hostname": name,
                     "hypervisor_type": "fake",
-                    "vcpus": 8,
-                    "memory_mb": 8192,
+                    "vcpus": 64,
+                    "memory_mb": 65536,
                     "local_gb": 100,
                     "vcpus_used": 0,
                     "memory_mb_used": 0,

@@ -574,8 +574,10 @@ async def _swap(
 async def _close_attempt(
     ctxt: RequestContext, instance_uuid: str, host: str | None, reason: str
 ) -> None:
-    """Finish the failed attempt's event on ``host`` as ``Error``, if it is still open (its
-    agent never took the build, or died with it)."""
+    """Record the failed attempt on ``host`` as an ``Error`` event of the build's action: its
+    open event finished (its agent never took the build, or died with it), or, when nobody
+    started one (the cast carried no event start), a finished one. The attempts a build has
+    had are counted from these events."""
     if host is None:
         return
     try:
@@ -585,9 +587,13 @@ async def _close_attempt(
     db = ctxt.db
     assert db is not None
     now = _utcnow()
-    await db.update(
+    where = {"action_id": action.id, "event": RUN_EVENT, "host": host}
+    ended = {"finish_time": now, "updated_at": now, "result": "Error", "details": reason[:255]}
+    if await db.update("instance_action_events", {**where, "finish_time": None}, ended):
+        return
+    if await db.select("instance_action_events", where, columns=["id"], limit=1):
+        return
+    await db.insert(
         "instance_action_events",
-        {"action_id": action.id, "event": RUN_EVENT, "host": host, "finish_time": None},
-        {"finish_time": now, "updated_at": now, "result": "Error", "details": reason[:255]},
-        returning=(),
+        {**where, **ended, "start_time": now, "created_at": now, "deleted": False},
     )

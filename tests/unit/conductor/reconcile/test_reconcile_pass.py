@@ -128,6 +128,14 @@ async def test_taken_build_on_a_down_host_is_rescheduled_before_spawn(world: Any
     await world.reconciler().run_pass()
     inst = await world.row("instances", {"uuid": uuid})
     assert (inst["host"], inst["task_state"]) == ("alive", "scheduling")
+    # No event was started for the attempt on the dead host: one is recorded, as failed.
+    (action,) = await world.rows("instance_actions", {"instance_uuid": uuid})
+    (event,) = await world.rows("instance_action_events", {"action_id": action["id"]})
+    assert (event["host"], event["result"], event["event"]) == (
+        "dead",
+        "Error",
+        "compute_run_instance",
+    )
 
 
 async def test_spawn_on_a_down_host_goes_to_error_with_a_fault_and_keeps_its_host(
@@ -157,6 +165,7 @@ async def test_host_back_up_before_the_write_is_left_alone(world: Any) -> None:
     """The batched write repeats the rule's condition: a host that reported between the read
     and the write keeps its build."""
     await world.host("flaky", up=False)
+    await world.host("alive")
     uuid = await world.instance(host="flaky", task_state="spawning", age=31)
     reconciler = world.reconciler()
     import datetime
@@ -172,6 +181,7 @@ async def test_host_back_up_before_the_write_is_left_alone(world: Any) -> None:
 
 async def test_delete_on_a_down_host_is_finished_in_the_database(world: Any) -> None:
     await world.host("dead", up=False)
+    await world.host("alive")
     uuid = await world.instance(host="dead", task_state="deleting", vm_state="active", age=31)
     await world.reconciler().run_pass()
     inst = await world.row("instances", {"uuid": uuid})
@@ -208,6 +218,7 @@ async def _migration(world: Any, uuid: str, status: str, age: float) -> str:
 async def test_migration_with_both_hosts_down_fails_and_releases_the_instance(world: Any) -> None:
     await world.host("src", up=False)
     await world.host("dst", up=False)
+    await world.host("alive")
     early = await world.instance(host="src", task_state="migrating", vm_state="active")
     late = await world.instance(host="src", task_state="migrating", vm_state="active")
     m_early = await _migration(world, early, "queued", 31)
@@ -252,6 +263,7 @@ async def test_a_pass_costs_the_same_statements_for_few_or_many_stranded_builds(
     world: Any,
 ) -> None:
     await world.host("dead", up=False)
+    await world.host("alive")
 
     async def statements_for(count: int) -> int:
         for _ in range(count):
@@ -298,3 +310,27 @@ async def _instance(world: Any, uuid: str) -> Any:
     ctxt = RequestContext(is_admin=True)
     async with world.database.request(ctxt):
         return await Instance.get_by_uuid(ctxt, uuid)
+
+
+async def test_when_every_host_looks_down_taken_work_is_left_alone(world: Any) -> None:
+    """A broker or conductor outage stops every agent's reports: that is no reason to fail
+    their builds and deletes. Builds nobody took still end (no host: ERROR)."""
+    await world.host("a", up=False)
+    await world.host("b", up=False)
+    spawning = await world.instance(host="a", task_state="spawning", age=31)
+    deleting = await world.instance(host="b", task_state="deleting", vm_state="active", age=31)
+    waiting = await world.instance(host="a", task_state="scheduling", age=2)
+    await world.reconciler().run_pass()
+    assert (await world.row("instances", {"uuid": spawning}))["task_state"] == "spawning"
+    assert (await world.row("instances", {"uuid": deleting}))["task_state"] == "deleting"
+    assert (await world.row("instances", {"uuid": waiting}))["vm_state"] == "error"
+
+
+async def test_no_host_is_judged_down_before_agents_had_the_time_to_report(world: Any) -> None:
+    await world.host("dead", up=False)
+    await world.host("alive")
+    uuid = await world.instance(host="dead", task_state="spawning", age=31)
+    fresh = world.reconciler()
+    fresh.trust_after = 3600.0  # as a conductor that has just started
+    assert (await fresh.run_pass()).acted == 0
+    assert (await world.row("instances", {"uuid": uuid}))["task_state"] == "spawning"
