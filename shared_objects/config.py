@@ -263,9 +263,9 @@ class ConductorConfig:
     # Rows each rule reads and acts on per pass (the rest waits for the next pass).
     reconcile_batch: int = dataclasses.field(default=500, metadata=_meta(_min(1)))
     # A build assigned to an up host, never taken: re-cast to the same host after this...
-    build_recast_after: float = dataclasses.field(default=120.0, metadata=_meta(_positive))
+    build_recast_after: float = dataclasses.field(default=30.0, metadata=_meta(_positive))
     # ...and placed elsewhere this long after the re-cast, if still not taken.
-    build_reschedule_after: float = dataclasses.field(default=180.0, metadata=_meta(_positive))
+    build_reschedule_after: float = dataclasses.field(default=120.0, metadata=_meta(_positive))
     # A build waiting to be scheduled with no host at all (legacy hand-back): placed again.
     unassigned_build_after: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
     # A build taken by a host that is down (block_device_mapping: rescheduled; spawning: ERROR).

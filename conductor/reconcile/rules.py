@@ -77,8 +77,8 @@ class Bounds:
     """Seconds each rule waits (``[conductor]`` in the configuration), and when a host is down."""
 
     service_down_time: float = 60.0
-    build_recast_after: float = 120.0
-    build_reschedule_after: float = 180.0
+    build_recast_after: float = 30.0
+    build_reschedule_after: float = 120.0
     unassigned_build_after: float = 60.0
     build_host_down_after: float = 30.0
     delete_host_down_after: float = 300.0
