@@ -18,8 +18,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from conductor.reconcile import rules
+from conductor.reconcile import rules, statements
 from conductor.reconcile.testing import World, reconcile_world
+from shared_objects.context import RequestContext
 from shared_objects.objects.instance_fault import InstanceFault
 
 pytestmark = pytest.mark.integration
@@ -214,3 +215,25 @@ async def test_a_pass_over_ten_thousand_instances(pg_database_url: str) -> None:
             f"{busy.seconds * 1000:.0f} ms ({busy.statements} statements)"
         )
         assert quiet.seconds < 5 and busy.seconds < 10
+
+
+async def test_lost_cast_is_sent_again_once_on_postgresql(pg_database_url: str) -> None:
+    """The re-cast marker (an event stamped with the instance's own ``updated_at``) compares
+    equal on PostgreSQL's timestamps too."""
+    async with reconcile_world(pg_database_url) as world:
+        await world.host("slow")
+        await world.host("other")
+        uuid = await world.instance(host="slow", task_state="scheduling", age=31)
+        reconciler = world.reconciler()
+        await reconciler.run_pass()
+        ctxt = RequestContext(is_admin=True)
+        async with world.database.request(ctxt):
+            later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+            (row,) = await statements.transitional_instances(ctxt.db, older_than=later, limit=5)
+        assert row["recast"] is True  # the marker matches the instance's stamp exactly
+        await world.age("instances", {"uuid": uuid}, 45)
+        await reconciler.run_pass()
+        assert [c.host for c in world.compute.casts] == ["slow"]
+        await world.age("instances", {"uuid": uuid}, 61)
+        await reconciler.run_pass()
+        assert [c.host for c in world.compute.casts] == ["slow", "other"]
