@@ -34,6 +34,8 @@ from sqlalchemy import (
 )
 
 from conductor.db import models
+from conductor.tasks.build import RECAST_EVENT
+from conductor.tasks.build_extras import RUN_EVENT
 from shared_objects.fields import TaskState, VMState
 from shared_objects.releases import BINARY_COMPUTE
 
@@ -55,10 +57,6 @@ WATCHED_TASK_STATES = (
     TaskState.SPAWNING,
     TaskState.DELETING,
 )
-#: The event an agent (or the conductor for it) records for each build attempt.
-RUN_EVENT = "compute_run_instance"
-#: The event the reconciler records when it re-casts a build (and what says it did).
-RECAST_EVENT = "conductor_recast_build"
 
 
 def _member(col: Any, name: str, arrays: bool, type_: Any = None) -> ColumnElement[bool]:
