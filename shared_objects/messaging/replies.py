@@ -24,6 +24,7 @@ from shared_objects.messaging import codec
 from shared_objects.messaging.driver import Delivery, Driver, Subscription
 from shared_objects.messaging.exceptions import (
     MalformedMessage,
+    MessageDeliveryFailure,
     MessageTooDeep,
     MessageTooLarge,
     MessagingError,
@@ -33,6 +34,9 @@ from shared_objects.messaging.topology import QueueSpec
 
 log = structlog.get_logger(__name__)
 
+
+# Pause between attempts to create the reply queue while the broker is unreachable.
+_SUBSCRIBE_PAUSE = 0.25
 
 #: Decides whether a reply's AMQP ``user_id`` (None when the publisher set none) may answer.
 AcceptReply = Callable[[str | None], bool]
@@ -81,11 +85,18 @@ class ReplyWaiter:
         if self._subscription is not None:
             return
         async with self._lock:
-            if self._subscription is None:
-                # no_ack: replies are consumed as fast as they come, so nothing waits unacked.
-                self._subscription = await self._driver.subscribe(
-                    [self.spec], self._on_reply, prefetch=0, no_ack=True
-                )
+            while self._subscription is None:
+                try:
+                    # no_ack: replies are consumed as fast as they come, nothing waits unacked.
+                    self._subscription = await self._driver.subscribe(
+                        [self.spec], self._on_reply, prefetch=0, no_ack=True
+                    )
+                except MessageDeliveryFailure as exc:
+                    # The broker is away (the first call of a process during a restart): try
+                    # again until it is back; the calling call's deadline bounds the wait.
+                    log.debug("reply_queue_not_yet", queue=self.spec.name, error=str(exc))
+                    await asyncio.sleep(_SUBSCRIBE_PAUSE)
+                    continue
                 log.debug("reply_queue_listening", queue=self.spec.name)
 
     def register(
