@@ -288,3 +288,32 @@ async def test_first_call_during_an_outage_gets_a_consumed_reply_queue(
         assert (
             await RPCClient(late, Target(topic="conductor"), timeout=5).call(None, "ping") == "c1"
         )
+
+
+async def test_connection_drop_while_consumers_are_being_restored(
+    node: RabbitNode, fleet: dict[str, Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply queue is declared again after every reconnect; if the connection drops again
+    while that is under way, it must still end up declared and consumed (the issue's "one of
+    three processes no longer had a reply queue"). Declaring is slowed down so that the second
+    drop lands inside it every time."""
+    from shared_objects.messaging.rabbit import RabbitDriver
+
+    declare = RabbitDriver._declare_exclusive
+    slowed = asyncio.Event()
+
+    async def slow_declare(self: RabbitDriver, channel: Any, spec: Any) -> None:
+        slowed.set()
+        await asyncio.sleep(1.0)
+        await declare(self, channel, spec)
+
+    await _warm_up(fleet)
+    monkeypatch.setattr(RabbitDriver, "_declare_exclusive", slow_declare)
+    await node.ctl("close_all_connections", "fault test: first drop")
+    async with asyncio.timeout(15):
+        await slowed.wait()
+    await node.ctl("close_all_connections", "fault test: drop during restore")
+    monkeypatch.setattr(RabbitDriver, "_declare_exclusive", declare)
+    back = await _all_consumed(node, fleet, within=30)
+    await _service_works(fleet)
+    print(f"\ndouble drop: every queue consumed again {back:.1f} s later")
