@@ -29,7 +29,7 @@ import ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import aio_pika
 import aiormq
@@ -488,6 +488,8 @@ class RabbitDriver(Driver):
                 aiormq.exceptions.ChannelPreconditionFailed,
                 aiormq.exceptions.ChannelAccessRefused,
             ) as exc:
+                if "max size" in str(exc):
+                    self._refuse_size(exc, exchange, routing_key, len(body))
                 # An inequivalent exchange, a refused user_id, no permission. The channel close
                 # also fails every concurrent publish, so one retry tells "ours" from "theirs".
                 self._declared.pop(exchange, None)
@@ -524,6 +526,21 @@ class RabbitDriver(Driver):
                 )
             self._published += 1
             return
+
+    def _refuse_size(
+        self, exc: Exception, exchange: ExchangeSpec, routing_key: str, size: int
+    ) -> NoReturn:
+        """The broker's max_message_size refused the body (deploy/rabbitmq/20-fleet-limits.conf):
+        sending it again would be refused again."""
+        self._publish_failures += 1
+        self._rejected += 1
+        raise MessageRejected(
+            f"the broker refused a message of {size} bytes to "
+            f"{exchange.name or 'amq.default'!r}/{routing_key!r}: larger than its "
+            f"max_message_size ({exc}); it was not enqueued",
+            exchange=exchange.name,
+            routing_key=routing_key,
+        ) from exc
 
     async def _pause_or_fail(self, deadline: float, exc: BaseException) -> None:
         loop = asyncio.get_running_loop()

@@ -82,9 +82,27 @@ def test_too_deep_unbalanced_or_unterminated_text_is_refused_without_decoding(
 
 
 def test_deepest_legitimate_message_fits_the_default_with_headroom() -> None:
-    # An InstanceList page as the conductor returns it nests 11-12 levels (measured with the
-    # real objects, docs/rpc.md); security-group rules add a few: 16 is the planning figure.
-    assert MessagingConfig().max_message_depth >= 4 * 16
+    """An InstanceList with flavors and security groups, as an argument (one level deeper than
+    as a reply): the deepest message Fleet sends. The default leaves 4x headroom."""
+    from shared_objects.objects.flavor import Flavor
+    from shared_objects.objects.instance import Instance, InstanceList
+    from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
+
+    flavor = Flavor(
+        id=1, flavorid="f", name="m1", vcpus=1, memory_mb=512, root_gb=1, ephemeral_gb=0
+    )
+    groups = SecurityGroupList(objects=[SecurityGroup(id=1, uuid=str(uuid.uuid4()), name="web")])
+    instances = InstanceList(
+        objects=[
+            Instance(id=i, uuid=str(uuid.uuid4()), flavor=flavor, security_groups=groups)
+            for i in range(3)
+        ]
+    )
+    message = {"method": "m", "args": {"instances": instances.obj_to_primitive()}}
+    inner = json.dumps(message).encode()
+    assert _depth(message) == 12
+    assert not nesting_exceeds(inner, 12) and nesting_exceeds(inner, 11)
+    assert MessagingConfig().max_message_depth >= 4 * 12 + 16
 
 
 def test_reply_address_found_in_head_or_tail_window_only() -> None:
