@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from shared_objects.messaging.exceptions import MessageTooDeep, MessageTooLarge
+from shared_objects.messaging.exceptions import MalformedMessage, MessageTooDeep, MessageTooLarge
 
 # After escapes are gone and only quotes and brackets are left, a string literal is two quotes
 # with brackets (or nothing) between them.
@@ -52,9 +52,12 @@ class MessageLimits:
 
     def check_depth(self, data: bytes) -> None:
         """Raise ``MessageTooDeep`` when the JSON text ``data`` nests deeper than
-        ``max_depth`` (or does not balance)."""
-        if nesting_exceeds(data, self.max_depth):
+        ``max_depth``, ``MalformedMessage`` when it does not balance."""
+        problem = nesting_problem(data, self.max_depth)
+        if problem == "too deep":
             raise MessageTooDeep(self.max_depth)
+        if problem is not None:
+            raise MalformedMessage("body is not valid JSON: unbalanced brackets or quotes")
 
     def check(self, body: bytes) -> None:
         """Both checks, size first (it costs nothing)."""
@@ -65,8 +68,13 @@ class MessageLimits:
 def nesting_exceeds(data: bytes, max_depth: int) -> bool:
     """True when the JSON text ``data`` nests arrays/objects deeper than ``max_depth``, or when
     its brackets or quotes do not balance (then it is not JSON either)."""
+    return nesting_problem(data, max_depth) is not None
+
+
+def nesting_problem(data: bytes, max_depth: int) -> str | None:
+    """``"too deep"``, ``"unbalanced"`` (brackets or quotes: not JSON) or None (fine)."""
     if b"[" not in data and b"{" not in data:
-        return False
+        return None
     if b"\\" in data:
         # Escapes live only inside strings and pair up left to right, as replace() scans: after
         # this every quote left opens or closes a string.
@@ -74,24 +82,24 @@ def nesting_exceeds(data: bytes, max_depth: int) -> bool:
     structure = data.translate(_BRACKETS, _NOT_STRUCTURE)
     if b'"' in structure:
         if structure.count(b'"') % 2:
-            return True  # an unterminated string
+            return "unbalanced"  # an unterminated string
         # Most strings hold no bracket and are now just "": drop those pairs in one C pass
         # (a pair that closes one string and opens the next merges two strings: still fine).
         structure = structure.replace(b'""', b"")
         if b'"' in structure:
             structure = _STRING.sub(b"", structure)
     if b"[" * (max_depth + 1) in structure:
-        return True  # the common deep attack, found in one search
+        return "too deep"  # the common deep attack, found in one search
     depth = 0
     while structure:
         depth += 1
         if depth > max_depth:
-            return True
+            return "too deep"
         inner = structure.replace(b"[]", b"")
         if len(inner) == len(structure):
-            return True  # no innermost pair left: unbalanced
+            return "unbalanced"  # no innermost pair left
         structure = inner
-    return False
+    return None
 
 
 def scan_keys(body: bytes) -> dict[str, str]:
