@@ -10,6 +10,10 @@ Trust: the caller is the broker-validated AMQP ``user_id`` (``ctxt.caller``); th
 ``is_admin`` and ``roles`` are claims and are cleared. With ``require_user_id`` a request without
 a ``user_id`` is refused, and an ``authorizer`` decides every request after its method is found
 and before its arguments are deserialised (``shared_objects.messaging.authorization``).
+
+Limits: a body over the transport's ``limits`` (``[messaging] max_message_bytes`` /
+``max_message_depth``) is refused before any JSON decoding, with a short error reply when its
+reply address is found cheaply and one short log line (``shared_objects.messaging.limits``).
 """
 
 from __future__ import annotations
