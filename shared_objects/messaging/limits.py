@@ -35,7 +35,7 @@ _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 _SCAN_WINDOW = 64 * 1024
 # The key, then its string value, at one level of JSON escaping (the 2.0 envelope) or none (a
 # bare 1.0 dict). Values are capped in length: no AMQP queue name is longer than 255 bytes.
-_ADDRESS = re.compile(rb'\\?"(_reply_q|_msg_id)\\?": ?\\?"([A-Za-z0-9_.:-]{1,255})\\?"')
+_ADDRESS = re.compile(rb'\\?"(_reply_q|_msg_id)\\?": ?\\?"([^"\\\s]{1,255})\\?"')
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
