@@ -28,7 +28,7 @@ from compute_agent.claims import InsufficientResources
 from compute_agent.instance_events import abandon_event, instance_event
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.security_groups import RulesWatch, rules_for_driver
-from compute_agent.transient import TRANSIENT_ERRORS, UNBOUNDED, Retrier, short
+from compute_agent.transient import TRANSIENT_ERRORS, UNBOUNDED, Retrier, is_not_found, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import VirtError
 from conductor.tasks.rpcapi import ComputeTaskAPI
@@ -438,7 +438,7 @@ class BuildManager:
                 )
                 for bdm in bdms:
                     await calls.write(
-                        "destroy BDM", bdm.destroy, done_if=_is_not_found, bdm_id=bdm.id
+                        "destroy BDM", bdm.destroy, done_if=is_not_found, bdm_id=bdm.id
                     )
                 instance.vm_state = VMState.DELETED
                 instance.task_state = None
@@ -448,7 +448,7 @@ class BuildManager:
                 await calls.write(
                     "destroy instance",
                     instance.destroy,
-                    done_if=_is_not_found,
+                    done_if=is_not_found,
                     instance_uuid=instance.uuid,
                 )
         except TRANSIENT_ERRORS as exc:
@@ -467,7 +467,3 @@ class BuildManager:
 
 async def _is_invalid_request(exc: BaseException) -> bool:
     return isinstance(exc, exception.InvalidRequest)
-
-
-async def _is_not_found(exc: BaseException) -> bool:
-    return isinstance(exc, exception.NotFound)

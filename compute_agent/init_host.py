@@ -18,7 +18,7 @@ import datetime
 
 import structlog
 
-from compute_agent.transient import Retrier
+from compute_agent.transient import Retrier, is_not_found
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import VirtError
 from compute_agent.virt.models import GuestPhase, InstanceInfo
@@ -100,7 +100,7 @@ async def _recover_delete(
     await calls.write(
         "recovery destroy",
         instance.destroy,
-        done_if=_is_not_found,
+        done_if=is_not_found,
         instance_uuid=instance.uuid,
     )
     log.info("recovery_delete_completed", instance_uuid=instance.uuid)
@@ -150,7 +150,3 @@ async def _remove_leftover_guest(driver: ComputeDriver, instance: Instance) -> N
         log.exception("recovery_destroy_failed", instance_uuid=instance.uuid)
         return
     log.warning("recovery_leftover_guest_removed", instance_uuid=instance.uuid)
-
-
-async def _is_not_found(exc: BaseException) -> bool:
-    return isinstance(exc, exception.NotFound)

@@ -131,11 +131,11 @@ class ComputeAgentService:
             reply_from=replies,
         )
         self.live_migration = LiveMigrationManager(
-            cfg.host, self.driver, self.tracker, self.compute, self.notifier
+            cfg.host, self.driver, self.tracker, self.compute, self.notifier, calls=self.calls
         )
         self.endpoint = ComputeEndpoint(
             self.build,
-            VolumeManager(cfg.host, self.driver, self.notifier),
+            VolumeManager(cfg.host, self.driver, self.notifier, self.calls),
             SecurityGroupManager(self.driver, rules_watch),
             self.live_migration,
             PeerCheck(cfg.host),

@@ -182,6 +182,11 @@ class Retrier:
         await self.write(what, once, done_if=landed, instance_uuid=instance.uuid)
 
 
+async def is_not_found(exc: BaseException) -> bool:
+    """``done_if`` for a destroy: a retry finding the row gone means the lost attempt did it."""
+    return isinstance(exc, exception.NotFound)
+
+
 async def _landed(ctxt: RequestContext, instance_uuid: str, wanted: dict[str, Any]) -> bool:
     """Whether the row holds every value of ``wanted`` (an earlier attempt's write landed)."""
     current = await Instance.get_by_uuid(ctxt, instance_uuid)
