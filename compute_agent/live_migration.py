@@ -312,7 +312,11 @@ class LiveMigrationManager:
             return {"ok": True}  # a redelivery, or recovery got here first
         try:
             async with instance_event(
-                ctxt, instance.uuid, "compute_post_live_migration_at_destination", self.host
+                ctxt,
+                instance.uuid,
+                "compute_post_live_migration_at_destination",
+                self.host,
+                calls=self.calls,
             ):
                 await self.driver.post_live_migration_at_destination(instance)
         except VirtError as exc:
@@ -501,7 +505,9 @@ class LiveMigrationManager:
         job.stage = Stage.COPYING
         await self._set_status(migration, MigrationStatus.RUNNING)
         try:
-            async with instance_event(ctxt, instance.uuid, "compute_live_migration", self.host):
+            async with instance_event(
+                ctxt, instance.uuid, "compute_live_migration", self.host, calls=self.calls
+            ):
                 await self.driver.live_migration(
                     instance, dest, migrate_data, self._progress_saver(instance, migration)
                 )
