@@ -174,3 +174,26 @@ async def test_restart_leaves_scheduling_rows_alone_and_removes_a_leftover_guest
         async with fleet.db() as ctxt:
             inst = await Instance.get_by_uuid(ctxt, uuid)
         assert (inst.vm_state, inst.task_state, inst.host) == ("building", "scheduling", "host-a")
+
+
+async def test_recast_of_a_finished_build_changes_nothing(
+    fleet_factory: Any, wait_for: Any
+) -> None:
+    async with fleet_factory() as fleet:
+        await _flavor(fleet)
+        uuid = await _boot(fleet, "host-a")
+        (before,) = await wait_for(lambda: _settled(fleet, [uuid]))
+        agent = fleet.agents["host-a"]
+        # The conductor's reconciler re-casts (or the broker redelivers) the same build.
+        async with fleet.db() as ctxt:
+            stale = await Instance.get_by_uuid(ctxt, uuid)
+        stale.task_state = TaskState.SCHEDULING
+        stale.obj_reset_changes()
+        ctxt = RequestContext(project_id="p1")
+        await agent.run_as_agent(agent.build.run_instance(ctxt, stale, {}, [], 1))
+        async with fleet.db() as dctxt:
+            after = await Instance.get_by_uuid(dctxt, uuid)
+        assert (after.vm_state, after.task_state, after.host) == ("active", None, "host-a")
+        assert after.updated_at == before.updated_at
+        assert await fleet.driver("host-a").list_instance_uuids() == [uuid]
+        assert agent.tracker.holds(uuid)
