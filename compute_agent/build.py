@@ -127,6 +127,11 @@ class BuildManager:
         instance.task_state = TaskState.BLOCK_DEVICE_MAPPING
         try:
             await self.calls.save(ctxt, "take build", instance, [TaskState.SCHEDULING])
+        except exception.Forbidden as exc:
+            # A stale cast (from before a restart) of a build the conductor has since moved
+            # to another host: the row is not ours to take, and its events are not ours either.
+            bound.info("build_skipped_not_assigned_here", reason=str(exc))
+            return
         except exception.UnexpectedTaskStateError as exc:
             bound.info("build_skipped_not_scheduling", reason=str(exc))
             if event_started:

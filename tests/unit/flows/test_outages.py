@@ -197,3 +197,27 @@ async def test_recast_of_a_finished_build_changes_nothing(
         assert after.updated_at == before.updated_at
         assert await fleet.driver("host-a").list_instance_uuids() == [uuid]
         assert agent.tracker.holds(uuid)
+
+
+async def test_stale_cast_of_a_build_moved_to_another_host_is_skipped(
+    fleet_factory: Any, wait_for: Any
+) -> None:
+    async with fleet_factory() as fleet:
+        await _flavor(fleet)
+        uuid = await _boot(fleet, "host-b")
+        await wait_for(lambda: _settled(fleet, [uuid]))
+        # As if host-a had been stopped with this build queued, and the conductor had
+        # rescheduled it to host-b meanwhile: host-a's queued cast arrives after its restart.
+        async with fleet.db() as ctxt:
+            inst = await Instance.get_by_uuid(ctxt, uuid)
+            inst.vm_state = "building"
+            inst.task_state = TaskState.SCHEDULING
+            await inst.save()
+        agent = fleet.agents["host-a"]
+        ctxt = RequestContext(project_id="p1")
+        await agent.run_as_agent(agent.build.run_instance(ctxt, inst, {}, [], 1))
+        async with fleet.db() as dctxt:
+            after = await Instance.get_by_uuid(dctxt, uuid)
+        assert (after.task_state, after.host) == ("scheduling", "host-b")
+        assert await fleet.driver("host-a").list_instance_uuids() == []
+        assert not agent.tracker.holds(uuid)
