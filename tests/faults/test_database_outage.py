@@ -74,6 +74,8 @@ async def test_database_outage_mid_boot_every_build_ends_final(
                 break
             await asyncio.sleep(0.5)
         took = time.monotonic() - back
+        # Shown with -s: the figure docs/reliability.md quotes.
+        print(f"database {fault}: {settled} {took:.1f} s after the database returned")
         assert settled is not None and set(settled) <= {"active/None", "error/None"}, (
             f"not final {took:.0f} s after the database returned: {settled}"
         )
