@@ -14,6 +14,7 @@ from typing import Any
 from compute_agent.transient import Retrier, RetryPolicy
 from shared_objects.context import RequestContext
 from shared_objects.fields import TaskState
+from shared_objects.messaging import MessagingTimeout
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
@@ -221,3 +222,32 @@ async def test_stale_cast_of_a_build_moved_to_another_host_is_skipped(
         assert (after.task_state, after.host) == ("scheduling", "host-b")
         assert await fleet.driver("host-a").list_instance_uuids() == []
         assert not agent.tracker.holds(uuid)
+
+
+async def test_a_lost_reply_to_a_landed_save_is_taken_as_done_not_as_a_conflict(
+    fleet_factory: Any, wait_for: Any
+) -> None:
+    async with fleet_factory() as fleet:
+        await _flavor(fleet)
+        agent = fleet.agents["host-a"]
+        agent.build.calls = Retrier(RetryPolicy(total=30.0, initial=0.05, maximum=0.1))
+        conductor = agent.conductor
+        real = conductor.object_action
+        lost: list[str] = []
+
+        async def reply_lost_once(context: Any, objinst: Any, objmethod: str, *a: Any) -> Any:
+            result = await real(context, objinst, objmethod, *a)
+            if objmethod == "save" and objinst.obj_name() == "Instance" and not lost:
+                if objinst.task_state == TaskState.SPAWNING:
+                    # The conductor committed the save; its reply never came back.
+                    lost.append(objinst.uuid)
+                    raise MessagingTimeout("Timed out waiting for a reply")
+            return result
+
+        conductor.object_action = reply_lost_once
+        uuid = await _boot(fleet, "host-a")
+        (inst,) = await wait_for(lambda: _settled(fleet, [uuid]))
+        assert lost == [uuid]
+        # The retry found the row already spawning (its own write) and went on: no hand-back.
+        assert (inst.vm_state, inst.host) == ("active", "host-a")
+        assert agent.build.calls.retries == 1
