@@ -149,6 +149,7 @@ class BuildManager:
             )
             return
         await self._notify(ctxt, instance, "instance.create.start")
+        built = False
         try:
             async with instance_event(
                 ctxt,
@@ -159,18 +160,37 @@ class BuildManager:
                 calls=self.calls,
             ):
                 await self._build(ctxt, instance, request_spec, block_device_mappings)
-        except exception.UnexpectedTaskStateError as exc:
+                built = True
+        except Exception as exc:
+            if not built:
+                await self._build_failed(ctxt, instance, request_spec, exc, bound)
+                return
+            # The instance is ACTIVE with its guest running: only the event's finish could
+            # not be recorded. Undoing the build for that would leave ACTIVE with no guest.
+            bound.warning("build_event_not_recorded", error=short(exc))
+        await self._finish_action(ctxt, instance.uuid)
+        await self._notify(ctxt, instance, "instance.create.end")
+        bound.info("build_succeeded", host=self.host)
+
+    async def _build_failed(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        request_spec: dict[str, Any],
+        exc: Exception,
+        bound: Any,
+    ) -> None:
+        """The defined outcome of each way a build fails before it is ACTIVE."""
+        if isinstance(exc, exception.UnexpectedTaskStateError):
             # Someone else (a delete) took the instance over mid-build: leave it to them.
             bound.info("build_interrupted", reason=str(exc))
             await self._cleanup(instance)
-            return
-        except RESCHEDULABLE as exc:
+        elif isinstance(exc, RESCHEDULABLE):
             bound.warning("build_failed", error=str(exc), error_type=type(exc).__name__)
             await self._cleanup(instance)
             await self._notify(ctxt, instance, "instance.create.error", fault=str(exc))
             await self._reschedule(ctxt, instance, request_spec, str(exc), self.calls)
-            return
-        except TRANSIENT_ERRORS as exc:
+        elif isinstance(exc, TRANSIENT_ERRORS):
             reason = (
                 f"the build on {self.host} could not be recorded for "
                 f"{self.calls.policy.total:.0f} s ({short(exc)})"
@@ -181,16 +201,11 @@ class BuildManager:
                 f"hand-back-{instance.uuid}",
                 self._hand_back(ctxt, instance, request_spec, reason),
             )
-            return
-        except Exception as exc:
-            bound.exception("build_failed_unexpectedly")
+        else:
+            bound.exception("build_failed_unexpectedly", exc_info=exc)
             await self._cleanup(instance)
             await self._notify(ctxt, instance, "instance.create.error", fault=str(exc))
             await self._set_error(ctxt, instance, f"{type(exc).__name__}: {exc}")
-            return
-        await self._finish_action(ctxt, instance.uuid)
-        await self._notify(ctxt, instance, "instance.create.end")
-        bound.info("build_succeeded", host=self.host)
 
     async def _build(
         self,

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from compute_agent.transient import Retrier, RetryPolicy
+from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import TaskState
 from shared_objects.messaging import MessagingTimeout
@@ -251,3 +252,30 @@ async def test_a_lost_reply_to_a_landed_save_is_taken_as_done_not_as_a_conflict(
         # The retry found the row already spawning (its own write) and went on: no hand-back.
         assert (inst.vm_state, inst.host) == ("active", "host-a")
         assert agent.build.calls.retries == 1
+
+
+async def test_an_unrecordable_event_after_the_build_is_active_keeps_the_guest(
+    fleet_factory: Any, wait_for: Any
+) -> None:
+    async with fleet_factory() as fleet:
+        await _flavor(fleet)
+        agent = fleet.agents["host-a"]
+        agent.build.calls = Retrier(RetryPolicy(total=0.3, initial=0.05, maximum=0.1))
+        conductor = agent.conductor
+        real = conductor.object_class_action_versions
+
+        async def no_event_finish(context: Any, objname: str, objmethod: str, *a: Any) -> Any:
+            if (objname, objmethod) == ("InstanceActionEvent", "event_finish"):
+                raise exception.DatabaseUnavailable(reason="down for event_finish only")
+            return await real(context, objname, objmethod, *a)
+
+        conductor.object_class_action_versions = no_event_finish
+        uuid = await _boot(fleet, "host-a")
+        await wait_for(lambda: _settled(fleet, [uuid]))
+        # ACTIVE is saved before the event's finish: give the finish's retries (0.3 s) time
+        # to run out, then nothing may have been undone.
+        await asyncio.sleep(1.5)
+        (inst,) = await wait_for(lambda: _settled(fleet, [uuid]))
+        assert (inst.vm_state, inst.host) == ("active", "host-a")
+        assert await fleet.driver("host-a").list_instance_uuids() == [uuid]
+        assert agent.tracker.holds(uuid)
