@@ -247,6 +247,9 @@ class ServiceConfig:
     report_interval: float = dataclasses.field(default=10.0, metadata=_meta(_positive))
     service_down_time: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
     graceful_shutdown_timeout: float = dataclasses.field(default=30.0, metadata=_meta(_min(0)))
+    # Seconds an agent's flow (build, delete, volumes, live migration) keeps retrying one call
+    # through a database or broker outage before it settles to its failure outcome.
+    outage_retry_timeout: float = dataclasses.field(default=120.0, metadata=_meta(_min(0)))
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata=_meta(_non_empty))
     # 0 disables the endpoint: several services on one host would otherwise fight over a port.
     metrics_port: int = dataclasses.field(default=0, metadata=_meta(_port))
