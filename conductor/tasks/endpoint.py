@@ -28,12 +28,14 @@ _T = TypeVar("_T")
 
 
 async def _served(ctxt: RequestContext, method: str, work: Awaitable[_T]) -> _T:
-    """Await one call's work; a database outage becomes ``DatabaseUnavailable``, sent back as
-    an expected error (one WARNING line from the boundary, no traceback)."""
+    """Await one call's work; a database outage becomes ``DatabaseUnavailable`` (one WARNING
+    line from the boundary, no traceback). Fleet's own errors (an invalid request, a missing
+    instance, an outage) are the caller's answer, not a fault of this server: they go back as
+    expected errors, without an ERROR traceback in the conductor's log."""
     try:
         async with database_unavailable_boundary(f"compute_task.{method}", ctxt.caller):
             return await work
-    except exception.DatabaseUnavailable as exc:
+    except exception.FleetException as exc:
         raise ExpectedException(exc) from exc
 
 

@@ -433,7 +433,13 @@ class RPCServer:
     ) -> None:
         if heartbeat is not None:
             heartbeat.cancel()
-        outcome = "client_error" if isinstance(exc, _CLIENT_ERRORS) else "error"
+        # An error class may name its own outcome (Forbidden, DatabaseUnavailable...): the
+        # metrics then tell a database outage from a bug.
+        own = getattr(exc, "rpc_outcome", None)
+        if isinstance(own, str) and own:
+            outcome = own
+        else:
+            outcome = "client_error" if isinstance(exc, _CLIENT_ERRORS) else "error"
         self._stats.record(label, outcome)
         if not expected and isinstance(exc, _CLIENT_ERRORS):
             log.warning(

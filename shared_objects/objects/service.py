@@ -22,6 +22,7 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
+from shared_objects.messaging.exceptions import MessagingError
 from shared_objects.objects._common import (
     from_row,
     insert_row,
@@ -281,6 +282,14 @@ class ServiceReporter:
                 await self.report()
             except asyncio.CancelledError:
                 raise
+            except (exception.FleetException, MessagingError) as exc:
+                # An outage (database, broker, conductor): one line per missed beat.
+                self.failures += 1
+                log.warning(
+                    "service_heartbeat_failed",
+                    binary=self.binary,
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                )
             except Exception:
                 self.failures += 1
                 log.warning("service_heartbeat_failed", binary=self.binary, exc_info=True)
