@@ -122,7 +122,7 @@ class ComputeAPI:
         return cap is None or version_is_compatible(cap, version)
 
     def release_for(self, host: str) -> releases.Release:
-        return self.levels.levels.release_for(host) if self.levels else releases.CURRENT
+        return self.levels.release_for(host) if self.levels else releases.CURRENT
 
     def _to(self, host: str, version: str, **opts: Any) -> Any:
         client = self._client_for(self.release_for(host))

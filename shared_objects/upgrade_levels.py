@@ -34,6 +34,10 @@ log = structlog.get_logger(__name__)
 ContextFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 
+# At most one refresh for unseen hosts per this many seconds.
+_UNSEEN_REFRESH_SPACING = 2.0
+
+
 class UnknownUpgradeLevel(ValueError):
     """A pinned level that names no known release or compute RPC version."""
 
@@ -108,6 +112,9 @@ class ComputeUpgradeLevels:
             self.pinned or releases.RELEASES[0], {}, pinned=self.pinned is not None
         )
         self._task: asyncio.Task[None] | None = None
+        # A refresh started because a host was asked about before any refresh had seen it.
+        self._unseen_refresh: asyncio.Task[None] | None = None
+        self._unseen_refresh_at = 0.0
 
     async def refresh(self) -> Levels:
         """Read the compute services now and apply the result."""
@@ -132,11 +139,40 @@ class ComputeUpgradeLevels:
         self.levels = new
         return new
 
+    def release_for(self, host: str) -> Release:
+        """``host``'s release as last read. A host registered after the last refresh gets the
+        oldest release's versions (always safe) and starts a refresh in the background, so a
+        new host is sent its own versions within a moment instead of a whole interval."""
+        levels = self.levels
+        if host not in levels.hosts and not levels.pinned:
+            self._refresh_soon()
+        return levels.release_for(host)
+
+    def _refresh_soon(self) -> None:
+        if self._unseen_refresh is not None and not self._unseen_refresh.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._unseen_refresh_at < _UNSEEN_REFRESH_SPACING:
+            return  # a host that never registers must not turn every call into a refresh
+        self._unseen_refresh_at = loop.time()
+        self._unseen_refresh = loop.create_task(self._refresh_quietly(), name="levels-unseen")
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # stale levels are safe; the periodic refresh tries again
+            log.warning("compute_levels_refresh_failed", error=f"{type(exc).__name__}: {exc}")
+
     async def start(self) -> None:
         await self.refresh()
         self._task = asyncio.create_task(self._run(), name="upgrade-levels-refresh")
 
     async def stop(self) -> None:
+        if self._unseen_refresh is not None:
+            self._unseen_refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._unseen_refresh
+            self._unseen_refresh = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -79,3 +79,52 @@ def test_parse_level_accepts_auto_release_names_and_rpc_versions() -> None:
     assert parse_level(NEWEST.compute_rpc_api).compute_rpc_api == NEWEST.compute_rpc_api
     with pytest.raises(UnknownUpgradeLevel, match="not a known release"):
         parse_level("9.9")
+
+
+async def test_a_host_not_seen_yet_gets_the_oldest_release_and_a_refresh_soon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import contextlib
+    from collections.abc import AsyncIterator
+    from typing import Any
+
+    from shared_objects.objects.service import ServiceList
+    from shared_objects.upgrade_levels import ComputeUpgradeLevels
+
+    now = datetime.datetime.now(datetime.UTC)
+    rows = [FakeService("old", NEWEST.service_version, last_seen_up=now)]
+    reads = 0
+
+    async def get_by_binary(ctxt: Any, binary: str, include_disabled: bool = False) -> Any:
+        nonlocal reads
+        reads += 1
+        return list(rows)
+
+    @contextlib.asynccontextmanager
+    async def context() -> AsyncIterator[Any]:
+        yield None
+
+    monkeypatch.setattr(ServiceList, "get_by_binary", get_by_binary)
+    levels = ComputeUpgradeLevels("auto", context, refresh_interval=3600)
+    await levels.start()
+    try:
+        assert reads == 1
+        rows.append(FakeService("new", NEWEST.service_version, last_seen_up=now))
+        # Until a refresh has seen it, the new host is sent the oldest release's versions.
+        assert levels.release_for("new") == OLDEST
+        assert levels.release_for("new") == OLDEST  # one refresh, not one per call
+        for _ in range(50):
+            if "new" in levels.levels.hosts:
+                break
+            await asyncio.sleep(0.01)
+        assert reads == 2
+        assert levels.release_for("new") == NEWEST
+        # A host that never registers costs at most one refresh per spacing interval.
+        for _ in range(20):
+            levels.release_for("ghost")
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert reads == 2
+    finally:
+        await levels.stop()
