@@ -13,12 +13,18 @@ PostgreSQL: ``hostssl`` only, same certificate shape, listening on 127.0.0.1 and
 from __future__ import annotations
 
 import os
-import pwd
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from tls_support import AGENT_LOGIN, PG_BIN, PKI, PrivatePostgres, TLSNode
+from tls_support import (
+    AGENT_LOGIN,
+    PKI,
+    PostgresNode,
+    TLSNode,
+    postgres_available,
+    tls_postgres_node,
+)
 
 from shared_objects.testing.rabbit_node import RabbitNode, free_port
 from shared_objects.testing.tls_certs import have_openssl
@@ -60,17 +66,10 @@ ssl_cert_login_from = common_name
         await node.stop()
 
 
-@pytest.fixture(scope="module")
-def tls_postgres(pki: PKI) -> Iterator[PrivatePostgres]:
-    if PG_BIN is None or not (PG_BIN / "initdb").exists():
-        pytest.skip("needs PostgreSQL server binaries (initdb, pg_ctl)")
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root needs a 'postgres' user to run initdb as")
-    server = PrivatePostgres(pki.server)
-    try:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def tls_postgres(pki: PKI) -> AsyncIterator[PostgresNode]:
+    missing = postgres_available()
+    if missing is not None:
+        pytest.skip(missing)
+    async with tls_postgres_node(pki) as server:
         yield server
-    finally:
-        server.stop()

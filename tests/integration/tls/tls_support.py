@@ -1,20 +1,23 @@
-"""Helpers of the TLS tests: the PKI, the TLS broker node's URLs, a private PostgreSQL."""
+"""Helpers of the TLS tests: the PKI and the TLS broker node's URLs."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from shared_objects.testing.rabbit_node import RabbitNode, free_port
+from shared_objects.testing.postgres_node import PostgresNode, postgres_available
+from shared_objects.testing.rabbit_node import RabbitNode
 from shared_objects.testing.tls_certs import IssuedCert, TestCA
 
-PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
 AGENT_LOGIN = "fleet-host-tls-1"
+
+__all__ = [
+    "AGENT_LOGIN",
+    "PKI",
+    "PostgresNode",
+    "TLSNode",
+    "postgres_available",
+    "tls_postgres_node",
+]
 
 
 class PKI:
@@ -55,57 +58,9 @@ class TLSNode:
         return f"amqps://{at}{host}:{self.tls_port}/?{'&'.join(options)}"
 
 
-class PrivatePostgres:
-    """``initdb`` + ``pg_ctl`` in a temp directory, as the ``postgres`` user when run as root."""
-
-    def __init__(self, server: IssuedCert) -> None:
-        assert PG_BIN is not None
-        self.port = free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="fleet-pg-tls-"))
-        self.data = self.base / "data"
-        self._as: list[str] = []
-        if os.geteuid() == 0:
-            self._as = ["runuser", "-u", "postgres", "--"]
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.base, owner.pw_uid, owner.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
-        for name, source in (("server.crt", server.cert), ("server.key", server.key)):
-            target = self.data / name
-            shutil.copyfile(source, target)
-            target.chmod(0o600)
-            if self._as:
-                os.chown(target, owner.pw_uid, owner.pw_gid)
-        with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                "\nlisten_addresses = '127.0.0.1,127.0.0.2'\n"
-                f"port = {self.port}\n"
-                f"unix_socket_directories = '{self.base}'\n"
-                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
-                "fsync = off\n"
-            )
-        # TLS or nothing over TCP: a connection that works here is a TLS connection.
-        (self.data / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            "hostssl all all 127.0.0.0/8 trust\n"
-            "hostnossl all all 0.0.0.0/0 reject\n"
-        )
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "start")
-
-    def _run(self, tool: str, *args: str) -> None:
-        assert PG_BIN is not None
-        done = subprocess.run(
-            [*self._as, str(PG_BIN / tool), *args],
-            capture_output=True, text=True, timeout=120, check=False, cwd=self.base,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
-
-    def url(self, host: str = "127.0.0.1", query: str = "") -> str:
-        return f"postgresql+asyncpg://postgres@{host}:{self.port}/postgres" + (
-            f"?{query}" if query else ""
-        )
-
-    def stop(self) -> None:
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.base, ignore_errors=True)
+def tls_postgres_node(pki: PKI) -> PostgresNode:
+    """A private PostgreSQL presenting the test CA's server certificate, TLS only over TCP,
+    listening on 127.0.0.1 and 127.0.0.2 (the second is "the wrong host name")."""
+    return PostgresNode(
+        listen=("127.0.0.1", "127.0.0.2"), tls_cert=(pki.server.cert, pki.server.key)
+    )
