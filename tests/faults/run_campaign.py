@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return asyncio.run(_main(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, SIGTERM: all was unwound
+        print("[campaign] interrupted; everything it started has been stopped", file=sys.stderr)
         return 130
 
 

@@ -25,11 +25,7 @@ from conductor.db.session import Database
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing import RabbitNode, TcpProxy
 from shared_objects.testing.broker_logins import BrokerLogins
-
-try:  # the test kit's restartable server, once it has landed (branch h-agent)
-    from shared_objects.testing.postgres_node import PostgresNode
-except ImportError:
-    from campaign.postgres_standin import PostgresNode
+from shared_objects.testing.postgres_node import PostgresNode
 
 HOSTS = ("compute-1", "compute-2", "compute-3")
 #: The agent whose broker connection goes through the TCP proxy (the partition fault's victim).
@@ -63,7 +59,7 @@ class Infrastructure:
         self._keep = workdir is not None
         self.workdir = workdir
         self.node: RabbitNode | None = None
-        self.postgres: Any = None
+        self.postgres: PostgresNode | None = None
         self.proxy: TcpProxy | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -91,17 +87,21 @@ class Infrastructure:
 
     @property
     def admin_dsn(self) -> str:
-        """asyncpg DSN of the private server's ``postgres`` database."""
-        return str(self.postgres.url).replace("postgresql+asyncpg://", "postgresql://")
+        """asyncpg DSN of the private server's own database (where the others are created)."""
+        assert self.postgres is not None
+        return self.postgres.url.replace("postgresql+asyncpg://", "postgresql://")
 
     @contextlib.asynccontextmanager
     async def database(self, name: str) -> AsyncIterator[str]:
         """A new database on the private server (SQLAlchemy URL); dropped afterwards."""
         await _admin(self.admin_dsn, f'CREATE DATABASE "{name}"')
         try:
-            yield str(self.postgres.url).rsplit("/", 1)[0] + f"/{name}"
+            assert self.postgres is not None
+            yield self.postgres.url_for(database=name)
         finally:
-            await _admin(self.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            # The server may be down (a fault, or Ctrl-C reached it too): the database then
+            # goes with the server's files, and this cleanup must not hide why we got here.
+            await _quietly(_admin(self.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
     @contextlib.asynccontextmanager
     async def vhost(self, name: str) -> AsyncIterator[str]:
@@ -213,6 +213,14 @@ async def _stop_cluster(cluster: LocalCluster, timeout: float) -> None:
         for name in list(cluster.processes):
             await cluster.kill_process(name)
         raise
+
+
+def honour_cancellation() -> None:
+    """Re-raise a cancellation (Ctrl-C) that something below swallowed or replaced by its own
+    error (a cleanup failing because the services are going away too)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _quietly(step: Any) -> None:

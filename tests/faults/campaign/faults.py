@@ -144,6 +144,7 @@ class PostgresRestart:
 
     async def inject(self, phase: Phase) -> str:
         await asyncio.sleep(STRIKE_AT)
+        assert phase.infra.postgres is not None
         await phase.infra.postgres.restart(down_for=self.down_for)
         return ""
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from campaign.env import Infrastructure, Phase, Settings, phase_cluster
+from campaign.env import Infrastructure, Phase, Settings, honour_cancellation, phase_cluster
 from campaign.faults import Fault, signal_all
 from campaign.invariants import CheckResult, check
 from campaign.report import Row
@@ -45,6 +45,7 @@ async def run_campaign(
     async with Infrastructure(workdir) as infra:
         for fault in plan:
             row = await run_fault(infra, fault, load, settings, recovery_window)
+            honour_cancellation()
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -60,14 +61,17 @@ async def run_fault(
     # Cluster start, base boot, the workload's calls, the window, teardown: all bounded.
     limit = settings.start_timeout + 60 + FAULT_LIMIT + CALL_GUARD * 2 + recovery_window + 60
     try:
-        async with asyncio.timeout(limit):
+        async with asyncio.timeout(limit) as deadline:
             async with phase_cluster(infra, _slug(fault.name), settings) as phase:
                 row.logs = str(phase.cluster.workdir)
                 await _strike_and_recover(phase, fault, load, recovery_window, row)
-    except TimeoutError:
-        row.error = f"phase did not finish within {limit:.0f} s"
     except Exception as exc:  # a harness failure ends this fault's row, not the campaign
-        row.error = f"{type(exc).__name__}: {exc}"[:500]
+        # ... unless we are being cancelled (Ctrl-C) and a cleanup error took its place.
+        honour_cancellation()
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            row.error = f"phase did not finish within {limit:.0f} s"
+        else:
+            row.error = f"{type(exc).__name__}: {exc}"[:500]
     row.phase_seconds = round(time.monotonic() - started, 1)
     return row
 
@@ -121,6 +125,7 @@ async def _recover(phase: Phase, fault_end: float, window: float) -> CheckResult
     loop = asyncio.get_running_loop()
     while True:
         result = await check(phase)
+        honour_cancellation()
         if result.ok or loop.time() - fault_end > window:
             return result
         await asyncio.sleep(CHECK_INTERVAL)

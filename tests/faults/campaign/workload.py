@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from campaign.env import Phase
+from campaign.env import Phase, honour_cancellation
 from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.context import RequestContext
 
@@ -176,6 +176,7 @@ class Workload:
             record.api_error = f"no answer within {CALL_GUARD:.0f} s (call hung)"
             return False
         except Exception as exc:  # every API failure is an outcome to record, not a crash
+            honour_cancellation()
             record.api_error = f"{type(exc).__name__}: {str(exc)[:160]}"
             return False
         finally:
