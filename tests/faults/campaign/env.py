@@ -32,8 +32,13 @@ HOSTS = ("compute-1", "compute-2", "compute-3")
 PROXIED_HOST = "compute-3"
 CONDUCTORS = 2
 
-# Detect a dead broker link within seconds (the partition fault), not a minute.
-FAST_FAILURE_DETECTION = {"FLEET_MESSAGING__HEARTBEAT": "4"}
+# Detect a dead broker link within seconds (the partition fault), not a minute; give up on a
+# lost request after 20 s rather than 60 s, so what a fault strands can be cleaned up (e.g. an
+# attach whose message died with the broker) within the recovery window.
+FAST_FAILURE_DETECTION = {
+    "FLEET_MESSAGING__HEARTBEAT": "4",
+    "FLEET_MESSAGING__RPC_RESPONSE_TIMEOUT": "20",
+}
 # A pre-copy that takes a few seconds (512 MB at 200 MB/s, little dirtying): long enough to
 # kill an agent in the middle of it, short enough for a campaign.
 MIGRATION_MODEL = "bandwidth_mb_s=200,dirty_rate_mb_s=10,round_interval_s=0.05"

@@ -107,6 +107,7 @@ async def _strike_and_recover(
             "kind": r.kind,
             "target": r.target,
             "api_error": r.api_error,
+            "elapsed_s": None if r.elapsed is None else round(r.elapsed, 1),
             "outcome": r.outcome,
             "detail": r.detail,
         }
