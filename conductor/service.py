@@ -18,6 +18,7 @@ from compute_agent.rpcapi import ComputeAPI
 from conductor.db import migration
 from conductor.db.session import Database
 from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
+from conductor.reconcile import Reconciler, bounds_from_config
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from shared_objects import exception, releases
@@ -102,6 +103,16 @@ class ConductorService:
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
         self.metrics.watch_transport(self.transport.stats)
+        # Builds, deletes, migrations and actions nobody is responsible for any more are
+        # finished or failed by every conductor (compare-and-swaps: no leader needed).
+        self.reconciler = Reconciler(
+            self.database,
+            self.tasks.build,
+            bounds_from_config(cfg.conductor, cfg.service.service_down_time),
+            interval=cfg.conductor.reconcile_interval,
+            batch=cfg.conductor.reconcile_batch,
+            registry=self.metrics.registry,
+        )
         self.reporter = ServiceReporter(
             self._db_context,
             host=cfg.host,
@@ -122,15 +133,30 @@ class ConductorService:
         serve, register."""
         head = await migration.check_at_head(self.cfg.database.url)
         self.check_identity()
-        if self._own_transport:
-            await self.transport.connect()
-        async with self._db_context() as ctxt:
-            await check_computes_supported(ctxt, self.cfg.service.service_down_time)
-        await self.server.start()
-        await self.reporter.start()
-        await self.levels.start()
+        try:
+            if self._own_transport:
+                await self.transport.connect()
+            async with self._db_context() as ctxt:
+                await check_computes_supported(ctxt, self.cfg.service.service_down_time)
+            await self.server.start()
+            await self.reporter.start()
+            await self.levels.start()
+        except BaseException:
+            await self._unwind_start()
+            raise
         self._census = asyncio.create_task(self._count_instances(), name="instance-census")
+        # Last: its first pass may cast to agents, which needs the levels read above.
+        self.reconciler.start()
         log.info("conductor_started", host=self.cfg.host, schema=head)
+
+    async def _unwind_start(self) -> None:
+        """Undo what a failed ``start`` built, in reverse (each step is idempotent)."""
+        await self.levels.stop()
+        await self.reporter.stop()
+        await self.server.stop(grace=0)
+        if self._own_transport:
+            await self.transport.close()
+        await self.database.dispose()
 
     def check_identity(self) -> None:
         """Refuse to run on a login that is not a conductor's: agents would refuse its calls
@@ -153,7 +179,11 @@ class ConductorService:
             )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop heartbeating, drain in-flight requests, disconnect."""
+        """Stop in this order: the reconciler (no new periodic work; a pass cut short leaves
+        nothing half done, each step being a compare-and-swap of its own), the upgrade-level
+        refresh and the census, the heartbeat, then drain in-flight requests, disconnect, and
+        close the database last (everything above may still use it)."""
+        await self.reconciler.stop()
         await self.levels.stop()
         if self._census is not None:
             self._census.cancel()

@@ -34,6 +34,7 @@ from shared_objects.url_secrets import HostPart, mask_url, split_authority
 __all__ = [
     "ENV_ALIASES",
     "ComputeConfig",
+    "ConductorConfig",
     "ConfigError",
     "DatabaseConfig",
     "FleetConfig",
@@ -248,6 +249,36 @@ class UpgradeLevelsConfig:
 
 
 @dataclasses.dataclass(slots=True)
+class ConductorConfig:
+    """The conductor's reconciler (``conductor.reconcile``): how often it looks for work left
+    in a transitional state with nobody responsible for it, and how long it waits before acting.
+
+    Every bound is in seconds and counts from the row's last change (``updated_at``); a host is
+    down once its service is past ``[service] service_down_time``, forced down, or marked down by
+    its agent on a graceful stop. See docs/reliability.md for what each rule does.
+    """
+
+    # Seconds between two passes; 0 turns the reconciler off.
+    reconcile_interval: float = dataclasses.field(default=15.0, metadata=_meta(_min(0)))
+    # Rows each rule reads and acts on per pass (the rest waits for the next pass).
+    reconcile_batch: int = dataclasses.field(default=500, metadata=_meta(_min(1)))
+    # A build assigned to an up host, never taken: re-cast to the same host after this...
+    build_recast_after: float = dataclasses.field(default=30.0, metadata=_meta(_positive))
+    # ...and placed elsewhere this long after the re-cast, if still not taken.
+    build_reschedule_after: float = dataclasses.field(default=120.0, metadata=_meta(_positive))
+    # A build waiting to be scheduled with no host at all (legacy hand-back): placed again.
+    unassigned_build_after: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
+    # A build taken by a host that is down (block_device_mapping: rescheduled; spawning: ERROR).
+    build_host_down_after: float = dataclasses.field(default=30.0, metadata=_meta(_min(0)))
+    # A delete sent to a host that is down: finished in the database.
+    delete_host_down_after: float = dataclasses.field(default=300.0, metadata=_meta(_min(0)))
+    # A live migration whose source and destination are both down: failed (or ERROR).
+    migration_hosts_down_after: float = dataclasses.field(default=120.0, metadata=_meta(_min(0)))
+    # An instance action still open although its instance is in a final state: finished.
+    action_settle_after: float = dataclasses.field(default=120.0, metadata=_meta(_positive))
+
+
+@dataclasses.dataclass(slots=True)
 class ComputeConfig:
     """The agent's fake hypervisor: capacity, overcommit, timing, failure injection.
 
@@ -369,6 +400,7 @@ class FleetConfig:
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
     upgrade_levels: UpgradeLevelsConfig = dataclasses.field(default_factory=UpgradeLevelsConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    conductor: ConductorConfig = dataclasses.field(default_factory=ConductorConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     notifications: NotificationsConfig = dataclasses.field(default_factory=NotificationsConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)

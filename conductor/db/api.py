@@ -692,6 +692,28 @@ class DbApi(DatabaseAPI):
         )
         return count
 
+    async def run_statement(
+        self,
+        key: tuple[Any, ...],
+        table: str,
+        build: Build,
+        params: Mapping[str, Any],
+        *,
+        rows: bool,
+        write: bool = False,
+    ) -> Any:
+        """Run a prebuilt Core statement (a batched read or compare-and-swap of the conductor's
+        own periodic work, ``conductor.reconcile``): its rows as dicts (``rows``) or the number
+        of rows it touched. ``key`` names the statement's shape (its compiled form is cached
+        under it); ``build(arrays)`` makes it (``arrays`` as in ``where_clause_for``).
+
+        Never under an ownership scope: these statements carry no agent's conditions.
+        """
+        t = table_for(table)
+        if self._scope is not None:
+            raise ownership.forbidden(self._scope, "run", t.name, str(key[:2]))
+        return await self._run(t, ("prebuilt", *key), build, dict(params), rows=rows, write=write)
+
     async def min_value(self, table: str, column: str, where: Mapping[str, Any]) -> Any:
         """Under a scope: the minimum over the rows it may read."""
         t = table_for(table)

@@ -112,7 +112,7 @@ class _RabbitSubscription(Subscription):
         self._cancelled = False
         self._recovery: dict[str, asyncio.Task[None]] = {}
         # Handlers of delivered messages, detached from the channel (see _on_message).
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Future[None]] = set()
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
@@ -218,13 +218,13 @@ class _RabbitSubscription(Subscription):
             # when the channel closes (a broker restart, a lost connection): a handler half-way
             # through a build would vanish without a trace. The work runs in a task of its own
             # instead, kept alive by this subscription, whatever happens to the channel.
-            task = asyncio.get_running_loop().create_task(callback(delivery))
+            task: asyncio.Future[None] = asyncio.ensure_future(callback(delivery))
             handlers.add(task)
             task.add_done_callback(_handler_done)
 
         handlers = self._handlers
 
-        def _handler_done(task: asyncio.Task[None]) -> None:
+        def _handler_done(task: asyncio.Future[None]) -> None:
             handlers.discard(task)
             if not task.cancelled() and task.exception() is not None:
                 log.error("delivery_handler_failed", queue=queue, error=repr(task.exception()))

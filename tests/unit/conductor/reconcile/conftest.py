@@ -1,0 +1,15 @@
+"""The reconciler's test kit (``conductor.reconcile.testing``) on a fresh SQLite database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from conductor.reconcile.testing import World, reconcile_world
+
+
+@pytest.fixture
+async def world(sqlite_database_url: str) -> AsyncIterator[World]:
+    async with reconcile_world(sqlite_database_url) as made:
+        yield made
