@@ -39,6 +39,19 @@ FAST_FAILURE_DETECTION = {
     "FLEET_MESSAGING__HEARTBEAT": "4",
     "FLEET_MESSAGING__RPC_RESPONSE_TIMEOUT": "20",
 }
+# The conductors' reconciler acts within the recovery window (its defaults are minutes, sized
+# for production): stranded builds re-cast, rescheduled or failed, deletes and migrations on dead
+# hosts finished, actions left open settled, all seconds after the fault.
+FAST_RECONCILER = {
+    "FLEET_CONDUCTOR__RECONCILE_INTERVAL": "2",
+    "FLEET_CONDUCTOR__BUILD_RECAST_AFTER": "10",
+    "FLEET_CONDUCTOR__BUILD_RESCHEDULE_AFTER": "20",
+    "FLEET_CONDUCTOR__UNASSIGNED_BUILD_AFTER": "10",
+    "FLEET_CONDUCTOR__BUILD_HOST_DOWN_AFTER": "5",
+    "FLEET_CONDUCTOR__DELETE_HOST_DOWN_AFTER": "15",
+    "FLEET_CONDUCTOR__MIGRATION_HOSTS_DOWN_AFTER": "15",
+    "FLEET_CONDUCTOR__ACTION_SETTLE_AFTER": "15",
+}
 # A pre-copy that takes a few seconds (512 MB at 200 MB/s, little dirtying): long enough to
 # kill an agent in the middle of it, short enough for a campaign.
 MIGRATION_MODEL = "bandwidth_mb_s=200,dirty_rate_mb_s=10,round_interval_s=0.05"
@@ -191,6 +204,7 @@ async def phase_cluster(
             common_env={
                 "FLEET_COMPUTE__SPAWN_DELAY": str(settings.spawn_delay),
                 **FAST_FAILURE_DETECTION,
+                **FAST_RECONCILER,
             },
             agent_env={host: {"FLEET_FAKE_MIGRATION": MIGRATION_MODEL} for host in HOSTS},
             report_interval=settings.report_interval,
