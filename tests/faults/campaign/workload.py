@@ -177,7 +177,9 @@ class Workload:
             return False
         except Exception as exc:  # every API failure is an outcome to record, not a crash
             honour_cancellation()
-            record.api_error = f"{type(exc).__name__}: {str(exc)[:160]}"
+            # The first line says what happened (a RemoteError goes on with the remote traceback).
+            first = next(iter(str(exc).splitlines()), "")
+            record.api_error = f"{type(exc).__name__}: {first[:160]}"
             return False
         finally:
             record.elapsed = self._loop.time() - record.started
