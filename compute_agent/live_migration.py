@@ -17,6 +17,11 @@ it does (retried here, and by the peer's own recovery at its restart).
 
 A cancelled migration task (agent stopping past its grace period) is treated like a crash:
 nothing is undone, the next start's recovery settles it.
+
+Database and broker outages: every conductor call of both halves is retried through an outage
+(``compute_agent/transient.py``); progress saves are skipped instead (the next one catches
+up). A source flow that still fails on an outage is settled from the hypervisors like any
+unknown outcome, and when even that cannot be recorded the resolver retries it until it can.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from compute_agent.migration_recovery import (
 )
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import ComputeAPI
+from compute_agent.transient import TRANSIENT_ERRORS, Retrier, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import (
     InstanceNotFound,
@@ -151,6 +157,7 @@ class LiveMigrationManager:
         compute: ComputeAPI,
         notifier: InstanceNotifier,
         settings: LiveMigrationSettings | None = None,
+        calls: Retrier | None = None,
     ) -> None:
         self.host = host
         self.driver = driver
@@ -158,7 +165,10 @@ class LiveMigrationManager:
         self.compute = compute
         self.notifier = notifier
         self.settings = settings or LiveMigrationSettings.from_env()
-        self.resolver = MigrationResolver(host, driver, tracker, compute, self.settings)
+        self.calls = calls if calls is not None else Retrier()
+        self.resolver = MigrationResolver(
+            host, driver, tracker, compute, self.settings, calls=self.calls
+        )
         self._jobs: dict[str, _Job] = {}
         self._semaphore: asyncio.Semaphore | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -276,7 +286,9 @@ class LiveMigrationManager:
             instance_uuid=instance.uuid,
             migration_uuid=migration.uuid,
         )
-        async with instance_event(ctxt, instance.uuid, "compute_pre_live_migration", self.host):
+        async with instance_event(
+            ctxt, instance.uuid, "compute_pre_live_migration", self.host, calls=self.calls
+        ):
             await self.tracker.claim(instance)
             try:
                 return await self.driver.pre_live_migration(instance, migrate_data)
@@ -293,12 +305,18 @@ class LiveMigrationManager:
         the guest could not be resumed and was removed from here (the source may resume it).
         Raises when the outcome is unknown; the source then settles from both phases.
         """
-        current = await Instance.get_by_uuid(ctxt, instance.uuid)
+        current = await self.calls.call(
+            "read instance", lambda: Instance.get_by_uuid(ctxt, instance.uuid)
+        )
         if current.host == self.host and current.task_state is None:
             return {"ok": True}  # a redelivery, or recovery got here first
         try:
             async with instance_event(
-                ctxt, instance.uuid, "compute_post_live_migration_at_destination", self.host
+                ctxt,
+                instance.uuid,
+                "compute_post_live_migration_at_destination",
+                self.host,
+                calls=self.calls,
             ):
                 await self.driver.post_live_migration_at_destination(instance)
         except VirtError as exc:
@@ -323,8 +341,13 @@ class LiveMigrationManager:
         guest on this host is the only running copy, and a (late, repeated or forged) rollback
         must not destroy it. The compare-and-swap on ``migrating`` checks that at the moment
         we act."""
-        migration = await Migration.get_by_uuid(ctxt, migration.uuid)
-        current = await Instance.get_by_uuid(ctxt, instance.uuid)
+        calls = self.calls
+        migration = await calls.call(
+            "read migration", lambda: Migration.get_by_uuid(ctxt, migration.uuid)
+        )
+        current = await calls.call(
+            "read instance", lambda: Instance.get_by_uuid(ctxt, instance.uuid)
+        )
         if current.host == self.host or current.host != migration.source_compute:
             log.warning(
                 "rollback_at_destination_refused",
@@ -337,9 +360,14 @@ class LiveMigrationManager:
                     reason=f"instance {instance.uuid} is on {current.host}: nothing to roll back"
                 )
             )
-        await current.save(expected_task_state=[TaskState.MIGRATING])
+        # Changes nothing: a retry after a lost reply asks the same question again.
+        await calls.save(ctxt, "check migrating", current, [TaskState.MIGRATING])
         async with instance_event(
-            ctxt, instance.uuid, "compute_rollback_live_migration_at_destination", self.host
+            ctxt,
+            instance.uuid,
+            "compute_rollback_live_migration_at_destination",
+            self.host,
+            calls=calls,
         ):
             await self.driver.rollback_live_migration_at_destination(instance)
             self.tracker.release(instance.uuid)
@@ -390,8 +418,19 @@ class LiveMigrationManager:
             raise
         except Exception as exc:
             # A bug or the conductor unreachable: settle from the hypervisors, never guess.
-            bound.exception("live_migration_failed_unexpectedly", stage=job.stage.value)
-            return await self._settle(ctxt, instance, migration, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, TRANSIENT_ERRORS):
+                bound.error("live_migration_outage", stage=job.stage.value, error=short(exc))
+            else:
+                bound.exception("live_migration_failed_unexpectedly", stage=job.stage.value)
+            reason = f"{type(exc).__name__}: {exc}"
+            try:
+                return await self._settle(ctxt, instance, migration, reason)
+            except (exception.FleetException, MessagingError) as lost:  # outages included
+                # Not even the settlement can be recorded now: the resolver keeps trying (a
+                # defined end, never a migration left "running" with nobody on it).
+                bound.error("live_migration_settle_deferred", error=short(lost))
+                self.resolver.retry_later(instance.uuid, migration.uuid, "source")
+                return _outcome(MigrationStatus.ERROR, reason, None)
 
     async def _migrate(
         self,
@@ -401,8 +440,12 @@ class LiveMigrationManager:
         migration: Migration,
         migrate_data: dict[str, Any],
     ) -> dict[str, Any]:
-        migration = await Migration.get_by_uuid(ctxt, migration.uuid)
-        instance = await Instance.get_by_uuid(ctxt, instance.uuid)
+        migration = await self.calls.call(
+            "read migration", lambda: Migration.get_by_uuid(ctxt, migration.uuid)
+        )
+        instance = await self.calls.call(
+            "read instance", lambda: Instance.get_by_uuid(ctxt, instance.uuid)
+        )
         dest = migration.dest_compute
         if migration.status not in STARTABLE:
             return _outcome(migration.status, "migration is not waiting to start", instance.host)
@@ -411,8 +454,7 @@ class LiveMigrationManager:
                 f"instance not migrating from {self.host} (host={instance.host}, "
                 f"task_state={instance.task_state}, dest={dest})"
             )
-            migration.status = MigrationStatus.ERROR
-            await migration.save()
+            await self._set_status(migration, MigrationStatus.ERROR)
             return _outcome(MigrationStatus.ERROR, reason, instance.host)
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.settings.max_concurrent)
@@ -463,7 +505,9 @@ class LiveMigrationManager:
         job.stage = Stage.COPYING
         await self._set_status(migration, MigrationStatus.RUNNING)
         try:
-            async with instance_event(ctxt, instance.uuid, "compute_live_migration", self.host):
+            async with instance_event(
+                ctxt, instance.uuid, "compute_live_migration", self.host, calls=self.calls
+            ):
                 await self.driver.live_migration(
                     instance, dest, migrate_data, self._progress_saver(instance, migration)
                 )
@@ -517,8 +561,7 @@ class LiveMigrationManager:
             # The guest already runs on the destination; this host's recovery cleans the copy.
             log.exception("post_live_migration_cleanup_failed", instance_uuid=instance.uuid)
         self.tracker.release(instance.uuid)
-        migration.status = MigrationStatus.COMPLETED
-        await migration.save()
+        await self._set_status(migration, MigrationStatus.COMPLETED)
         await self._finish_action(ctxt, instance.uuid, None)
         await self.notifier.emit(
             ctxt, instance, "instance.live_migration_post.end", extra=_extra(migration)
@@ -572,11 +615,10 @@ class LiveMigrationManager:
         instance.power_state = PowerState.RUNNING
         instance.progress = 0  # nothing moved
         try:
-            await instance.save(expected_task_state=[TaskState.MIGRATING])
+            await self.calls.save(ctxt, "roll back instance", instance, [TaskState.MIGRATING])
         except exception.UnexpectedTaskStateError:
             log.info("rollback_instance_already_settled", instance_uuid=instance.uuid)
-        migration.status = status
-        await migration.save()
+        await self._set_status(migration, status)
         if status != MigrationStatus.CANCELLED:
             await self._fault(ctxt, instance.uuid, f"Live migration {status}: {reason}")
         await self._finish_action(ctxt, instance.uuid, "Error")
@@ -597,10 +639,11 @@ class LiveMigrationManager:
             ctxt, instance.uuid, migration.uuid, "source", reason=reason
         )
         if settled is None:
-            current = await Migration.get_by_uuid(ctxt, migration.uuid)
+            current = await self.calls.call(
+                "read migration", lambda: Migration.get_by_uuid(ctxt, migration.uuid)
+            )
             if not current.is_finished:
-                current.status = MigrationStatus.ERROR
-                await current.save()
+                await self._set_status(current, MigrationStatus.ERROR)
             await self._fault(
                 ctxt,
                 instance.uuid,
@@ -634,10 +677,15 @@ class LiveMigrationManager:
                 migration.disk_total = disk
                 migration.disk_processed = disk
                 migration.disk_remaining = 0
-            await migration.save()
-            if instance.progress != progress.percent:
-                instance.progress = progress.percent
-                await instance.save(expected_task_state=[TaskState.MIGRATING])
+            try:
+                await migration.save()
+                if instance.progress != progress.percent:
+                    instance.progress = progress.percent
+                    await instance.save(expected_task_state=[TaskState.MIGRATING])
+            except TRANSIENT_ERRORS as exc:
+                # Progress is a report, not a state: an outage must not fail a healthy copy.
+                # The next report carries the totals again (fields still marked changed).
+                log.warning("live_migration_progress_not_saved", error=short(exc))
 
         return save
 
@@ -776,19 +824,27 @@ class LiveMigrationManager:
         except InstanceNotFound:
             return None
 
-    @staticmethod
-    async def _set_status(migration: Migration, status: str) -> None:
+    async def _set_status(self, migration: Migration, status: str) -> None:
+        # Writes the same value again on a retry: idempotent as it stands.
         migration.status = status
-        await migration.save()
+        await self.calls.call(f"migration {status}", migration.save, migration_uuid=migration.uuid)
 
     async def _fault(self, ctxt: RequestContext, instance_uuid: str, message: str) -> None:
-        await InstanceFault(
+        fault = InstanceFault(
             ctxt, instance_uuid=instance_uuid, code=500, message=message[:255], host=self.host
-        ).create()
+        )
+        await self.calls.call("record fault", fault.create, instance_uuid=instance_uuid)
 
-    @staticmethod
-    async def _finish_action(ctxt: RequestContext, instance_uuid: str, message: str | None) -> None:
+    async def _finish_action(
+        self, ctxt: RequestContext, instance_uuid: str, message: str | None
+    ) -> None:
         try:
-            await InstanceAction.action_finish(ctxt, instance_uuid, message=message)
+            await self.calls.call(
+                "finish action",
+                lambda: InstanceAction.action_finish(ctxt, instance_uuid, message=message),
+                instance_uuid=instance_uuid,
+            )
         except exception.InstanceActionNotFound:
             log.debug("no_live_migration_action", instance_uuid=instance_uuid)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("action_finish_not_recorded", instance_uuid=instance_uuid, error=short(exc))

@@ -28,6 +28,7 @@ import structlog
 from compute_agent.claims import InsufficientResources as ClaimRefused
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import ComputeAPI
+from compute_agent.transient import TRANSIENT_ERRORS, Retrier
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import InstanceNotFound, VirtError
 from compute_agent.virt.models import OWNER_PHASES, GuestPhase
@@ -89,8 +90,12 @@ class MigrationResolver:
         tracker: ResourceTracker,
         compute: ComputeAPI,
         settings: LiveMigrationSettings,
+        calls: Retrier | None = None,
     ) -> None:
         self.host = host
+        # Database and broker outages are ridden out call by call (compute_agent/transient);
+        # a settlement that still fails is retried later as a whole (``retry_later``).
+        self.calls = calls if calls is not None else Retrier()
         self.driver = driver
         self.tracker = tracker
         self.compute = compute
@@ -152,9 +157,14 @@ class MigrationResolver:
         reason: str,
     ) -> Settlement | None:
         """Settle one migration; None when it cannot be decided now (retry later)."""
-        migration = await Migration.get_by_uuid(ctxt, migration_uuid)
+        calls = self.calls
+        migration = await calls.call(
+            "read migration", lambda: Migration.get_by_uuid(ctxt, migration_uuid)
+        )
         try:
-            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+            instance = await calls.call(
+                "read instance", lambda: Instance.get_by_uuid(ctxt, instance_uuid)
+            )
         except exception.InstanceNotFound:
             log.warning("settle_instance_gone", instance_uuid=instance_uuid)
             return Settlement(Outcome.LOST, migration.status, None)
@@ -231,12 +241,12 @@ class MigrationResolver:
                 instance.power_state = PowerState.NOSTATE
             instance.task_state = None
             try:
-                await instance.save(expected_task_state=[TaskState.MIGRATING])
+                await self.calls.save(ctxt, "settle instance", instance, [TaskState.MIGRATING])
             except exception.UnexpectedTaskStateError:
                 log.info("settle_instance_already_idle", instance_uuid=instance.uuid)
             status = MigrationStatus.ERROR
         if outcome is not Outcome.DEST:
-            await InstanceFault(
+            fault = InstanceFault(
                 ctxt,
                 instance_uuid=instance.uuid,
                 code=500,
@@ -245,12 +255,15 @@ class MigrationResolver:
                     f"({outcome.value}): {reason}"
                 )[:255],
                 host=self.host,
-            ).create()
-        current = await Migration.get_by_uuid(ctxt, migration.uuid)
+            )
+            await self.calls.call("settle fault", fault.create)
+        current = await self.calls.call(
+            "read migration", lambda: Migration.get_by_uuid(ctxt, migration.uuid)
+        )
         keep = current.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED)
         if current.status != status and not (keep and status == MigrationStatus.ERROR):
             current.status = status
-            await current.save()
+            await self.calls.call("settle migration", current.save)
         return Settlement(outcome, current.status, owner)
 
     async def move_instance(
@@ -266,9 +279,11 @@ class MigrationResolver:
         instance.power_state = PowerState.RUNNING
         instance.progress = 100
         try:
-            await instance.save(expected_task_state=[TaskState.MIGRATING])
+            await self.calls.save(ctxt, "move instance", instance, [TaskState.MIGRATING])
         except exception.UnexpectedTaskStateError:
-            current = await Instance.get_by_uuid(ctxt, instance.uuid)
+            current = await self.calls.call(
+                "read instance", lambda: Instance.get_by_uuid(ctxt, instance.uuid)
+            )
             if current.host != host:
                 raise
             log.info("instance_already_moved", instance_uuid=instance.uuid, host=host)
@@ -378,8 +393,11 @@ async def recover_migrations(
         candidates.setdefault(migration.instance_uuid, role)
 
     async def recover_one(uuid: str, role: Role) -> None:
+        migration: Migration | None = None
         try:
-            migration = await resolver.find_migration(ctxt, uuid, role)
+            migration = await resolver.calls.call(
+                "find migration", lambda: resolver.find_migration(ctxt, uuid, role)
+            )
             if migration is None:
                 await _clear_orphan_task_state(ctxt, here.get(uuid))
                 return
@@ -387,6 +405,11 @@ async def recover_migrations(
                 ctxt, uuid, migration.uuid, role, reason=f"compute agent {host} restarted"
             )
             if settled is None:
+                resolver.retry_later(uuid, migration.uuid, role)
+        except TRANSIENT_ERRORS as exc:
+            # An outage outlasted the retries: settle it later, once the agent serves.
+            log.warning("migration_recovery_deferred", instance_uuid=uuid, error=str(exc)[:200])
+            if migration is not None:
                 resolver.retry_later(uuid, migration.uuid, role)
         except (exception.FleetException, MessagingError, VirtError):
             log.exception("migration_recovery_failed", instance_uuid=uuid, role=role)

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from compute_agent.claims import Capacity, ClaimTracker, Resources
+from compute_agent.transient import TRANSIENT_ERRORS, short
 from compute_agent.virt.driver import ComputeDriver
 from shared_objects import exception
 from shared_objects.context import RequestContext
@@ -136,9 +137,14 @@ class ResourceTracker:
             await asyncio.sleep(self.flush_delay)
             try:
                 await self.flush()
+            except TRANSIENT_ERRORS as exc:
+                # An outage (database, broker): expected, one short line; pushed again below.
+                log.warning("compute_node_update_failed", host=self.host, error=short(exc))
+                self._dirty.set()
+                await asyncio.sleep(1.0)
             except Exception:
-                # The conductor may be briefly unreachable; the next change or the periodic
-                # refresh pushes again. Logged with the traceback, never swallowed silently.
+                # Anything else: the next change or the periodic refresh pushes again.
+                # Logged with the traceback, never swallowed silently.
                 log.exception("compute_node_update_failed", host=self.host)
                 self._dirty.set()
                 await asyncio.sleep(1.0)

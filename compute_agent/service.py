@@ -3,6 +3,12 @@
 Start order matters for correctness after a crash: the hypervisor's state is loaded first, then
 the instances the database places here are reconciled with it, then usage is recomputed from what
 survived, and only then does the agent consume RPC (so no new build races the recovery).
+
+Stop order (SIGTERM): stop consuming (casts not yet started stay in the queue), let running
+handlers finish within the grace period, stop the heartbeat, then mark the service down at once
+(``last_seen_up`` cleared): the conductor then treats this host as down and hands the builds
+still queued for it to other hosts instead of waiting ``service_down_time``. The next start
+registers the service, which marks it up again.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
 from compute_agent.rpcapi import ComputeAPI
 from compute_agent.security_groups import RulesWatch, SecurityGroupManager
+from compute_agent.transient import TRANSIENT_ERRORS, Retrier, RetryPolicy, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
@@ -98,8 +105,16 @@ class ComputeAgentService:
         )
         # Shared: a rule refresh for an instance still being built here is applied by its build.
         rules_watch = RulesWatch()
+        # Flows ride out database and broker outages up to this bound (compute_agent/transient).
+        self.calls = Retrier(RetryPolicy(total=cfg.service.outage_retry_timeout))
         self.build = BuildManager(
-            cfg.host, self.driver, self.tracker, self.tasks, self.notifier, rules_watch
+            cfg.host,
+            self.driver,
+            self.tracker,
+            self.tasks,
+            self.notifier,
+            rules_watch,
+            calls=self.calls,
         )
         # Peer calls (live migration) carry objects through the conductor's indirection.
         # Peers of an older release get calls and objects they understand (auto version cap).
@@ -116,11 +131,11 @@ class ComputeAgentService:
             reply_from=replies,
         )
         self.live_migration = LiveMigrationManager(
-            cfg.host, self.driver, self.tracker, self.compute, self.notifier
+            cfg.host, self.driver, self.tracker, self.compute, self.notifier, calls=self.calls
         )
         self.endpoint = ComputeEndpoint(
             self.build,
-            VolumeManager(cfg.host, self.driver, self.notifier),
+            VolumeManager(cfg.host, self.driver, self.notifier, self.calls),
             SecurityGroupManager(self.driver, rules_watch),
             self.live_migration,
             PeerCheck(cfg.host),
@@ -218,7 +233,7 @@ class ComputeAgentService:
         await self.driver.init_host(self.host)
         await self.reporter.start()
         await self.levels.start()
-        instances = await recover_instances(ctxt, self.host, self.driver)
+        instances = await recover_instances(ctxt, self.host, self.driver, self.calls)
         # Interrupted live migrations (source or destination side) settle before claims.
         instances = await self.live_migration.recover(ctxt, instances)
         await self.tracker.start(ctxt, instances)
@@ -242,8 +257,11 @@ class ComputeAgentService:
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
         await self.server.stop(grace=grace)
         await self.live_migration.stop()
+        await self.build.stop()
         await self.levels.stop()
         await self.reporter.stop()
+        if self._started:
+            await self._mark_down()
         with contextlib.suppress(MessagingError):
             await self.tracker.stop()
         await self.driver.cleanup_host()
@@ -253,6 +271,24 @@ class ComputeAgentService:
             FleetObject.indirection_api = None
         self._started = False
         log.info("compute_agent_stopped", host=self.host)
+
+    async def _mark_down(self) -> None:
+        """Clear ``last_seen_up``: the service is down from now on, not ``service_down_time``
+        after its last heartbeat. Short retries only: a stop must not hang on an outage (the
+        service then goes down the usual way, by silence)."""
+        service = self.reporter.service
+        if service is None:
+            return
+        service.last_seen_up = None
+        try:
+            await self.calls.with_total(5.0).call("mark service down", service.save)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("service_mark_down_failed", host=self.host, error=short(exc))
+            return
+        except exception.FleetException as exc:
+            log.warning("service_mark_down_failed", host=self.host, error=short(exc))
+            return
+        log.info("service_marked_down", host=self.host)
 
     async def reload(self) -> None:
         """SIGHUP: re-read the upgrade levels now (e.g. after an old agent was removed)."""

@@ -16,7 +16,9 @@ ownership scope, enforced inside the statements. Refusals are ``Forbidden`` erro
 audit line; every accepted change is audited too.
 
 Each call runs in one database unit of work (``Database.request``: ``context.db`` set, committed
-at the end), and object results are backported to the caller's version manifest.
+at the end), and object results are backported to the caller's version manifest. A database
+outage during the call (or its commit) reaches the caller as ``DatabaseUnavailable``
+(``conductor/db/errors.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import structlog
 from oslo_utils import versionutils
 from oslo_versionedobjects import exception as ovo_exception
 
+from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
 from conductor.object_policy import Admission, ObjectPolicy, accepted, refused_inside
 from shared_objects import exception
@@ -331,12 +334,16 @@ class ConductorIndirectionEndpoint:
     ) -> Any:
         """Run one admitted remotable in its own unit of work, under the admission's scope."""
         try:
-            async with self._database.request(ctxt, single_call=True, scope=admission.scope):
+            async with (
+                database_unavailable_boundary(admission.action, ctxt.caller),
+                self._database.request(ctxt, single_call=True, scope=admission.scope),
+            ):
                 result = await fn(*args, **kwargs)
         except exception.Forbidden as exc:
             refused_inside(admission, target, exc)
             raise ExpectedException(exc) from exc
         except exception.FleetException as exc:
+            # Includes DatabaseUnavailable: logged once, at WARNING, by the boundary.
             raise ExpectedException(exc) from exc
         accepted(admission, target)
         return result

@@ -68,6 +68,10 @@ def _min(low: float) -> Check:
     return lambda v: None if v >= low else f"must be >= {low:g}, got {v!r}"
 
 
+def _between(low: int, high: int) -> Check:
+    return lambda v: None if low <= v <= high else f"must be {low}..{high}, got {v!r}"
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else f"must be > 0, got {v!r}"
 
@@ -214,6 +218,15 @@ class MessagingConfig:
     rabbit_qos_prefetch_count: int = dataclasses.field(default=64, metadata=_meta(_min(0)))
     max_concurrency: int = dataclasses.field(default=64, metadata=_meta(_min(1)))
     publisher_confirms: bool = True
+    # Largest message body a service decodes (requests and replies); bigger ones are refused
+    # before any JSON decoding. 8 MiB: a 1000-instance InstanceList reply is 1.3 MB, so ~6000
+    # instances fit; half of the broker-side cap Fleet ships (deploy/rabbitmq/20-fleet-limits.conf).
+    max_message_bytes: int = dataclasses.field(
+        default=8 * 1024 * 1024, metadata=_meta(_between(4096, 512 * 1024 * 1024))
+    )
+    # Deepest JSON nesting a service decodes (arrays/objects); deeper ones are refused before
+    # decoding. The deepest legitimate Fleet message measured nests 12 levels.
+    max_message_depth: int = dataclasses.field(default=64, metadata=_meta(_between(8, 512)))
 
 
 @dataclasses.dataclass(slots=True)
@@ -234,6 +247,9 @@ class ServiceConfig:
     report_interval: float = dataclasses.field(default=10.0, metadata=_meta(_positive))
     service_down_time: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
     graceful_shutdown_timeout: float = dataclasses.field(default=30.0, metadata=_meta(_min(0)))
+    # Seconds an agent's flow (build, delete, volumes, live migration) keeps retrying one call
+    # through a database or broker outage before it settles to its failure outcome.
+    outage_retry_timeout: float = dataclasses.field(default=120.0, metadata=_meta(_min(0)))
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata=_meta(_non_empty))
     # 0 disables the endpoint: several services on one host would otherwise fight over a port.
     metrics_port: int = dataclasses.field(default=0, metadata=_meta(_port))

@@ -217,3 +217,20 @@ class ServiceTooOld(FleetException):
         "Compute services %(hosts)s run service version %(version)s, older than the oldest "
         "supported release %(oldest)s (service version %(oldest_version)s): upgrade them first"
     )
+
+
+class DatabaseUnavailable(FleetException):
+    """The conductor could not reach its database (connection refused or lost, server shutting
+    down or starting up, pool exhausted): nothing was committed by the request that failed
+    (or, if the connection died during the commit, the caller cannot know); trying again later
+    may succeed.
+
+    Raised by the conductor at the boundary where object and compute-task calls are dispatched
+    (``conductor/db/errors.py``), so agents catch one class instead of a driver error they
+    cannot import. Agents' flows retry it with a bound (``compute_agent/transient.py``).
+    """
+
+    msg_fmt = "The database is unavailable (%(reason)s); retry later"
+    retryable: ClassVar[bool] = True
+    # Counted by the RPC runtime under this outcome, not as a handler error.
+    rpc_outcome: ClassVar[str] = "unavailable"

@@ -156,7 +156,8 @@ def cluster_factory(
         common_env = {"FLEET_COMPUTE__SPAWN_DELAY": "0.05"}
         common_env.update(overrides.pop("common_env", {}))
         spec = ClusterSpec(
-            database_url=pg_database_url,
+            # A test on a private PostgreSQL (shared_objects.testing.PostgresNode) passes its own.
+            database_url=overrides.pop("database_url", pg_database_url),
             transport_url=amqp_url,
             control_exchange=control_exchange,
             workdir=tmp_path / "cluster",

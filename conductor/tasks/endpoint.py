@@ -1,24 +1,40 @@
 """The conductor's compute-task RPC endpoint (namespace ``compute_task``).
 
-Thin on purpose: it checks argument shapes and hands each call to the task that owns it.
+Thin on purpose: it checks argument shapes and hands each call to the task that owns it. Each
+call runs inside ``_served``: a database outage reaches the caller as ``DatabaseUnavailable``
+(``conductor/db/errors.py``), one class it can retry, instead of a driver error.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from compute_agent.rpcapi import ComputeAPI
+from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
 from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
 from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
 from conductor.tasks.security_groups import SecurityGroupTasks
-from shared_objects import audit
+from shared_objects import audit, exception
 from shared_objects.authorizer import forbidden
 from shared_objects.context import RequestContext
 from shared_objects.identity import Caller
 from shared_objects.messaging import ExpectedException, Target, expose
+
+_T = TypeVar("_T")
+
+
+async def _served(ctxt: RequestContext, method: str, work: Awaitable[_T]) -> _T:
+    """Await one call's work; a database outage becomes ``DatabaseUnavailable``, sent back as
+    an expected error (one WARNING line from the boundary, no traceback)."""
+    try:
+        async with database_unavailable_boundary(f"compute_task.{method}", ctxt.caller):
+            return await work
+    except exception.DatabaseUnavailable as exc:
+        raise ExpectedException(exc) from exc
 
 
 class ComputeTaskEndpoint:
@@ -56,15 +72,19 @@ class ComputeTaskEndpoint:
         block_device_mappings: list[dict[str, Any]] | None = None,
         forced_host: str | None = None,
     ) -> list[dict[str, Any]]:
-        return await self.build.build_instances(
+        return await _served(
             ctxt,
-            flavor=flavor,
-            name=name,
-            image_ref=image_ref,
-            count=count,
-            security_groups=security_groups,
-            block_device_mappings=block_device_mappings,
-            forced_host=forced_host,
+            "build_instances",
+            self.build.build_instances(
+                ctxt,
+                flavor=flavor,
+                name=name,
+                image_ref=image_ref,
+                count=count,
+                security_groups=security_groups,
+                block_device_mappings=block_device_mappings,
+                forced_host=forced_host,
+            ),
         )
 
     @expose
@@ -86,18 +106,26 @@ class ComputeTaskEndpoint:
                 audit.refused(caller, action, instance_uuid, f"failed_host {failed_host!r}")
                 raise ExpectedException(forbidden(caller, action, instance_uuid))
             unassigned_ok = caller.legacy
-        await self.build.reschedule_instance(
+        await _served(
             ctxt,
-            instance_uuid=instance_uuid,
-            failed_host=failed_host,
-            reason=reason,
-            request_spec=request_spec,
-            allow_unassigned=unassigned_ok,
+            "reschedule_instance",
+            self.build.reschedule_instance(
+                ctxt,
+                instance_uuid=instance_uuid,
+                failed_host=failed_host,
+                reason=reason,
+                request_spec=request_spec,
+                allow_unassigned=unassigned_ok,
+            ),
         )
 
     @expose
     async def delete_instance(self, ctxt: RequestContext, instance_uuid: str) -> None:
-        await self.instances.delete_instance(ctxt, instance_uuid=instance_uuid)
+        await _served(
+            ctxt,
+            "delete_instance",
+            self.instances.delete_instance(ctxt, instance_uuid=instance_uuid),
+        )
 
     @expose
     async def attach_volume(
@@ -107,13 +135,21 @@ class ComputeTaskEndpoint:
         volume_id: str,
         device_name: str | None = None,
     ) -> dict[str, Any]:
-        return await self.instances.attach_volume(
-            ctxt, instance_uuid=instance_uuid, volume_id=volume_id, device_name=device_name
+        return await _served(
+            ctxt,
+            "attach_volume",
+            self.instances.attach_volume(
+                ctxt, instance_uuid=instance_uuid, volume_id=volume_id, device_name=device_name
+            ),
         )
 
     @expose
     async def detach_volume(self, ctxt: RequestContext, instance_uuid: str, volume_id: str) -> None:
-        await self.instances.detach_volume(ctxt, instance_uuid=instance_uuid, volume_id=volume_id)
+        await _served(
+            ctxt,
+            "detach_volume",
+            self.instances.detach_volume(ctxt, instance_uuid=instance_uuid, volume_id=volume_id),
+        )
 
     # --- live migration (conductor/tasks/live_migrate.py) ---------------------------------
 
@@ -125,56 +161,86 @@ class ComputeTaskEndpoint:
         host: str | None = None,
         bandwidth_limit_mb_s: int | None = None,
     ) -> str:
-        return await self.live_migrate.live_migrate_instance(
+        return await _served(
             ctxt,
-            instance_uuid=instance_uuid,
-            host=host,
-            bandwidth_limit_mb_s=bandwidth_limit_mb_s,
+            "live_migrate_instance",
+            self.live_migrate.live_migrate_instance(
+                ctxt,
+                instance_uuid=instance_uuid,
+                host=host,
+                bandwidth_limit_mb_s=bandwidth_limit_mb_s,
+            ),
         )
 
     @expose
     async def live_migration_abort(
         self, ctxt: RequestContext, migration_uuid: str, reason: str | None = None
     ) -> None:
-        await self.live_migrate.live_migration_abort(
-            ctxt, migration_uuid=migration_uuid, reason=reason
+        await _served(
+            ctxt,
+            "live_migration_abort",
+            self.live_migrate.live_migration_abort(
+                ctxt, migration_uuid=migration_uuid, reason=reason
+            ),
         )
 
     @expose
     async def lock_instance(self, ctxt: RequestContext, instance_uuid: str, reason: str) -> None:
-        await self.instances.lock_instance(ctxt, instance_uuid=instance_uuid, reason=reason)
+        await _served(
+            ctxt,
+            "lock_instance",
+            self.instances.lock_instance(ctxt, instance_uuid=instance_uuid, reason=reason),
+        )
 
     @expose
     async def unlock_instance(self, ctxt: RequestContext, instance_uuid: str) -> None:
-        await self.instances.unlock_instance(ctxt, instance_uuid=instance_uuid)
+        await _served(
+            ctxt,
+            "unlock_instance",
+            self.instances.unlock_instance(ctxt, instance_uuid=instance_uuid),
+        )
 
     @expose
     async def live_migration_force_complete(
         self, ctxt: RequestContext, migration_uuid: str
     ) -> None:
-        await self.live_migrate.live_migration_force_complete(ctxt, migration_uuid=migration_uuid)
+        await _served(
+            ctxt,
+            "live_migration_force_complete",
+            self.live_migrate.live_migration_force_complete(ctxt, migration_uuid=migration_uuid),
+        )
 
     @expose
     async def get_migration(self, ctxt: RequestContext, migration_uuid: str) -> dict[str, Any]:
-        return await self.live_migrate.get_migration(ctxt, migration_uuid=migration_uuid)
+        return await _served(
+            ctxt,
+            "get_migration",
+            self.live_migrate.get_migration(ctxt, migration_uuid=migration_uuid),
+        )
 
     @expose
     async def list_migrations(
         self, ctxt: RequestContext, instance_uuid: str | None = None, limit: int = 200
     ) -> list[dict[str, Any]]:
-        return await self.live_migrate.list_migrations(
-            ctxt, instance_uuid=instance_uuid, limit=limit
+        return await _served(
+            ctxt,
+            "list_migrations",
+            self.live_migrate.list_migrations(ctxt, instance_uuid=instance_uuid, limit=limit),
         )
 
     @expose
     async def security_group_create(
         self, ctxt: RequestContext, name: str, description: str = ""
     ) -> int:
-        return await self.security_groups.create(ctxt, name=name, description=description)
+        return await _served(
+            ctxt,
+            "security_group_create",
+            self.security_groups.create(ctxt, name=name, description=description),
+        )
 
     @expose
     async def security_group_list(self, ctxt: RequestContext) -> list[dict[str, Any]]:
-        return await self.security_groups.list(ctxt)
+        return await _served(ctxt, "security_group_list", self.security_groups.list(ctxt))
 
     @expose
     async def security_group_rule_add(
@@ -186,12 +252,25 @@ class ComputeTaskEndpoint:
         to_port: int,
         cidr: str = "0.0.0.0/0",
     ) -> dict[str, Any]:
-        return await self.security_groups.add_rule(
-            ctxt, group=group, protocol=protocol, from_port=from_port, to_port=to_port, cidr=cidr
+        return await _served(
+            ctxt,
+            "security_group_rule_add",
+            self.security_groups.add_rule(
+                ctxt,
+                group=group,
+                protocol=protocol,
+                from_port=from_port,
+                to_port=to_port,
+                cidr=cidr,
+            ),
         )
 
     @expose
     async def security_group_rule_delete(
         self, ctxt: RequestContext, rule_id: int
     ) -> dict[str, Any]:
-        return await self.security_groups.delete_rule(ctxt, rule_id=rule_id)
+        return await _served(
+            ctxt,
+            "security_group_rule_delete",
+            self.security_groups.delete_rule(ctxt, rule_id=rule_id),
+        )

@@ -37,7 +37,7 @@ from conductor.tasks.hosts import load_host_states
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
-from shared_objects.messaging import MessagingTimeout
+from shared_objects.messaging import MessageUndeliverable, MessagingTimeout
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
@@ -260,6 +260,19 @@ class LiveMigrateTask:
                     call_monitor_timeout=self.settings.call_monitor_timeout,
                     timeout=self.settings.migration_timeout,
                 )
+            except MessageUndeliverable as exc:
+                # No queue took the call (the source's went with a broker restart and is not
+                # back yet): nothing reached the source, so the instance is released here.
+                bound.warning("live_migration_undeliverable", error=str(exc))
+                await self._fail(
+                    ctxt,
+                    instance,
+                    migration,
+                    MigrationStatus.ERROR,
+                    str(exc),
+                    from_status=migration.status,
+                )
+                return
             except MessagingTimeout as exc:
                 await self._source_lost(ctxt, instance, migration, f"stopped answering: {exc}")
                 return
@@ -390,13 +403,18 @@ class LiveMigrateTask:
             log.warning("live_migration_instance_moved_on", instance_uuid=instance_uuid)
 
     @staticmethod
-    async def _leave_accepted(ctxt: RequestContext, migration_uuid: str, status: str) -> bool:
-        """CAS ``accepted`` → ``status``; False when someone else moved it first."""
+    async def _leave_accepted(
+        ctxt: RequestContext,
+        migration_uuid: str,
+        status: str,
+        from_status: str = MigrationStatus.ACCEPTED,
+    ) -> bool:
+        """CAS ``from_status`` (``accepted``) → ``status``; False when someone moved it first."""
         db = ctxt.db
         assert db is not None
         rows = await db.update(
             "migrations",
-            {"uuid": migration_uuid, "status": MigrationStatus.ACCEPTED},
+            {"uuid": migration_uuid, "status": from_status},
             {"status": status, "updated_at": datetime.datetime.now(datetime.UTC)},
             returning=["status"],
         )
@@ -409,10 +427,11 @@ class LiveMigrateTask:
         migration: Migration,
         status: str,
         reason: str,
+        from_status: str = MigrationStatus.ACCEPTED,
     ) -> None:
         """Before the source got involved: release the instance (CAS) and record why."""
         async with self.database.request(ctxt):
-            if not await self._leave_accepted(ctxt, migration.uuid, status):
+            if not await self._leave_accepted(ctxt, migration.uuid, status, from_status):
                 log.info("live_migration_already_moved_on", migration=migration.uuid)
                 return
             migration.status = status

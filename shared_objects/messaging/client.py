@@ -13,7 +13,10 @@ from shared_objects.messaging import codec
 from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.messaging.exceptions import (
     InvalidTarget,
+    MalformedMessage,
     MessageDeliveryFailure,
+    MessageTooLarge,
+    MessageUndeliverable,
     MessagingTimeout,
     RPCVersionCapError,
 )
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _UNSET: Any = object()
+# How often a call to a topic nobody serves right now re-tries its publish (a server may be
+# re-declaring its queue after a broker restart).
+_NO_ROUTE_PAUSE = 0.25
 Context = RequestContext | Mapping[str, Any] | None
 
 
@@ -119,11 +125,12 @@ class CallContext:
         )
         message["_unique_id"] = new_id()
         message.update(codec.pack_context(ctxt))
-        body = codec.encode_message(message)
+        body = self._check_size(codec.encode_message(message))
         timeout = self.timeout
 
         loop = asyncio.get_running_loop()
         monitor: asyncio.Timeout | None = None
+        unroutable_since: float | None = None
 
         def on_heartbeat() -> None:
             if monitor is not None and cm_timeout is not None:
@@ -140,23 +147,60 @@ class CallContext:
             async with overall:
                 # Inside the timeout: the first call may have to wait for the broker.
                 await replies.ensure_listening()
-                await self.transport.driver.publish(
-                    self._exchange, self._routing_key, body, expiration=timeout, retry_for=timeout
-                )
+                deadline = loop.time() + timeout
+                while True:
+                    try:
+                        await self._publish_mandatory(body, deadline - loop.time())
+                        break
+                    except MessageUndeliverable:
+                        if target.server:
+                            raise  # that server is not running: say so now
+                        # Nobody serves the topic right now: one may be (re)declaring its
+                        # queue, so keep trying until the deadline (then MessagingTimeout) or,
+                        # with a call monitor, for as long as a heartbeat may be missing.
+                        now = loop.time()
+                        if unroutable_since is None:
+                            unroutable_since = now
+                        if cm_timeout is not None and now - unroutable_since >= cm_timeout:
+                            raise TimeoutError from None
+                        await asyncio.wait([future], timeout=_NO_ROUTE_PAUSE)
+                        if future.done():
+                            break  # answered anyway (an accepted reply ends any call)
                 if cm_timeout is None:
                     reply = await future
                 else:
                     monitor = asyncio.timeout(cm_timeout)
                     async with monitor:
                         reply = await future
+        except MessageUndeliverable:
+            stats.record(method, "undeliverable")
+            raise
         except MessageDeliveryFailure:
             stats.record(method, "delivery_failure")
+            raise
+        except MalformedMessage:
+            # The reply was refused unread (too large or too deep, see replies.py).
+            stats.record(method, "reply_refused")
             raise
         except asyncio.CancelledError:
             stats.record(method, "cancelled")
             raise
         except TimeoutError:
             stats.record(method, "timeout")
+            if unroutable_since is not None and monitor is None:
+                waited = (
+                    f"Timed out after {timeout}s"
+                    if cm_timeout is None or overall.expired()
+                    else f"No call-monitor heartbeat for {cm_timeout}s"
+                )
+                raise MessagingTimeout(
+                    f"{waited}: no queue is bound for topic "
+                    f"{target.topic!r} on exchange {self._exchange.name!r} (is any server of "
+                    f"{target.topic!r} running?); {method!r} was never delivered "
+                    f"(message ID {msg_id})",
+                    method=method,
+                    timeout=timeout,
+                ) from None
             if overall.expired() or monitor is None or not monitor.expired():
                 raise MessagingTimeout(
                     f"Timed out after {timeout}s waiting for a reply to {method!r} on "
@@ -192,17 +236,60 @@ class CallContext:
         message = await self._make_message(ctxt, method, kwargs)
         message["_unique_id"] = new_id()
         message.update(codec.pack_context(ctxt))
-        body = codec.encode_message(message)
+        body = self._check_size(codec.encode_message(message))
         if target.fanout:
+            # No server listening is fine for a fanout: nobody needs telling.
             assert self._fanout_exchange is not None
             await self.transport.driver.publish(
                 self._fanout_exchange, "", body, retry_for=self.timeout
             )
+        elif target.server:
+            try:
+                await self._publish_mandatory(body, self.timeout, expiration=None)
+            except MessageUndeliverable:
+                self._stats.record(method, "undeliverable")
+                raise
         else:
+            # A topic cast is fire-and-forget, as in oslo: not waiting for a queue to appear.
             await self.transport.driver.publish(
                 self._exchange, self._routing_key, body, retry_for=self.timeout
             )
         self._stats.record(method, "cast")
+
+    def _check_size(self, body: bytes) -> bytes:
+        # The receiver would refuse it unread: fail here, before it costs the broker anything.
+        limit = self.transport.limits.max_bytes
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+        return body
+
+    async def _publish_mandatory(
+        self, body: bytes, retry_for: float, *, expiration: float | None = _UNSET
+    ) -> None:
+        """Publish to the target's exchange and routing key with ``mandatory``: a message no
+        queue is bound for comes back (basic.return, before the confirm) as
+        ``MessageUndeliverable`` naming the target."""
+        retry_for = max(retry_for, 0.001)
+        try:
+            await self.transport.driver.publish(
+                self._exchange,
+                self._routing_key,
+                body,
+                expiration=retry_for if expiration is _UNSET else expiration,
+                mandatory=True,
+                retry_for=retry_for,
+            )
+        except MessageUndeliverable as exc:
+            target = self.target
+            who = (
+                f"is the {target.topic} server on {target.server!r} running?"
+                if target.server
+                else f"is any {target.topic} server running?"
+            )
+            raise MessageUndeliverable(
+                f"no queue is bound for {self._routing_key!r} on exchange "
+                f"{self._exchange.name!r}: {who}"
+            ) from exc
 
     def prepare(
         self,

@@ -91,7 +91,10 @@ class MessageDeliveryFailure(MessagingError):
 
 
 class MessageUndeliverable(MessageDeliveryFailure):
-    """A mandatory message (a reply) was returned: no queue of that name exists right now."""
+    """A mandatory message was returned (``basic.return``, NO_ROUTE): no queue is bound for it
+    right now. Raised at once for calls and casts addressed to one server (``Target.server``)
+    whose ``<topic>.<server>`` queue does not exist (that server is not running), and inside the
+    runtime for replies whose reply queue is gone. Nothing was enqueued."""
 
 
 class MessageRejected(MessageDeliveryFailure):
@@ -107,6 +110,34 @@ class MessageRejected(MessageDeliveryFailure):
 
 class MalformedMessage(MessagingError):
     """A received message cannot be understood (not JSON, not a dict, wrong field types)."""
+
+
+class MessageTooLarge(MalformedMessage):
+    """A message body is larger than ``[messaging] max_message_bytes``: refused (or, for a
+    request this process would send, never sent) without being decoded."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__()
+        self._describe(
+            f"message of {size} bytes exceeds the limit of {limit} bytes "
+            "([messaging] max_message_bytes)",
+            size,
+            limit,
+        )
+        self.size = size
+        self.limit = limit
+
+
+class MessageTooDeep(MalformedMessage):
+    """A message nests JSON arrays/objects deeper than ``[messaging] max_message_depth`` (or is
+    unbalanced): refused without being decoded."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self._describe(
+            f"message nests deeper than {limit} levels ([messaging] max_message_depth)", limit
+        )
+        self.limit = limit
 
 
 class UnsupportedEnvelopeVersion(MalformedMessage):

@@ -12,6 +12,13 @@ that our previous connection is dead it still owns the queue and refuses the dec
 (``RESOURCE_LOCKED``). On aio-pika's restore path that refusal would fail the whole reconnect
 (publishing and every server included); here only that queue waits, retried every second in the
 background until the broker lets the old connection go.
+
+Consumers are restored after every reconnect by a task per queue, never inside aio-pika's reopen
+callback: that callback runs while aio-pika holds the channel's restore lock, and if the
+connection drops again while it awaits the broker, aio-pika marks the channel restored on the
+dead connection and never reopens it (the queue would stay without a consumer for good). The
+task waits until the channel is ready on the new connection, declares what is ours (exclusive
+queues) and consumes; any failure, including a further drop, just means another attempt.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import aio_pika
 import aiormq
@@ -60,6 +67,13 @@ _TEARDOWN_TIMEOUT = 5.0
 _TEARDOWN_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
 # Errors after which restoring a consumer is retried in the background.
 _RECOVERABLE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+# Refusals that describe the declaration itself (not a broker that is away): never retried.
+_REFUSALS = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelLockedResource,
+)
 _RECOVERY_PAUSE = 1.0
 # A shared queue that cannot be re-declared for this many attempts is given up on (an exclusive
 # queue never is: the broker frees it once it drops our previous connection).
@@ -111,6 +125,8 @@ class _RabbitSubscription(Subscription):
         self._tags: dict[str, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._cancelled = False
         self._recovery: dict[str, asyncio.Task[None]] = {}
+        # Shared queues the broker deleted under us: declared again before consuming.
+        self._redeclare: set[str] = set()
         # Handlers of delivered messages, detached from the channel (see _on_message).
         self._handlers: set[asyncio.Future[None]] = set()
         channel.reopen_callbacks.add(self._on_reopen)
@@ -143,57 +159,68 @@ class _RabbitSubscription(Subscription):
             return  # our own cancel (CancelOk) or a consumer we no longer track
         del self._tags[queue]
         log.warning("consumer_cancelled_by_broker", queue=queue)
+        self._redeclare.add(queue)
         self._start_recovery(queue)
 
     def _start_recovery(self, queue: str) -> None:
-        if queue in self._recovery or self._cancelled:
-            return  # already being recovered
+        existing = self._recovery.get(queue)
+        if (existing is not None and not existing.done()) or self._cancelled:
+            return  # already being recovered: that task loops until the queue is consumed
         task = asyncio.ensure_future(self._recover(queue))
         self._recovery[queue] = task
-        task.add_done_callback(lambda _: self._recovery.pop(queue, None))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._recovery.get(queue) is done:
+                del self._recovery[queue]
+
+        task.add_done_callback(forget)
 
     async def _recover(self, queue: str) -> None:
         spec = self.specs[queue]
         attempt = 0
+        # Re-checked after every attempt: a consume that succeeded on a channel that has
+        # closed since (another drop) does not count.
         while not self._cancelled and not self._is_consuming(queue):
             attempt += 1
             try:
-                await self._declare(self._channel, spec)
-                if self._is_consuming(queue):
-                    return  # a reconnect restored it meanwhile
-                await self._consume(queue)
+                # Until aio-pika has reopened the channel on a live connection (and restored
+                # its queues and bindings) there is nothing to consume on.
+                await self._channel.ready()
+                if spec.exclusive or queue in self._redeclare:
+                    # Exclusive queues are ours to declare; a shared one only after the broker
+                    # deleted it (aio-pika restores the rest, and would register a duplicate).
+                    await self._declare(self._channel, spec)
+                    self._redeclare.discard(queue)
+                if not self._is_consuming(queue):
+                    await self._consume(queue)
                 log.info("consumer_recovered", queue=queue, attempt=attempt)
-                return
+                continue
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._cancelled or task is None or task.cancelling():
+                    raise  # stopped by us
+                # aiormq cancels what waits on a connection that died: another attempt.
+                error: BaseException = ConnectionError("connection lost during recovery")
             except _RECOVERABLE as exc:
-                if attempt == 1 or attempt % 10 == 0:
-                    log.warning(
-                        "consumer_recovery_failed", queue=queue, attempt=attempt, error=repr(exc)
-                    )
-                if not spec.exclusive and attempt >= _RECOVERY_ATTEMPTS:
-                    log.error("consumer_recovery_gave_up", queue=queue)
-                    return
-                await asyncio.sleep(_RECOVERY_PAUSE)
+                error = exc
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning(
+                    "consumer_recovery_failed", queue=queue, attempt=attempt, error=repr(error)
+                )
+            if not spec.exclusive and attempt >= _RECOVERY_ATTEMPTS:
+                log.error("consumer_recovery_gave_up", queue=queue)
+                return
+            await asyncio.sleep(_RECOVERY_PAUSE)
 
     async def _on_reopen(self, *_: Any) -> None:
-        # A new underlay channel: aio-pika restored qos, shared queues and bindings; exclusive
-        # queues and consumers are ours. A queue that cannot be restored now (an exclusive one
-        # the broker still gives to our previous connection) is retried in the background.
+        # A new underlay channel. Only schedule here (see the module docstring): each queue's
+        # recovery task waits for the channel to be ready, then declares and consumes.
         self._tags.clear()
         if self._cancelled:
             return
-        failed = []
-        for queue, spec in self.specs.items():
-            if queue in self._recovery:
-                continue  # its recovery task restores it
-            try:
-                if spec.exclusive:
-                    await self._declare(self._channel, spec)
-                await self._consume(queue)
-            except _RECOVERABLE as exc:
-                log.warning("consumer_restore_failed", queue=queue, error=repr(exc))
-                failed.append(queue)
-                self._start_recovery(queue)
-        log.info("consumers_restored", queues=[q for q in self.queues if q not in failed])
+        for queue in self.specs:
+            self._start_recovery(queue)
+        log.info("consumers_restoring", queues=self.queues)
 
     def _on_message(self, queue: str) -> Any:
         callback = self._callback
@@ -461,6 +488,8 @@ class RabbitDriver(Driver):
                 aiormq.exceptions.ChannelPreconditionFailed,
                 aiormq.exceptions.ChannelAccessRefused,
             ) as exc:
+                if "max size" in str(exc):
+                    self._refuse_size(exc, exchange, routing_key, len(body))
                 # An inequivalent exchange, a refused user_id, no permission. The channel close
                 # also fails every concurrent publish, so one retry tells "ours" from "theirs".
                 self._declared.pop(exchange, None)
@@ -497,6 +526,21 @@ class RabbitDriver(Driver):
                 )
             self._published += 1
             return
+
+    def _refuse_size(
+        self, exc: Exception, exchange: ExchangeSpec, routing_key: str, size: int
+    ) -> NoReturn:
+        """The broker's max_message_size refused the body (deploy/rabbitmq/20-fleet-limits.conf):
+        sending it again would be refused again."""
+        self._publish_failures += 1
+        self._rejected += 1
+        raise MessageRejected(
+            f"the broker refused a message of {size} bytes to "
+            f"{exchange.name or 'amq.default'!r}/{routing_key!r}: larger than its "
+            f"max_message_size ({exc}); it was not enqueued",
+            exchange=exchange.name,
+            routing_key=routing_key,
+        ) from exc
 
     async def _pause_or_fail(self, deadline: float, exc: BaseException) -> None:
         loop = asyncio.get_running_loop()
@@ -562,7 +606,14 @@ class RabbitDriver(Driver):
         no_ack: bool = False,
     ) -> Subscription:
         connection, _ = self._require()
-        channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
+        names = [q.name for q in queues]
+        try:
+            channel: AbstractRobustChannel = await connection.channel(publisher_confirms=False)
+        except _RETRYABLE as exc:
+            # No connection right now (a broker restart): the caller may try again.
+            raise MessageDeliveryFailure(
+                f"cannot subscribe to {names}: broker unavailable ({exc!r})"
+            ) from exc
         subscription = _RabbitSubscription(channel, callback, no_ack, self._declare_on)
         try:
             if prefetch > 0:
@@ -570,10 +621,15 @@ class RabbitDriver(Driver):
             for spec in queues:
                 await self._declare_on(channel, spec)
                 await subscription.add(spec)
-        except aiormq.exceptions.AMQPError as exc:
+        except _REFUSALS as exc:
             # e.g. 406 PRECONDITION_FAILED: a queue exists with other flags or arguments.
             await subscription.close()
-            raise MessagingError(f"cannot declare or consume {list(queues)}: {exc!r}") from exc
+            raise MessagingError(f"cannot declare or consume {names}: {exc!r}") from exc
+        except (*_RETRYABLE, aiormq.exceptions.AMQPError) as exc:
+            await subscription.close()
+            raise MessageDeliveryFailure(
+                f"cannot subscribe to {names}: connection lost ({exc!r})"
+            ) from exc
         except BaseException:
             await subscription.close()
             raise

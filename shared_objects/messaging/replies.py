@@ -6,7 +6,10 @@ registers a waiter under its ``_msg_id``, optionally with an ``accept`` predicat
 broker-validated AMQP ``user_id`` of what arrives: a reply or heartbeat from any other login is
 dropped (``reply_refused``, counted in ``forged_replies``) and the call keeps waiting for the
 genuine one. The waiter is removed when the call ends however it ends, so nothing leaks. A reply
-nobody waits for (the call timed out) is dropped with an INFO log line.
+nobody waits for (the call timed out) is dropped with an INFO log line. A reply larger or deeper
+than the transport's ``limits`` is not decoded: the call it answers (found by a bounded scan for
+its ``_msg_id``) fails at once with ``MessageTooLarge`` / ``MessageTooDeep`` when its sender is
+accepted, else the reply is dropped; either way one short log line (``reply_refused_unreadable``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,21 @@ import structlog
 
 from shared_objects.messaging import codec
 from shared_objects.messaging.driver import Delivery, Driver, Subscription
-from shared_objects.messaging.exceptions import MalformedMessage, MessagingError
+from shared_objects.messaging.exceptions import (
+    MalformedMessage,
+    MessageDeliveryFailure,
+    MessageTooDeep,
+    MessageTooLarge,
+    MessagingError,
+)
+from shared_objects.messaging.limits import MessageLimits, scan_keys
 from shared_objects.messaging.topology import QueueSpec
 
 log = structlog.get_logger(__name__)
 
+
+# Pause between attempts to create the reply queue while the broker is unreachable.
+_SUBSCRIBE_PAUSE = 0.25
 
 #: Decides whether a reply's AMQP ``user_id`` (None when the publisher set none) may answer.
 AcceptReply = Callable[[str | None], bool]
@@ -46,15 +59,17 @@ class _Waiter:
 class ReplyWaiter:
     """Owns the reply queue and routes replies to the waiting calls by ``_msg_id``."""
 
-    def __init__(self, driver: Driver, spec: QueueSpec):
+    def __init__(self, driver: Driver, spec: QueueSpec, *, limits: MessageLimits):
         self._driver = driver
         self.spec = spec
+        self._limits = limits
         self._waiters: dict[str, _Waiter] = {}
         self._subscription: Subscription | None = None
         self._lock = asyncio.Lock()
         self.late_replies = 0
         self.malformed_replies = 0
         self.forged_replies = 0
+        self.refused_replies = 0
 
     @property
     def queue_name(self) -> str:
@@ -70,11 +85,18 @@ class ReplyWaiter:
         if self._subscription is not None:
             return
         async with self._lock:
-            if self._subscription is None:
-                # no_ack: replies are consumed as fast as they come, so nothing waits unacked.
-                self._subscription = await self._driver.subscribe(
-                    [self.spec], self._on_reply, prefetch=0, no_ack=True
-                )
+            while self._subscription is None:
+                try:
+                    # no_ack: replies are consumed as fast as they come, nothing waits unacked.
+                    self._subscription = await self._driver.subscribe(
+                        [self.spec], self._on_reply, prefetch=0, no_ack=True
+                    )
+                except MessageDeliveryFailure as exc:
+                    # The broker is away (the first call of a process during a restart): try
+                    # again until it is back; the calling call's deadline bounds the wait.
+                    log.debug("reply_queue_not_yet", queue=self.spec.name, error=str(exc))
+                    await asyncio.sleep(_SUBSCRIBE_PAUSE)
+                    continue
                 log.debug("reply_queue_listening", queue=self.spec.name)
 
     def register(
@@ -94,7 +116,10 @@ class ReplyWaiter:
 
     async def _on_reply(self, delivery: Delivery) -> None:
         try:
-            message = codec.decode_message(delivery.body)
+            message = await codec.decode_received(delivery.body, self._limits)
+        except (MessageTooLarge, MessageTooDeep) as exc:
+            self._refuse_unreadable(delivery, exc)
+            return
         except MalformedMessage as exc:
             self.malformed_replies += 1
             log.warning("reply_malformed_dropped", error=str(exc), size=len(delivery.body))
@@ -125,6 +150,24 @@ class ReplyWaiter:
             return
         if not waiter.future.done():
             waiter.future.set_result(message)
+
+    def _refuse_unreadable(self, delivery: Delivery, exc: MalformedMessage) -> None:
+        self.refused_replies += 1
+        msg_id = scan_keys(delivery.body).get("_msg_id")
+        waiter = self._waiters.get(msg_id) if msg_id is not None else None
+        failed = False
+        if waiter is not None and (waiter.accept is None or waiter.accept(delivery.user_id)):
+            if not waiter.future.done():
+                waiter.future.set_exception(type(exc)(*exc.args))
+                failed = True
+        log.warning(
+            "reply_refused_unreadable",
+            reason=type(exc).__name__,
+            size=len(delivery.body),
+            msg_id=msg_id,
+            login=delivery.user_id,
+            call_failed=failed,
+        )
 
     async def close(self) -> None:
         """Stop listening and delete the reply queue (it is unique to this transport)."""

@@ -10,6 +10,10 @@ Trust: the caller is the broker-validated AMQP ``user_id`` (``ctxt.caller``); th
 ``is_admin`` and ``roles`` are claims and are cleared. With ``require_user_id`` a request without
 a ``user_id`` is refused, and an ``authorizer`` decides every request after its method is found
 and before its arguments are deserialised (``shared_objects.messaging.authorization``).
+
+Limits: a body over the transport's ``limits`` (``[messaging] max_message_bytes`` /
+``max_message_depth``) is refused before any JSON decoding, with a short error reply when its
+reply address is found cheaply and one short log line (``shared_objects.messaging.limits``).
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from shared_objects.messaging.exceptions import (
     InvalidTarget,
     MalformedMessage,
     MessageDeliveryFailure,
+    MessageTooDeep,
+    MessageTooLarge,
     NoSuchMethod,
     Unauthenticated,
     UnsupportedEnvelopeVersion,
     UnsupportedVersion,
 )
 from shared_objects.messaging.ids import new_id
+from shared_objects.messaging.limits import reply_address
 from shared_objects.messaging.reply_sender import ReplySender
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
 from shared_objects.messaging.stats import RPCStats
@@ -279,7 +286,10 @@ class RPCServer:
 
     async def _process(self, delivery: Delivery) -> None:
         try:
-            message = codec.decode_message(delivery.body)
+            message = await codec.decode_received(delivery.body, self.transport.limits)
+        except (MessageTooLarge, MessageTooDeep) as exc:
+            await self._refuse_unreadable(delivery, exc)
+            return
         except UnsupportedEnvelopeVersion as exc:
             reply = _Reply.from_message(exc.message) if exc.message else None
             if self.require_user_id and not delivery.user_id:
@@ -361,6 +371,13 @@ class RPCServer:
                     heartbeat.cancel()
             self._stats.record(label, "ok")
             if reply is not None and body is not None:
+                if len(body) > self.transport.limits.max_bytes:
+                    # The caller would refuse it unread: tell it why instead of letting it wait.
+                    too_large = MessageTooLarge(len(body), self.transport.limits.max_bytes)
+                    self._stats.dropped["reply_too_large"] += 1
+                    log.warning("rpc_reply_too_large", size=len(body), limit=too_large.limit)
+                    await self._send_failure(reply, too_large)
+                    return
                 await self._publish_reply(reply, body)
 
     def _context(self, message: dict[str, Any], user_id: str | None) -> RequestContext:
@@ -443,6 +460,30 @@ class RPCServer:
         else:
             self._stats.record(label, "error")
             log.error("rpc_authorizer_failed", cast=reply is None, exc_info=exc)
+        if reply is not None:
+            await self._send_failure(reply, exc)
+
+    async def _refuse_unreadable(
+        self, delivery: Delivery, exc: MessageTooLarge | MessageTooDeep
+    ) -> None:
+        """A request too large or too deep to decode: one short log line (never the body), and
+        an error reply when a reply address is found cheaply and the sender is known."""
+        reason = "too_large" if isinstance(exc, MessageTooLarge) else "too_deep"
+        self._stats.dropped[reason] += 1
+        reply = None
+        if not (self.require_user_id and not delivery.user_id):
+            address = reply_address(delivery.body)
+            if address is not None:
+                reply = _Reply.from_message({"_reply_q": address[0], "_msg_id": address[1]})
+        log.warning(
+            "rpc_message_refused",
+            reason=reason,
+            size=len(delivery.body),
+            limit=exc.limit,
+            queue=delivery.queue,
+            caller=delivery.user_id,
+            replied=reply is not None,
+        )
         if reply is not None:
             await self._send_failure(reply, exc)
 

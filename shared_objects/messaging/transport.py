@@ -13,6 +13,7 @@ from shared_objects.config import MessagingConfig
 from shared_objects.messaging.codec import ALWAYS_ALLOWED_EXMODS
 from shared_objects.messaging.driver import Driver
 from shared_objects.messaging.exceptions import MessagingError
+from shared_objects.messaging.limits import MessageLimits
 from shared_objects.messaging.memory import MemoryBroker, MemoryDriver, broker_for
 from shared_objects.messaging.replies import ReplyWaiter
 from shared_objects.messaging.topology import Topology
@@ -40,8 +41,12 @@ class Transport:
         self.driver = driver
         self.topology = Topology(config)
         self.allowed_remote_exmods = frozenset(allowed_remote_exmods) | ALWAYS_ALLOWED_EXMODS
+        #: What every received body must satisfy before it is decoded (``[messaging]``).
+        self.limits = MessageLimits(config.max_message_bytes, config.max_message_depth)
         # Named after the login (the driver knows it before connecting: it is in the URL).
-        self.replies = ReplyWaiter(driver, self.topology.reply_queue(driver.user_id))
+        self.replies = ReplyWaiter(
+            driver, self.topology.reply_queue(driver.user_id), limits=self.limits
+        )
         self._connected = False
 
     @property
@@ -91,6 +96,7 @@ class Transport:
             "late_replies": self.replies.late_replies,
             "malformed_replies": self.replies.malformed_replies,
             "forged_replies": self.replies.forged_replies,
+            "refused_replies": self.replies.refused_replies,
         }
 
 

@@ -10,7 +10,14 @@ import interop_errors
 import pytest
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import MessagingTimeout, RemoteError, RPCClient, Target, Transport
+from shared_objects.messaging import (
+    MessageUndeliverable,
+    MessagingTimeout,
+    RemoteError,
+    RPCClient,
+    Target,
+    Transport,
+)
 from shared_objects.testing import PeerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -124,13 +131,14 @@ async def test_oslo_no_such_method_and_unsupported_version_arrive_as_remote_erro
     assert (await client.prepare(version="1.3").call(_context(), "echo", v=1))["args"] == {"v": 1}
 
 
-async def test_fleet_call_to_absent_oslo_server_times_out_cleanly(
+async def test_fleet_call_to_absent_oslo_server_fails_fast_and_cleanly(
     oslo_server: PeerProcess, client: RPCClient, fleet_transport: Transport
 ) -> None:
+    # Server-addressed calls are mandatory: no queue for "nobody", the broker returns it.
     started = time.monotonic()
-    with pytest.raises(MessagingTimeout):
-        await client.prepare(server="nobody", timeout=1.0).call(_context(), "echo")
-    assert time.monotonic() - started < 1.5
+    with pytest.raises(MessageUndeliverable, match="nobody"):
+        await client.prepare(server="nobody", timeout=10.0).call(_context(), "echo")
+    assert time.monotonic() - started < 1.0
     assert fleet_transport.pending_replies == 0
 
 
@@ -146,8 +154,9 @@ async def test_oslo_heartbeats_keep_a_fleet_call_monitor_satisfied_during_a_slow
 async def test_fleet_call_monitor_gives_up_on_a_silent_peer_before_the_call_timeout(
     oslo_server: PeerProcess, client: RPCClient
 ) -> None:
-    # Nobody consumes this server's queue, so no heartbeat ever comes: the monitor fires first.
-    cctx = client.prepare(server="nobody", timeout=15, call_monitor_timeout=2)
+    # Nobody serves this topic, so no heartbeat ever comes: the monitor fires first. (A call to
+    # an absent server no longer waits at all: see the test above.)
+    cctx = client.prepare(topic="nobody-serves-this", timeout=15, call_monitor_timeout=2)
     started = time.monotonic()
     with pytest.raises(MessagingTimeout):
         await cctx.call(_context(), "slow", delay=1)

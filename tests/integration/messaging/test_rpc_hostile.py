@@ -83,7 +83,8 @@ def bad_messages(reply_q: str) -> tuple[list[bytes], set[str], int, int]:
         bodies.append(makers[kind]())
         drops += kind in undecodable
         casts += kind == len(makers) - 1
-    # Two 10 MB bodies: one garbage (dropped), one addressed to an unknown method (answered).
+    # Two 10 MB bodies, over max_message_bytes (8 MiB), refused unread: one garbage (dropped),
+    # one addressed (answered with MessageTooLarge, its address found without decoding).
     bodies.append(b"x" * TEN_MB)
     drops += 1
     bodies.append(envelope(addressed({**good, "method": "nope", "args": {"blob": "y" * TEN_MB}})))
@@ -165,8 +166,14 @@ async def test_1000_bad_messages_get_error_replies_or_logged_drops_and_server_su
                 "UnsupportedVersion",
                 "NoSuchMethod",
                 "TypeError",
+                "MessageTooLarge",
             }
-            logged_drops = [e for e in logs if e["event"] == "rpc_message_dropped"]
+            logged_drops = [
+                e
+                for e in logs
+                if e["event"] == "rpc_message_dropped"
+                or (e["event"] == "rpc_message_refused" and not e["replied"])
+            ]
             rejected_casts = [e for e in logs if e["event"] == "rpc_request_rejected" and e["cast"]]
             assert len(logged_drops) == drops
             assert len(rejected_casts) == casts

@@ -502,7 +502,9 @@ async def test_reply_queue_held_by_a_stale_connection_is_retried_until_free(
                             await asyncio.sleep(0.05)
                     proxy.heal()
                     await _until(lambda: client_t.stats()["reconnects"] >= 1, within=15)
-                    await _until(lambda: any(e["event"] == "consumer_restore_failed" for e in logs))
+                    await _until(
+                        lambda: any(e["event"] == "consumer_recovery_failed" for e in logs)
+                    )
                     # Publishing and serving work meanwhile; our own calls cannot get replies.
                     server_side = RPCClient(server_t, Target(topic=other), timeout=5)
                     assert (await server_side.call(None, "echo", value="b"))["value"] == "b"

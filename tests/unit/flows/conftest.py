@@ -85,6 +85,48 @@ class InProcessFleet:
         assert isinstance(driver, FakeDriver)
         return driver
 
+    async def restart_agent(self, host: str) -> ComputeAgentService:
+        """Start ``host``'s agent again (after ``stop``) on a fresh driver over the same
+        hypervisor state, as a restarted process would."""
+        old = self.agents[host]
+        driver = FakeDriver(self.driver(host).config)
+        agent = ComputeAgentService(old.cfg, driver=driver)
+        await agent.start()
+        self.agents[host] = agent
+        return agent
+
+    def database_outage(self) -> DatabaseOutage:
+        """Switchable outage of the conductor's database (see ``DatabaseOutage``)."""
+        return DatabaseOutage(self.database)
+
+
+class DatabaseOutage:
+    """While ``down``, every unit of work of the conductor fails as a refused connection
+    would (``ConnectionRefusedError`` from the driver): what a restarting PostgreSQL does to
+    it. The conductor's boundary turns that into ``DatabaseUnavailable`` for the caller."""
+
+    def __init__(self, database: Database) -> None:
+        self.down = False
+        self.refused = 0
+        original = database.request
+
+        @contextlib.asynccontextmanager
+        async def request(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            if self.down:
+                self.refused += 1
+                raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+            async with original(*args, **kwargs) as db:
+                yield db
+
+        database.request = request  # type: ignore[method-assign]
+
+    def for_seconds(self, seconds: float) -> None:
+        """Go down now and come back by itself after ``seconds``."""
+        import asyncio
+
+        self.down = True
+        asyncio.get_running_loop().call_later(seconds, setattr, self, "down", False)
+
 
 @pytest.fixture
 def fleet_factory(

@@ -264,3 +264,24 @@ async def test_abort_during_prechecks_works_from_any_conductor_replica(
         assert not fleet.agents["host-b"].tracker.holds(uuid)
         assert "compute_pre_live_migration" not in {e for e, _h, _r in await events(fleet, uuid)}
         await _assert_stayed_on_source(fleet, uuid)
+
+
+async def test_source_queue_missing_fails_the_migration_and_keeps_the_instance(
+    lm_fleet_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-over call finds no queue for the source (gone with a broker restart): nothing
+    reached the source, so the conductor ends the migration and releases the instance at once
+    instead of waiting for agents that never heard of it."""
+    from compute_agent.rpcapi import ComputeAPI
+    from shared_objects.messaging import MessageUndeliverable
+
+    async def undeliverable(self: Any, ctxt: Any, host: str, **kwargs: Any) -> Any:
+        raise MessageUndeliverable(f"no queue is bound for 'compute.{host}'")
+
+    async with lm_fleet_factory(migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        monkeypatch.setattr(ComputeAPI, "live_migration", undeliverable)
+        got = await _migrate(fleet, uuid)
+        assert got["status"] == "error"
+        assert "no queue is bound" in await latest_fault(fleet, uuid)
+        await _assert_stayed_on_source(fleet, uuid)
