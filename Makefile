@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit services venv demo demo-upgrade bench clean
+.PHONY: test lint typecheck unit services venv demo demo-upgrade bench faults clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ demo: $(STAMP) services
 
 demo-upgrade: $(STAMP) services
 	$(BIN)/python -m conductor.demo_upgrade
+
+# The fault campaign (issue 13): every fault in turn under load, invariants after each; the
+# quick form runs inside `make test` (tests/faults/test_campaign_quick.py). FAULTS_ARGS e.g.
+# "--json campaign.json --logs var/campaign" or "--only broker".
+faults: $(STAMP) services
+	$(BIN)/python tests/faults/run_campaign.py $(FAULTS_ARGS)
 
 bench: $(STAMP) services
 	$(BIN)/python bench/rpc.py --quick

@@ -91,6 +91,9 @@ class ClusterSpec:
     # deployment from before per-host logins did; processes on this release's code are told so
     # (FLEET_SECURITY__LEGACY_SHARED_LOGIN, FLEET_SECURITY__LEGACY_HOSTS = those hosts).
     legacy_shared_login: str | None = None
+    # Hosts whose agent reaches the broker through another loopback port (a ``TcpProxy`` in
+    # front of the broker, for partitions): {host: port}. Same login, host and vhost.
+    agent_broker_port: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class LocalCluster:
@@ -230,6 +233,9 @@ class LocalCluster:
         env.pop("FLEET_DATABASE_URL", None)  # agents never hold database credentials
         env["FLEET_HOST"] = host
         env["FLEET_STATE_DIR"] = str(self.workdir / "hypervisors")
+        port = self.spec.agent_broker_port.get(host)
+        if port is not None:
+            env["FLEET_TRANSPORT_URL"] = _with_port(env["FLEET_TRANSPORT_URL"], port)
         env.update(self.spec.agent_env.get(host, {}))
         if source is not None:
             # The tree's packages shadow the installed ones (cwd and PYTHONPATH come first).
@@ -373,6 +379,31 @@ class LocalCluster:
             proc.kill()
             await proc.wait()
 
+    async def restart_conductor(self, index: int, *, timeout: float = 60.0) -> None:
+        """Start conductor ``index`` again (after a kill or stop) with the same environment."""
+        name = f"conductor-{index}"
+        await self._spawn(dataclasses.replace(self.processes[name], process=None))
+        await self.wait_conductor(timeout)
+
+    def pause_process(self, name: str) -> None:
+        """SIGSTOP: the process stops being scheduled (a CPU-starved or frozen host)."""
+        proc = self.processes[name].process
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGSTOP)
+
+    def resume_process(self, name: str) -> None:
+        """SIGCONT after ``pause_process`` (harmless on a process that is not stopped)."""
+        proc = self.processes[name].process
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+
+    def pid_of(self, name: str) -> int | None:
+        """Process id of ``name`` while it runs."""
+        handle = self.processes.get(name)
+        if handle is None or not handle.running or handle.process is None:
+            return None
+        return handle.process.pid
+
     async def restart_agent(self, host: str, *, timeout: float = 60.0) -> None:
         """Start the agent of ``host`` again with the same code and environment."""
         await self._spawn(dataclasses.replace(self.processes[host], process=None))
@@ -469,6 +500,17 @@ class LocalCluster:
         assert self.tasks is not None
         made = await self.tasks.build_instances(self.ctxt, **request)
         return [m["uuid"] for m in made]
+
+
+def _with_port(url: str, port: int) -> str:
+    """``url`` (one broker host) with its port replaced: credentials, vhost, query kept."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    creds, at, hostport = netloc.rpartition("@")
+    if "," in hostport:
+        raise ValueError("agent_broker_port needs a transport URL with one broker host")
+    host = hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+    return f"{scheme}{sep}{creds}{at}{host}:{port}{slash}{tail}"
 
 
 @contextlib.asynccontextmanager

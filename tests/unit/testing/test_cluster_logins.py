@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.config import load_config
@@ -136,3 +137,25 @@ async def test_without_logins_everyone_uses_the_given_url(tmp_path: Path) -> Non
     assert local.agent_handle("compute-1").env["FLEET_TRANSPORT_URL"] == ADMIN
     assert local.conductor_handle(1).env["FLEET_TRANSPORT_URL"] == ADMIN
     assert local.operator_url == ADMIN and local.login_of("compute-1") is None
+
+
+def ports(hosts: Sequence[str]) -> list[int | None]:
+    return [urlsplit(h).port for h in hosts]
+
+
+async def test_a_proxied_agent_reaches_the_broker_through_the_proxy_port_as_itself(
+    tmp_path: Path,
+) -> None:
+    local, _ = cluster(
+        tmp_path, hosts=("compute-1", "compute-2"), agent_broker_port={"compute-2": 40001}
+    )
+    await local.provision(hosts=local.spec.hosts, conductors=[1])
+    proxied = parse_transport_url(local.agent_handle("compute-2").env["FLEET_TRANSPORT_URL"])
+    direct = parse_transport_url(local.agent_handle("compute-1").env["FLEET_TRANSPORT_URL"])
+    assert ports(proxied.hosts) == [40001]
+    assert ports(direct.hosts) == [5672]
+    assert proxied.users[0] == local.login_of("compute-2")
+    assert proxied.virtual_host == direct.virtual_host == "fleet-test-x"
+    # Conductors never go through an agent's proxy.
+    conductor = parse_transport_url(local.conductor_handle(1).env["FLEET_TRANSPORT_URL"])
+    assert ports(conductor.hosts) == [5672]
