@@ -228,6 +228,9 @@ class PostgresNode:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # Own session: the postmaster pg_ctl starts must not get the terminal's Ctrl-C
+            # (the owner stops it, in order, when it unwinds).
+            start_new_session=True,
         )  # fmt: skip
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), self._timeout)
