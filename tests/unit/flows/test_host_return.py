@@ -11,13 +11,19 @@ import uuid as uuidlib
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from live_migration_helpers import boot, stage_crash
+
+from compute_agent.virt.migration_model import MigrationModel
 from conductor.reconcile import Bounds, Reconciler
+from conductor.reconcile.testing import FakeCompute
 from conductor.tasks.build import BuildSettings, BuildTask
 from shared_objects.context import RequestContext
 from shared_objects.fields import TaskState
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.objects.migration import Migration
 
 NOW = Bounds(
     service_down_time=60.0,
@@ -53,7 +59,10 @@ async def _set(fleet: Any, uuid: str, **values: Any) -> None:
 
 
 async def _reconcile(fleet: Any) -> Any:
-    build = BuildTask(fleet.database, fleet.compute, BuildSettings(service_down_time=60.0))
+    # The in-process fleet's client of the agents (a moved build is cast for real); the
+    # live-migration fleet has none and needs none (no build is moved there).
+    compute = getattr(fleet, "compute", None) or FakeCompute()
+    build = BuildTask(fleet.database, compute, BuildSettings(service_down_time=60.0))
     reconciler = Reconciler(fleet.database, build, NOW, interval=0, trust_after=0)
     return await reconciler.run_pass()
 
@@ -151,3 +160,64 @@ async def test_returning_agent_leaves_a_guest_no_row_knows(
         assert sorted(await fleet.driver("host-a").list_instance_uuids()) == sorted(
             [uuid, stray.uuid]
         )
+
+
+# --- live migrations the reconciler settled while both hosts were down ---------------------
+
+FAST = MigrationModel(bandwidth_mb_s=4000, round_interval_s=0.01)
+
+
+async def _both_down_and_reconciled(fleet: Any, uuid: str, phase: str) -> None:
+    """Crash both hosts of a host-a -> host-b migration in ``phase``; the reconciler (host-c
+    still up) settles it."""
+    await fleet.crash("host-a")
+    await fleet.crash("host-b")
+    async with fleet.db() as ctxt:
+        for host in ("host-a", "host-b"):
+            await ctxt.db.update("services", {"host": host}, {"last_seen_up": None}, returning=())
+    await _reconcile(fleet)
+
+
+async def _guests(fleet: Any, uuid: str) -> dict[str, str]:
+    """Host -> phase of the guest, on every live agent that has it."""
+    out: dict[str, str] = {}
+    for host in fleet.agents:
+        driver = fleet.driver(host)
+        if await driver.instance_exists(uuid):
+            out[host] = (await driver.get_info(uuid)).phase.value
+    return out
+
+
+async def _settled_guests(fleet: Any, uuid: str) -> Any:
+    pending = any(a.live_migration.resolver.pending for a in fleet.agents.values())
+    guests = await _guests(fleet, uuid)
+    return None if pending or len(guests) != 1 else guests
+
+
+@pytest.mark.parametrize("first", ["host-a", "host-b"])
+@pytest.mark.parametrize(
+    ("phase", "status", "vm_state"),
+    [("prepared", "failed", "active"), ("switched", "error", "error")],
+)
+async def test_returning_hosts_keep_only_the_copy_on_the_host_the_reconciler_left(
+    lm_fleet_factory: Any, wait_for: Any, phase: str, status: str, vm_state: str, first: str
+) -> None:
+    async with lm_fleet_factory(hosts=("host-a", "host-b", "host-c"), migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        mig = await stage_crash(fleet, uuid, phase)
+        await _both_down_and_reconciled(fleet, uuid, phase)
+        async with fleet.db() as ctxt:
+            row = await Instance.get_by_uuid(ctxt, uuid)
+            assert (await Migration.get_by_uuid(ctxt, mig)).status == status
+        assert (row.host, row.vm_state, row.task_state) == ("host-a", vm_state, None)
+        second = "host-b" if first == "host-a" else "host-a"
+        await fleet.restart(first)
+        await fleet.restart(second)
+        guests = await wait_for(lambda: _settled_guests(fleet, uuid), within=20)
+        # The row still points at host-a, which runs the only copy left.
+        assert guests == {"host-a": "running"}
+        row = await _row(fleet, uuid)
+        assert (row.host, row.vm_state, row.task_state) == ("host-a", vm_state, None)
+        await fleet.flush()
+        assert uuid not in fleet.agents["host-b"].tracker.claims.claimed_uuids
+        assert await _memory_used(fleet, "host-b") == 0
