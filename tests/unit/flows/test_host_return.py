@@ -221,3 +221,26 @@ async def test_returning_hosts_keep_only_the_copy_on_the_host_the_reconciler_lef
         await fleet.flush()
         assert uuid not in fleet.agents["host-b"].tracker.claims.claimed_uuids
         assert await _memory_used(fleet, "host-b") == 0
+
+
+async def test_returning_hosts_keep_every_copy_when_the_row_host_has_none(
+    lm_fleet_factory: Any, wait_for: Any
+) -> None:
+    async with lm_fleet_factory(hosts=("host-a", "host-b", "host-c"), migration=FAST) as fleet:
+        (uuid,) = await boot(fleet, "host-a")
+        await stage_crash(fleet, uuid, "switched")
+        await _both_down_and_reconciled(fleet, uuid, "switched")
+        # The copy on host-a (the row's host) is lost with its disk.
+        await fleet.crashed["host-a"].driver.destroy(await _row(fleet, uuid))
+        await fleet.restart("host-a")
+        await fleet.restart("host-b")
+
+        async def settled() -> bool:
+            return not any(a.live_migration.resolver.pending for a in fleet.agents.values())
+
+        await wait_for(settled)
+        # The incoming copy on host-b may be the last one: an operator decides, nothing is
+        # destroyed on a guess.
+        assert await _guests(fleet, uuid) == {"host-b": "incoming"}
+        row = await _row(fleet, uuid)
+        assert (row.host, row.vm_state) == ("host-a", "error")
