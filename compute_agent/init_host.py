@@ -2,8 +2,8 @@
 
 Builds interrupted mid-way end ACTIVE when the hypervisor has the guest running, ERROR with a
 fault otherwise (and any half-built guest is removed). Deletes interrupted mid-way are finished.
-Guests the hypervisor has for instances the database does not place here are reported, not
-touched: they may be the other half of a live migration, which the migration recovery owns.
+Guests of instances the database places elsewhere are left alone while a migration names this
+host (the migration recovery owns them); the others are handled as below.
 
 Builds assigned here but still ``scheduling`` were never taken (or were handed back): their row
 is the conductor's (a queued run_instance takes it, or the reconciler casts it again or moves
