@@ -15,6 +15,14 @@ When the peer does not answer, only what one side can prove alone is decided:
 
 Anything else (a paused copy on either side) waits: it is retried every
 ``settle_retry_interval`` seconds, and the peer's own recovery settles it when it starts.
+
+A migration the conductor's reconciler settled while both hosts were down (``failed`` or
+``error``, the instance no longer ``migrating``) is not decided again: no agent may move the
+instance any more, so the row's host is the answer. The copy there survives (resumed if it is
+a paused half, once no other copy is left); the other host removes its own copy, releases its
+claim and logs ``settled_migration_copy_removed``, but only after the row's host said it holds
+the guest. When it does not, every copy is left and ``settled_migration_guest_missing`` is
+logged at ERROR for an operator.
 """
 
 from __future__ import annotations
@@ -58,6 +66,12 @@ PEER_STEPS = frozenset(
     }
 )
 
+
+#: The step that makes a paused half of a migration run again where it is.
+_RESUME = {
+    GuestPhase.MIGRATED_OUT: "rollback_live_migration_at_source",
+    GuestPhase.INCOMING: "post_live_migration_at_destination",
+}
 
 #: What ``get_live_migration_guest`` answers while that host's own job drives the migration.
 BUSY = "busy"
@@ -183,9 +197,6 @@ class MigrationResolver:
                 log.info("settle_deferred_peer_busy", peer=peer, instance_uuid=instance_uuid)
                 return None
         src_phase, dst_phase = (mine, theirs) if role == "source" else (theirs, mine)
-        resolution = (
-            resolve_migration(src_phase, dst_phase) if peer_known else self.decide_alone(role, mine)
-        )
         bound = log.bind(
             instance_uuid=instance_uuid,
             migration_uuid=migration_uuid,
@@ -193,6 +204,13 @@ class MigrationResolver:
             source_phase=src_phase.value if src_phase else None,
             dest_phase=dst_phase.value if dst_phase else None,
             peer_known=peer_known,
+        )
+        if migration.is_finished and instance.task_state != TaskState.MIGRATING:
+            return await self._follow_row(
+                ctxt, instance, migration, peer, mine, theirs, peer_known, bound
+            )
+        resolution = (
+            resolve_migration(src_phase, dst_phase) if peer_known else self.decide_alone(role, mine)
         )
         if resolution is None or resolution.outcome is Outcome.IN_PROGRESS:
             bound.info("settle_deferred", outcome=resolution and resolution.outcome.value)
@@ -220,6 +238,71 @@ class MigrationResolver:
         settlement = await self._record(ctxt, instance, migration, resolution, owner, reason)
         bound.warning("live_migration_settled", outcome=resolution.outcome.value, host=owner)
         return settlement
+
+    async def _follow_row(
+        self,
+        ctxt: RequestContext,
+        instance: Instance,
+        migration: Migration,
+        peer: str | None,
+        mine: GuestPhase | None,
+        theirs: GuestPhase | None,
+        peer_known: bool,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> Settlement | None:
+        """The migration was settled and the instance released without this host (the
+        conductor's reconciler, while both hosts were down): the row's host is final, since
+        the ownership scope lets no agent move an instance that is not ``migrating`` any more.
+        So the copy on the row's host is the one that survives; every other copy goes, each
+        host removing only its own, and only once the row's host is known to hold the guest.
+        A paused copy on the row's host is resumed only once no other copy is left (two
+        running copies of one guest must never exist). None: ask again later."""
+        owner = instance.host
+        status = migration.status
+        outcome = Outcome.SOURCE if owner == migration.source_compute else Outcome.DEST
+        if owner == self.host:
+            if mine is None:
+                bound.error("settled_migration_guest_missing", host=owner, action="operator")
+                return Settlement(Outcome.LOST, status, None)
+            resume = _RESUME.get(mine)
+            if resume is not None and (not peer_known or theirs is not None):
+                bound.info("settled_migration_waits_for_peer", peer=peer)
+                return None
+            await self.apply_local(instance, [resume] if resume else [], owner)
+            bound.warning("live_migration_settled_by_conductor", host=owner, kept=self.host)
+            return Settlement(outcome, status, owner)
+        if peer is None or owner != peer:
+            # The row names a host this one cannot ask: nothing here is proven spare.
+            bound.error("settled_migration_on_other_host", host=owner, action="operator")
+            return Settlement(Outcome.LOST, status, owner)
+        if not peer_known:
+            return None
+        if theirs is None:
+            # The row's host has no copy: the one here may be the last; an operator decides.
+            bound.error("settled_migration_guest_missing", host=owner, action="operator")
+            return Settlement(Outcome.LOST, status, None)
+        if mine is not None:
+            await self.driver.destroy(instance)
+            if self.tracker.node is not None:
+                self.tracker.release(instance.uuid)
+            bound.warning("settled_migration_copy_removed", host=self.host, phase=mine.value)
+        resume = _RESUME.get(theirs)
+        if resume is not None:
+            try:
+                await self.compute.settle_live_migration_peer(
+                    ctxt,
+                    owner,
+                    instance=instance,
+                    steps=[resume],
+                    owner=owner,
+                    call_monitor_timeout=self.settings.call_monitor_timeout,
+                    timeout=self.settings.long_call_timeout,
+                )
+            except MessagingError as exc:
+                bound.warning("settle_peer_step_failed", peer=owner, error=str(exc))
+                return None
+        bound.warning("live_migration_settled_by_conductor", host=owner, kept=owner)
+        return Settlement(outcome, status, owner)
 
     async def _record(
         self,
@@ -398,6 +481,14 @@ async def recover_migrations(
             migration = await resolver.calls.call(
                 "find migration", lambda: resolver.find_migration(ctxt, uuid, role)
             )
+            if migration is None and uuid not in here:
+                # A running guest the row places elsewhere was guessed a destination; it may
+                # be the source's copy of a migration the conductor settled on the other host.
+                other: Role = "source" if role == "dest" else "dest"
+                migration = await resolver.calls.call(
+                    "find migration", lambda: resolver.find_migration(ctxt, uuid, other)
+                )
+                role = other if migration is not None else role
             if migration is None:
                 await _clear_orphan_task_state(ctxt, here.get(uuid))
                 return

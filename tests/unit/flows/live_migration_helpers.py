@@ -7,9 +7,11 @@ from typing import Any
 
 from compute_agent.testing_invariants import assert_fleet_invariants, driver_views
 from shared_objects.context import RequestContext
+from shared_objects.fields import MigrationStatus, TaskState
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
+from shared_objects.objects.migration import Migration
 
 FINISHED = {"completed", "failed", "error", "cancelled"}
 
@@ -103,3 +105,53 @@ async def events(fleet: Any, uuid: str) -> list[tuple[str, str | None, str | Non
             for e in await ctxt.db.select("instance_action_events", {"action_id": action["id"]}):
                 out.append((e["event"], e["host"], e["result"]))
     return out
+
+
+_STATUS = {
+    "accepted": MigrationStatus.ACCEPTED,
+    "queued": MigrationStatus.QUEUED,
+    "preparing": MigrationStatus.PREPARING,
+    "prepared": MigrationStatus.PREPARING,
+    "running": MigrationStatus.RUNNING,
+    "switched": MigrationStatus.RUNNING,
+    "post": MigrationStatus.POST_MIGRATING,
+    "post-resumed": MigrationStatus.POST_MIGRATING,
+    "post-moved": MigrationStatus.POST_MIGRATING,
+}
+# Phases in which the destination holds something a restart of it must settle.
+DEST_INVOLVED = {"prepared", "running", "switched", "post", "post-resumed", "post-moved"}
+
+
+async def stage_crash(fleet: Any, uuid: str, phase: str) -> str:
+    """Leave the fleet as a crash of a host-a -> host-b migration in ``phase`` would."""
+    a, b = fleet.driver("host-a"), fleet.driver("host-b")
+    async with fleet.db() as ctxt:
+        inst = await Instance.get_by_uuid(ctxt, uuid)
+        inst.task_state = TaskState.MIGRATING
+        await inst.save(expected_task_state=[None])
+        migration = Migration(
+            ctxt,
+            instance_uuid=uuid,
+            source_compute="host-a",
+            source_node="host-a",
+            dest_compute=None if phase == "accepted" else "host-b",
+            dest_node=None if phase == "accepted" else "host-b",
+            status=_STATUS[phase],
+            migration_type="live-migration",
+        )
+        await migration.create()
+    if phase in DEST_INVOLVED:
+        dest_data = await b.check_can_live_migrate_destination(inst, "host-a")
+        data = await a.check_can_live_migrate_source(inst, dest_data)
+        await b.pre_live_migration(inst, data)
+        await fleet.agents["host-b"].tracker.claim(inst)
+        if phase in {"switched", "post", "post-resumed", "post-moved"}:
+            await a.live_migration(inst, "host-b", data)
+        if phase in {"post-resumed", "post-moved"}:
+            await b.post_live_migration_at_destination(inst)
+        if phase == "post-moved":
+            async with fleet.db() as ctxt:
+                inst = await Instance.get_by_uuid(ctxt, uuid)
+                inst.host, inst.node, inst.task_state = "host-b", "host-b", None
+                await inst.save(expected_task_state=[TaskState.MIGRATING])
+    return migration.uuid

@@ -14,32 +14,22 @@ from typing import Any
 
 import pytest
 from live_migration_helpers import (
+    DEST_INVOLVED,
     boot,
     check_invariants,
     instance,
     latest_fault,
+    stage_crash,
     wait_idle,
     wait_migration,
 )
 
 from compute_agent.virt.migration_model import MigrationModel
-from shared_objects.fields import MigrationStatus, TaskState
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.migration import Migration
 
 FAST = MigrationModel(bandwidth_mb_s=4000, round_interval_s=0.01)
 
-STATUS = {
-    "accepted": MigrationStatus.ACCEPTED,
-    "queued": MigrationStatus.QUEUED,
-    "preparing": MigrationStatus.PREPARING,
-    "prepared": MigrationStatus.PREPARING,
-    "running": MigrationStatus.RUNNING,
-    "switched": MigrationStatus.RUNNING,
-    "post": MigrationStatus.POST_MIGRATING,
-    "post-resumed": MigrationStatus.POST_MIGRATING,
-    "post-moved": MigrationStatus.POST_MIGRATING,
-}
 # Phase -> (host the instance must end on, final Migration status).
 EXPECTED = {
     "accepted": ("host-a", "error"),
@@ -52,45 +42,6 @@ EXPECTED = {
     "post-resumed": ("host-b", "completed"),
     "post-moved": ("host-b", "completed"),
 }
-# Phases in which the destination holds something a restart of it must settle.
-DEST_INVOLVED = {"prepared", "running", "switched", "post", "post-resumed", "post-moved"}
-
-
-async def _stage(fleet: Any, uuid: str, phase: str) -> str:
-    """Leave the fleet as a crash in ``phase`` would."""
-    a, b = fleet.driver("host-a"), fleet.driver("host-b")
-    async with fleet.db() as ctxt:
-        inst = await Instance.get_by_uuid(ctxt, uuid)
-        inst.task_state = TaskState.MIGRATING
-        await inst.save(expected_task_state=[None])
-        migration = Migration(
-            ctxt,
-            instance_uuid=uuid,
-            source_compute="host-a",
-            source_node="host-a",
-            dest_compute=None if phase == "accepted" else "host-b",
-            dest_node=None if phase == "accepted" else "host-b",
-            status=STATUS[phase],
-            migration_type="live-migration",
-        )
-        await migration.create()
-    if phase in DEST_INVOLVED:
-        dest_data = await b.check_can_live_migrate_destination(inst, "host-a")
-        data = await a.check_can_live_migrate_source(inst, dest_data)
-        await b.pre_live_migration(inst, data)
-        await fleet.agents["host-b"].tracker.claim(inst)
-        if phase in {"switched", "post", "post-resumed", "post-moved"}:
-            await a.live_migration(inst, "host-b", data)
-        if phase in {"post-resumed", "post-moved"}:
-            await b.post_live_migration_at_destination(inst)
-        if phase == "post-moved":
-            async with fleet.db() as ctxt:
-                inst = await Instance.get_by_uuid(ctxt, uuid)
-                inst.host, inst.node, inst.task_state = "host-b", "host-b", None
-                await inst.save(expected_task_state=[TaskState.MIGRATING])
-    return migration.uuid
-
-
 CASES = [
     (phase, mode)
     for phase in EXPECTED
@@ -105,7 +56,7 @@ async def test_crash_in_every_phase_ends_on_one_host(
 ) -> None:
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
-        mig = await _stage(fleet, uuid, phase)
+        mig = await stage_crash(fleet, uuid, phase)
         if mode in ("source", "dest"):
             host = "host-a" if mode == "source" else "host-b"
             await fleet.crash(host)
@@ -138,7 +89,7 @@ async def test_migration_whose_conductor_vanished_is_swept_by_its_source(
 
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
-        mig = await _stage(fleet, uuid, phase)
+        mig = await stage_crash(fleet, uuid, phase)
         manager = fleet.agents["host-a"].live_migration
         ctxt = RequestContext(user_id="compute")
         as_source = fleet.agents["host-a"].run_as_agent
@@ -160,7 +111,7 @@ async def test_abort_reaching_the_source_before_the_migration_call_cancels_it(
 
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
-        mig = await _stage(fleet, uuid, "queued")
+        mig = await stage_crash(fleet, uuid, "queued")
         manager = fleet.agents["host-a"].live_migration
         ctxt = RequestContext(user_id="u1", project_id="p1")
         as_source = fleet.agents["host-a"].run_as_agent
