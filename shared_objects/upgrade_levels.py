@@ -115,6 +115,7 @@ class ComputeUpgradeLevels:
         # A refresh started because a host was asked about before any refresh had seen it.
         self._unseen_refresh: asyncio.Task[None] | None = None
         self._unseen_refresh_at = 0.0
+        self._refreshed = False
 
     async def refresh(self) -> Levels:
         """Read the compute services now and apply the result."""
@@ -128,7 +129,9 @@ class ComputeUpgradeLevels:
             service_down_time=self.service_down_time,
             pinned=self.pinned,
         )
-        if new.cap != self.levels.cap or not self.levels.hosts:
+        # Logged when the cap or any host's release changes (a host appears, upgrades, goes):
+        # what an operator needs to follow a rolling upgrade, and quiet otherwise.
+        if new.cap != self.levels.cap or new.hosts != self.levels.hosts or not self._refreshed:
             log.info(
                 "compute_rpc_version_cap",
                 cap=new.rpc_version_cap,
@@ -137,6 +140,7 @@ class ComputeUpgradeLevels:
                 hosts={h: r.name for h, r in sorted(new.hosts.items())},
             )
         self.levels = new
+        self._refreshed = True
         return new
 
     def release_for(self, host: str) -> Release:
