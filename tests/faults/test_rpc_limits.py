@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,3 +233,71 @@ async def test_shipped_broker_config_refuses_a_128_mib_publish(capped_node: Rabb
             assert recorder.seen == [len("small")]  # the service never saw the big one
             assert server.stats()["dropped"] == {}
     print(f"\n128 MiB publish refused by the broker in {took:.1f} s: {info.value}")
+
+
+async def test_the_real_conductor_refuses_big_and_deep_requests_unread(
+    cluster_factory: Any,
+) -> None:
+    """The same attack on a real ``conductor`` process (its own login, PostgreSQL, an agent):
+    each body is refused before decoding with a short error reply, the conductor's memory and
+    its other callers barely notice, and its log says it in one short line."""
+    from shared_objects.objects.service import ServiceList
+
+    async with cluster_factory(hosts=("compute-1",)) as cluster:
+        transport = cluster.transport
+        assert transport is not None
+        conductor_pid = cluster.processes["conductor-1"].process.pid
+
+        async def load(seconds: float) -> list[float]:
+            latencies: list[float] = []
+            stop = time.monotonic() + seconds
+
+            async def caller() -> None:
+                while time.monotonic() < stop:
+                    started = time.monotonic()
+                    await ServiceList.get_all(cluster.ctxt)
+                    latencies.append(time.monotonic() - started)
+
+            await asyncio.gather(*(caller() for _ in range(CALLERS)))
+            return latencies
+
+        await load(1.0)
+        quiet_p99 = _p99(await load(LOAD_SECONDS))
+        await transport.replies.ensure_listening()
+        hostile = _hostile_bodies(transport.replies.queue_name)
+        futures = {m: transport.replies.register(m) for m in hostile}
+        rss_before = _proc_kb(conductor_pid, "VmRSS")
+        _reset_peak(conductor_pid)
+        exchange = transport.topology.control_exchange(None)
+
+        async def attack() -> None:
+            await asyncio.sleep(0.5)
+            for body, _, _ in hostile.values():
+                await transport.driver.publish(exchange, "conductor", body)
+
+        loaded, _ = await asyncio.gather(load(LOAD_SECONDS), attack())
+        replies = {m: await asyncio.wait_for(f, 10) for m, f in futures.items()}
+        peak_kb = _proc_kb(conductor_pid, "VmHWM")
+        await asyncio.sleep(2.0)
+        rss_after = _proc_kb(conductor_pid, "VmRSS")
+        log_lines = cluster.processes["conductor-1"].log_path.read_text().splitlines()
+
+    for msg_id, reply in replies.items():
+        _, what, error = hostile[msg_id]
+        remote = codec.deserialize_remote_exception(reply["failure"], ())
+        assert isinstance(remote, error), f"{what}: {remote!r}"
+    refused = [line for line in log_lines if "rpc_message_refused" in line]
+    assert len(refused) == 2, refused
+    longest = max(len(line) for line in log_lines)
+    growth_kb, lasting_kb = peak_kb - rss_before, rss_after - rss_before
+    loaded_p99 = _p99(loaded)
+    print(
+        f"\nreal conductor: peak RSS growth {growth_kb / 1024:.1f} MiB for a {BIG // MIB} MiB "
+        f"body (lasting {lasting_kb / 1024:.1f} MiB); other callers' p99 "
+        f"{quiet_p99 * 1000:.1f} ms quiet, {loaded_p99 * 1000:.1f} ms during; longest log line "
+        f"{longest} bytes"
+    )
+    assert longest < 4096, "a log line carries a body or a traceback"
+    assert growth_kb <= 2 * BIG // 1024, f"peak RSS grew {growth_kb} kB"
+    assert lasting_kb <= BIG // 1024 // 4, f"RSS stayed {lasting_kb} kB higher"
+    assert loaded_p99 <= quiet_p99 + 0.100, (quiet_p99, loaded_p99)
