@@ -298,6 +298,7 @@ class RabbitDriver(Driver):
         reconnect_interval: float = 1.0,
         publish_timeout: float = 60.0,
     ):
+        super().__init__()
         self._url = url
         self._publisher_confirms = publisher_confirms
         self._ssl_context = ssl_context
@@ -361,6 +362,8 @@ class RabbitDriver(Driver):
     def _on_reconnect(self, *_: Any) -> None:
         self._reconnects += 1
         log.warning("broker_reconnected", url=str(self._connection), reconnects=self._reconnects)
+        # aio-pika calls this after restoring channels (queues, exchanges, bindings).
+        self._notify_reconnected()
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
