@@ -70,8 +70,9 @@ class Driver(abc.ABC):
         self._reconnect_callbacks: list[ReconnectCallback] = []
 
     def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
-        """Call ``callback`` after every reconnect (not the first connect); returns a function
-        that removes it.
+        """Call ``callback`` after every reconnect (not the first connect), and after a queue
+        this connection consumes from was deleted under it and declared again; returns a
+        function that removes it.
 
         Runs once queues, exchanges and bindings are declared again (consumers may still be
         coming back): a message published to a server's queue after that is kept. What was sent

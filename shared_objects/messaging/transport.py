@@ -64,8 +64,9 @@ class Transport:
         return self.replies.pending
 
     def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
-        """Call ``callback()`` after every reconnect of this transport's broker link; returns a
-        function that removes it. Messages sent while the link was down may be lost: this is
+        """Call ``callback()`` after every reconnect of this transport's broker link (and after
+        a queue it consumes from was deleted under it and declared again); returns a function
+        that removes it. Messages sent while the link was down may be lost: this is
         the place to re-read what casts keep in step. ``callback`` must not block (schedule
         work). The memory driver simulates a reconnect with ``MemoryDriver.simulate_reconnect``.
         """
