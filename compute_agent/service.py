@@ -7,7 +7,8 @@ queue exists, the guests' firewalls are brought in line with the database in the
 again after every broker reconnect (rule-change casts a restart dropped are never waited for).
 
 Stop order (SIGTERM): stop consuming (casts not yet started stay in the queue), let running
-handlers finish within the grace period, stop the heartbeat, then mark the service down at once
+handlers finish within the grace period, cancel a rules resync (the next start does one), stop
+the heartbeat, then mark the service down at once
 (``last_seen_up`` cleared): the conductor then treats this host as down and hands the builds
 still queued for it to other hosts instead of waiting ``service_down_time``. The next start
 registers the service, which marks it up again.
