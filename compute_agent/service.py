@@ -2,10 +2,13 @@
 
 Start order matters for correctness after a crash: the hypervisor's state is loaded first, then
 the instances the database places here are reconciled with it, then usage is recomputed from what
-survived, and only then does the agent consume RPC (so no new build races the recovery).
+survived, and only then does the agent consume RPC (so no new build races the recovery). Once its
+queue exists, the guests' firewalls are brought in line with the database in the background, and
+again after every broker reconnect (rule-change casts a restart dropped are never waited for).
 
 Stop order (SIGTERM): stop consuming (casts not yet started stay in the queue), let running
-handlers finish within the grace period, stop the heartbeat, then mark the service down at once
+handlers finish within the grace period, cancel a rules resync (the next start does one), stop
+the heartbeat, then mark the service down at once
 (``last_seen_up`` cleared): the conductor then treats this host as down and hands the builds
 still queued for it to other hosts instead of waiting ``service_down_time``. The next start
 registers the service, which marks it up again.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
@@ -30,7 +33,7 @@ from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
 from compute_agent.rpcapi import ComputeAPI
-from compute_agent.security_groups import RulesWatch, SecurityGroupManager
+from compute_agent.security_groups import RulesResync, RulesWatch, SecurityGroupManager
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier, RetryPolicy, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.fake import FakeDriver
@@ -133,10 +136,15 @@ class ComputeAgentService:
         self.live_migration = LiveMigrationManager(
             cfg.host, self.driver, self.tracker, self.compute, self.notifier, calls=self.calls
         )
+        self.security = SecurityGroupManager(self.driver, rules_watch)
+        # Casts that change rules can be lost with the broker: re-apply what the database holds
+        # at start and after every reconnect (compute_agent/security_groups.py).
+        self.rules_resync = RulesResync(self._resync_rules, self._in_own_context)
+        self._unhook_reconnect: Callable[[], None] | None = None
         self.endpoint = ComputeEndpoint(
             self.build,
             VolumeManager(cfg.host, self.driver, self.notifier, self.calls),
-            SecurityGroupManager(self.driver, rules_watch),
+            self.security,
             self.live_migration,
             PeerCheck(cfg.host),
         )
@@ -245,6 +253,12 @@ class ComputeAgentService:
             self.metrics.watch_rpc("client", client.stats)
         self.metrics.watch_transport(self.transport.stats)
         await self.server.start()
+        # After the queue exists: a rule change committed from here on is cast into it (or,
+        # if the cast is lost with the broker, the reconnect's resync reads it).
+        self._unhook_reconnect = self.transport.on_reconnect(
+            lambda: self.rules_resync.request("reconnect")
+        )
+        self.rules_resync.start()
         self.live_migration.start()
         self._started = True
         log.info("compute_agent_started", host=self.host, instances=len(instances))
@@ -256,6 +270,10 @@ class ComputeAgentService:
     async def _stop(self, grace: float | None = None) -> None:
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
         await self.server.stop(grace=grace)
+        if self._unhook_reconnect is not None:
+            self._unhook_reconnect()
+            self._unhook_reconnect = None
+        await self.rules_resync.stop()
         await self.live_migration.stop()
         await self.build.stop()
         await self.levels.stop()
@@ -271,6 +289,9 @@ class ComputeAgentService:
             FleetObject.indirection_api = None
         self._started = False
         log.info("compute_agent_stopped", host=self.host)
+
+    async def _resync_rules(self, reason: str) -> None:
+        await self.security.resync(admin_context(releases.BINARY_COMPUTE), self.calls, reason)
 
     async def _mark_down(self) -> None:
         """Clear ``last_seen_up``: the service is down from now on, not ``service_down_time``

@@ -19,7 +19,8 @@ from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import VMState
-from shared_objects.objects.instance import InstanceList
+from shared_objects.messaging import MessageDeliveryFailure
+from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
 from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
 
@@ -168,12 +169,25 @@ class SecurityGroupTasks:
                     )
                 )
             ]
-        await asyncio.gather(
-            *(
-                self.compute.refresh_instance_security_rules(ctxt, i.host or "", instance=i)
-                for i in members
-            )
-        )
+        await asyncio.gather(*(self._refresh(ctxt, i) for i in members))
         hosts = dict(Counter(i.host or "" for i in members))
         log.info("security_group_refreshed", group_id=group_id, hosts=hosts)
         return hosts
+
+    async def _refresh(self, ctxt: RequestContext, instance: Instance) -> None:
+        host = instance.host or ""
+        try:
+            await self.compute.refresh_instance_security_rules(ctxt, host, instance=instance)
+        except MessageDeliveryFailure as exc:
+            # The change is committed; only the nudge is lost (no queue for the host: its agent
+            # or the broker is restarting, or the broker is unreachable). Nothing more to do
+            # here: an agent re-applies the database's rules to every guest when it starts and
+            # after every reconnect of its broker link (compute_agent/security_groups.py), and
+            # a host whose queue is missing has not yet done that reconnect. Failing the
+            # operator's request would only invite a retry of a change that already happened.
+            log.warning(
+                "security_group_refresh_not_delivered",
+                host=host,
+                instance_uuid=instance.uuid,
+                error=str(exc),
+            )

@@ -11,7 +11,14 @@ import abc
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import structlog
+
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
+
+log = structlog.get_logger(__name__)
+
+#: Told that the connection came back after a loss (no arguments; must not block).
+ReconnectCallback = Callable[[], None]
 
 
 class Delivery:
@@ -58,6 +65,35 @@ class Driver(abc.ABC):
 
     #: Login user, set as the AMQP ``user_id`` of every published message.
     user_id: str
+
+    def __init__(self) -> None:
+        self._reconnect_callbacks: list[ReconnectCallback] = []
+
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        """Call ``callback`` after every reconnect (not the first connect), and after a queue
+        this connection consumes from was deleted under it and declared again; returns a
+        function that removes it.
+
+        Runs once queues, exchanges and bindings are declared again (consumers may still be
+        coming back): a message published to a server's queue after that is kept. What was sent
+        while the link was down may be lost (a broker restart empties non-durable queues, a
+        server-addressed cast to a missing queue is returned), so this is where a service
+        re-reads state it keeps in step by casts. ``callback`` must not block: schedule work.
+        """
+        self._reconnect_callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._reconnect_callbacks:
+                self._reconnect_callbacks.remove(callback)
+
+        return remove
+
+    def _notify_reconnected(self) -> None:
+        for callback in list(self._reconnect_callbacks):
+            try:
+                callback()
+            except Exception:  # one faulty listener must not break the reconnect of the rest
+                log.exception("reconnect_callback_failed", callback=repr(callback))
 
     @abc.abstractmethod
     async def connect(self) -> None: ...

@@ -4,10 +4,11 @@ Emulates what the RPC runtime relies on: topic, fanout and default exchanges, qu
 routing key, declaration equivalence (406-style error on a mismatch), per-message expiration,
 prefetch windows, acks, the publisher's ``user_id``, and exclusive queues (each ``MemoryDriver``
 plays one connection: another one declaring, consuming or deleting an exclusive queue gets
-``RESOURCE_LOCKED``; closing the owner deletes it). Not emulated: ``x-expires``, durability,
-reconnects, permissions. Transports built from the same ``memory://<name>`` URL share one
-broker, so a client transport and a server transport talk to each other like two processes on one
-RabbitMQ.
+``RESOURCE_LOCKED``; closing the owner deletes it). A lost and restored connection can be
+simulated (``MemoryDriver.simulate_connection_loss`` / ``simulate_reconnect``). Not emulated:
+``x-expires``, durability beyond that, permissions. Transports built from the same
+``memory://<name>`` URL share one broker, so a client transport and a server transport talk to
+each other like two processes on one RabbitMQ.
 """
 
 from __future__ import annotations
@@ -226,11 +227,41 @@ def broker_for(name: str) -> MemoryBroker:
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, broker: MemoryBroker, consumers: list[_Consumer]):
+    def __init__(self, broker: MemoryBroker, consumers: list[_Consumer], on_close: Any):
         self._broker = broker
         self._consumers = consumers
+        self._on_close = on_close
+        self.cancelled = False
+
+    def drop(self, owner: object) -> None:
+        """The connection is gone: consumers stop; a queue that is not durable goes with its
+        messages (as on a broker restart), so what is sent to it meanwhile is unroutable."""
+        for consumer in self._consumers:
+            consumer.active = False
+            if consumer.queue.spec.durable:
+                self._broker.requeue_unacked(consumer)
+            else:
+                consumer.pending.clear()  # unacked messages: gone with their queue
+                self._broker.delete_queue(consumer.queue.spec.name, owner)
+
+    def restore(self, owner: object) -> None:
+        """Declare the queues again and consume from them on the restored connection."""
+        restored = []
+        for old in self._consumers:
+            queue = self._broker.declare_queue(old.queue.spec, owner)
+            if old in queue.consumers:
+                queue.consumers.remove(old)
+            consumer = _Consumer(queue, old.callback, old.prefetch, old.no_ack)
+            consumer.context = old.context
+            queue.consumers.append(consumer)
+            restored.append(consumer)
+        self._consumers = restored
+        for consumer in restored:
+            self._broker.pump(consumer.queue)
 
     async def cancel(self) -> None:
+        self.cancelled = True
+        self._on_close(self)
         for consumer in self._consumers:
             consumer.active = False
             if consumer in consumer.queue.consumers:
@@ -247,10 +278,36 @@ class MemoryDriver(Driver):
     """``Driver`` over a ``MemoryBroker``; ``user_id`` emulates the broker login."""
 
     def __init__(self, broker: MemoryBroker, user_id: str = "guest"):
+        super().__init__()
         self.broker = broker
         self.user_id = user_id
         self._published = 0
         self._returned = 0
+        self._reconnects = 0
+        self._subscriptions: list[_MemorySubscription] = []
+        #: False between ``simulate_connection_loss`` and ``simulate_reconnect``.
+        self.link_up = True
+
+    def simulate_connection_loss(self) -> None:
+        """What a broker restart does to this connection (for tests): its consumers stop, the
+        non-durable queues it consumes from are deleted with their messages (casts to them are
+        unroutable until ``simulate_reconnect``), and its own publishes fail."""
+        self.link_up = False
+        for subscription in self._subscriptions:
+            subscription.drop(self)
+
+    async def simulate_reconnect(self) -> None:
+        """The connection is back: queues declared again, consumers restored, then the
+        ``on_reconnect`` callbacks run (as the aio-pika driver does)."""
+        self.link_up = True
+        self._reconnects += 1
+        for subscription in self._subscriptions:
+            subscription.restore(self)
+        self._notify_reconnected()
+
+    def _forget(self, subscription: _MemorySubscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
 
     async def connect(self) -> None:
         return None
@@ -268,6 +325,8 @@ class MemoryDriver(Driver):
         mandatory: bool = False,
         retry_for: float | None = None,
     ) -> None:
+        if not self.link_up:
+            raise MessageDeliveryFailure("connection to the broker lost (simulated)")
         self.broker.declare_exchange(exchange)
         expires_at = time.monotonic() + expiration if expiration is not None else None
         # An empty login publishes without user_id (like an oslo.messaging peer).
@@ -302,14 +361,16 @@ class MemoryDriver(Driver):
             consumers.append(consumer)
         for consumer in consumers:
             self.broker.pump(consumer.queue)
-        return _MemorySubscription(self.broker, consumers)
+        subscription = _MemorySubscription(self.broker, consumers, self._forget)
+        self._subscriptions.append(subscription)
+        return subscription
 
     async def delete_queue(self, name: str) -> None:
         self.broker.delete_queue(name, self)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "reconnects": 0,
+            "reconnects": self._reconnects,
             "published": self._published,
             "publish_failures": self._returned,
             "returned": self._returned,

@@ -115,11 +115,15 @@ class _RabbitSubscription(Subscription):
         callback: DeliveryCallback,
         no_ack: bool,
         declare: Callable[[AbstractRobustChannel, QueueSpec], Awaitable[Any]],
+        on_queue_restored: Callable[[], None] = lambda: None,
     ):
         self._channel = channel
         self._callback = callback
         self._no_ack = no_ack
         self._declare = declare
+        # A queue the broker deleted under us is back: what was sent to it meanwhile is lost,
+        # as after a reconnect (the driver tells its reconnect listeners).
+        self._on_queue_restored = on_queue_restored
         self.specs: dict[str, QueueSpec] = {}
         # queue -> (underlay channel, consumer tag) of its consumer
         self._tags: dict[str, tuple[aiormq.abc.AbstractChannel, str]] = {}
@@ -190,7 +194,9 @@ class _RabbitSubscription(Subscription):
                     # Exclusive queues are ours to declare; a shared one only after the broker
                     # deleted it (aio-pika restores the rest, and would register a duplicate).
                     await self._declare(self._channel, spec)
-                    self._redeclare.discard(queue)
+                    if queue in self._redeclare:
+                        self._redeclare.discard(queue)
+                        self._on_queue_restored()
                 if not self._is_consuming(queue):
                     await self._consume(queue)
                 log.info("consumer_recovered", queue=queue, attempt=attempt)
@@ -298,6 +304,7 @@ class RabbitDriver(Driver):
         reconnect_interval: float = 1.0,
         publish_timeout: float = 60.0,
     ):
+        super().__init__()
         self._url = url
         self._publisher_confirms = publisher_confirms
         self._ssl_context = ssl_context
@@ -361,6 +368,8 @@ class RabbitDriver(Driver):
     def _on_reconnect(self, *_: Any) -> None:
         self._reconnects += 1
         log.warning("broker_reconnected", url=str(self._connection), reconnects=self._reconnects)
+        # aio-pika calls this after restoring channels (queues, exchanges, bindings).
+        self._notify_reconnected()
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -614,7 +623,9 @@ class RabbitDriver(Driver):
             raise MessageDeliveryFailure(
                 f"cannot subscribe to {names}: broker unavailable ({exc!r})"
             ) from exc
-        subscription = _RabbitSubscription(channel, callback, no_ack, self._declare_on)
+        subscription = _RabbitSubscription(
+            channel, callback, no_ack, self._declare_on, self._notify_reconnected
+        )
         try:
             if prefetch > 0:
                 await channel.set_qos(prefetch_count=prefetch)

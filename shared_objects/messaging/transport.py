@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -11,7 +11,7 @@ import structlog
 
 from shared_objects.config import MessagingConfig
 from shared_objects.messaging.codec import ALWAYS_ALLOWED_EXMODS
-from shared_objects.messaging.driver import Driver
+from shared_objects.messaging.driver import Driver, ReconnectCallback
 from shared_objects.messaging.exceptions import MessagingError
 from shared_objects.messaging.limits import MessageLimits
 from shared_objects.messaging.memory import MemoryBroker, MemoryDriver, broker_for
@@ -62,6 +62,15 @@ class Transport:
     def pending_replies(self) -> int:
         """Calls waiting for a reply right now (back to 0 when no call is in flight)."""
         return self.replies.pending
+
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        """Call ``callback()`` after every reconnect of this transport's broker link (and after
+        a queue it consumes from was deleted under it and declared again); returns a function
+        that removes it. Messages sent while the link was down may be lost: this is
+        the place to re-read what casts keep in step. ``callback`` must not block (schedule
+        work). The memory driver simulates a reconnect with ``MemoryDriver.simulate_reconnect``.
+        """
+        return self.driver.on_reconnect(callback)
 
     async def connect(self) -> None:
         if not self._connected:

@@ -56,6 +56,8 @@ async def test_deleted_server_and_reply_queues_are_recreated(
     config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
     janitor.server_topology(control_exchange, unique_topic, "s1")
     async with get_transport(config) as server_t, get_transport(config) as client_t:
+        told: list[str] = []
+        server_t.on_reconnect(lambda: told.append("queue back"))
         async with RPCServer(server_t, Target(topic=unique_topic, server="s1"), [Ping()]):
             client = RPCClient(client_t, Target(topic=unique_topic), timeout=5)
             assert await client.call(None, "ping") == "pong"
@@ -70,6 +72,8 @@ async def test_deleted_server_and_reply_queues_are_recreated(
             events = [e["event"] for e in logs]
             assert events.count("consumer_cancelled_by_broker") == 2
             assert events.count("consumer_recovered") == 2
+            # Casts sent while the server's queue was gone are lost: its transport says so.
+            assert told == ["queue back"]
             assert took < 10
             assert await client.prepare(server="s1").call(None, "ping") == "pong"
             await asyncio.gather(*[client.call(None, "ping") for _ in range(50)])

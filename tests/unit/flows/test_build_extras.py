@@ -6,14 +6,14 @@ progress reaches its guest."""
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from indirection_spy import CountingIndirection
 
 from compute_agent.virt.firewall import normalize_rules
-from shared_objects.base import FleetObject, indirection_api_in_context
+from shared_objects.base import indirection_api_in_context
 from shared_objects.context import RequestContext
 from shared_objects.fields import VMState
 from shared_objects.objects.flavor import Flavor
@@ -31,42 +31,12 @@ EVENT_FINISH = ("InstanceActionEvent", "event_finish")
 WATCHED = {BDMS, RULES, EVENT_START, EVENT_FINISH}
 
 
-class CountingIndirection:
-    """Counts the agents' object calls on their way to the conductor."""
-
-    def __init__(self) -> None:
-        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
-
-    def watched(self) -> dict[tuple[str, str], int]:
-        return {call: n for call, n in self.calls.items() if call in WATCHED}
-
-    def wrap(self, api: Any) -> None:
-        """Count the calls of one agent's conductor client (each agent has its own, under its
-        own login: the one its tasks use)."""
-        class_call, instance_call = api.object_class_action_versions, api.object_action
-
-        async def object_class_action_versions(
-            context: Any, objname: str, objmethod: str, *rest: Any
-        ) -> Any:
-            self.calls[(objname, objmethod)] += 1
-            return await class_call(context, objname, objmethod, *rest)
-
-        async def object_action(
-            context: Any, objinst: FleetObject, objmethod: str, *rest: Any
-        ) -> Any:
-            self.calls[(objinst.obj_name(), objmethod)] += 1
-            return await instance_call(context, objinst, objmethod, *rest)
-
-        api.object_class_action_versions = object_class_action_versions
-        api.object_action = object_action
-
-
 @pytest.fixture
 def counting() -> Callable[[Any], CountingIndirection]:
     """Installs the counter on every agent of a started fleet (the agents go with the fleet)."""
 
     def install(fleet: Any) -> CountingIndirection:
-        counter = CountingIndirection()
+        counter = CountingIndirection(WATCHED)
         for agent in fleet.agents.values():
             counter.wrap(agent.conductor)
         return counter
