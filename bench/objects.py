@@ -35,7 +35,8 @@ and deleted afterwards, as every login below); the instances it reads and saves 
 that host, so the policy allows them, scoped, as for a real agent. Seeding runs as an operator.
 
 JSON: ``{"objects": {"<c>": {...}}, "objects_open": ..., "direct": {...}, "ratio": {"<c>":
-objects/direct}, "policy_ratio": {"<c>": objects/objects_open}}`` with
+objects/direct}, "cpu_ratio": {"<c>": direct CPU per pair / (agent + conductor CPU per pair)},
+"policy_ratio": {"<c>": objects/objects_open}}`` with
 ``pairs_per_s``, ``p50_ms`` and ``p99_ms`` per cell (medians over rounds).
 Compare the ratio of one run; absolute figures on a shared machine mean little.
 """
@@ -454,6 +455,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         str(c): result["objects"][str(c)]["pairs_per_s"] / result["direct"][str(c)]["pairs_per_s"]
         for c in concurrencies
     }
+    # CPU per pair of this machine's Fleet processes, direct over objects (agent + conductor;
+    # the broker and the database are shared and not counted): much steadier than throughput
+    # on a loaded machine, where the path with more processes loses more.
+    result["cpu_ratio"] = {
+        str(c): result["direct"][str(c)]["cpu_ms_per_pair"]
+        / (
+            result["objects"][str(c)]["cpu_ms_per_pair"]
+            + result["objects"][str(c)]["conductor_cpu_ms_per_pair"]
+        )
+        for c in concurrencies
+    }
     result["policy_ratio"] = {
         str(c): result["objects"][str(c)]["pairs_per_s"]
         / result["objects_open"][str(c)]["pairs_per_s"]
@@ -474,15 +486,16 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{'concurrency':>11} | {'objects pairs/s':>15} | {'p50/p99 ms':>13} | "
         f"{'cpu ms agent/cond':>17} | {'direct pairs/s':>14} | {'p50/p99 ms':>13} | "
-        f"{'cpu ms':>6} | {'ratio':>5}",
+        f"{'cpu ms':>6} | {'ratio':>5} | {'cpu ratio':>9}",
     ]
     for c, ratio in result["ratio"].items():
         o, d = result["objects"][c], result["direct"][c]
+        cpu_ratio = result.get("cpu_ratio", {}).get(c, float("nan"))
         lines.append(
             f"{c:>11} | {o['pairs_per_s']:>15.0f} | {o['p50_ms']:>6.1f}/{o['p99_ms']:<6.1f} | "
             f"{o['cpu_ms_per_pair']:>8.2f}/{o['conductor_cpu_ms_per_pair']:<8.2f} | "
             f"{d['pairs_per_s']:>14.0f} | {d['p50_ms']:>6.1f}/{d['p99_ms']:<6.1f} | "
-            f"{d['cpu_ms_per_pair']:>6.2f} | {ratio:>5.2f}"
+            f"{d['cpu_ms_per_pair']:>6.2f} | {ratio:>5.2f} | {cpu_ratio:>9.2f}"
         )
     layers = result.get("layers")
     if layers:
