@@ -6,13 +6,17 @@
 
 One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
 compute agents as separate processes, zero spawn delay, generous capacity) on the local RabbitMQ,
-in a private vhost created and deleted here, and a fresh PostgreSQL database, dropped at the end.
+in a private vhost created and deleted here, every process on its own broker login (created for
+the run and deleted at the end), and a fresh PostgreSQL database, dropped at the end.
 Two paths then go through the same conductor, one after the other, in rounds (``--rounds``,
 default 3, quick 1) with the path order rotated each round; every figure is the median over the
 rounds (as in ``bench/rpc.py``), so a slow phase of a shared machine hits every path alike:
 
-- ``floor``: ``bench/boot_floor.py``, an agent-like process whose ``FleetObject.indirection_api``
-  is a ``ConductorAPI``, issues per instance the object calls a build needs at minimum: one
+- ``floor``: ``bench/boot_floor.py``, a process whose ``FleetObject.indirection_api`` is a
+  ``ConductorAPI`` (on the cluster's operator login: only an operator may create instances; the
+  build's saves run as the agents, under their ownership scope, ~2-3% more conductor
+  instructions per call, docs/performance.md "Authorisation"), issues per instance the object
+  calls a build needs at minimum: one
   ``Instance.create`` and the three compare-and-swap saves (scheduling → block_device_mapping →
   spawning → active), ``--concurrency`` instances in flight.
 - ``build``: the operator (this process) calls the compute-task API ``build_instances`` (one
@@ -64,6 +68,7 @@ import asyncpg
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.rabbit_node import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -276,7 +281,8 @@ async def run_floor(
         sys.executable,
         str(HERE / "boot_floor.py"),
         "--url",
-        cluster.spec.transport_url,
+        # Creating instances is an operator's call (an agent login may not insert them).
+        cluster.operator_url,
         "--exchange",
         cluster.spec.control_exchange,
         "--flavor",
@@ -405,7 +411,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     hosts = tuple(f"compute-{n}" for n in range(1, args.agents + 1))
     conductor_port = free_port()
     with private_vhost() as vhost:
-        async with fresh_database() as db_url:
+        # Every process on its own broker login, as in production (a conductor refuses to run
+        # on a login that is not a conductor's); users are global: deleted at the end.
+        logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=uuid.uuid4().hex[:6])
+        async with fresh_database() as db_url, contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(logins.delete)
             dsn = plain_dsn(db_url)
             workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fleet-bench-boot-"))
             spec = ClusterSpec(
@@ -419,6 +429,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "FLEET_LOG_LEVEL": args.log_level,
                     **AGENT_CAPACITY,
                 },
+                logins=logins,
                 report_interval=10.0,
                 service_down_time=60.0,
             )
