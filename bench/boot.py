@@ -24,6 +24,9 @@ rounds (as in ``bench/rpc.py``), so a slow phase of a shared machine hits every 
   schedules, records and casts ``run_instance``, and the agents claim, spawn and save, as in
   production.
 
+``ratio`` is the build's median instances/s over the floor's; ``ratio_per_round`` pairs the two
+paths within each round (same phase of the machine), and its median is printed too.
+
 For both, throughput is ``count / (last instance ACTIVE - first request sent)`` and the time to
 ACTIVE of an instance is ``updated_at - created_at`` of its row once ACTIVE (both written by the
 conductor at the create and at the save that made it ACTIVE: one clock, microseconds). The
@@ -566,6 +569,7 @@ def report(
         "rounds": args.rounds,
         "ratio": round(ratio, 2),
         "ratio_per_round": per_round,
+        "ratio_per_round_median": statistics.median(per_round),
         "target": TARGET,
         "met": ratio >= TARGET,
         "machine": {
@@ -596,7 +600,8 @@ def render(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"build / floor: {result['ratio']}x (target >= {result['target']}x: {verdict}); "
-        f"per round: {', '.join(f'{r}x' for r in result['ratio_per_round'])}",
+        f"per round: {', '.join(f'{r}x' for r in result['ratio_per_round'])} "
+        f"(median {result['ratio_per_round_median']}x)",
         "",
         "conductor RPCs served per instance:",
     ]

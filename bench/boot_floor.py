@@ -5,8 +5,9 @@ ConductorAPI(...)``, like a compute agent, but on the operator login ``--url`` n
 not create instances) that, for each of ``--count`` instances, issues exactly the object calls
 the build flow needs at minimum, through the same conductor: one ``Instance.create`` and the
 three compare-and-swap saves of a successful build (scheduling → block_device_mapping →
-spawning → active), with ``--concurrency`` instances in flight at once. No scheduler, no casts, no claims, no instance
-actions, no notifications: what is left is the price of the indirection path itself.
+spawning → active), with ``--concurrency`` instances in flight at once. No scheduler, no casts,
+no claims, no instance actions, no notifications: what is left is the price of the indirection
+path itself.
 
 ``--calls full`` issues instead every object call the build flow makes per instance, in its
 order (create, action start, the three saves, the run_instance event start and finish, the BDM
