@@ -27,7 +27,7 @@ rounds (as in ``bench/rpc.py``), so a slow phase of a shared machine hits every 
 ``ratio`` is the build's median instances/s over the floor's; ``ratio_per_round`` pairs the two
 paths within each round (same phase of the machine), and its median is printed too.
 
-For both, throughput is ``count / (last instance ACTIVE - first request sent)`` and the time to
+For each path, throughput is ``count / (last instance ACTIVE - first request sent)`` and the time to
 ACTIVE of an instance is ``updated_at - created_at`` of its row once ACTIVE (both written by the
 conductor at the create and at the save that made it ACTIVE: one clock, microseconds). The
 conductor's ``/metrics`` is scraped around each path to count the RPCs it served per instance,
