@@ -78,8 +78,8 @@ from shared_objects.testing.broker_logins import BrokerLogins
 CONCURRENCIES = (1, 16, 64)
 # The direct path's pool. The conductor's may grow to 64, but it held ~27 connections at c=64
 # (2026-12-07), and 64 more would overrun the shared server's max_connections (100). A smaller
-# pool does not slow the direct path down: at c=64, pools of 16, 32 and 64 gave the same
-# pairs/s within noise (64 the slowest), so the limit flatters nobody (``--direct-pool``).
+# pool does not slow the direct path down: at c=64, pools of 16 and 32 gave at least the pairs/s
+# of 64 (the slowest, with the shortest tail), so the limit flatters nobody (``--direct-pool``).
 DIRECT_POOL = 32
 TARGET_RATIO_AT_64 = 0.5
 TARGET_POLICY_RATIO_AT_64 = 0.95
