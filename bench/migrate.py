@@ -49,6 +49,7 @@ import asyncpg
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.rabbit_node import free_port
 
 PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -153,7 +154,12 @@ async def boot_evenly(cluster: LocalCluster, hosts: list[str], count: int) -> di
 
 async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, Any]:
     hosts = [f"compute-{n}" for n in range(1, args.agents + 1)]
-    async with fresh_database() as database_url:
+    # Every process on its own broker login, as in production (a conductor refuses to run on a
+    # login that is not a conductor's, and only an operator may create instances); users are
+    # global to the broker, so they are deleted at the end.
+    logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=uuid.uuid4().hex[:6])
+    async with fresh_database() as database_url, contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(logins.delete)
         spec = ClusterSpec(
             database_url=database_url,
             transport_url=AMQP_BASE + vhost,
@@ -161,6 +167,7 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
             conductors=args.conductors,
             workdir=workdir,
             common_env={**AGENT_ENV, "FLEET_LOG_LEVEL": args.log_level},
+            logins=logins,
             report_interval=10.0,
             service_down_time=60.0,
         )
@@ -257,7 +264,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's logs")
-    parser.add_argument("--log-level", default="warning", help="services' log level")
+    # info at least: the cluster waits for each agent's `service_ready` line.
+    parser.add_argument("--log-level", default="info", help="services' log level")
     args = parser.parse_args()
     if args.count is None:
         args.count = 40 if args.quick else 100

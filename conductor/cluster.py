@@ -324,9 +324,11 @@ class LocalCluster:
                 await asyncio.sleep(0.3)
                 return
             if loop.time() > deadline:
+                silent = [h for h, said in zip(hosts, ready, strict=True) if not said]
                 raise TimeoutError(
                     f"agents {sorted(set(hosts) - (services & nodes))} not up in {timeout}s "
-                    f"(services: {sorted(services)}, compute nodes: {sorted(nodes)})"
+                    f"(services: {sorted(services)}, compute nodes: {sorted(nodes)}; "
+                    f"no service_ready line from {silent}: its log level must be info or lower)"
                 )
             await asyncio.sleep(0.2)
 
