@@ -4,11 +4,16 @@ Filters drop hosts that cannot take a request (service down or disabled, not eno
 RAM or disk under the allocation ratios); the weigher orders the rest by free RAM. A request for
 several instances is spread: each pick consumes the chosen host's capacity in a local view, so
 the next instance sees the host as it will be, not as it was.
+
+The states given are never changed: they may be the conductor's cached host view
+(``conductor.host_view``), shared by concurrent requests. A pick copies the host it consumes;
+a request costs O(hosts) comparisons and O(picks) copies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections.abc import Iterable, Sequence
 
 
@@ -107,9 +112,16 @@ def filter_hosts(
     return passed, rejected
 
 
-def weigh(hosts: Iterable[HostState]) -> list[HostState]:
-    """Most free RAM first; host name breaks ties so the order is deterministic."""
-    return sorted(hosts, key=lambda s: (-s.free_ram_mb, s.host))
+def _weight(state: HostState) -> tuple[float, str]:
+    return (-state.free_ram_mb, state.host)
+
+
+def weigh(hosts: Iterable[HostState], best: int | None = None) -> list[HostState]:
+    """Most free RAM first; host name breaks ties so the order is deterministic. ``best``:
+    only that many from the top (no full sort)."""
+    if best is None:
+        return sorted(hosts, key=_weight)
+    return heapq.nsmallest(best, hosts, key=_weight)
 
 
 def select_destinations(
@@ -123,25 +135,31 @@ def select_destinations(
 ) -> list[list[HostState]]:
     """Pick a host for each of ``count`` instances, each followed by up to ``alternates`` others.
 
-    Consumes capacity in a private copy of ``hosts`` so a multi-instance request spreads.
-    Raises ``NoValidHost`` when any instance cannot be placed.
+    Consumes capacity in copies of the hosts it picks (``hosts`` is left as it was), so a
+    multi-instance request spreads. Raises ``NoValidHost`` when any instance cannot be placed.
     """
     if count < 1:
         raise ValueError("count must be at least 1")
-    view = [dataclasses.replace(h) for h in hosts]
+    view = list(hosts)
     if force_host is not None:
         view = [h for h in view if h.host == force_host]
         if not view:
             raise NoValidHost([Rejection(force_host, "forced host is not a known compute host")])
     ignored = list(ignore_hosts)
     picks: list[list[HostState]] = []
+    copies: set[int] = set()  # ids of this call's own copies
     for index in range(count):
         passed, rejected = filter_hosts(view, req, ignore_hosts=ignored)
         if not passed:
             placed = f"placed {index} of {count} instances. " if index else ""
             raise NoValidHost(rejected, placed)
-        ranked = weigh(passed)
+        ranked = weigh(passed, best=1 + alternates)
         chosen = ranked[0]
+        # Copy on the first pick of a host: the given states stay untouched.
+        if id(chosen) not in copies:
+            position = next(i for i, h in enumerate(view) if h is chosen)
+            chosen = view[position] = dataclasses.replace(chosen)
+            copies.add(id(chosen))
         chosen.consume(req)
         picks.append([dataclasses.replace(chosen), *ranked[1 : 1 + alternates]])
     return picks

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     false,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,6 +45,19 @@ class Base(DeclarativeBase):
 class Timestamps:
     created_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+
+
+def changed_at(table: Any) -> Any:
+    """When a soft-deletable row last changed: its deletion, else its last update, else its
+    creation (``save`` sets ``updated_at``, ``create`` only ``created_at``, ``destroy`` only
+    ``deleted_at``). The scheduler's host view reads the rows changed since its last read by
+    this expression, and an index on it serves that read."""
+    return func.coalesce(table.c.deleted_at, table.c.updated_at, table.c.created_at)
+
+
+def last_stamp(table: Any) -> Any:
+    """When a row last changed, ignoring deletion (the reconciler's age of a row)."""
+    return func.coalesce(table.c.updated_at, table.c.created_at)
 
 
 class SoftDelete(Timestamps):
@@ -262,3 +276,25 @@ class InstanceFault(SoftDelete, Base):
 
 
 metadata = Base.metadata
+
+
+# Indexes on expressions, declared on the tables once the columns exist (migration 0004).
+_T = metadata.tables
+# The host view's delta reads (``conductor.host_view``): the rows changed since its last read.
+Index("ix_compute_nodes_changed_at", changed_at(_T["compute_nodes"]))
+Index("ix_services_changed_at", changed_at(_T["services"]))
+# The reconciler's scan of instances with a task (``conductor.reconcile.statements``): few of
+# the fleet's instances have one, so the partial index stays small, and it is ordered by age.
+Index(
+    "ix_instances_busy_changed",
+    last_stamp(_T["instances"]),
+    postgresql_where=_T["instances"].c.task_state.is_not(None),
+    sqlite_where=_T["instances"].c.task_state.is_not(None),
+)
+# The reconciler's scan of unfinished actions: almost every action is finished.
+Index(
+    "ix_instance_actions_open",
+    _T["instance_actions"].c.id,
+    postgresql_where=_T["instance_actions"].c.finish_time.is_(None),
+    sqlite_where=_T["instance_actions"].c.finish_time.is_(None),
+)

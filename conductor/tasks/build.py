@@ -27,10 +27,11 @@ import structlog
 
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
+from conductor.host_view import FleetView, HostView, HostViewSettings
 from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
 from conductor.tasks.build_extras import RUN_EVENT, BuildExtras, bdm_list, start_run_event
 from conductor.tasks.faults import set_instance_error
-from conductor.tasks.hosts import FleetView, PlacementLedger, load_host_states
+from conductor.tasks.hosts import PlacementLedger
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import BDMDestinationType, BDMSourceType, TaskState, VMState
@@ -104,12 +105,20 @@ class BuildTask:
     """Conductor side of booting instances."""
 
     def __init__(
-        self, database: Database, compute: ComputeAPI, settings: BuildSettings | None = None
+        self,
+        database: Database,
+        compute: ComputeAPI,
+        settings: BuildSettings | None = None,
+        host_view: HostView | None = None,
     ) -> None:
         self.database = database
         self.compute = compute
         self.settings = settings or BuildSettings()
         self.ledger = PlacementLedger()
+        # This conductor's cached view of the hosts, shared with live migration.
+        self.host_view = host_view or HostView(
+            HostViewSettings(service_down_time=self.settings.service_down_time)
+        )
 
     async def build_instances(
         self,
@@ -139,14 +148,11 @@ class BuildTask:
                 await SecurityGroup.get_by_name(ctxt, ctxt.project_id or "", g)
                 for g in (security_groups or [])
             ]
-            view = await load_host_states(ctxt, self.settings.service_down_time)
-            if forced_host is not None and forced_host not in {h.host for h in view.states}:
-                raise _invalid(f"forced host {forced_host!r} is not a known compute host")
             req = ResourceRequest(the_flavor.vcpus, the_flavor.memory_mb, the_flavor.root_gb)
             picks: list[list[HostState]] = []
             no_host: NoValidHost | None = None
             try:
-                picks = self._place(view, req, count, force_host=forced_host)
+                picks = await self._schedule(ctxt, req, count, force_host=forced_host)
             except NoValidHost as exc:
                 no_host = exc
             # Each instance is assigned to its host in the same statement that creates it: the
@@ -196,6 +202,31 @@ class BuildTask:
             extras.append(BuildExtras(block_device_mappings=record.bdms, event_started=True))
         return extras
 
+    async def _schedule(
+        self,
+        ctxt: RequestContext,
+        req: ResourceRequest,
+        count: int,
+        *,
+        force_host: str | None = None,
+        ignore_hosts: list[str] | None = None,
+    ) -> list[list[HostState]]:
+        """Pick hosts from the cached view; a refusal (no valid host, unknown forced host) is
+        checked again on a view refreshed now, since the cache may lag by a refresh interval
+        (a host that just came up, capacity just freed)."""
+        view = await self.host_view.fleet(ctxt)
+        if force_host is None or any(h.host == force_host for h in view.states):
+            try:
+                return self._place(
+                    view, req, count, force_host=force_host, ignore_hosts=ignore_hosts
+                )
+            except NoValidHost:
+                pass
+        view = await self.host_view.fleet(ctxt, fresh=True)
+        if force_host is not None and not any(h.host == force_host for h in view.states):
+            raise _invalid(f"forced host {force_host!r} is not a known compute host")
+        return self._place(view, req, count, force_host=force_host, ignore_hosts=ignore_hosts)
+
     def _place(
         self,
         view: FleetView,
@@ -206,9 +237,9 @@ class BuildTask:
         ignore_hosts: list[str] | None = None,
     ) -> list[list[HostState]]:
         # No await from here to the end: concurrent requests see each other's placements.
-        self.ledger.apply(view.states, view.reported_at)
+        states = self.ledger.apply(view.states, view.reported_at)
         picks = select_destinations(
-            view.states,
+            states,
             req,
             count,
             alternates=self.settings.alternates,
@@ -358,10 +389,9 @@ class BuildTask:
                     host=failed_host,
                 )
                 return
-            view = await load_host_states(ctxt, self.settings.service_down_time)
             req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
             try:
-                picks = self._place(view, req, 1, ignore_hosts=tried)
+                picks = await self._schedule(ctxt, req, 1, ignore_hosts=tried)
             except NoValidHost as exc:
                 await set_instance_error(
                     ctxt,
@@ -436,10 +466,9 @@ class BuildTask:
                     500,
                 )
             else:
-                view = await load_host_states(ctxt, self.settings.service_down_time)
                 req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
                 try:
-                    picks = self._place(view, req, 1, ignore_hosts=avoid)
+                    picks = await self._schedule(ctxt, req, 1, ignore_hosts=avoid)
                 except NoValidHost as exc:
                     failure = (f"{exc} Build failed{where}: {reason}", 503)
             if failure is not None:

@@ -60,6 +60,7 @@ class ComputeTaskEndpoint:
             or LiveMigrateSettings.from_env(
                 service_down_time=self.build.settings.service_down_time
             ),
+            host_view=self.build.host_view,
         )
 
     @expose

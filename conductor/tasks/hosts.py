@@ -1,4 +1,8 @@
-"""The scheduler's view of the fleet, read from ComputeNode and Service rows in two queries.
+"""What a conductor adds to the host view: its own recent placements.
+
+The view itself is ``conductor.host_view.HostView`` (cached, refreshed by deltas);
+``load_host_states`` is the uncached read it replaced (every ComputeNode and Service row per
+call), kept as the baseline ``bench/scheduler.py`` measures against.
 
 A ComputeNode's usage lags behind the placements a conductor has just made: the agent reports
 it only after it claimed. ``PlacementLedger`` remembers this conductor's recent placements and
@@ -12,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
+from conductor.host_view import FleetView
 from conductor.scheduler import HostState, ResourceRequest
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.service import ServiceList
@@ -37,38 +43,44 @@ class PlacementLedger:
     def record(self, host: str, req: ResourceRequest) -> None:
         self._placements[uuid.uuid4().hex] = _Placement(host, req, _utcnow())
 
-    def apply(self, states: list[HostState], reported_at: dict[str, datetime.datetime]) -> None:
-        """Add to ``states`` what each host has not reported since the placement was made.
+    def apply(
+        self, states: list[HostState], reported_at: Mapping[str, datetime.datetime]
+    ) -> list[HostState]:
+        """``states`` with what each host has not reported since the placement was made added
+        to its usage. The states given are not changed (they may be the host view's, shared):
+        a host with pending placements is copied, the others are passed through.
 
         Call it, select, and ``record`` the choices without awaiting in between, so concurrent
         requests in this process each see the others' placements.
         """
         now = _utcnow()
-        by_host = {s.host: s for s in states}
+        pending: dict[str, list[ResourceRequest]] = {}
         for key, placement in list(self._placements.items()):
             seen = reported_at.get(placement.host)
             if now - placement.at > self.ttl or (seen is not None and seen > placement.at):
                 del self._placements[key]
                 continue
-            state = by_host.get(placement.host)
-            if state is not None:
-                state.consume(placement.req)
+            pending.setdefault(placement.host, []).append(placement.req)
+        if not pending:
+            return states
+        out: list[HostState] = []
+        for state in states:
+            reqs = pending.get(state.host)
+            if reqs:
+                state = dataclasses.replace(state)
+                for req in reqs:
+                    state.consume(req)
+            out.append(state)
+        return out
 
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-@dataclasses.dataclass(slots=True)
-class FleetView:
-    """Host states as read, and when each host last reported its usage."""
-
-    states: list[HostState]
-    reported_at: dict[str, datetime.datetime]
-
-
 async def load_host_states(ctxt: Any, service_down_time: float) -> FleetView:
-    """One HostState per compute node whose host runs a registered compute service."""
+    """One HostState per compute node whose host runs a registered compute service, read in
+    full (two queries, every row as an object): the uncached baseline of ``HostView``."""
     nodes = await ComputeNodeList.get_all(ctxt)
     services = {s.host: s for s in await ServiceList.get_by_binary(ctxt, BINARY_COMPUTE)}
     now = _utcnow()

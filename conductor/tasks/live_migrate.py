@@ -32,8 +32,8 @@ import structlog
 
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
+from conductor.host_view import HostView, HostViewSettings
 from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
-from conductor.tasks.hosts import load_host_states
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
@@ -110,21 +110,23 @@ def migration_to_dict(migration: Migration, progress: int | None = None) -> dict
     return out
 
 
-async def _host_states(ctxt: RequestContext, service_down_time: float) -> list[HostState]:
-    view: Any = await load_host_states(ctxt, service_down_time)
-    # Tolerates both shapes of the hosts module (a list, or a view with ``states``).
-    return list(view.states if hasattr(view, "states") else view)
-
-
 class LiveMigrateTask:
     """Conductor side of live migration."""
 
     def __init__(
-        self, database: Database, compute: ComputeAPI, settings: LiveMigrateSettings | None = None
+        self,
+        database: Database,
+        compute: ComputeAPI,
+        settings: LiveMigrateSettings | None = None,
+        host_view: HostView | None = None,
     ) -> None:
         self.database = database
         self.compute = compute
         self.settings = settings or LiveMigrateSettings()
+        # The conductor's cached host view (shared with builds when the endpoint passes it).
+        self.host_view = host_view or HostView(
+            HostViewSettings(service_down_time=self.settings.service_down_time)
+        )
         self._running: dict[str, asyncio.Task[None]] = {}
         self._bandwidth_limits: dict[str, int] = {}
 
@@ -156,7 +158,7 @@ class LiveMigrateTask:
         async with self.database.request(ctxt):
             instance = await Instance.get_by_uuid(ctxt, instance_uuid)
             source = self._check_instance(instance)
-            hosts = await _host_states(ctxt, self.settings.service_down_time)
+            hosts = (await self.host_view.fleet(ctxt)).states
             self._check_hosts(instance, source, host, hosts)
             instance.task_state = TaskState.MIGRATING
             instance.progress = 0  # this migration's progress, not the last one's
@@ -304,7 +306,7 @@ class LiveMigrateTask:
             node: str | None = None
             if dest is None:
                 async with self.database.request(ctxt):
-                    hosts = await _host_states(ctxt, self.settings.service_down_time)
+                    hosts = (await self.host_view.fleet(ctxt)).states
                 try:
                     pick = select_destinations(hosts, req, 1, alternates=0, ignore_hosts=tried)
                 except NoValidHost as exc:
