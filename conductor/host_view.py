@@ -108,6 +108,12 @@ class RefreshStats:
     statements: int = 0
     node_rows: int = 0
     service_rows: int = 0
+    #: The last read: the stamp it asked for rows changed after (None: a full read), how many
+    #: hosts it asked about the liveness of, and the rows it got.
+    last_since: datetime.datetime | None = None
+    last_ageing: int = 0
+    last_node_rows: int = 0
+    last_service_rows: int = 0
 
 
 def _utcnow() -> datetime.datetime:
@@ -158,10 +164,21 @@ def _services_statement(delta: bool) -> Callable[[bool], Any]:
                 compute, s.c.deleted == false()
             )
         changed = models.changed_at(s) > bindparam("since", type_=s.c.updated_at.type)
+        stamp = s.c.last_seen_up
+        # Only rows whose stamp moved past the cached one: an ageing host that beat within
+        # the last half down time, a host seen down that beat within the down time.
         beat = and_(
-            _member(s.c.host, "ageing", arrays),
             s.c.deleted == false(),
-            s.c.last_seen_up >= bindparam("up_since", type_=s.c.last_seen_up.type),
+            or_(
+                and_(
+                    _member(s.c.host, "ageing", arrays),
+                    stamp > bindparam("fresh_since", type_=stamp.type),
+                ),
+                and_(
+                    _member(s.c.host, "down", arrays),
+                    stamp >= bindparam("up_since", type_=stamp.type),
+                ),
+            ),
         )
         return (
             select(*(s.c[c] for c in _SERVICE_COLUMNS))
@@ -253,7 +270,7 @@ class HostView:
         services: list[Row] = await db.run_statement(
             ("host_view_services_all",), "services", _services_statement(False), {}, rows=True
         )
-        self._count(rows, services, full=True)
+        self._count(rows, services, since=None, ageing=0)
         self._nodes = {}
         self._services = {}
         self._apply(rows, services)
@@ -270,14 +287,18 @@ class HostView:
             rows=True,
         )
         now = self._utcnow()
-        down = self.settings.service_down_time
-        # Hosts the cache would see down within half the down time: ask whether they beat.
-        ageing_before = now - datetime.timedelta(seconds=down / 2)
-        ageing = [
-            host
-            for host, svc in self._services.items()
-            if svc.last_seen_up is None or svc.last_seen_up < ageing_before
-        ]
+        down = datetime.timedelta(seconds=self.settings.service_down_time)
+        # Hosts the cache sees up but would see down within half the down time, and hosts it
+        # sees down: ask whether they beat since.
+        fresh_since = now - down / 2
+        up_since = now - down
+        ageing: list[str] = []
+        seen_down: list[str] = []
+        for host, svc in self._services.items():
+            if svc.last_seen_up is None or svc.last_seen_up < up_since:
+                seen_down.append(host)
+            elif svc.last_seen_up <= fresh_since:
+                ageing.append(host)
         services: list[Row] = await db.run_statement(
             ("host_view_services_changed",),
             "services",
@@ -285,23 +306,36 @@ class HostView:
             {
                 "since": since,
                 "ageing": ageing,
-                "up_since": now - datetime.timedelta(seconds=down),
+                "fresh_since": fresh_since,
+                "down": seen_down,
+                "up_since": up_since,
             },
             rows=True,
         )
-        self._count(rows, services, full=False)
+        self._count(rows, services, since=since, ageing=len(ageing) + len(seen_down))
         self._apply(rows, services)
         self._since = self._clock(rows)
 
-    def _count(self, rows: Sequence[Row], services: Sequence[Row], *, full: bool) -> None:
+    def _count(
+        self,
+        rows: Sequence[Row],
+        services: Sequence[Row],
+        *,
+        since: datetime.datetime | None,
+        ageing: int,
+    ) -> None:
         stats = self.stats
         stats.statements += 2
-        if full:
+        if since is None:
             stats.full_reads += 1
         else:
             stats.delta_reads += 1
-        stats.node_rows += sum(1 for r in rows if r["id"] is not None)
-        stats.service_rows += len(services)
+        stats.last_since = since
+        stats.last_ageing = ageing
+        stats.last_node_rows = sum(1 for r in rows if r["id"] is not None)
+        stats.last_service_rows = len(services)
+        stats.node_rows += stats.last_node_rows
+        stats.service_rows += stats.last_service_rows
 
     @staticmethod
     def _clock(rows: Sequence[Row]) -> datetime.datetime:
