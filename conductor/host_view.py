@@ -73,7 +73,7 @@ _NODE_COLUMNS = (
     "updated_at",
     "deleted",
 )
-_SERVICE_COLUMNS = ("id", "host", "disabled", "forced_down", "last_seen_up", "deleted")
+_SERVICE_COLUMNS = ("id", "host", "binary", "disabled", "forced_down", "last_seen_up", "deleted")
 
 
 @dataclasses.dataclass(slots=True)
@@ -133,7 +133,7 @@ def _member(col: Any, name: str, arrays: bool) -> ColumnElement[bool]:
     return col.in_(bindparam(name, expanding=True, type_=col.type))
 
 
-def _nodes_statement(delta: bool) -> Callable[[bool], Any]:
+def nodes_statement(delta: bool) -> Callable[[bool], Any]:
     """The live compute nodes (full) or every node changed since ``:since`` (delta, deleted
     ones included), each row with the database's clock; one row of NULLs and the clock when
     nothing matches (a left join from the clock)."""
@@ -152,7 +152,7 @@ def _nodes_statement(delta: bool) -> Callable[[bool], Any]:
     return build
 
 
-def _services_statement(delta: bool) -> Callable[[bool], Any]:
+def services_statement(delta: bool) -> Callable[[bool], Any]:
     """The live compute services (full), or those changed since ``:since`` plus those of
     ``:ageing`` hosts that reported since ``:up_since`` (delta)."""
     s = _SERVICES
@@ -165,26 +165,26 @@ def _services_statement(delta: bool) -> Callable[[bool], Any]:
             )
         changed = models.changed_at(s) > bindparam("since", type_=s.c.updated_at.type)
         stamp = s.c.last_seen_up
+        live = s.c.deleted == false()
         # Only rows whose stamp moved past the cached one: an ageing host that beat within
-        # the last half down time, a host seen down that beat within the down time.
-        beat = and_(
-            s.c.deleted == false(),
-            or_(
-                and_(
-                    _member(s.c.host, "ageing", arrays),
-                    stamp > bindparam("fresh_since", type_=stamp.type),
-                ),
-                and_(
-                    _member(s.c.host, "down", arrays),
-                    stamp >= bindparam("up_since", type_=stamp.type),
-                ),
-            ),
+        # the last half down time, a host seen down that beat within the down time. Each arm
+        # has its own index. The rows changed are of every binary (the few others are dropped
+        # when read): a condition common to all arms would be factored out by PostgreSQL's
+        # planner, which then reads every compute service through the ``binary`` index.
+        ageing = and_(
+            _member(s.c.host, "ageing", arrays),
+            compute,
+            live,
+            stamp > bindparam("fresh_since", type_=stamp.type),
         )
-        return (
-            select(*(s.c[c] for c in _SERVICE_COLUMNS))
-            .where(compute, or_(changed, beat))
-            .order_by(s.c.id)
+        down = and_(
+            _member(s.c.host, "down", arrays),
+            compute,
+            live,
+            stamp >= bindparam("up_since", type_=stamp.type),
         )
+        # In no particular order: a deleted row drops only the row cached under its id.
+        return select(*(s.c[c] for c in _SERVICE_COLUMNS)).where(or_(changed, ageing, down))
 
     return build
 
@@ -265,10 +265,10 @@ class HostView:
 
     async def _read_all(self, db: Any) -> None:
         rows: list[Row] = await db.run_statement(
-            ("host_view_nodes_all",), "compute_nodes", _nodes_statement(False), {}, rows=True
+            ("host_view_nodes_all",), "compute_nodes", nodes_statement(False), {}, rows=True
         )
         services: list[Row] = await db.run_statement(
-            ("host_view_services_all",), "services", _services_statement(False), {}, rows=True
+            ("host_view_services_all",), "services", services_statement(False), {}, rows=True
         )
         self._count(rows, services, since=None, ageing=0)
         self._nodes = {}
@@ -282,7 +282,7 @@ class HostView:
         rows: list[Row] = await db.run_statement(
             ("host_view_nodes_changed",),
             "compute_nodes",
-            _nodes_statement(True),
+            nodes_statement(True),
             {"since": since},
             rows=True,
         )
@@ -302,7 +302,7 @@ class HostView:
         services: list[Row] = await db.run_statement(
             ("host_view_services_changed",),
             "services",
-            _services_statement(True),
+            services_statement(True),
             {
                 "since": since,
                 "ageing": ageing,
@@ -356,6 +356,8 @@ class HostView:
             else:
                 self._nodes[node_id] = row
         for row in services:
+            if row["binary"] != BINARY_COMPUTE:
+                continue
             host = row["host"]
             cached = self._services.get(host)
             if row["deleted"]:
