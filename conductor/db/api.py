@@ -24,6 +24,7 @@ import asyncpg.transaction
 import structlog
 from sqlalchemy import (
     ARRAY,
+    Column,
     ColumnElement,
     Table,
     and_,
@@ -69,9 +70,14 @@ def _leading_columns(table: Table) -> frozenset[str]:
     if pk:
         lead.add(pk[0].name)
     for index in table.indexes:
-        cols = list(index.columns)
-        if cols:
-            lead.add(cols[0].name)
+        # An index on an expression, or a partial one, serves only the queries written for
+        # it (``conductor.host_view``, ``conductor.reconcile``), not a lookup by its columns.
+        first = index.expressions[0] if index.expressions else None
+        partial = any(
+            index.dialect_kwargs.get(f"{d}_where") is not None for d in ("postgresql", "sqlite")
+        )
+        if isinstance(first, Column) and not partial:
+            lead.add(first.name)
     for col in table.columns:
         if col.unique:
             lead.add(col.name)
