@@ -47,7 +47,7 @@ from sqlalchemy import (
 )
 
 from conductor.db import models
-from conductor.scheduler import HostState
+from conductor.scheduler import HostState, weight_key
 from shared_objects.releases import BINARY_COMPUTE
 
 log = structlog.get_logger(__name__)
@@ -93,10 +93,16 @@ class HostViewSettings:
 
 @dataclasses.dataclass(slots=True)
 class FleetView:
-    """Host states as read, and when each host last reported its usage."""
+    """Host states as read, and when each host last reported its usage.
+
+    From ``HostView``, also: the states are in the weigher's order, ``floors`` holds each
+    one's ``weight_key`` (for ``select_destinations``) and ``positions`` where each host's
+    states are (for ``PlacementLedger.apply``); both shared, read-only."""
 
     states: list[HostState]
     reported_at: Mapping[str, datetime.datetime]
+    floors: Sequence[tuple[float, str]] | None = None
+    positions: Mapping[str, Sequence[int]] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -220,6 +226,8 @@ class HostView:
         self._full_at = -float("inf")
         self._states: list[HostState] = []
         self._reported_at: dict[str, datetime.datetime] = {}
+        self._floors: list[tuple[float, str]] = []
+        self._positions: dict[str, list[int]] = {}
         self._dirty = True
         # The earliest moment a host seen up turns down by silence (rebuild the states then).
         self._next_expiry: datetime.datetime | None = None
@@ -228,11 +236,6 @@ class HostView:
         """Make the next decision read the changes at once (e.g. after a refusal that a fresher
         view might avoid)."""
         self._read_at = -float("inf")
-
-    def forget(self) -> None:
-        """Drop everything: the next decision reads every row again."""
-        self._since = None
-        self.invalidate()
 
     async def fleet(self, ctxt: Any, *, fresh: bool = False) -> FleetView:
         """The current view, refreshed first through ``ctxt.db`` if it is due (or ``fresh``).
@@ -251,7 +254,7 @@ class HostView:
         now = self._utcnow()
         if self._dirty or (self._next_expiry is not None and now > self._next_expiry):
             self._rebuild(now)
-        return FleetView(list(self._states), self._reported_at)
+        return FleetView(list(self._states), self._reported_at, self._floors, self._positions)
 
     async def _refresh(self, db: Any) -> None:
         started = self._monotonic()
@@ -420,8 +423,13 @@ class HostView:
             stamp = _aware(row["updated_at"])
             if stamp is not None:
                 reported_at[host] = stamp
-        states.sort(key=lambda s: (s.host, s.node))
+        states.sort(key=weight_key)
+        positions: dict[str, list[int]] = {}
+        for i, state in enumerate(states):
+            positions.setdefault(state.host, []).append(i)
         self._states = states
+        self._floors = [weight_key(s) for s in states]
+        self._positions = positions
         self._reported_at = reported_at
         self._next_expiry = next_expiry
         self._dirty = False

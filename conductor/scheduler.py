@@ -12,6 +12,7 @@ a request costs O(hosts) comparisons and O(picks) copies.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 from collections.abc import Iterable, Sequence
@@ -112,16 +113,17 @@ def filter_hosts(
     return passed, rejected
 
 
-def _weight(state: HostState) -> tuple[float, str]:
-    return (-state.free_ram_mb, state.host)
+def weight_key(state: HostState) -> tuple[float, str]:
+    """The weigher's order: smaller is better (most free RAM first, then the host name)."""
+    return (state.memory_mb_used - state.memory_mb * state.ram_allocation_ratio, state.host)
 
 
 def weigh(hosts: Iterable[HostState], best: int | None = None) -> list[HostState]:
     """Most free RAM first; host name breaks ties so the order is deterministic. ``best``:
     only that many from the top (no full sort)."""
     if best is None:
-        return sorted(hosts, key=_weight)
-    return heapq.nsmallest(best, hosts, key=_weight)
+        return sorted(hosts, key=weight_key)
+    return heapq.nsmallest(best, hosts, key=weight_key)
 
 
 def select_destinations(
@@ -132,34 +134,92 @@ def select_destinations(
     alternates: int = 2,
     ignore_hosts: Iterable[str] = (),
     force_host: str | None = None,
+    floors: Sequence[tuple[float, str]] | None = None,
 ) -> list[list[HostState]]:
     """Pick a host for each of ``count`` instances, each followed by up to ``alternates`` others.
 
     Consumes capacity in copies of the hosts it picks (``hosts`` is left as it was), so a
     multi-instance request spreads. Raises ``NoValidHost`` when any instance cannot be placed.
+
+    ``floors``: ``hosts`` were in weigher order when ``floors[i]`` was host ``i``'s
+    ``weight_key``, and no key has become smaller since (usage only grows: placements consume).
+    The search then stops as soon as no later host can beat those found: a few hosts looked at
+    instead of all of them (the host view hands its states out that way).
     """
     if count < 1:
         raise ValueError("count must be at least 1")
     view = list(hosts)
     if force_host is not None:
+        floors = None
         view = [h for h in view if h.host == force_host]
         if not view:
             raise NoValidHost([Rejection(force_host, "forced host is not a known compute host")])
-    ignored = list(ignore_hosts)
+    ignored = frozenset(ignore_hosts)
     picks: list[list[HostState]] = []
-    copies: set[int] = set()  # ids of this call's own copies
     for index in range(count):
-        passed, rejected = filter_hosts(view, req, ignore_hosts=ignored)
-        if not passed:
+        if floors is not None:
+            ranked = _best_ordered(view, floors, req, ignored, 1 + alternates)
+        else:
+            ranked = _best(view, req, ignored, 1 + alternates)
+        if not ranked:
+            # The reasons are collected only now, for the error (the slow path).
+            _passed, rejected = filter_hosts(view, req, ignore_hosts=ignored)
             placed = f"placed {index} of {count} instances. " if index else ""
             raise NoValidHost(rejected, placed)
-        ranked = weigh(passed, best=1 + alternates)
-        chosen = ranked[0]
-        # Copy on the first pick of a host: the given states stay untouched.
-        if id(chosen) not in copies:
-            position = next(i for i, h in enumerate(view) if h is chosen)
-            chosen = view[position] = dataclasses.replace(chosen)
-            copies.add(id(chosen))
+        position, chosen = ranked[0]
+        # A copy, consumed: the given states stay untouched (a copy made by an earlier pick
+        # of this call is copied again, which is as cheap and keeps this simple).
+        chosen = view[position] = dataclasses.replace(chosen)
         chosen.consume(req)
-        picks.append([dataclasses.replace(chosen), *ranked[1 : 1 + alternates]])
+        picks.append([dataclasses.replace(chosen), *(h for _, h in ranked[1:])])
     return picks
+
+
+def _best(
+    view: Sequence[HostState], req: ResourceRequest, ignored: frozenset[str], best: int
+) -> list[tuple[int, HostState]]:
+    """The ``best`` hosts of ``view`` that pass the filters, in weigher order, with their
+    positions. The same tests and order as ``filter_hosts`` and ``weigh``, written out in
+    one pass: it runs over every host for every instance placed."""
+    v, m, d = req.vcpus, req.memory_mb, req.disk_gb
+    candidates = [
+        (s.memory_mb_used - s.memory_mb * s.ram_allocation_ratio, s.host, i)
+        for i, s in enumerate(view)
+        if s.service_up
+        and not s.service_disabled
+        and s.vcpus * s.cpu_allocation_ratio - s.vcpus_used >= v
+        and s.memory_mb * s.ram_allocation_ratio - s.memory_mb_used >= m
+        and s.local_gb * s.disk_allocation_ratio - s.local_gb_used >= d
+        and s.host not in ignored
+    ]
+    return [(i, view[i]) for _, _, i in heapq.nsmallest(best, candidates)]
+
+
+def _best_ordered(
+    view: Sequence[HostState],
+    floors: Sequence[tuple[float, str]],
+    req: ResourceRequest,
+    ignored: frozenset[str],
+    best: int,
+) -> list[tuple[int, HostState]]:
+    """``_best`` over hosts in weigher order (see ``select_destinations``): every host after
+    position ``i`` weighs at least ``floors[i]``, so once ``best`` hosts that pass weigh no more
+    than that, nothing later can displace them."""
+    v, m, d = req.vcpus, req.memory_mb, req.disk_gb
+    found: list[tuple[float, str, int]] = []
+    for i, s in enumerate(view):
+        if len(found) >= best and found[-1][:2] <= floors[i]:
+            break
+        if (
+            s.service_up
+            and not s.service_disabled
+            and s.vcpus * s.cpu_allocation_ratio - s.vcpus_used >= v
+            and s.memory_mb * s.ram_allocation_ratio - s.memory_mb_used >= m
+            and s.local_gb * s.disk_allocation_ratio - s.local_gb_used >= d
+            and s.host not in ignored
+        ):
+            bisect.insort(
+                found, (s.memory_mb_used - s.memory_mb * s.ram_allocation_ratio, s.host, i)
+            )
+            del found[best:]
+    return [(i, view[i]) for _, _, i in found]

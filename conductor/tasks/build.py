@@ -237,7 +237,7 @@ class BuildTask:
         ignore_hosts: list[str] | None = None,
     ) -> list[list[HostState]]:
         # No await from here to the end: concurrent requests see each other's placements.
-        states = self.ledger.apply(view.states, view.reported_at)
+        states = self.ledger.apply(view.states, view.reported_at, view.positions)
         picks = select_destinations(
             states,
             req,
@@ -245,6 +245,7 @@ class BuildTask:
             alternates=self.settings.alternates,
             force_host=force_host,
             ignore_hosts=ignore_hosts or (),
+            floors=view.floors,
         )
         for pick in picks:
             self.ledger.record(pick[0].host, req)

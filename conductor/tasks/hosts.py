@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from conductor.host_view import FleetView
@@ -44,11 +44,15 @@ class PlacementLedger:
         self._placements[uuid.uuid4().hex] = _Placement(host, req, _utcnow())
 
     def apply(
-        self, states: list[HostState], reported_at: Mapping[str, datetime.datetime]
+        self,
+        states: list[HostState],
+        reported_at: Mapping[str, datetime.datetime],
+        positions: Mapping[str, Sequence[int]] | None = None,
     ) -> list[HostState]:
         """``states`` with what each host has not reported since the placement was made added
         to its usage. The states given are not changed (they may be the host view's, shared):
-        a host with pending placements is copied, the others are passed through.
+        a host with pending placements is copied, the others are passed through. ``positions``
+        (where each host's states are in ``states``) saves a pass over all of them.
 
         Call it, select, and ``record`` the choices without awaiting in between, so concurrent
         requests in this process each see the others' placements.
@@ -63,14 +67,19 @@ class PlacementLedger:
             pending.setdefault(placement.host, []).append(placement.req)
         if not pending:
             return states
-        out: list[HostState] = []
-        for state in states:
-            reqs = pending.get(state.host)
-            if reqs:
-                state = dataclasses.replace(state)
+        if positions is None:
+            found: dict[str, list[int]] = {}
+            for i, state in enumerate(states):
+                if state.host in pending:
+                    found.setdefault(state.host, []).append(i)
+            positions = found
+        out = list(states)
+        for host, reqs in pending.items():
+            for i in positions.get(host, ()):
+                state = dataclasses.replace(out[i])
                 for req in reqs:
                     state.consume(req)
-            out.append(state)
+                out[i] = state
         return out
 
 

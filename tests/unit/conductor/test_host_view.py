@@ -72,8 +72,8 @@ async def decide(
     ctxt = types.SimpleNamespace(db=None)
     async with fleet.database.request(ctxt) as db:
         seen = await view.fleet(ctxt)
-        states = ledger.apply(seen.states, seen.reported_at)
-        picks = select_destinations(states, req, 1)
+        states = ledger.apply(seen.states, seen.reported_at, seen.positions)
+        picks = select_destinations(states, req, 1, floors=seen.floors)
         ledger.record(picks[0][0].host, req)
         return picks[0][0].host, db.statements, seen.states
 
