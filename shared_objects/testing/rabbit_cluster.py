@@ -27,14 +27,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 from urllib.parse import quote
 
 from shared_objects.testing.rabbit_node import RabbitNode, RabbitNodeError
 
 __all__ = ["RabbitCluster"]
 
-# A pid as rabbitmqctl prints it: <node@host.N.N.N>
+# A pid as rabbitmqctl's table format prints it: <node@host.N.N.N>
 _PID_NODE = re.compile(r"<([^<>.]+@[^<>.]+)\.")
 
 
@@ -212,40 +211,43 @@ class RabbitCluster:
                 raise RabbitNodeError(f"nodes {sorted(want)} not running after {within} s")
             await asyncio.sleep(0.5)
 
-    async def queues(self, vhost: str) -> list[dict[str, Any]]:
+    async def queues(self, vhost: str) -> list[dict[str, str]]:
         """``list_queues`` of ``vhost``: name, type, consumers, messages, and the node of the
         queue's leader (quorum) or process (classic) as ``node``."""
-        rows = await self._table(
-            "list_queues", "-p", vhost, "name", "type", "consumers", "messages", "leader", "pid"
-        )
+        columns = ("name", "type", "consumers", "messages", "leader", "pid")
+        rows = await self._table(["list_queues", "-p", vhost], columns)
         for row in rows:
-            row["node"] = row.get("leader") or _pid_node(str(row.get("pid", "")))
+            row["node"] = row["leader"] or _pid_node(row["pid"])
         return rows
 
-    async def consumers(self, vhost: str) -> list[dict[str, Any]]:
+    async def consumers(self, vhost: str) -> list[dict[str, str]]:
         """``list_consumers`` of ``vhost`` with the node of each consumer's channel (``node``):
         the node its connection is on."""
-        rows = await self._table("list_consumers", "-p", vhost, "queue_name", "channel_pid")
+        rows = await self._table(["list_consumers", "-p", vhost], ("queue_name", "channel_pid"))
         for row in rows:
-            row["node"] = _pid_node(str(row.get("channel_pid", "")))
+            row["node"] = _pid_node(row["channel_pid"])
         return rows
 
-    async def connections(self) -> list[dict[str, Any]]:
+    async def connections(self) -> list[dict[str, str]]:
         """``list_connections``: user, vhost and the ``node`` each connection is on."""
-        rows = await self._table("list_connections", "user", "vhost", "pid")
+        rows = await self._table(["list_connections"], ("user", "vhost", "pid"))
         for row in rows:
-            row["node"] = _pid_node(str(row.get("pid", "")))
+            row["node"] = _pid_node(row["pid"])
         return rows
 
-    async def _table(self, *args: str) -> list[dict[str, Any]]:
-        text = await self.ctl(*args, "--formatter", "json", "-q")
-        rows = json.loads(_json_part(text, "["))
-        return [row for row in rows if isinstance(row, dict)]
+    async def _table(self, command: list[str], columns: Sequence[str]) -> list[dict[str, str]]:
+        # The table format, not JSON: only it prints pids with their node's name.
+        text = await self.ctl(*command, *columns, "-q", "--no-table-headers")
+        return [
+            dict(zip(columns, line.split("\t"), strict=False))
+            for line in text.splitlines()
+            if line.strip()
+        ]
 
 
-def _json_part(text: str, opener: str = "{") -> str:
+def _json_part(text: str) -> str:
     """rabbitmqctl may print a banner before its JSON."""
-    return text[text.index(opener) :]
+    return text[text.index("{") :]
 
 
 def _pid_node(pid: str) -> str:
