@@ -87,10 +87,12 @@ def _running_nodes(names: list[str]) -> list[str]:
     return [name for name in names if name in out]
 
 
-@pytest.fixture
+@pytest.fixture(params=[False, True], ids=["classic-replies", "transient-quorum"])
 async def fleet(
-    services: tuple[RabbitCluster, PostgresNode], tmp_path: Path
+    request: pytest.FixtureRequest, services: tuple[RabbitCluster, PostgresNode], tmp_path: Path
 ) -> AsyncIterator[LocalCluster]:
+    """Conductor and agents on the cluster; reply and fanout queues classic (exclusive, on the
+    node of their connection), or quorum too (``rabbit_transient_quorum_queue``)."""
     rabbit, postgres = services
     vhost = f"fleet-cluster-{uuid.uuid4().hex[:8]}"
     await rabbit.ctl("add_vhost", vhost)
@@ -103,7 +105,10 @@ async def fleet(
         hosts=HOSTS,
         conductors=1,
         workdir=tmp_path / "cluster",
-        messaging={"rabbit_quorum_queue": True},
+        messaging={
+            "rabbit_quorum_queue": True,
+            "rabbit_transient_quorum_queue": request.param,
+        },
         common_env={
             "FLEET_COMPUTE__SPAWN_DELAY": str(SPAWN_DELAY),
             **FAST_FAILURE_DETECTION,
