@@ -96,7 +96,7 @@ async def fleet(
     rabbit, postgres = services
     vhost = f"fleet-cluster-{uuid.uuid4().hex[:8]}"
     await rabbit.ctl("add_vhost", vhost)
-    logins = BrokerLogins.for_node(rabbit, vhost)  # type: ignore[arg-type]
+    logins = BrokerLogins.for_node(rabbit, vhost)
     # Fleet's per-queue policies (length limits, TTLs, reject-publish) on quorum queues too.
     await logins.ctl.import_definitions({"policies": logins.policies(BrokerLimits())})
     spec = ClusterSpec(
