@@ -494,7 +494,6 @@ class RabbitDriver(Driver):
                     wait=not self._publisher_confirms,  # type: ignore[call-arg]
                 )
             except aiormq.exceptions.DeliveryError as exc:
-                self._publish_failures += 1
                 if isinstance(exc.frame, Basic.Nack) and len(self._url.hosts) > 1:
                     # A quorum queue nacks every publish of a channel that first published to
                     # it while the node of its leader had just died, for as long as that node
@@ -506,6 +505,7 @@ class RabbitDriver(Driver):
                         await self._renew_publisher(channel)
                         await asyncio.sleep(_NACK_RETRY_PAUSE)
                         continue
+                self._publish_failures += 1
                 if isinstance(exc.frame, Basic.Nack):
                     self._rejected += 1
                     # basic.nack: a queue the message routes to refused it; with Fleet's
@@ -570,7 +570,13 @@ class RabbitDriver(Driver):
             connection = self._connection
             if self._publisher is not stale or connection is None:
                 return
-            self._publisher = await connection.channel(publisher_confirms=self._publisher_confirms)
+            try:
+                fresh = await connection.channel(publisher_confirms=self._publisher_confirms)
+            except (*_RETRYABLE, aiormq.exceptions.AMQPError) as exc:
+                # The connection is going: its reconnect brings new channels anyway.
+                log.warning("publisher_channel_renew_failed", error=repr(exc))
+                return
+            self._publisher = fresh
             log.warning("publisher_channel_renewed", reason="basic.nack")
         task = asyncio.ensure_future(self._close_later(stale))
         self._stale_channels.add(task)

@@ -38,7 +38,12 @@ from shared_objects.context import RequestContext
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
-from shared_objects.testing.broker_logins import BrokerLimits, BrokerLogins
+from shared_objects.testing.broker_logins import (
+    BrokerLimits,
+    BrokerLogins,
+    NodeCtl,
+    plan_setup,
+)
 from shared_objects.testing.postgres_node import PostgresNode
 from shared_objects.testing.rabbit_cluster import RabbitCluster
 
@@ -121,6 +126,12 @@ async def fleet(
     local = LocalCluster(spec)
     try:
         await local.start(timeout=120.0)
+        # What `fleetctl broker setup` adds for these logins: per-login connection and channel
+        # limits (agents 8 / 64), counted across the cluster.
+        ctl = NodeCtl(rabbit)
+        plan = plan_setup(logins, await ctl.export_definitions(), BrokerLimits())
+        assert any("max-connections" in action for action in plan.actions), plan.actions
+        await ctl.import_definitions(plan.definitions)
         await Flavor(
             local.ctxt, name="small", flavorid="small", vcpus=1, memory_mb=512, root_gb=1
         ).create()
