@@ -91,6 +91,9 @@ class ClusterSpec:
     # deployment from before per-host logins did; processes on this release's code are told so
     # (FLEET_SECURITY__LEGACY_SHARED_LOGIN, FLEET_SECURITY__LEGACY_HOSTS = those hosts).
     legacy_shared_login: str | None = None
+    # [messaging] options (MessagingConfig names, e.g. {"rabbit_quorum_queue": True}) for every
+    # process and for this process's own transport: queue declarations must agree.
+    messaging: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Hosts whose agent reaches the broker through another loopback port (a ``TcpProxy`` in
     # front of the broker, for partitions): {host: port}. Same login, host and vhost.
     agent_broker_port: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -139,11 +142,16 @@ class LocalCluster:
     async def transport_as(self, login: str | None) -> AsyncIterator[Transport]:
         """A connected transport logged in as ``login`` (e.g. ``login_of("conductor-1")``, to
         send what only a conductor may); the cluster's URL as given when ``login`` is None."""
-        cfg = MessagingConfig(
-            transport_url=self._url_of(login), control_exchange=self.spec.control_exchange
-        )
+        cfg = self._messaging_config(login)
         async with get_transport(cfg, allowed_remote_exmods=EXMODS) as transport:
             yield transport
+
+    def _messaging_config(self, login: str | None) -> MessagingConfig:
+        return MessagingConfig(
+            transport_url=self._url_of(login),
+            control_exchange=self.spec.control_exchange,
+            **self.spec.messaging,
+        )
 
     def _url_of(self, login: str | None) -> str:
         if login is None or self.spec.logins is None:
@@ -208,6 +216,10 @@ class LocalCluster:
             }
         )
         env.update(self._security_env(source))
+        env.update(
+            (f"FLEET_MESSAGING__{key.upper()}", _env_value(value))
+            for key, value in self.spec.messaging.items()
+        )
         env.update(self.spec.common_env)
         return env
 
@@ -276,9 +288,7 @@ class LocalCluster:
             await migration.upgrade(self.spec.database_url)
         else:
             await self.migrate_database(self.spec.conductor_source)
-        cfg = MessagingConfig(
-            transport_url=self.operator_url, control_exchange=self.spec.control_exchange
-        )
+        cfg = self._messaging_config(self.operator_login)
         self.transport = get_transport(cfg, allowed_remote_exmods=EXMODS)
         await self.transport.connect()
         self.conductor = ConductorAPI(self.transport, timeout=30.0)
@@ -502,6 +512,10 @@ class LocalCluster:
         assert self.tasks is not None
         made = await self.tasks.build_instances(self.ctxt, **request)
         return [m["uuid"] for m in made]
+
+
+def _env_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _with_port(url: str, port: int) -> str:

@@ -75,6 +75,14 @@ _REFUSALS = (
     aiormq.exceptions.ChannelLockedResource,
 )
 _RECOVERY_PAUSE = 1.0
+# A publisher channel replaced after a basic.nack is closed this much later: confirms of
+# publishes still in flight on it arrive first.
+_STALE_CHANNEL_GRACE = 10.0
+# On a cluster (several hosts in the URL) a nacked publish is retried, each time on a new
+# publisher channel, for this long before the nack counts as "queue full" (see
+# _publish_until_done); a quorum queue's new leader is known within it.
+_NACK_RETRY_WINDOW = 3.0
+_NACK_RETRY_PAUSE = 0.3
 # A shared queue that cannot be re-declared for this many attempts is given up on (an exclusive
 # queue never is: the broker frees it once it drops our previous connection).
 _RECOVERY_ATTEMPTS = 30
@@ -313,6 +321,8 @@ class RabbitDriver(Driver):
         self._publish_timeout = publish_timeout
         self._connection: _FailoverRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        self._renewing: asyncio.Lock | None = None
+        self._stale_channels: set[asyncio.Task[None]] = set()
         self._declared: dict[ExchangeSpec, asyncio.Future[None]] = {}
         self._reconnects = 0
         self._published = 0
@@ -375,6 +385,8 @@ class RabbitDriver(Driver):
         connection, self._connection = self._connection, None
         self._publisher = None
         self._declared.clear()
+        for task in self._stale_channels:
+            task.cancel()  # closing the connection closes them
         if connection is not None:
             try:
                 async with asyncio.timeout(_TEARDOWN_TIMEOUT):
@@ -433,7 +445,7 @@ class RabbitDriver(Driver):
         mandatory: bool = False,
         retry_for: float | None = None,
     ) -> None:
-        connection, channel = self._require()
+        connection, _ = self._require()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._publish_timeout if retry_for is None else retry_for)
         props = self._props(expiration)
@@ -442,7 +454,7 @@ class RabbitDriver(Driver):
         try:
             async with asyncio.timeout_at(deadline):
                 await self._publish_until_done(
-                    connection, channel, exchange, routing_key, body, props, mandatory, deadline
+                    connection, exchange, routing_key, body, props, mandatory, deadline
                 )
         except TimeoutError:
             self._publish_failures += 1
@@ -454,7 +466,6 @@ class RabbitDriver(Driver):
     async def _publish_until_done(
         self,
         connection: _FailoverRobustConnection,
-        channel: AbstractRobustChannel,
         exchange: ExchangeSpec,
         routing_key: str,
         body: bytes,
@@ -463,7 +474,11 @@ class RabbitDriver(Driver):
         deadline: float,
     ) -> None:
         refused = 0
+        first_nack: float | None = None
+        loop = asyncio.get_running_loop()
         while True:
+            # Re-read on every attempt: a nack may have replaced the publisher channel.
+            _, channel = self._require()
             try:
                 if exchange.name:
                     await self._ensure_exchange(exchange)
@@ -479,6 +494,17 @@ class RabbitDriver(Driver):
                     wait=not self._publisher_confirms,  # type: ignore[call-arg]
                 )
             except aiormq.exceptions.DeliveryError as exc:
+                if isinstance(exc.frame, Basic.Nack) and len(self._url.hosts) > 1:
+                    # A quorum queue nacks every publish of a channel that first published to
+                    # it while the node of its leader had just died, for as long as that node
+                    # stays down (RabbitMQ 3.10; tests/faults/test_rabbit_cluster.py); a new
+                    # channel is not affected once the new leader is known. A queue that is
+                    # really full keeps nacking: after the window that is final.
+                    first_nack = first_nack if first_nack is not None else loop.time()
+                    if loop.time() - first_nack < _NACK_RETRY_WINDOW:
+                        await self._renew_publisher(channel)
+                        await asyncio.sleep(_NACK_RETRY_PAUSE)
+                        continue
                 self._publish_failures += 1
                 if isinstance(exc.frame, Basic.Nack):
                     self._rejected += 1
@@ -535,6 +561,35 @@ class RabbitDriver(Driver):
                 )
             self._published += 1
             return
+
+    async def _renew_publisher(self, stale: AbstractRobustChannel) -> None:
+        """Replace the publisher channel ``stale`` (unless another publisher already did)."""
+        if self._renewing is None:
+            self._renewing = asyncio.Lock()
+        async with self._renewing:
+            connection = self._connection
+            if self._publisher is not stale or connection is None:
+                return
+            try:
+                fresh = await connection.channel(publisher_confirms=self._publisher_confirms)
+            except (*_RETRYABLE, aiormq.exceptions.AMQPError) as exc:
+                # The connection is going: its reconnect brings new channels anyway.
+                log.warning("publisher_channel_renew_failed", error=repr(exc))
+                return
+            self._publisher = fresh
+            log.warning("publisher_channel_renewed", reason="basic.nack")
+        task = asyncio.ensure_future(self._close_later(stale))
+        self._stale_channels.add(task)
+        task.add_done_callback(self._stale_channels.discard)
+
+    @staticmethod
+    async def _close_later(channel: AbstractRobustChannel) -> None:
+        await asyncio.sleep(_STALE_CHANNEL_GRACE)
+        try:
+            async with asyncio.timeout(_TEARDOWN_TIMEOUT):
+                await channel.close()
+        except _TEARDOWN_ERRORS as exc:
+            log.debug("stale_channel_close_failed", error=repr(exc))
 
     def _refuse_size(
         self, exc: Exception, exchange: ExchangeSpec, routing_key: str, size: int

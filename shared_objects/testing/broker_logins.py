@@ -104,6 +104,7 @@ from shared_objects.identity import Identities, Role
 from shared_objects.messaging.topology import REPLY_EXCHANGE
 
 if TYPE_CHECKING:
+    from shared_objects.testing.rabbit_cluster import RabbitCluster
     from shared_objects.testing.rabbit_node import RabbitNode
 
 __all__ = [
@@ -368,13 +369,14 @@ def _delete_users_expression(logins: Sequence[str]) -> str:
 
 
 class NodeCtl(Rabbitmqctl):
-    """rabbitmqctl of a private :class:`~shared_objects.testing.rabbit_node.RabbitNode`.
+    """rabbitmqctl of a private :class:`~shared_objects.testing.rabbit_node.RabbitNode` (or of
+    a :class:`~shared_objects.testing.rabbit_cluster.RabbitCluster`: whichever node is up).
 
     Runs through the node's own ``ctl`` (its node name, cookie and environment); definitions go
     through a file in the node's private directory, since that ``ctl`` has no stdin.
     """
 
-    def __init__(self, node: RabbitNode) -> None:
+    def __init__(self, node: RabbitNode | RabbitCluster) -> None:
         super().__init__()
         self.node_handle = node
 
@@ -472,8 +474,11 @@ class BrokerLogins:
         self.last_batch_seconds: float | None = None
 
     @classmethod
-    def for_node(cls, node: RabbitNode, vhost: str = "/", **kwargs: Any) -> BrokerLogins:
-        """Logins on a private RabbitNode (its own rabbitmqctl, node name and cookie)."""
+    def for_node(
+        cls, node: RabbitNode | RabbitCluster, vhost: str = "/", **kwargs: Any
+    ) -> BrokerLogins:
+        """Logins on a private RabbitNode (its own rabbitmqctl, node name and cookie) or
+        RabbitCluster (users are cluster-wide; URLs list every node)."""
         return cls(node.url, vhost, ctl=NodeCtl(node), **kwargs)
 
     # --- names ------------------------------------------------------------------------------

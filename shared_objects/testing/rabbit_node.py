@@ -8,6 +8,9 @@ stopped; a test that needs to restart or kill "the broker" starts its own node w
         ...
         await node.restart_app()     # rabbitmqctl stop_app + start_app
         await node.kill()            # SIGKILL the VM
+        await node.revive()          # the same node again: name, port, data, users
+
+Several nodes sharing a ``cookie`` can be clustered (``rabbit_cluster.RabbitCluster`` does).
 
 Isolation: its own node name (``fleettest-<rand>@localhost``), AMQP port and distribution port
 (free ephemeral ports, loopback only), data/log/config directories and Erlang cookie in a temp
@@ -64,14 +67,19 @@ class RabbitNode:
         extra_config: str = "",
         port: int | None = None,
         plugins: Sequence[str] = (),
+        name: str | None = None,
+        cookie: str | None = None,
     ) -> None:
         """Prepare (not start) a node; ``extra_config`` is appended to its rabbitmq.conf,
         ``plugins`` are enabled at boot (e.g. ``rabbitmq_auth_mechanism_ssl``).
 
         ``port`` reuses a known AMQP port, e.g. to replace a killed node by a fresh one that
-        clients reconnect to; by default a free ephemeral port is picked.
+        clients reconnect to; by default a free ephemeral port is picked. ``name`` is the node
+        name's prefix (``<name>@localhost``; default ``fleettest-<rand>``); ``cookie`` the Erlang
+        cookie (default: a random one), the same for nodes meant to form a cluster.
         """
-        self.nodename = f"fleettest-{secrets.token_hex(4)}@localhost"
+        self.nodename = f"{name or f'fleettest-{secrets.token_hex(4)}'}@localhost"
+        self.cookie = cookie or secrets.token_hex(16).upper()
         self.port = port if port is not None else free_port()
         self.dist_port = free_port()
         self.start_timeout = start_timeout
@@ -117,10 +125,11 @@ class RabbitNode:
         await self._launch(env)
 
     async def revive(self) -> None:
-        """Start the node again after ``kill()``, on the same port, data and users: a crashed
-        broker coming back (durable queues, logins and permissions survive; the rest is lost)."""
+        """Start the node again after ``kill()`` or ``shutdown()``, on the same port, data and
+        users: a broker coming back (durable queues, logins, permissions and its cluster
+        membership survive; the rest is lost)."""
         if self._proc is not None:
-            raise RabbitNodeError("node is running: kill() it first")
+            raise RabbitNodeError("node is running: kill() or shutdown() it first")
         env = self._prepare_environment(self.base_dir, write_files=False)
         await self._launch(env)
 
@@ -153,16 +162,21 @@ class RabbitNode:
     async def stop(self) -> None:
         """Stop the node (gracefully if possible, else SIGKILL) and delete its files."""
         try:
-            if self._proc is not None and self._proc.returncode is None:
-                try:
-                    await self.ctl("stop", within=30.0)
-                except (RabbitNodeError, TimeoutError):
-                    pass  # fall through to the hard kill below; the files go either way
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._proc.wait(), 15.0)
-            await self._terminate()
+            await self.shutdown()
         finally:
             self._remove_files()
+
+    async def shutdown(self, within: float = 30.0) -> None:
+        """Stop the node gracefully (``rabbitmqctl stop``; SIGKILL if that fails or takes
+        longer than ``within``), keeping its files: ``revive()`` starts it again."""
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                await self.ctl("stop", within=within)
+            except (RabbitNodeError, TimeoutError):
+                pass  # fall through to the hard kill below
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), 15.0)
+        await self._terminate()
 
     async def kill(self) -> None:
         """SIGKILL the node's VM (a crash, not a shutdown); files stay until ``stop()``."""
@@ -246,7 +260,7 @@ class RabbitNode:
             for sub in ("home", "mnesia", "log"):
                 (base / sub).mkdir(parents=True, exist_ok=True)
             cookie = home / ".erlang.cookie"
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(self.cookie)
             cookie.chmod(0o400)
             config.write_text(
                 f"listeners.tcp.default = 127.0.0.1:{self.port}\n"

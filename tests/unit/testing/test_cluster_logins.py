@@ -159,3 +159,21 @@ async def test_a_proxied_agent_reaches_the_broker_through_the_proxy_port_as_itse
     # Conductors never go through an agent's proxy.
     conductor = parse_transport_url(local.conductor_handle(1).env["FLEET_TRANSPORT_URL"])
     assert ports(conductor.hosts) == [5672]
+
+
+async def test_messaging_options_reach_every_process_and_the_operator_transport(
+    tmp_path: Path,
+) -> None:
+    # A queue declared with other flags than an existing one is refused (406): quorum options
+    # must be the same for the conductors, the agents and this process's own transport.
+    local, _ = cluster(
+        tmp_path, messaging={"rabbit_quorum_queue": True, "rabbit_qos_prefetch_count": 8}
+    )
+    await local.provision(hosts=["compute-1"], conductors=[1])
+    for env in (local.conductor_handle(1).env, local.agent_handle("compute-1").env):
+        assert env["FLEET_MESSAGING__RABBIT_QUORUM_QUEUE"] == "true"
+        assert env["FLEET_MESSAGING__RABBIT_QOS_PREFETCH_COUNT"] == "8"
+        assert load_config(env).messaging.rabbit_quorum_queue is True
+    operator = local._messaging_config(local.operator_login)
+    assert operator.rabbit_quorum_queue is True
+    assert operator.control_exchange == "fleet-x"
