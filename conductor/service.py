@@ -17,6 +17,7 @@ import structlog
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db import migration
 from conductor.db.session import Database
+from conductor.host_view import HostView, HostViewSettings
 from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
 from conductor.reconcile import Reconciler, bounds_from_config
 from conductor.tasks.build import BuildSettings
@@ -83,6 +84,14 @@ class ConductorService:
             self.database,
             self.compute,
             BuildSettings(service_down_time=cfg.service.service_down_time),
+            host_view=HostView(
+                HostViewSettings(
+                    service_down_time=cfg.service.service_down_time,
+                    refresh_interval=cfg.conductor.host_view_refresh_interval,
+                    overlap=cfg.conductor.host_view_overlap,
+                    full_refresh_interval=cfg.conductor.host_view_full_refresh_interval,
+                )
+            ),
         )
         self.server = RPCServer(
             self.transport,

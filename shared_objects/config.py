@@ -292,6 +292,16 @@ class ConductorConfig:
     migration_hosts_down_after: float = dataclasses.field(default=120.0, metadata=_meta(_min(0)))
     # An instance action still open although its instance is in a final state: finished.
     action_settle_after: float = dataclasses.field(default=120.0, metadata=_meta(_positive))
+    # The scheduler's cached host view (conductor/host_view.py): a decision sees rows changed up
+    # to this long before it, at the cost of at most one delta read per interval...
+    host_view_refresh_interval: float = dataclasses.field(default=1.0, metadata=_meta(_min(0)))
+    # ...re-reading rows stamped this long before the previous read (writers' clock skew and
+    # commit delay)...
+    host_view_overlap: float = dataclasses.field(default=2.0, metadata=_meta(_min(0)))
+    # ...and everything this often, the backstop for a change a delta missed.
+    host_view_full_refresh_interval: float = dataclasses.field(
+        default=60.0, metadata=_meta(_positive)
+    )
 
 
 @dataclasses.dataclass(slots=True)

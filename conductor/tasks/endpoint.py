@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from compute_agent.rpcapi import ComputeAPI
 from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
+from conductor.host_view import HostView
 from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
@@ -48,9 +49,10 @@ class ComputeTaskEndpoint:
         compute: ComputeAPI,
         settings: BuildSettings | None = None,
         live_migrate_settings: LiveMigrateSettings | None = None,
+        host_view: HostView | None = None,
     ) -> None:
         # Each task owns one flow; this endpoint only routes calls to them.
-        self.build = BuildTask(database, compute, settings)
+        self.build = BuildTask(database, compute, settings, host_view)
         self.instances = InstanceTasks(database, compute)
         self.security_groups = SecurityGroupTasks(database, compute)
         self.live_migrate = LiveMigrateTask(
