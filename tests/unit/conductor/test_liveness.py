@@ -245,3 +245,11 @@ def test_beats_are_spread_over_the_interval_and_never_later() -> None:
     nexts = [reporter.next_wait() for _ in range(200)]
     assert min(firsts) < 1.0 and max(firsts) > 9.0  # spread over the whole first interval
     assert all(9.0 <= w <= 10.0 for w in nexts)
+
+
+def test_the_release_table_names_the_conductor_api_that_has_report_alive() -> None:
+    from conductor.indirection import CONDUCTOR_API_VERSION
+    from conductor.rpcapi import REPORT_ALIVE_VERSION
+
+    assert releases.CURRENT.conductor_rpc_api == CONDUCTOR_API_VERSION == REPORT_ALIVE_VERSION
+    assert releases.by_name("1.1").conductor_rpc_api == "1.0"  # agents fall back below this
