@@ -139,9 +139,7 @@ class _FailingDatabase:
 
 async def test_database_outage_fails_every_beat_of_the_batch() -> None:
     batcher = LivenessBatcher(_FailingDatabase(), max_delay=0.01)  # type: ignore[arg-type]
-    results = await asyncio.gather(
-        batcher.beat("h1"), batcher.beat("h2"), return_exceptions=True
-    )
+    results = await asyncio.gather(batcher.beat("h1"), batcher.beat("h2"), return_exceptions=True)
     assert all(isinstance(r, exception.DatabaseUnavailable) for r in results)
 
 
