@@ -278,6 +278,9 @@ class ServiceReporter:
         self.service: Service | None = None
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        # A beat on its way (stop lets it land: see stop()).
+        self._beating = False
+        self._stopping = False
 
     async def start(self) -> Service:
         """Register (or refresh) the row, then start the heartbeat task."""
@@ -285,6 +288,7 @@ class ServiceReporter:
             self.service = await Service.register(
                 ctxt, self.host, self.binary, self.topic, self.version
             )
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.binary}")
         return self.service
 
@@ -306,6 +310,7 @@ class ServiceReporter:
         while True:
             await asyncio.sleep(wait)
             started = loop.time()
+            self._beating = True
             try:
                 await self.report()
             except asyncio.CancelledError:
@@ -321,13 +326,25 @@ class ServiceReporter:
             except Exception:
                 self.failures += 1
                 log.warning("service_heartbeat_failed", binary=self.binary, exc_info=True)
+            finally:
+                self._beating = False
+            if self._stopping:
+                return
             # Counted from the start of this beat: a reply that waits for its batch (or a slow
             # conductor) must not stretch the period beyond the interval.
             wait = max(0.0, self.next_wait() - (loop.time() - started))
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self, *, beat_grace: float = 5.0) -> None:
+        """Stop beating. A beat already on its way is given ``beat_grace`` seconds to land
+        first: cut off, the conductor may still write it after the caller marked the service
+        down (``report_alive`` waits for its batch), and the service would look up again."""
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        if self._beating:
+            await asyncio.wait({task}, timeout=beat_grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self._task = None

@@ -251,3 +251,32 @@ def test_the_release_table_names_the_conductor_api_that_has_report_alive() -> No
 
     assert releases.CURRENT.conductor_rpc_api == CONDUCTOR_API_VERSION == REPORT_ALIVE_VERSION
     assert releases.by_name("1.1").conductor_rpc_api == "1.0"  # agents fall back below this
+
+
+async def test_stop_lets_a_beat_on_its_way_land_first(sqlite_database_url: str) -> None:
+    # Otherwise the conductor could write it after the agent marked itself down.
+    started, landed = asyncio.Event(), []
+
+    async def slow_beat(ctxt: Any, service: Service) -> None:
+        started.set()
+        await asyncio.sleep(0.3)  # waiting for its batch
+        landed.append(service.host)
+
+    @contextlib.asynccontextmanager
+    async def agent_context() -> AsyncIterator[Any]:
+        yield RequestContext()
+
+    async with as_agent(sqlite_database_url, "h1"):
+        reporter = ServiceReporter(
+            agent_context,
+            host="h1",
+            binary=COMPUTE,
+            topic="compute",
+            version=3,
+            interval=0.05,
+            beat=slow_beat,
+        )
+        await reporter.start()
+        await asyncio.wait_for(started.wait(), 10)
+        await reporter.stop()
+    assert landed == ["h1"]
