@@ -28,6 +28,7 @@ from compute_agent.build import BuildManager
 from compute_agent.endpoint import ComputeEndpoint
 from compute_agent.init_host import recover_instances
 from compute_agent.live_migration import LiveMigrationManager
+from compute_agent.liveness import AgentBeat
 from compute_agent.peer_auth import PeerCheck
 from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
@@ -126,6 +127,9 @@ class ComputeAgentService:
             self._context,
             service_down_time=cfg.service.service_down_time,
             refresh_interval=cfg.upgrade_levels.refresh_interval,
+            # Read when a peer call needs them, not on a timer: a timed read of every compute
+            # service by every agent costs the conductors O(hosts²) (upgrade_levels.py).
+            on_demand=True,
         )
         self.compute = ComputeAPI(
             self.transport,
@@ -172,6 +176,8 @@ class ComputeAgentService:
             topic=COMPUTE_TOPIC,
             version=releases.SERVICE_VERSION,
             interval=cfg.service.report_interval,
+            # report_alive where every live conductor has it (compute_agent/liveness.py).
+            beat=AgentBeat(self.conductor, service_down_time=cfg.service.service_down_time),
         )
         self.conductor_wait = conductor_wait
         self._started = False

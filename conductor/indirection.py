@@ -54,7 +54,11 @@ from shared_objects.messaging import ExpectedException, Target, expose
 log = structlog.get_logger(__name__)
 
 CONDUCTOR_TOPIC = "conductor"
-CONDUCTOR_API_VERSION = "1.0"
+# Conductor API (namespace None) history:
+# 1.0: Initial version: object_class_action_versions, object_action, object_backport_versions.
+# 1.1: report_alive (conductor/liveness.py): a beat that carries nothing, the host being the
+#      caller's login.
+CONDUCTOR_API_VERSION = "1.1"
 BASEAPI_NAMESPACE = "baseapi"
 BASEAPI_VERSION = "1.0"
 

@@ -12,13 +12,16 @@ from typing import Any
 from conductor.indirection import (
     BASEAPI_NAMESPACE,
     BASEAPI_VERSION,
-    CONDUCTOR_API_VERSION,
     CONDUCTOR_TOPIC,
 )
 from shared_objects.base import FleetObject, IndirectionAPI
 from shared_objects.messaging import RPCClient, Target, Transport
 from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.serializer import FleetObjectSerializer
+
+OBJECT_API_VERSION = "1.0"
+# The conductor API version that has ``report_alive`` (conductor/liveness.py).
+REPORT_ALIVE_VERSION = "1.1"
 
 
 class ConductorAPI(IndirectionAPI):
@@ -42,7 +45,9 @@ class ConductorAPI(IndirectionAPI):
             self.serializer.indirection_api = self
         self.client = RPCClient(
             transport,
-            Target(topic=topic, version=CONDUCTOR_API_VERSION),
+            # Object calls ask for 1.0, which every conductor serves; newer methods prepare
+            # their own version (a conductor of the previous release refuses what it lacks).
+            Target(topic=topic, version=OBJECT_API_VERSION),
             serializer=self.serializer,
             timeout=timeout,
             reply_from=reply_from,
@@ -101,6 +106,15 @@ class ConductorAPI(IndirectionAPI):
             objinst=objinst,
             object_versions=object_versions,
         )
+
+    async def report_alive(self, context: Any) -> dict[str, Any]:
+        """Mark this agent's host alive (the host is the broker login, nothing is sent);
+        its row's ``disabled`` and ``forced_down``. Needs conductors of release 1.2 or later
+        (``UnsupportedVersion`` from older ones); ``ServiceNotFound`` when the row is gone."""
+        result: dict[str, Any] = await self.client.prepare(version=REPORT_ALIVE_VERSION).call(
+            context, "report_alive"
+        )
+        return result
 
     async def ping(self, context: Any, arg: Any = None, *, wait: float | None = None) -> Any:
         """Round trip to any conductor (waiting at most ``wait`` seconds); returns ``arg``."""

@@ -19,6 +19,7 @@ from conductor.db import migration
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
 from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
+from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.reconcile import Reconciler, bounds_from_config
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
@@ -93,10 +94,18 @@ class ConductorService:
                 )
             ),
         )
+        # Agents' beats: one UPDATE per flush for every host that beat meanwhile.
+        self.liveness = LivenessBatcher(self.database)
         self.server = RPCServer(
             self.transport,
             Target(topic=topic, server=cfg.host),
-            endpoints=[self.endpoint, BaseAPIEndpoint(), self.tasks, *(extra_endpoints or [])],
+            endpoints=[
+                self.endpoint,
+                LivenessEndpoint(self.liveness),
+                BaseAPIEndpoint(),
+                self.tasks,
+                *(extra_endpoints or []),
+            ],
             serializer=self.serializer,
             authorizer=RoleAuthorizer(
                 self.identities,
@@ -108,6 +117,7 @@ class ConductorService:
             require_user_id=True,
         )
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
+        self.liveness.export_metrics(self.metrics.registry)
         self._census: asyncio.Task[None] | None = None
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
@@ -163,6 +173,7 @@ class ConductorService:
         await self.levels.stop()
         await self.reporter.stop()
         await self.server.stop(grace=0)
+        await self.liveness.stop()
         if self._own_transport:
             await self.transport.close()
         await self.database.dispose()
@@ -190,8 +201,9 @@ class ConductorService:
     async def stop(self, grace: float | None = None) -> None:
         """Stop in this order: the reconciler (no new periodic work; a pass cut short leaves
         nothing half done, each step being a compare-and-swap of its own), the upgrade-level
-        refresh and the census, the heartbeat, then drain in-flight requests, disconnect, and
-        close the database last (everything above may still use it)."""
+        refresh and the census, the heartbeat, then drain in-flight requests, write the agents'
+        pending beats, disconnect, and close the database last (everything above may still use
+        it)."""
         await self.reconciler.stop()
         await self.levels.stop()
         if self._census is not None:
@@ -200,6 +212,8 @@ class ConductorService:
                 await self._census
         await self.reporter.stop()
         await self.server.stop(grace=grace if grace is not None else self._grace())
+        # Beats still pending are written (and answered, if their callers still wait).
+        await self.liveness.stop()
         if self._own_transport:
             await self.transport.close()
         await self.database.dispose()

@@ -27,6 +27,7 @@ from conductor.indirection import (
     BaseAPIEndpoint,
     ConductorIndirectionEndpoint,
 )
+from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.rpcapi import ConductorAPI
 from shared_objects import fields, objects
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
@@ -62,6 +63,8 @@ class LocalConductor:
     transport: Transport
 
     login: str = "fleet-operator"
+    # The agents' beats (report_alive); None on a conductor of an older release.
+    liveness: LivenessBatcher | None = None
 
     def agent_context(self, **kwargs: Any) -> RequestContext:
         """A context as the client has it: no database handle. ``caller`` is the client's
@@ -94,6 +97,8 @@ async def local_conductor(
     install: bool = True,
     messaging: MessagingConfig | None = None,
     login: str = "fleet-operator",
+    report_alive: bool = True,
+    liveness_delay: float = 0.05,
 ) -> AsyncIterator[LocalConductor]:
     """Run a conductor (endpoints + RPC server) and a client for it inside this process.
 
@@ -101,6 +106,9 @@ async def local_conductor(
     client logs in as ``login``: an operator by default, ``fleet-host-<host>`` to act as that
     host's agent. On a ``memory://`` transport the two are separate drivers on one broker, so
     every request carries the client's login as its validated ``user_id``, as on RabbitMQ.
+
+    ``report_alive=False`` serves what a conductor of release 1.1 serves: conductor API 1.0
+    without ``report_alive`` (agents must fall back to ``Service.heartbeat``).
     """
     if migrate:
         await migration.upgrade(database_url)
@@ -108,28 +116,38 @@ async def local_conductor(
     cfg = messaging or memory_messaging_config()
     identities = Identities()
     endpoint = ConductorIndirectionEndpoint(database, identities)
+    endpoints: list[Any] = [endpoint, BaseAPIEndpoint()]
+    policy = {k: v for k, v in CONDUCTOR_RPC_POLICY.items() if k[0] != "compute_task"}
+    liveness: LivenessBatcher | None = None
+    if report_alive:
+        liveness = LivenessBatcher(database, max_delay=liveness_delay)
+        endpoints.append(LivenessEndpoint(liveness))
+    else:
+        endpoint.target = Target(version="1.0")  # the API of release 1.1
+        del policy[(None, "report_alive")]
     server_transport, transport = _login_transports(cfg, "fleet-conductor-local", login)
     try:
         async with server_transport, transport:
             server = RPCServer(
                 server_transport,
                 Target(topic=CONDUCTOR_TOPIC, server="local"),
-                endpoints=[endpoint, BaseAPIEndpoint()],
+                endpoints=endpoints,
                 serializer=FleetObjectSerializer(),
-                authorizer=RoleAuthorizer(
-                    identities,
-                    {k: v for k, v in CONDUCTOR_RPC_POLICY.items() if k[0] != "compute_task"},
-                    service="conductor",
-                ),
+                authorizer=RoleAuthorizer(identities, policy, service="conductor"),
                 require_user_id=True,
             )
             api = ConductorAPI(transport, timeout=30.0, reply_from=reply_checks(identities))
+            local = LocalConductor(database, endpoint, server, api, transport, login, liveness)
             async with server:
-                if install:
-                    with indirection(api):
-                        yield LocalConductor(database, endpoint, server, api, transport, login)
-                else:
-                    yield LocalConductor(database, endpoint, server, api, transport, login)
+                try:
+                    if install:
+                        with indirection(api):
+                            yield local
+                    else:
+                        yield local
+                finally:
+                    if liveness is not None:
+                        await liveness.stop()
     finally:
         await database.dispose()
 

@@ -148,6 +148,8 @@ CONDUCTOR_RPC_POLICY: Mapping[tuple[str | None, str], frozenset[Role]] = Mapping
         (None, "object_action"): _ALL,
         (None, "object_backport_versions"): _ALL,
         ("baseapi", "ping"): _ALL,
+        # Liveness: the caller's own host only (taken from its login, nothing is sent).
+        (None, "report_alive"): frozenset({Role.AGENT}),
         # The compute-task API: operators' requests. An agent may only hand back a build that
         # failed on it (the handler checks the instance is assigned to the caller).
         ("compute_task", "reschedule_instance"): _ALL,

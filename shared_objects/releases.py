@@ -93,11 +93,13 @@ RELEASES: tuple[Release, ...] = (
     #      from the login called, builds assigned to their host when placed (agents take only
     #      their own), and reschedules that prove the failed build was the caller's. Agents of
     #      1.0 and 1.1 keep working on the legacy shared login while a conductor lists them.
+    # 1.2 also: conductor RPC 1.1 (report_alive, the cheap heartbeat; agents beat with
+    #      Service.heartbeat while a conductor of 1.1 or older is alive).
     Release(
         name="1.2",
         service_version=3,
         compute_rpc_api="1.2",
-        conductor_rpc_api="1.0",
+        conductor_rpc_api="1.1",
         objects=_OBJECTS_1_1,
     ),
 )

@@ -12,6 +12,13 @@ live compute services' rows (their ``version`` is the release's service version)
 
 The levels are read in one query, cached, refreshed on a timer and on demand (SIGHUP); every
 change of the cap is logged.
+
+That query reads every compute service, so an agent refreshing on a timer would cost the
+conductors O(hosts) per agent per interval, O(hosts²) for the fleet, for levels an agent only
+needs when it calls a peer (live migration). Agents therefore refresh ``on_demand``: once at
+start, then only when the levels are used after ``refresh_interval`` has passed (in the
+background: that call uses what was last read, as a timer's refresh would have; a host not
+seen yet still gets the oldest release's versions).
 """
 
 from __future__ import annotations
@@ -103,12 +110,15 @@ class ComputeUpgradeLevels:
         *,
         service_down_time: float = 60.0,
         refresh_interval: float = 30.0,
+        on_demand: bool = False,
     ) -> None:
         self.pinned = parse_level(setting)
+        self.on_demand = on_demand
+        self._read_at = -float("inf")
         self._context_factory = context_factory
         self.service_down_time = service_down_time
         self.refresh_interval = refresh_interval
-        self.levels = Levels(
+        self._levels = Levels(
             self.pinned or releases.RELEASES[0], {}, pinned=self.pinned is not None
         )
         self._task: asyncio.Task[None] | None = None
@@ -117,8 +127,25 @@ class ComputeUpgradeLevels:
         self._unseen_refresh_at = 0.0
         self._refreshed = False
 
+    @property
+    def levels(self) -> Levels:
+        """The levels as last read (on demand: a stale read starts a refresh)."""
+        if self.on_demand and self._refreshed and not self._levels.pinned:
+            try:
+                now = asyncio.get_running_loop().time()
+            except RuntimeError:  # read outside the event loop (tests): nothing to start
+                return self._levels
+            if now - self._read_at >= self.refresh_interval:
+                self._refresh_soon(spacing=0.0)
+        return self._levels
+
+    @levels.setter
+    def levels(self, value: Levels) -> None:
+        self._levels = value
+
     async def refresh(self) -> Levels:
         """Read the compute services now and apply the result."""
+        self._read_at = asyncio.get_running_loop().time()
         async with self._context_factory() as ctxt:
             services = await ServiceList.get_by_binary(
                 ctxt, releases.BINARY_COMPUTE, include_disabled=True
@@ -131,7 +158,8 @@ class ComputeUpgradeLevels:
         )
         # Logged when the cap or any host's release changes (a host appears, upgrades, goes):
         # what an operator needs to follow a rolling upgrade, and quiet otherwise.
-        if new.cap != self.levels.cap or new.hosts != self.levels.hosts or not self._refreshed:
+        old = self._levels
+        if new.cap != old.cap or new.hosts != old.hosts or not self._refreshed:
             log.info(
                 "compute_rpc_version_cap",
                 cap=new.rpc_version_cap,
@@ -152,11 +180,11 @@ class ComputeUpgradeLevels:
             self._refresh_soon()
         return levels.release_for(host)
 
-    def _refresh_soon(self) -> None:
+    def _refresh_soon(self, spacing: float = _UNSEEN_REFRESH_SPACING) -> None:
         if self._unseen_refresh is not None and not self._unseen_refresh.done():
             return
         loop = asyncio.get_running_loop()
-        if loop.time() - self._unseen_refresh_at < _UNSEEN_REFRESH_SPACING:
+        if loop.time() - self._unseen_refresh_at < spacing:
             return  # a host that never registers must not turn every call into a refresh
         self._unseen_refresh_at = loop.time()
         self._unseen_refresh = loop.create_task(self._refresh_quietly(), name="levels-unseen")
@@ -169,7 +197,8 @@ class ComputeUpgradeLevels:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._run(), name="upgrade-levels-refresh")
+        if not self.on_demand:
+            self._task = asyncio.create_task(self._run(), name="upgrade-levels-refresh")
 
     async def stop(self) -> None:
         if self._unseen_refresh is not None:

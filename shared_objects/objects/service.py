@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-from collections.abc import Callable, Mapping
+import random
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
@@ -228,15 +229,30 @@ class ServiceList(ObjectListBase[Service], FleetObject):
 
 
 ContextFactory = Callable[[], AbstractAsyncContextManager[Any]]
+# One beat: given the report's context and the registered row, mark the service alive.
+Beat = Callable[[Any, Service], Awaitable[None]]
+
+
+async def heartbeat_beat(ctxt: Any, service: Service) -> None:
+    """The beat of release 1.1 and of conductors: ``Service.heartbeat()``."""
+    service._context = ctxt
+    await service.heartbeat()
 
 
 class ServiceReporter:
-    """Registers a service row at start and heartbeats it every ``interval`` seconds.
+    """Registers a service row at start and beats every ``interval`` seconds.
 
     ``context_factory`` yields the context each report runs in: on an agent a plain context
-    (the heartbeat travels to the conductor), in the conductor one with a database unit of work.
+    (the beat travels to the conductor), in the conductor one with a database unit of work.
+    ``beat`` marks the service alive: ``Service.heartbeat()`` by default; agents use the
+    cheaper ``report_alive`` where conductors have it (``compute_agent/liveness.py``).
     A failed report is logged and retried at the next interval: liveness must survive a
     conductor or broker hiccup.
+
+    Beats are spread out: the first comes after a random part of the interval, and each wait
+    is between 90 and 100 % of it, so a thousand agents started together do not beat in
+    lock-step (and, counted from one beat's start to the next, never beat less often than
+    ``interval``).
     """
 
     def __init__(
@@ -248,8 +264,12 @@ class ServiceReporter:
         topic: str | None,
         version: int,
         interval: float = 10.0,
+        beat: Beat = heartbeat_beat,
+        rng: random.Random | None = None,
     ) -> None:
         self._context_factory = context_factory
+        self._beat = beat
+        self._rng = rng if rng is not None else random.Random()
         self.host = host
         self.binary = binary
         self.topic = topic
@@ -258,6 +278,9 @@ class ServiceReporter:
         self.service: Service | None = None
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        # A beat on its way (stop lets it land: see stop()).
+        self._beating = False
+        self._stopping = False
 
     async def start(self) -> Service:
         """Register (or refresh) the row, then start the heartbeat task."""
@@ -265,6 +288,7 @@ class ServiceReporter:
             self.service = await Service.register(
                 ctxt, self.host, self.binary, self.topic, self.version
             )
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.binary}")
         return self.service
 
@@ -272,12 +296,21 @@ class ServiceReporter:
         """One heartbeat now."""
         assert self.service is not None, "start() first"
         async with self._context_factory() as ctxt:
-            self.service._context = ctxt
-            await self.service.heartbeat()
+            await self._beat(ctxt, self.service)
+
+    def next_wait(self, *, first: bool = False) -> float:
+        """Seconds until the next beat (see the class docstring)."""
+        low = 0.0 if first else 0.9
+        return self.interval * self._rng.uniform(low, 1.0)
 
     async def _run(self) -> None:
+        # Registering just marked the row up: the first beat may come anywhere in the interval.
+        loop = asyncio.get_running_loop()
+        wait = self.next_wait(first=True)
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(wait)
+            started = loop.time()
+            self._beating = True
             try:
                 await self.report()
             except asyncio.CancelledError:
@@ -293,10 +326,25 @@ class ServiceReporter:
             except Exception:
                 self.failures += 1
                 log.warning("service_heartbeat_failed", binary=self.binary, exc_info=True)
+            finally:
+                self._beating = False
+            if self._stopping:
+                return
+            # Counted from the start of this beat: a reply that waits for its batch (or a slow
+            # conductor) must not stretch the period beyond the interval.
+            wait = max(0.0, self.next_wait() - (loop.time() - started))
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self, *, beat_grace: float = 5.0) -> None:
+        """Stop beating. A beat already on its way is given ``beat_grace`` seconds to land
+        first: cut off, the conductor may still write it after the caller marked the service
+        down (``report_alive`` waits for its batch), and the service would look up again."""
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        if self._beating:
+            await asyncio.wait({task}, timeout=beat_grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self._task = None

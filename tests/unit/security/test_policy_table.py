@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from compute_agent.endpoint import ComputeEndpoint
 from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint, remotable_methods
+from conductor.liveness import LivenessEndpoint
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from shared_objects.base import FleetObjectRegistry
 from shared_objects.identity import Identities, Role
@@ -44,8 +45,14 @@ def _exposed(*endpoint_classes: type) -> set[tuple[str | None, str]]:
 
 
 def test_every_conductor_rpc_method_has_a_policy_entry() -> None:
-    exposed = _exposed(ConductorIndirectionEndpoint, BaseAPIEndpoint, ComputeTaskEndpoint)
+    exposed = _exposed(
+        ConductorIndirectionEndpoint, LivenessEndpoint, BaseAPIEndpoint, ComputeTaskEndpoint
+    )
     assert exposed == set(CONDUCTOR_RPC_POLICY)
+
+
+def test_only_agents_may_report_alive() -> None:
+    assert CONDUCTOR_RPC_POLICY[(None, "report_alive")] == frozenset({Role.AGENT})
 
 
 def test_every_compute_rpc_method_has_a_policy_entry() -> None:

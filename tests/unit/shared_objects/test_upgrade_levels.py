@@ -128,3 +128,44 @@ async def test_a_host_not_seen_yet_gets_the_oldest_release_and_a_refresh_soon(
         assert reads == 2
     finally:
         await levels.stop()
+
+
+async def test_on_demand_levels_are_read_only_when_used_after_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Agents: no timer (a timed read of every compute service by every agent costs the
+    # conductors O(hosts²)); a use after refresh_interval starts one read in the background.
+    import asyncio
+    import contextlib
+    from collections.abc import AsyncIterator
+    from typing import Any
+
+    from shared_objects.objects.service import ServiceList
+    from shared_objects.upgrade_levels import ComputeUpgradeLevels
+
+    now = datetime.datetime.now(datetime.UTC)
+    reads = 0
+
+    async def get_by_binary(ctxt: Any, binary: str, include_disabled: bool = False) -> Any:
+        nonlocal reads
+        reads += 1
+        return [FakeService("a", NEWEST.service_version, last_seen_up=now)]
+
+    @contextlib.asynccontextmanager
+    async def context() -> AsyncIterator[Any]:
+        yield None
+
+    monkeypatch.setattr(ServiceList, "get_by_binary", get_by_binary)
+    levels = ComputeUpgradeLevels("auto", context, refresh_interval=0.05, on_demand=True)
+    await levels.start()
+    try:
+        await asyncio.sleep(0.2)  # idle: several intervals pass, nothing is read
+        assert reads == 1
+        assert levels.release_for("a") == NEWEST  # stale use: served, and a read starts
+        await asyncio.sleep(0.02)
+        assert reads == 2
+        levels.release_for("a")  # fresh again: no read
+        await asyncio.sleep(0.01)
+        assert reads == 2
+    finally:
+        await levels.stop()

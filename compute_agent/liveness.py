@@ -1,0 +1,102 @@
+"""How an agent beats: ``report_alive`` where every live conductor has it, else the
+``Service.heartbeat`` remotable of earlier releases.
+
+``report_alive`` (conductor API 1.1, release 1.2) sends nothing and costs the conductor a share
+of one batched UPDATE (``conductor/liveness.py``); ``Service.heartbeat`` is a whole object round
+trip and a statement of its own. During a rolling upgrade a conductor of release 1.1 may still
+take this agent's calls: until the oldest live conductor's release has conductor API 1.1 (read
+from the services table at the first beat, then every ``recheck`` seconds while it is not so)
+the agent beats the old way. A conductor that turns the new call down anyway (a race with that
+check) makes this agent fall back for the beat and look again later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from conductor.rpcapi import REPORT_ALIVE_VERSION, ConductorAPI
+from shared_objects import exception, releases
+from shared_objects.messaging import NoSuchMethod, RemoteError, UnsupportedVersion
+from shared_objects.messaging.versions import version_is_compatible
+from shared_objects.objects.service import Service, heartbeat_beat
+
+log = structlog.get_logger(__name__)
+
+# What a conductor without report_alive answers (as RemoteError where the class is not
+# re-created).
+_OLD_CONDUCTOR_ERRORS = frozenset({"UnsupportedVersion", "NoSuchMethod"})
+
+
+class AgentBeat:
+    """The agent's ``ServiceReporter`` beat (see the module docstring)."""
+
+    def __init__(
+        self,
+        conductor: ConductorAPI,
+        *,
+        service_down_time: float,
+        recheck: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.conductor = conductor
+        self.service_down_time = service_down_time
+        self.recheck = recheck
+        self._clock = clock
+        # None: not checked yet; True: report_alive; False: heartbeat until the next check.
+        self.cheap: bool | None = None
+        self._check_at = 0.0
+        self._state: dict[str, Any] | None = None
+
+    async def __call__(self, ctxt: Any, service: Service) -> None:
+        if self.cheap is not True and self._clock() >= self._check_at:
+            await self._check(ctxt)
+        if self.cheap:
+            try:
+                state = await self.conductor.report_alive(ctxt)
+            except (UnsupportedVersion, NoSuchMethod) as exc:
+                self._fall_back(type(exc).__name__)
+            except RemoteError as exc:
+                if exc.exc_type not in _OLD_CONDUCTOR_ERRORS:
+                    raise
+                self._fall_back(exc.exc_type or "")
+            except exception.Forbidden as exc:
+                # A conductor whose policy has no report_alive (or a login it will not take
+                # a beat from): the old way still works, with its own authorisation.
+                self._fall_back(f"Forbidden: {exc}")
+            else:
+                self._show(state, service.host)
+                return
+        await heartbeat_beat(ctxt, service)
+
+    async def _check(self, ctxt: Any) -> None:
+        oldest = await Service.get_minimum_version(
+            ctxt, releases.BINARY_CONDUCTOR, self.service_down_time
+        )
+        api = releases.for_service_version(oldest).conductor_rpc_api
+        cheap = version_is_compatible(api, REPORT_ALIVE_VERSION)
+        if cheap != self.cheap:
+            log.info(
+                "liveness_mode",
+                report_alive=cheap,
+                oldest_conductor_version=oldest,
+                conductor_rpc_api=api,
+            )
+        self.cheap = cheap
+        self._check_at = self._clock() + self.recheck
+
+    def _fall_back(self, reason: str) -> None:
+        log.warning("liveness_report_alive_refused", reason=reason[:200], fallback="heartbeat")
+        self.cheap = False
+        self._check_at = self._clock() + self.recheck
+
+    def _show(self, state: Any, host: str) -> None:
+        """One line when the row's disabled/forced_down changes (or is set at the start)."""
+        if not isinstance(state, dict):
+            return
+        if state != self._state and (self._state is not None or any(state.values())):
+            log.info("service_state", host=host, **{k: bool(v) for k, v in state.items()})
+        self._state = state
