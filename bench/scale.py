@@ -1,0 +1,714 @@
+"""Scale benchmark: what N simulated hosts cost 1 or 2 conductors, against the floor of 0 hosts.
+
+    .venv/bin/python bench/scale.py --hosts 1000                # floor, then 1,000 hosts
+    .venv/bin/python bench/scale.py --quick                     # floor, then 100 hosts
+    .venv/bin/python bench/scale.py --sweep --conductors 1,2    # N = 0, 10, 100, 1000, each
+    .venv/bin/python bench/scale.py --hosts 100 --json          # one JSON object per run
+
+Every run is a fresh setup on the shared RabbitMQ and PostgreSQL: a new database (dropped
+after), 1 or 2 real conductor processes (``python -m conductor`` through
+``conductor.cluster.LocalCluster``), and N simulated hosts. A host is the real
+``ComputeAgentService``: its own broker login (``BrokerLogins``, created for all hosts in one
+batch), AMQP connection and ``compute.<host>`` queue and consumer, fake hypervisor (zero spawn
+delay), claims, Service heartbeat and ComputeNode reports at the default intervals; many hosts
+share a process (``bench/scale_worker.py``, ``--hosts-per-worker``). Everything runs in a
+private vhost with tagged logins, deleted at the end (also on Ctrl-C or failure).
+
+Each run measures, in order:
+
+1. start: seconds until every agent has started (services and compute nodes registered);
+2. steady state, after ``--settle`` s, over ``--window`` s (default 30: every periodic task of
+   an agent, the 10 s heartbeat and the 30 s upgrade-levels refresh, runs in it): CPU of each
+   conductor and of the agent processes (``/proc/<pid>/stat``, % of one core), PostgreSQL
+   transactions/s of the run's database, RSS of every process, the broker's connections, queues
+   and memory;
+3. under that background: ``--schedule-probes`` sequential ``build_instances`` of one instance
+   (the call returns once the conductor has scheduled, recorded and cast it), then
+   ``--interactive-probes`` rounds of ``Instance.get_by_uuid`` and of ``InstanceList.get_all``
+   (what ``fleetctl list`` calls), each timed at the operator;
+4. a boot storm of N instances over the N hosts (``--storm-concurrency`` requests of one
+   instance in flight): instances/s until the last is ACTIVE, time to ACTIVE (``updated_at -
+   created_at`` of the row, the conductor's clock), instances not in a final state after
+   ``--storm-timeout`` (stuck), in ERROR, and reschedules: the ``compute_run_instance`` events
+   that ended in error, and among them those whose claim failed (``InsufficientResources``:
+   the conductor placed on usage that was stale).
+
+The conductors' database pools are bounded through their handler concurrency
+(``--conductor-concurrency``, default 32 each): PostgreSQL here allows 100 connections in all.
+
+The machine is shared and small: compare figures of one run (N against the floor), not
+absolute figures across runs. ``docs/scale.md`` has the method and the measured table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from boot import AMQP_BASE, cpu_seconds, fresh_database, percentile, plain_dsn, private_vhost
+
+from conductor.cluster import ClusterSpec, LocalCluster
+from shared_objects.log import configure_logging
+from shared_objects.objects.flavor import Flavor
+from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.testing.broker_logins import BrokerLogins
+
+HERE = Path(__file__).resolve().parent
+EXCHANGE = "fleet-bench-scale"
+FLAVOR = "bench.tiny"
+SWEEP = (0, 10, 100, 1000)
+FINAL_STATES = ("active", "error", "stopped")
+#: Keys every run's JSON object has (the smoke test checks them).
+REQUIRED_KEYS = (
+    "hosts",
+    "conductors",
+    "conductor_cpu_percent",
+    "interactive_p99_ms",
+    "schedule_p99_ms",
+    "boot_storm_instances_per_s",
+    "stuck_instances",
+)
+
+
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One line on stderr with the seconds since the benchmark started (long runs)."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def host_names(count: int) -> list[str]:
+    return [f"sim-{n:04d}" for n in range(1, count + 1)]
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int | None) -> float | None:
+    """Resident set size of ``pid`` in MiB (None once it is gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def broker_pid() -> int | None:
+    """The shared RabbitMQ node's Erlang VM (``beam.smp``), if it runs on this machine."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+    return None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclasses.dataclass
+class Worker:
+    name: str
+    hosts: list[str]
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    report: dict[str, Any] | None = None
+
+
+async def start_workers(
+    args: argparse.Namespace, logins: BrokerLogins, hosts: list[str], workdir: Path
+) -> list[Worker]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        {
+            "FLEET_CONTROL_EXCHANGE": EXCHANGE,
+            # Satisfies the configuration check; each agent gets its own login's URL.
+            "FLEET_TRANSPORT_URL": AMQP_BASE,
+            "FLEET_COMPUTE__SPAWN_DELAY": "0",
+            "FLEET_COMPUTE__STATE_DIR": str(workdir / "hypervisors"),
+            "FLEET_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+            **logins.security_env(),
+        }
+    )
+    workers: list[Worker] = []
+    per = args.hosts_per_worker
+    for index, start in enumerate(range(0, len(hosts), per), 1):
+        chunk = hosts[start : start + per]
+        name = f"worker-{index}"
+        hosts_file = workdir / f"{name}.hosts.json"
+        urls = {h: logins.url_for(logins.host_login(h)) for h in chunk}
+        fd = os.open(hosts_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:  # the logins' passwords: private to this user
+            json.dump(urls, f)
+        log_path = workdir / f"{name}.log"
+        log_file = await asyncio.to_thread(open, log_path, "ab")
+        with log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(HERE / "scale_worker.py"),
+                "--hosts-file",
+                str(hosts_file),
+                "--start-concurrency",
+                str(args.start_concurrency),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                preexec_fn=_die_with_parent,
+            )
+        workers.append(Worker(name, chunk, proc, log_path))
+    return workers
+
+
+async def wait_workers(workers: Sequence[Worker], timeout: float) -> None:
+    """Until every worker has reported its start; fails if any agent failed to start."""
+
+    async def one(worker: Worker) -> None:
+        assert worker.proc.stdout is not None
+        line = await worker.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{worker.name} exited {await worker.proc.wait()}: see its log")
+        worker.report = json.loads(line)
+
+    await asyncio.wait_for(asyncio.gather(*(one(w) for w in workers)), timeout)
+    failed = [w for w in workers if w.report and w.report["failed"]]
+    if failed:
+        raise RuntimeError(f"agents failed to start: {[w.report for w in failed]}")
+
+
+async def stop_workers(workers: Sequence[Worker], timeout: float = 120.0) -> None:
+    """SIGTERM (each stops its agents: they mark their services down), SIGKILL after ``timeout``."""
+    for worker in workers:
+        if worker.proc.returncode is None:
+            worker.proc.send_signal(signal.SIGTERM)
+
+    async def wait(worker: Worker) -> None:
+        try:
+            await asyncio.wait_for(worker.proc.wait(), timeout)
+        except TimeoutError:
+            worker.proc.kill()
+            await worker.proc.wait()
+
+    await asyncio.gather(*(wait(w) for w in workers))
+
+
+# --- broker and database figures -----------------------------------------------------------------
+
+
+async def rabbitmqctl(*argv: str) -> str:
+    ctl = shutil.which("rabbitmqctl") or "rabbitmqctl"
+    proc = await asyncio.create_subprocess_exec(
+        ctl, "-q", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    return out.decode(errors="replace")
+
+
+async def broker_figures(vhost: str) -> dict[str, Any]:
+    """Connections and queues of the run's vhost, their queues' memory, the node's memory."""
+    queues = [
+        line.split("\t")
+        for line in (await rabbitmqctl("list_queues", "-p", vhost, "name", "memory")).splitlines()
+        if "\t" in line
+    ]
+    conns = (await rabbitmqctl("list_connections", "vhost")).splitlines()
+    status = json.loads(await rabbitmqctl("status", "--formatter", "json") or "{}")
+    total = status.get("memory", {}).get("total", {})
+    return {
+        "connections": sum(1 for line in conns if line.strip() == vhost),
+        "queues": len(queues),
+        "queue_memory_mb": round(sum(int(q[1]) for q in queues if q[1].isdigit()) / 2**20, 1),
+        "node_memory_mb": round(int(total.get("rss", 0)) / 2**20, 1),
+    }
+
+
+async def db_counters(dsn: str) -> dict[str, float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT xact_commit + xact_rollback AS xacts, tup_returned + tup_fetched AS reads, "
+            "tup_inserted + tup_updated + tup_deleted AS writes "
+            "FROM pg_stat_database WHERE datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return {k: float(row[k]) for k in ("xacts", "reads", "writes")}
+
+
+async def db_rows(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {
+            table: int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+            for table in ("services", "compute_nodes", "instances", "instance_action_events")
+        }
+    finally:
+        await conn.close()
+
+
+async def wait_registered(dsn: str, hosts: int, timeout: float) -> None:
+    """Until ``hosts`` compute services and compute nodes exist (agents register both)."""
+    conn = await asyncpg.connect(dsn)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            services = await conn.fetchval(
+                "SELECT count(*) FROM services WHERE \"binary\" = 'fleet-compute'"
+            )
+            nodes = await conn.fetchval("SELECT count(*) FROM compute_nodes")
+            if services >= hosts and nodes >= hosts:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{services} services, {nodes} nodes of {hosts} hosts")
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+# --- one run -------------------------------------------------------------------------------------
+
+
+def cpu_percent(before: dict[str, float], after: dict[str, float], seconds: float) -> list[float]:
+    return [round((after[k] - before[k]) * 100 / seconds, 1) for k in sorted(before)]
+
+
+def pids(cluster: LocalCluster, conductors: int, workers: Sequence[Worker]) -> dict[str, int]:
+    out = {}
+    for index in range(1, conductors + 1):
+        pid = cluster.pid_of(f"conductor-{index}")
+        if pid is not None:
+            out[f"conductor-{index}"] = pid
+    out.update({w.name: w.proc.pid for w in workers})
+    return out
+
+
+async def steady_state(
+    args: argparse.Namespace,
+    vhost: str,
+    dsn: str,
+    procs: dict[str, int],
+) -> dict[str, Any]:
+    conductors = {k: v for k, v in procs.items() if k.startswith("conductor-")}
+    workers = {k: v for k, v in procs.items() if k.startswith("worker-")}
+    cpu_before = {k: cpu_seconds(p) for k, p in procs.items()}
+    db_before = await db_counters(dsn)
+    began = time.monotonic()
+    await asyncio.sleep(args.window)
+    cpu_after = {k: cpu_seconds(p) for k, p in procs.items()}
+    db_after = await db_counters(dsn)
+    seconds = time.monotonic() - began
+    per_conductor = cpu_percent(
+        {k: cpu_before[k] for k in conductors}, {k: cpu_after[k] for k in conductors}, seconds
+    )
+    agents = sum(cpu_percent({k: cpu_before[k] for k in workers}, cpu_after, seconds))
+    broker = await broker_figures(vhost) if args.broker_stats else {}
+    return {
+        "window_s": round(seconds, 1),
+        "conductor_cpu_percent": per_conductor,
+        "agents_cpu_percent": round(agents, 1),
+        "db_per_s": {k: round((db_after[k] - db_before[k]) / seconds, 1) for k in db_before},
+        "rss_mb": {
+            **{k: rss_mb(p) for k, p in procs.items()},
+            "rabbitmq": rss_mb(broker_pid()),
+        },
+        "broker": broker,
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+
+
+async def probes(
+    args: argparse.Namespace, cluster: LocalCluster, dsn: str, hosts: int
+) -> dict[str, Any]:
+    """Scheduling and interactive latencies under the background (sequential, one at a time)."""
+    assert cluster.tasks is not None
+    schedule_ms: list[float] = []
+    uuids: list[str] = []
+    for n in range(args.schedule_probes):
+        began = time.perf_counter()
+        made = await cluster.tasks.build_instances(cluster.ctxt, flavor=FLAVOR, name=f"probe-{n}")
+        schedule_ms.append((time.perf_counter() - began) * 1000)
+        uuids.extend(m["uuid"] for m in made)
+    await wait_final(dsn, uuids, 120.0)
+    get_ms: list[float] = []
+    list_ms: list[float] = []
+    for _ in range(args.interactive_probes):
+        target = random.choice(uuids)
+        began = time.perf_counter()
+        await Instance.get_by_uuid(cluster.ctxt, target)
+        get_ms.append((time.perf_counter() - began) * 1000)
+        began = time.perf_counter()
+        await InstanceList.get_all(cluster.ctxt)
+        list_ms.append((time.perf_counter() - began) * 1000)
+        await asyncio.sleep(0.05)
+    return {
+        "schedule_p50_ms": round(percentile(schedule_ms, 50), 1),
+        "schedule_p99_ms": round(percentile(schedule_ms, 99), 1),
+        "interactive_p50_ms": round(percentile(get_ms, 50), 1),
+        "interactive_p99_ms": round(percentile(get_ms, 99), 1),
+        "list_p50_ms": round(percentile(list_ms, 50), 1),
+        "list_p99_ms": round(percentile(list_ms, 99), 1),
+        "list_instances": len(uuids),
+    }
+
+
+async def wait_final(dsn: str, uuids: list[str], timeout: float) -> int:
+    """Until every instance is in a final state or ``timeout``; returns how many are not."""
+    conn = await asyncpg.connect(dsn)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            settled = await conn.fetchval(
+                "SELECT count(*) FROM instances WHERE uuid = ANY($1::text[]) "
+                "AND vm_state = ANY($2::text[]) AND task_state IS NULL",
+                uuids,
+                list(FINAL_STATES),
+            )
+            if settled == len(uuids) or time.monotonic() > deadline:
+                return len(uuids) - int(settled)
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+async def boot_storm(
+    args: argparse.Namespace, cluster: LocalCluster, dsn: str, count: int
+) -> dict[str, Any]:
+    assert cluster.tasks is not None
+    tasks = cluster.tasks
+    pending = iter(range(count))
+    uuids: list[str] = []
+
+    async def operator() -> None:
+        for n in pending:
+            made = await tasks.build_instances(cluster.ctxt, flavor=FLAVOR, name=f"storm-{n}")
+            uuids.extend(m["uuid"] for m in made)
+
+    started_at = time.time()
+    await asyncio.gather(*(operator() for _ in range(args.storm_concurrency)))
+    stuck = await wait_final(dsn, uuids, args.storm_timeout)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT vm_state, task_state, host, created_at, updated_at FROM instances "
+            "WHERE uuid = ANY($1::text[])",
+            uuids,
+        )
+        events = await conn.fetch(
+            "SELECT e.result, coalesce(e.traceback, '') || coalesce(e.details, '') AS why "
+            "FROM instance_action_events e JOIN instance_actions a ON a.id = e.action_id "
+            "WHERE a.instance_uuid = ANY($1::text[]) AND e.event = 'compute_run_instance' "
+            "AND e.finish_time IS NOT NULL AND e.result IS DISTINCT FROM 'Success'",
+            uuids,
+        )
+    finally:
+        await conn.close()
+    active = [r for r in rows if r["vm_state"] == "active" and r["task_state"] is None]
+    to_active = [(r["updated_at"] - r["created_at"]).total_seconds() * 1000 for r in active]
+    last = max((r["updated_at"].timestamp() for r in active), default=started_at)
+    per_host: dict[str, int] = {}
+    for r in active:
+        per_host[r["host"]] = per_host.get(r["host"], 0) + 1
+    return {
+        "boot_storm_instances": count,
+        "boot_storm_instances_per_s": round(len(active) / max(last - started_at, 1e-3), 1),
+        "boot_storm_p50_ms": round(percentile(to_active, 50), 1),
+        "boot_storm_p99_ms": round(percentile(to_active, 99), 1),
+        "active_instances": len(active),
+        "error_instances": sum(1 for r in rows if r["vm_state"] == "error"),
+        "stuck_instances": stuck,
+        "reschedules": len(events),
+        "stale_usage_reschedules": sum(1 for e in events if "InsufficientResources" in e["why"]),
+        "hosts_used": len(per_host),
+        "max_instances_per_host": max(per_host.values(), default=0),
+    }
+
+
+async def run_one(
+    args: argparse.Namespace,
+    logins: BrokerLogins,
+    vhost: str,
+    workdir: Path,
+    hosts: int,
+    conductors: int,
+) -> dict[str, Any]:
+    rundir = workdir / f"h{hosts}-c{conductors}"
+    rundir.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        db_url = await stack.enter_async_context(fresh_database())
+        dsn = plain_dsn(db_url)
+        spec = ClusterSpec(
+            database_url=db_url,
+            transport_url=AMQP_BASE + vhost,
+            control_exchange=EXCHANGE,
+            hosts=(),
+            conductors=conductors,
+            workdir=rundir,
+            common_env={
+                "FLEET_LOG_LEVEL": args.log_level,
+                # Each handler holds at most one pooled connection: this bounds the pool too.
+                "FLEET_MESSAGING__MAX_CONCURRENCY": str(args.conductor_concurrency),
+            },
+            # The defaults, as deployed (ClusterSpec's own are shortened for tests).
+            report_interval=10.0,
+            service_down_time=60.0,
+            logins=logins,
+        )
+        cluster = LocalCluster(spec)
+        stack.push_async_callback(cluster.stop)
+        progress(f"{hosts} hosts, {conductors} conductor(s): starting the conductors")
+        await cluster.start(timeout=120)
+        await Flavor(
+            cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=64, root_gb=1
+        ).create()
+        began = time.monotonic()
+        progress(f"starting {hosts} agents")
+        workers = await start_workers(args, logins, host_names(hosts), rundir)
+        stack.push_async_callback(stop_workers, workers)  # before the conductors stop
+        await wait_workers(workers, timeout=120 + hosts)
+        await wait_registered(dsn, hosts, timeout=60)
+        start_s = time.monotonic() - began
+        progress(f"agents started in {start_s:.1f}s; steady state")
+        await asyncio.sleep(args.settle)
+        procs = pids(cluster, conductors, workers)
+        result: dict[str, Any] = {
+            "hosts": hosts,
+            "conductors": conductors,
+            "workers": len(workers),
+            "start_s": round(start_s, 1),
+        }
+        result.update(await steady_state(args, vhost, dsn, procs))
+        progress(f"conductor CPU {result['conductor_cpu_percent']} %; probes")
+        result.update(await probes(args, cluster, dsn, hosts))
+        if hosts:
+            progress(f"boot storm of {hosts}")
+            result.update(await boot_storm(args, cluster, dsn, hosts))
+            result["rss_after_storm_mb"] = {k: rss_mb(p) for k, p in procs.items()}
+        else:
+            result.update(
+                boot_storm_instances=0, boot_storm_instances_per_s=None, stuck_instances=0
+            )
+        result["db_rows"] = await db_rows(dsn)
+        progress("stopping")
+    return result
+
+
+# --- the whole benchmark -------------------------------------------------------------------------
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except OSError:
+        return "?"
+    return out.stdout.strip() or "?"
+
+
+def with_derived(result: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, Any]:
+    """Per-host figures: the run's conductor CPU above the floor's, per 100 hosts and per host."""
+    total = sum(result["conductor_cpu_percent"])
+    result["conductor_cpu_percent_total"] = round(total, 1)
+    hosts = result["hosts"]
+    if hosts and floor is not None:
+        above = total - sum(floor["conductor_cpu_percent"])
+        result["conductor_cpu_percent_per_100_hosts"] = round(above * 100 / hosts, 2)
+        # % of one core = 10,000 µs of CPU per second.
+        result["conductor_cpu_us_per_host_s"] = round(above * 10_000 / hosts, 1)
+        result["agents_cpu_us_per_host_s"] = round(result["agents_cpu_percent"] * 10_000 / hosts, 1)
+        workers = [v for k, v in result["rss_mb"].items() if k.startswith("worker-") and v]
+        result["agent_rss_kb_per_host"] = round(sum(workers) * 1024 / hosts, 0)
+    return result
+
+
+async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    plan = [(c, n) for c in args.conductor_list for n in args.host_list]
+    results: list[dict[str, Any]] = []
+    stamp = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
+    }
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fleet-bench-scale-"))
+    ok = False
+    async with contextlib.AsyncExitStack() as stack:
+        progress("private vhost and broker logins")
+        vhost = stack.enter_context(private_vhost())
+        logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=uuid.uuid4().hex[:6])
+        stack.push_async_callback(logins.delete)
+        # Every login of the whole run in one batch (one rabbitmqctl start, whatever the count).
+        await logins.ensure(
+            conductors=[str(n) for n in range(1, max(args.conductor_list) + 1)],
+            operators=[""],
+            hosts=host_names(max(args.host_list)),
+            exchanges=[EXCHANGE],
+        )
+        floors: dict[int, dict[str, Any]] = {}
+        try:
+            for conductors, hosts in plan:
+                result = await run_one(args, logins, vhost, workdir, hosts, conductors)
+                result = with_derived({**stamp, **result}, floors.get(conductors))
+                if hosts == 0:
+                    floors[conductors] = result
+                results.append(result)
+                if args.json:
+                    print(json.dumps(result), flush=True)
+                else:
+                    progress(f"run done: {hosts} hosts, {conductors} conductor(s)")
+            ok = True
+        finally:
+            if not ok:
+                print(f"bench/scale.py: failed; logs kept in {workdir}", file=sys.stderr)
+    if ok and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return "no runs"
+    first = results[0]
+    lines = [
+        f"scale: {first['date']}, commit {first['commit']}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "",
+        f"{'hosts':>5} {'cond':>4} {'start s':>7} {'cond CPU %':>12} {'/100 hosts':>10} "
+        f"{'µs/host/s':>9} {'agents %':>8} {'get p50/p99 ms':>15} {'list p99':>8} "
+        f"{'sched p50/p99 ms':>17} {'storm inst/s':>12} {'storm p99 ms':>12} "
+        f"{'stuck':>5} {'resched':>7} {'stale':>5}",
+    ]
+    for r in results:
+        cpu = "+".join(f"{c:g}" for c in r["conductor_cpu_percent"])
+        lines.append(
+            f"{r['hosts']:>5} {r['conductors']:>4} {r['start_s']:>7} {cpu:>12} "
+            f"{r.get('conductor_cpu_percent_per_100_hosts', '-'):>10} "
+            f"{r.get('conductor_cpu_us_per_host_s', '-'):>9} {r['agents_cpu_percent']:>8} "
+            f"{r['interactive_p50_ms']:>7}/{r['interactive_p99_ms']:<7} {r['list_p99_ms']:>8} "
+            f"{r['schedule_p50_ms']:>8}/{r['schedule_p99_ms']:<8} "
+            f"{r['boot_storm_instances_per_s'] or '-':>12} {r.get('boot_storm_p99_ms', '-'):>12} "
+            f"{r['stuck_instances']:>5} {r.get('reschedules', '-'):>7} "
+            f"{r.get('stale_usage_reschedules', '-'):>5}"
+        )
+    lines += ["", "RSS MiB, broker and database (steady state):"]
+    for r in results:
+        rss = ", ".join(f"{k} {v}" for k, v in r["rss_mb"].items())
+        b = r["broker"]
+        broker = (
+            f"{b['connections']} connections, {b['queues']} queues "
+            f"({b['queue_memory_mb']} MiB), node {b['node_memory_mb']} MiB"
+            if b
+            else "not measured"
+        )
+        lines.append(
+            f"  {r['hosts']:>5} hosts, {r['conductors']} cond: {rss}; broker: {broker}; "
+            f"db: {r['db_per_s']['xacts']} xact/s, rows {r['db_rows']}; "
+            f"load {r['load_avg_1m']}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/scale.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--hosts", type=int, default=1000, help="simulated hosts (default 1000)")
+    parser.add_argument("--quick", action="store_true", help="100 hosts")
+    parser.add_argument("--sweep", action="store_true", help=f"N = {', '.join(map(str, SWEEP))}")
+    parser.add_argument("--no-floor", action="store_true", help="skip the 0-host baseline")
+    parser.add_argument("--conductors", default="1", help="1, 2, or 1,2 (each in turn)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per run")
+    parser.add_argument("--hosts-per-worker", type=int, default=250)
+    parser.add_argument("--start-concurrency", type=int, default=25, help="per worker")
+    parser.add_argument("--conductor-concurrency", type=int, default=32)
+    parser.add_argument("--settle", type=float, default=10.0, help="s after start, unmeasured")
+    parser.add_argument("--window", type=float, default=30.0, help="steady-state window, s")
+    parser.add_argument("--schedule-probes", type=int, default=20)
+    parser.add_argument("--interactive-probes", type=int, default=100)
+    parser.add_argument("--storm-concurrency", type=int, default=32)
+    parser.add_argument("--storm-timeout", type=float, default=300.0)
+    parser.add_argument("--log-level", default="info", help="conductors' log level")
+    parser.add_argument(
+        "--no-broker-stats",
+        dest="broker_stats",
+        action="store_false",
+        help="skip the rabbitmqctl queries (connections, queues, memory)",
+    )
+    parser.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hosts = 100
+    hosts = list(SWEEP) if args.sweep else [args.hosts]
+    if not args.no_floor and 0 not in hosts:
+        hosts.insert(0, 0)
+    args.host_list = hosts
+    try:
+        args.conductor_list = [int(c) for c in args.conductors.split(",")]
+    except ValueError:
+        parser.error("--conductors: 1, 2 or 1,2")
+    if any(c < 1 for c in args.conductor_list) or any(h < 0 for h in hosts):
+        parser.error("--conductors must be >= 1 and --hosts >= 0")
+    if args.hosts_per_worker < 1 or args.start_concurrency < 1:
+        parser.error("--hosts-per-worker and --start-concurrency must be at least 1")
+    if args.schedule_probes < 1 or args.interactive_probes < 1:
+        parser.error("--schedule-probes and --interactive-probes must be at least 1")
+    return args
+
+
+async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    # SIGTERM unwinds like Ctrl-C: every process, database, login and the vhost is cleaned up.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("console", "warning", stream=sys.stderr)
+    try:
+        results = asyncio.run(_main(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench/scale.py: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    if not args.json:
+        print(render(results))
+    return 0 if all(not math.isnan(r["interactive_p99_ms"]) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
