@@ -45,6 +45,7 @@ faults: $(STAMP) services
 bench: $(STAMP) services
 	$(BIN)/python bench/rpc.py --quick
 	$(BIN)/python bench/objects.py --quick
+	$(BIN)/python bench/scale.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -119,16 +119,6 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def broker_pid() -> int | None:
-    """The shared RabbitMQ node's Erlang VM (``beam.smp``), if it runs on this machine."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    return int(entry.name)
-    return None
-
-
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -338,10 +328,8 @@ async def steady_state(
         "conductor_cpu_percent": per_conductor,
         "agents_cpu_percent": round(agents, 1),
         "db_per_s": {k: round((db_after[k] - db_before[k]) / seconds, 1) for k in db_before},
-        "rss_mb": {
-            **{k: rss_mb(p) for k, p in procs.items()},
-            "rabbitmq": rss_mb(broker_pid()),
-        },
+        # The shared broker's RSS is in "broker" (node_memory_mb): other users' share included.
+        "rss_mb": {k: rss_mb(p) for k, p in procs.items()},
         "broker": broker,
         "load_avg_1m": round(os.getloadavg()[0], 1),
     }
@@ -402,7 +390,11 @@ async def wait_final(dsn: str, uuids: list[str], timeout: float) -> int:
 
 
 async def boot_storm(
-    args: argparse.Namespace, cluster: LocalCluster, dsn: str, count: int
+    args: argparse.Namespace,
+    cluster: LocalCluster,
+    dsn: str,
+    count: int,
+    procs: dict[str, int],
 ) -> dict[str, Any]:
     assert cluster.tasks is not None
     tasks = cluster.tasks
@@ -414,9 +406,11 @@ async def boot_storm(
             made = await tasks.build_instances(cluster.ctxt, flavor=FLAVOR, name=f"storm-{n}")
             uuids.extend(m["uuid"] for m in made)
 
+    cpu_before = {k: cpu_seconds(p) for k, p in procs.items()}
     started_at = time.time()
     await asyncio.gather(*(operator() for _ in range(args.storm_concurrency)))
     stuck = await wait_final(dsn, uuids, args.storm_timeout)
+    cpu_used = {k: cpu_seconds(p) - cpu_before[k] for k, p in procs.items()}
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -449,6 +443,15 @@ async def boot_storm(
         "stuck_instances": stuck,
         "reschedules": len(events),
         "stale_usage_reschedules": sum(1 for e in events if "InsufficientResources" in e["why"]),
+        # CPU per instance, background included (a machine-independent view of the storm).
+        "boot_storm_cpu_ms_per_instance": {
+            "conductors": round(
+                sum(v for k, v in cpu_used.items() if k.startswith("conductor-")) * 1000 / count, 1
+            ),
+            "agents": round(
+                sum(v for k, v in cpu_used.items() if k.startswith("worker-")) * 1000 / count, 1
+            ),
+        },
         "hosts_used": len(per_host),
         "max_instances_per_host": max(per_host.values(), default=0),
     }
@@ -512,7 +515,7 @@ async def run_one(
         result.update(await probes(args, cluster, dsn, hosts))
         if hosts:
             progress(f"boot storm of {hosts}")
-            result.update(await boot_storm(args, cluster, dsn, hosts))
+            result.update(await boot_storm(args, cluster, dsn, hosts, procs))
             result["rss_after_storm_mb"] = {k: rss_mb(p) for k, p in procs.items()}
         else:
             result.update(
