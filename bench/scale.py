@@ -65,13 +65,24 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from boot import AMQP_BASE, cpu_seconds, fresh_database, percentile, plain_dsn, private_vhost
+from boot import (
+    AMQP_BASE,
+    cpu_seconds,
+    fresh_database,
+    percentile,
+    plain_dsn,
+    private_vhost,
+    scrape_server_calls,
+    start_profilers,
+    stop_profilers,
+)
 
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.rabbit_node import free_port
 
 HERE = Path(__file__).resolve().parent
 EXCHANGE = "fleet-bench-scale"
@@ -170,6 +181,8 @@ async def start_workers(
                 str(hosts_file),
                 "--start-concurrency",
                 str(args.start_concurrency),
+                "--log-level",
+                args.agent_log_level,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -286,6 +299,22 @@ async def wait_registered(dsn: str, hosts: int, timeout: float) -> None:
         await conn.close()
 
 
+def served_calls(ports: Sequence[int]) -> dict[str, float]:
+    """RPCs the conductors served so far, by method (their ``/metrics``), summed."""
+    total: dict[str, float] = {}
+    for port in ports:
+        for method, n in scrape_server_calls(port).items():
+            total[method] = total.get(method, 0.0) + n
+    return total
+
+
+def calls_rate(before: dict[str, float], after: dict[str, float], per: float) -> dict[str, float]:
+    """Calls by method between two scrapes, divided by ``per`` (busiest first)."""
+    rates = {m: (n - before.get(m, 0.0)) / per for m, n in after.items()}
+    ranked = sorted(((m, r) for m, r in rates.items() if r > 0), key=lambda mr: -mr[1])
+    return {m: round(r, 2) for m, r in ranked}
+
+
 # --- one run -------------------------------------------------------------------------------------
 
 
@@ -308,16 +337,19 @@ async def steady_state(
     vhost: str,
     dsn: str,
     procs: dict[str, int],
+    ports: Sequence[int],
 ) -> dict[str, Any]:
     conductors = {k: v for k, v in procs.items() if k.startswith("conductor-")}
     workers = {k: v for k, v in procs.items() if k.startswith("worker-")}
     cpu_before = {k: cpu_seconds(p) for k, p in procs.items()}
     db_before = await db_counters(dsn)
+    calls_before = await asyncio.to_thread(served_calls, ports)
     began = time.monotonic()
     await asyncio.sleep(args.window)
     cpu_after = {k: cpu_seconds(p) for k, p in procs.items()}
-    db_after = await db_counters(dsn)
     seconds = time.monotonic() - began
+    calls_after = await asyncio.to_thread(served_calls, ports)
+    db_after = await db_counters(dsn)
     per_conductor = cpu_percent(
         {k: cpu_before[k] for k in conductors}, {k: cpu_after[k] for k in conductors}, seconds
     )
@@ -328,6 +360,7 @@ async def steady_state(
         "conductor_cpu_percent": per_conductor,
         "agents_cpu_percent": round(agents, 1),
         "db_per_s": {k: round((db_after[k] - db_before[k]) / seconds, 1) for k in db_before},
+        "conductor_calls_per_s": calls_rate(calls_before, calls_after, seconds),
         # The shared broker's RSS is in "broker" (node_memory_mb): other users' share included.
         "rss_mb": {k: rss_mb(p) for k, p in procs.items()},
         "broker": broker,
@@ -395,6 +428,7 @@ async def boot_storm(
     dsn: str,
     count: int,
     procs: dict[str, int],
+    ports: Sequence[int],
 ) -> dict[str, Any]:
     assert cluster.tasks is not None
     tasks = cluster.tasks
@@ -407,10 +441,12 @@ async def boot_storm(
             uuids.extend(m["uuid"] for m in made)
 
     cpu_before = {k: cpu_seconds(p) for k, p in procs.items()}
+    calls_before = await asyncio.to_thread(served_calls, ports)
     started_at = time.time()
     await asyncio.gather(*(operator() for _ in range(args.storm_concurrency)))
     stuck = await wait_final(dsn, uuids, args.storm_timeout)
     cpu_used = {k: cpu_seconds(p) - cpu_before[k] for k, p in procs.items()}
+    calls_after = await asyncio.to_thread(served_calls, ports)
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -452,6 +488,7 @@ async def boot_storm(
                 sum(v for k, v in cpu_used.items() if k.startswith("worker-")) * 1000 / count, 1
             ),
         },
+        "boot_storm_calls_per_instance": calls_rate(calls_before, calls_after, count),
         "hosts_used": len(per_host),
         "max_instances_per_host": max(per_host.values(), default=0),
     }
@@ -488,6 +525,16 @@ async def run_one(
             logins=logins,
         )
         cluster = LocalCluster(spec)
+        # Each conductor serves /metrics on its own port: its RPCs served, by method.
+        ports = {index: free_port() for index in range(1, conductors + 1)}
+        plain_handle = cluster.conductor_handle
+
+        def conductor_handle(index: int) -> Any:
+            handle = plain_handle(index)
+            handle.env["FLEET_METRICS_PORT"] = str(ports[index])
+            return handle
+
+        cluster.conductor_handle = conductor_handle  # type: ignore[method-assign]
         stack.push_async_callback(cluster.stop)
         progress(f"{hosts} hosts, {conductors} conductor(s): starting the conductors")
         await cluster.start(timeout=120)
@@ -497,25 +544,36 @@ async def run_one(
         began = time.monotonic()
         progress(f"starting {hosts} agents")
         workers = await start_workers(args, logins, host_names(hosts), rundir)
-        stack.push_async_callback(stop_workers, workers)  # before the conductors stop
+        # Before the conductors stop (LIFO), timed: agents mark their services down on the way.
+        stack.callback(progress, "agents stopped; conductors stopping")
+        stack.push_async_callback(stop_workers, workers)
         await wait_workers(workers, timeout=120 + hosts)
+        progress(f"workers report their agents started ({time.monotonic() - began:.1f}s)")
         await wait_registered(dsn, hosts, timeout=60)
         start_s = time.monotonic() - began
         progress(f"agents started in {start_s:.1f}s; steady state")
         await asyncio.sleep(args.settle)
         procs = pids(cluster, conductors, workers)
+        profilers = (
+            start_profilers(cluster, Path(args.profile) / f"h{hosts}-c{conductors}")
+            if args.profile
+            else []
+        )
         result: dict[str, Any] = {
             "hosts": hosts,
             "conductors": conductors,
             "workers": len(workers),
             "start_s": round(start_s, 1),
         }
-        result.update(await steady_state(args, vhost, dsn, procs))
+        try:
+            result.update(await steady_state(args, vhost, dsn, procs, list(ports.values())))
+        finally:
+            await asyncio.to_thread(stop_profilers, profilers)
         progress(f"conductor CPU {result['conductor_cpu_percent']} %; probes")
         result.update(await probes(args, cluster, dsn, hosts))
         if hosts:
             progress(f"boot storm of {hosts}")
-            result.update(await boot_storm(args, cluster, dsn, hosts, procs))
+            result.update(await boot_storm(args, cluster, dsn, hosts, procs, list(ports.values())))
             result["rss_after_storm_mb"] = {k: rss_mb(p) for k, p in procs.items()}
         else:
             result.update(
@@ -523,6 +581,7 @@ async def run_one(
             )
         result["db_rows"] = await db_rows(dsn)
         progress("stopping")
+    progress("stopped")
     return result
 
 
@@ -605,8 +664,8 @@ def render(results: list[dict[str, Any]]) -> str:
         return "no runs"
     first = results[0]
     lines = [
-        f"scale: {first['date']}, commit {first['commit']}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}",
+        f"scale: {first.get('date', '?')}, commit {first.get('commit', '?')}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
         "",
         f"{'hosts':>5} {'cond':>4} {'start s':>7} {'cond CPU %':>12} {'/100 hosts':>10} "
         f"{'µs/host/s':>9} {'agents %':>8} {'get p50/p99 ms':>15} {'list p99':>8} "
@@ -665,6 +724,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storm-concurrency", type=int, default=32)
     parser.add_argument("--storm-timeout", type=float, default=300.0)
     parser.add_argument("--log-level", default="info", help="conductors' log level")
+    parser.add_argument("--agent-log-level", default="warning", help="simulated hosts' level")
     parser.add_argument(
         "--no-broker-stats",
         dest="broker_stats",
@@ -672,6 +732,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the rabbitmqctl queries (connections, queues, memory)",
     )
     parser.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy the conductors during the steady-state window"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.hosts = 100
