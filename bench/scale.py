@@ -82,7 +82,7 @@ from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.testing.broker_logins import BrokerLogins
-from shared_objects.testing.rabbit_node import free_port
+from shared_objects.testing.rabbit_node import RabbitNode, free_port
 
 HERE = Path(__file__).resolve().parent
 EXCHANGE = "fleet-bench-scale"
@@ -153,7 +153,7 @@ async def start_workers(
         {
             "FLEET_CONTROL_EXCHANGE": EXCHANGE,
             # Satisfies the configuration check; each agent gets its own login's URL.
-            "FLEET_TRANSPORT_URL": AMQP_BASE,
+            "FLEET_TRANSPORT_URL": logins.admin_url,
             "FLEET_COMPUTE__SPAWN_DELAY": "0",
             "FLEET_COMPUTE__STATE_DIR": str(workdir / "hypervisors"),
             "FLEET_LOG_FORMAT": "json",
@@ -235,35 +235,26 @@ async def stop_workers(workers: Sequence[Worker], timeout: float = 120.0) -> Non
 # --- broker and database figures -----------------------------------------------------------------
 
 
-async def rabbitmqctl(*argv: str) -> str:
-    ctl = shutil.which("rabbitmqctl") or "rabbitmqctl"
-    proc = await asyncio.create_subprocess_exec(
-        ctl, "-q", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    return out.decode(errors="replace")
-
-
-async def broker_figures(vhost: str) -> dict[str, Any]:
+async def broker_figures(logins: BrokerLogins) -> dict[str, Any]:
     """Connections and queues of the run's vhost, their queues' memory, the node's memory."""
+    ctl, vhost = logins.ctl.run, logins.vhost
+    listing = await ctl("list_queues", "-p", vhost, "name", "memory", "messages")
+    # Data lines only (a private node's rabbitmqctl also prints a banner and a header).
     queues = [
-        line.split("\t", 2)
-        for line in (
-            await rabbitmqctl("list_queues", "-p", vhost, "name", "memory", "messages")
-        ).splitlines()
-        if "\t" in line and not line.startswith("name\t")
+        parts
+        for parts in (line.split("\t") for line in listing.splitlines())
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit()
     ]
-    conns = (await rabbitmqctl("list_connections", "vhost")).splitlines()
-    status = json.loads(await rabbitmqctl("status", "--formatter", "json") or "{}")
+    conns = (await ctl("list_connections", "vhost")).splitlines()
+    status_text = await ctl("status", "--formatter", "json")
+    status = json.loads(status_text[status_text.find("{") :] or "{}")
     total = status.get("memory", {}).get("total", {})
     return {
         "connections": sum(1 for line in conns if line.strip() == vhost),
         "queues": len(queues),
-        "queue_memory_mb": round(sum(int(q[1]) for q in queues if q[1].isdigit()) / 2**20, 1),
+        "queue_memory_mb": round(sum(int(q[1]) for q in queues) / 2**20, 1),
         # Requests waiting for a conductor: more than a handful means they are saturated.
-        "conductor_queue_messages": sum(
-            int(q[2]) for q in queues if q[0].startswith("conductor") and q[2].isdigit()
-        ),
+        "conductor_queue_messages": sum(int(q[2]) for q in queues if q[0].startswith("conductor")),
         "node_memory_mb": round(int(total.get("rss", 0)) / 2**20, 1),
     }
 
@@ -347,7 +338,7 @@ def pids(cluster: LocalCluster, conductors: int, workers: Sequence[Worker]) -> d
 
 async def steady_state(
     args: argparse.Namespace,
-    vhost: str,
+    logins: BrokerLogins,
     dsn: str,
     procs: dict[str, int],
     ports: Sequence[int],
@@ -367,7 +358,7 @@ async def steady_state(
         {k: cpu_before[k] for k in conductors}, {k: cpu_after[k] for k in conductors}, seconds
     )
     agents = sum(cpu_percent({k: cpu_before[k] for k in workers}, cpu_after, seconds))
-    broker = await broker_figures(vhost) if args.broker_stats else {}
+    broker = await broker_figures(logins) if args.broker_stats else {}
     return {
         "window_s": round(seconds, 1),
         "conductor_cpu_percent": per_conductor,
@@ -512,11 +503,12 @@ async def boot_storm(
 async def run_one(
     args: argparse.Namespace,
     logins: BrokerLogins,
-    vhost: str,
     workdir: Path,
     hosts: int,
     conductors: int,
 ) -> dict[str, Any]:
+    """One run on a fresh database and conductors; the broker (URL, vhost, rabbitmqctl) is
+    ``logins``'s, and every login it needs must exist already."""
     rundir = workdir / f"h{hosts}-c{conductors}"
     rundir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -524,7 +516,7 @@ async def run_one(
         dsn = plain_dsn(db_url)
         spec = ClusterSpec(
             database_url=db_url,
-            transport_url=AMQP_BASE + vhost,
+            transport_url=logins.admin_url,
             control_exchange=EXCHANGE,
             hosts=(),
             conductors=conductors,
@@ -583,7 +575,7 @@ async def run_one(
             "start_s": round(start_s, 1),
         }
         try:
-            result.update(await steady_state(args, vhost, dsn, procs, list(ports.values())))
+            result.update(await steady_state(args, logins, dsn, procs, list(ports.values())))
         finally:
             await asyncio.to_thread(stop_profilers, profilers)
         progress(f"conductor CPU {result['conductor_cpu_percent']} %; probes")
@@ -651,9 +643,17 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fleet-bench-scale-"))
     ok = False
     async with contextlib.AsyncExitStack() as stack:
-        progress("private vhost and broker logins")
-        vhost = stack.enter_context(private_vhost())
-        logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=uuid.uuid4().hex[:6])
+        tag = uuid.uuid4().hex[:6]
+        if args.shared_broker:
+            progress("private vhost on the shared broker, broker logins")
+            vhost = stack.enter_context(private_vhost())
+            logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=tag)
+        else:
+            # A node of our own: its memory is ours alone, and it inherits this process's file
+            # descriptor limit (the shared node's allows ~800 connections; one host is one).
+            progress("private RabbitMQ node, broker logins")
+            node = await stack.enter_async_context(RabbitNode(start_timeout=180))
+            logins = BrokerLogins.for_node(node, tag=tag)
         stack.push_async_callback(logins.delete)
         # Every login of the whole run in one batch (one rabbitmqctl start, whatever the count).
         await logins.ensure(
@@ -665,7 +665,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         floors: dict[int, dict[str, Any]] = {}
         try:
             for conductors, hosts in plan:
-                result = await run_one(args, logins, vhost, workdir, hosts, conductors)
+                result = await run_one(args, logins, workdir, hosts, conductors)
                 result = with_derived({**stamp, **result}, floors.get(conductors))
                 if hosts == 0:
                     floors[conductors] = result
@@ -738,6 +738,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-floor", action="store_true", help="skip the 0-host baseline")
     parser.add_argument("--conductors", default="1", help="1, 2, or 1,2 (each in turn)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
+    parser.add_argument(
+        "--shared-broker",
+        action="store_true",
+        help="a private vhost on 127.0.0.1:5672 instead of a private RabbitMQ node",
+    )
     parser.add_argument("--hosts-per-worker", type=int, default=250)
     parser.add_argument("--start-concurrency", type=int, default=25, help="per worker")
     parser.add_argument("--conductor-concurrency", type=int, default=32)

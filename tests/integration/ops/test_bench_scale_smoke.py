@@ -51,7 +51,7 @@ async def test_scale_run_reports_every_promised_key(
     )
     await broker_logins.ensure(hosts=scale.host_names(3), exchanges=[scale.EXCHANGE])
 
-    result = await scale.run_one(args, broker_logins, amqp_vhost, tmp_path, 3, 1)
+    result = await scale.run_one(args, broker_logins, tmp_path, 3, 1)
 
     missing = [key for key in scale.REQUIRED_KEYS if key not in result]
     assert not missing, f"missing keys {missing} in {result}"
