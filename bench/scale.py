@@ -48,6 +48,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -78,7 +79,9 @@ from boot import (
 )
 
 from conductor.cluster import ClusterSpec, LocalCluster
+from shared_objects.exception import FleetException
 from shared_objects.log import configure_logging
+from shared_objects.messaging import MessagingError
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.testing.broker_logins import BrokerLogins
@@ -195,9 +198,10 @@ async def start_workers(
     return workers
 
 
-async def wait_workers(workers: Sequence[Worker], timeout: float) -> int:
-    """Until every worker has reported its start; returns how many agents failed to start
-    (the run goes on with the others and reports it; it fails if none started)."""
+async def wait_workers(workers: Sequence[Worker], timeout: float) -> tuple[int, bool]:
+    """Until every worker has reported its start, at most ``timeout``: (agents that failed to
+    start, whether the wait timed out). A saturated conductor makes starts slow or fail: the
+    run goes on and reports it (it fails only if a worker died)."""
 
     async def one(worker: Worker) -> None:
         assert worker.proc.stdout is not None
@@ -206,14 +210,20 @@ async def wait_workers(workers: Sequence[Worker], timeout: float) -> int:
             raise RuntimeError(f"{worker.name} exited {await worker.proc.wait()}: see its log")
         worker.report = json.loads(line)
 
-    await asyncio.wait_for(asyncio.gather(*(one(w) for w in workers)), timeout)
+    tasks = [asyncio.ensure_future(one(w)) for w in workers]
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()  # a worker that died fails the run
     reports = [w.report for w in workers if w.report]
     failed = sum(r["failed"] for r in reports)
     if failed:
         progress(f"agents failed to start: {[r['errors'][:2] for r in reports if r['failed']]}")
-        if not any(r["ready"] for r in reports):
-            raise RuntimeError("no agent started")
-    return int(failed)
+    if pending:
+        progress(f"{len(pending)} worker(s) still starting agents after {timeout:.0f}s")
+    return int(failed), bool(pending)
 
 
 async def stop_workers(workers: Sequence[Worker], timeout: float = 120.0) -> None:
@@ -284,8 +294,9 @@ async def db_rows(dsn: str) -> dict[str, int]:
         await conn.close()
 
 
-async def wait_registered(dsn: str, hosts: int, timeout: float) -> None:
-    """Until ``hosts`` compute services and compute nodes exist (agents register both)."""
+async def wait_registered(dsn: str, hosts: int, timeout: float) -> int:
+    """Until ``hosts`` compute services and compute nodes exist (agents register both), at
+    most ``timeout``; returns how many hosts have both."""
     conn = await asyncpg.connect(dsn)
     deadline = time.monotonic() + timeout
     try:
@@ -294,10 +305,8 @@ async def wait_registered(dsn: str, hosts: int, timeout: float) -> None:
                 "SELECT count(*) FROM services WHERE \"binary\" = 'fleet-compute'"
             )
             nodes = await conn.fetchval("SELECT count(*) FROM compute_nodes")
-            if services >= hosts and nodes >= hosts:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{services} services, {nodes} nodes of {hosts} hosts")
+            if (services >= hosts and nodes >= hosts) or time.monotonic() > deadline:
+                return int(min(services, nodes))
             await asyncio.sleep(0.5)
     finally:
         await conn.close()
@@ -375,36 +384,64 @@ async def steady_state(
 async def probes(
     args: argparse.Namespace, cluster: LocalCluster, dsn: str, hosts: int
 ) -> dict[str, Any]:
-    """Scheduling and interactive latencies under the background (sequential, one at a time)."""
+    """Scheduling and interactive latencies under the background (sequential, one at a time).
+
+    Each kind stops at its count or after ``--probe-budget`` seconds, whichever comes first
+    (a saturated conductor answers in tens of seconds); calls that fail are counted."""
     assert cluster.tasks is not None
+    loop = asyncio.get_running_loop()
     schedule_ms: list[float] = []
     uuids: list[str] = []
+    errors = 0
+    deadline = loop.time() + args.probe_budget
     for n in range(args.schedule_probes):
+        if loop.time() > deadline:
+            break
         began = time.perf_counter()
-        made = await cluster.tasks.build_instances(cluster.ctxt, flavor=FLAVOR, name=f"probe-{n}")
+        try:
+            made = await cluster.tasks.build_instances(
+                cluster.ctxt, flavor=FLAVOR, name=f"probe-{n}"
+            )
+        except (MessagingError, FleetException):
+            errors += 1
+            continue
         schedule_ms.append((time.perf_counter() - began) * 1000)
         uuids.extend(m["uuid"] for m in made)
     await wait_final(dsn, uuids, 120.0)
     get_ms: list[float] = []
     list_ms: list[float] = []
-    for _ in range(args.interactive_probes):
+    deadline = loop.time() + args.probe_budget
+    for _ in range(args.interactive_probes if uuids else 0):
+        if loop.time() > deadline:
+            break
         target = random.choice(uuids)
-        began = time.perf_counter()
-        await Instance.get_by_uuid(cluster.ctxt, target)
-        get_ms.append((time.perf_counter() - began) * 1000)
-        began = time.perf_counter()
-        await InstanceList.get_all(cluster.ctxt)
-        list_ms.append((time.perf_counter() - began) * 1000)
+        try:
+            began = time.perf_counter()
+            await Instance.get_by_uuid(cluster.ctxt, target)
+            get_ms.append((time.perf_counter() - began) * 1000)
+            began = time.perf_counter()
+            await InstanceList.get_all(cluster.ctxt)
+            list_ms.append((time.perf_counter() - began) * 1000)
+        except (MessagingError, FleetException):
+            errors += 1
         await asyncio.sleep(0.05)
     return {
-        "schedule_p50_ms": round(percentile(schedule_ms, 50), 1),
-        "schedule_p99_ms": round(percentile(schedule_ms, 99), 1),
-        "interactive_p50_ms": round(percentile(get_ms, 50), 1),
-        "interactive_p99_ms": round(percentile(get_ms, 99), 1),
-        "list_p50_ms": round(percentile(list_ms, 50), 1),
-        "list_p99_ms": round(percentile(list_ms, 99), 1),
+        "schedule_p50_ms": ms(percentile(schedule_ms, 50)),
+        "schedule_p99_ms": ms(percentile(schedule_ms, 99)),
+        "schedule_samples": len(schedule_ms),
+        "interactive_p50_ms": ms(percentile(get_ms, 50)),
+        "interactive_p99_ms": ms(percentile(get_ms, 99)),
+        "interactive_samples": len(get_ms),
+        "list_p50_ms": ms(percentile(list_ms, 50)),
+        "list_p99_ms": ms(percentile(list_ms, 99)),
         "list_instances": len(uuids),
+        "probe_errors": errors,
     }
+
+
+def ms(value: float) -> float | None:
+    """Milliseconds to one decimal; None (JSON null) when there was no sample."""
+    return None if math.isnan(value) else round(value, 1)
 
 
 async def wait_final(dsn: str, uuids: list[str], timeout: float) -> int:
@@ -439,9 +476,16 @@ async def boot_storm(
     pending = iter(range(count))
     uuids: list[str] = []
 
+    failed_requests = 0
+
     async def operator() -> None:
+        nonlocal failed_requests
         for n in pending:
-            made = await tasks.build_instances(cluster.ctxt, flavor=FLAVOR, name=f"storm-{n}")
+            try:
+                made = await tasks.build_instances(cluster.ctxt, flavor=FLAVOR, name=f"storm-{n}")
+            except (MessagingError, FleetException):
+                failed_requests += 1  # e.g. no reply within the deadline: saturated conductors
+                continue
             uuids.extend(m["uuid"] for m in made)
 
     cpu_before = {k: cpu_seconds(p) for k, p in procs.items()}
@@ -476,9 +520,10 @@ async def boot_storm(
         per_host[r["host"]] = per_host.get(r["host"], 0) + 1
     return {
         "boot_storm_instances": count,
+        "boot_storm_failed_requests": failed_requests,
         "boot_storm_instances_per_s": round(len(active) / max(last - started_at, 1e-3), 1),
-        "boot_storm_p50_ms": round(percentile(to_active, 50), 1),
-        "boot_storm_p99_ms": round(percentile(to_active, 99), 1),
+        "boot_storm_p50_ms": ms(percentile(to_active, 50)),
+        "boot_storm_p99_ms": ms(percentile(to_active, 99)),
         "active_instances": len(active),
         "error_instances": sum(1 for r in rows if r["vm_state"] == "error"),
         "stuck_instances": stuck,
@@ -554,9 +599,9 @@ async def run_one(
         # Before the conductors stop (LIFO), timed: agents mark their services down on the way.
         stack.callback(progress, "agents stopped; conductors stopping")
         stack.push_async_callback(stop_workers, workers)
-        failed = await wait_workers(workers, timeout=120 + hosts)
+        failed, timed_out = await wait_workers(workers, timeout=args.start_timeout)
         progress(f"workers report their agents started ({time.monotonic() - began:.1f}s)")
-        await wait_registered(dsn, hosts - failed, timeout=60)
+        registered = await wait_registered(dsn, hosts - failed, timeout=0 if timed_out else 60)
         start_s = time.monotonic() - began
         progress(f"agents started in {start_s:.1f}s; steady state")
         await asyncio.sleep(args.settle)
@@ -571,6 +616,8 @@ async def run_one(
             "conductors": conductors,
             "workers": len(workers),
             "agents_failed_to_start": failed,
+            "agents_registered": registered,
+            "start_timed_out": timed_out,
             "agent_levels_refresh_s": args.agent_levels_refresh or 30.0,
             "start_s": round(start_s, 1),
         }
@@ -683,6 +730,11 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def _cell(result: dict[str, Any], key: str) -> str:
+    value = result.get(key)
+    return "-" if value is None else str(value)
+
+
 def render(results: list[dict[str, Any]]) -> str:
     if not results:
         return "no runs"
@@ -697,16 +749,16 @@ def render(results: list[dict[str, Any]]) -> str:
         f"{'stuck':>5} {'resched':>7} {'stale':>5}",
     ]
     for r in results:
+        f = functools.partial(_cell, r)
         cpu = "+".join(f"{c:g}" for c in r["conductor_cpu_percent"])
         lines.append(
             f"{r['hosts']:>5} {r['conductors']:>4} {r['start_s']:>7} {cpu:>12} "
-            f"{r.get('conductor_cpu_percent_per_100_hosts', '-'):>10} "
-            f"{r.get('conductor_cpu_us_per_host_s', '-'):>9} {r['agents_cpu_percent']:>8} "
-            f"{r['interactive_p50_ms']:>7}/{r['interactive_p99_ms']:<7} {r['list_p99_ms']:>8} "
-            f"{r['schedule_p50_ms']:>8}/{r['schedule_p99_ms']:<8} "
-            f"{r['boot_storm_instances_per_s'] or '-':>12} {r.get('boot_storm_p99_ms', '-'):>12} "
-            f"{r['stuck_instances']:>5} {r.get('reschedules', '-'):>7} "
-            f"{r.get('stale_usage_reschedules', '-'):>5}"
+            f"{f('conductor_cpu_percent_per_100_hosts'):>10} "
+            f"{f('conductor_cpu_us_per_host_s'):>9} {f('agents_cpu_percent'):>8} "
+            f"{f('interactive_p50_ms'):>7}/{f('interactive_p99_ms'):<7} {f('list_p99_ms'):>8} "
+            f"{f('schedule_p50_ms'):>8}/{f('schedule_p99_ms'):<8} "
+            f"{f('boot_storm_instances_per_s'):>12} {f('boot_storm_p99_ms'):>12} "
+            f"{f('stuck_instances'):>5} {f('reschedules'):>7} {f('stale_usage_reschedules'):>5}"
         )
     lines += ["", "RSS MiB, broker and database (steady state):"]
     for r in results:
@@ -751,6 +803,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--schedule-probes", type=int, default=20)
     parser.add_argument("--interactive-probes", type=int, default=100)
     parser.add_argument("--storm-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--start-timeout", type=float, default=300.0, help="s; then measure what started"
+    )
+    parser.add_argument(
+        "--probe-budget", type=float, default=180.0, help="s per kind of probe at most"
+    )
     parser.add_argument("--storm-timeout", type=float, default=300.0)
     parser.add_argument("--log-level", default="info", help="conductors' log level")
     parser.add_argument("--agent-log-level", default="warning", help="simulated hosts' level")
@@ -809,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.json:
         print(render(results))
-    return 0 if all(not math.isnan(r["interactive_p99_ms"]) for r in results) else 1
+    return 0
 
 
 if __name__ == "__main__":
