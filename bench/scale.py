@@ -210,6 +210,8 @@ async def wait_workers(workers: Sequence[Worker], timeout: float) -> tuple[int, 
             raise RuntimeError(f"{worker.name} exited {await worker.proc.wait()}: see its log")
         worker.report = json.loads(line)
 
+    if not workers:
+        return 0, False
     tasks = [asyncio.ensure_future(one(w)) for w in workers]
     done, pending = await asyncio.wait(tasks, timeout=timeout)
     for task in pending:
