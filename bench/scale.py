@@ -5,14 +5,16 @@
     .venv/bin/python bench/scale.py --sweep --conductors 1,2    # N = 0, 10, 100, 1000, each
     .venv/bin/python bench/scale.py --hosts 100 --json          # one JSON object per run
 
-Every run is a fresh setup on the shared RabbitMQ and PostgreSQL: a new database (dropped
-after), 1 or 2 real conductor processes (``python -m conductor`` through
-``conductor.cluster.LocalCluster``), and N simulated hosts. A host is the real
-``ComputeAgentService``: its own broker login (``BrokerLogins``, created for all hosts in one
-batch), AMQP connection and ``compute.<host>`` queue and consumer, fake hypervisor (zero spawn
-delay), claims, Service heartbeat and ComputeNode reports at the default intervals; many hosts
-share a process (``bench/scale_worker.py``, ``--hosts-per-worker``). Everything runs in a
-private vhost with tagged logins, deleted at the end (also on Ctrl-C or failure).
+Every run is a fresh setup: a new database on the shared PostgreSQL (dropped after), 1 or 2
+real conductor processes (``python -m conductor`` through ``conductor.cluster.LocalCluster``),
+and N simulated hosts. A host is the real ``ComputeAgentService``: its own broker login
+(``BrokerLogins``, created for all hosts in one batch), AMQP connection and ``compute.<host>``
+queue and consumer, fake hypervisor (zero spawn delay), claims, Service heartbeat and periodic
+tasks at the default intervals; many hosts share a process (``bench/scale_worker.py``,
+``--hosts-per-worker``). The broker is a private RabbitMQ node (``RabbitNode``: its memory is
+the run's alone, and it takes a connection per host beyond the shared node's descriptor limit),
+or with ``--shared-broker`` a private vhost on the shared one, with tagged logins. Everything is
+removed at the end, also on Ctrl-C, SIGTERM or failure.
 
 Each run measures, in order:
 
@@ -32,6 +34,10 @@ Each run measures, in order:
    ``--storm-timeout`` (stuck), in ERROR, and reschedules: the ``compute_run_instance`` events
    that ended in error, and among them those whose claim failed (``InsufficientResources``:
    the conductor placed on usage that was stale).
+
+Every phase is bounded (``--start-timeout``, ``--probe-budget``, ``--storm-timeout``): when
+the conductors cannot keep up, what did not happen in time is counted and reported (agents
+not registered, probe errors, failed build requests, stuck instances), and the run completes.
 
 The conductors' database pools are bounded through their handler concurrency
 (``--conductor-concurrency``, default 32 each): PostgreSQL here allows 100 connections in all.
