@@ -471,6 +471,15 @@ async def wait_final(dsn: str, uuids: list[str], timeout: float) -> int:
         await conn.close()
 
 
+async def storm_uuids(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT uuid FROM instances WHERE name LIKE 'storm-%'")
+    finally:
+        await conn.close()
+    return [r["uuid"] for r in rows]
+
+
 async def boot_storm(
     args: argparse.Namespace,
     cluster: LocalCluster,
@@ -509,6 +518,9 @@ async def boot_storm(
     calls_before = await asyncio.to_thread(served_calls, ports)
     started_at = time.time()
     await asyncio.gather(*(operator() for _ in range(args.storm_concurrency)))
+    # A request whose reply came too late may still have created its instance: count every
+    # storm instance the database holds, not only those the replies named.
+    uuids = await storm_uuids(dsn)
     stuck = await wait_final(dsn, uuids, max(30.0, send_until - loop.time()))
     cpu_used = {k: cpu_seconds(p) - cpu_before[k] for k, p in procs.items()}
     storm_window = time.time() - started_at
@@ -679,7 +691,8 @@ def with_derived(result: dict[str, Any], floor: dict[str, Any] | None) -> dict[s
     """Per-host figures: the run's conductor CPU above the floor's, per 100 hosts and per host."""
     total = sum(result["conductor_cpu_percent"])
     result["conductor_cpu_percent_total"] = round(total, 1)
-    hosts = result["hosts"]
+    # Per host of those that were up in the window (a saturated start leaves some out).
+    hosts = result.get("agents_registered", result["hosts"])
     if hosts and floor is not None:
         above = total - sum(floor["conductor_cpu_percent"])
         result["conductor_cpu_percent_per_100_hosts"] = round(above * 100 / hosts, 2)
@@ -691,7 +704,8 @@ def with_derived(result: dict[str, Any], floor: dict[str, Any] | None) -> dict[s
         storm = result.get("boot_storm_cpu_ms_per_instance")
         if storm is not None:
             # The storm's conductor CPU less the steady-state background over the same time.
-            background = total / 100 * result["boot_storm_window_s"] * 1000 / hosts
+            count = result["boot_storm_instances"]
+            background = total / 100 * result["boot_storm_window_s"] * 1000 / count
             result["boot_storm_conductor_cpu_ms_per_instance_net"] = round(
                 storm["conductors"] - background, 1
             )
