@@ -28,21 +28,27 @@ import sys
 import time
 from pathlib import Path
 
+import structlog
+
 from compute_agent.service import ComputeAgentService
 from shared_objects.config import load_config
 from shared_objects.log import configure_logging
 
 STOP_GRACE = 5.0
 
+log = structlog.get_logger(__name__)
+
 
 async def start_agents(
-    urls: dict[str, str], concurrency: int
-) -> tuple[list[ComputeAgentService], list[str]]:
-    """Start one agent per host, ``concurrency`` at a time; (started agents, errors)."""
+    urls: dict[str, str],
+    concurrency: int,
+    started: list[ComputeAgentService],
+    errors: list[str],
+) -> None:
+    """Start one agent per host, ``concurrency`` at a time, into ``started`` (and ``errors``:
+    filled as it goes, so a cancelled start still knows what to stop)."""
     base = load_config()
     gate = asyncio.Semaphore(concurrency)
-    started: list[ComputeAgentService] = []
-    errors: list[str] = []
 
     async def one(host: str, url: str) -> None:
         cfg = dataclasses.replace(
@@ -52,14 +58,16 @@ async def start_agents(
         async with gate:
             try:
                 await agent.start()
-            except Exception as exc:  # reported to the orchestrator, which fails the run
+            except Exception as exc:  # reported to the orchestrator
                 errors.append(f"{host}: {type(exc).__name__}: {str(exc)[:200]}")
-                await asyncio.shield(agent.stop(grace=0))
+                try:  # undo what the failed start opened (its connection, tasks)
+                    await agent.stop(grace=0)
+                except Exception:
+                    log.warning("agent_stop_after_failed_start_failed", host=host, exc_info=True)
                 return
         started.append(agent)
 
     await asyncio.gather(*(one(host, url) for host, url in urls.items()))
-    return started, errors
 
 
 async def stop_agents(agents: list[ComputeAgentService]) -> None:
@@ -78,17 +86,28 @@ async def run(args: argparse.Namespace, urls: dict[str, str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     began = time.monotonic()
-    agents, errors = await start_agents(urls, args.start_concurrency)
+    agents: list[ComputeAgentService] = []
+    errors: list[str] = []
+    starting = asyncio.ensure_future(start_agents(urls, args.start_concurrency, agents, errors))
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        report = {
-            "ready": len(agents),
-            "failed": len(errors),
-            "seconds": round(time.monotonic() - began, 2),
-            "errors": errors[:5],
-        }
-        print(json.dumps(report), flush=True)
-        await stop.wait()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            report = {
+                "ready": len(agents),
+                "failed": len(errors),
+                "seconds": round(time.monotonic() - began, 2),
+                "errors": errors[:5],
+            }
+            print(json.dumps(report), flush=True)
+            await stopping
     finally:
+        # Told to stop while agents were still starting (a saturated conductor): give up on
+        # those, stop the ones that started.
+        for task in (starting, stopping):
+            task.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
         await stop_agents(agents)
     return 0
 
