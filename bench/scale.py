@@ -859,7 +859,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
     parser.add_argument(
-        "--profile", metavar="DIR", help="py-spy the conductors during the steady-state window"
+        "--profile", metavar="DIR", help="py-spy (if installed) the conductors in the window"
     )
     args = parser.parse_args(argv)
     if args.quick:
