@@ -51,6 +51,7 @@ faults-cluster: $(STAMP)
 bench: $(STAMP) services
 	$(BIN)/python bench/rpc.py --quick
 	$(BIN)/python bench/objects.py --quick
+	$(BIN)/python bench/scale.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
