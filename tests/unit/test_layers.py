@@ -1,0 +1,85 @@
+"""Layer rules, checked by importing in a fresh interpreter.
+
+An agent host never gets a database, so the agent process must not load the conductor's code
+or its database drivers; the shared contract (objects, context, exceptions, releases, the RPC
+clients) must not load either service; the virt driver must not load the messaging runtime, so
+a driver stays usable (and testable) without a broker. A violation shows up here as the list of
+modules that came in, and would otherwise show up only as a slower, heavier agent start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The shared contract: what both services and tools may import.
+CONTRACT = (
+    "shared_objects.objects",
+    "shared_objects.base",
+    "shared_objects.fields",
+    "shared_objects.context",
+    "shared_objects.exception",
+    "shared_objects.releases",
+    "shared_objects.upgrade_levels",
+    "shared_objects.serializer",
+    "shared_objects.rpc_clients.conductor",
+    "shared_objects.rpc_clients.compute_task",
+    "shared_objects.rpc_clients.compute",
+)
+SERVICES = ("conductor", "compute_agent")
+DATABASE = ("conductor", "sqlalchemy", "asyncpg", "alembic", "aiosqlite")
+MESSAGING = ("shared_objects.messaging", "aio_pika", "aiormq", "pamqp", "oslo_messaging")
+
+_PROBE = """
+import importlib, json, sys
+files = [importlib.import_module(name).__file__ for name in sys.argv[1:]]
+print(json.dumps({"files": files, "loaded": sorted(sys.modules)}))
+"""
+
+
+def _loaded_by(*modules: str) -> list[str]:
+    """Every module a fresh interpreter holds after importing ``modules`` from this tree."""
+    env = dict(os.environ)
+    # This tree first: the virtualenv may have another checkout installed in editable mode.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *modules],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    probe = json.loads(proc.stdout.splitlines()[-1])
+    # Else the probe would prove nothing about this tree.
+    assert all(Path(f).resolve().is_relative_to(ROOT) for f in probe["files"]), probe["files"]
+    loaded: list[str] = probe["loaded"]
+    return loaded
+
+
+def _under(loaded: list[str], packages: tuple[str, ...]) -> list[str]:
+    return [m for m in loaded if any(m == p or m.startswith(p + ".") for p in packages)]
+
+
+def test_agent_service_loads_no_conductor_and_no_database() -> None:
+    loaded = _loaded_by("compute_agent.service", "compute_agent.__main__")
+    assert _under(loaded, DATABASE) == []
+
+
+def test_contract_loads_no_service() -> None:
+    loaded = _loaded_by(*CONTRACT)
+    assert _under(loaded, SERVICES) == []
+    assert _under(loaded, DATABASE) == []
+
+
+def test_virt_driver_loads_no_messaging() -> None:
+    loaded = _loaded_by("compute_agent.virt", "compute_agent.virt.fake", "compute_agent.virt.loader")
+    assert _under(loaded, MESSAGING) == []
+
