@@ -29,7 +29,6 @@ import json
 import sys
 import time
 
-from conductor.rpcapi import ConductorAPI
 from shared_objects.base import FleetObject
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
@@ -42,6 +41,7 @@ from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_action_event import InstanceActionEvent
 from shared_objects.objects.security_group import SecurityGroupList
 from shared_objects.objects.security_group_rule import SecurityGroupRuleList
+from shared_objects.rpc_clients.conductor import ConductorAPI
 
 EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 

@@ -65,7 +65,6 @@ from sqlalchemy.util import greenlet_spawn
 
 from conductor.db import asyncpg_exec, migration, models
 from conductor.db.session import create_engine
-from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
 from shared_objects.base import indirection_api_in_context
 from shared_objects.config import MessagingConfig
@@ -73,6 +72,7 @@ from shared_objects.context import RequestContext
 from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingTimeout, get_transport
 from shared_objects.objects import Flavor, Instance
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.testing.broker_logins import BrokerLogins
 
 CONCURRENCIES = (1, 16, 64)

@@ -31,7 +31,6 @@ from compute_agent.security_groups import RulesWatch, rules_for_driver
 from compute_agent.transient import TRANSIENT_ERRORS, UNBOUNDED, Retrier, is_not_found, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import VirtError
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import PowerState, TaskState, VMState
@@ -43,6 +42,7 @@ from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_action_event import RESULT_ERROR, InstanceActionEvent
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.security_group_rule import SecurityGroupRuleList
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 
 log = structlog.get_logger(__name__)
 

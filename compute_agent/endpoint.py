@@ -12,7 +12,6 @@ from typing import Any
 from compute_agent.build import BuildManager
 from compute_agent.live_migration import LiveMigrationManager
 from compute_agent.peer_auth import PeerCheck
-from compute_agent.rpcapi import API_VERSION
 from compute_agent.security_groups import SecurityGroupManager
 from compute_agent.volumes import VolumeManager
 from shared_objects.context import RequestContext
@@ -24,6 +23,7 @@ from shared_objects.objects.block_device_mapping import (
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
+from shared_objects.rpc_clients.compute import API_VERSION
 
 
 class ComputeEndpoint:

@@ -45,7 +45,6 @@ from compute_agent.migration_recovery import (
     recover_migrations,
 )
 from compute_agent.resource_tracker import ResourceTracker
-from compute_agent.rpcapi import ComputeAPI
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import (
@@ -65,6 +64,7 @@ from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration, MigrationList
+from shared_objects.rpc_clients.compute import ComputeAPI
 
 log = structlog.get_logger(__name__)
 

@@ -35,7 +35,6 @@ import structlog
 
 from compute_agent.claims import InsufficientResources as ClaimRefused
 from compute_agent.resource_tracker import ResourceTracker
-from compute_agent.rpcapi import ComputeAPI
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import InstanceNotFound, VirtError
@@ -48,6 +47,7 @@ from shared_objects.messaging import MessagingError
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration, MigrationList
+from shared_objects.rpc_clients.compute import ComputeAPI
 
 if TYPE_CHECKING:
     from compute_agent.live_migration import LiveMigrationSettings

@@ -32,16 +32,12 @@ from compute_agent.liveness import AgentBeat
 from compute_agent.peer_auth import PeerCheck
 from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
-from compute_agent.rpcapi import TOPIC as COMPUTE_TOPIC
-from compute_agent.rpcapi import ComputeAPI
 from compute_agent.security_groups import RulesResync, RulesWatch, SecurityGroupManager
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier, RetryPolicy, short
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
 from compute_agent.volumes import VolumeManager
-from conductor.rpcapi import ConductorAPI
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, use_indirection_api
@@ -53,6 +49,10 @@ from shared_objects.metrics import ServiceMetrics
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.policy import COMPUTE_RPC_POLICY
+from shared_objects.rpc_clients.compute import TOPIC as COMPUTE_TOPIC
+from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_conductors_not_older
 from shared_objects.upgrade_levels import ComputeUpgradeLevels

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from conductor.indirection import CONDUCTOR_TOPIC
 from conductor.service import ConductorService
 from shared_objects import exception
 from shared_objects.config import add_config_arguments, config_from_args
 from shared_objects.log import configure_service_logging
+from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.service_runner import run, run_service
 
 

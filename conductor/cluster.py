@@ -29,8 +29,6 @@ from typing import Any
 import structlog
 
 from conductor.db import migration
-from conductor.rpcapi import ConductorAPI
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.base import FleetObject
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
@@ -39,6 +37,8 @@ from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.service import ServiceList
 from shared_objects.releases import BINARY_COMPUTE
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.testing.broker_logins import BrokerLogins
 
 log = structlog.get_logger(__name__)

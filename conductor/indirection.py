@@ -50,17 +50,9 @@ from shared_objects.base import (
 from shared_objects.context import RequestContext
 from shared_objects.identity import Identities
 from shared_objects.messaging import ExpectedException, Target, expose
+from shared_objects.rpc_clients import conductor as conductor_api
 
 log = structlog.get_logger(__name__)
-
-CONDUCTOR_TOPIC = "conductor"
-# Conductor API (namespace None) history:
-# 1.0: Initial version: object_class_action_versions, object_action, object_backport_versions.
-# 1.1: report_alive (conductor/liveness.py): a beat that carries nothing, the host being the
-#      caller's login.
-CONDUCTOR_API_VERSION = "1.1"
-BASEAPI_NAMESPACE = "baseapi"
-BASEAPI_VERSION = "1.0"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -185,9 +177,10 @@ def _refuse(exc: exception.IndirectionError, ctxt: RequestContext) -> ExpectedEx
 
 
 class ConductorIndirectionEndpoint:
-    """RPC endpoint (topic ``conductor``, namespace None, version 1.0) for object calls."""
+    """RPC endpoint (topic ``conductor``, namespace None) for object calls; its version history
+    is in ``shared_objects.rpc_clients.conductor``."""
 
-    target = Target(version=CONDUCTOR_API_VERSION)
+    target = Target(version=conductor_api.API_VERSION)
 
     def __init__(self, database: Database, identities: Identities | None = None) -> None:
         self._database = database
@@ -435,7 +428,9 @@ class ConductorIndirectionEndpoint:
 class BaseAPIEndpoint:
     """``ping`` in namespace ``baseapi``: a liveness probe that echoes its argument."""
 
-    target = Target(namespace=BASEAPI_NAMESPACE, version=BASEAPI_VERSION)
+    target = Target(
+        namespace=conductor_api.BASEAPI_NAMESPACE, version=conductor_api.BASEAPI_VERSION
+    )
 
     @expose
     async def ping(self, ctxt: RequestContext, arg: Any = None) -> Any:

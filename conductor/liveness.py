@@ -37,11 +37,9 @@ from shared_objects.context import RequestContext, admin_context
 from shared_objects.identity import Caller
 from shared_objects.messaging import ExpectedException, Target, expose
 from shared_objects.objects._common import utcnow
+from shared_objects.rpc_clients.conductor import REPORT_ALIVE_VERSION
 
 log = structlog.get_logger(__name__)
-
-# The conductor API (namespace None) version that has ``report_alive``; see conductor/rpcapi.py.
-LIVENESS_API_VERSION = "1.1"
 
 _services = table_for("services")
 
@@ -228,7 +226,7 @@ def beating_host(caller: Any) -> str:
 class LivenessEndpoint:
     """``report_alive`` on topic ``conductor`` (namespace None, API 1.1)."""
 
-    target = Target(version=LIVENESS_API_VERSION)
+    target = Target(version=REPORT_ALIVE_VERSION)
 
     def __init__(self, batcher: LivenessBatcher) -> None:
         self.batcher = batcher

@@ -14,11 +14,10 @@ from typing import Any
 
 import structlog
 
-from compute_agent.rpcapi import ComputeAPI
 from conductor.db import migration
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
-from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
+from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
 from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.reconcile import Reconciler, bounds_from_config
 from conductor.tasks.build import BuildSettings
@@ -32,6 +31,8 @@ from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.metrics import ServiceMetrics
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.policy import CONDUCTOR_RPC_POLICY
+from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_computes_supported
 from shared_objects.upgrade_levels import ComputeUpgradeLevels

@@ -22,13 +22,8 @@ from sqlalchemy import select
 
 from conductor.db import migration, models
 from conductor.db.session import Database
-from conductor.indirection import (
-    CONDUCTOR_TOPIC,
-    BaseAPIEndpoint,
-    ConductorIndirectionEndpoint,
-)
+from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
 from conductor.liveness import LivenessBatcher, LivenessEndpoint
-from conductor.rpcapi import ConductorAPI
 from shared_objects import fields, objects
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, FleetObjectRegistry, IndirectionAPI
@@ -38,6 +33,8 @@ from shared_objects.identity import Identities
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.messaging.memory import broker_for
 from shared_objects.policy import CONDUCTOR_RPC_POLICY
+from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
 
 ALLOWED_EXMODS = ["shared_objects.exception"]

@@ -140,8 +140,8 @@ class DatabaseAPI(Protocol):
 
 
 class IndirectionAPI(Protocol):
-    """How an agent reaches the conductor for remotable calls (``conductor.rpcapi`` implements
-    it over RPC, ``conductor.testing`` in-process)."""
+    """How an agent reaches the conductor for remotable calls (``rpc_clients.conductor``
+    implements it over RPC, ``conductor.testing`` in-process)."""
 
     async def object_class_action_versions(
         self,

@@ -11,14 +11,14 @@ import dataclasses
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 
-from conductor.rpcapi import ConductorAPI
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.authorizer import reply_checks
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
 from shared_objects.identity import Identities
 from shared_objects.messaging import get_transport
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.rpc_clients.conductor import ConductorAPI
 
 ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 

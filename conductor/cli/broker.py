@@ -32,6 +32,7 @@ from pathlib import Path
 from conductor.cli._session import CommandError
 from shared_objects.config import FleetConfig
 from shared_objects.messaging.topology import REPLY_EXCHANGE, Topology
+from shared_objects.rpc_clients import conductor as conductor_api
 from shared_objects.testing.broker_logins import (
     BrokerLimits,
     BrokerLogins,
@@ -44,8 +45,6 @@ from shared_objects.testing.broker_logins import (
 
 NAME = "broker"
 HELP = "the RabbitMQ side of a deployment: vhost, logins, permissions, policies, limits"
-
-CONDUCTOR_TOPIC = "conductor"
 
 
 def _names(values: Sequence[str] | None) -> list[str]:
@@ -110,7 +109,7 @@ def build_logins(
             args.vhost,
             ctl=ctl,
             security=cfg.security,
-            conductor_topic=CONDUCTOR_TOPIC,
+            conductor_topic=conductor_api.TOPIC,
             # This release's queue names only (a rolling upgrade keeps using BrokerLogins'
             # legacy options, docs/upgrades.md).
             legacy_queue_names=False,

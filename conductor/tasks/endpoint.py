@@ -10,20 +10,20 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from compute_agent.rpcapi import ComputeAPI
 from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
 from conductor.host_view import HostView
 from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
-from conductor.tasks.rpcapi import API_VERSION, NAMESPACE
 from conductor.tasks.security_groups import SecurityGroupTasks
 from shared_objects import audit, exception
 from shared_objects.authorizer import forbidden
 from shared_objects.context import RequestContext
 from shared_objects.identity import Caller
 from shared_objects.messaging import ExpectedException, Target, expose
+from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.rpc_clients.compute_task import API_VERSION, NAMESPACE
 
 _T = TypeVar("_T")
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import structlog
 
-from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.context import RequestContext
@@ -17,6 +16,7 @@ from shared_objects.objects.block_device_mapping import (
 )
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.rpc_clients.compute import ComputeAPI
 
 log = structlog.get_logger(__name__)
 

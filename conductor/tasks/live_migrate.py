@@ -30,7 +30,6 @@ from typing import Any
 
 import structlog
 
-from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
 from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
@@ -42,6 +41,7 @@ from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration, MigrationList
+from shared_objects.rpc_clients.compute import ComputeAPI
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 
-from compute_agent.rpcapi import BUILD_REFRESH_VERSION, ComputeAPI
 from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.context import RequestContext
@@ -23,6 +22,7 @@ from shared_objects.messaging import MessageDeliveryFailure
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
 from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
+from shared_objects.rpc_clients.compute import BUILD_REFRESH_VERSION, ComputeAPI
 
 log = structlog.get_logger(__name__)
 

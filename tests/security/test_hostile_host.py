@@ -23,10 +23,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from compute_agent.rpcapi import ComputeAPI
 from conductor.db.session import Database
-from conductor.rpcapi import ConductorAPI
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from conductor.testing import snapshot
 from shared_objects import exception, releases
 from shared_objects.authorizer import reply_checks
@@ -40,6 +37,9 @@ from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.migration import Migration
+from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -80,6 +80,7 @@ def test_contract_loads_no_service() -> None:
 
 
 def test_virt_driver_loads_no_messaging() -> None:
-    loaded = _loaded_by("compute_agent.virt", "compute_agent.virt.fake", "compute_agent.virt.loader")
+    loaded = _loaded_by(
+        "compute_agent.virt", "compute_agent.virt.fake", "compute_agent.virt.loader"
+    )
     assert _under(loaded, MESSAGING) == []
-

@@ -184,7 +184,7 @@ async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
     previous_release_tree = release_tree(releases.RELEASES[0].name)
     import urllib.request
 
-    from compute_agent.rpcapi import ComputeAPI
+    from shared_objects.rpc_clients.compute import ComputeAPI
     from shared_objects.serializer import FleetObjectSerializer
     from shared_objects.testing.rabbit_node import free_port
 

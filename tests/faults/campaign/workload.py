@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import text
 
 from campaign.env import Phase, honour_cancellation
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.context import RequestContext
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 
 #: What an operation may end as (``classify``).
 SUCCEEDED, FAILED_CLEAN, STUCK, LOST = "succeeded", "failed_clean", "stuck", "lost"

@@ -13,7 +13,6 @@ import os
 import sys
 from typing import Any
 
-from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
 from shared_objects import exception
 from shared_objects.base import FleetObject, obj_tree_get_versions
@@ -21,6 +20,7 @@ from shared_objects.config import load_config
 from shared_objects.context import RequestContext
 from shared_objects.messaging import get_transport
 from shared_objects.objects import Flavor, Instance, InstanceList
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
 
 

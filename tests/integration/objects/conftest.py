@@ -15,10 +15,10 @@ import pytest
 from objects_support import ConductorProcess, fleet_env
 
 from conductor.db import migration
-from conductor.rpcapi import ConductorAPI
 from conductor.testing import ALLOWED_EXMODS, indirection
 from shared_objects.config import MessagingConfig
 from shared_objects.messaging import get_transport
+from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.testing.broker_logins import BrokerLogins
 
 BIN = Path(sys.executable).parent

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from conductor.rpcapi import ConductorAPI
 from shared_objects.context import RequestContext
 from shared_objects.messaging import MessagingTimeout
+from shared_objects.rpc_clients.conductor import ConductorAPI
 
 
 @dataclass

@@ -15,12 +15,12 @@ from sqlalchemy import select
 
 from conductor.db import models
 from conductor.db.session import Database
-from conductor.rpcapi import ConductorAPI
 from conductor.testing import snapshot
 from shared_objects import exception, releases
 from shared_objects.base import obj_tree_get_versions
 from shared_objects.context import RequestContext
 from shared_objects.objects import Flavor, Instance
+from shared_objects.rpc_clients.conductor import ConductorAPI
 
 pytestmark = pytest.mark.integration
 

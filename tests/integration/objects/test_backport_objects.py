@@ -14,7 +14,6 @@ import pytest
 from objects_support import fleet_env, wait_for_conductor
 
 from conductor.db import migration
-from conductor.rpcapi import ConductorAPI
 from conductor.service import ConductorService
 from conductor.testing import (
     CURRENT_INSTANCE_VERSION,
@@ -25,6 +24,7 @@ from conductor.testing import (
 from shared_objects.config import FleetConfig, MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.objects import Flavor, Instance
+from shared_objects.rpc_clients.conductor import ConductorAPI
 
 pytestmark = pytest.mark.integration
 

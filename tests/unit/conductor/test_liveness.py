@@ -246,10 +246,9 @@ def test_beats_are_spread_over_the_interval_and_never_later() -> None:
 
 
 def test_the_release_table_names_the_conductor_api_that_has_report_alive() -> None:
-    from conductor.indirection import CONDUCTOR_API_VERSION
-    from conductor.rpcapi import REPORT_ALIVE_VERSION
+    from shared_objects.rpc_clients.conductor import API_VERSION, REPORT_ALIVE_VERSION
 
-    assert releases.CURRENT.conductor_rpc_api == CONDUCTOR_API_VERSION == REPORT_ALIVE_VERSION
+    assert releases.CURRENT.conductor_rpc_api == API_VERSION == REPORT_ALIVE_VERSION
     assert releases.by_name("1.1").conductor_rpc_api == "1.0"  # agents fall back below this
 
 

@@ -21,21 +21,22 @@ from typing import Any
 
 import pytest
 
-from compute_agent.rpcapi import ComputeAPI
 from compute_agent.service import ComputeAgentService
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
 from conductor.db import migration
 from conductor.db.session import Database
-from conductor.indirection import CONDUCTOR_TOPIC, BaseAPIEndpoint, ConductorIndirectionEndpoint
+from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
-from conductor.tasks.rpcapi import ComputeTaskAPI
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
 from shared_objects.identity import Identities
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
+from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.serializer import FleetObjectSerializer
 
 EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]

@@ -1,7 +1,8 @@
 """Client of the conductor's compute-task API (namespace ``compute_task``).
 
 Used by ``fleetctl`` (boot, delete, volumes) and by agents (handing a failed build back for a
-reschedule). Any conductor replica may answer: calls go to the ``conductor`` topic.
+reschedule). Any conductor replica may answer: calls go to the ``conductor`` topic. The server
+(``conductor.tasks.endpoint``) takes its target from the constants here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Any
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCClient, Target, Transport
 from shared_objects.messaging.authorization import ReplyFrom
+from shared_objects.rpc_clients import conductor
 
-TOPIC = "conductor"
+# The conductors' one queue serves this API beside the indirection API.
+TOPIC = conductor.TOPIC
 NAMESPACE = "compute_task"
 
 # Compute-task API history:

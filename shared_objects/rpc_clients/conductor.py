@@ -2,26 +2,31 @@
 
 Every remotable call on an agent becomes one RPC ``call`` to topic ``conductor`` (any conductor
 replica may answer). Arguments and results go through ``FleetObjectSerializer``, so objects
-travel as versioned primitives and come back at the versions this process knows.
+travel as versioned primitives and come back at the versions this process knows. The servers
+(``conductor.indirection``, ``conductor.liveness``) take their targets from the constants here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from conductor.indirection import (
-    BASEAPI_NAMESPACE,
-    BASEAPI_VERSION,
-    CONDUCTOR_TOPIC,
-)
 from shared_objects.base import FleetObject, IndirectionAPI
 from shared_objects.messaging import RPCClient, Target, Transport
 from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.serializer import FleetObjectSerializer
 
+TOPIC = "conductor"
+# Conductor API (namespace None) history:
+# 1.0: Initial version: object_class_action_versions, object_action, object_backport_versions.
+# 1.1: report_alive (conductor/liveness.py): a beat that carries nothing, the host being the
+#      caller's login.
+API_VERSION = "1.1"
 OBJECT_API_VERSION = "1.0"
-# The conductor API version that has ``report_alive`` (conductor/liveness.py).
+# The conductor API version that has ``report_alive``.
 REPORT_ALIVE_VERSION = "1.1"
+# ``ping``, served by every conductor (``conductor.indirection.BaseAPIEndpoint``).
+BASEAPI_NAMESPACE = "baseapi"
+BASEAPI_VERSION = "1.0"
 
 
 class ConductorAPI(IndirectionAPI):
@@ -32,7 +37,7 @@ class ConductorAPI(IndirectionAPI):
         self,
         transport: Transport,
         *,
-        topic: str = CONDUCTOR_TOPIC,
+        topic: str = TOPIC,
         timeout: float | None = None,
         serializer: FleetObjectSerializer | None = None,
         reply_from: ReplyFrom | None = None,

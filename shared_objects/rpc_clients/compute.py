@@ -1,7 +1,7 @@
 """Client of the compute agents' RPC API (used by conductors and by agents talking to peers).
 
-The conductor imports this one module from ``compute_agent``: it depends only on
-``shared_objects``, so the layering (agents above conductors) keeps holding for everything else.
+It depends only on the shared contract, so a conductor calls agents without loading agent code;
+the server (``compute_agent.endpoint``) takes its target version from here.
 
 Every method picks the newest API version the cap allows (``can_send_version``) and degrades its
 arguments for older agents; the cap is the lowest version among live agents (see
