@@ -286,6 +286,9 @@ class ConductorConfig:
     unassigned_build_after: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
     # A build taken by a host that is down (block_device_mapping: rescheduled; spawning: ERROR).
     build_host_down_after: float = dataclasses.field(default=30.0, metadata=_meta(_min(0)))
+    # A delete on an up host that has not finished (its cast was lost, or the agent gave up
+    # during an outage): sent to the host again after this, and again each time it passes.
+    delete_recast_after: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
     # A delete sent to a host that is down: finished in the database.
     delete_host_down_after: float = dataclasses.field(default=300.0, metadata=_meta(_min(0)))
     # A live migration whose source and destination are both down: failed (or ERROR).

@@ -227,7 +227,8 @@ async def apply_move(
     bounds: Bounds,
     count: Counter,
 ) -> str:
-    """Re-cast or place again one stranded build (its own units of work and cast)."""
+    """Re-cast or place again one stranded build, or re-send a delete (its own units of work
+    and cast)."""
     ctxt = RequestContext(
         user_id=move.user_id,
         project_id=move.project_id,
@@ -240,6 +241,19 @@ async def apply_move(
     expected = {"task_state": move.task_state, "host": move.host, "updated_at": move.updated_at}
     tried = [h for h in attempts if h]
     attempt = max(len(set(tried) | ({move.host} if move.host else set())), 1)
+    if move.rule == rules.DELETE_NOT_FINISHED:
+        outcome = await build.resend_delete(ctxt, instance_uuid=move.uuid, expected=expected)
+        if outcome == build_task.RESENT:
+            _log(
+                "warning",
+                move.uuid,
+                move.rule,
+                f"{move.task_state}",
+                f"{move.task_state} (terminate sent again)",
+                host=move.host,
+            )
+            count(move.rule)
+        return outcome
     old = f"building/{move.task_state}"
     if move.rule == rules.BUILD_CAST_LOST:
         outcome = await build.recast(

@@ -42,6 +42,7 @@ def bounds_from_config(cfg: ConductorConfig, service_down_time: float) -> Bounds
         build_reschedule_after=cfg.build_reschedule_after,
         unassigned_build_after=cfg.unassigned_build_after,
         build_host_down_after=cfg.build_host_down_after,
+        delete_recast_after=cfg.delete_recast_after,
         delete_host_down_after=cfg.delete_host_down_after,
         migration_hosts_down_after=cfg.migration_hosts_down_after,
         action_settle_after=cfg.action_settle_after,

@@ -17,6 +17,9 @@ rule                        when → what
                             → placed on another host (nothing was spawned yet)
 ``spawn_host_down``         ``spawning`` on a down host for ``build_host_down_after`` → ERROR
                             with a fault (the guest may exist there)
+``delete_not_finished``     ``deleting`` on an up host, unchanged for ``delete_recast_after``
+                            → ``terminate_instance`` sent to it again (the cast was lost, or
+                            the agent gave up during an outage); again each time the bound passes
 ``delete_host_down``        ``deleting`` on a down host for ``delete_host_down_after`` → deleted
                             in the database
 ``migration_hosts_down``    live migration with source and destination down for
@@ -43,6 +46,7 @@ BUILD_NOT_TAKEN = "build_not_taken"
 BUILD_UNASSIGNED = "build_unassigned"
 BUILD_TAKEN_HOST_DOWN = "build_taken_host_down"
 SPAWN_HOST_DOWN = "spawn_host_down"
+DELETE_NOT_FINISHED = "delete_not_finished"
 DELETE_HOST_DOWN = "delete_host_down"
 MIGRATION_HOSTS_DOWN = "migration_hosts_down"
 ACTION_UNFINISHED = "action_unfinished"
@@ -54,6 +58,7 @@ RULES = (
     BUILD_UNASSIGNED,
     BUILD_TAKEN_HOST_DOWN,
     SPAWN_HOST_DOWN,
+    DELETE_NOT_FINISHED,
     DELETE_HOST_DOWN,
     MIGRATION_HOSTS_DOWN,
     ACTION_UNFINISHED,
@@ -81,6 +86,7 @@ class Bounds:
     build_reschedule_after: float = 120.0
     unassigned_build_after: float = 60.0
     build_host_down_after: float = 30.0
+    delete_recast_after: float = 60.0
     delete_host_down_after: float = 300.0
     migration_hosts_down_after: float = 120.0
     action_settle_after: float = 120.0
@@ -92,6 +98,7 @@ class Bounds:
             self.build_recast_after,
             self.unassigned_build_after,
             self.build_host_down_after,
+            self.delete_recast_after,
             self.delete_host_down_after,
         )
 
@@ -109,8 +116,9 @@ class Snapshot:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Move:
-    """One build to act on alone (a placement or a cast cannot be batched): the row as read,
-    which the compare-and-swap expects unchanged."""
+    """One instance to act on alone (a placement or a cast cannot be batched): the row as
+    read, which the compare-and-swap expects unchanged. ``request_id`` is that of the
+    instance's latest ``create`` action (``delete`` for a delete)."""
 
     rule: str
     uuid: str
@@ -191,6 +199,8 @@ def _instance_rule(
         if row["recast"]:
             return BUILD_NOT_TAKEN if age >= b.build_reschedule_after else None
         return BUILD_CAST_LOST if age >= b.build_recast_after else None
+    if state == TaskState.DELETING and host is not None and host_up:
+        return DELETE_NOT_FINISHED if age >= b.delete_recast_after else None
     if host is None or host_up or not taken_ok:
         return None
     if state == TaskState.BLOCK_DEVICE_MAPPING and age >= b.build_host_down_after:

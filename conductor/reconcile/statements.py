@@ -21,6 +21,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     exists,
     false,
     func,
@@ -124,9 +125,11 @@ async def transitional_instances(
     request id of their latest ``create`` action and whether the reconciler already re-cast the
     build since the instance last changed."""
     i, a, e = INSTANCES, ACTIONS, EVENTS
+    # The action the work belongs to: the delete's for a delete, the create's otherwise.
+    wanted_action = case((i.c.task_state == literal(TaskState.DELETING), "delete"), else_="create")
     latest_create = (
         select(a.c.request_id)
-        .where(a.c.instance_uuid == i.c.uuid, a.c.action == literal("create"))
+        .where(a.c.instance_uuid == i.c.uuid, a.c.action == wanted_action)
         .order_by(a.c.id.desc())
         .limit(1)
         .scalar_subquery()

@@ -43,10 +43,12 @@ class Cast:
 
 
 class FakeCompute:
-    """The conductor's client of the agents, recording ``run_instance`` casts."""
+    """The conductor's client of the agents, recording ``run_instance`` and
+    ``terminate_instance`` casts (the latter as (host, instance uuid, request id))."""
 
     def __init__(self) -> None:
         self.casts: list[Cast] = []
+        self.terminates: list[tuple[str, str, str]] = []
         self.unroutable: set[str] = set()
 
     def can_send_build_extras(self, host: str) -> bool:
@@ -56,6 +58,11 @@ class FakeCompute:
         if host in self.unroutable:
             raise MessageUndeliverable(f"no queue compute.{host}")
         self.casts.append(Cast(host, kwargs["instance"].uuid, kwargs["attempt"], ctxt.request_id))
+
+    async def terminate_instance(self, ctxt: RequestContext, host: str, **kwargs: Any) -> None:
+        if host in self.unroutable:
+            raise MessageUndeliverable(f"no queue compute.{host}")
+        self.terminates.append((host, kwargs["instance"].uuid, ctxt.request_id))
 
 
 @dataclasses.dataclass
@@ -202,6 +209,7 @@ TEST_BOUNDS = Bounds(
     build_reschedule_after=60.0,
     unassigned_build_after=30.0,
     build_host_down_after=30.0,
+    delete_recast_after=30.0,
     delete_host_down_after=30.0,
     migration_hosts_down_after=30.0,
     action_settle_after=30.0,

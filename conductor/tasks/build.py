@@ -60,6 +60,7 @@ MAX_COUNT = 1000
 #: What ``place_again`` and ``recast`` did.
 RESCHEDULED = "rescheduled"
 RECAST = "recast"
+RESENT = "resent"
 ERRORED = "error"
 SKIPPED = "skipped"
 NO_ACTION = "no_action"
@@ -498,6 +499,27 @@ class BuildTask:
             extras=extras,
         )
         return RESCHEDULED
+
+    async def resend_delete(
+        self, ctxt: RequestContext, *, instance_uuid: str, expected: Mapping[str, Any]
+    ) -> str:
+        """Send ``terminate_instance`` again to the up host of a delete that has not finished
+        (the reconciler's ``delete_not_finished``: the first cast was lost, or the agent gave
+        up during an outage). Harmless if the first is still running: the agent destroys only
+        after a compare-and-swap on ``deleting``, and a destroy of what is gone is done.
+
+        One compare-and-swap on ``expected`` stamps the instance first, so one conductor sends
+        it and the rule's bound starts again. Returns ``RESENT`` or ``SKIPPED``. It lives here,
+        beside ``recast``, because the reconciler drives its re-sends through this task.
+        """
+        async with self.database.request(ctxt):
+            instance = await Instance.get_by_uuid(ctxt, instance_uuid)
+            if not _matches(instance, expected) or instance.host is None:
+                return SKIPPED
+            if not await _swap(ctxt, instance, expected, {}):
+                return SKIPPED
+        await self.compute.terminate_instance(ctxt, instance.host, instance=instance)
+        return RESENT
 
     async def recast(
         self,

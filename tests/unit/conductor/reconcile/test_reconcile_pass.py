@@ -7,6 +7,7 @@ from typing import Any
 
 from conductor.reconcile import rules
 from shared_objects.context import RequestContext
+from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
 
 
@@ -189,6 +190,27 @@ async def test_delete_on_a_down_host_is_finished_in_the_database(world: Any) -> 
     assert inst["host"] == "dead"
     (action,) = await world.rows("instance_actions", {"instance_uuid": uuid})
     assert action["finish_time"] is not None
+
+
+async def test_a_delete_an_up_host_never_finished_is_sent_to_it_again(world: Any) -> None:
+    """The terminate cast was lost (e.g. the broker died as it was sent) or the agent gave up
+    during an outage: the host is up, so the delete is sent again, under the delete's own
+    action, by one conductor (the stamp restarts the bound), then again after the bound."""
+    await world.host("alive")
+    uuid = await world.instance(host="alive", task_state="deleting", vm_state="active", age=31)
+    ctxt = RequestContext(user_id="admin", project_id="p1", is_admin=True)
+    ctxt.request_id = "req-delete-1"
+    async with world.database.request(ctxt):
+        await InstanceAction.action_start(ctxt, uuid, "delete")
+    first, second = world.reconciler(), world.reconciler()
+    await first.run_pass()
+    await second.run_pass()
+    assert world.compute.terminates == [("alive", uuid, "req-delete-1")]
+    inst = await world.row("instances", {"uuid": uuid})
+    assert inst["task_state"] == "deleting" and not inst["deleted"]
+    await world.age("instances", {"uuid": uuid}, 31)
+    await first.run_pass()
+    assert len(world.compute.terminates) == 2
 
 
 async def _migration(world: Any, uuid: str, status: str, age: float) -> str:

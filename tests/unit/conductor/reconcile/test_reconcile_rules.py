@@ -69,13 +69,17 @@ def test_scheduling_rules_by_host_state_and_age() -> None:
     ]
 
 
-def test_work_on_an_up_host_is_never_touched_however_old() -> None:
-    snapshot = Snapshot(
-        NOW,
-        [_service("up", 1)],
-        [_instance("up", state, 10_000) for state in ("spawning", "deleting")],
-    )
+def test_a_spawn_on_an_up_host_is_never_touched_however_old() -> None:
+    snapshot = Snapshot(NOW, [_service("up", 1)], [_instance("up", "spawning", 10_000)])
     assert rules.plan(snapshot, BOUNDS).empty
+
+
+def test_a_delete_on_an_up_host_is_sent_again_once_its_bound_passed() -> None:
+    young = _instance("up", "deleting", BOUNDS.delete_recast_after - 1)
+    old = _instance("up", "deleting", BOUNDS.delete_recast_after + 1)
+    plan = rules.plan(Snapshot(NOW, [_service("up", 1)], [young, old]), BOUNDS)
+    assert [(m.rule, m.uuid) for m in plan.moves] == [(rules.DELETE_NOT_FINISHED, old["uuid"])]
+    assert not any(plan.batches.values())
 
 
 def test_migration_is_settled_only_when_both_hosts_are_down() -> None:
