@@ -79,17 +79,22 @@ def broker_logins(amqp_vhost: str) -> Iterator[BrokerLogins | None]:
     if not amqp_vhost or os.environ.get("FLEET_TEST_TRANSPORT_URL"):
         yield None
         return
-    logins = BrokerLogins(
-        AMQP_URL.rstrip("/") + "/" + amqp_vhost,
-        amqp_vhost,
-        tag=uuid.uuid4().hex[:6],
-        exchange_pattern=r"fleet-test-[0-9a-f]{12}",
-    )
+    logins = _vhost_logins(amqp_vhost)
     asyncio.run(logins.ensure(conductors=SESSION_CONDUCTORS, operators=[""], hosts=SESSION_HOSTS))
     try:
         yield logins
     finally:
         asyncio.run(logins.delete())
+
+
+def _vhost_logins(amqp_vhost: str) -> BrokerLogins:
+    """A set of logins of its own (own tag) on the session's vhost."""
+    return BrokerLogins(
+        AMQP_URL.rstrip("/") + "/" + amqp_vhost,
+        amqp_vhost,
+        tag=uuid.uuid4().hex[:6],
+        exchange_pattern=r"fleet-test-[0-9a-f]{12}",
+    )
 
 
 @pytest.fixture
@@ -149,12 +154,26 @@ def cluster_factory(
     amqp_url: str,
     control_exchange: str,
     tmp_path: Path,
+    amqp_vhost: str,
     broker_logins: BrokerLogins | None,
 ) -> ClusterFactory:
     @contextlib.asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[LocalCluster]:
         common_env = {"FLEET_COMPUTE__SPAWN_DELAY": "0.05"}
         common_env.update(overrides.pop("common_env", {}))
+        logins = overrides.pop("logins", broker_logins)
+        own_logins: BrokerLogins | None = None
+        if (
+            logins is broker_logins
+            and broker_logins is not None
+            and (overrides.get("agent_source") or overrides.get("legacy_shared_login"))
+        ):
+            # Agents of an older release widen the rights of EVERY agent login of their
+            # BrokerLogins while it holds them (write on amq.default, which reaches any queue
+            # by name: their replies need it). On the session's logins that would outlast this
+            # test and let later tests' hosts publish there (tests/security proves they
+            # cannot); logins of its own are deleted with the cluster.
+            own_logins = logins = _vhost_logins(amqp_vhost)
         spec = ClusterSpec(
             # A test on a private PostgreSQL (shared_objects.testing.PostgresNode) passes its own.
             database_url=overrides.pop("database_url", pg_database_url),
@@ -162,7 +181,7 @@ def cluster_factory(
             control_exchange=control_exchange,
             workdir=tmp_path / "cluster",
             common_env=common_env,
-            logins=overrides.pop("logins", broker_logins),
+            logins=logins,
             **overrides,
         )
         cluster = LocalCluster(spec)
@@ -173,7 +192,11 @@ def cluster_factory(
             ).create()
             yield cluster
         finally:
-            codes = await cluster.stop()
+            try:
+                codes = await cluster.stop()
+            finally:
+                if own_logins is not None:
+                    await own_logins.delete()
             bad = {n: c for n, c in codes.items() if c not in (0, None, -9)}
             assert not bad, f"processes exited uncleanly: {bad}"
 

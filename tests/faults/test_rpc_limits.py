@@ -4,8 +4,8 @@
    16 MiB body and a 100,000-deep nesting while other callers keep calling it. Each is refused
    before decoding with a short error reply; the server's memory is read from outside
    (``/proc/<pid>/status``: VmHWM is the peak resident set, reset through ``clear_refs``), its
-   event-loop lag is measured inside it, and the other callers' p99 is compared with a quiet
-   run of the same load.
+   event-loop lag is measured inside it, and the longest time no other caller got an answer is
+   compared with a quiet run of the same load (``MAX_FREEZE``).
 2. The broker configuration Fleet ships (``deploy/rabbitmq/20-fleet-limits.conf``, the one
    place the value lives) makes the broker refuse a 128 MiB publish: a private node started
    with that file refuses it, the publisher gets a clear error, the service never sees it.
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import statistics
 import sys
@@ -53,6 +54,13 @@ DEEP = 100_000
 MAX_LOOP_LAG = 0.5
 LOAD_SECONDS = 3.0
 CALLERS = 8
+# Before these limits a 16 MiB body held the receiving loop for ~4 s, and every other caller
+# waited that long. Wall-clock percentiles cannot tell that from a busy shared machine (p99
+# 40 ms quiet vs 145 ms during, with no freeze, on 2 loaded cores), so they are printed, not
+# asserted. What is asserted is the freeze itself: the longest stretch in which NONE of the
+# CALLERS callers got an answer. Noise slows some calls; only a held loop stops them all. The
+# bound is a quarter of the old freeze on top of the same measure in a quiet run.
+MAX_FREEZE = 1.0
 
 
 def _broker_max_message_size() -> int:
@@ -83,9 +91,19 @@ async def peer(amqp_url: str) -> AsyncIterator[tuple[PeerProcess, MessagingConfi
         yield p, MessagingConfig(transport_url=amqp_url, control_exchange=exchange), topic
 
 
-async def _load(client: RPCClient, seconds: float) -> list[float]:
-    """Latencies of CALLERS callers calling back to back for ``seconds``."""
+def _longest_silence(started: float, answered: list[float]) -> float:
+    """The longest time from ``started`` (or an answer) to the next answer of any caller."""
+    times = [started, *sorted(answered)]
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+async def _load(
+    client: RPCClient, seconds: float, answered: list[float] | None = None
+) -> list[float]:
+    """Latencies of CALLERS callers calling back to back for ``seconds`` (the time of each
+    answer appended to ``answered``)."""
     latencies: list[float] = []
+    answered = answered if answered is not None else []
     stop = time.monotonic() + seconds
 
     async def caller(n: int) -> None:
@@ -95,7 +113,8 @@ async def _load(client: RPCClient, seconds: float) -> list[float]:
             await client.call(
                 RequestContext(), "object_action", objname="Instance", objmethod="save", args=[n, i]
             )
-            latencies.append(time.monotonic() - started)
+            answered.append(time.monotonic())
+            latencies.append(answered[-1] - started)
             i += 1
 
     await asyncio.gather(*(caller(n) for n in range(CALLERS)))
@@ -141,7 +160,10 @@ async def test_big_and_deep_requests_are_refused_unread_without_hurting_other_ca
     async with get_transport(config) as transport:
         client = RPCClient(transport, Target(topic=topic), timeout=10)
         await _load(client, 1.0)  # warm up: connections, reply queue, caches
-        quiet_p99 = _p99(await _load(client, LOAD_SECONDS))
+        quiet_answers: list[float] = []
+        quiet_from = time.monotonic()
+        quiet_p99 = _p99(await _load(client, LOAD_SECONDS, quiet_answers))
+        quiet_silence = _longest_silence(quiet_from, quiet_answers)
         await process.request({"op": "stats"}, within=10)  # resets the lag maximum
 
         await transport.replies.ensure_listening()
@@ -156,7 +178,10 @@ async def test_big_and_deep_requests_are_refused_unread_without_hurting_other_ca
             for body, _, _ in hostile.values():
                 await transport.driver.publish(exchange, topic, body)
 
-        loaded, _ = await asyncio.gather(_load(client, LOAD_SECONDS), attack())
+        answers: list[float] = []
+        loaded_from = time.monotonic()
+        loaded, _ = await asyncio.gather(_load(client, LOAD_SECONDS, answers), attack())
+        silence = _longest_silence(loaded_from, answers)
         replies = {m: await asyncio.wait_for(f, 10) for m, f in futures.items()}
         peak_kb = _proc_kb(process.pid, "VmHWM")
         await asyncio.sleep(2.0)
@@ -176,12 +201,13 @@ async def test_big_and_deep_requests_are_refused_unread_without_hurting_other_ca
         f"\nlimits: peak RSS growth {growth_kb / 1024:.1f} MiB for a {BIG // MIB} MiB body "
         f"(lasting {lasting_kb / 1024:.1f} MiB); max loop lag {stats['max_lag_ms']} ms; "
         f"other callers' p99 {quiet_p99 * 1000:.1f} ms quiet, {loaded_p99 * 1000:.1f} ms "
-        f"during ({len(loaded)} calls)"
+        f"during ({len(loaded)} calls); longest silence {quiet_silence * 1000:.0f} ms quiet, "
+        f"{silence * 1000:.0f} ms during"
     )
     assert growth_kb <= 2 * BIG // 1024, f"peak RSS grew {growth_kb} kB"
     assert lasting_kb <= BIG // 1024 // 4, f"RSS stayed {lasting_kb} kB higher"
     assert stats["max_lag_ms"] / 1000 < MAX_LOOP_LAG, stats
-    assert loaded_p99 <= quiet_p99 + 0.100, (quiet_p99, loaded_p99)
+    assert silence <= quiet_silence + MAX_FREEZE, (quiet_silence, silence)
 
 
 class Recorder:
@@ -248,21 +274,26 @@ async def test_the_real_conductor_refuses_big_and_deep_requests_unread(
         assert transport is not None
         conductor_pid = cluster.processes["conductor-1"].process.pid
 
-        async def load(seconds: float) -> list[float]:
+        async def load(seconds: float, answered: list[float] | None = None) -> list[float]:
             latencies: list[float] = []
+            answered = answered if answered is not None else []
             stop = time.monotonic() + seconds
 
             async def caller() -> None:
                 while time.monotonic() < stop:
                     started = time.monotonic()
                     await ServiceList.get_all(cluster.ctxt)
-                    latencies.append(time.monotonic() - started)
+                    answered.append(time.monotonic())
+                    latencies.append(answered[-1] - started)
 
             await asyncio.gather(*(caller() for _ in range(CALLERS)))
             return latencies
 
         await load(1.0)
-        quiet_p99 = _p99(await load(LOAD_SECONDS))
+        quiet_answers: list[float] = []
+        quiet_from = time.monotonic()
+        quiet_p99 = _p99(await load(LOAD_SECONDS, quiet_answers))
+        quiet_silence = _longest_silence(quiet_from, quiet_answers)
         await transport.replies.ensure_listening()
         hostile = _hostile_bodies(transport.replies.queue_name)
         futures = {m: transport.replies.register(m) for m in hostile}
@@ -275,7 +306,10 @@ async def test_the_real_conductor_refuses_big_and_deep_requests_unread(
             for body, _, _ in hostile.values():
                 await transport.driver.publish(exchange, "conductor", body)
 
-        loaded, _ = await asyncio.gather(load(LOAD_SECONDS), attack())
+        answers: list[float] = []
+        loaded_from = time.monotonic()
+        loaded, _ = await asyncio.gather(load(LOAD_SECONDS, answers), attack())
+        silence = _longest_silence(loaded_from, answers)
         replies = {m: await asyncio.wait_for(f, 10) for m, f in futures.items()}
         peak_kb = _proc_kb(conductor_pid, "VmHWM")
         await asyncio.sleep(2.0)
@@ -294,10 +328,12 @@ async def test_the_real_conductor_refuses_big_and_deep_requests_unread(
     print(
         f"\nreal conductor: peak RSS growth {growth_kb / 1024:.1f} MiB for a {BIG // MIB} MiB "
         f"body (lasting {lasting_kb / 1024:.1f} MiB); other callers' p99 "
-        f"{quiet_p99 * 1000:.1f} ms quiet, {loaded_p99 * 1000:.1f} ms during; longest log line "
+        f"{quiet_p99 * 1000:.1f} ms quiet, {loaded_p99 * 1000:.1f} ms during; longest silence "
+        f"{quiet_silence * 1000:.0f} ms quiet, {silence * 1000:.0f} ms during; longest log line "
         f"{longest} bytes"
     )
     assert longest < 4096, "a log line carries a body or a traceback"
     assert growth_kb <= 2 * BIG // 1024, f"peak RSS grew {growth_kb} kB"
     assert lasting_kb <= BIG // 1024 // 4, f"RSS stayed {lasting_kb} kB higher"
-    assert loaded_p99 <= quiet_p99 + 0.100, (quiet_p99, loaded_p99)
+    # No caller frozen by the bodies (see MAX_FREEZE: a freeze, not a percentile).
+    assert silence <= quiet_silence + MAX_FREEZE, (quiet_silence, silence)
