@@ -31,7 +31,7 @@ import dataclasses
 import datetime
 import enum
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -173,6 +173,9 @@ class LiveMigrationManager:
         self._semaphore: asyncio.Semaphore | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._early_aborts: set[str] = set()
+        #: Asked before each sweep reads this host's migrations (the service wires it to its
+        #: beat, which learns from the conductor whether a migration from here waits).
+        self.sweep_wanted: Callable[[], bool] = lambda: True
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -765,6 +768,8 @@ class LiveMigrationManager:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.orphan_check_interval)
+            if not self.sweep_wanted():
+                continue
             try:
                 await self.sweep_orphans(admin_context(releases.BINARY_COMPUTE))
             except (exception.FleetException, MessagingError, VirtError):

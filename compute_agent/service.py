@@ -169,6 +169,8 @@ class ComputeAgentService:
             listen_on_topic=False,
             require_user_id=True,
         )
+        beat = AgentBeat(self.conductor, service_down_time=cfg.service.service_down_time)
+        self.live_migration.sweep_wanted = beat.sweep_wanted
         self.reporter = ServiceReporter(
             self._context,
             host=cfg.host,
@@ -177,7 +179,7 @@ class ComputeAgentService:
             version=releases.SERVICE_VERSION,
             interval=cfg.service.report_interval,
             # report_alive where every live conductor has it (compute_agent/liveness.py).
-            beat=AgentBeat(self.conductor, service_down_time=cfg.service.service_down_time),
+            beat=beat,
         )
         self.conductor_wait = conductor_wait
         self._started = False
