@@ -22,7 +22,10 @@ always (a sixth of all conductor calls at 1,000 hosts); the flag costs an index 
 Every caller is answered only after its batch committed, so an acknowledged beat is a written
 beat, and a database outage still reaches the agent as a failed beat (``DatabaseUnavailable``).
 A host whose row is missing or deleted gets ``ServiceNotFound``, as ``Service.heartbeat`` gave.
-Two beats of one host in one batch count once in ``report_count`` (both are answered).
+Two beats of one host in one batch count once in ``report_count`` (both are answered, from one
+shared future). While a beat waits for its batch, its handler gives back its concurrency slot
+(``release_handler_slot``): beats wait up to ``max_delay``, and at 1,000 hosts they would
+otherwise fill a conductor's slots and queue every other request behind them.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from shared_objects.authorizer import forbidden
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.fields import MigrationStatus, MigrationType
 from shared_objects.identity import Caller
-from shared_objects.messaging import ExpectedException, Target, expose
+from shared_objects.messaging import ExpectedException, Target, expose, release_handler_slot
 from shared_objects.objects._common import utcnow
 from shared_objects.rpc_clients.conductor import REPORT_ALIVE_VERSION
 
@@ -156,7 +159,9 @@ class LivenessBatcher:
         self.max_delay = max_delay
         self.max_batch = max_batch
         self._clock = clock
-        self._pending: dict[str, list[asyncio.Future[ServiceState]]] = {}
+        # One future per host per batch: a host's repeated beats share it, so what is pending
+        # is bounded by the number of hosts, however fast one of them beats.
+        self._pending: dict[str, asyncio.Future[ServiceState]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -181,8 +186,9 @@ class LivenessBatcher:
     async def beat(self, host: str) -> ServiceState:
         """Mark ``host`` alive in the next batch; returns once that batch committed."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ServiceState] = loop.create_future()
-        self._pending.setdefault(host, []).append(future)
+        future = self._pending.get(host)
+        if future is None:
+            future = self._pending[host] = loop.create_future()
         self.beats += 1
         if self._beats_metric is not None:
             self._beats_metric.inc()
@@ -203,7 +209,7 @@ class LivenessBatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self, batch: dict[str, list[asyncio.Future[ServiceState]]]) -> None:
+    async def _flush(self, batch: dict[str, asyncio.Future[ServiceState]]) -> None:
         try:
             async with self._lock:
                 found = await self._write(sorted(batch))
@@ -222,17 +228,16 @@ class LivenessBatcher:
         self.flushes += 1
         if self._flushes_metric is not None:
             self._flushes_metric.inc()
-        for host, futures in batch.items():
+        for host, future in batch.items():
             state = found.get(host)
-            for future in futures:
-                if future.done():
-                    continue
-                if state is None:
-                    future.set_exception(
-                        exception.ServiceNotFound(service_id=f"{releases.BINARY_COMPUTE}@{host}")
-                    )
-                else:
-                    future.set_result(state)
+            if future.done():
+                continue
+            if state is None:
+                future.set_exception(
+                    exception.ServiceNotFound(service_id=f"{releases.BINARY_COMPUTE}@{host}")
+                )
+            else:
+                future.set_result(state)
 
     async def _write(self, hosts: list[str]) -> dict[str, ServiceState]:
         ctxt = admin_context(releases.BINARY_CONDUCTOR)
@@ -261,11 +266,10 @@ class LivenessBatcher:
                 await task
 
 
-def _fail(batch: dict[str, list[asyncio.Future[ServiceState]]], exc: BaseException) -> None:
-    for futures in batch.values():
-        for future in futures:
-            if not future.done():
-                future.set_exception(exc)
+def _fail(batch: dict[str, asyncio.Future[ServiceState]], exc: BaseException) -> None:
+    for future in batch.values():
+        if not future.done():
+            future.set_exception(exc)
 
 
 def beating_host(caller: Any) -> str:
@@ -302,6 +306,9 @@ class LivenessEndpoint:
         """
         try:
             host = beating_host(ctxt.principal)
+            # The wait is for the batch's UPDATE, which the batcher's own task runs: this
+            # handler holds nothing meanwhile and must not keep others out (up to max_delay).
+            release_handler_slot()
             state = await self.batcher.beat(host)
         except exception.FleetException as exc:
             raise ExpectedException(exc) from exc

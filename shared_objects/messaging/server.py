@@ -65,6 +65,42 @@ _REQUEST_VERSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+class _Slot:
+    """One handler's place among the server's ``max_concurrency``; given back exactly once."""
+
+    __slots__ = ("_semaphore", "held")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+
+
+_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar(
+    "fleet_rpc_handler_slot", default=None
+)
+
+
+def release_handler_slot() -> None:
+    """Give the running handler's concurrency slot back before it waits for work that another
+    task does and that holds no per-request resource (no database connection of its own).
+
+    ``max_concurrency`` exists to bound what handlers hold while they run (database
+    connections above all). A handler that only waits for a shared batch (``report_alive``
+    waits up to half a second for the batched UPDATE another task runs) would otherwise keep
+    a slot the whole time: at 1,000 hosts such beats held most of a conductor's slots and every
+    other request queued behind them. After this call the handler still runs to the end and
+    replies; it just no longer counts. No-op outside a handler.
+    """
+    slot = _SLOT.get()
+    if slot is not None:
+        slot.release()
+
+
 def request_version() -> str | None:
     """The API version the caller asked for, while its handler runs and its result is
     serialised (None outside a handler): lets a reply speak the caller's release."""
@@ -111,9 +147,10 @@ class RPCServer:
     """Serves ``endpoints`` on ``target.topic`` (+ ``<topic>.<server>`` and fanout).
 
     ``max_concurrency`` (default: the transport's ``max_concurrency``) bounds handlers running at
-    once; ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds messages delivered but not
-    yet taken up; a reply whose queue is missing is retried in the background for
-    ``reply_retry_window`` seconds (0: never).
+    once (a handler that only waits for another task's batch may leave the count early:
+    ``release_handler_slot``); ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds
+    messages delivered but not yet taken up; a reply whose queue is missing is retried in the
+    background for ``reply_retry_window`` seconds (0: never).
 
     Security (``docs/rpc.md``): ``authorizer`` (an ``Authorizer``) must cover every exposed
     (namespace, method), else construction raises ``UncoveredMethods``; it then decides every
@@ -258,7 +295,10 @@ class RPCServer:
         assert task is not None
         self._tasks.add(task)
         try:
-            async with self._semaphore:
+            await self._semaphore.acquire()
+            slot = _Slot(self._semaphore)
+            token = _SLOT.set(slot)
+            try:
                 if self._stopping:
                     return  # not acked: the broker redelivers it when our channel closes
                 try:
@@ -272,6 +312,9 @@ class RPCServer:
                     await self._process(delivery)
                 finally:
                     self._stats.in_flight -= 1
+            finally:
+                _SLOT.reset(token)
+                slot.release()
         except asyncio.CancelledError:
             raise
         except Exception:
