@@ -54,8 +54,8 @@ Two other families stay outside it on purpose:
   (``MessagingError``).
 * ``compute_agent.virt.exceptions.VirtError``: the virt driver's errors, raised and caught inside
   an agent. They never cross RPC: the agent's RPC boundary (``compute_agent/rpc_errors.py``)
-  raises the ``HypervisorError`` (or ``InstanceNotFound``, ``InsufficientResources``) of the same
-  name ``from`` them.
+  raises this module's class of the same name ``from`` them (``InstanceNotFound``,
+  ``InsufficientResources``, ``HypervisorError`` and its subclasses).
 
 Remote errors: ``ALLOWED_REMOTE_EXMODS`` is the one list of modules whose errors every Fleet
 transport re-creates as their own class (the messaging runtime's always are); any other remote
