@@ -36,7 +36,6 @@ from typing import Any
 
 import structlog
 
-from compute_agent.claims import InsufficientResources as ClaimRefused
 from compute_agent.instance_events import instance_event
 from compute_agent.migration_recovery import (
     BUSY,
@@ -57,6 +56,7 @@ from compute_agent.virt.exceptions import (
 from compute_agent.virt.models import GuestPhase, MigrationProgress
 from shared_objects import exception, releases
 from shared_objects.context import RequestContext, admin_context
+from shared_objects.exception import InsufficientResources as ClaimRefused
 from shared_objects.fields import MigrationStatus, MigrationType, PowerState, TaskState
 from shared_objects.messaging import ExpectedException, MessagingError
 from shared_objects.notifications import InstanceNotifier

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from compute_agent.claims import InsufficientResources as ClaimRefused
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier
 from compute_agent.virt.driver import ComputeDriver
@@ -42,6 +41,8 @@ from compute_agent.virt.models import OWNER_PHASES, GuestPhase
 from compute_agent.virt.recovery import Outcome, Resolution, resolve_migration
 from shared_objects import exception, releases
 from shared_objects.context import RequestContext, admin_context
+from shared_objects.exception import InsufficientResources as ClaimRefused
+from shared_objects.exception import PeerBusy
 from shared_objects.fields import MigrationStatus, MigrationType, PowerState, TaskState, VMState
 from shared_objects.messaging import MessagingError
 from shared_objects.objects.instance import Instance, InstanceList
@@ -75,10 +76,6 @@ _RESUME = {
 
 #: What ``get_live_migration_guest`` answers while that host's own job drives the migration.
 BUSY = "busy"
-
-
-class PeerBusy(Exception):
-    """The peer is driving this migration itself right now: leave it to its job."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from compute_agent.liveness import AgentBeat
 from compute_agent.peer_auth import PeerCheck
 from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
+from compute_agent.rpc_errors import virt_errors_translated
 from compute_agent.security_groups import RulesResync, RulesWatch, SecurityGroupManager
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier, RetryPolicy, short
 from compute_agent.virt.driver import ComputeDriver
@@ -43,6 +44,7 @@ from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, use_indirection_api
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext, admin_context
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
 from shared_objects.messaging import MessagingError, RPCServer, Target, Transport, get_transport
 from shared_objects.metrics import ServiceMetrics
@@ -60,8 +62,6 @@ from shared_objects.upgrade_levels import ComputeUpgradeLevels
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
-
-ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
 def make_driver(cfg: FleetConfig) -> ComputeDriver:
@@ -168,6 +168,8 @@ class ComputeAgentService:
             # Only compute.<host>: the bare "compute" queue would hand this host others' work.
             listen_on_topic=False,
             require_user_id=True,
+            # Driver errors leave as the shared contract's (compute_agent/rpc_errors.py).
+            error_boundary=virt_errors_translated,
         )
         beat = AgentBeat(self.conductor, service_down_time=cfg.service.service_down_time)
         self.live_migration.sweep_wanted = beat.sweep_wanted

@@ -39,8 +39,6 @@ from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
 
-ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
-
 
 class ConductorService:
     """One conductor process: database, RPC server, heartbeat."""
@@ -64,7 +62,7 @@ class ConductorService:
         self.transport = (
             transport
             if transport is not None
-            else get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
+            else get_transport(cfg.messaging, allowed_remote_exmods=exception.ALLOWED_REMOTE_EXMODS)
         )
         self.serializer = FleetObjectSerializer()
         self.identities = Identities(cfg.security)

@@ -32,9 +32,10 @@ import structlog
 
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
-from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
+from conductor.scheduler import HostState, ResourceRequest, select_destinations
 from shared_objects import exception
 from shared_objects.context import RequestContext
+from shared_objects.exception import NoValidHost
 from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
 from shared_objects.messaging import MessageUndeliverable, MessagingTimeout
 from shared_objects.objects.instance import Instance

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import inspect
 import time
@@ -158,6 +159,10 @@ class RPCServer:
     (off by default: oslo.messaging publishers never set one; Fleet services turn it on).
     ``listen_on_topic=False`` consumes only ``<topic>.<server>`` and the fanout queue, not the
     shared ``<topic>`` queue.
+
+    ``error_boundary`` (a context-manager factory) is entered around every handler call: where a
+    service turns the errors of its inner layers into the ones its callers know (``raise ...
+    from exc``), so nothing internal crosses the wire (the agent's: ``compute_agent/rpc_errors``).
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class RPCServer:
         authorizer: Authorizer | None = None,
         require_user_id: bool = False,
         listen_on_topic: bool = True,
+        error_boundary: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
     ):
         if not target.topic or not target.server:
             raise InvalidTarget("A server's target needs a topic and a server", target)
@@ -184,6 +190,9 @@ class RPCServer:
         self.authorizer = authorizer
         self.require_user_id = require_user_id
         self.listen_on_topic = listen_on_topic
+        self.error_boundary = (
+            error_boundary if error_boundary is not None else contextlib.nullcontext
+        )
         self.serializer = serializer if serializer is not None else NoOpSerializer()
         self._noop = type(self.serializer) is NoOpSerializer
         cfg = transport.config
@@ -458,9 +467,10 @@ class RPCServer:
                 raise _Refused(exc) from None
         if not self._noop:
             args = {k: await self.serializer.deserialize_entity(ctxt, v) for k, v in args.items()}
-        result = handler(ctxt, **args)
-        if inspect.isawaitable(result):
-            result = await result
+        with self.error_boundary():
+            result = handler(ctxt, **args)
+            if inspect.isawaitable(result):
+                result = await result
         if not self._noop:
             result = await self.serializer.serialize_entity(ctxt, result)
         return result

@@ -3,7 +3,8 @@
 An agent host never gets a database, so the agent process must not load the conductor's code
 or its database drivers; the shared contract (objects, context, exceptions, releases, the RPC
 clients) must not load either service; the virt driver must not load the messaging runtime, so
-a driver stays usable (and testable) without a broker. A violation shows up here as the list of
+a driver stays usable (and testable) without a broker; and a conductor that receives an older
+agent's driver error loads no agent code to rebuild it. A violation shows up here as the list of
 modules that came in, and would otherwise show up only as a slower, heavier agent start.
 """
 
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,13 +44,13 @@ print(json.dumps({"files": files, "loaded": sorted(sys.modules)}))
 """
 
 
-def _loaded_by(*modules: str) -> list[str]:
-    """Every module a fresh interpreter holds after importing ``modules`` from this tree."""
+def _probe(script: str, *argv: str) -> dict[str, Any]:
+    """What ``script`` prints last (JSON), run in a fresh interpreter on this tree."""
     env = dict(os.environ)
     # This tree first: the virtualenv may have another checkout installed in editable mode.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, *modules],
+        [sys.executable, "-c", script, *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -57,7 +59,13 @@ def _loaded_by(*modules: str) -> list[str]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    probe = json.loads(proc.stdout.splitlines()[-1])
+    probe: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return probe
+
+
+def _loaded_by(*modules: str) -> list[str]:
+    """Every module a fresh interpreter holds after importing ``modules`` from this tree."""
+    probe = _probe(_PROBE, *modules)
     # Else the probe would prove nothing about this tree.
     assert all(Path(f).resolve().is_relative_to(ROOT) for f in probe["files"]), probe["files"]
     loaded: list[str] = probe["loaded"]
@@ -84,3 +92,26 @@ def test_virt_driver_loads_no_messaging() -> None:
         "compute_agent.virt", "compute_agent.virt.fake", "compute_agent.virt.loader"
     )
     assert _under(loaded, MESSAGING) == []
+
+
+_REBUILD_OLD_AGENT_ERROR = """
+import json, sys
+import conductor.service
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
+from shared_objects.messaging import codec
+failure = {"class": "InstanceNotFound", "module": "compute_agent.virt.exceptions",
+           "message": "instance u1 not found on this hypervisor", "tb": [],
+           "args": ["instance u1 not found on this hypervisor"], "kwargs": {"uuid": "u1"}}
+exc = codec.deserialize_remote_exception(json.dumps(failure), ALLOWED_REMOTE_EXMODS)
+print(json.dumps({"rebuilt": f"{type(exc).__module__}.{type(exc).__name__}",
+                  "loaded": sorted(sys.modules)}))
+"""
+
+
+def test_conductor_rebuilds_an_old_agents_driver_error_without_agent_code() -> None:
+    """A 1.0/1.1 agent still sends its driver's errors (``compute_agent.virt.exceptions``): the
+    conductor rebuilds them as the contract's class of that name, importing nothing of the
+    agent's (its allowed remote modules list only the contract)."""
+    probe = _probe(_REBUILD_OLD_AGENT_ERROR)
+    assert probe["rebuilt"] == "shared_objects.exception.InstanceNotFound"
+    assert _under(probe["loaded"], ("compute_agent",)) == []

@@ -32,6 +32,7 @@ from conductor.tasks.endpoint import ComputeTaskEndpoint
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.rpc_clients.compute import ComputeAPI
@@ -39,7 +40,6 @@ from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.serializer import FleetObjectSerializer
 
-EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 CONDUCTOR_LOGIN = "fleet-conductor-1"
 OPERATOR_LOGIN = "fleet-operator"
 
@@ -59,7 +59,9 @@ def login_config(cfg: FleetConfig, login: str, host: str | None = None) -> Fleet
 
 
 def party_transport(cfg: FleetConfig, login: str) -> Transport:
-    return get_transport(login_config(cfg, login).messaging, allowed_remote_exmods=EXMODS)
+    return get_transport(
+        login_config(cfg, login).messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS
+    )
 
 
 def agent_config(cfg: FleetConfig, host: str) -> FleetConfig:
