@@ -372,13 +372,17 @@ async def test_the_sweep_loop_reads_nothing_while_no_sweep_is_wanted() -> None:
     asked: list[bool] = []
     sweeps: list[int] = []
     wanted = False
+    asked_five, swept = asyncio.Event(), asyncio.Event()
 
     def sweep_wanted() -> bool:
         asked.append(wanted)
+        if len(asked) >= 5:
+            asked_five.set()
         return wanted
 
     async def sweep_orphans(ctxt: Any) -> int:
         sweeps.append(len(asked))
+        swept.set()
         return 0
 
     manager.sweep_wanted = sweep_wanted
@@ -386,11 +390,9 @@ async def test_the_sweep_loop_reads_nothing_while_no_sweep_is_wanted() -> None:
     manager.start()
     try:
         async with asyncio.timeout(10):
-            while len(asked) < 5:
-                await asyncio.sleep(0.001)
+            await asked_five.wait()
             assert sweeps == []
             wanted = True
-            while not sweeps:
-                await asyncio.sleep(0.001)
+            await swept.wait()
     finally:
         await manager.stop()

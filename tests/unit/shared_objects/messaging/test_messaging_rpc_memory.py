@@ -374,12 +374,15 @@ class BatchWaiter:
     def __init__(self) -> None:
         self.batch = asyncio.Event()
         self.waiting = 0
+        self.both_waiting = asyncio.Event()
 
     @expose
     async def wait_for_batch(self, ctxt: RequestContext, release: bool) -> str:
         if release:
             release_handler_slot()
         self.waiting += 1
+        if self.waiting == 2:
+            self.both_waiting.set()
         await self.batch.wait()
         return "batched"
 
@@ -399,8 +402,7 @@ async def test_a_handler_waiting_for_a_batch_can_give_back_its_slot(
         waiters = [asyncio.create_task(client.call(None, "wait_for_batch", release=release))]
         waiters.append(asyncio.create_task(client.call(None, "wait_for_batch", release=release)))
         async with asyncio.timeout(5):
-            while endpoint.waiting < 2:
-                await asyncio.sleep(0.005)
+            await endpoint.both_waiting.wait()
         if release:
             # Both waiters gave their slots back: other requests are served meanwhile.
             assert await client.call(None, "other") == "served"
