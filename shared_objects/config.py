@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "FleetConfig",
+    "LiveMigrationConfig",
     "LoggingConfig",
     "MessagingConfig",
     "ServiceConfig",
@@ -311,8 +312,9 @@ class ConductorConfig:
 class ComputeConfig:
     """The agent's fake hypervisor: capacity, overcommit, timing, failure injection.
 
-    ``fake_driver_options()`` hands these to ``compute_agent.virt.FakeDriverConfig.from_mapping``;
-    the driver's own ``FLEET_FAKE_*`` variables still apply on top (``FakeDriverConfig.from_env``).
+    ``fake_driver_options()`` hands these to ``compute_agent.virt.FakeDriverConfig.from_mapping``.
+    The syntax of ``failures`` and ``migration`` belongs to the driver: the agent checks it when
+    it builds its hypervisor at start, and a bad value is a configuration error there (exit 2).
     """
 
     vcpus: int = dataclasses.field(default=32, metadata=_meta(_min(1)))
@@ -328,6 +330,9 @@ class ComputeConfig:
     state_dir: str = ""
     # Failure injection, "step[:count][:option...]" items (compute_agent.virt.failures).
     failures: str = ""
+    # A file holding more failure rules in the same syntax, re-read whenever it changes (so a
+    # test can change the failures of an agent that is already running); empty: none.
+    failures_file: str = ""
     # Live-migration model overrides, "key=value,..." (compute_agent.virt.migration_model).
     migration: str = ""
     # fsync every state write (only matters for power loss, not for a killed process).
@@ -347,11 +352,56 @@ class ComputeConfig:
             "disk_allocation_ratio": self.disk_allocation_ratio,
             "spawn_delay_s": self.spawn_delay,
             "failures": self.failures,
+            "failures_file": self.failures_file,
             "migration": self.migration,
             "fsync": self.fsync,
             "hypervisor_hostname": self.hypervisor_hostname,
         }
         return {k: v for k, v in options.items() if v != ""}
+
+
+@dataclasses.dataclass(slots=True)
+class LiveMigrationConfig:
+    """Live migration (docs/live-migration.md): timeouts and limits of both services' parts.
+
+    One section for the conductor's task and the agents' source and destination halves; each
+    service reads its own options (the comment above each says who). Every long call to a peer
+    carries call-monitor heartbeats: a peer silent ``call_monitor_timeout`` seconds is dead.
+    """
+
+    # Both: the heartbeat window of long calls (heartbeats every half of it, whole seconds, so
+    # at least 2 s to get any).
+    call_monitor_timeout: float = dataclasses.field(default=10.0, metadata=_meta(_min(2)))
+    # Both: plain calls (abort, force-complete).
+    rpc_timeout: float = dataclasses.field(default=30.0, metadata=_meta(_positive))
+    # Conductor: destinations tried (each refusing host excluded) before the request fails.
+    max_attempts: int = dataclasses.field(default=3, metadata=_meta(_min(1)))
+    # Conductor: overall bound of one destination's prechecks (which ask the source in turn).
+    precheck_timeout: float = dataclasses.field(default=120.0, metadata=_meta(_positive))
+    # Conductor: overall bound of the whole migration (the source's call returns at its end).
+    migration_timeout: float = dataclasses.field(default=6 * 3600.0, metadata=_meta(_positive))
+    # Agent: overall bound of a long call to the peer agent (a slow but alive peer).
+    long_call_timeout: float = dataclasses.field(default=6 * 3600.0, metadata=_meta(_positive))
+    # Agent: asking a peer for its guest's phase in recovery (short: a start with a dead peer
+    # is not held up; an unanswered question is asked again later).
+    phase_query_timeout: float = dataclasses.field(default=5.0, metadata=_meta(_positive))
+    # Agent: minimum seconds between two progress saves (the final report is always saved).
+    progress_interval: float = dataclasses.field(default=0.5, metadata=_meta(_min(0)))
+    # Agent: copies running at once with this host as source; the rest wait in "queued".
+    max_concurrent: int = dataclasses.field(default=16, metadata=_meta(_min(1)))
+    # Agent: migrations from this host accepted at once, beyond which the source precheck
+    # refuses. Each holds an RPC handler slot for its whole duration: keep it well below
+    # [messaging] max_concurrency.
+    max_in_flight: int = dataclasses.field(default=32, metadata=_meta(_min(1)))
+    # Agent: seconds between attempts to settle a migration whose peer did not answer.
+    settle_retry_interval: float = dataclasses.field(default=5.0, metadata=_meta(_positive))
+    # Agent: how long an abort/force-complete arriving at the very start of a copy keeps trying.
+    control_grace: float = dataclasses.field(default=2.0, metadata=_meta(_min(0)))
+    # Agent: a migration from this host still accepted/queued this long after its last change,
+    # with no job here, lost its conductor: it is settled (ends "error").
+    orphan_after: float = dataclasses.field(default=900.0, metadata=_meta(_positive))
+    # Agent: seconds between two looks for such orphans.
+    orphan_check_interval: float = dataclasses.field(default=60.0, metadata=_meta(_positive))
 
 
 def _check_login_patterns(v: tuple[str, ...]) -> str | None:
@@ -417,6 +467,9 @@ class LoggingConfig:
     level: str = dataclasses.field(
         default="info", metadata=_meta(_one_of("debug", "info", "warning", "error", "critical"))
     )
+    # Log the name and version of every object this process receives ("object_received"): how
+    # the upgrade tests prove, from an older agent's own log, that it got only what it knows.
+    trace_object_versions: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -430,6 +483,7 @@ class FleetConfig:
     upgrade_levels: UpgradeLevelsConfig = dataclasses.field(default_factory=UpgradeLevelsConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
     conductor: ConductorConfig = dataclasses.field(default_factory=ConductorConfig)
+    live_migration: LiveMigrationConfig = dataclasses.field(default_factory=LiveMigrationConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     notifications: NotificationsConfig = dataclasses.field(default_factory=NotificationsConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
@@ -447,6 +501,22 @@ ENV_ALIASES: dict[str, tuple[str | None, str]] = {
     "FLEET_METRICS_PORT": ("service", "metrics_port"),
     "FLEET_COMPUTE_VERSION_CAP": ("upgrade_levels", "compute"),
     "FLEET_STATE_DIR": ("compute", "state_dir"),
+    # The name releases before 1.2 read directly; the upgrade tests set it for every release.
+    "FLEET_TRACE_OBJECT_VERSIONS": ("logging", "trace_object_versions"),
+}
+# Variables of releases before 1.2, read by their own readers, now options of a section: a
+# process refuses them (naming the replacement) rather than silently ignoring a setting.
+RETIRED_ENV_PREFIXES: dict[str, str] = {
+    "FLEET_LIVE_MIGRATION_": "live_migration",
+    "FLEET_LIVE_MIGRATE_": "live_migration",
+    "FLEET_FAKE_": "compute",
+}
+# Retired variables whose option has another name: (prefix, old key) -> (section, key).
+_RETIRED_RENAMED = {
+    ("FLEET_FAKE_", "cpu_ratio"): ("compute", "cpu_allocation_ratio"),
+    ("FLEET_FAKE_", "ram_ratio"): ("compute", "ram_allocation_ratio"),
+    ("FLEET_FAKE_", "disk_ratio"): ("compute", "disk_allocation_ratio"),
+    ("FLEET_LIVE_MIGRATE_", "service_down_time"): ("service", "service_down_time"),
 }
 ENV_PREFIX = "FLEET_"
 CONFIG_FILE_ENV = "FLEET_CONFIG"
@@ -577,8 +647,23 @@ def _apply_file(cfg: FleetConfig, path: Path, origins: Origins) -> None:
             raise ConfigError(f"{path}: unknown section or option {name!r}")
 
 
+def _check_retired(env: Mapping[str, str]) -> None:
+    for var in sorted(env):
+        if "__" in var:
+            continue
+        for prefix, section in RETIRED_ENV_PREFIXES.items():
+            if var.startswith(prefix):
+                key = var[len(prefix) :].lower()
+                section, key = _RETIRED_RENAMED.get((prefix, key), (section, key))
+                raise ConfigError(
+                    f"{var}: no longer read; set [{section}] {key} instead "
+                    f"(FLEET_{section.upper()}__{key.upper()})"
+                )
+
+
 def _apply_env(cfg: FleetConfig, env: Mapping[str, str], origins: Origins) -> None:
     sections = _sections()
+    _check_retired(env)
     # Generic names first, aliases last: the short name is the one people type by hand.
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX) or "__" not in var:
