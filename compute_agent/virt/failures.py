@@ -238,7 +238,7 @@ def _check_count(count: int | None) -> int | None:
 
 
 def parse_failure_spec(spec: str) -> list[FailureRule]:
-    """Parse a failure spec (``[compute] failures``): comma-separated ``step[:count][:option...]`` items.
+    """Parse a failure spec (``[compute] failures``): ``step[:count][:option...]`` items, by commas.
 
     ``count`` is a positive integer or ``*`` (every time); it defaults to 1. Options:
     ``uuid=<instance uuid>`` (only that instance), ``after=<N>`` (live_migration_copy: fail in

@@ -30,9 +30,9 @@ import structlog
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
 from conductor.scheduler import NoValidHost, ResourceRequest, select_destinations
-from conductor.tasks.live_migration import views
 from conductor.tasks.live_migration.checks import check_hosts, check_instance, invalid
 from conductor.tasks.live_migration.settings import LiveMigrationTaskSettings
+from conductor.tasks.live_migration.views import read_migration, read_migrations
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
@@ -445,13 +445,13 @@ class LiveMigrationTask:
 
     async def get_migration(self, ctxt: RequestContext, *, migration_uuid: str) -> dict[str, Any]:
         """The Migration (status, progress bytes) plus the instance's progress percentage."""
-        return await views.get_migration(self.database, ctxt, migration_uuid)
+        return await read_migration(self.database, ctxt, migration_uuid)
 
     async def list_migrations(
         self, ctxt: RequestContext, *, instance_uuid: str | None = None, limit: int = 200
     ) -> list[dict[str, Any]]:
         """Migrations, newest first (of one instance when given)."""
-        return await views.list_migrations(self.database, ctxt, instance_uuid, limit)
+        return await read_migrations(self.database, ctxt, instance_uuid, limit)
 
     async def wait(self, migration_uuid: str) -> None:
         """Wait until this conductor's task for the migration ends (tests, tools)."""

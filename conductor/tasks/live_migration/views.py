@@ -41,7 +41,7 @@ def migration_to_dict(migration: Migration, progress: int | None = None) -> dict
     return out
 
 
-async def get_migration(
+async def read_migration(
     database: Database, ctxt: RequestContext, migration_uuid: str
 ) -> dict[str, Any]:
     """The Migration (status, progress bytes) plus the instance's progress percentage."""
@@ -55,7 +55,7 @@ async def get_migration(
     return migration_to_dict(migration, progress)
 
 
-async def list_migrations(
+async def read_migrations(
     database: Database, ctxt: RequestContext, instance_uuid: str | None = None, limit: int = 200
 ) -> list[dict[str, Any]]:
     """Migrations, newest first (of one instance when given)."""

@@ -284,10 +284,9 @@ class LiveMigrationFleet:
 def lm_fleet_factory(
     tmp_path: Path,
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[LiveMigrationFleet]]:
-    from conductor.tasks.live_migration import LiveMigrationTaskSettings
-
     from compute_agent.live_migration import LiveMigrationSettings
     from compute_agent.virt.migration_model import MigrationModel
+    from conductor.tasks.live_migration import LiveMigrationTaskSettings
 
     @contextlib.asynccontextmanager
     async def make(

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from live_migration_helpers import boot
 
 from compute_agent.live_migration import LiveMigrationSettings
@@ -18,6 +17,7 @@ from compute_agent.testing_invariants import (
     driver_views,
 )
 from compute_agent.virt.models import GuestSpec
+from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects.objects.compute_node import ComputeNode
 from shared_objects.objects.instance import Instance
 
