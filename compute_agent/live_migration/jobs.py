@@ -54,6 +54,12 @@ class Jobs:
     def get(self, migration_uuid: str) -> Job | None:
         return self.by_migration.get(migration_uuid)
 
+    def add(self, migration_uuid: str, job: Job) -> None:
+        """Track ``job`` (its task set) until its task ends."""
+        assert job.task is not None
+        self.by_migration[migration_uuid] = job
+        job.task.add_done_callback(lambda _t: self.by_migration.pop(migration_uuid, None))
+
     def drives(self, instance_uuid: str) -> bool:
         """Whether a job of this host moves the guest right now."""
         return any(job.instance_uuid == instance_uuid for job in self.by_migration.values())

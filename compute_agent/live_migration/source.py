@@ -116,8 +116,7 @@ class Source:
                 self._run_source(ctxt, job, instance, migration, migrate_data),
                 name=f"live-migration-{migration.uuid}",
             )
-            self.jobs.by_migration[migration.uuid] = job
-            job.task.add_done_callback(lambda _t: self.jobs.by_migration.pop(migration.uuid, None))
+            self.jobs.add(migration.uuid, job)
         assert job.task is not None
         # The handler may be cancelled (server stopping); the migration itself goes on.
         return await asyncio.shield(job.task)
