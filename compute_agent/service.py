@@ -27,7 +27,7 @@ import structlog
 from compute_agent.build import BuildManager
 from compute_agent.endpoint import ComputeEndpoint
 from compute_agent.init_host import recover_instances
-from compute_agent.live_migration import LiveMigrationManager
+from compute_agent.live_migration import LiveMigrationManager, LiveMigrationSettings
 from compute_agent.liveness import AgentBeat
 from compute_agent.peer_auth import PeerCheck
 from compute_agent.reply_serializer import CallerReleaseSerializer
@@ -42,7 +42,7 @@ from compute_agent.volumes import VolumeManager
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, use_indirection_api
-from shared_objects.config import FleetConfig
+from shared_objects.config import ConfigError, FleetConfig
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
@@ -65,9 +65,12 @@ _T = TypeVar("_T")
 
 
 def make_driver(cfg: FleetConfig) -> ComputeDriver:
-    """The fake hypervisor configured from ``[compute]`` plus ``FLEET_FAKE_*`` overrides."""
-    base = FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options())
-    return FakeDriver(FakeDriverConfig.from_env(base=base))
+    """The fake hypervisor configured from ``[compute]``; ``ConfigError`` for a value the
+    driver refuses (the syntax of ``failures`` and ``migration`` is the driver's)."""
+    try:
+        return FakeDriver(FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options()))
+    except ValueError as exc:
+        raise ConfigError(f"[compute] {exc}") from exc
 
 
 class ComputeAgentService:
@@ -138,7 +141,13 @@ class ComputeAgentService:
             reply_from=replies,
         )
         self.live_migration = LiveMigrationManager(
-            cfg.host, self.driver, self.tracker, self.compute, self.notifier, calls=self.calls
+            cfg.host,
+            self.driver,
+            self.tracker,
+            self.compute,
+            self.notifier,
+            LiveMigrationSettings.from_config(cfg.live_migration),
+            calls=self.calls,
         )
         self.security = SecurityGroupManager(self.driver, rules_watch)
         # Casts that change rules can be lost with the broker: re-apply what the database holds

@@ -74,7 +74,7 @@ class ClusterSpec:
     hosts: tuple[str, ...] = ("compute-1", "compute-2")
     conductors: int = 1
     workdir: Path = dataclasses.field(default_factory=lambda: Path("var/cluster"))
-    # Per-agent extra environment, e.g. {"compute-1": {"FLEET_FAKE_FAILURES": "spawn:1"}}.
+    # Per-agent extra environment, e.g. {"compute-1": {"FLEET_COMPUTE__FAILURES": "spawn:1"}}.
     agent_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     # Environment for every process (e.g. FLEET_COMPUTE__SPAWN_DELAY).
     common_env: Mapping[str, str] = dataclasses.field(default_factory=dict)

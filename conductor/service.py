@@ -22,6 +22,7 @@ from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.reconcile import Reconciler, bounds_from_config
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
+from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.config import FleetConfig
@@ -84,6 +85,9 @@ class ConductorService:
             self.database,
             self.compute,
             BuildSettings(service_down_time=cfg.service.service_down_time),
+            LiveMigrationTaskSettings.from_config(
+                cfg.live_migration, cfg.service.service_down_time
+            ),
             host_view=HostView(
                 HostViewSettings(
                     service_down_time=cfg.service.service_down_time,

@@ -319,7 +319,7 @@ class InsufficientResources(FleetException):
 
 class PeerBusy(FleetException):
     """The other agent of a live migration is driving it itself right now: leave it to that
-    agent's job (``compute_agent/migration_recovery.py``)."""
+    agent's job (``compute_agent/live_migration/resolver.py``)."""
 
     msg_fmt = "%(host)s is settling this live migration itself"
 

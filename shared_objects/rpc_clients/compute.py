@@ -207,7 +207,7 @@ class ComputeAPI:
         await self._ready()
         await self._to(host, "1.0").cast(ctxt, "refresh_instance_security_rules", instance=instance)
 
-    # --- live migration (compute_agent/live_migration.py; docs/live-migration.md) ----------
+    # --- live migration (compute_agent/live_migration/; docs/live-migration.md) -----------
     # Long calls ask for call-monitor heartbeats: a dead peer is noticed within
     # ``call_monitor_timeout`` while a slow but alive one is never timed out early; ``timeout``
     # stays the overall bound.

@@ -10,12 +10,15 @@ modules that came in, and would otherwise show up only as a slower, heavier agen
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,3 +118,79 @@ def test_conductor_rebuilds_an_old_agents_driver_error_without_agent_code() -> N
     probe = _probe(_REBUILD_OLD_AGENT_ERROR)
     assert probe["rebuilt"] == "shared_objects.exception.InstanceNotFound"
     assert _under(probe["loaded"], ("compute_agent",)) == []
+
+
+# Packages split by part, whose modules import each other one way only (their docstrings say
+# which): a cycle would make the import order decide whether a module loads at all.
+ONE_WAY_PACKAGES = ("compute_agent.live_migration", "conductor.tasks.live_migration")
+
+
+def _package_modules(package: str) -> list[str]:
+    folder = ROOT.joinpath(*package.split("."))
+    names = [package]
+    names += [f"{package}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
+    return names
+
+
+def _imports_within(package: str) -> dict[str, set[str]]:
+    """``{module: modules of the same package it imports}``, read from the source."""
+    modules = _package_modules(package)
+    graph: dict[str, set[str]] = {}
+    for module in modules:
+        parts = module.split(".")
+        path = ROOT.joinpath(*parts).with_suffix(".py")
+        if module == package:
+            path = ROOT.joinpath(*parts, "__init__.py")
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                # "from package import module" names a submodule too.
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = {t for t in targets if t in modules and t != module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that ends where it began), or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        for target in sorted(graph[node]):
+            found = visit(target, [*path, node])
+            if found:
+                return found
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        found = visit(start, [])
+        if found:
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("package", ONE_WAY_PACKAGES)
+def test_split_packages_have_no_import_cycle(package: str) -> None:
+    graph = _imports_within(package)
+    assert len(graph) > 3, graph  # else the package was not found or not split
+    assert _cycle(graph) is None, _cycle(graph)
+
+
+@pytest.mark.parametrize(
+    "module", [m for package in ONE_WAY_PACKAGES for m in _package_modules(package)]
+)
+def test_each_part_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    # With a cycle, which module comes first decides whether the import fails.
+    assert module in _loaded_by(module)

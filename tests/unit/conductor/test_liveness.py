@@ -386,7 +386,7 @@ async def test_the_sweep_loop_reads_nothing_while_no_sweep_is_wanted() -> None:
         return 0
 
     manager.sweep_wanted = sweep_wanted
-    manager.sweep_orphans = sweep_orphans  # type: ignore[method-assign]
+    manager.sweep.sweep_orphans = sweep_orphans  # type: ignore[method-assign]
     manager.start()
     try:
         async with asyncio.timeout(10):

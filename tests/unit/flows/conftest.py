@@ -288,7 +288,7 @@ def lm_fleet_factory(
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[LiveMigrationFleet]]:
     from compute_agent.live_migration import LiveMigrationSettings
     from compute_agent.virt.migration_model import MigrationModel
-    from conductor.tasks.live_migrate import LiveMigrateSettings
+    from conductor.tasks.live_migration import LiveMigrationTaskSettings
 
     @contextlib.asynccontextmanager
     async def make(
@@ -300,7 +300,7 @@ def lm_fleet_factory(
         failures: dict[str, str] | None = None,
         migration: dict[str, MigrationModel] | MigrationModel | None = None,
         agent_settings: LiveMigrationSettings | None = None,
-        conductor_settings: LiveMigrateSettings | None = None,
+        conductor_settings: LiveMigrationTaskSettings | None = None,
     ) -> AsyncIterator[LiveMigrationFleet]:
         url = f"sqlite+aiosqlite:///{tmp_path}/fleet.db"
         await migration_upgrade(url)
@@ -326,7 +326,7 @@ def lm_fleet_factory(
                 compute,
                 BuildSettings(service_down_time=60.0),
                 conductor_settings
-                or LiveMigrateSettings(
+                or LiveMigrationTaskSettings(
                     call_monitor_timeout=2.0, precheck_timeout=60.0, rpc_timeout=5.0
                 ),
             )
