@@ -181,6 +181,8 @@ def _apply_file(cfg: FleetConfig, path: Path, origins: Origins) -> None:
 
 
 def _check_retired(env: Mapping[str, str]) -> None:
+    """A retired variable alone is refused (it would be silently lost); beside its
+    replacement it is ignored."""
     for var in sorted(env):
         if "__" in var:
             continue
@@ -188,6 +190,10 @@ def _check_retired(env: Mapping[str, str]) -> None:
             if var.startswith(prefix):
                 key = var[len(prefix) :].lower()
                 section, key = _RETIRED_RENAMED.get((prefix, key), (section, key))
+                if f"FLEET_{section.upper()}__{key.upper()}" in env:
+                    # Both names set: an environment shared by two releases during a rolling
+                    # upgrade (the old name for the older agents). The new name wins.
+                    continue
                 raise ConfigError(
                     f"{var}: no longer read; set [{section}] {key} instead "
                     f"(FLEET_{section.upper()}__{key.upper()})"
