@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import socket
 import sys
 import tomllib
@@ -175,13 +174,17 @@ def _check_database_url(url: str) -> str | None:
     return None
 
 
-_VERSION_CAP = re.compile(r"^(auto|\d+\.\d+|[a-z][a-z0-9_-]*)$")
-
-
 def _check_version_cap(v: str) -> str | None:
-    if _VERSION_CAP.match(v):
+    # The same rule as shared_objects.upgrade_levels.parse_level, checked here so that a level
+    # no release knows is a configuration error (and --print-config shows none).
+    from shared_objects import releases
+
+    known = {"auto"} | {r.name for r in releases.RELEASES}
+    known |= {r.compute_rpc_api for r in releases.RELEASES}
+    if v in known:
         return None
-    return f'must be "auto", an RPC version like "6.2" or a release name; got {v!r}'
+    choices = ", ".join(sorted(known))
+    return f"must be one of {choices} (auto, a release name or a compute RPC version); got {v!r}"
 
 
 def _check_host(v: str) -> str | None:
@@ -250,6 +253,9 @@ class ServiceConfig:
     # Seconds an agent's flow (build, delete, volumes, live migration) keeps retrying one call
     # through a database or broker outage before it settles to its failure outcome.
     outage_retry_timeout: float = dataclasses.field(default=120.0, metadata=_meta(_min(0)))
+    # Seconds a starting service keeps retrying the broker, the database (conductor) and the
+    # first conductor answer (agent), with backoff, before it exits with status 3.
+    start_retry_timeout: float = dataclasses.field(default=60.0, metadata=_meta(_min(0)))
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata=_meta(_non_empty))
     # 0 disables the endpoint: several services on one host would otherwise fight over a port.
     metrics_port: int = dataclasses.field(default=0, metadata=_meta(_port))
@@ -717,8 +723,17 @@ def config_from_args(
     environ: Mapping[str, str] | None = None,
     prog: str | None = None,
 ) -> FleetConfig:
-    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config."""
+    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config.
+
+    A ``--host`` option, where the program has one, overrides the config (and is what
+    ``--print-config`` shows: exactly what would run)."""
     cfg = load_config_or_exit(getattr(args, "config", None), environ, prog)
+    host = getattr(args, "host", None)
+    if host is not None:
+        error = _check_host(host)
+        if error is not None:
+            _exit_config_error(ConfigError(f"--host: {error}"), prog)
+        cfg.host = host
     if getattr(args, "print_config", False):
         sys.stdout.write(format_config(cfg))
         raise SystemExit(0)
