@@ -207,6 +207,8 @@ class ComputeAgentService:
     async def _wait_for_conductor(self) -> None:
         """Wait until a conductor answers ``ping`` (agents can start before conductors)."""
         topic = self.conductor.client.target.topic
+        # A few pings within the bound, each waiting at most 5 s.
+        ping_wait = min(5.0, max(self.conductor_wait / 3, 0.5))
 
         def describe(exc: BaseException) -> str:
             return (
@@ -216,7 +218,7 @@ class ComputeAgentService:
 
         await retry_at_start(
             "conductor",
-            lambda: self.conductor.ping(admin_context(), "agent-start", wait=5.0),
+            lambda: self.conductor.ping(admin_context(), "agent-start", wait=ping_wait),
             bound=self.conductor_wait,
             retry_on=(MessagingError,),
             describe=describe,

@@ -34,7 +34,7 @@ def describe_broker_failure(exc: BaseException) -> str:
         return (
             "the broker closed the connection while opening it: the virtual host of the "
             "transport URL does not exist or the login has no permission on it (check the vhost "
-            "and `rabbitmqctl list_permissions -p <vhost>`)"
+            "and `rabbitmqctl list_permissions -p VHOST`)"
         )
     if isinstance(exc, TimeoutError):
         return "no answer from the broker in time: check the host and port, and the firewall"
