@@ -74,6 +74,9 @@ class Rejection:
 class NoValidHost(Exception):
     """No host passed the filters; ``reasons`` says why each one was dropped."""
 
+    # An answer to the request, not a fault: logged without a traceback where it crosses RPC.
+    rpc_log_level = "warning"
+
     def __init__(self, reasons: Sequence[Rejection], detail: str = "") -> None:
         self.reasons = list(reasons)
         summary = "; ".join(f"{r.host}: {r.reason}" for r in self.reasons) or "no compute hosts"

@@ -55,6 +55,9 @@ class ObjectActionError(FleetException):
 
 
 class NotFound(FleetException):
+    # Expected answers to a request, not faults: the RPC server logs them at this level without
+    # a traceback (shared_objects/messaging/server.py); subclasses inherit it.
+    rpc_log_level: ClassVar[str] = "info"
     msg_fmt = "Resource could not be found."
 
 
@@ -99,6 +102,7 @@ class InstanceFaultNotFound(NotFound):
 
 
 class Conflict(FleetException):
+    rpc_log_level: ClassVar[str] = "info"
     msg_fmt = "Conflicting change."
 
 
@@ -177,6 +181,7 @@ class Forbidden(FleetException):
     # Marks the refusal for the RPC runtime (shared_objects/messaging/authorization.py): counted
     # as outcome "forbidden", never logged there with a traceback (the audit line says it all).
     rpc_outcome: ClassVar[str] = "forbidden"
+    rpc_log_level: ClassVar[str] = "warning"
 
 
 class WrongIdentity(FleetException):
@@ -199,6 +204,7 @@ class InvalidRequest(FleetException):
     """An operator or API request that cannot be carried out as asked (nothing was changed)."""
 
     msg_fmt = "Invalid request: %(reason)s"
+    rpc_log_level: ClassVar[str] = "info"
 
 
 class ServiceTooNew(FleetException):
