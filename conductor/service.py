@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from conductor.census import Census
 from conductor.db import migration
 from conductor.db.connect_errors import DATABASE_CONNECT_ERRORS, describe_database_failure
 from conductor.db.session import Database
@@ -138,6 +139,7 @@ class ConductorService:
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
         self.liveness.export_metrics(self.metrics.registry)
         self._census: asyncio.Task[None] | None = None
+        self.census = Census(self.metrics)
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
         self.metrics.watch_transport(self.transport.stats)
@@ -290,18 +292,11 @@ class ConductorService:
         log.info("service_marked_down", host=self.cfg.host)
 
     async def _count_instances(self) -> None:
-        """``fleet_instances{vm_state}`` every report interval: one grouped read."""
+        """The census (``conductor/census.py``) every report interval."""
         while True:
             try:
                 async with self._db_context() as ctxt:
-                    rows = await ctxt.db.select(
-                        "instances", {"deleted": False}, columns=["vm_state"]
-                    )
-                counts: dict[str, int] = {}
-                for row in rows:
-                    state = str(row["vm_state"])
-                    counts[state] = counts.get(state, 0) + 1
-                self.metrics.set_instances(counts)
+                    await self.census.run_once(ctxt)
             except asyncio.CancelledError:
                 raise
             except Exception:
