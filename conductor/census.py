@@ -1,9 +1,12 @@
 """The fleet as the conductor's database holds it, exported for dashboards and alerts.
 
-Every conductor runs one census per ``[service] report_interval``: two reads (live instances,
-migrations not finished) turned into gauges. Several conductors export the same values; take
-``max`` over them in queries (``deploy/monitoring/``).
+Every conductor runs one census per ``[service] report_interval``: three reads (services, live
+instances, migrations not finished) turned into gauges. Several conductors export the same
+values; take ``max`` over them in queries (``deploy/monitoring/``).
 
+    fleet_services{binary,state}                       services up / down (down: no report
+                                                       for service_down_time, forced down, or
+                                                       stopped: a graceful stop marks it down)
     fleet_instances{vm_state}                          instances by vm_state
     fleet_instance_task_states{task_state}             instances with a task in progress
     fleet_instance_task_oldest_seconds{task_state}     since the oldest of them last changed:
@@ -24,7 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy import ARRAY, any_, bindparam, false, select
 
 from conductor.db.api import table_for
-from shared_objects import fields
+from shared_objects import fields, releases
 from shared_objects.metrics import ServiceMetrics
 
 __all__ = ["IN_PROGRESS", "Census"]
@@ -36,6 +39,7 @@ IN_PROGRESS = (
     fields.MigrationStatus.RUNNING,
     fields.MigrationStatus.POST_MIGRATING,
 )
+_BINARIES = {releases.BINARY_COMPUTE, releases.BINARY_CONDUCTOR}
 _MIGRATION_COLUMNS = [
     "uuid",
     "instance_uuid",
@@ -50,9 +54,16 @@ _MIGRATION_COLUMNS = [
 class Census:
     """Counts what the database holds into gauges of the conductor's registry."""
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: ServiceMetrics, *, service_down_time: float) -> None:
         self._metrics = metrics
+        self._down_after = datetime.timedelta(seconds=service_down_time)
         registry: CollectorRegistry = metrics.registry
+        self.services = Gauge(
+            "fleet_services",
+            "Services by binary and state (up, down), as the services table says (census).",
+            ["binary", "state"],
+            registry=registry,
+        )
         self.task_states = Gauge(
             "fleet_instance_task_states",
             "Instances with a task in progress, by task_state (conductor census).",
@@ -81,7 +92,10 @@ class Census:
             self.migrations.labels(status=status)
 
     async def run_once(self, ctxt: Any, now: datetime.datetime | None = None) -> None:
-        """One census: two reads, every gauge replaced."""
+        """One census: three reads, every gauge replaced."""
+        services = await ctxt.db.run_statement(
+            ("census_services",), "services", _services, {}, rows=True
+        )
         instances = await ctxt.db.select(
             "instances",
             {"deleted": False},
@@ -94,7 +108,25 @@ class Census:
             {"statuses": list(IN_PROGRESS)},
             rows=True,
         )
-        self.record(instances, migrations, now or datetime.datetime.now(datetime.UTC))
+        now = now or datetime.datetime.now(datetime.UTC)
+        self.record_services(services, now)
+        self.record(instances, migrations, now)
+
+    def record_services(
+        self, services: Iterable[Mapping[str, Any]], now: datetime.datetime
+    ) -> None:
+        counts: dict[tuple[str, str], float] = {}
+        for binary in {str(row["binary"]) for row in services} | _BINARIES:
+            counts[(binary, "up")] = counts[(binary, "down")] = 0.0
+        for row in services:
+            seen = row["last_seen_up"]
+            up = (
+                not row["forced_down"]
+                and seen is not None
+                and now - _aware(seen) <= self._down_after
+            )
+            counts[(str(row["binary"]), "up" if up else "down")] += 1
+        _replace(self.services, counts)
 
     def record(
         self,
@@ -134,6 +166,11 @@ class Census:
         for status, count in by_status.items():
             self.migrations.labels(status=status).set(count)
         _replace(self.progress, progress)
+
+
+def _services(_arrays: bool) -> Any:
+    s = table_for("services")
+    return select(s.c.binary, s.c.last_seen_up, s.c.forced_down).where(s.c.deleted == false())
 
 
 def _migrations_in_progress(arrays: bool) -> Any:

@@ -139,7 +139,7 @@ class ConductorService:
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
         self.liveness.export_metrics(self.metrics.registry)
         self._census: asyncio.Task[None] | None = None
-        self.census = Census(self.metrics)
+        self.census = Census(self.metrics, service_down_time=cfg.service.service_down_time)
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
         self.metrics.watch_transport(self.transport.stats)

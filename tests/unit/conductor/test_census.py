@@ -32,7 +32,7 @@ def migration(uuid: str, total: int | None, done: int | None) -> dict[str, objec
 
 def test_census_exports_states_task_ages_and_migration_progress() -> None:
     metrics = ServiceMetrics("conductor", host="c1")
-    census = Census(metrics)
+    census = Census(metrics, service_down_time=60)
     census.record(
         [
             instance("active", None, 5),
@@ -61,3 +61,24 @@ def test_census_exports_states_task_ages_and_migration_progress() -> None:
     assert "fleet_instance_task_oldest_seconds{" not in text
     assert 'fleet_instances{vm_state="building"} 0.0' in text
     assert 'fleet_migrations_in_progress{status="running"} 0.0' in text
+
+
+def test_census_counts_services_up_and_down() -> None:
+    metrics = ServiceMetrics("conductor", host="c1")
+    census = Census(metrics, service_down_time=60)
+    census.record_services(
+        [
+            {"binary": "fleet-compute", "last_seen_up": ago(10), "forced_down": False},
+            {"binary": "fleet-compute", "last_seen_up": ago(61), "forced_down": False},
+            # A graceful stop clears last_seen_up: down at once.
+            {"binary": "fleet-compute", "last_seen_up": None, "forced_down": False},
+            {"binary": "fleet-compute", "last_seen_up": ago(1), "forced_down": True},
+            {"binary": "fleet-conductor", "last_seen_up": ago(1), "forced_down": False},
+        ],
+        NOW,
+    )
+    text = metrics.render().decode()
+    assert 'fleet_services{binary="fleet-compute",state="up"} 1.0' in text
+    assert 'fleet_services{binary="fleet-compute",state="down"} 3.0' in text
+    assert 'fleet_services{binary="fleet-conductor",state="up"} 1.0' in text
+    assert 'fleet_services{binary="fleet-conductor",state="down"} 0.0' in text
