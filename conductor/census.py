@@ -115,7 +115,7 @@ class Census:
     def record_services(
         self, services: Iterable[Mapping[str, Any]], now: datetime.datetime
     ) -> None:
-        counts: dict[tuple[str, str], float] = {}
+        counts: dict[tuple[str, ...], float] = {}
         for binary in {str(row["binary"]) for row in services} | _BINARIES:
             counts[(binary, "up")] = counts[(binary, "down")] = 0.0
         for row in services:
