@@ -155,3 +155,16 @@ def test_print_config_shows_the_host_given_on_the_command_line() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == 'host = "c1"'
+
+
+def test_debug_shows_the_traceback_instead_of_one_line() -> None:
+    code, stderr = run(
+        "compute-agent",
+        "--host",
+        "c1",
+        "--debug",
+        env={"FLEET_TRANSPORT_URL": broker_url("guest", PASSWORD, port=1), **LEGACY},
+    )
+    assert code == 1, stderr
+    assert "Traceback" in stderr and "StartupFailed" in stderr
+    assert PASSWORD not in stderr
