@@ -6,6 +6,7 @@ status: 3 for the environment, 2 for the configuration (shared_objects/startup_r
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -168,3 +169,32 @@ def test_debug_shows_the_traceback_instead_of_one_line() -> None:
     assert code == 1, stderr
     assert "Traceback" in stderr and "StartupFailed" in stderr
     assert PASSWORD not in stderr
+
+
+def test_sigterm_while_waiting_at_start_stops_at_once() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+        "PYTHONPATH": str(ROOT),
+        "FLEET_SERVICE__START_RETRY_TIMEOUT": "60",
+        "FLEET_TRANSPORT_URL": broker_url("guest", PASSWORD, port=1),
+        **LEGACY,
+    }
+    proc = subprocess.Popen(
+        [*command("compute-agent"), "--host", "c1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Wait until it is retrying (its first attempt is logged), then stop it.
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "waiting_at_start" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 0
