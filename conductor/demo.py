@@ -100,6 +100,22 @@ async def fresh_database(name: str) -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
+@contextlib.asynccontextmanager
+async def demo_database() -> AsyncIterator[tuple[str, str]]:
+    """A database of the demo's own (a unique name: two demos, or a demo beside a cluster, never
+    share or drop each other's), dropped at the end. Yields (name, URL)."""
+    name = f"fleet_demo_{uuid.uuid4().hex[:8]}"
+    url = await fresh_database(name)
+    try:
+        yield name, url
+    finally:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
 async def print_fleet(cluster: LocalCluster) -> None:
     insts = sorted(await InstanceList.get_all(cluster.ctxt), key=lambda i: i.name or "")
     print(render_table([object_dict(i, INSTANCE_COLUMNS) for i in insts], INSTANCE_COLUMNS))
@@ -127,9 +143,8 @@ async def follow_migration(cluster: LocalCluster, migration_uuid: str) -> dict[s
 
 async def demo(workdir: Path) -> int:
     started = time.monotonic()
-    async with demo_broker() as (vhost, logins):
-        say("creating a fresh PostgreSQL database 'fleet_demo' and RabbitMQ vhost " + vhost)
-        db_url = await fresh_database("fleet_demo")
+    async with demo_broker() as (vhost, logins), demo_database() as (db_name, db_url):
+        say(f"created a fresh PostgreSQL database {db_name!r} and RabbitMQ vhost {vhost}")
         spec = ClusterSpec(
             database_url=db_url,
             transport_url=vhost_url(vhost),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
-from shared_objects.config._checks import FALSE_WORDS, TRUE_WORDS
+from shared_objects.config._checks import FALSE_WORDS, TRUE_WORDS, check_host
 from shared_objects.config.sections import FleetConfig
 from shared_objects.url_secrets import mask_url, split_authority
 
@@ -341,8 +341,17 @@ def config_from_args(
     environ: Mapping[str, str] | None = None,
     prog: str | None = None,
 ) -> FleetConfig:
-    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config."""
+    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config.
+
+    A ``--host`` option, where the program has one, overrides the config (and is what
+    ``--print-config`` shows: exactly what would run)."""
     cfg = load_config_or_exit(getattr(args, "config", None), environ, prog)
+    host = getattr(args, "host", None)
+    if host is not None:
+        error = check_host(host)
+        if error is not None:
+            _exit_config_error(ConfigError(f"--host: {error}"), prog)
+        cfg.host = host
     if getattr(args, "print_config", False):
         sys.stdout.write(format_config(cfg))
         raise SystemExit(0)
