@@ -1,8 +1,9 @@
 """The fleet as the conductor's database holds it, exported for dashboards and alerts.
 
 Every conductor runs one census per ``[service] report_interval``: three reads (services, live
-instances, migrations not finished) turned into gauges. Several conductors export the same
-values; take ``max`` over them in queries (``deploy/monitoring/``).
+instances counted by state in the database, migrations not finished) turned into gauges.
+Several conductors export the same values; take ``max`` over them in queries
+(``deploy/monitoring/``).
 
     fleet_services{binary,state}                       services up / down (down: no report
                                                        for service_down_time, forced down, or
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
-from sqlalchemy import ARRAY, any_, bindparam, false, select
+from sqlalchemy import ARRAY, any_, bindparam, false, func, select
 
 from conductor.db.api import table_for
 from shared_objects import fields, releases
@@ -96,10 +97,10 @@ class Census:
         services = await ctxt.db.run_statement(
             ("census_services",), "services", _services, {}, rows=True
         )
-        instances = await ctxt.db.select(
-            "instances",
-            {"deleted": False},
-            columns=["vm_state", "task_state", "updated_at", "created_at"],
+        # Counted by the database: one row per (vm_state, task_state), not one per instance
+        # (a census every report interval must not grow with the instances).
+        instances = await ctxt.db.run_statement(
+            ("census_instances",), "instances", _instances_by_state, {}, rows=True
         )
         migrations = await ctxt.db.run_statement(
             ("census_migrations",),
@@ -130,6 +131,7 @@ class Census:
 
     def record(
         self,
+        # One row per (vm_state, task_state): count, oldest_change (_instances_by_state).
         instances: Iterable[Mapping[str, Any]],
         migrations: Iterable[Mapping[str, Any]],
         now: datetime.datetime,
@@ -138,13 +140,13 @@ class Census:
         tasks: dict[str, int] = {}
         oldest: dict[str, float] = {}
         for row in instances:
-            state = str(row["vm_state"])
-            states[state] = states.get(state, 0) + 1
+            state, count = str(row["vm_state"]), int(row["count"])
+            states[state] = states.get(state, 0) + count
             task = row["task_state"]
             if not task:
                 continue
-            tasks[task] = tasks.get(task, 0) + 1
-            changed = row["updated_at"] or row["created_at"]
+            tasks[task] = tasks.get(task, 0) + count
+            changed = row["oldest_change"]
             age = (now - _aware(changed)).total_seconds() if changed is not None else 0.0
             oldest[task] = max(oldest.get(task, 0.0), age)
         self._metrics.set_instances(states)
@@ -171,6 +173,21 @@ class Census:
 def _services(_arrays: bool) -> Any:
     s = table_for("services")
     return select(s.c.binary, s.c.last_seen_up, s.c.forced_down).where(s.c.deleted == false())
+
+
+def _instances_by_state(_arrays: bool) -> Any:
+    i = table_for("instances")
+    changed = func.coalesce(i.c.updated_at, i.c.created_at)
+    return (
+        select(
+            i.c.vm_state,
+            i.c.task_state,
+            func.count().label("count"),
+            func.min(changed).label("oldest_change"),
+        )
+        .where(i.c.deleted == false())
+        .group_by(i.c.vm_state, i.c.task_state)
+    )
 
 
 def _migrations_in_progress(arrays: bool) -> Any:

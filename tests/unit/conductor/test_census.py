@@ -15,7 +15,8 @@ def ago(seconds: float) -> datetime.datetime:
 
 
 def instance(vm: str, task: str | None, changed: float) -> dict[str, object]:
-    return {"vm_state": vm, "task_state": task, "updated_at": None, "created_at": ago(changed)}
+    """One instance as the census's GROUP BY row of it."""
+    return {"vm_state": vm, "task_state": task, "count": 1, "oldest_change": ago(changed)}
 
 
 def migration(uuid: str, total: int | None, done: int | None) -> dict[str, object]:
