@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from conductor.scheduler import NoValidHost, Rejection
 from shared_objects import exception
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
@@ -37,7 +36,7 @@ class Endpoint:
 
     @expose
     async def no_host(self, ctxt: RequestContext) -> None:
-        raise NoValidHost([Rejection("h1", "not enough RAM")])
+        raise exception.NoValidHost(placed="", reasons="h1: not enough RAM")
 
     @expose
     async def broken(self, ctxt: RequestContext) -> None:
@@ -54,7 +53,7 @@ async def client() -> AsyncIterator[tuple[RPCClient, RPCServer]]:
     server_t = get_transport(config("host1"), memory_broker=broker)
     client_t = get_transport(
         config("alice"),
-        allowed_remote_exmods=["shared_objects.exception", "conductor.scheduler", "builtins"],
+        allowed_remote_exmods=[*exception.ALLOWED_REMOTE_EXMODS, "builtins"],
         memory_broker=broker,
     )
     async with server_t, client_t:
