@@ -369,7 +369,9 @@ class RabbitDriver(Driver):
                 raise MessageDeliveryFailure(
                     f"cannot connect to any broker host: {tls_failure} (last tried {connection})"
                 ) from last_error
-            raise MessageDeliveryFailure(f"cannot connect to any broker host: {last_error!r}")
+            raise MessageDeliveryFailure(
+                f"cannot connect to any broker host: {last_error!r}"
+            ) from last_error
         connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection = connection
         self._publisher = await connection.channel(publisher_confirms=self._publisher_confirms)
