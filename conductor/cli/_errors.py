@@ -66,8 +66,8 @@ def _broker(exc: BaseException, cfg: Any) -> tuple[int, str] | None:
         if isinstance(cause, ConnectionRefusedError):
             return (
                 Exit.BROKER,
-                f"cannot connect to the broker at {url}: connection refused — is RabbitMQ "
-                f"running there? {check}",
+                f"cannot connect to the broker at {url}: connection refused (is RabbitMQ "
+                f"running there?) — {check}",
             )
         if isinstance(cause, (OSError, TimeoutError)) and not isinstance(cause, ConnectionError):
             reason = getattr(cause, "strerror", None) or type(cause).__name__
@@ -94,7 +94,7 @@ def _database(exc: BaseException, args: argparse.Namespace, cfg: Any) -> tuple[i
             reason = _first_line(str(cause)) or type(cause).__name__
             break
         if isinstance(cause, ConnectionRefusedError):
-            reason = "connection refused — is PostgreSQL running there?"
+            reason = "connection refused (is PostgreSQL running there?)"
             break
         if isinstance(cause, OSError):
             reason = cause.strerror or type(cause).__name__
@@ -139,9 +139,10 @@ def describe(exc: BaseException, args: argparse.Namespace, cfg: Any) -> tuple[in
         if isinstance(exc, MessagingTimeout):
             return Exit.NO_CONDUCTOR, _no_conductor(args, cfg)
         if isinstance(exc, (RequestRefused, Unauthenticated, exception.Forbidden)):
+            reason = _first_line(str(exc)).removeprefix("Forbidden: ")
             return (
                 Exit.FAILED,
-                f"refused: {_first_line(str(exc))} — this broker login needs the operator role "
+                f"refused: {reason} — this broker login needs the operator role "
                 "([security] operator_logins)",
             )
         if isinstance(exc, RemoteError):

@@ -27,6 +27,7 @@ from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor, FlavorList
 from shared_objects.objects.service import Service
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.rabbit_node import free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -47,8 +48,9 @@ class Fleet:
         self.cluster = cluster
         self.failures = failures  # each agent's FLEET_FAKE_FAILURES_FILE
 
-    async def run(self, *argv: str, login: str | None = None) -> tuple[int, str, str]:
+    async def run(self, *argv: str, login: str | None = None, **extra: str) -> tuple[int, str, str]:
         env = self.cluster._base_env(login or self.cluster.operator_login)
+        env.update(extra)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -210,6 +212,41 @@ async def test_live_migrate_wait_completes_and_a_failure_prints_its_reason(fleet
     assert isinstance(final, dict) and final["status"] == "completed"
     listed = await fleet.json("migrations", "--instance", "mover")
     assert isinstance(listed, list) and len(listed) == 2
+
+
+async def test_a_broken_environment_changes_nothing(fleet: Fleet) -> None:
+    """The cluster is there, but fleetctl cannot reach it: one line, documented status, and
+    the flavor it asked for does not exist."""
+    url = fleet.cluster._url_of(fleet.cluster.operator_login)
+    scheme, _, rest = url.partition("://")
+    creds, _, where = rest.rpartition("@")
+    user = creds.partition(":")[0]
+    hostport, _, vhost = where.partition("/")
+    dead = f"{hostport.rsplit(':', 1)[0]}:{free_port()}"
+    cases = [
+        ({"FLEET_TRANSPORT_URL": f"{scheme}://{creds}@{dead}/{vhost}"}, 3),
+        ({"FLEET_TRANSPORT_URL": f"{scheme}://{user}:wrong@{hostport}/{vhost}"}, 3),
+        ({"FLEET_TRANSPORT_URL": f"{scheme}://{creds}@{hostport}/missing-{vhost}"}, 3),
+        ({"FLEET_CONTROL_EXCHANGE": f"fleet-test-{uuid.uuid4().hex[:12]}"}, 4),
+    ]
+    for env, status in cases:
+        code, out, err = await fleet.run(
+            "--timeout",
+            "2",
+            "flavor",
+            "create",
+            "ghost",
+            "--vcpus",
+            "1",
+            "--ram",
+            "1",
+            "--disk",
+            "1",
+            **env,
+        )
+        assert (code, out) == (status, ""), (env, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "ghost" not in {f.name for f in await FlavorList.get_all(fleet.cluster.ctxt)}
 
 
 async def test_flavor_create_list_delete(fleet: Fleet) -> None:
