@@ -53,6 +53,7 @@ bench: $(STAMP) services
 	$(BIN)/python bench/rpc.py --quick
 	$(BIN)/python bench/objects.py --quick
 	$(BIN)/python bench/scale.py --quick
+	$(BIN)/python bench/cli.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

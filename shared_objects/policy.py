@@ -87,6 +87,10 @@ OBJECT_POLICY: Mapping[tuple[str, str], ObjectRule] = MappingProxyType(
         ("InstanceActionEvent", "event_finish"): _W,
         ("InstanceFault", "get_latest_for_instance"): _R,
         ("InstanceFault", "create"): _W,
+        # An instance's whole history: operators' business (fleetctl action list|show).
+        ("InstanceActionList", "get_by_instance_uuid"): _NO_READ,
+        ("InstanceActionEventList", "get_by_action_id"): _NO_READ,
+        ("InstanceFaultList", "get_by_instance_uuid"): _NO_READ,
         # Migrations it is the source or the destination of.
         ("Migration", "get_by_id"): _R,
         ("Migration", "get_by_uuid"): _R,

@@ -64,6 +64,16 @@ _OBJECTS_1_1 = types.MappingProxyType(
     {**_OBJECTS_1_0, "Instance": "1.1", "LiveMigrateData": "1.1", "Migration": "1.1"}
 )
 
+# 1.2 adds objects only operators read (fleetctl action list/show); nothing else changes shape.
+_OBJECTS_1_2 = types.MappingProxyType(
+    {
+        **_OBJECTS_1_1,
+        "InstanceActionEventList": "1.0",
+        "InstanceActionList": "1.0",
+        "InstanceFaultList": "1.0",
+    }
+)
+
 RELEASES: tuple[Release, ...] = (
     Release(
         name="1.0",
@@ -95,12 +105,14 @@ RELEASES: tuple[Release, ...] = (
     #      1.0 and 1.1 keep working on the legacy shared login while a conductor lists them.
     # 1.2 also: conductor RPC 1.1 (report_alive, the cheap heartbeat; agents beat with
     #      Service.heartbeat while a conductor of 1.1 or older is alive).
+    # 1.2 also: InstanceActionList, InstanceActionEventList and InstanceFaultList (new objects,
+    #      read by operators only: `fleetctl action list|show`); existing objects unchanged.
     Release(
         name="1.2",
         service_version=3,
         compute_rpc_api="1.2",
         conductor_rpc_api="1.1",
-        objects=_OBJECTS_1_1,
+        objects=_OBJECTS_1_2,
     ),
 )
 

@@ -4,69 +4,186 @@ A module either is a command group (``NAME``, ``HELP``, ``register(parser)``: ``
 upgrade``) or adds top-level commands (``register_commands(subparsers)``: ``fleetctl boot``).
 Each command sets ``func`` (``async def func(args, cfg) -> int``).
 
-Failures print one line on stderr and exit 1 (2 for configuration errors and bad usage).
+Start-up is kept cheap: command modules import the RPC runtime, the objects and the database
+inside their commands, so ``fleetctl --help`` and a usage error load none of them. The global
+options (``--format``, ``-c``, ``--timeout``, ``--config``, ``--debug``) are accepted before or
+after the verb. Every failure is one line on stderr with the exit status of ``Exit``
+(``conductor/cli/_errors.py`` turns exceptions into that line); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from conductor.cli._session import CommandError
-from shared_objects.config import load_config_or_exit
-from shared_objects.exception import FleetException
-from shared_objects.log import configure_logging
-from shared_objects.messaging import MessagingError, RemoteError
+from conductor.cli._base import CommandError, Exit, seconds
+from conductor.cli._output import FORMATS
 
-COMMAND_GROUPS: tuple[str, ...] = ("conductor.cli.db", "conductor.cli.broker")
+# Command groups, loaded only when named on the command line (``broker`` alone costs ~0.2 s).
+COMMAND_GROUPS: dict[str, tuple[str, str]] = {
+    "db": ("conductor.cli.db", "database schema: upgrade, version"),
+    "broker": (
+        "conductor.cli.broker",
+        "the RabbitMQ side of a deployment: vhost, logins, permissions, policies, limits",
+    ),
+}
 COMMAND_MODULES: tuple[str, ...] = (
     "conductor.cli.instances",
+    "conductor.cli.actions",
     "conductor.cli.fleet",
     "conductor.cli.secgroups",
     "conductor.cli.migrations",
 )
+TIMEOUT_ENV = "FLEETCTL_TIMEOUT"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetctl", description="Operate a Fleet deployment.")
-    parser.add_argument("--config", help="TOML configuration file (default: $FLEET_CONFIG)")
-    parser.add_argument(
-        "--format", choices=("table", "json"), default="table", help="output format"
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(Exit.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version (read only when asked for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        print(f"fleetctl {package_version()}")
+        parser.exit()
+
+
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fleet")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Below the top, the defaults are SUPPRESS so that an option given before the verb is not
+    # reset by the verb's parser.
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default(None),
+        help="TOML configuration file (default: $FLEET_CONFIG)",
     )
+    group.add_argument(
+        "-f", "--format", choices=FORMATS, default=default("table"), help="output format"
+    )
+    group.add_argument(
+        "-c",
+        "--column",
+        action="append",
+        metavar="COLUMN",
+        default=default(None),
+        help="show only this column (repeatable)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=seconds,
+        metavar="SECONDS",
+        default=default(None),
+        help=f"how long to wait for a conductor's answer (default: ${TIMEOUT_ENV}, else "
+        "[messaging] rpc_response_timeout)",
+    )
+    group.add_argument(
+        "--debug", action="store_true", default=default(False), help="tracebacks and logs"
+    )
+
+
+def _add_globals_below(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _global_options(sub, top=False)
+                _add_globals_below(sub)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, command groups it does not name are left empty."""
+    parser = Parser(
+        prog="fleetctl",
+        description="Operate a Fleet deployment.",
+        epilog="Exit status: 0 done; 1 the request failed; 2 bad usage or configuration; "
+        "3 broker unreachable or login refused; 4 no conductor answered; 5 database unusable; "
+        "130 interrupted (docs/operations.md).",
+    )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
-    for module_name in COMMAND_GROUPS:
-        module = importlib.import_module(module_name)
-        module.register(commands.add_parser(module.NAME, help=module.HELP))
+    for group, (module_name, help_text) in COMMAND_GROUPS.items():
+        sub = commands.add_parser(group, help=help_text)
+        if argv is None or group in argv:
+            importlib.import_module(module_name).register(sub)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register_commands(commands)
+    _add_globals_below(parser)
     return parser
 
 
+def _timeout(args: argparse.Namespace, cfg: Any) -> float:
+    if args.timeout is not None:
+        return float(args.timeout)
+    text = os.environ.get(TIMEOUT_ENV)
+    if text:
+        try:
+            return seconds(text)
+        except argparse.ArgumentTypeError as exc:
+            raise CommandError(f"${TIMEOUT_ENV}: {exc}", Exit.USAGE) from None
+    return float(cfg.messaging.rpc_response_timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        # The real command line (not a test calling main): see conductor/cli/_startup.py.
+        from conductor.cli._startup import skip_oslo_messaging
+
+        skip_oslo_messaging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"{args.group}: choose a command")
-    cfg = load_config_or_exit(args.config, prog="fleetctl")
-    # stdout is for results (tables, JSON); diagnostics go to stderr, warnings and up only.
-    configure_logging("console", "warning", stream=sys.stderr)
+    cfg = None
     try:
+        import asyncio
+
+        from shared_objects.config import load_config
+        from shared_objects.log import configure_logging
+
+        cfg = load_config(path=args.config)
+        args.timeout = _timeout(args, cfg)
+        # stdout is for results; a failure is reported once, as one line, by the handler
+        # below: the runtime's own log lines only with --debug.
+        configure_logging("console", "debug" if args.debug else "critical", stream=sys.stderr)
         return int(asyncio.run(func(args, cfg)))
-    except (CommandError, FleetException, MessagingError, RemoteError) as exc:
-        print(f"fleetctl: {_one_line(exc)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
+    except Exception as exc:
+        from conductor.cli._errors import describe
 
+        code, line = describe(exc, args, cfg)
+        if args.debug:
+            import traceback
 
-def _one_line(exc: BaseException) -> str:
-    # Remote exceptions carry the remote traceback after the message: keep the message only.
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"fleetctl: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """What every ``fleetctl`` command that talks to the conductor needs: one connected session.
 
 ``fleetctl`` is an agent-like client: it has no database access of its own. Reads are remotable
-object calls answered by any conductor; actions go through the compute-task API.
+object calls answered by any conductor; actions go through the compute-task API. Imported by
+the commands themselves (not at start-up): it loads the RPC runtime and the objects.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
-import uuid as uuidlib
 from collections.abc import AsyncIterator
 
 from shared_objects.authorizer import reply_checks
@@ -23,10 +24,6 @@ from shared_objects.rpc_clients.conductor import ConductorAPI
 ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
-class CommandError(Exception):
-    """A failure to report as one line on stderr with exit status 1."""
-
-
 @dataclasses.dataclass
 class Session:
     ctxt: RequestContext
@@ -38,17 +35,10 @@ def operator_context() -> RequestContext:
     return RequestContext(user_id="fleetctl", project_id="admin", is_admin=True, roles=["admin"])
 
 
-def check_uuid(value: str) -> str:
-    """The canonical form of ``value``, or a ``CommandError`` naming it."""
-    try:
-        return str(uuidlib.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise CommandError(f"{value!r} is not a valid UUID") from None
-
-
 @contextlib.asynccontextmanager
-async def session(cfg: FleetConfig, *, timeout: float = 30.0) -> AsyncIterator[Session]:
-    """Connect, make object calls go to the conductor, and check one answers."""
+async def session(args: argparse.Namespace, cfg: FleetConfig) -> AsyncIterator[Session]:
+    """Connect and make object calls go to the conductor; calls wait ``args.timeout``."""
+    timeout = float(getattr(args, "timeout", None) or cfg.messaging.rpc_response_timeout)
     transport = get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
     async with transport:
         replies = reply_checks(Identities(cfg.security))

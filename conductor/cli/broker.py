@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from conductor.cli._session import CommandError
+from conductor.cli._base import CommandError
 from shared_objects.config import FleetConfig
 from shared_objects.messaging.topology import REPLY_EXCHANGE, Topology
 from shared_objects.rpc_clients import conductor as conductor_api

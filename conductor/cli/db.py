@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from conductor.db import migration
-from shared_objects.config import FleetConfig
+if TYPE_CHECKING:
+    from shared_objects.config import FleetConfig
 
 NAME = "db"
 HELP = "database schema: upgrade, version"
@@ -13,6 +14,8 @@ HELP = "database schema: upgrade, version"
 
 async def upgrade(args: argparse.Namespace, cfg: FleetConfig) -> int:
     """Migrate to the head revision; running it again is a no-op."""
+    from conductor.db import migration
+
     before, after = await migration.upgrade(cfg.database.url)
     if before == after:
         print(f"database already at {after}")
@@ -23,6 +26,8 @@ async def upgrade(args: argparse.Namespace, cfg: FleetConfig) -> int:
 
 async def version(args: argparse.Namespace, cfg: FleetConfig) -> int:
     """Print the current and head revisions; exit 1 when not at head."""
+    from conductor.db import migration
+
     current = await migration.current_revision(cfg.database.url)
     head = migration.head_revision()
     print(f"current: {current or 'empty'}\nhead: {head}")

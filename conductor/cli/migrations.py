@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from conductor.cli._output import emit
-from conductor.cli._session import CommandError, Session, check_uuid, session
-from shared_objects.config import FleetConfig
+from conductor.cli._base import CommandError, name, positive_int, seconds, uuid_arg
+from conductor.cli._output import emit, message
+
+if TYPE_CHECKING:
+    from conductor.cli._session import Session
+    from shared_objects.config import FleetConfig
 
 FINAL = frozenset({"completed", "failed", "error", "cancelled"})
 LIST_COLUMNS = ("uuid", "instance_uuid", "source_compute", "dest_compute", "status", "progress")
@@ -86,65 +89,110 @@ async def follow(
         await asyncio.sleep(0.2)
 
 
+async def failure_reason(s: Session, migration_uuid: str, instance_uuid: str) -> str:
+    """Why a live migration did not complete: the instance fault recorded since it started
+    (the conductor and the agents record one on every failure), else its status alone."""
+    from conductor.cli.instances import latest_fault
+    from shared_objects.objects.migration import Migration
+
+    migration = await Migration.get_by_uuid(s.ctxt, migration_uuid)
+    fault = await latest_fault(s, instance_uuid)
+    started = migration.created_at
+    if fault is not None and (
+        started is None or fault.created_at is None or fault.created_at >= started
+    ):
+        return str(fault.message)
+    return f"no fault recorded (status {migration.status})"
+
+
 async def live_migrate(args: argparse.Namespace, cfg: FleetConfig) -> int:
-    uuid = check_uuid(args.uuid)
-    async with session(cfg) as s:
+    from conductor.cli._session import session
+    from conductor.cli.instances import find_instance
+
+    async with session(args, cfg) as s:
+        uuid = (await find_instance(s, args.instance)).uuid
         migration_uuid = await s.tasks.live_migrate_instance(
             s.ctxt, instance_uuid=uuid, host=args.host, bandwidth_limit_mb_s=args.bandwidth_limit
         )
         if not args.wait:
-            emit(args.format, {"migration_uuid": migration_uuid, "instance_uuid": uuid}, ())
+            emit(args, {"migration_uuid": migration_uuid, "instance_uuid": uuid})
             return 0
         bar = sys.stderr if args.format == "table" else None
-        final = await follow(s, migration_uuid, args.timeout, bar=bar)
-    emit(args.format, final, ())
-    return 0 if final["status"] == "completed" else 1
+        final = await follow(s, migration_uuid, args.wait_timeout, bar=bar)
+        reason = None
+        if final["status"] != "completed":
+            reason = await failure_reason(s, migration_uuid, uuid)
+    emit(args, final)
+    if reason is not None:
+        print(
+            f"fleetctl: live migration {migration_uuid} {final['status']}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 async def migrations(args: argparse.Namespace, cfg: FleetConfig) -> int:
-    instance = check_uuid(args.instance) if args.instance else None
-    async with session(cfg) as s:
+    from conductor.cli._session import session
+    from conductor.cli.instances import find_instance
+
+    async with session(args, cfg) as s:
+        instance = (await find_instance(s, args.instance)).uuid if args.instance else None
         found = await s.tasks.list_migrations(s.ctxt, instance_uuid=instance)
     rows = [{**m, "progress": f"{percent(m)}%"} for m in found]
-    emit(args.format, found if args.format == "json" else rows, LIST_COLUMNS)
+    emit(args, found if args.format in ("json", "yaml") else rows, LIST_COLUMNS)
     return 0
 
 
 async def abort(args: argparse.Namespace, cfg: FleetConfig) -> int:
-    uuid = check_uuid(args.migration_uuid)
-    async with session(cfg) as s:
+    from conductor.cli._session import session
+
+    uuid = args.migration_uuid
+    async with session(args, cfg) as s:
         await s.tasks.live_migration_abort(s.ctxt, migration_uuid=uuid, reason=args.reason)
-    print(f"abort requested for migration {uuid}")
+    message(args, f"abort requested for migration {uuid}", {"migration_uuid": uuid, "abort": True})
     return 0
 
 
 async def force_complete(args: argparse.Namespace, cfg: FleetConfig) -> int:
-    uuid = check_uuid(args.migration_uuid)
-    async with session(cfg) as s:
+    from conductor.cli._session import session
+
+    uuid = args.migration_uuid
+    async with session(args, cfg) as s:
         await s.tasks.live_migration_force_complete(s.ctxt, migration_uuid=uuid)
-    print(f"force-complete requested for migration {uuid}")
+    message(
+        args,
+        f"force-complete requested for migration {uuid}",
+        {"migration_uuid": uuid, "force_complete": True},
+    )
     return 0
 
 
 def register_commands(commands: Any) -> None:
     p = commands.add_parser("live-migrate", help="live-migrate an instance")
-    p.add_argument("uuid", help="instance uuid")
-    p.add_argument("--host", help="destination (default: the scheduler picks)")
-    p.add_argument("--wait", action="store_true", help="follow it with a progress bar")
-    p.add_argument("--bandwidth-limit", type=int, metavar="MB_S", help="cap the memory copy")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("instance", type=name, help="instance UUID or name")
+    p.add_argument("--host", type=name, help="destination (default: the scheduler picks)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow it with a progress bar; exit 1 (and the reason on stderr) unless completed",
+    )
+    p.add_argument(
+        "--bandwidth-limit", type=positive_int, metavar="MB_S", help="cap the memory copy"
+    )
+    p.add_argument("--wait-timeout", type=seconds, default=600.0, metavar="SECONDS")
     p.set_defaults(func=live_migrate)
 
     p = commands.add_parser("migrations", help="list migrations")
-    p.add_argument("--instance", help="only this instance's")
+    p.add_argument("--instance", type=name, help="only this instance's (UUID or name)")
     p.set_defaults(func=migrations)
 
     lm = commands.add_parser("live-migration", help="control a running live migration")
     sub = lm.add_subparsers(dest="lm_command", metavar="COMMAND", required=True)
     p = sub.add_parser("abort", help="stop it; the instance stays on its source")
-    p.add_argument("migration_uuid")
+    p.add_argument("migration_uuid", type=uuid_arg)
     p.add_argument("--reason", help="recorded with the cancellation")
     p.set_defaults(func=abort)
     p = sub.add_parser("force-complete", help="pause the guest so the copy converges")
-    p.add_argument("migration_uuid")
+    p.add_argument("migration_uuid", type=uuid_arg)
     p.set_defaults(func=force_complete)

@@ -7,9 +7,12 @@ from shared_objects.objects.block_device_mapping import (
 from shared_objects.objects.compute_node import ComputeNode, ComputeNodeList
 from shared_objects.objects.flavor import Flavor, FlavorList
 from shared_objects.objects.instance import Instance, InstanceList
-from shared_objects.objects.instance_action import InstanceAction
-from shared_objects.objects.instance_action_event import InstanceActionEvent
-from shared_objects.objects.instance_fault import InstanceFault
+from shared_objects.objects.instance_action import InstanceAction, InstanceActionList
+from shared_objects.objects.instance_action_event import (
+    InstanceActionEvent,
+    InstanceActionEventList,
+)
+from shared_objects.objects.instance_fault import InstanceFault, InstanceFaultList
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration, MigrationList
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
@@ -29,7 +32,10 @@ __all__ = [
     "Instance",
     "InstanceAction",
     "InstanceActionEvent",
+    "InstanceActionEventList",
+    "InstanceActionList",
     "InstanceFault",
+    "InstanceFaultList",
     "InstanceList",
     "LiveMigrateData",
     "Migration",

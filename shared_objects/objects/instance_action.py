@@ -12,12 +12,14 @@ from shared_objects.base import (
     FleetObject,
     FleetObjectRegistry,
     FleetPersistentObject,
+    ObjectListBase,
     get_db,
     remotable,
 )
 from shared_objects.objects._common import (
     copy_row,
     from_row,
+    list_from_rows,
     utcnow,
 )
 
@@ -121,3 +123,26 @@ class InstanceAction(FleetPersistentObject, FleetObject):
             raise exception.InstanceActionNotFound(request_id="?", instance_uuid="?")
         copy_row(self, rows[0])
         self.obj_reset_changes()
+
+
+@FleetObjectRegistry.register
+class InstanceActionList(ObjectListBase[InstanceAction], FleetObject):
+    """The actions of one instance, oldest first (``fleetctl action list``)."""
+
+    # Version 1.0: Initial version (release 1.2)
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    objects: Any
+
+    fields = {
+        "objects": fields.ListOfObjectsField("InstanceAction"),
+    }
+
+    @classmethod
+    @remotable
+    async def get_by_instance_uuid(cls, context: Any, instance_uuid: str) -> InstanceActionList:
+        rows = await get_db(context, "InstanceActionList", "get_by_instance_uuid").select(
+            TABLE, {"instance_uuid": instance_uuid, "deleted": False}
+        )
+        return list_from_rows(cls, context, rows, InstanceAction)

@@ -12,11 +12,13 @@ from shared_objects.base import (
     FleetObject,
     FleetObjectRegistry,
     FleetPersistentObject,
+    ObjectListBase,
     get_db,
     remotable,
 )
 from shared_objects.objects._common import (
     from_row,
+    list_from_rows,
     utcnow,
 )
 from shared_objects.objects.instance_action import TABLE as ACTIONS_TABLE
@@ -144,3 +146,26 @@ class InstanceActionEvent(FleetPersistentObject, FleetObject):
             returning=None,
         )
         return cls._from_db_object(context, cls(), updated[0])
+
+
+@FleetObjectRegistry.register
+class InstanceActionEventList(ObjectListBase[InstanceActionEvent], FleetObject):
+    """The events (steps) of one action, oldest first (``fleetctl action show``)."""
+
+    # Version 1.0: Initial version (release 1.2)
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    objects: Any
+
+    fields = {
+        "objects": fields.ListOfObjectsField("InstanceActionEvent"),
+    }
+
+    @classmethod
+    @remotable
+    async def get_by_action_id(cls, context: Any, action_id: int) -> InstanceActionEventList:
+        rows = await get_db(context, "InstanceActionEventList", "get_by_action_id").select(
+            TABLE, {"action_id": action_id, "deleted": False}
+        )
+        return list_from_rows(cls, context, rows, InstanceActionEvent)

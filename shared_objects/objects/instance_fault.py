@@ -10,12 +10,14 @@ from shared_objects.base import (
     FleetObject,
     FleetObjectRegistry,
     FleetPersistentObject,
+    ObjectListBase,
     get_db,
     remotable,
 )
 from shared_objects.objects._common import (
     from_row,
     insert_row,
+    list_from_rows,
 )
 
 TABLE = "instance_faults"
@@ -62,3 +64,26 @@ class InstanceFault(FleetPersistentObject, FleetObject):
     @remotable
     async def create(self) -> None:
         await insert_row(self, TABLE, defaults=("deleted",))
+
+
+@FleetObjectRegistry.register
+class InstanceFaultList(ObjectListBase[InstanceFault], FleetObject):
+    """Every fault recorded for one instance, oldest first (``fleetctl action show``)."""
+
+    # Version 1.0: Initial version (release 1.2)
+    VERSION = "1.0"
+
+    # Typed views of the fields below (oslo makes them properties at registration).
+    objects: Any
+
+    fields = {
+        "objects": fields.ListOfObjectsField("InstanceFault"),
+    }
+
+    @classmethod
+    @remotable
+    async def get_by_instance_uuid(cls, context: Any, instance_uuid: str) -> InstanceFaultList:
+        rows = await get_db(context, "InstanceFaultList", "get_by_instance_uuid").select(
+            TABLE, {"instance_uuid": instance_uuid, "deleted": False}
+        )
+        return list_from_rows(cls, context, rows, InstanceFault)

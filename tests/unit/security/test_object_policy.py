@@ -104,3 +104,50 @@ async def test_an_unknown_login_may_call_nothing(db_url: str) -> None:
     async with local_conductor(db_url, migrate=False, login="guest") as nobody:
         with pytest.raises(exception.Forbidden):
             await Flavor.get_by_name(nobody.agent_context(), "m1")
+
+
+async def test_a_host_may_not_disable_or_delete_services_delete_flavors_or_read_histories(
+    db_url: str,
+) -> None:
+    """What ``fleetctl service disable|enable|delete``, ``flavor delete`` and ``action
+    list|show`` do is refused to a host's login, its own service row included."""
+    from shared_objects.objects import (
+        InstanceActionEventList,
+        InstanceActionList,
+        InstanceFaultList,
+    )
+
+    mine, _ = await _seed(db_url)
+    async with local_conductor(db_url, migrate=False, login=AGENT_A) as agent:
+        ctxt = agent.agent_context()
+        own = await Service.register(
+            ctxt, HOST_A, releases.BINARY_COMPUTE, "compute", releases.SERVICE_VERSION
+        )
+        own.disabled = True
+        own.disabled_reason = "mine to decide"
+        with pytest.raises(exception.Forbidden):
+            await own.save()
+        with pytest.raises(exception.Forbidden, match=r"Service\.destroy"):
+            await own.destroy()
+        flavor = await Flavor.get_by_name(ctxt, "m1")
+        with pytest.raises(exception.Forbidden, match=r"Flavor\.destroy"):
+            await flavor.destroy()
+        with pytest.raises(exception.Forbidden):
+            await InstanceActionList.get_by_instance_uuid(ctxt, mine)
+        with pytest.raises(exception.Forbidden):
+            await InstanceActionEventList.get_by_action_id(ctxt, 1)
+        with pytest.raises(exception.Forbidden):
+            await InstanceFaultList.get_by_instance_uuid(ctxt, mine)
+    async with local_conductor(db_url, migrate=False) as ops:
+        ctxt = ops.agent_context()
+        row = await Service.get_by_host_and_binary(ctxt, HOST_A, releases.BINARY_COMPUTE)
+        assert not row.disabled and not row.deleted
+        assert await Flavor.get_by_name(ctxt, "m1")
+        # An operator may: the same calls succeed.
+        row.disabled = True
+        await row.save()
+        assert list(await InstanceActionList.get_by_instance_uuid(ctxt, mine)) == []
+        assert list(await InstanceFaultList.get_by_instance_uuid(ctxt, mine)) == []
+        await (await Flavor.get_by_name(ctxt, "m1")).destroy()
+        with pytest.raises(exception.FlavorNotFound):
+            await Flavor.get_by_name(ctxt, "m1")

@@ -1,0 +1,128 @@
+"""``fleetctl`` without a fleet: parsing (global options anywhere, validation), output formats
+and columns, the error lines, and what starting it imports."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conductor.cli import build_parser
+from conductor.cli._base import Exit, UsageError
+from conductor.cli._errors import describe
+from conductor.cli._output import emit
+from shared_objects.config import FleetConfig
+from shared_objects.messaging import MessagingTimeout
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser(list(argv)).parse_args(list(argv))
+
+
+def test_global_options_before_or_after_the_verb() -> None:
+    before = parse("-f", "json", "--timeout", "5", "-c", "uuid", "list")
+    after = parse("list", "-f", "json", "--timeout", "5", "-c", "uuid")
+    for args in (before, after):
+        assert (args.format, args.timeout, args.column) == ("json", 5.0, ["uuid"])
+    # Not given after the verb: the value given before it stays.
+    assert parse("--format", "yaml", "flavor", "list").format == "yaml"
+    assert parse("flavor", "list").format == "table"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (("flavor", "create", "x", "--vcpus", "abc", "--ram", "1", "--disk", "1"), "'abc'"),
+        (("flavor", "create", "x", "--vcpus", "0", "--ram", "1", "--disk", "1"), "at least 1"),
+        (("flavor", "create", "", "--vcpus", "1", "--ram", "1", "--disk", "1"), "empty"),
+        (("boot", "--flavor", "f", "--name", "n", "--count", "0"), "--count"),
+        (("--timeout", "-1", "list"), "--timeout"),
+        (("live-migration", "abort", "x"), "not a valid UUID"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    argv: tuple[str, ...], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        parse(*argv)
+    assert raised.value.code == Exit.USAGE
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert "positive_int" not in err
+
+
+def _emit(rows: object, columns: tuple[str, ...], *argv: str) -> str:
+    args = argparse.Namespace(format="table", column=None)
+    for i in range(0, len(argv), 2):
+        if argv[i] == "-c":
+            args.column = [*(args.column or []), argv[i + 1]]
+        else:
+            args.format = argv[i + 1]
+    out = io.StringIO()
+    emit(args, rows, columns, stream=out)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+ROWS = [{"uuid": "u1", "name": "a", "host": None}, {"uuid": "u2", "name": "b", "host": "h"}]
+
+
+def test_formats_and_columns() -> None:
+    assert _emit(ROWS, ("uuid", "name"), "-f", "value") == "u1 a\nu2 b\n"
+    assert _emit(ROWS, ("uuid", "name"), "-f", "value", "-c", "name") == "a\nb\n"
+    assert json.loads(_emit(ROWS, ("uuid",), "-f", "json")) == ROWS  # every key
+    assert yaml.safe_load(_emit(ROWS, ("uuid",), "-f", "yaml", "-c", "host")) == [
+        {"host": None},
+        {"host": "h"},
+    ]
+    table = _emit(ROWS, ("uuid", "name"))
+    assert "| uuid | name |" in table and "host" not in table
+    record = _emit({"uuid": "u1", "name": "a"}, (), "-f", "value", "-c", "name")
+    assert record == "a\n"
+    assert "| Field | Value |" in _emit({"uuid": "u1"}, ())
+    with pytest.raises(UsageError, match="columns: uuid, name, host"):
+        _emit(ROWS, ("uuid", "name"), "-c", "nope")
+
+
+def test_no_conductor_line_names_topic_exchange_and_timeout() -> None:
+    cfg = FleetConfig()
+    args = argparse.Namespace(timeout=2.0, group="list")
+    code, line = describe(
+        MessagingTimeout("Timed out ... 'object_class_action_versions'"), args, cfg
+    )
+    assert code == Exit.NO_CONDUCTOR
+    assert line.startswith("no conductor answered on topic 'conductor' (exchange 'fleet')")
+    assert "within 2s — is a conductor running?" in line
+    assert "object_class_action_versions" not in line
+
+
+def test_help_and_usage_errors_load_no_runtime_objects_or_database() -> None:
+    probe = (
+        "import sys\n"
+        "from conductor.cli import main\n"
+        "for argv in (['--help'], ['flavor', 'create', '']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('aio_pika', 'oslo_versionedobjects', 'oslo_messaging', 'sqlalchemy', "
+        "'shared_objects.messaging', 'shared_objects.objects')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
