@@ -69,7 +69,7 @@ class InsufficientResources(VirtError):
 
 
 class InjectedFailure(VirtError):
-    """A failure injected on purpose (test hook or FLEET_FAKE_FAILURES) at a named step."""
+    """A failure injected on purpose (test hook or [compute] failures) at a named step."""
 
     msg_fmt = "injected failure at step %(step)s for instance %(uuid)s"
 

@@ -121,6 +121,11 @@ class ConductorAPI(IndirectionAPI):
         )
         return result
 
+    async def report_alive_cast(self, context: Any) -> None:
+        """``report_alive`` without waiting for an answer (the beats between two answered
+        ones: no reply to publish, confirm and route back, for the conductor or the agent)."""
+        await self.client.prepare(version=REPORT_ALIVE_VERSION).cast(context, "report_alive")
+
     async def ping(self, context: Any, arg: Any = None, *, wait: float | None = None) -> Any:
         """Round trip to any conductor (waiting at most ``wait`` seconds); returns ``arg``."""
         cctx = self._base_client.prepare(timeout=wait) if wait else self._base_client

@@ -46,7 +46,7 @@ class Fleet:
 
     def __init__(self, cluster: LocalCluster, failures: dict[str, Path]) -> None:
         self.cluster = cluster
-        self.failures = failures  # each agent's FLEET_FAKE_FAILURES_FILE
+        self.failures = failures  # each agent's FLEET_COMPUTE__FAILURES_FILE
 
     async def run(self, *argv: str, login: str | None = None, **extra: str) -> tuple[int, str, str]:
         env = self.cluster._base_env(login or self.cluster.operator_login)
@@ -102,7 +102,7 @@ async def fleet(
         control_exchange=f"fleet-test-{uuid.uuid4().hex[:12]}",
         workdir=workdir / "cluster",
         common_env={"FLEET_COMPUTE__SPAWN_DELAY": "0.05"},
-        agent_env={h: {"FLEET_FAKE_FAILURES_FILE": str(p)} for h, p in failures.items()},
+        agent_env={h: {"FLEET_COMPUTE__FAILURES_FILE": str(p)} for h, p in failures.items()},
         logins=broker_logins,
     )
     cluster = LocalCluster(spec)

@@ -179,12 +179,14 @@ async def test_database_outage_fails_every_beat_of_the_batch() -> None:
 # --- the agent's side: report_alive where conductors have it, else Service.heartbeat -------
 
 
-async def _beat_as_agent(local: LocalConductor, host: str) -> tuple[AgentBeat, Service]:
+async def _beat_as_agent(
+    local: LocalConductor, host: str, answer_every: int = 1
+) -> tuple[AgentBeat, Service]:
     @contextlib.asynccontextmanager
     async def agent_context() -> AsyncIterator[Any]:
         yield RequestContext()
 
-    beat = AgentBeat(local.api, service_down_time=60.0)
+    beat = AgentBeat(local.api, service_down_time=60.0, answer_every=answer_every)
     reporter = ServiceReporter(
         agent_context, host=host, binary=COMPUTE, topic="compute", version=3, beat=beat
     )
@@ -229,6 +231,31 @@ async def test_agent_falls_back_when_a_conductor_lacks_report_alive(
         beat, row = await _beat_as_agent(local, "h1")
     assert beat.cheap is False
     assert row.report_count == 2
+
+
+async def test_only_every_nth_beat_waits_for_an_answer(sqlite_database_url: str) -> None:
+    calls: list[str] = []
+    async with as_agent(sqlite_database_url, "h1") as local:
+        await _register(local, "c1", releases.BINARY_CONDUCTOR, topic="conductor")
+        original_call, original_cast = local.api.report_alive, local.api.report_alive_cast
+
+        async def call(ctxt: Any) -> Any:
+            calls.append("call")
+            return await original_call(ctxt)
+
+        async def cast(ctxt: Any) -> None:
+            calls.append("cast")
+            await original_cast(ctxt)
+
+        local.api.report_alive = call  # type: ignore[method-assign]
+        local.api.report_alive_cast = cast  # type: ignore[method-assign]
+        beat, row = await _beat_as_agent(local, "h1", answer_every=3)
+        for _ in range(5):
+            await beat(RequestContext(), row)
+        liveness = local.liveness
+        assert liveness is not None
+        await eventually(lambda: liveness.beats == 7)  # the casts land too, unanswered
+    assert calls == ["call", "cast", "cast", "call", "cast", "cast", "call"]
 
 
 class _OldConductor:
