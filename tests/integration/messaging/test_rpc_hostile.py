@@ -92,13 +92,6 @@ def bad_messages(reply_q: str) -> tuple[list[bytes], set[str], int, int]:
 
 
 @pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
-
-
-@pytest.fixture
 async def transports(
     amqp_url: str, control_exchange: str, janitor: BrokerJanitor
 ) -> AsyncIterator[tuple[Transport, Transport]]:

@@ -53,13 +53,6 @@ class Echo:
 
 
 @pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
-
-
-@pytest.fixture
 def config(amqp_url: str, control_exchange: str) -> MessagingConfig:
     return MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
 

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -90,13 +90,6 @@ def only(*logins: str) -> Callable[[Target], Callable[[str | None], bool]]:
         return lambda login: login in logins
 
     return reply_from
-
-
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
 
 
 async def _until(predicate: Callable[[], bool], within: float = 10.0) -> None:

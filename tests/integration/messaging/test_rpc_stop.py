@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -26,13 +25,6 @@ class Worker:
         await asyncio.sleep(0.2)
         self.done.append(i)
         return i
-
-
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
 
 
 async def test_stop_finishes_in_flight_and_requeues_the_rest(
