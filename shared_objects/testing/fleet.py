@@ -42,6 +42,7 @@ from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.serializer import FleetObjectSerializer
+from shared_objects.testing.eventually import eventually
 from shared_objects.testing.memory import as_login, memory_messaging
 
 CONDUCTOR_LOGIN = "fleet-conductor-1"
@@ -184,6 +185,17 @@ class DatabaseOutage:
         """Go down now and come back by itself after ``seconds``."""
         self.down = True
         asyncio.get_running_loop().call_later(seconds, setattr, self, "down", False)
+
+
+async def copy_rounds(driver: FakeDriver, rounds: int = 3, within: float = 10.0) -> None:
+    """Return once ``driver`` (a migration's source) has run ``rounds`` more rounds of its
+    memory copy: evidence that a copy is under way, where a sleep would only hope so."""
+    # A zero-second slowdown slows nothing but counts every round it sees.
+    counter = driver.failures.delay("live_migration_copy", 0.0)
+    try:
+        await eventually(lambda: counter.fired >= rounds, within, what=f"{rounds} copy rounds")
+    finally:
+        counter.remaining = 0
 
 
 @contextlib.asynccontextmanager

@@ -84,17 +84,6 @@ async def wait_idle(fleet: Any, uuid: str, within: float = 20.0) -> Instance:
     return await eventually(idle, within)
 
 
-async def copy_rounds(fleet: Any, source: str, rounds: int = 3, within: float = 10.0) -> None:
-    """Return once ``source`` has run ``rounds`` more rounds of a migration's memory copy:
-    evidence that the copy is under way, where a sleep would only hope so."""
-    # A zero-second slowdown changes nothing but counts every round it sees.
-    counter = fleet.driver(source).failures.delay("live_migration_copy", 0.0)
-    try:
-        await eventually(lambda: counter.fired >= rounds, within, what=f"{rounds} copy rounds")
-    finally:
-        counter.remaining = 0
-
-
 async def check_invariants(fleet: Any) -> None:
     """The fleet invariants, including each live agent's claims."""
     await fleet.flush()

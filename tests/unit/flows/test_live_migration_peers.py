@@ -12,7 +12,6 @@ from typing import Any
 from live_migration_helpers import (
     boot,
     check_invariants,
-    copy_rounds,
     instance,
     latest_fault,
     settle_task,
@@ -23,6 +22,7 @@ from live_migration_helpers import (
 
 from compute_agent.virt.migration_model import MigrationModel
 from shared_objects.testing.eventually import eventually
+from shared_objects.testing.fleet import copy_rounds
 
 FAST = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02)
 UNTIL_FORCED = MigrationModel(
@@ -83,7 +83,7 @@ async def test_dead_source_mid_copy_conductor_marks_error_then_source_recovers(
         (uuid,) = await boot(fleet, "host-a")
         mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
         await wait_migration(fleet, mig, statuses={"running"})
-        await copy_rounds(fleet, "host-a")
+        await copy_rounds(fleet.driver("host-a"))
         loop = asyncio.get_running_loop()
         killed_at = loop.time()
         await fleet.crash("host-a")

@@ -14,7 +14,6 @@ import pytest
 from live_migration_helpers import (
     boot,
     check_invariants,
-    copy_rounds,
     events,
     instance,
     latest_fault,
@@ -25,6 +24,7 @@ from live_migration_helpers import (
 
 from compute_agent.virt.migration_model import MigrationModel, NonConvergencePolicy
 from shared_objects import exception
+from shared_objects.testing.fleet import copy_rounds
 
 FAST = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02)
 NEVER_CONVERGES = MigrationModel(
@@ -145,7 +145,7 @@ async def test_non_convergence_with_force_policy_completes(lm_fleet_factory: Any
 async def _running(fleet: Any, uuid: str) -> str:
     mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
     await wait_migration(fleet, mig, statuses={"running"})
-    await copy_rounds(fleet, "host-a")
+    await copy_rounds(fleet.driver("host-a"))
     return mig
 
 
