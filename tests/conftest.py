@@ -22,6 +22,7 @@ from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import AMQP_URL, vhost_url
+from shared_objects.testing.rabbit_node import RabbitNode
 
 # The kit: private vhost, fresh databases, janitor, eventually, in-process conductor and fleet.
 pytest_plugins = ["shared_objects.testing.pytest_plugin"]
@@ -84,6 +85,17 @@ def cluster_factory(
         common_env = {"FLEET_COMPUTE__SPAWN_DELAY": "0.05"}
         common_env.update(overrides.pop("common_env", {}))
         logins = overrides.pop("logins", broker_logins)
+        transport_url = amqp_url
+        # A private broker node (fault tests that restart or kill it): its URL, its logins.
+        node: RabbitNode | None = overrides.pop("node", None)
+        if node is not None:
+            transport_url, logins = node.url, BrokerLogins.for_node(node)
+        # Fault tests stop a cluster that lived through broker faults: exits are not the point.
+        check_exits = overrides.pop("check_exits", True)
+        # A LocalCluster subclass (tests/integration/ops: conductors with metrics ports).
+        cluster_class: Callable[[ClusterSpec], LocalCluster] = overrides.pop(
+            "cluster_class", LocalCluster
+        )
         own_logins: BrokerLogins | None = None
         if (
             logins is broker_logins
@@ -99,14 +111,14 @@ def cluster_factory(
         spec = ClusterSpec(
             # A test on a private PostgreSQL (shared_objects.testing.PostgresNode) passes its own.
             database_url=overrides.pop("database_url", pg_database_url),
-            transport_url=amqp_url,
+            transport_url=transport_url,
             control_exchange=control_exchange,
             workdir=tmp_path / "cluster",
             common_env=common_env,
             logins=logins,
             **overrides,
         )
-        cluster = LocalCluster(spec)
+        cluster = cluster_class(spec)
         try:
             await cluster.start()
             await Flavor(
@@ -120,6 +132,6 @@ def cluster_factory(
                 if own_logins is not None:
                     await own_logins.delete()
             bad = {n: c for n, c in codes.items() if c not in (0, None, -9)}
-            assert not bad, f"processes exited uncleanly: {bad}"
+            assert not (bad and check_exits), f"processes exited uncleanly: {bad}"
 
     return make
