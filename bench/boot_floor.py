@@ -32,6 +32,7 @@ import time
 from shared_objects.base import FleetObject
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.fields import PowerState, TaskState, VMState
 from shared_objects.messaging import get_transport
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
@@ -42,8 +43,6 @@ from shared_objects.objects.instance_action_event import InstanceActionEvent
 from shared_objects.objects.security_group import SecurityGroupList
 from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 from shared_objects.rpc_clients.conductor import ConductorAPI
-
-EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
 async def boot_one(
@@ -97,7 +96,7 @@ async def boot_one(
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     cfg = MessagingConfig(transport_url=args.url, control_exchange=args.exchange)
-    transport = get_transport(cfg, allowed_remote_exmods=EXMODS)
+    transport = get_transport(cfg, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
     await transport.connect()
     try:
         FleetObject.indirection_api = ConductorAPI(transport, timeout=120.0)

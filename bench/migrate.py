@@ -7,7 +7,7 @@
 One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
 compute agents as separate processes) on the local RabbitMQ, in a private vhost created and
 deleted here, and a fresh PostgreSQL database, dropped at the end. Agents use the fast copy
-model (``FLEET_FAKE_MIGRATION=time_scale=0``: the memory copy costs no simulated time, so what
+model (``FLEET_COMPUTE__MIGRATION=time_scale=0``: the memory copy costs no simulated time, so what
 is measured is Fleet's protocol — prechecks, pre/post calls, CAS saves, progress saves — not a
 pretend network) and zero spawn delay.
 
@@ -57,8 +57,7 @@ AGENT_ENV = {
     "FLEET_COMPUTE__MEMORY_MB": "16777216",
     "FLEET_COMPUTE__DISK_GB": "1048576",
     "FLEET_COMPUTE__SPAWN_DELAY": "0",
-    "FLEET_FAKE_SPAWN_DELAY": "0",
-    "FLEET_FAKE_MIGRATION": "time_scale=0",
+    "FLEET_COMPUTE__MIGRATION": "time_scale=0",
 }
 
 

@@ -64,10 +64,11 @@ from sqlalchemy.util import greenlet_spawn
 
 from conductor.db import asyncpg_exec, migration, models
 from conductor.db.session import create_engine
-from conductor.testing import ALLOWED_EXMODS, indirection
+from conductor.testing import indirection
 from shared_objects.base import indirection_api_in_context
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingTimeout, get_transport
 from shared_objects.objects import Flavor, Instance
@@ -371,19 +372,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with conductor as proc:
                 as_agent = get_transport(
                     MessagingConfig(transport_url=logins.url_for(agent), control_exchange=exchange),
-                    allowed_remote_exmods=ALLOWED_EXMODS,
+                    allowed_remote_exmods=ALLOWED_REMOTE_EXMODS,
                 )
                 as_operator = get_transport(
                     MessagingConfig(
                         transport_url=logins.url_for(operator), control_exchange=exchange
                     ),
-                    allowed_remote_exmods=ALLOWED_EXMODS,
+                    allowed_remote_exmods=ALLOWED_REMOTE_EXMODS,
                 )
                 as_open_agent = get_transport(
                     MessagingConfig(
                         transport_url=open_logins.url_for(open_agent), control_exchange=exchange
                     ),
-                    allowed_remote_exmods=ALLOWED_EXMODS,
+                    allowed_remote_exmods=ALLOWED_REMOTE_EXMODS,
                 )
                 async with as_agent, as_open_agent, as_operator:
                     api = ConductorAPI(as_agent, timeout=60.0, topic=topic)

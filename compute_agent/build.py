@@ -24,7 +24,6 @@ from typing import Any
 
 import structlog
 
-from compute_agent.claims import InsufficientResources
 from compute_agent.instance_events import abandon_event, instance_event
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.security_groups import RulesWatch, rules_for_driver
@@ -47,7 +46,7 @@ from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 log = structlog.get_logger(__name__)
 
 # Failures that mean "this host could not build it": another host may succeed.
-RESCHEDULABLE = (InsufficientResources, VirtError)
+RESCHEDULABLE = (exception.InsufficientResources, VirtError)
 
 RUN_EVENT = "compute_run_instance"
 

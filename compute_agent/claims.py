@@ -11,6 +11,8 @@ import asyncio
 import dataclasses
 from collections.abc import Iterable
 
+from shared_objects.exception import InsufficientResources
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Resources:
@@ -48,10 +50,6 @@ class Capacity:
         )
 
 
-class InsufficientResources(Exception):
-    """A claim would over-commit the host."""
-
-
 class ClaimTracker:
     """The claims held on one host, keyed by instance uuid."""
 
@@ -75,7 +73,9 @@ class ClaimTracker:
         return uuid in self._claims
 
     async def claim(self, uuid: str, res: Resources) -> None:
-        """Record a claim for ``uuid`` or raise ``InsufficientResources``; idempotent per uuid."""
+        """Record a claim for ``uuid`` or raise ``InsufficientResources`` (the shared error, so
+        a refused claim in ``pre_live_migration`` reaches the source as itself); idempotent
+        per uuid."""
         async with self._lock:
             if uuid in self._claims:
                 return

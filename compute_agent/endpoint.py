@@ -85,7 +85,7 @@ class ComputeEndpoint:
     ) -> None:
         await self.security.refresh_instance_security_rules(ctxt, instance)
 
-    # --- live migration (compute_agent/live_migration.py) ---------------------------------
+    # --- live migration (compute_agent/live_migration/) ----------------------------------
 
     @property
     def live_migration_manager(self) -> LiveMigrationManager:

@@ -27,11 +27,12 @@ import structlog
 from compute_agent.build import BuildManager
 from compute_agent.endpoint import ComputeEndpoint
 from compute_agent.init_host import recover_instances
-from compute_agent.live_migration import LiveMigrationManager
+from compute_agent.live_migration import LiveMigrationManager, LiveMigrationSettings
 from compute_agent.liveness import AgentBeat
 from compute_agent.peer_auth import PeerCheck
 from compute_agent.reply_serializer import CallerReleaseSerializer
 from compute_agent.resource_tracker import ResourceTracker
+from compute_agent.rpc_errors import virt_errors_translated
 from compute_agent.security_groups import RulesResync, RulesWatch, SecurityGroupManager
 from compute_agent.transient import TRANSIENT_ERRORS, Retrier, RetryPolicy, short
 from compute_agent.virt.driver import ComputeDriver
@@ -41,8 +42,9 @@ from compute_agent.volumes import VolumeManager
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, use_indirection_api
-from shared_objects.config import FleetConfig
+from shared_objects.config import ConfigError, FleetConfig
 from shared_objects.context import RequestContext, admin_context
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
 from shared_objects.messaging import MessagingError, RPCServer, Target, Transport, get_transport
 from shared_objects.metrics import ServiceMetrics
@@ -61,13 +63,14 @@ log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
-ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
-
 
 def make_driver(cfg: FleetConfig) -> ComputeDriver:
-    """The fake hypervisor configured from ``[compute]`` plus ``FLEET_FAKE_*`` overrides."""
-    base = FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options())
-    return FakeDriver(FakeDriverConfig.from_env(base=base))
+    """The fake hypervisor configured from ``[compute]``; ``ConfigError`` for a value the
+    driver refuses (the syntax of ``failures`` and ``migration`` is the driver's)."""
+    try:
+        return FakeDriver(FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options()))
+    except ValueError as exc:
+        raise ConfigError(f"[compute] {exc}") from exc
 
 
 class ComputeAgentService:
@@ -138,7 +141,13 @@ class ComputeAgentService:
             reply_from=replies,
         )
         self.live_migration = LiveMigrationManager(
-            cfg.host, self.driver, self.tracker, self.compute, self.notifier, calls=self.calls
+            cfg.host,
+            self.driver,
+            self.tracker,
+            self.compute,
+            self.notifier,
+            LiveMigrationSettings.from_config(cfg.live_migration),
+            calls=self.calls,
         )
         self.security = SecurityGroupManager(self.driver, rules_watch)
         # Casts that change rules can be lost with the broker: re-apply what the database holds
@@ -168,7 +177,11 @@ class ComputeAgentService:
             # Only compute.<host>: the bare "compute" queue would hand this host others' work.
             listen_on_topic=False,
             require_user_id=True,
+            # Driver errors leave as the shared contract's (compute_agent/rpc_errors.py).
+            error_boundary=virt_errors_translated,
         )
+        beat = AgentBeat(self.conductor, service_down_time=cfg.service.service_down_time)
+        self.live_migration.sweep_wanted = beat.sweep_wanted
         self.reporter = ServiceReporter(
             self._context,
             host=cfg.host,
@@ -177,7 +190,7 @@ class ComputeAgentService:
             version=releases.SERVICE_VERSION,
             interval=cfg.service.report_interval,
             # report_alive where every live conductor has it (compute_agent/liveness.py).
-            beat=AgentBeat(self.conductor, service_down_time=cfg.service.service_down_time),
+            beat=beat,
         )
         self.conductor_wait = conductor_wait
         self._started = False

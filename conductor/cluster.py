@@ -32,6 +32,7 @@ from conductor.db import migration
 from shared_objects.base import FleetObject
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.messaging import MessagingError, Transport, get_transport
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.instance import Instance, InstanceList
@@ -43,7 +44,6 @@ from shared_objects.testing.broker_logins import BrokerLogins
 
 log = structlog.get_logger(__name__)
 
-EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 FINAL_VM_STATES = frozenset({"active", "error", "stopped"})
 
 
@@ -74,7 +74,7 @@ class ClusterSpec:
     hosts: tuple[str, ...] = ("compute-1", "compute-2")
     conductors: int = 1
     workdir: Path = dataclasses.field(default_factory=lambda: Path("var/cluster"))
-    # Per-agent extra environment, e.g. {"compute-1": {"FLEET_FAKE_FAILURES": "spawn:1"}}.
+    # Per-agent extra environment, e.g. {"compute-1": {"FLEET_COMPUTE__FAILURES": "spawn:1"}}.
     agent_env: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     # Environment for every process (e.g. FLEET_COMPUTE__SPAWN_DELAY).
     common_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -143,7 +143,7 @@ class LocalCluster:
         """A connected transport logged in as ``login`` (e.g. ``login_of("conductor-1")``, to
         send what only a conductor may); the cluster's URL as given when ``login`` is None."""
         cfg = self._messaging_config(login)
-        async with get_transport(cfg, allowed_remote_exmods=EXMODS) as transport:
+        async with get_transport(cfg, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS) as transport:
             yield transport
 
     def _messaging_config(self, login: str | None) -> MessagingConfig:
@@ -289,7 +289,7 @@ class LocalCluster:
         else:
             await self.migrate_database(self.spec.conductor_source)
         cfg = self._messaging_config(self.operator_login)
-        self.transport = get_transport(cfg, allowed_remote_exmods=EXMODS)
+        self.transport = get_transport(cfg, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
         await self.transport.connect()
         self.conductor = ConductorAPI(self.transport, timeout=30.0)
         self.tasks = ComputeTaskAPI(self.transport, timeout=60.0)

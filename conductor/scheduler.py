@@ -17,6 +17,8 @@ import dataclasses
 import heapq
 from collections.abc import Iterable, Sequence
 
+from shared_objects.exception import NoValidHost
+
 
 @dataclasses.dataclass(slots=True)
 class ResourceRequest:
@@ -71,13 +73,10 @@ class Rejection:
     reason: str
 
 
-class NoValidHost(Exception):
-    """No host passed the filters; ``reasons`` says why each one was dropped."""
-
-    def __init__(self, reasons: Sequence[Rejection], detail: str = "") -> None:
-        self.reasons = list(reasons)
-        summary = "; ".join(f"{r.host}: {r.reason}" for r in self.reasons) or "no compute hosts"
-        super().__init__(f"No valid host was found. {detail}{summary}".strip())
+def _no_valid_host(rejected: Sequence[Rejection], placed: str = "") -> NoValidHost:
+    """The shared ``NoValidHost``, naming why each host was dropped."""
+    reasons = "; ".join(f"{r.host}: {r.reason}" for r in rejected) or "no compute hosts"
+    return NoValidHost(placed=placed, reasons=reasons)
 
 
 def _rejection(state: HostState, req: ResourceRequest) -> str | None:
@@ -153,7 +152,7 @@ def select_destinations(
         floors = None
         view = [h for h in view if h.host == force_host]
         if not view:
-            raise NoValidHost([Rejection(force_host, "forced host is not a known compute host")])
+            raise _no_valid_host([Rejection(force_host, "forced host is not a known compute host")])
     ignored = frozenset(ignore_hosts)
     picks: list[list[HostState]] = []
     for index in range(count):
@@ -165,7 +164,7 @@ def select_destinations(
             # The reasons are collected only now, for the error (the slow path).
             _passed, rejected = filter_hosts(view, req, ignore_hosts=ignored)
             placed = f"placed {index} of {count} instances. " if index else ""
-            raise NoValidHost(rejected, placed)
+            raise _no_valid_host(rejected, placed)
         position, chosen = ranked[0]
         # A copy, consumed: the given states stay untouched (a copy made by an earlier pick
         # of this call is copied again, which is as cheap and keeps this simple).

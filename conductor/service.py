@@ -22,6 +22,7 @@ from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.reconcile import Reconciler, bounds_from_config
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
+from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.config import FleetConfig
@@ -38,8 +39,6 @@ from shared_objects.startup_checks import check_computes_supported
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
-
-ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
 class ConductorService:
@@ -64,7 +63,7 @@ class ConductorService:
         self.transport = (
             transport
             if transport is not None
-            else get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
+            else get_transport(cfg.messaging, allowed_remote_exmods=exception.ALLOWED_REMOTE_EXMODS)
         )
         self.serializer = FleetObjectSerializer()
         self.identities = Identities(cfg.security)
@@ -86,6 +85,9 @@ class ConductorService:
             self.database,
             self.compute,
             BuildSettings(service_down_time=cfg.service.service_down_time),
+            LiveMigrationTaskSettings.from_config(
+                cfg.live_migration, cfg.service.service_down_time
+            ),
             host_view=HostView(
                 HostViewSettings(
                     service_down_time=cfg.service.service_down_time,

@@ -28,6 +28,7 @@ from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, FleetObjectRegistry, IndirectionAPI
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.messaging.memory import broker_for
@@ -36,8 +37,6 @@ from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.testing.memory import as_login, broker_name, memory_messaging
-
-ALLOWED_EXMODS = ["shared_objects.exception"]
 
 
 @contextlib.contextmanager
@@ -148,13 +147,13 @@ def _login_transports(
     URL's credentials are used for both; give a memory:// URL to test authorisation)."""
     url = cfg.transport_url
     if not url.startswith("memory://"):
-        same = get_transport(cfg, allowed_remote_exmods=ALLOWED_EXMODS)
+        same = get_transport(cfg, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
         return same, same
     broker = broker_for(broker_name(cfg))
     server, client = as_login(cfg, server_login), as_login(cfg, client_login)
     return (
-        get_transport(server, allowed_remote_exmods=ALLOWED_EXMODS, memory_broker=broker),
-        get_transport(client, allowed_remote_exmods=ALLOWED_EXMODS, memory_broker=broker),
+        get_transport(server, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS, memory_broker=broker),
+        get_transport(client, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS, memory_broker=broker),
     )
 
 

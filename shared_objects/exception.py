@@ -1,14 +1,82 @@
-"""Errors of the object layer, shared by agents and the conductor.
+"""Fleet's errors: one tree, shared by agents, conductors and tools.
 
-This module is in every RPC transport's ``allowed_remote_exmods``: an error raised in the
-conductor while serving an object call is rebuilt on the agent as the same class. That only works
-if every class here can be re-created from ``cls(*args, **kwargs)`` (oslo's failure format sends
-the message as ``args[0]`` and the format values as ``kwargs``), which ``FleetException`` ensures.
+Every error a Fleet service raises for another one to catch derives from ``FleetException``::
+
+    FleetException                      msg_fmt % kwargs; rebuilt remotely as cls(*args, **kwargs)
+    ├── NoDatabaseAccess                an object call that needs the conductor, made without one
+    ├── ObjectAttributeNotLoaded        objects never lazy-load: name it in expected_attrs
+    ├── OrphanedObjectError             a remotable call on an object without a context
+    ├── ObjectActionError
+    │   └── ObjectAlreadyCreated
+    ├── NotFound
+    │   ├── InstanceNotFound            no such instance (database, or the host's hypervisor)
+    │   ├── FlavorNotFound, ComputeHostNotFound, ServiceNotFound, MigrationNotFound
+    │   ├── BlockDeviceMappingNotFound, SecurityGroupNotFound, SecurityGroupRuleNotFound
+    │   └── InstanceActionNotFound, InstanceFaultNotFound
+    ├── Conflict
+    │   ├── UnexpectedTaskStateError
+    │   │   └── UnexpectedDeletingTaskStateError
+    │   ├── UnexpectedVMStateError
+    │   ├── ObjectAlreadyExists
+    │   └── DatabaseConflict
+    ├── IndirectionError                the conductor refused an object call (bad input)
+    │   ├── UnknownObject, ObjectMethodNotAllowed, UnsupportedObjectVersion
+    │   └── InvalidObjectPrimitive, InvalidObjectCall
+    ├── Forbidden                       rpc_outcome "forbidden" (docs/security.md)
+    ├── WrongIdentity                   a service started on a broker login not its own
+    ├── SchemaNotAtHead
+    ├── InvalidRequest                  an operator/API request that cannot be done as asked
+    ├── ServiceTooNew, ServiceTooOld    upgrade order (docs/upgrades.md)
+    ├── DatabaseUnavailable             retryable; rpc_outcome "unavailable"
+    ├── NoValidHost                     the scheduler found no host (conductor)
+    ├── InsufficientResources           a host cannot take an instance (claim or hypervisor)
+    ├── PeerBusy                        the other agent of a live migration is settling it
+    └── HypervisorError                 a compute host's hypervisor refused or failed
+        ├── NotSupported                optional driver operation not implemented
+        ├── InstanceExists
+        ├── InvalidGuestState
+        ├── InjectedFailure             a failure injected on purpose (fake hypervisor)
+        ├── VolumeError
+        │   ├── VolumeNotAttached
+        │   └── VolumeAlreadyAttached
+        ├── InvalidFirewallRule
+        └── MigrationError              the guest still runs on the source unless stated
+            ├── MigrationPreCheckError
+            ├── MigrationAborted
+            ├── MigrationNotConverging
+            └── NoActiveMigration
+
+Two other families stay outside it on purpose:
+
+* ``shared_objects.messaging.exceptions.MessagingError`` (timeouts, undeliverable messages,
+  ``RemoteError`` for a remote class that may not be re-created): the RPC runtime's own, so a
+  caller tells "the other side answered no" (``FleetException``) from "no answer"
+  (``MessagingError``).
+* ``compute_agent.virt.exceptions.VirtError``: the virt driver's errors, raised and caught inside
+  an agent. They never cross RPC: the agent's RPC boundary (``compute_agent/rpc_errors.py``)
+  raises this module's class of the same name ``from`` them (``InstanceNotFound``,
+  ``InsufficientResources``, ``HypervisorError`` and its subclasses).
+
+Remote errors: ``ALLOWED_REMOTE_EXMODS`` is the one list of modules whose errors every Fleet
+transport re-creates as their own class (the messaging runtime's always are); any other remote
+error arrives as ``RemoteError``. An error is rebuilt from ``cls(*args, **kwargs)`` (oslo's
+failure format sends the message as ``args[0]`` and the format values as ``kwargs``), which
+``FleetException`` ensures. Agents of releases 1.0 and 1.1 still send their driver's errors
+untranslated (module ``compute_agent.virt.exceptions``): ``FORMER_REMOTE_EXMODS`` tells the
+codec to rebuild those from this module, by class name, without importing agent code.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+#: The modules whose errors a Fleet transport re-creates as their own class (only this one: the
+#: contract). Every ``get_transport`` of a Fleet service, tool, test or bench passes this.
+ALLOWED_REMOTE_EXMODS: tuple[str, ...] = (__name__,)
+
+#: Modules whose errors peers of older releases (1.0, 1.1) send and whose classes this module now
+#: holds under the same names: the codec rebuilds them from here (``messaging/codec.py``).
+FORMER_REMOTE_EXMODS: tuple[str, ...] = ("compute_agent.virt.exceptions",)
 
 
 class FleetException(Exception):
@@ -234,3 +302,92 @@ class DatabaseUnavailable(FleetException):
     retryable: ClassVar[bool] = True
     # Counted by the RPC runtime under this outcome, not as a handler error.
     rpc_outcome: ClassVar[str] = "unavailable"
+
+
+class NoValidHost(FleetException):
+    """The scheduler found no host for a request; ``reasons`` says why each host was dropped."""
+
+    msg_fmt = "No valid host was found. %(placed)s%(reasons)s"
+
+
+class InsufficientResources(FleetException):
+    """A host cannot take an instance: its claim would over-commit the host, or its hypervisor
+    has not enough of a resource (kwargs then: resource, host, uuid, requested, free)."""
+
+    msg_fmt = "Not enough resources on this host: %(reason)s"
+
+
+class PeerBusy(FleetException):
+    """The other agent of a live migration is driving it itself right now: leave it to that
+    agent's job (``compute_agent/live_migration/resolver.py``)."""
+
+    msg_fmt = "%(host)s is settling this live migration itself"
+
+
+class HypervisorError(FleetException):
+    """A compute host's hypervisor refused or failed an operation.
+
+    Raised by an agent's RPC boundary ``from`` the driver's own error, with the driver's
+    message and keyword arguments (``uuid`` names the instance when there is one).
+    """
+
+    msg_fmt = "The hypervisor failed: %(reason)s"
+
+
+class NotSupported(HypervisorError):
+    msg_fmt = "operation %(operation)s is not supported by this driver"
+
+
+class InstanceExists(HypervisorError):
+    msg_fmt = "instance %(uuid)s already exists on this hypervisor"
+
+
+class InvalidGuestState(HypervisorError):
+    msg_fmt = "instance %(uuid)s is %(phase)s: cannot %(action)s"
+
+
+class InjectedFailure(HypervisorError):
+    """A failure injected on purpose into the fake hypervisor (docs/virt.md)."""
+
+    msg_fmt = "injected failure at step %(step)s for instance %(uuid)s"
+
+
+class VolumeError(HypervisorError):
+    msg_fmt = "volume error"
+
+
+class VolumeNotAttached(VolumeError):
+    msg_fmt = "volume %(volume_id)s is not attached to instance %(uuid)s"
+
+
+class VolumeAlreadyAttached(VolumeError):
+    msg_fmt = "volume %(volume_id)s or mountpoint %(mountpoint)s already in use on %(uuid)s"
+
+
+class InvalidFirewallRule(HypervisorError):
+    msg_fmt = "invalid firewall rule %(rule)s: %(reason)s"
+
+
+class MigrationError(HypervisorError):
+    """A live migration failed; unless stated otherwise the guest still runs on the source."""
+
+    msg_fmt = "live migration of %(uuid)s failed"
+
+
+class MigrationPreCheckError(MigrationError):
+    msg_fmt = "live migration of %(uuid)s refused: %(reason)s"
+
+
+class MigrationAborted(MigrationError):
+    msg_fmt = "live migration of %(uuid)s aborted after %(rounds)s rounds"
+
+
+class MigrationNotConverging(MigrationError):
+    msg_fmt = (
+        "live migration of %(uuid)s did not converge after %(rounds)s rounds "
+        "(remaining %(remaining)s bytes)"
+    )
+
+
+class NoActiveMigration(MigrationError):
+    msg_fmt = "instance %(uuid)s has no live migration in progress"

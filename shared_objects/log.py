@@ -132,13 +132,18 @@ def configure_logging(
 def configure_service_logging(
     cfg: FleetConfig, service: str, *, stream: IO[str] | None = None
 ) -> None:
-    """``configure_logging`` from ``cfg.logging``, tagging every line with service and host."""
+    """``configure_logging`` from ``cfg.logging``, tagging every line with service and host;
+    also turns the trace of received object versions on or off (``trace_object_versions``)."""
+    # Imported here: logging set-up stays usable by tools that never load the objects.
+    from shared_objects.serializer import trace_object_versions
+
     configure_logging(
         cfg.logging.format,
         cfg.logging.level,
         stream=stream,
         static={"service": service, "host": cfg.host},
     )
+    trace_object_versions(cfg.logging.trace_object_versions)
 
 
 def get_logger(name: str | None = None, **initial: Any) -> structlog.stdlib.BoundLogger:

@@ -10,7 +10,6 @@ conductor for a backport (``object_backport_versions``) when an indirection API 
 from __future__ import annotations
 
 import contextvars
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,9 +34,18 @@ CHANGES_KEY = f"{_NS}.changes"
 
 log = structlog.get_logger(__name__)
 
-# FLEET_TRACE_OBJECT_VERSIONS=1 logs the name and version of every object this process receives:
-# how upgrade tests prove, from an old agent's own logs, that it was only sent what it knows.
-_TRACE_VERSIONS = os.environ.get("FLEET_TRACE_OBJECT_VERSIONS", "") not in ("", "0", "false")
+# [logging] trace_object_versions logs the name and version of every object this process
+# receives: how upgrade tests prove, from an old agent's own logs, that it was only sent what it
+# knows. Part of the process's log configuration, so set once at start with the rest of it
+# (``shared_objects.log.configure_service_logging``), for every serializer of the process.
+_trace_versions = False
+
+
+def trace_object_versions(enabled: bool) -> None:
+    """Log ``object_received`` (name, version) for every object this process receives, or not."""
+    global _trace_versions
+    _trace_versions = enabled
+
 
 # Set while a backport request is in flight: a reply that is still too new must fail, not loop.
 _BACKPORTING: contextvars.ContextVar[bool] = contextvars.ContextVar("backporting", default=False)
@@ -148,7 +156,7 @@ class FleetObjectSerializer:
     async def _object(self, ctxt: Any, primitive: dict[str, Any]) -> FleetObject:
         try:
             obj = object_from_primitive(primitive, ctxt)
-            if _TRACE_VERSIONS:
+            if _trace_versions:
                 log.info(
                     "object_received", object=primitive[NAME_KEY], version=primitive[VERSION_KEY]
                 )

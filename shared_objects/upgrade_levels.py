@@ -196,9 +196,25 @@ class ComputeUpgradeLevels:
             log.warning("compute_levels_refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def start(self) -> None:
+        if self.on_demand:
+            # Nothing read at start: a read lists every compute service, so agents reading at
+            # start made a fleet's (re)start cost the conductors O(hosts²) (1,000 agents
+            # starting read ~500,000 rows). The first use waits for one (``ensure_read``).
+            return
         await self.refresh()
-        if not self.on_demand:
-            self._task = asyncio.create_task(self._run(), name="upgrade-levels-refresh")
+        self._task = asyncio.create_task(self._run(), name="upgrade-levels-refresh")
+
+    async def ensure_read(self) -> None:
+        """Before a use that must not go out with guessed levels: wait for the first read
+        (one read however many callers wait; a failed read is tried again by the next use,
+        and meanwhile the oldest release's versions, which are always safe, are used)."""
+        if self._refreshed or self._levels.pinned:
+            return
+        if self._unseen_refresh is None or self._unseen_refresh.done():
+            loop = asyncio.get_running_loop()
+            self._unseen_refresh_at = loop.time()
+            self._unseen_refresh = loop.create_task(self._refresh_quietly(), name="levels-first")
+        await asyncio.shield(self._unseen_refresh)
 
     async def stop(self) -> None:
         if self._unseen_refresh is not None:

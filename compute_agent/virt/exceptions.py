@@ -1,8 +1,10 @@
-"""Errors raised by virt drivers, in one small hierarchy callers can catch at the right level.
+"""Errors raised by virt drivers, in one small hierarchy the agent catches at the right level.
 
-Every error keeps the keyword arguments it was built from in ``kwargs`` and can be rebuilt from
-them (``type(exc)(**exc.kwargs)``), the shape oslo.messaging uses to carry an exception across RPC:
-an agent that lets a driver error escape an RPC method hands the caller the same class back.
+They are the agent's own and never cross RPC: the agent's RPC boundary
+(``compute_agent/rpc_errors.py``) raises the shared error of the same name
+(``shared_objects.exception.HypervisorError`` and its subclasses, ``InstanceNotFound``,
+``InsufficientResources``) ``from`` them, with the same message and ``kwargs``, so no caller
+imports this module. Every error keeps the keyword arguments it was built from in ``kwargs``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ Two ways in, same rules:
 * test hook: ``driver.failures.inject("spawn", count=1, uuid=None, exc=None)``,
   ``driver.failures.inject("live_migration_copy", after_rounds=3)``,
   ``driver.failures.delay("pre_live_migration", 2.0)``;
-* config / environment (``FLEET_FAKE_FAILURES``) for agents running as subprocesses, a
-  comma-separated list of ``step[:count][:option...]`` items, see ``parse_failure_spec``;
-* a watched file (``FLEET_FAKE_FAILURES_FILE``) holding a spec in the same syntax, so a test can
+* the agent's ``[compute] failures`` option (``FLEET_COMPUTE__FAILURES``) for agents running
+  as subprocesses, a comma-separated list of ``step[:count][:option...]`` items, see
+  ``parse_failure_spec``;
+* a watched file (``[compute] failures_file``) holding a spec in the same syntax, so a test can
   change the failures of an agent that is already running: every rewrite of the file replaces
   the rules that came from it (an empty or deleted file clears them).
 """
@@ -140,7 +141,7 @@ class FailureInjector:
         )
 
     def load_spec(self, spec: str) -> list[FailureRule]:
-        """Add the rules of a ``FLEET_FAKE_FAILURES``-style spec string."""
+        """Add the rules of a spec string (``[compute] failures`` syntax)."""
         return [self._add(rule) for rule in parse_failure_spec(spec)]
 
     def clear(self, step: str | None = None) -> None:
@@ -237,7 +238,7 @@ def _check_count(count: int | None) -> int | None:
 
 
 def parse_failure_spec(spec: str) -> list[FailureRule]:
-    """Parse ``FLEET_FAKE_FAILURES``: comma-separated ``step[:count][:option...]`` items.
+    """Parse a failure spec (``[compute] failures``): ``step[:count][:option...]`` items, by commas.
 
     ``count`` is a positive integer or ``*`` (every time); it defaults to 1. Options:
     ``uuid=<instance uuid>`` (only that instance), ``after=<N>`` (live_migration_copy: fail in

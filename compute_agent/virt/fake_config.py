@@ -1,32 +1,18 @@
-"""Configuration of the fake hypervisor: from code, a config table, or FLEET_FAKE_* variables."""
+"""Configuration of the fake hypervisor: from code, or a config table.
+
+An agent builds it from its ``[compute]`` section (``ComputeConfig.fake_driver_options()``);
+a value refused here is a configuration error at the agent's start.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from compute_agent.virt.failures import parse_failure_spec
 from compute_agent.virt.migration_model import MigrationModel
-
-#: Environment variable -> FakeDriverConfig field (``FLEET_FAKE_MIGRATION`` and
-#: ``FLEET_FAKE_FAILURES`` are parsed by their own syntax).
-ENV_FIELDS: dict[str, str] = {
-    "FLEET_FAKE_STATE_DIR": "state_dir",
-    "FLEET_FAKE_VCPUS": "vcpus",
-    "FLEET_FAKE_MEMORY_MB": "memory_mb",
-    "FLEET_FAKE_DISK_GB": "local_gb",
-    "FLEET_FAKE_CPU_RATIO": "cpu_allocation_ratio",
-    "FLEET_FAKE_RAM_RATIO": "ram_allocation_ratio",
-    "FLEET_FAKE_DISK_RATIO": "disk_allocation_ratio",
-    "FLEET_FAKE_SPAWN_DELAY": "spawn_delay_s",
-    "FLEET_FAKE_FAILURES": "failures",
-    "FLEET_FAKE_FAILURES_FILE": "failures_file",
-    "FLEET_FAKE_MIGRATION": "migration",
-    "FLEET_FAKE_FSYNC": "fsync",
-    "FLEET_FAKE_HYPERVISOR_HOSTNAME": "hypervisor_hostname",
-}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -49,7 +35,7 @@ class FakeDriverConfig:
     #: Real seconds a spawn takes (0 allowed).
     spawn_delay_s: float = 0.05
     migration: MigrationModel = field(default_factory=MigrationModel)
-    #: Failure spec in FLEET_FAKE_FAILURES syntax, loaded into ``driver.failures`` at start.
+    #: Failure spec (``[compute] failures`` syntax), loaded into ``driver.failures`` at start.
     failures: str = ""
     #: A file holding more failure rules in the same syntax, re-read when it changes.
     failures_file: Path | None = None
@@ -83,17 +69,11 @@ class FakeDriverConfig:
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"unknown fake driver option {key!r}")
-            converted[key] = _convert(key, value, base)
+            try:
+                converted[key] = _convert(key, value, base)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from exc
         return replace(base, **converted)
-
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, base: FakeDriverConfig | None = None
-    ) -> FakeDriverConfig:
-        """Apply the ``FLEET_FAKE_*`` variables present in ``environ`` (default os.environ)."""
-        env = os.environ if environ is None else environ
-        values = {name: env[var] for var, name in ENV_FIELDS.items() if var in env}
-        return cls.from_mapping(values, base)
 
 
 def _convert(key: str, value: Any, base: FakeDriverConfig) -> Any:
@@ -109,6 +89,7 @@ def _convert(key: str, value: Any, base: FakeDriverConfig) -> Any:
             return current.with_overrides(value)
         return MigrationModel.parse(str(value), base=current)
     if key == "failures":
+        parse_failure_spec(str(value))  # refused here, at start, rather than at first use
         return str(value)
     if key == "fsync":
         if isinstance(value, bool):

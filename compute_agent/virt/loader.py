@@ -13,16 +13,8 @@ from compute_agent.virt.fake_config import FakeDriverConfig
 DRIVERS = ("fake",)
 
 
-def create_driver(
-    kind: str = "fake",
-    options: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> ComputeDriver:
-    """Build the driver ``kind`` from a config table, then ``FLEET_FAKE_*`` variables on top.
-
-    ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
-    """
+def create_driver(kind: str = "fake", options: Mapping[str, Any] | None = None) -> ComputeDriver:
+    """Build the driver ``kind`` from a config table (``FakeDriverConfig`` field names)."""
     if kind != "fake":
         raise ValueError(f"unknown virt driver {kind!r}; known: {', '.join(DRIVERS)}")
-    base = FakeDriverConfig.from_mapping(options or {})
-    return FakeDriver(FakeDriverConfig.from_env(environ, base=base))
+    return FakeDriver(FakeDriverConfig.from_mapping(options or {}))

@@ -84,7 +84,7 @@ class MigrationModel:
 
     @classmethod
     def parse(cls, text: str, base: MigrationModel | None = None) -> MigrationModel:
-        """Parse ``key=value,key=value`` (``FLEET_FAKE_MIGRATION``) on top of ``base``."""
+        """Parse ``key=value,key=value`` (``[compute] migration``) on top of ``base``."""
         values: dict[str, str] = {}
         for item in text.split(","):
             item = item.strip()

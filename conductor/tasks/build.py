@@ -27,12 +27,13 @@ import structlog
 
 from conductor.db.session import Database
 from conductor.host_view import FleetView, HostView, HostViewSettings
-from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
+from conductor.scheduler import HostState, ResourceRequest, select_destinations
 from conductor.tasks.build_extras import RUN_EVENT, BuildExtras, bdm_list, start_run_event
 from conductor.tasks.faults import set_instance_error
 from conductor.tasks.hosts import PlacementLedger
 from shared_objects import exception
 from shared_objects.context import RequestContext
+from shared_objects.exception import NoValidHost
 from shared_objects.fields import BDMDestinationType, BDMSourceType, TaskState, VMState
 from shared_objects.messaging import MessageUndeliverable
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping, BlockDeviceMappingList

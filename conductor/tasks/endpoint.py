@@ -15,7 +15,7 @@ from conductor.db.session import Database
 from conductor.host_view import HostView
 from conductor.tasks.build import BuildSettings, BuildTask
 from conductor.tasks.instances import InstanceTasks
-from conductor.tasks.live_migrate import LiveMigrateSettings, LiveMigrateTask
+from conductor.tasks.live_migration import LiveMigrationTask, LiveMigrationTaskSettings
 from conductor.tasks.security_groups import SecurityGroupTasks
 from shared_objects import audit, exception
 from shared_objects.authorizer import forbidden
@@ -48,20 +48,18 @@ class ComputeTaskEndpoint:
         database: Database,
         compute: ComputeAPI,
         settings: BuildSettings | None = None,
-        live_migrate_settings: LiveMigrateSettings | None = None,
+        live_migration_settings: LiveMigrationTaskSettings | None = None,
         host_view: HostView | None = None,
     ) -> None:
         # Each task owns one flow; this endpoint only routes calls to them.
         self.build = BuildTask(database, compute, settings, host_view)
         self.instances = InstanceTasks(database, compute)
         self.security_groups = SecurityGroupTasks(database, compute)
-        self.live_migrate = LiveMigrateTask(
+        self.live_migration = LiveMigrationTask(
             database,
             compute,
-            live_migrate_settings
-            or LiveMigrateSettings.from_env(
-                service_down_time=self.build.settings.service_down_time
-            ),
+            live_migration_settings
+            or LiveMigrationTaskSettings(service_down_time=self.build.settings.service_down_time),
             host_view=self.build.host_view,
         )
 
@@ -156,7 +154,7 @@ class ComputeTaskEndpoint:
             self.instances.detach_volume(ctxt, instance_uuid=instance_uuid, volume_id=volume_id),
         )
 
-    # --- live migration (conductor/tasks/live_migrate.py) ---------------------------------
+    # --- live migration (conductor/tasks/live_migration/) ----------------------------------
 
     @expose
     async def live_migrate_instance(
@@ -169,7 +167,7 @@ class ComputeTaskEndpoint:
         return await _served(
             ctxt,
             "live_migrate_instance",
-            self.live_migrate.live_migrate_instance(
+            self.live_migration.live_migrate_instance(
                 ctxt,
                 instance_uuid=instance_uuid,
                 host=host,
@@ -184,7 +182,7 @@ class ComputeTaskEndpoint:
         await _served(
             ctxt,
             "live_migration_abort",
-            self.live_migrate.live_migration_abort(
+            self.live_migration.live_migration_abort(
                 ctxt, migration_uuid=migration_uuid, reason=reason
             ),
         )
@@ -212,7 +210,7 @@ class ComputeTaskEndpoint:
         await _served(
             ctxt,
             "live_migration_force_complete",
-            self.live_migrate.live_migration_force_complete(ctxt, migration_uuid=migration_uuid),
+            self.live_migration.live_migration_force_complete(ctxt, migration_uuid=migration_uuid),
         )
 
     @expose
@@ -220,7 +218,7 @@ class ComputeTaskEndpoint:
         return await _served(
             ctxt,
             "get_migration",
-            self.live_migrate.get_migration(ctxt, migration_uuid=migration_uuid),
+            self.live_migration.get_migration(ctxt, migration_uuid=migration_uuid),
         )
 
     @expose
@@ -230,7 +228,7 @@ class ComputeTaskEndpoint:
         return await _served(
             ctxt,
             "list_migrations",
-            self.live_migrate.list_migrations(ctxt, instance_uuid=instance_uuid, limit=limit),
+            self.live_migration.list_migrations(ctxt, instance_uuid=instance_uuid, limit=limit),
         )
 
     @expose

@@ -182,8 +182,10 @@ def deserialize_remote_exception(
     """The exception a caller raises for a failure reply.
 
     The original class when its module is ``builtins``/``exceptions``/ours or listed in
-    ``allowed_remote_exmods`` and it can be rebuilt from ``args``/``kwargs``; ``RemoteError``
-    otherwise. The remote traceback is attached as ``remote_traceback`` and as a note.
+    ``allowed_remote_exmods`` and it can be rebuilt from ``args``/``kwargs`` (or the class of the
+    same name in an allowed module that names the sender's module in its
+    ``FORMER_REMOTE_EXMODS``); ``RemoteError`` otherwise. The remote traceback is attached as
+    ``remote_traceback`` and as a note.
     """
     data: Any = failure
     if isinstance(failure, str):
@@ -214,11 +216,31 @@ def deserialize_remote_exception(
     return exc
 
 
+def _successor(module: str, allowed: Iterable[str]) -> str | None:
+    """The allowed module that now holds the classes ``module`` had, by the same names.
+
+    A module declares the modules it replaces in ``FORMER_REMOTE_EXMODS`` (peers of older
+    releases still send errors from those): the former module itself is never imported, so a
+    peer cannot make a caller load code it does not allow.
+    """
+    for candidate in sorted(allowed):
+        try:
+            mod = importlib.import_module(candidate)
+        except ImportError:
+            continue
+        if module in getattr(mod, "FORMER_REMOTE_EXMODS", ()):
+            return candidate
+    return None
+
+
 def _rebuild(
     module: str, name: str, args: Any, kwargs: Any, allowed: Iterable[str]
 ) -> Exception | None:
     if module not in ALWAYS_ALLOWED_EXMODS and module not in set(allowed):
-        return None
+        successor = _successor(module, allowed)
+        if successor is None:
+            return None
+        module = successor
     if not isinstance(args, list) or not isinstance(kwargs, dict) or name.startswith("_"):
         return None
     if not all(isinstance(k, str) for k in kwargs):

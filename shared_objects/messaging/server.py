@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import inspect
 import time
@@ -63,6 +64,42 @@ log = structlog.get_logger(__name__)
 _REQUEST_VERSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "fleet_rpc_request_version", default=None
 )
+
+
+class _Slot:
+    """One handler's place among the server's ``max_concurrency``; given back exactly once."""
+
+    __slots__ = ("_semaphore", "held")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+
+
+_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar(
+    "fleet_rpc_handler_slot", default=None
+)
+
+
+def release_handler_slot() -> None:
+    """Give the running handler's concurrency slot back before it waits for work that another
+    task does and that holds no per-request resource (no database connection of its own).
+
+    ``max_concurrency`` exists to bound what handlers hold while they run (database
+    connections above all). A handler that only waits for a shared batch (``report_alive``
+    waits up to half a second for the batched UPDATE another task runs) would otherwise keep
+    a slot the whole time: at 1,000 hosts such beats held most of a conductor's slots and every
+    other request queued behind them. After this call the handler still runs to the end and
+    replies; it just no longer counts. No-op outside a handler.
+    """
+    slot = _SLOT.get()
+    if slot is not None:
+        slot.release()
 
 
 def request_version() -> str | None:
@@ -111,9 +148,10 @@ class RPCServer:
     """Serves ``endpoints`` on ``target.topic`` (+ ``<topic>.<server>`` and fanout).
 
     ``max_concurrency`` (default: the transport's ``max_concurrency``) bounds handlers running at
-    once; ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds messages delivered but not
-    yet taken up; a reply whose queue is missing is retried in the background for
-    ``reply_retry_window`` seconds (0: never).
+    once (a handler that only waits for another task's batch may leave the count early:
+    ``release_handler_slot``); ``prefetch`` (default ``rabbit_qos_prefetch_count``) bounds
+    messages delivered but not yet taken up; a reply whose queue is missing is retried in the
+    background for ``reply_retry_window`` seconds (0: never).
 
     Security (``docs/rpc.md``): ``authorizer`` (an ``Authorizer``) must cover every exposed
     (namespace, method), else construction raises ``UncoveredMethods``; it then decides every
@@ -121,6 +159,10 @@ class RPCServer:
     (off by default: oslo.messaging publishers never set one; Fleet services turn it on).
     ``listen_on_topic=False`` consumes only ``<topic>.<server>`` and the fanout queue, not the
     shared ``<topic>`` queue.
+
+    ``error_boundary`` (a context-manager factory) is entered around every handler call: where a
+    service turns the errors of its inner layers into the ones its callers know (``raise ...
+    from exc``), so nothing internal crosses the wire (the agent's: ``compute_agent/rpc_errors``).
     """
 
     def __init__(
@@ -136,6 +178,7 @@ class RPCServer:
         authorizer: Authorizer | None = None,
         require_user_id: bool = False,
         listen_on_topic: bool = True,
+        error_boundary: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
     ):
         if not target.topic or not target.server:
             raise InvalidTarget("A server's target needs a topic and a server", target)
@@ -147,6 +190,9 @@ class RPCServer:
         self.authorizer = authorizer
         self.require_user_id = require_user_id
         self.listen_on_topic = listen_on_topic
+        self.error_boundary = (
+            error_boundary if error_boundary is not None else contextlib.nullcontext
+        )
         self.serializer = serializer if serializer is not None else NoOpSerializer()
         self._noop = type(self.serializer) is NoOpSerializer
         cfg = transport.config
@@ -258,7 +304,10 @@ class RPCServer:
         assert task is not None
         self._tasks.add(task)
         try:
-            async with self._semaphore:
+            await self._semaphore.acquire()
+            slot = _Slot(self._semaphore)
+            token = _SLOT.set(slot)
+            try:
                 if self._stopping:
                     return  # not acked: the broker redelivers it when our channel closes
                 try:
@@ -272,6 +321,9 @@ class RPCServer:
                     await self._process(delivery)
                 finally:
                     self._stats.in_flight -= 1
+            finally:
+                _SLOT.reset(token)
+                slot.release()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -415,9 +467,10 @@ class RPCServer:
                 raise _Refused(exc) from None
         if not self._noop:
             args = {k: await self.serializer.deserialize_entity(ctxt, v) for k, v in args.items()}
-        result = handler(ctxt, **args)
-        if inspect.isawaitable(result):
-            result = await result
+        with self.error_boundary():
+            result = handler(ctxt, **args)
+            if inspect.isawaitable(result):
+                result = await result
         if not self._noop:
             result = await self.serializer.serialize_entity(ctxt, result)
         return result

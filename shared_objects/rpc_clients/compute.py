@@ -124,6 +124,12 @@ class ComputeAPI:
     def release_for(self, host: str) -> releases.Release:
         return self.levels.release_for(host) if self.levels else releases.CURRENT
 
+    async def _ready(self) -> None:
+        # Agents read the levels on demand: a peer call waits for the first read so that it
+        # goes out at the peer's own release, not at the oldest one's (safe, but lossy).
+        if self.levels is not None:
+            await self.levels.ensure_read()
+
     def _to(self, host: str, version: str, **opts: Any) -> Any:
         client = self._client_for(self.release_for(host))
         return client.prepare(server=host, version=version, version_cap=self.version_cap, **opts)
@@ -157,6 +163,7 @@ class ComputeAPI:
         The extras need API 1.2. Below it the 1.0 message goes out and the agent fetches the
         BDMs and records the event start itself, as agents of release 1.0 always do.
         """
+        await self._ready()
         args: dict[str, Any] = {
             "instance": instance,
             "request_spec": request_spec,
@@ -177,16 +184,19 @@ class ComputeAPI:
         await self._to(host, version).cast(ctxt, "run_instance", **args)
 
     async def terminate_instance(self, ctxt: RequestContext, host: str, *, instance: Any) -> None:
+        await self._ready()
         await self._to(host, "1.0").cast(ctxt, "terminate_instance", instance=instance)
 
     async def attach_volume(
         self, ctxt: RequestContext, host: str, *, instance: Any, bdm: Any
     ) -> Any:
+        await self._ready()
         return await self._to(host, "1.0").call(ctxt, "attach_volume", instance=instance, bdm=bdm)
 
     async def detach_volume(
         self, ctxt: RequestContext, host: str, *, instance: Any, volume_id: str
     ) -> None:
+        await self._ready()
         await self._to(host, "1.0").call(
             ctxt, "detach_volume", instance=instance, volume_id=volume_id
         )
@@ -194,9 +204,10 @@ class ComputeAPI:
     async def refresh_instance_security_rules(
         self, ctxt: RequestContext, host: str, *, instance: Any
     ) -> None:
+        await self._ready()
         await self._to(host, "1.0").cast(ctxt, "refresh_instance_security_rules", instance=instance)
 
-    # --- live migration (compute_agent/live_migration.py; docs/live-migration.md) ----------
+    # --- live migration (compute_agent/live_migration/; docs/live-migration.md) -----------
     # Long calls ask for call-monitor heartbeats: a dead peer is noticed within
     # ``call_monitor_timeout`` while a slow but alive one is never timed out early; ``timeout``
     # stays the overall bound.
@@ -216,6 +227,7 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the destination: can it take the instance? Returns the migrate data."""
+        await self._ready()
         result = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt,
             "check_can_live_migrate_destination",
@@ -236,6 +248,7 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the source: can the guest leave? Returns the full migrate data."""
+        await self._ready()
         result = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt,
             "check_can_live_migrate_source",
@@ -256,6 +269,7 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the source: run the whole migration; returns its outcome when it ends."""
+        await self._ready()
         result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt,
             "live_migration",
@@ -277,6 +291,7 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the destination: claim and create the paused incoming guest."""
+        await self._ready()
         result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt,
             "pre_live_migration",
@@ -297,6 +312,7 @@ class ComputeAPI:
         timeout: float,
     ) -> dict[str, Any]:
         """On the destination: resume the guest and take the instance over."""
+        await self._ready()
         result: dict[str, Any] = await self._long(host, call_monitor_timeout, timeout).call(
             ctxt, "post_live_migration_at_destination", instance=instance, migration=migration
         )
@@ -313,6 +329,7 @@ class ComputeAPI:
         timeout: float,
     ) -> None:
         """On the destination: remove the incoming guest and release its claim."""
+        await self._ready()
         await self._long(host, call_monitor_timeout, timeout).call(
             ctxt, "rollback_live_migration_at_destination", instance=instance, migration=migration
         )
@@ -330,6 +347,7 @@ class ComputeAPI:
 
         The reason needs API 1.1; while any agent is older it is left out (1.0).
         """
+        await self._ready()
         if self.can_send_version("1.1"):
             await self._to(host, "1.1", timeout=timeout).call(
                 ctxt, "live_migration_abort", migration_uuid=migration_uuid, reason=reason
@@ -343,6 +361,7 @@ class ComputeAPI:
         self, ctxt: RequestContext, host: str, *, migration_uuid: str, timeout: float
     ) -> None:
         """On the source: pause the guest so the copy converges."""
+        await self._ready()
         await self._to(host, "1.0", timeout=timeout).call(
             ctxt, "live_migration_force_complete", migration_uuid=migration_uuid
         )
@@ -351,6 +370,7 @@ class ComputeAPI:
         self, ctxt: RequestContext, host: str, *, instance_uuid: str, timeout: float
     ) -> str | None:
         """The guest's phase on ``host``'s hypervisor (None: absent), for recovery."""
+        await self._ready()
         result: str | None = await self._to(host, "1.0", timeout=timeout).call(
             ctxt, "get_live_migration_guest", instance_uuid=instance_uuid
         )
@@ -368,6 +388,7 @@ class ComputeAPI:
         timeout: float,
     ) -> None:
         """Recovery: run ``host``'s share of a resolution, then hold a claim iff it owns it."""
+        await self._ready()
         await self._long(host, call_monitor_timeout, timeout).call(
             ctxt, "settle_live_migration_peer", instance=instance, steps=steps, owner=owner
         )

@@ -29,13 +29,13 @@ from compute_agent.virt.migration_model import MigrationModel
 from conductor.db import migration as db_migration
 from conductor.db.session import Database
 from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
-from conductor.service import ALLOWED_REMOTE_EXMODS
 from conductor.tasks.build import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
-from conductor.tasks.live_migrate import LiveMigrateSettings
+from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
 from shared_objects.messaging import RPCServer, Target, Transport, get_transport
 from shared_objects.rpc_clients.compute import ComputeAPI
@@ -61,9 +61,11 @@ def fast_live_migration() -> LiveMigrationSettings:
     )
 
 
-def fast_live_migrate() -> LiveMigrateSettings:
+def fast_live_migration_task() -> LiveMigrationTaskSettings:
     """The conductor's live-migration timeouts, short enough for a test."""
-    return LiveMigrateSettings(call_monitor_timeout=2.0, precheck_timeout=60.0, rpc_timeout=5.0)
+    return LiveMigrationTaskSettings(
+        call_monitor_timeout=2.0, precheck_timeout=60.0, rpc_timeout=5.0
+    )
 
 
 def party_transport(cfg: FleetConfig, login: str) -> Transport:
@@ -209,7 +211,7 @@ async def in_process_fleet(
     failures: Mapping[str, str] | None = None,
     migration: Mapping[str, MigrationModel] | MigrationModel | None = None,
     agent_settings: LiveMigrationSettings | None = None,
-    conductor_settings: LiveMigrateSettings | None = None,
+    conductor_settings: LiveMigrationTaskSettings | None = None,
     stop_grace: float = 5.0,
 ) -> AsyncIterator[InProcessFleet]:
     """A conductor on a fresh SQLite database in ``workdir`` and one agent per host.

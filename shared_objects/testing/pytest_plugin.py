@@ -120,8 +120,8 @@ def fleet_factory(tmp_path: Path) -> FleetFactory:
 def lm_fleet_factory(tmp_path: Path) -> FleetFactory:
     """A ``fleet_factory`` for live migration: short timeouts on agents and conductor."""
     from shared_objects.testing.fleet import (
-        fast_live_migrate,
         fast_live_migration,
+        fast_live_migration_task,
         in_process_fleet,
     )
 
@@ -136,7 +136,7 @@ def lm_fleet_factory(tmp_path: Path) -> FleetFactory:
             tmp_path,
             hosts,
             agent_settings=agent_settings or fast_live_migration(),
-            conductor_settings=conductor_settings or fast_live_migrate(),
+            conductor_settings=conductor_settings or fast_live_migration_task(),
             stop_grace=2.0,
             **options,
         )

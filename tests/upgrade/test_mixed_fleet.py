@@ -17,6 +17,7 @@ from conductor.release_tree import previous_release
 from shared_objects import releases
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import Instance
+from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.eventually import eventually
 
@@ -58,6 +59,20 @@ def _handled(log: Path, method: str) -> bool:
     return any(e.get("method") == method for e in log_events(log))
 
 
+async def _conductor_knows_both(cluster: Any) -> None:
+    """The conductor learns each agent's release at its next levels refresh (1 s here): until
+    it has seen both, calls to a host go at the oldest release, or at the newest when only the
+    new agent had registered yet. Tests start once it knows both."""
+
+    def saw_both() -> bool:
+        return any(
+            e.get("event") == "compute_rpc_version_cap" and {OLD, NEW} <= set(e.get("hosts") or {})
+            for e in log_events(cluster.workdir / "conductor-1.log")
+        )
+
+    await eventually(saw_both, 20, interval=0.2, what="the conductor seeing both agents")
+
+
 # Every release a fleet may upgrade from: the previous one, and skip-level from the oldest.
 UPGRADES_FROM = sorted({previous_release().name, releases.RELEASES[0].name}, reverse=True)
 
@@ -84,18 +99,7 @@ async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
         legacy_shared_login=shared,
     ) as cluster:
         ctxt = cluster.ctxt
-
-        # The conductor learns each agent's release at its next levels refresh (1 s here):
-        # until it has seen both, calls to a host go at the oldest release, or at the newest
-        # when only the new agent had registered yet. Start once it knows both.
-        def saw_both() -> bool:
-            return any(
-                e.get("event") == "compute_rpc_version_cap"
-                and {OLD, NEW} <= set(e.get("hosts") or {})
-                for e in log_events(cluster.workdir / "conductor-1.log")
-            )
-
-        await eventually(saw_both, 20, interval=0.2, what="the conductor seeing both agents")
+        await _conductor_knows_both(cluster)
         await cluster.tasks.security_group_create(ctxt, name="web")
         on_old = (await cluster.boot(flavor="small", name="a", forced_host=OLD))[0]
         on_new = (await cluster.boot(flavor="small", name="b", forced_host=NEW))[0]
@@ -233,3 +237,45 @@ async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
         assert backported[0]["version"] == releases.CURRENT.objects["Instance"]
         errors = [e for e in events if e.get("level") == "error"]
         assert errors == []
+
+
+@pytest.mark.parametrize("old_name", UPGRADES_FROM)
+async def test_driver_errors_between_releases_reach_callers_as_they_did(
+    cluster_factory: Any,
+    release_tree: Callable[[str], Path],
+    broker_logins: BrokerLogins | None,
+    old_name: str,
+) -> None:
+    """An old agent still sends its driver's errors (``compute_agent.virt.exceptions``, which the
+    conductor no longer allows): the conductor rebuilds them as the contract's class of that
+    name, so the fault reads as before. A current agent sends the contract's class, which an
+    old agent does not know by name: it gets a ``RemoteError`` and rolls back as it did."""
+    shared = f"fleet-shared-{broker_logins.tag}" if broker_logins is not None else None
+    async with cluster_factory(
+        hosts=(OLD, NEW),
+        agent_source={OLD: release_tree(old_name)},
+        agent_env={
+            OLD: {"FLEET_FAKE_FAILURES": "check_can_live_migrate_destination:*"},
+            NEW: {"FLEET_FAKE_FAILURES": "pre_live_migration:*"},
+        },
+        common_env={"FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL": "1"},
+        legacy_shared_login=shared,
+    ) as cluster:
+        await _conductor_knows_both(cluster)
+        on_old = (await cluster.boot(flavor="small", name="a", forced_host=OLD))[0]
+        on_new = (await cluster.boot(flavor="small", name="b", forced_host=NEW))[0]
+        await cluster.wait_instances([on_old, on_new])
+
+        # The old destination refuses the conductor's precheck with its driver's error.
+        assert (await _migrate(cluster, on_new, OLD))["status"] == "failed"
+        fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, on_new)
+        step = "check_can_live_migrate_destination"
+        assert f"{OLD}: InjectedFailure: injected failure at step {step}" in (fault.message or "")
+
+        # The new destination fails the old source's pre_live_migration with the shared error.
+        assert (await _migrate(cluster, on_old, NEW))["status"] == "failed"
+        fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, on_old)
+        assert "injected failure at step pre_live_migration" in (fault.message or "")
+        for uuid, host in ((on_new, NEW), (on_old, OLD)):
+            instance = await Instance.get_by_uuid(cluster.ctxt, uuid)
+            assert (instance.vm_state, instance.task_state, instance.host) == ("active", None, host)

@@ -207,7 +207,7 @@ async def phase_cluster(
                 **FAST_FAILURE_DETECTION,
                 **FAST_RECONCILER,
             },
-            agent_env={host: {"FLEET_FAKE_MIGRATION": MIGRATION_MODEL} for host in HOSTS},
+            agent_env={host: {"FLEET_COMPUTE__MIGRATION": MIGRATION_MODEL} for host in HOSTS},
             report_interval=settings.report_interval,
             service_down_time=settings.service_down_time,
             logins=logins,

@@ -54,7 +54,7 @@ async def test_forty_concurrent_boots_all_active_and_usage_matches(cluster_facto
 
 
 async def test_spawn_failure_on_one_host_reschedules(cluster_factory: Any) -> None:
-    env = {"compute-1": {"FLEET_FAKE_FAILURES": "spawn:*"}}
+    env = {"compute-1": {"FLEET_COMPUTE__FAILURES": "spawn:*"}}
     async with cluster_factory(agent_env=env) as cluster:
         (uuid,) = await cluster.boot(flavor="small", name="vm", forced_host=None)
         (inst,) = await cluster.wait_instances([uuid])
@@ -90,7 +90,7 @@ async def _actions(cluster: Any, uuid: str) -> list[dict[str, Any]]:
 async def test_failure_everywhere_and_no_capacity_end_in_error_with_fault(
     cluster_factory: Any,
 ) -> None:
-    env = {h: {"FLEET_FAKE_FAILURES": "spawn:*"} for h in ("compute-1", "compute-2")}
+    env = {h: {"FLEET_COMPUTE__FAILURES": "spawn:*"} for h in ("compute-1", "compute-2")}
     async with cluster_factory(agent_env=env) as cluster:
         (uuid,) = await cluster.boot(flavor="small", name="doomed")
         (inst,) = await cluster.wait_instances([uuid])

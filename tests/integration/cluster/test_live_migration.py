@@ -21,19 +21,19 @@ from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
+# One [live_migration] section for the conductor and the agents.
 HEARTBEATS = {
-    "FLEET_LIVE_MIGRATION_CALL_MONITOR_TIMEOUT": "2",
-    "FLEET_LIVE_MIGRATION_RPC_TIMEOUT": "3",
-    "FLEET_LIVE_MIGRATION_PHASE_QUERY_TIMEOUT": "2",
-    "FLEET_LIVE_MIGRATION_SETTLE_RETRY_INTERVAL": "1",
-    "FLEET_LIVE_MIGRATION_PROGRESS_INTERVAL": "0.1",
-    "FLEET_LIVE_MIGRATE_CALL_MONITOR_TIMEOUT": "2",
+    "FLEET_LIVE_MIGRATION__CALL_MONITOR_TIMEOUT": "2",
+    "FLEET_LIVE_MIGRATION__RPC_TIMEOUT": "3",
+    "FLEET_LIVE_MIGRATION__PHASE_QUERY_TIMEOUT": "2",
+    "FLEET_LIVE_MIGRATION__SETTLE_RETRY_INTERVAL": "1",
+    "FLEET_LIVE_MIGRATION__PROGRESS_INTERVAL": "0.1",
 }
 FINISHED = {"completed", "failed", "error", "cancelled"}
 
 
 def _models(model: str) -> dict[str, dict[str, str]]:
-    return {h: {"FLEET_FAKE_MIGRATION": model} for h in ("compute-1", "compute-2")}
+    return {h: {"FLEET_COMPUTE__MIGRATION": model} for h in ("compute-1", "compute-2")}
 
 
 async def _invariants(cluster: Any) -> None:
@@ -189,7 +189,7 @@ async def test_failure_points_across_processes_leave_instance_on_source(
 
     rules = tmp_path / f"failures-{host}"
     agent_env = _models("bandwidth_mb_s=2000,round_interval_s=0.02")
-    agent_env[host] = {**agent_env[host], "FLEET_FAKE_FAILURES_FILE": str(rules)}
+    agent_env[host] = {**agent_env[host], "FLEET_COMPUTE__FAILURES_FILE": str(rules)}
     async with cluster_factory(common_env=HEARTBEATS, agent_env=agent_env) as cluster:
         (uuid,) = await cluster.boot(flavor="small", name="vm", forced_host="compute-1")
         await cluster.wait_instances([uuid], timeout=60)

@@ -105,7 +105,9 @@ async def seen(
 
 @pytest.fixture
 async def oslo_client(start_oslo_peer: Any, seen: Seen) -> PeerProcess:
-    client: PeerProcess = await start_oslo_peer("client", allowed_exmods="shared_objects.exception")
+    client: PeerProcess = await start_oslo_peer(
+        "client", allowed_exmods=",".join(fleet_exception.ALLOWED_REMOTE_EXMODS)
+    )
     return client
 
 

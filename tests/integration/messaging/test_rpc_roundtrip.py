@@ -62,7 +62,7 @@ def config(amqp_url: str, control_exchange: str) -> MessagingConfig:
 async def client_transport(
     config: MessagingConfig, janitor: BrokerJanitor
 ) -> AsyncIterator[Transport]:
-    transport = get_transport(config, allowed_remote_exmods=["shared_objects.exception"])
+    transport = get_transport(config, allowed_remote_exmods=fleet_exception.ALLOWED_REMOTE_EXMODS)
     async with transport:
         yield transport
     janitor.queues.add(transport.replies.queue_name)

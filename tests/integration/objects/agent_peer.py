@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from conductor.testing import ALLOWED_EXMODS, indirection
+from conductor.testing import indirection
 from shared_objects import exception
 from shared_objects.base import FleetObject, obj_tree_get_versions
 from shared_objects.config import load_config
@@ -87,7 +87,7 @@ async def main() -> dict[str, Any]:
     cfg = load_config()
     serializer = RecordingSerializer()
     report: dict[str, Any] = {}
-    transport = get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_EXMODS)
+    transport = get_transport(cfg.messaging, allowed_remote_exmods=exception.ALLOWED_REMOTE_EXMODS)
     async with transport:
         api = ConductorAPI(
             transport, timeout=30.0, serializer=serializer, topic=os.environ["AGENT_TOPIC"]

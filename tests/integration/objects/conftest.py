@@ -15,8 +15,9 @@ import pytest
 from objects_support import ConductorProcess, fleet_env
 
 from conductor.db import migration
-from conductor.testing import ALLOWED_EXMODS, indirection
+from conductor.testing import indirection
 from shared_objects.config import MessagingConfig
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.messaging import get_transport
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.testing.broker_logins import BrokerLogins
@@ -53,7 +54,7 @@ async def agent_api(
     messaging_config: MessagingConfig, conductor_topic: str
 ) -> AsyncIterator[ConductorAPI]:
     """This process as an agent: remotables go over RabbitMQ to the conductor."""
-    transport = get_transport(messaging_config, allowed_remote_exmods=ALLOWED_EXMODS)
+    transport = get_transport(messaging_config, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
     async with transport:
         api = ConductorAPI(transport, timeout=30.0, topic=conductor_topic)
         with indirection(api):

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from compute_agent.claims import Capacity, ClaimTracker, InsufficientResources, Resources
+from compute_agent.claims import Capacity, ClaimTracker, Resources
+from shared_objects.exception import InsufficientResources
 
 ONE = Resources(vcpus=1, memory_mb=1024, disk_gb=10)
 

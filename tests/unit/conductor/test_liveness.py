@@ -57,10 +57,42 @@ async def test_report_alive_marks_the_callers_own_row_up(sqlite_database_url: st
         before = await _row(local, "h1")
         state = await local.api.report_alive(RequestContext())
         after = await _row(local, "h1")
-    assert state == {"disabled": False, "forced_down": False}
+    assert state == {"disabled": False, "forced_down": False, "live_migrations_waiting": False}
     assert after.report_count == before.report_count + 1
     assert after.last_seen_up is not None and before.last_seen_up is not None
     assert after.last_seen_up >= before.last_seen_up
+
+
+@pytest.mark.parametrize(
+    ("source", "status", "kind", "waiting"),
+    [
+        ("h1", "queued", "live-migration", True),
+        ("h1", "accepted", "live-migration", True),
+        ("h1", "running", "live-migration", False),  # started: its source drives it
+        ("h1", "queued", "migration", False),
+        ("h2", "queued", "live-migration", False),  # another host's
+    ],
+)
+async def test_report_alive_says_whether_a_live_migration_from_the_host_waits(
+    sqlite_database_url: str, source: str, status: str, kind: str, waiting: bool
+) -> None:
+    from shared_objects.objects.migration import Migration
+
+    async with as_agent(sqlite_database_url, "h1") as local:
+        await _register(local, "h1")
+        assert (await local.api.report_alive(RequestContext()))["live_migrations_waiting"] is False
+        async with local.db_context() as ctxt:
+            await Migration(
+                ctxt,
+                uuid="3f2c7f8e-0000-4000-8000-000000000001",
+                instance_uuid="3f2c7f8e-0000-4000-8000-000000000002",
+                source_compute=source,
+                dest_compute="h3",
+                status=status,
+                migration_type=kind,
+            ).create()
+        state = await local.api.report_alive(RequestContext())
+    assert state["live_migrations_waiting"] is waiting
 
 
 async def test_beats_of_many_hosts_share_one_statement(sqlite_database_url: str) -> None:
@@ -74,7 +106,7 @@ async def test_beats_of_many_hosts_share_one_statement(sqlite_database_url: str)
         await batcher.stop()
         rows = [await _row(local, h) for h in hosts]
     assert batcher.beats == 40 and batcher.flushes == 1
-    assert all(r == {"disabled": False, "forced_down": False} for r in replies)
+    assert all(r["disabled"] is False and r["forced_down"] is False for r in replies)
     assert {row.report_count for row in rows} == {1}
 
 
@@ -92,6 +124,7 @@ async def test_disabled_row_is_shown_and_deleted_row_is_not_found(
         assert await endpoint.report_alive(_agent_ctxt("off")) == {
             "disabled": True,
             "forced_down": False,
+            "live_migrations_waiting": False,
         }
         with pytest.raises(Exception) as caught:
             await endpoint.report_alive(_agent_ctxt("gone"))
@@ -279,3 +312,87 @@ async def test_stop_lets_a_beat_on_its_way_land_first(sqlite_database_url: str) 
         await asyncio.wait_for(started.wait(), 10)
         await reporter.stop()
     assert landed == ["h1"]
+
+
+async def _waiting_migration(local: LocalConductor, source: str) -> None:
+    from shared_objects.objects.migration import Migration
+
+    async with local.db_context() as ctxt:
+        await Migration(
+            ctxt,
+            uuid="3f2c7f8e-0000-4000-8000-0000000000a1",
+            instance_uuid="3f2c7f8e-0000-4000-8000-0000000000a2",
+            source_compute=source,
+            dest_compute="elsewhere",
+            status="accepted",
+            migration_type="live-migration",
+        ).create()
+
+
+async def test_agent_sweeps_for_orphans_only_when_its_beat_says_a_migration_waits(
+    sqlite_database_url: str,
+) -> None:
+    await _sweep_follows_the_beat(sqlite_database_url)
+
+
+async def test_the_waiting_flag_on_postgresql(pg_database_url: str) -> None:
+    # PostgreSQL runs the batch with an array parameter, SQLite with IN (...).
+    await _sweep_follows_the_beat(pg_database_url)
+
+
+async def _sweep_follows_the_beat(url: str) -> None:
+    async with as_agent(url, "h1") as local:
+        await _register(local, "c1", releases.BINARY_CONDUCTOR, topic="conductor")
+        beat, row = await _beat_as_agent(local, "h1")
+        assert beat.cheap is True and beat.sweep_wanted() is False
+        await _waiting_migration(local, "h1")
+        await beat(RequestContext(), row)
+        assert beat.live_migrations_waiting is True and beat.sweep_wanted() is True
+
+
+async def test_agent_on_heartbeats_always_sweeps(sqlite_database_url: str) -> None:
+    # An older conductor's heartbeat answer says nothing about migrations: look every time.
+    async with as_agent(sqlite_database_url, "h1", report_alive=False) as local:
+        await _register(local, "c1", releases.BINARY_CONDUCTOR, topic="conductor")
+        beat, _ = await _beat_as_agent(local, "h1")
+    assert beat.cheap is False and beat.sweep_wanted() is True
+
+
+async def test_the_sweep_loop_reads_nothing_while_no_sweep_is_wanted() -> None:
+    from compute_agent.live_migration import LiveMigrationManager, LiveMigrationSettings
+
+    manager = LiveMigrationManager(
+        "h1",
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        settings=LiveMigrationSettings(orphan_check_interval=0.001),
+    )
+    asked: list[bool] = []
+    sweeps: list[int] = []
+    wanted = False
+    asked_five, swept = asyncio.Event(), asyncio.Event()
+
+    def sweep_wanted() -> bool:
+        asked.append(wanted)
+        if len(asked) >= 5:
+            asked_five.set()
+        return wanted
+
+    async def sweep_orphans(ctxt: Any) -> int:
+        sweeps.append(len(asked))
+        swept.set()
+        return 0
+
+    manager.sweep_wanted = sweep_wanted
+    manager.sweep.sweep_orphans = sweep_orphans  # type: ignore[method-assign]
+    manager.start()
+    try:
+        async with asyncio.timeout(10):
+            await asked_five.wait()
+            assert sweeps == []
+            wanted = True
+            await swept.wait()
+    finally:
+        await manager.stop()

@@ -7,11 +7,11 @@ import pytest
 
 from conductor.scheduler import (
     HostState,
-    NoValidHost,
     ResourceRequest,
     select_destinations,
     weight_key,
 )
+from shared_objects.exception import NoValidHost
 
 
 def host(name: str, **kw: object) -> HostState:

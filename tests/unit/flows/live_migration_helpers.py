@@ -72,7 +72,7 @@ async def wait_migration(
 
 async def settle_task(fleet: Any, migration_uuid: str) -> None:
     """Let the conductor's task for the migration end (it learns the outcome)."""
-    await asyncio.wait_for(fleet.endpoint.live_migrate.wait(migration_uuid), 30)
+    await asyncio.wait_for(fleet.endpoint.live_migration.wait(migration_uuid), 30)
 
 
 async def wait_idle(fleet: Any, uuid: str, within: float = 20.0) -> Instance:

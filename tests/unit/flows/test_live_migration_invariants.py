@@ -1,5 +1,6 @@
 """The fleet invariant checker notices each kind of breakage (a checker that cannot fail is no
-check), and the live-migration settings read their environment overrides."""
+check), and both services' live-migration settings come from the one ``[live_migration]``
+section."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from compute_agent.testing_invariants import (
     driver_views,
 )
 from compute_agent.virt.models import GuestSpec
-from conductor.tasks.live_migrate import LiveMigrateSettings
+from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects.objects.compute_node import ComputeNode
 from shared_objects.objects.instance import Instance
 
@@ -94,18 +95,32 @@ async def test_usage_and_claims_mismatches_are_reported(lm_fleet_factory: Any) -
         assert f"host-a: claims for [] without instances, instances ['{uuid}']" in text
 
 
-def test_settings_read_environment_overrides() -> None:
-    agent = LiveMigrationSettings.from_env(
+def test_both_services_take_their_settings_from_the_live_migration_section() -> None:
+    from shared_objects.config import load_config
+
+    cfg = load_config(
         {
-            "FLEET_LIVE_MIGRATION_CALL_MONITOR_TIMEOUT": "4",
-            "FLEET_LIVE_MIGRATION_MAX_CONCURRENT": "3",
+            "FLEET_LIVE_MIGRATION__CALL_MONITOR_TIMEOUT": "4",
+            "FLEET_LIVE_MIGRATION__MAX_CONCURRENT": "3",
+            "FLEET_LIVE_MIGRATION__MAX_ATTEMPTS": "5",
+            "FLEET_SERVICE__SERVICE_DOWN_TIME": "30",
         }
     )
+    agent = LiveMigrationSettings.from_config(cfg.live_migration)
     assert (agent.call_monitor_timeout, agent.max_concurrent) == (4.0, 3)
-    conductor = LiveMigrateSettings.from_env(
-        {"FLEET_LIVE_MIGRATE_MAX_ATTEMPTS": "5"}, service_down_time=30.0
+    conductor = LiveMigrationTaskSettings.from_config(
+        cfg.live_migration, cfg.service.service_down_time
     )
-    assert (conductor.max_attempts, conductor.service_down_time) == (5, 30.0)
+    assert (conductor.call_monitor_timeout, conductor.max_attempts) == (4.0, 5)
+    assert conductor.service_down_time == 30.0
+
+
+def test_settings_defaults_are_the_sections_defaults() -> None:
+    from shared_objects.config import LiveMigrationConfig
+
+    section = LiveMigrationConfig()
+    assert LiveMigrationSettings.from_config(section) == LiveMigrationSettings()
+    assert LiveMigrationTaskSettings.from_config(section, 60.0) == LiveMigrationTaskSettings()
 
 
 async def test_peer_settle_refuses_steps_outside_the_allowed_list(lm_fleet_factory: Any) -> None:
@@ -130,7 +145,7 @@ async def test_peer_settle_refuses_steps_outside_the_allowed_list(lm_fleet_facto
                 timeout=10,
             )
         with pytest.raises(exception.InvalidRequest, match="unknown live-migration step"):
-            await fleet.endpoint.live_migrate.compute.settle_live_migration_peer(
+            await fleet.endpoint.live_migration.compute.settle_live_migration_peer(
                 RequestContext(user_id="conductor"),
                 "host-a",
                 instance=inst,

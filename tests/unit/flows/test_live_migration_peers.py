@@ -147,7 +147,7 @@ async def test_migration_completes_when_the_conductor_stops_following_it(
         mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
         await wait_migration(fleet, mig, statuses={"running"})
         # A conductor dying mid-migration: its task (and its call to the source) is gone.
-        task = fleet.endpoint.live_migrate._running[mig]
+        task = fleet.endpoint.live_migration._running[mig]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert (await wait_migration(fleet, mig))["status"] == "completed"

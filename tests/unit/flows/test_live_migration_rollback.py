@@ -213,7 +213,7 @@ async def test_conductor_task_failing_before_hand_over_releases_instance(
 ) -> None:
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
-        task = fleet.endpoint.live_migrate
+        task = fleet.endpoint.live_migration
 
         async def broken(*_args: Any, **_kwargs: Any) -> None:
             raise RuntimeError("scheduler exploded")
@@ -251,7 +251,7 @@ async def test_abort_while_queued_behind_another_copy_cancels(lm_fleet_factory: 
 async def test_abort_during_prechecks_works_from_any_conductor_replica(
     lm_fleet_factory: Any,
 ) -> None:
-    from conductor.tasks.live_migrate import LiveMigrateTask
+    from conductor.tasks.live_migration import LiveMigrationTask
 
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
@@ -259,7 +259,7 @@ async def test_abort_during_prechecks_works_from_any_conductor_replica(
         mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
         assert (await wait_migration(fleet, mig, statuses={"accepted"}))["status"] == "accepted"
         # Another replica: same database, none of this one's in-memory state.
-        other = LiveMigrateTask(fleet.database, fleet.endpoint.live_migrate.compute)
+        other = LiveMigrationTask(fleet.database, fleet.endpoint.live_migration.compute)
         await other.live_migration_abort(user(), migration_uuid=mig)
         assert (await wait_migration(fleet, mig))["status"] == "cancelled"
         assert (await instance(fleet, uuid)).task_state is None

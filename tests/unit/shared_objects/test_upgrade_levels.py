@@ -157,6 +157,10 @@ async def test_on_demand_levels_are_read_only_when_used_after_the_interval(
     levels = ComputeUpgradeLevels("auto", context, refresh_interval=0.05, on_demand=True)
     await levels.start()
     try:
+        assert reads == 0  # nothing at start: a fleet's restart would read O(hosts²) rows
+        await asyncio.gather(*(levels.ensure_read() for _ in range(5)))  # the first use: one
+        assert reads == 1
+        await levels.ensure_read()
         await asyncio.sleep(0.2)  # idle: several intervals pass, nothing is read
         assert reads == 1
         assert levels.release_for("a") == NEWEST  # stale use: served, and a read starts
@@ -164,5 +168,42 @@ async def test_on_demand_levels_are_read_only_when_used_after_the_interval(
         levels.release_for("a")  # fresh again: no read
         await asyncio.sleep(0.01)  # an absence check: a read would have started by now
         assert reads == 2
+    finally:
+        await levels.stop()
+
+
+async def test_a_failed_first_read_is_tried_again_by_the_next_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contextlib
+    from collections.abc import AsyncIterator
+    from typing import Any
+
+    from shared_objects import exception
+    from shared_objects.objects.service import ServiceList
+    from shared_objects.upgrade_levels import ComputeUpgradeLevels
+
+    now = datetime.datetime.now(datetime.UTC)
+    reads = 0
+
+    async def get_by_binary(ctxt: Any, binary: str, include_disabled: bool = False) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise exception.DatabaseUnavailable(reason="test")
+        return [FakeService("a", NEWEST.service_version, last_seen_up=now)]
+
+    @contextlib.asynccontextmanager
+    async def context() -> AsyncIterator[Any]:
+        yield None
+
+    monkeypatch.setattr(ServiceList, "get_by_binary", get_by_binary)
+    levels = ComputeUpgradeLevels("auto", context, on_demand=True)
+    await levels.start()
+    try:
+        await levels.ensure_read()  # fails quietly: the oldest release's versions meanwhile
+        assert reads == 1 and levels.release_for("a") == releases.RELEASES[0]
+        await levels.ensure_read()
+        assert reads == 2 and levels.release_for("a") == NEWEST
     finally:
         await levels.stop()

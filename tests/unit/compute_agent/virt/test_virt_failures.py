@@ -207,14 +207,17 @@ async def test_delay_slows_a_step_without_failing_it(make_driver: MakeDriver) ->
     assert time.monotonic() - started < 0.1
 
 
-async def test_failures_from_the_environment_reach_the_driver(state_dir: Any) -> None:
-    config = FakeDriverConfig.from_env(
+async def test_failures_from_the_compute_section_reach_the_driver(state_dir: Any) -> None:
+    from shared_objects.config import load_config
+
+    cfg = load_config(
         {
-            "FLEET_FAKE_FAILURES": "spawn:1, pre_live_migration:*",
-            "FLEET_FAKE_SPAWN_DELAY": "0",
-            "FLEET_FAKE_STATE_DIR": str(state_dir),
+            "FLEET_COMPUTE__FAILURES": "spawn:1, pre_live_migration:*",
+            "FLEET_COMPUTE__SPAWN_DELAY": "0",
+            "FLEET_STATE_DIR": str(state_dir),
         }
     )
+    config = FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options())
     driver = FakeDriver(config)
     await driver.init_host("env-host")
     with pytest.raises(InjectedFailure):

@@ -1,4 +1,4 @@
-"""The pure copy model, and configuration from mappings and FLEET_FAKE_* variables."""
+"""The pure copy model, and configuration from mappings and the agent's ``[compute]`` section."""
 
 from __future__ import annotations
 
@@ -89,28 +89,44 @@ def test_bad_model_parameters_are_rejected(text: str) -> None:
         MigrationModel.parse(text)
 
 
-def test_config_from_environment() -> None:
-    config = FakeDriverConfig.from_env(
+def test_config_from_the_compute_section() -> None:
+    from shared_objects.config import load_config
+
+    cfg = load_config(
         {
-            "FLEET_FAKE_STATE_DIR": "/var/lib/fleet/hv",
-            "FLEET_FAKE_VCPUS": "4",
-            "FLEET_FAKE_MEMORY_MB": "8192",
-            "FLEET_FAKE_DISK_GB": "50",
-            "FLEET_FAKE_RAM_RATIO": "1.5",
-            "FLEET_FAKE_SPAWN_DELAY": "0",
-            "FLEET_FAKE_MIGRATION": "time_scale=0,bandwidth_mb_s=250",
-            "FLEET_FAKE_FAILURES": "spawn:1",
-            "FLEET_FAKE_FSYNC": "yes",
-            "UNRELATED": "x",
+            "FLEET_STATE_DIR": "/var/lib/fleet/hv",
+            "FLEET_COMPUTE__VCPUS": "4",
+            "FLEET_COMPUTE__MEMORY_MB": "8192",
+            "FLEET_COMPUTE__DISK_GB": "50",
+            "FLEET_COMPUTE__RAM_ALLOCATION_RATIO": "1.5",
+            "FLEET_COMPUTE__SPAWN_DELAY": "0",
+            "FLEET_COMPUTE__MIGRATION": "time_scale=0,bandwidth_mb_s=250",
+            "FLEET_COMPUTE__FAILURES": "spawn:1",
+            "FLEET_COMPUTE__FAILURES_FILE": "/run/fleet/failures",
+            "FLEET_COMPUTE__FSYNC": "yes",
         }
     )
+    config = FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options())
     assert config.state_dir == Path("/var/lib/fleet/hv")
     assert (config.vcpus, config.memory_mb, config.local_gb) == (4, 8192, 50)
     assert config.ram_allocation_ratio == 1.5
     assert config.spawn_delay_s == 0.0
     assert (config.migration.time_scale, config.migration.bandwidth_mb_s) == (0.0, 250.0)
     assert config.failures == "spawn:1"
+    assert config.failures_file == Path("/run/fleet/failures")
     assert config.fsync is True
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"migration": "speed=3"}, "migration: unknown migration model parameter"),
+        ({"failures": "explode:1"}, "failures: unknown failure injection step"),
+    ],
+)
+def test_bad_driver_options_name_the_option(options: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FakeDriverConfig.from_mapping(options)
 
 
 def test_config_from_a_table_with_a_nested_migration_table() -> None:
@@ -149,14 +165,10 @@ def test_virt_errors_carry_their_arguments_for_rpc() -> None:
     assert type(failure)(*failure.args, **failure.kwargs).step == "spawn"
 
 
-def test_create_driver_applies_the_table_then_the_environment(tmp_path: Path) -> None:
-    driver = create_driver(
-        "fake",
-        {"memory_mb": 1024, "vcpus": 2, "state_dir": str(tmp_path)},
-        {"FLEET_FAKE_MEMORY_MB": "2048"},
-    )
+def test_create_driver_applies_the_table(tmp_path: Path) -> None:
+    driver = create_driver("fake", {"memory_mb": 1024, "vcpus": 2, "state_dir": str(tmp_path)})
     assert isinstance(driver, FakeDriver)
-    assert (driver.config.memory_mb, driver.config.vcpus) == (2048, 2)
+    assert (driver.config.memory_mb, driver.config.vcpus) == (1024, 2)
     assert driver.config.state_dir == tmp_path
     with pytest.raises(ValueError, match="unknown virt driver"):
         create_driver("libvirt")

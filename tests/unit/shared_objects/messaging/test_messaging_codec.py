@@ -131,6 +131,29 @@ def test_exception_from_a_module_not_allowed_becomes_remote_error() -> None:
     assert exc.value == "nope"
 
 
+# This module stands in for one that replaced another: errors older peers send from
+# ``old_errors_module`` are rebuilt from here, by class name.
+FORMER_REMOTE_EXMODS = ("old_errors_module",)
+
+
+def test_an_error_of_a_former_module_is_rebuilt_from_the_module_that_replaced_it() -> None:
+    failure = {
+        "class": "CustomError",
+        "module": "old_errors_module",
+        "message": "moved",
+        "args": ["moved"],
+        "kwargs": {"code": 3},
+    }
+    exc = codec.deserialize_remote_exception(json.dumps(failure), [__name__])
+    assert type(exc) is CustomError
+    assert exc.kwargs == {"code": 3}  # type: ignore[attr-defined]
+    # Only through an allowed module that names it; a class it lacks stays remote.
+    assert isinstance(codec.deserialize_remote_exception(json.dumps(failure), []), RemoteError)
+    missing = {**failure, "class": "NotHere"}
+    exc = codec.deserialize_remote_exception(json.dumps(missing), [__name__])
+    assert isinstance(exc, RemoteError) and exc.exc_type == "NotHere"
+
+
 def test_fleet_messaging_exceptions_round_trip_with_their_arguments() -> None:
     exc = codec.deserialize_remote_exception(
         codec.serialize_remote_exception(NoSuchMethod("frob")), []

@@ -31,6 +31,7 @@ from shared_objects.messaging import (
     codec,
     expose,
     get_transport,
+    release_handler_slot,
 )
 from shared_objects.messaging.driver import Delivery
 from shared_objects.messaging.topology import QueueSpec
@@ -353,6 +354,54 @@ async def test_concurrency_is_bounded_by_max_concurrency(
         client = RPCClient(client_t, Target(topic=TOPIC), timeout=5.0)
         await asyncio.gather(*[client.call(None, "sleep", seconds=0.02) for _ in range(20)])
     assert endpoint.max_running == 3
+
+
+class BatchWaiter:
+    """A handler that waits for a batch another task completes (as report_alive does)."""
+
+    target = Target(version="1.0")
+
+    def __init__(self) -> None:
+        self.batch = asyncio.Event()
+        self.waiting = 0
+        self.both_waiting = asyncio.Event()
+
+    @expose
+    async def wait_for_batch(self, ctxt: RequestContext, release: bool) -> str:
+        if release:
+            release_handler_slot()
+        self.waiting += 1
+        if self.waiting == 2:
+            self.both_waiting.set()
+        await self.batch.wait()
+        return "batched"
+
+    @expose
+    async def other(self, ctxt: RequestContext) -> str:
+        return "served"
+
+
+@pytest.mark.parametrize("release", [True, False])
+async def test_a_handler_waiting_for_a_batch_can_give_back_its_slot(
+    transports: tuple[Transport, Transport], release: bool
+) -> None:
+    server_t, client_t = transports
+    endpoint = BatchWaiter()
+    async with RPCServer(server_t, Target(topic=TOPIC, server="s1"), [endpoint], max_concurrency=2):
+        client = RPCClient(client_t, Target(topic=TOPIC), timeout=5.0)
+        waiters = [asyncio.create_task(client.call(None, "wait_for_batch", release=release))]
+        waiters.append(asyncio.create_task(client.call(None, "wait_for_batch", release=release)))
+        async with asyncio.timeout(5):
+            await endpoint.both_waiting.wait()
+        if release:
+            # Both waiters gave their slots back: other requests are served meanwhile.
+            assert await client.call(None, "other") == "served"
+        else:
+            with pytest.raises(MessagingTimeout):  # both slots held: nothing else runs
+                await client.prepare(timeout=0.3).call(None, "other")
+        endpoint.batch.set()
+        assert await asyncio.gather(*waiters) == ["batched", "batched"]
+        assert await client.call(None, "other") == "served"  # slots released exactly once
 
 
 async def test_stop_waits_for_in_flight_handlers_within_grace(

@@ -29,28 +29,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import structlog
 
-from compute_agent.claims import InsufficientResources as ClaimRefused
+from compute_agent.live_migration.settings import LiveMigrationSettings
 from compute_agent.resource_tracker import ResourceTracker
-from compute_agent.transient import TRANSIENT_ERRORS, Retrier
+from compute_agent.transient import Retrier
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import InstanceNotFound, VirtError
 from compute_agent.virt.models import OWNER_PHASES, GuestPhase
 from compute_agent.virt.recovery import Outcome, Resolution, resolve_migration
 from shared_objects import exception, releases
 from shared_objects.context import RequestContext, admin_context
+from shared_objects.exception import InsufficientResources as ClaimRefused
+from shared_objects.exception import PeerBusy
 from shared_objects.fields import MigrationStatus, MigrationType, PowerState, TaskState, VMState
 from shared_objects.messaging import MessagingError
-from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration, MigrationList
 from shared_objects.rpc_clients.compute import ComputeAPI
-
-if TYPE_CHECKING:
-    from compute_agent.live_migration import LiveMigrationSettings
 
 log = structlog.get_logger(__name__)
 
@@ -75,10 +74,6 @@ _RESUME = {
 
 #: What ``get_live_migration_guest`` answers while that host's own job drives the migration.
 BUSY = "busy"
-
-
-class PeerBusy(Exception):
-    """The peer is driving this migration itself right now: leave it to its job."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -441,90 +436,3 @@ class MigrationResolver:
                     continue
                 if done is not None and self._pending.get(instance_uuid) == (migration_uuid, role):
                     del self._pending[instance_uuid]
-
-
-async def recover_migrations(
-    ctxt: RequestContext, resolver: MigrationResolver, instances: list[Instance]
-) -> list[Instance]:
-    """At agent start: settle every live migration this host took part in and a crash cut.
-
-    Candidates come from the database (instances here still ``migrating``) and from the
-    hypervisor (paused copies: ``migrated_out`` here as source, ``incoming`` as destination,
-    and running guests the database places elsewhere). Returns the instances to hold claims
-    for: those the database now places here, plus incoming guests still undecided.
-    """
-    host = resolver.host
-    guests = {g.uuid: g for g in await resolver.driver.list_guests()}
-    here = {i.uuid: i for i in instances}
-    candidates: dict[str, Role] = {}
-    for instance in instances:
-        if instance.task_state == TaskState.MIGRATING:
-            candidates[instance.uuid] = "source"
-    for uuid, guest in guests.items():
-        if guest.phase is GuestPhase.MIGRATED_OUT:
-            candidates[uuid] = "source"
-        elif guest.phase is GuestPhase.INCOMING:
-            candidates[uuid] = "dest"
-        elif guest.owns_guest and uuid not in here:
-            candidates.setdefault(uuid, "dest")
-    # Unfinished migrations this host takes part in, e.g. a destination whose guest already
-    # runs and is placed here while the source still holds its paused copy.
-    for migration in await MigrationList.get_in_progress_by_host(ctxt, host):
-        if migration.migration_type != MigrationType.LIVE_MIGRATION:
-            continue
-        role: Role = "dest" if migration.dest_compute == host else "source"
-        candidates.setdefault(migration.instance_uuid, role)
-
-    async def recover_one(uuid: str, role: Role) -> None:
-        migration: Migration | None = None
-        try:
-            migration = await resolver.calls.call(
-                "find migration", lambda: resolver.find_migration(ctxt, uuid, role)
-            )
-            if migration is None and uuid not in here:
-                # A running guest the row places elsewhere was guessed a destination; it may
-                # be the source's copy of a migration the conductor settled on the other host.
-                other: Role = "source" if role == "dest" else "dest"
-                migration = await resolver.calls.call(
-                    "find migration", lambda: resolver.find_migration(ctxt, uuid, other)
-                )
-                role = other if migration is not None else role
-            if migration is None:
-                await _clear_orphan_task_state(ctxt, here.get(uuid))
-                return
-            settled = await resolver.settle(
-                ctxt, uuid, migration.uuid, role, reason=f"compute agent {host} restarted"
-            )
-            if settled is None:
-                resolver.retry_later(uuid, migration.uuid, role)
-        except TRANSIENT_ERRORS as exc:
-            # An outage outlasted the retries: settle it later, once the agent serves.
-            log.warning("migration_recovery_deferred", instance_uuid=uuid, error=str(exc)[:200])
-            if migration is not None:
-                resolver.retry_later(uuid, migration.uuid, role)
-        except (exception.FleetException, MessagingError, VirtError):
-            log.exception("migration_recovery_failed", instance_uuid=uuid, role=role)
-
-    await asyncio.gather(*(recover_one(u, r) for u, r in candidates.items()))
-    claimed = list(await InstanceList.get_by_host(ctxt, host))
-    known = {i.uuid for i in claimed}
-    for uuid in candidates:
-        if uuid not in known and await resolver.local_phase(uuid) is GuestPhase.INCOMING:
-            try:
-                claimed.append(await Instance.get_by_uuid(ctxt, uuid))
-            except exception.InstanceNotFound:
-                log.warning("incoming_guest_without_instance", instance_uuid=uuid)
-    if candidates:
-        log.info("migration_recovery_done", host=host, candidates=len(candidates))
-    return claimed
-
-
-async def _clear_orphan_task_state(ctxt: RequestContext, instance: Instance | None) -> None:
-    if instance is None or instance.task_state != TaskState.MIGRATING:
-        return
-    instance.task_state = None
-    try:
-        await instance.save(expected_task_state=[TaskState.MIGRATING])
-    except exception.UnexpectedTaskStateError:
-        return
-    log.warning("migrating_task_state_cleared_without_migration", instance_uuid=instance.uuid)

@@ -1,5 +1,5 @@
-"""Live migration on the conductor: validate, lock the instance, pick a destination, hand off to
-the source agent, and learn the outcome.
+"""The conductor's live-migration task: validate, lock the instance, pick a destination, hand
+off to the source agent, and learn the outcome.
 
 ``live_migrate_instance`` checks the request before writing anything (unknown instance, not
 ACTIVE, busy, source agent down, destination unknown/down/same host/too small: a clear error,
@@ -22,107 +22,46 @@ returns the Migration's uuid. The rest runs in a task of this conductor:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
-from conductor.scheduler import HostState, NoValidHost, ResourceRequest, select_destinations
+from conductor.scheduler import ResourceRequest, select_destinations
+from conductor.tasks.live_migration.checks import check_hosts, check_instance, invalid
+from conductor.tasks.live_migration.settings import LiveMigrationTaskSettings
+from conductor.tasks.live_migration.views import read_migration, read_migrations
 from shared_objects import exception
 from shared_objects.context import RequestContext
+from shared_objects.exception import NoValidHost
 from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
 from shared_objects.messaging import MessageUndeliverable, MessagingTimeout
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
-from shared_objects.objects.migration import Migration, MigrationList
+from shared_objects.objects.migration import Migration
 from shared_objects.rpc_clients.compute import ComputeAPI
 
 log = structlog.get_logger(__name__)
 
 UNFINISHED = [s for s in MigrationStatus.ALL if s not in MigrationStatus.FINISHED]
-MIGRATION_FIELDS = (
-    "uuid",
-    "instance_uuid",
-    "source_compute",
-    "dest_compute",
-    "source_node",
-    "dest_node",
-    "status",
-    "migration_type",
-    "memory_total",
-    "memory_processed",
-    "memory_remaining",
-    "disk_total",
-    "disk_processed",
-    "disk_remaining",
-)
 
 
-@dataclasses.dataclass(slots=True)
-class LiveMigrateSettings:
-    """Limits and timeouts of the conductor's live-migration task."""
-
-    max_attempts: int = 3
-    service_down_time: float = 60.0
-    #: Heartbeat window of the calls to agents: a silent agent is taken as dead after it.
-    call_monitor_timeout: float = 10.0
-    #: Overall bound of the prechecks call.
-    precheck_timeout: float = 120.0
-    #: Overall bound of the whole migration (the source's call returns when it ends).
-    migration_timeout: float = 6 * 3600.0
-    #: Abort and force-complete calls.
-    rpc_timeout: float = 30.0
-
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **defaults: Any
-    ) -> LiveMigrateSettings:
-        """``defaults``, overridden by ``FLEET_LIVE_MIGRATE_<FIELD>`` variables (upper case)."""
-        env = os.environ if environ is None else environ
-        settings = cls(**defaults)
-        for field in dataclasses.fields(cls):
-            raw = env.get(f"FLEET_LIVE_MIGRATE_{field.name.upper()}")
-            if raw is not None:
-                setattr(settings, field.name, type(getattr(settings, field.name))(raw))
-        return settings
-
-
-def _invalid(reason: str) -> exception.InvalidRequest:
-    return exception.InvalidRequest(reason=reason)
-
-
-def migration_to_dict(migration: Migration, progress: int | None = None) -> dict[str, Any]:
-    """A Migration as the CLI shows it (JSON-able)."""
-    out: dict[str, Any] = {
-        name: getattr(migration, name) if migration.obj_attr_is_set(name) else None
-        for name in MIGRATION_FIELDS
-    }
-    for stamp in ("created_at", "updated_at"):
-        value = getattr(migration, stamp, None) if migration.obj_attr_is_set(stamp) else None
-        out[stamp] = value.isoformat() if value is not None else None
-    out["progress"] = progress
-    return out
-
-
-class LiveMigrateTask:
+class LiveMigrationTask:
     """Conductor side of live migration."""
 
     def __init__(
         self,
         database: Database,
         compute: ComputeAPI,
-        settings: LiveMigrateSettings | None = None,
+        settings: LiveMigrationTaskSettings | None = None,
         host_view: HostView | None = None,
     ) -> None:
         self.database = database
         self.compute = compute
-        self.settings = settings or LiveMigrateSettings()
+        self.settings = settings or LiveMigrationTaskSettings()
         # The conductor's cached host view (shared with builds when the endpoint passes it).
         self.host_view = host_view or HostView(
             HostViewSettings(service_down_time=self.settings.service_down_time)
@@ -146,26 +85,26 @@ class LiveMigrateTask:
         older release does not know it and copies at full speed).
         """
         if not isinstance(instance_uuid, str) or not instance_uuid:
-            raise _invalid("an instance uuid is required")
+            raise invalid("an instance uuid is required")
         if bandwidth_limit_mb_s is not None and (
             isinstance(bandwidth_limit_mb_s, bool)
             or not isinstance(bandwidth_limit_mb_s, int)
             or bandwidth_limit_mb_s < 1
         ):
-            raise _invalid("bandwidth limit must be a positive whole number of MB/s")
+            raise invalid("bandwidth limit must be a positive whole number of MB/s")
         if host is not None and (not isinstance(host, str) or not host):
-            raise _invalid("the destination host must be a host name")
+            raise invalid("the destination host must be a host name")
         async with self.database.request(ctxt):
             instance = await Instance.get_by_uuid(ctxt, instance_uuid)
-            source = self._check_instance(instance)
+            source = check_instance(instance)
             hosts = (await self.host_view.fleet(ctxt)).states
-            self._check_hosts(instance, source, host, hosts)
+            check_hosts(instance, source, host, hosts)
             instance.task_state = TaskState.MIGRATING
             instance.progress = 0  # this migration's progress, not the last one's
             try:
                 await instance.save(expected_task_state=[None], expected_vm_state=[VMState.ACTIVE])
             except (exception.UnexpectedTaskStateError, exception.UnexpectedVMStateError) as exc:
-                raise _invalid(f"instance {instance_uuid} changed meanwhile: {exc}") from exc
+                raise invalid(f"instance {instance_uuid} changed meanwhile: {exc}") from exc
             migration = Migration(
                 ctxt,
                 instance_uuid=instance_uuid,
@@ -188,52 +127,11 @@ class LiveMigrateTask:
         if bandwidth_limit_mb_s is not None:
             self._bandwidth_limits[migration.uuid] = bandwidth_limit_mb_s
         task = asyncio.create_task(
-            self._run(ctxt, instance, migration, host), name=f"live-migrate-{migration.uuid}"
+            self._run(ctxt, instance, migration, host), name=f"live-migration-task-{migration.uuid}"
         )
         self._running[migration.uuid] = task
         task.add_done_callback(lambda _t: self._running.pop(migration.uuid, None))
         return migration.uuid
-
-    @staticmethod
-    def _check_instance(instance: Instance) -> str:
-        if instance.vm_state != VMState.ACTIVE:
-            raise _invalid(f"instance {instance.uuid} is not ACTIVE (vm_state={instance.vm_state})")
-        if instance.locked:
-            raise _invalid(f"instance {instance.uuid} is locked: {instance.locked_reason or '-'}")
-        if instance.task_state is not None:
-            raise _invalid(
-                f"instance {instance.uuid} is busy (task_state={instance.task_state}); "
-                "a live migration needs an idle instance"
-            )
-        if not instance.host:
-            raise _invalid(f"instance {instance.uuid} is not on any host")
-        return instance.host
-
-    def _check_hosts(
-        self, instance: Instance, source: str, dest: str | None, hosts: list[HostState]
-    ) -> None:
-        by_host = {h.host: h for h in hosts}
-        src = by_host.get(source)
-        if src is None or not src.service_up:
-            raise _invalid(f"the source host {source} is down; cannot live-migrate from it")
-        req = ResourceRequest(instance.vcpus, instance.memory_mb, instance.root_gb)
-        if dest is None:
-            try:
-                select_destinations(hosts, req, 1, alternates=0, ignore_hosts=[source])
-            except NoValidHost as exc:
-                raise _invalid(f"no destination for {instance.uuid}: {exc}") from exc
-            return
-        if dest == source:
-            raise _invalid(f"instance {instance.uuid} is already on {dest}")
-        target = by_host.get(dest)
-        if target is None:
-            raise _invalid(f"destination {dest!r} is not a known compute host")
-        if not target.service_up:
-            raise _invalid(f"destination {dest} is down")
-        try:
-            select_destinations(hosts, req, 1, alternates=0, force_host=dest)
-        except NoValidHost as exc:
-            raise _invalid(f"destination {dest} cannot take {instance.uuid}: {exc}") from exc
 
     # --- the task -------------------------------------------------------------------------
 
@@ -503,9 +401,9 @@ class LiveMigrateTask:
         async with self.database.request(ctxt):
             migration = await Migration.get_by_uuid(ctxt, migration_uuid)
         if migration.migration_type != MigrationType.LIVE_MIGRATION:
-            raise _invalid(f"migration {migration_uuid} is not a live migration")
+            raise invalid(f"migration {migration_uuid} is not a live migration")
         if migration.is_finished:
-            raise _invalid(f"migration {migration_uuid} is already {migration.status}")
+            raise invalid(f"migration {migration_uuid} is already {migration.status}")
         return migration
 
     async def live_migration_abort(
@@ -536,7 +434,7 @@ class LiveMigrateTask:
         """Pause the guest so its memory copy converges (only while ``running``)."""
         migration = await self._unfinished(ctxt, migration_uuid)
         if migration.status != MigrationStatus.RUNNING:
-            raise _invalid(
+            raise invalid(
                 f"migration {migration_uuid} is {migration.status}; force-complete needs running"
             )
         await self.compute.live_migration_force_complete(
@@ -548,29 +446,13 @@ class LiveMigrateTask:
 
     async def get_migration(self, ctxt: RequestContext, *, migration_uuid: str) -> dict[str, Any]:
         """The Migration (status, progress bytes) plus the instance's progress percentage."""
-        async with self.database.request(ctxt):
-            migration = await Migration.get_by_uuid(ctxt, migration_uuid)
-            progress: int | None = None
-            try:
-                progress = (await Instance.get_by_uuid(ctxt, migration.instance_uuid)).progress
-            except exception.InstanceNotFound:
-                progress = None
-        return migration_to_dict(migration, progress)
+        return await read_migration(self.database, ctxt, migration_uuid)
 
     async def list_migrations(
         self, ctxt: RequestContext, *, instance_uuid: str | None = None, limit: int = 200
     ) -> list[dict[str, Any]]:
         """Migrations, newest first (of one instance when given)."""
-        async with self.database.request(ctxt):
-            if instance_uuid is not None:
-                found = list(await MigrationList.get_by_instance(ctxt, instance_uuid))
-            else:
-                db = ctxt.db
-                assert db is not None
-                rows = await db.select("migrations", {"deleted": False})
-                found = [Migration._from_db_object(ctxt, Migration(), r) for r in rows]
-        found.sort(key=lambda m: m.id, reverse=True)
-        return [migration_to_dict(m) for m in found[: max(1, int(limit))]]
+        return await read_migrations(self.database, ctxt, instance_uuid, limit)
 
     async def wait(self, migration_uuid: str) -> None:
         """Wait until this conductor's task for the migration ends (tests, tools)."""
