@@ -2,6 +2,10 @@
 
 The host name comes from ``--host``, ``FLEET_HOST`` or the config file. Agents never get a
 database URL: everything they read or write goes through the conductor.
+
+Exit status: 0 stopped, 2 configuration error (or a login or release the fleet refuses),
+3 broker or conductor not reachable within ``[service] start_retry_timeout`` (one line on
+stderr naming what to check; ``--debug`` adds the traceback). See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -10,32 +14,19 @@ import argparse
 import sys
 
 from compute_agent.service import ComputeAgentService
-from shared_objects import exception
-from shared_objects.config import add_config_arguments, config_from_args
+from shared_objects.config import config_from_args
 from shared_objects.log import configure_service_logging
-from shared_objects.service_runner import run, run_service
+from shared_objects.service_runner import add_service_arguments, serve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compute-agent", description=__doc__)
-    add_config_arguments(parser)
+    add_service_arguments(parser)
     parser.add_argument("--host", help="this host's name (default: $FLEET_HOST or hostname)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, prog="compute-agent")
-    if args.host:
-        cfg.host = args.host
     configure_service_logging(cfg, "compute-agent")
-    try:
-        service = ComputeAgentService(cfg)
-    except ValueError as exc:
-        print(f"compute-agent: configuration error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(run_service(service, cfg, "compute-agent"))
-    except (exception.ServiceTooNew, exception.WrongIdentity) as exc:
-        print(f"compute-agent: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return serve("compute-agent", lambda: ComputeAgentService(cfg), cfg, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ survived, and only then does the agent consume RPC (so no new build races the re
 queue exists, the guests' firewalls are brought in line with the database in the background, and
 again after every broker reconnect (rule-change casts a restart dropped are never waited for).
 
-Stop order (SIGTERM): stop consuming (casts not yet started stay in the queue), let running
-handlers finish within the grace period, cancel a rules resync (the next start does one), stop
-the heartbeat, then mark the service down at once
-(``last_seen_up`` cleared): the conductor then treats this host as down and hands the builds
-still queued for it to other hosts instead of waiting ``service_down_time``. The next start
-registers the service, which marks it up again.
+Stop order (SIGTERM), the one both services share (``shared_objects.service_runner``): stop
+consuming and let running handlers finish within the grace period (casts not yet started stay in
+the queue), then unwind what start built, in reverse: live-migration monitors, a rules resync
+(the next start does one), the reconnect hook, builds still running, the resource tracker, the
+upgrade-level refresh, the heartbeat, then the service is marked down at once (``last_seen_up``
+cleared): the conductor then treats this host as down and hands the builds still queued for it
+to other hosts instead of waiting ``service_down_time``. The hypervisor is released and the
+broker connection closed last. The next start registers the service, which marks it up again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import structlog
@@ -46,7 +48,14 @@ from shared_objects.config import ConfigError, FleetConfig
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
-from shared_objects.messaging import MessagingError, RPCServer, Target, Transport, get_transport
+from shared_objects.messaging import (
+    BrokerConnectFailed,
+    MessagingError,
+    RPCServer,
+    Target,
+    Transport,
+    get_transport,
+)
 from shared_objects.metrics import ServiceMetrics
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.service import ServiceReporter
@@ -57,6 +66,7 @@ from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_conductors_not_older
+from shared_objects.startup_retry import retry_at_start
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
@@ -82,7 +92,7 @@ class ComputeAgentService:
         *,
         driver: ComputeDriver | None = None,
         transport: Transport | None = None,
-        conductor_wait: float = 60.0,
+        conductor_wait: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.host = cfg.host
@@ -153,7 +163,6 @@ class ComputeAgentService:
         # Casts that change rules can be lost with the broker: re-apply what the database holds
         # at start and after every reconnect (compute_agent/security_groups.py).
         self.rules_resync = RulesResync(self._resync_rules, self._in_own_context)
-        self._unhook_reconnect: Callable[[], None] | None = None
         self.endpoint = ComputeEndpoint(
             self.build,
             VolumeManager(cfg.host, self.driver, self.notifier, self.calls),
@@ -192,7 +201,11 @@ class ComputeAgentService:
             # report_alive where every live conductor has it (compute_agent/liveness.py).
             beat=beat,
         )
-        self.conductor_wait = conductor_wait
+        self.conductor_wait = (
+            cfg.service.start_retry_timeout if conductor_wait is None else conductor_wait
+        )
+        # What start() built, unwound by stop() (or by start() itself when a step fails).
+        self._running = contextlib.AsyncExitStack()
         self._started = False
         self._contextvars = contextvars.copy_context()
 
@@ -205,16 +218,24 @@ class ComputeAgentService:
         yield admin_context(releases.BINARY_COMPUTE)
 
     async def _wait_for_conductor(self) -> None:
-        """Block until a conductor answers ``ping`` (agents can start before conductors)."""
-        deadline = asyncio.get_running_loop().time() + self.conductor_wait
-        while True:
-            try:
-                await self.conductor.ping(admin_context(), "agent-start", wait=5.0)
-                return
-            except MessagingError as exc:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                log.info("waiting_for_conductor", error=str(exc))
+        """Wait until a conductor answers ``ping`` (agents can start before conductors)."""
+        topic = self.conductor.client.target.topic
+        # A few pings within the bound, each waiting at most 5 s.
+        ping_wait = min(5.0, max(self.conductor_wait / 3, 0.5))
+
+        def describe(exc: BaseException) -> str:
+            return (
+                f"no conductor answered on topic {topic!r} ({short(exc)}): is a conductor "
+                "running, on the same broker vhost and control exchange?"
+            )
+
+        await retry_at_start(
+            "conductor",
+            lambda: self.conductor.ping(admin_context(), "agent-start", wait=ping_wait),
+            bound=self.conductor_wait,
+            retry_on=(MessagingError,),
+            describe=describe,
+        )
 
     def check_identity(self) -> None:
         """Refuse to run on a broker login that is not this host's: the conductor would refuse
@@ -247,22 +268,51 @@ class ComputeAgentService:
         await self._in_own_context(self._start())
 
     async def _start(self) -> None:
+        """Build the agent step by step; each step's undo is pushed on an ``AsyncExitStack``
+        before the step runs, so a step that fails unwinds what the steps before it built (in
+        reverse) and re-raises: a failed start leaves no connection or task behind."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            instances = await self._build_running(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._running = stack
+        self._started = True
+        log.info("compute_agent_started", host=self.host, instances=len(instances))
+
+    async def _build_running(self, stack: contextlib.AsyncExitStack) -> list[Any]:
+        # Needs no connection: a login that is not this host's is a configuration error.
         self.check_identity()
         if self._own_transport:
-            await self.transport.connect()
+            stack.push_async_callback(self.transport.close)
+            await retry_at_start(
+                "broker",
+                self.transport.connect,
+                bound=self.cfg.service.start_retry_timeout,
+                retry_on=(BrokerConnectFailed,),
+                describe=str,
+            )
         # Every remotable object call in this process goes to the conductor.
         FleetObject.indirection_api = self.conductor
+        stack.callback(self._forget_indirection_api)
         await self._wait_for_conductor()
         ctxt = admin_context(releases.BINARY_COMPUTE)
         await check_conductors_not_older(
             ctxt, releases.BINARY_COMPUTE, self.cfg.service.service_down_time
         )
+        stack.push_async_callback(self.driver.cleanup_host)
         await self.driver.init_host(self.host)
+        # Registering marks the service up: from here on, unwinding marks it down again.
+        stack.push_async_callback(self._mark_down)
+        stack.push_async_callback(self.reporter.stop)
         await self.reporter.start()
+        stack.push_async_callback(self.levels.stop)
         await self.levels.start()
         instances = await recover_instances(ctxt, self.host, self.driver, self.calls)
         # Interrupted live migrations (source or destination side) settle before claims.
         instances = await self.live_migration.recover(ctxt, instances)
+        stack.push_async_callback(self._stop_tracker)
         await self.tracker.start(ctxt, instances)
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
@@ -271,43 +321,41 @@ class ComputeAgentService:
         for client in (self.conductor.client, self.tasks.client, self.compute.client):
             self.metrics.watch_rpc("client", client.stats)
         self.metrics.watch_transport(self.transport.stats)
+        # Builds come in through the server: they stop after it (stop() drains it first).
+        stack.push_async_callback(self.build.stop)
+        stack.push_async_callback(self.server.stop, 0)
         await self.server.start()
         # After the queue exists: a rule change committed from here on is cast into it (or,
         # if the cast is lost with the broker, the reconnect's resync reads it).
-        self._unhook_reconnect = self.transport.on_reconnect(
-            lambda: self.rules_resync.request("reconnect")
-        )
+        stack.callback(self.transport.on_reconnect(lambda: self.rules_resync.request("reconnect")))
+        stack.push_async_callback(self.rules_resync.stop)
         self.rules_resync.start()
+        stack.push_async_callback(self.live_migration.stop)
         self.live_migration.start()
-        self._started = True
-        log.info("compute_agent_started", host=self.host, instances=len(instances))
+        return list(instances)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking work, let in-flight builds finish (up to ``grace``), then disconnect."""
+        """Stop in the order both services share (``shared_objects.service_runner``): stop
+        taking work and drain (up to ``grace``), then unwind what ``start`` built, in reverse
+        (see the module docstring)."""
         await self._in_own_context(self._stop(grace))
 
     async def _stop(self, grace: float | None = None) -> None:
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
         await self.server.stop(grace=grace)
-        if self._unhook_reconnect is not None:
-            self._unhook_reconnect()
-            self._unhook_reconnect = None
-        await self.rules_resync.stop()
-        await self.live_migration.stop()
-        await self.build.stop()
-        await self.levels.stop()
-        await self.reporter.stop()
-        if self._started:
-            await self._mark_down()
-        with contextlib.suppress(MessagingError):
-            await self.tracker.stop()
-        await self.driver.cleanup_host()
-        if self._own_transport:
-            await self.transport.close()
-        if FleetObject.indirection_api is self.conductor:
-            FleetObject.indirection_api = None
+        stack, self._running = self._running, contextlib.AsyncExitStack()
+        await stack.aclose()
         self._started = False
         log.info("compute_agent_stopped", host=self.host)
+
+    async def _stop_tracker(self) -> None:
+        # Its last usage report goes to the conductor: not worth waiting for through an outage.
+        with contextlib.suppress(MessagingError):
+            await self.tracker.stop()
+
+    def _forget_indirection_api(self) -> None:
+        if FleetObject.indirection_api is self.conductor:
+            FleetObject.indirection_api = None
 
     async def _resync_rules(self, reason: str) -> None:
         await self.security.resync(admin_context(releases.BINARY_COMPUTE), self.calls, reason)

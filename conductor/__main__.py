@@ -1,7 +1,9 @@
 """``conductor`` console script: run one conductor until SIGTERM/SIGINT.
 
-Exits with status 2 and a one-line reason when the configuration is invalid or the database
-schema is not at this release's head (run ``fleetctl db upgrade``).
+Exit status: 0 stopped, 2 configuration error or a refusal to start as configured (schema not
+at this release's head: run ``fleetctl db upgrade``; a broker login that is not a conductor's),
+3 database or broker not reachable within ``[service] start_retry_timeout`` (one line on
+stderr naming what to check; ``--debug`` adds the traceback). See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -10,16 +12,15 @@ import argparse
 import sys
 
 from conductor.service import ConductorService
-from shared_objects import exception
-from shared_objects.config import add_config_arguments, config_from_args
+from shared_objects.config import config_from_args
 from shared_objects.log import configure_service_logging
 from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
-from shared_objects.service_runner import run, run_service
+from shared_objects.service_runner import add_service_arguments, serve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conductor", description=__doc__)
-    add_config_arguments(parser)
+    add_service_arguments(parser)
     parser.add_argument(
         "--topic",
         default=CONDUCTOR_TOPIC,
@@ -29,12 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, prog="conductor")
     configure_service_logging(cfg, "conductor")
-    try:
-        run(run_service(ConductorService(cfg, topic=args.topic), cfg, "conductor"))
-    except (exception.SchemaNotAtHead, exception.ServiceTooOld, exception.WrongIdentity) as exc:
-        print(f"conductor: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return serve(
+        "conductor", lambda: ConductorService(cfg, topic=args.topic), cfg, debug=args.debug
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from shared_objects.log import configure_logging
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import InstanceList
+from shared_objects.testing import isolation
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import create_database, private_vhost, vhost_url
 
@@ -68,6 +69,14 @@ async def fresh_database(name: str) -> str:
     return await create_database(name, replace=True)
 
 
+@contextlib.asynccontextmanager
+async def demo_database() -> AsyncIterator[tuple[str, str]]:
+    """A database of the demo's own (a unique name: two demos, or a demo beside a cluster, never
+    share or drop each other's), dropped at the end. Yields (name, URL)."""
+    async with isolation.fresh_database("fleet_demo") as url:
+        yield url.rpartition("/")[2], url
+
+
 async def print_fleet(cluster: LocalCluster) -> None:
     insts = sorted(await InstanceList.get_all(cluster.ctxt), key=lambda i: i.name or "")
     print(render_table([object_dict(i, INSTANCE_COLUMNS) for i in insts], INSTANCE_COLUMNS))
@@ -95,9 +104,8 @@ async def follow_migration(cluster: LocalCluster, migration_uuid: str) -> dict[s
 
 async def demo(workdir: Path) -> int:
     started = time.monotonic()
-    async with demo_broker() as (vhost, logins):
-        say("creating a fresh PostgreSQL database 'fleet_demo' and RabbitMQ vhost " + vhost)
-        db_url = await fresh_database("fleet_demo")
+    async with demo_broker() as (vhost, logins), demo_database() as (db_name, db_url):
+        say(f"created a fresh PostgreSQL database {db_name!r} and RabbitMQ vhost {vhost}")
         spec = ClusterSpec(
             database_url=db_url,
             transport_url=vhost_url(vhost),

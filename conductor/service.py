@@ -14,7 +14,9 @@ from typing import Any
 
 import structlog
 
+from conductor.census import Census
 from conductor.db import migration
+from conductor.db.connect_errors import DATABASE_CONNECT_ERRORS, describe_database_failure
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
 from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
@@ -28,7 +30,13 @@ from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.config import FleetConfig
 from shared_objects.context import admin_context
 from shared_objects.identity import Identities, Role
-from shared_objects.messaging import RPCServer, Target, Transport, get_transport
+from shared_objects.messaging import (
+    BrokerConnectFailed,
+    RPCServer,
+    Target,
+    Transport,
+    get_transport,
+)
 from shared_objects.metrics import ServiceMetrics
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.policy import CONDUCTOR_RPC_POLICY
@@ -36,9 +44,20 @@ from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_computes_supported
+from shared_objects.startup_retry import retry_at_start
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
+from shared_objects.url_secrets import mask_url
 
 log = structlog.get_logger(__name__)
+
+# A stop marks the service down within this many seconds, or leaves it to go down by silence.
+_MARK_DOWN_TIMEOUT = 5.0
+
+_MARK_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    exception.FleetException,
+    *DATABASE_CONNECT_ERRORS,
+)
 
 
 class ConductorService:
@@ -122,6 +141,7 @@ class ConductorService:
         self.metrics = ServiceMetrics("conductor", host=cfg.host)
         self.liveness.export_metrics(self.metrics.registry)
         self._census: asyncio.Task[None] | None = None
+        self.census = Census(self.metrics, service_down_time=cfg.service.service_down_time)
         self.metrics.watch_rpc("server", self.server.stats)
         self.server.latency_observer = self.metrics.latency_observer("server")
         self.metrics.watch_transport(self.transport.stats)
@@ -135,6 +155,8 @@ class ConductorService:
             batch=cfg.conductor.reconcile_batch,
             registry=self.metrics.registry,
         )
+        # What start() built, unwound by stop() (or by start() itself when a step fails).
+        self._running = contextlib.AsyncExitStack()
         self.reporter = ServiceReporter(
             self._db_context,
             host=cfg.host,
@@ -151,35 +173,65 @@ class ConductorService:
             yield ctxt
 
     async def start(self) -> None:
-        """Check the identity (``WrongIdentity``) and the schema (``SchemaNotAtHead``), connect,
-        serve, register."""
-        head = await migration.check_at_head(self.cfg.database.url)
-        self.check_identity()
+        """Check the identity (``WrongIdentity``), wait for the database and check its schema
+        (``SchemaNotAtHead``), wait for the broker, serve, register, start the periodic work.
+
+        Each step's undo is pushed on an ``AsyncExitStack`` before the step runs: a step that
+        fails unwinds everything the steps before it built (in reverse) and re-raises, so a
+        failed start leaves no connection, task or database pool behind. The broker and the
+        database are retried for ``[service] start_retry_timeout`` seconds; past it,
+        ``StartupFailed`` (one line).
+        """
+        stack = contextlib.AsyncExitStack()
         try:
-            if self._own_transport:
-                await self.transport.connect()
-            async with self._db_context() as ctxt:
-                await check_computes_supported(ctxt, self.cfg.service.service_down_time)
-            await self.server.start()
-            await self.reporter.start()
-            await self.levels.start()
+            head = await self._start(stack)
         except BaseException:
-            await self._unwind_start()
+            await stack.aclose()
             raise
-        self._census = asyncio.create_task(self._count_instances(), name="instance-census")
-        # Last: its first pass may cast to agents, which needs the levels read above.
-        self.reconciler.start()
+        self._running = stack
         log.info("conductor_started", host=self.cfg.host, schema=head)
 
-    async def _unwind_start(self) -> None:
-        """Undo what a failed ``start`` built, in reverse (each step is idempotent)."""
-        await self.levels.stop()
-        await self.reporter.stop()
-        await self.server.stop(grace=0)
-        await self.liveness.stop()
+    async def _start(self, stack: contextlib.AsyncExitStack) -> str:
+        # Needs no connection: a login of the wrong role is a configuration error (exit 2).
+        self.check_identity()
+        bound = self.cfg.service.start_retry_timeout
+        url = self.cfg.database.url
+        stack.push_async_callback(self.database.dispose)
+        head = await retry_at_start(
+            "database",
+            lambda: migration.check_at_head(url),
+            bound=bound,
+            retry_on=DATABASE_CONNECT_ERRORS,
+            describe=lambda exc: (
+                f"cannot open the database {mask_url(url)}: {describe_database_failure(exc)}"
+            ),
+        )
         if self._own_transport:
-            await self.transport.close()
-        await self.database.dispose()
+            stack.push_async_callback(self.transport.close)
+            await retry_at_start(
+                "broker",
+                self.transport.connect,
+                bound=bound,
+                retry_on=(BrokerConnectFailed,),
+                describe=str,
+            )
+        async with self._db_context() as ctxt:
+            await check_computes_supported(ctxt, self.cfg.service.service_down_time)
+        # Unwound after the server stopped: beats it accepted are written (and answered).
+        stack.push_async_callback(self.liveness.stop)
+        stack.push_async_callback(self.server.stop, 0)
+        await self.server.start()
+        stack.push_async_callback(self._mark_down)
+        stack.push_async_callback(self.reporter.stop)
+        await self.reporter.start()
+        stack.push_async_callback(self.levels.stop)
+        await self.levels.start()
+        stack.push_async_callback(self._stop_census)
+        self._census = asyncio.create_task(self._count_instances(), name="instance-census")
+        # Last: its first pass may cast to agents, which needs the levels read above.
+        stack.push_async_callback(self.reconciler.stop)
+        self.reconciler.start()
+        return head
 
     def check_identity(self) -> None:
         """Refuse to run on a login that is not a conductor's: agents would refuse its calls
@@ -202,39 +254,51 @@ class ConductorService:
             )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop in this order: the reconciler (no new periodic work; a pass cut short leaves
-        nothing half done, each step being a compare-and-swap of its own), the upgrade-level
-        refresh and the census, the heartbeat, then drain in-flight requests, write the agents'
-        pending beats, disconnect, and close the database last (everything above may still use
-        it)."""
-        await self.reconciler.stop()
-        await self.levels.stop()
-        if self._census is not None:
-            self._census.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._census
-        await self.reporter.stop()
+        """Stop in the order both services share (``shared_objects.service_runner``):
+
+        1. stop taking work: the RPC server stops consuming and lets in-flight requests finish
+           for up to ``grace`` seconds;
+        2. unwind what ``start`` built, in reverse: the reconciler (a pass cut short leaves
+           nothing half done, each step being a compare-and-swap of its own), the instance
+           census, the upgrade-level refresh, the heartbeat, then the service is marked down at
+           once (``last_seen_up`` cleared), the agents' pending beats are written, the broker
+           connection closes, and the database closes last (everything above may use it).
+        """
         await self.server.stop(grace=grace if grace is not None else self._grace())
-        # Beats still pending are written (and answered, if their callers still wait).
-        await self.liveness.stop()
-        if self._own_transport:
-            await self.transport.close()
-        await self.database.dispose()
+        stack, self._running = self._running, contextlib.AsyncExitStack()
+        await stack.aclose()
         log.info("conductor_stopped", host=self.cfg.host)
 
+    async def _stop_census(self) -> None:
+        census, self._census = self._census, None
+        if census is not None:
+            census.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await census
+
+    async def _mark_down(self) -> None:
+        """Clear ``last_seen_up``: this conductor is down from now on, not ``service_down_time``
+        after its last heartbeat. Bounded: a stop must not hang on a database outage (the
+        service then goes down the usual way, by silence)."""
+        service = self.reporter.service
+        if service is None:
+            return
+        try:
+            async with asyncio.timeout(_MARK_DOWN_TIMEOUT), self._db_context() as ctxt:
+                service._context = ctxt
+                service.last_seen_up = None
+                await service.save()
+        except _MARK_DOWN_ERRORS as exc:
+            log.warning("service_mark_down_failed", host=self.cfg.host, error=str(exc))
+            return
+        log.info("service_marked_down", host=self.cfg.host)
+
     async def _count_instances(self) -> None:
-        """``fleet_instances{vm_state}`` every report interval: one grouped read."""
+        """The census (``conductor/census.py``) every report interval."""
         while True:
             try:
                 async with self._db_context() as ctxt:
-                    rows = await ctxt.db.select(
-                        "instances", {"deleted": False}, columns=["vm_state"]
-                    )
-                counts: dict[str, int] = {}
-                for row in rows:
-                    state = str(row["vm_state"])
-                    counts[state] = counts.get(state, 0) + 1
-                self.metrics.set_instances(counts)
+                    await self.census.run_once(ctxt)
             except asyncio.CancelledError:
                 raise
             except Exception:

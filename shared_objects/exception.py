@@ -123,6 +123,9 @@ class ObjectActionError(FleetException):
 
 
 class NotFound(FleetException):
+    # Expected answers to a request, not faults: the RPC server logs them at this level without
+    # a traceback (shared_objects/messaging/server.py); subclasses inherit it.
+    rpc_log_level: ClassVar[str] = "info"
     msg_fmt = "Resource could not be found."
 
 
@@ -167,6 +170,7 @@ class InstanceFaultNotFound(NotFound):
 
 
 class Conflict(FleetException):
+    rpc_log_level: ClassVar[str] = "info"
     msg_fmt = "Conflicting change."
 
 
@@ -245,6 +249,7 @@ class Forbidden(FleetException):
     # Marks the refusal for the RPC runtime (shared_objects/messaging/authorization.py): counted
     # as outcome "forbidden", never logged there with a traceback (the audit line says it all).
     rpc_outcome: ClassVar[str] = "forbidden"
+    rpc_log_level: ClassVar[str] = "warning"
 
 
 class WrongIdentity(FleetException):
@@ -267,6 +272,7 @@ class InvalidRequest(FleetException):
     """An operator or API request that cannot be carried out as asked (nothing was changed)."""
 
     msg_fmt = "Invalid request: %(reason)s"
+    rpc_log_level: ClassVar[str] = "info"
 
 
 class ServiceTooNew(FleetException):
@@ -308,6 +314,8 @@ class NoValidHost(FleetException):
     """The scheduler found no host for a request; ``reasons`` says why each host was dropped."""
 
     msg_fmt = "No valid host was found. %(placed)s%(reasons)s"
+    # An answer to the request, not a fault: logged without a traceback where it crosses RPC.
+    rpc_log_level: ClassVar[str] = "warning"
 
 
 class InsufficientResources(FleetException):

@@ -31,11 +31,20 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.exposition import generate_latest
 
 from shared_objects.http import HTTPEndpoint, Response
 from shared_objects.log import get_logger
+from shared_objects.version import VERSION
 
 if TYPE_CHECKING:
     from shared_objects.config import ServiceConfig
@@ -108,11 +117,16 @@ class ServiceMetrics:
         self,
         service: str,
         host: str = "",
-        version: str = "",
+        version: str = VERSION,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         reg = self.registry
+        # The standard ones every Prometheus client exports (process_*, python_info,
+        # python_gc_*): a registry of our own has none unless told. They read the process, so
+        # several services in one test process show the same values, which is harmless.
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            reg.register(standard)
         self.service = service
         self.info = Gauge(
             "fleet_service_info",

@@ -3,7 +3,6 @@ loader prefixes it with the key as the user wrote it) or None."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
@@ -134,13 +133,17 @@ def check_database_url(url: str) -> str | None:
     return None
 
 
-_VERSION_CAP = re.compile(r"^(auto|\d+\.\d+|[a-z][a-z0-9_-]*)$")
-
-
 def check_version_cap(v: str) -> str | None:
-    if _VERSION_CAP.match(v):
+    # The same rule as shared_objects.upgrade_levels.parse_level, checked here so that a level
+    # no release knows is a configuration error (and --print-config shows none).
+    from shared_objects import releases
+
+    known = {"auto"} | {r.name for r in releases.RELEASES}
+    known |= {r.compute_rpc_api for r in releases.RELEASES}
+    if v in known:
         return None
-    return f'must be "auto", an RPC version like "6.2" or a release name; got {v!r}'
+    choices = ", ".join(sorted(known))
+    return f"must be one of {choices} (auto, a release name or a compute RPC version); got {v!r}"
 
 
 def check_host(v: str) -> str | None:

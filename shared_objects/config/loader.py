@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
-from shared_objects.config._checks import FALSE_WORDS, TRUE_WORDS
+from shared_objects.config._checks import FALSE_WORDS, TRUE_WORDS, check_host
 from shared_objects.config.sections import FleetConfig
 from shared_objects.url_secrets import mask_url, split_authority
 
@@ -181,6 +181,8 @@ def _apply_file(cfg: FleetConfig, path: Path, origins: Origins) -> None:
 
 
 def _check_retired(env: Mapping[str, str]) -> None:
+    """A retired variable alone is refused (it would be silently lost); beside its
+    replacement it is ignored."""
     for var in sorted(env):
         if "__" in var:
             continue
@@ -188,6 +190,10 @@ def _check_retired(env: Mapping[str, str]) -> None:
             if var.startswith(prefix):
                 key = var[len(prefix) :].lower()
                 section, key = _RETIRED_RENAMED.get((prefix, key), (section, key))
+                if f"FLEET_{section.upper()}__{key.upper()}" in env:
+                    # Both names set: an environment shared by two releases during a rolling
+                    # upgrade (the old name for the older agents). The new name wins.
+                    continue
                 raise ConfigError(
                     f"{var}: no longer read; set [{section}] {key} instead "
                     f"(FLEET_{section.upper()}__{key.upper()})"
@@ -335,8 +341,17 @@ def config_from_args(
     environ: Mapping[str, str] | None = None,
     prog: str | None = None,
 ) -> FleetConfig:
-    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config."""
+    """The config named by ``args``: exit 2 on error; print it and exit 0 for --print-config.
+
+    A ``--host`` option, where the program has one, overrides the config (and is what
+    ``--print-config`` shows: exactly what would run)."""
     cfg = load_config_or_exit(getattr(args, "config", None), environ, prog)
+    host = getattr(args, "host", None)
+    if host is not None:
+        error = check_host(host)
+        if error is not None:
+            _exit_config_error(ConfigError(f"--host: {error}"), prog)
+        cfg.host = host
     if getattr(args, "print_config", False):
         sys.stdout.write(format_config(cfg))
         raise SystemExit(0)

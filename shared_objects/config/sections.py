@@ -82,6 +82,9 @@ class ServiceConfig:
     # Seconds an agent's flow (build, delete, volumes, live migration) keeps retrying one call
     # through a database or broker outage before it settles to its failure outcome.
     outage_retry_timeout: float = dataclasses.field(default=120.0, metadata=meta(at_least(0)))
+    # Seconds a starting service keeps retrying the broker, the database (conductor) and the
+    # first conductor answer (agent), with backoff, before it exits with status 3.
+    start_retry_timeout: float = dataclasses.field(default=60.0, metadata=meta(at_least(0)))
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata=meta(non_empty))
     # 0 disables the endpoint: several services on one host would otherwise fight over a port.
     metrics_port: int = dataclasses.field(default=0, metadata=meta(port))

@@ -7,6 +7,7 @@ from shared_objects.messaging.authorization import Authorizer, ReplyFrom
 from shared_objects.messaging.client import CallContext, RPCClient
 from shared_objects.messaging.dispatcher import expose
 from shared_objects.messaging.exceptions import (
+    BrokerConnectFailed,
     ExpectedException,
     InvalidTarget,
     MalformedMessage,
@@ -36,6 +37,7 @@ from shared_objects.messaging.versions import version_is_compatible
 
 __all__ = [
     "Authorizer",
+    "BrokerConnectFailed",
     "CallContext",
     "ExpectedException",
     "InvalidTarget",

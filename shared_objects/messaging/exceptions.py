@@ -90,6 +90,11 @@ class MessageDeliveryFailure(MessagingError):
     """The broker did not accept a message (connection lost, channel closed, nack, no route)."""
 
 
+class BrokerConnectFailed(MessageDeliveryFailure):
+    """The first connection to the broker failed on every host of the transport URL. The
+    message is one line: the URL (password masked), the reason and what to check."""
+
+
 class MessageUndeliverable(MessageDeliveryFailure):
     """A mandatory message was returned (``basic.return``, NO_ROUTE): no queue is bound for it
     right now. Raised at once for calls and casts addressed to one server (``Target.server``)

@@ -39,8 +39,10 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
 from aio_pika.robust_connection import RobustConnection
 from pamqp.commands import Basic
 
+from shared_objects.messaging.connect_errors import describe_broker_failure
 from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
 from shared_objects.messaging.exceptions import (
+    BrokerConnectFailed,
     MessageDeliveryFailure,
     MessageRejected,
     MessageUndeliverable,
@@ -48,7 +50,6 @@ from shared_objects.messaging.exceptions import (
 )
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
 from shared_objects.messaging.urls import ParsedURL
-from shared_objects.tls import describe_tls_failure
 
 log = structlog.get_logger(__name__)
 
@@ -359,17 +360,20 @@ class RabbitDriver(Driver):
                 break
             except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
                 last_error = exc
-                log.warning("broker_connect_failed", url=str(connection), error=repr(exc))
+                log.warning(
+                    "broker_connect_failed",
+                    url=str(connection),
+                    error=describe_broker_failure(exc),
+                )
                 await connection.close()
         else:
             assert last_error is not None
-            tls_failure = describe_tls_failure(last_error)
-            if tls_failure is not None:
-                # One line an operator can act on (wrong CA, wrong host name, expired ...).
-                raise MessageDeliveryFailure(
-                    f"cannot connect to any broker host: {tls_failure} (last tried {connection})"
-                ) from last_error
-            raise MessageDeliveryFailure(f"cannot connect to any broker host: {last_error!r}")
+            # One line an operator can act on (a refused login, a missing vhost, a wrong CA ...)
+            # and the URL, password masked: never aio-pika's repr of an AMQP frame.
+            raise BrokerConnectFailed(
+                f"cannot connect to the broker at {connection}: "
+                f"{describe_broker_failure(last_error)}"
+            ) from last_error
         connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection = connection
         self._publisher = await connection.channel(publisher_confirms=self._publisher_confirms)

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import contextvars
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -114,6 +115,8 @@ DUPLICATE_CHECK_SIZE = 16
 _MAX_ROUTING_KEY = 255
 # Errors that describe the request, not a server fault: logged without a traceback.
 _CLIENT_ERRORS = (NoSuchMethod, UnsupportedVersion, MalformedMessage)
+# ``rpc_log_level`` an exception class may set (duck-typed: this layer imports no error tree).
+_REQUEST_ERROR_LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 
 
 class _Refused(Exception):
@@ -489,14 +492,27 @@ class RPCServer:
         # An error class may name its own outcome (Forbidden, DatabaseUnavailable...): the
         # metrics then tell a database outage from a bug.
         own = getattr(exc, "rpc_outcome", None)
+        # An error class may also say it describes the request (a missing instance, a refusal,
+        # no valid host): logged at its level without a traceback, and not counted as a fault.
+        level = getattr(exc, "rpc_log_level", None)
         if isinstance(own, str) and own:
             outcome = own
+        elif isinstance(exc, _CLIENT_ERRORS) or level in _REQUEST_ERROR_LEVELS:
+            outcome = "client_error"
         else:
-            outcome = "client_error" if isinstance(exc, _CLIENT_ERRORS) else "error"
+            outcome = "error"
         self._stats.record(label, outcome)
         if not expected and isinstance(exc, _CLIENT_ERRORS):
             log.warning(
                 "rpc_request_rejected", error=f"{type(exc).__name__}: {exc}", cast=reply is None
+            )
+        elif not expected and level in _REQUEST_ERROR_LEVELS:
+            log.log(
+                _REQUEST_ERROR_LEVELS[level],
+                "rpc_request_failed",
+                method=label,
+                error=f"{type(exc).__name__}: {exc}",
+                cast=reply is None,
             )
         elif not expected:
             log.error("rpc_handler_failed", cast=reply is None, exc_info=exc)

@@ -256,7 +256,7 @@ async def test_driver_errors_between_releases_reach_callers_as_they_did(
         agent_source={OLD: release_tree(old_name)},
         agent_env={
             OLD: {"FLEET_FAKE_FAILURES": "check_can_live_migrate_destination:*"},
-            NEW: {"FLEET_FAKE_FAILURES": "pre_live_migration:*"},
+            NEW: {"FLEET_COMPUTE__FAILURES": "pre_live_migration:*"},
         },
         common_env={"FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL": "1"},
         legacy_shared_login=shared,

@@ -6,11 +6,16 @@ dev dependencies) before the demo runs, about a minute with a warm pip cache.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import asyncpg
 import pytest
+
+from shared_objects.testing.isolation import PG_ADMIN_DSN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,3 +39,15 @@ def test_make_demo_from_a_fresh_clone_exits_0_and_prints_the_fleet(tmp_path: Pat
     assert header and "vm_state" in header[0], tail
     rows = [line for line in done.stdout.splitlines() if "| active" in line]
     assert len(rows) == 6, tail
+    # Its own database (a unique name), dropped at the end.
+    names = re.findall(r"PostgreSQL database '(fleet_demo_[0-9a-f]{12})'", done.stdout)
+    assert len(names) == 1, done.stdout[:2000]
+    assert not asyncio.run(database_exists(names[0]))
+
+
+async def database_exists(name: str) -> bool:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()

@@ -538,3 +538,12 @@ def test_cluster_override_points_every_fleet_service_at_the_three_nodes(
         assert "rabbitmq" not in depends, name
         assert {d for d in depends if d.startswith("rabbitmq-")} == set(CLUSTER_NODES), name
         assert all(depends[d]["condition"] == "service_healthy" for d in CLUSTER_NODES), name
+
+
+def test_services_do_not_restart_forever_on_a_configuration_error(
+    compose: dict[str, Any],
+) -> None:
+    # Compose cannot exclude exit 2 (configuration) the way systemd's RestartPreventExitStatus
+    # does: a bounded on-failure stops a broken configuration from looping.
+    for name in ("conductor", *AGENTS):
+        assert compose["services"][name]["restart"] == "on-failure:5", name

@@ -90,3 +90,19 @@ def test_env_example_logs_each_host_in_as_itself() -> None:
     conductor = urlsplit(conductor_url).username
     assert identities.resolve(conductor).role is Role.CONDUCTOR
     assert {login, conductor}.isdisjoint({"guest", "fleet", "admin"})
+
+
+def test_version_caps_shown_as_examples_are_accepted() -> None:
+    # Every quoted version the example's [upgrade_levels] section and the docs' row for
+    # [upgrade_levels] compute offer (the docs once showed "6.2", which no release speaks).
+    example = TOML_EXAMPLE.read_text(encoding="utf-8")
+    section = example.split("[upgrade_levels]", 1)[1].split("\n[", 1)[0]
+    row = next(
+        line
+        for line in OPERATIONS.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `compute` |")
+    )
+    shown = set(re.findall(r'["`](auto|\d+\.\d+)["`]', section + row))
+    assert {"auto", "1.2"} <= shown
+    for value in shown:
+        assert load_config({"FLEET_COMPUTE_VERSION_CAP": value}).upgrade_levels.compute == value

@@ -205,3 +205,9 @@ def test_credential_files_feed_the_config_like_systemd_would(tmp_path: Path) -> 
     assert cfg.messaging.transport_url.startswith("rabbit://fleet-conductor-1:s3/cr,et@")
     assert cfg.database.url.endswith("@db:5432/fleet")
     assert "s3" not in format_config(cfg)
+
+
+@pytest.mark.parametrize(("unit", "program"), sorted(UNITS.items()))
+def test_reload_sends_sighup_to_the_main_process(unit: str, program: str) -> None:
+    # SIGHUP is what the service runner handles (shared_objects/service_runner.py).
+    assert one(directives(UNIT_DIR / unit), "ExecReload") == "/bin/kill -HUP $MAINPID"

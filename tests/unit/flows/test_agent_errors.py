@@ -45,7 +45,7 @@ async def test_a_driver_failure_on_the_destination_reaches_the_caller_as_the_sha
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
         client = (
-            fleet.endpoint.live_migrate.compute
+            fleet.endpoint.live_migration.compute
             if caller == "conductor"
             else fleet.agents[caller].live_migration.compute
         )

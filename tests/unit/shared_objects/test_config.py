@@ -53,7 +53,7 @@ def test_short_environment_aliases_set_their_options() -> None:
             "FLEET_LOG_FORMAT": "json",
             "FLEET_LOG_LEVEL": "debug",
             "FLEET_METRICS_PORT": "9464",
-            "FLEET_COMPUTE_VERSION_CAP": "6.1",
+            "FLEET_COMPUTE_VERSION_CAP": "1.2",
         }
     )
     assert cfg.host == "compute-7"
@@ -62,7 +62,7 @@ def test_short_environment_aliases_set_their_options() -> None:
     assert cfg.database.url.endswith("/fleet")
     assert (cfg.logging.format, cfg.logging.level) == ("json", "debug")
     assert cfg.service.metrics_port == 9464
-    assert cfg.upgrade_levels.compute == "6.1"
+    assert cfg.upgrade_levels.compute == "1.2"
 
 
 def test_generic_environment_names_convert_types() -> None:
@@ -296,3 +296,10 @@ def test_compute_section_feeds_the_fake_driver_config() -> None:
     assert driver.failures == "spawn:1"
     assert str(driver.state_dir) == "/tmp/fleet-state-x"
     assert driver.hypervisor_hostname is None
+
+
+def test_version_cap_accepts_what_the_docs_show_and_refuses_unknown_levels() -> None:
+    for level in ("auto", "1.0", "1.2", "1.1"):
+        assert load_config({"FLEET_COMPUTE_VERSION_CAP": level}).upgrade_levels.compute == level
+    with pytest.raises(ConfigError, match=r"FLEET_COMPUTE_VERSION_CAP.*got '6\.2'"):
+        load_config({"FLEET_COMPUTE_VERSION_CAP": "6.2"})

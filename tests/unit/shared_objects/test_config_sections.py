@@ -86,6 +86,15 @@ def test_retired_variables_are_refused_with_their_replacement(var: str, replacem
     assert replacement in str(info.value)
 
 
+def test_a_retired_variable_beside_its_replacement_is_ignored() -> None:
+    # One environment for two releases during a rolling upgrade: the old name for the older
+    # agents, the new one for these.
+    cfg = load_config(
+        {"FLEET_FAKE_FAILURES": "spawn:1", "FLEET_COMPUTE__FAILURES": "pre_live_migration:*"}
+    )
+    assert cfg.compute.failures == "pre_live_migration:*"
+
+
 def test_trace_object_versions_short_name_and_option() -> None:
     assert load_config({}).logging.trace_object_versions is False
     assert load_config({"FLEET_TRACE_OBJECT_VERSIONS": "1"}).logging.trace_object_versions

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared_objects.config import ServiceConfig
 from shared_objects.metrics import MetricsServer, ServiceMetrics
+from shared_objects.version import VERSION
 
 
 class MessagingTimeout(Exception):
@@ -59,7 +60,7 @@ def test_track_rpc_counts_outcomes_latency_and_in_flight() -> None:
     )
     assert value(text, "fleet_rpc_latency_seconds_count", method="build", role="server") == 3
     assert value(text, "fleet_rpc_in_flight", role="server") == 0
-    assert value(text, "fleet_service_info", service="conductor", host="c1", version="") == 1
+    assert value(text, "fleet_service_info", service="conductor", host="c1", version=VERSION) == 1
 
 
 async def test_cancelled_call_is_counted_as_cancelled() -> None:
@@ -172,3 +173,11 @@ async def test_from_config_binds_the_configured_loopback_port() -> None:
     async with MetricsServer.from_config(cfg, ServiceMetrics("x")) as server:
         assert server.port == free
         assert (await http_get(free, "/healthz"))[0] == 200
+
+
+def test_metrics_carry_the_version_and_the_standard_collectors() -> None:
+    text = ServiceMetrics("compute-agent", host="c1").render().decode()
+    assert f'fleet_service_info{{host="c1",service="compute-agent",version="{VERSION}"}}' in text
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert f"\n{name}" in text, name
+    assert "python_gc_collections_total" in text
