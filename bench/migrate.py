@@ -32,15 +32,15 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+from boot import percentile, scrape_server_calls
 
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
@@ -59,33 +59,6 @@ AGENT_ENV = {
     "FLEET_COMPUTE__SPAWN_DELAY": "0",
     "FLEET_COMPUTE__MIGRATION": "time_scale=0",
 }
-
-
-_SAMPLE = re.compile(r"^fleet_rpc_calls_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
-
-
-def scrape_server_calls(port: int) -> dict[str, float]:
-    """``{method: calls}`` the service on ``port`` served (role server, every outcome)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    calls: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-        if labels.get("role") == "server":
-            method = labels.get("method", "?")
-            calls[method] = calls.get(method, 0.0) + float(match.group(2))
-    return calls
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
-    return ordered[index]
 
 
 def _stamp(value: str) -> float:
