@@ -62,7 +62,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +71,10 @@ from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import free_port
 
 HERE = Path(__file__).resolve().parent
-PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = "rabbit://guest:guest@127.0.0.1:5672/"
 TARGET = 0.5
 # "calls" (only with --decompose): every object call of the build, without the build flow.
@@ -94,48 +93,6 @@ try:
     HAVE_UVLOOP = True
 except ImportError:
     HAVE_UVLOOP = False
-
-
-# --- isolation: a private vhost and a fresh database ---------------------------------------------
-
-
-@contextlib.contextmanager
-def private_vhost() -> Iterator[str]:
-    """A RabbitMQ vhost for this run only (queue names do not depend on the exchange)."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise SystemExit("bench/boot.py: rabbitmqctl not found (needed for a private vhost)")
-    name = f"fleet-bench-boot-{uuid.uuid4().hex[:8]}"
-    subprocess.run([ctl, "-q", "add_vhost", name], check=True, capture_output=True, timeout=60)
-    try:
-        subprocess.run(
-            [ctl, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield name
-    finally:
-        subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True, timeout=60)
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new PostgreSQL database (asyncpg URL), dropped afterwards."""
-    name = f"fleet_bench_boot_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def plain_dsn(database_url: str) -> str:
@@ -413,11 +370,14 @@ def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     hosts = tuple(f"compute-{n}" for n in range(1, args.agents + 1))
     conductor_port = free_port()
-    with private_vhost() as vhost:
+    with private_vhost("fleet-bench-boot", required=True) as vhost:
         # Every process on its own broker login, as in production (a conductor refuses to run
         # on a login that is not a conductor's); users are global: deleted at the end.
         logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=uuid.uuid4().hex[:6])
-        async with fresh_database() as db_url, contextlib.AsyncExitStack() as stack:
+        async with (
+            fresh_database("fleet_bench_boot") as db_url,
+            contextlib.AsyncExitStack() as stack,
+        ):
             stack.push_async_callback(logins.delete)
             dsn = plain_dsn(db_url)
             workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fleet-bench-boot-"))

@@ -32,27 +32,23 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+from boot import percentile, scrape_server_calls
 
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import free_port
 
-PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = "rabbit://guest:guest@127.0.0.1:5672/"
 FLAVOR = "bench.lm"
 FINISHED = {"completed", "failed", "error", "cancelled"}
@@ -63,72 +59,6 @@ AGENT_ENV = {
     "FLEET_COMPUTE__SPAWN_DELAY": "0",
     "FLEET_COMPUTE__MIGRATION": "time_scale=0",
 }
-
-
-@contextlib.contextmanager
-def private_vhost() -> Iterator[str]:
-    """A RabbitMQ vhost for this run only."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise SystemExit("bench/migrate.py: rabbitmqctl not found (needed for a private vhost)")
-    name = f"fleet-bench-migrate-{uuid.uuid4().hex[:8]}"
-    subprocess.run([ctl, "-q", "add_vhost", name], check=True, capture_output=True, timeout=60)
-    try:
-        subprocess.run(
-            [ctl, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield name
-    finally:
-        subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True, timeout=60)
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new PostgreSQL database (asyncpg URL), dropped afterwards."""
-    name = f"fleet_bench_migrate_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-_SAMPLE = re.compile(r"^fleet_rpc_calls_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
-
-
-def scrape_server_calls(port: int) -> dict[str, float]:
-    """``{method: calls}`` the service on ``port`` served (role server, every outcome)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    calls: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-        if labels.get("role") == "server":
-            method = labels.get("method", "?")
-            calls[method] = calls.get(method, 0.0) + float(match.group(2))
-    return calls
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
-    return ordered[index]
 
 
 def _stamp(value: str) -> float:
@@ -157,7 +87,10 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
     # login that is not a conductor's, and only an operator may create instances); users are
     # global to the broker, so they are deleted at the end.
     logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=uuid.uuid4().hex[:6])
-    async with fresh_database() as database_url, contextlib.AsyncExitStack() as stack:
+    async with (
+        fresh_database("fleet_bench_migrate") as database_url,
+        contextlib.AsyncExitStack() as stack,
+    ):
         stack.push_async_callback(logins.delete)
         spec = ClusterSpec(
             database_url=database_url,
@@ -271,7 +204,7 @@ def main() -> int:
     configure_logging(level="WARNING")
     workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-migrate-"))
     try:
-        with private_vhost() as vhost:
+        with private_vhost("fleet-bench-migrate", required=True) as vhost:
             result = asyncio.run(run(args, vhost, workdir))
     finally:
         if args.keep:

@@ -58,7 +58,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
@@ -75,6 +74,7 @@ from shared_objects.messaging import MessagingTimeout, get_transport
 from shared_objects.objects import Flavor, Instance
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.isolation import fresh_database
 
 CONCURRENCIES = (1, 16, 64)
 # The direct path's pool. The conductor's may grow to 64, but it held ~27 connections at c=64
@@ -85,7 +85,6 @@ DIRECT_POOL = 32
 TARGET_RATIO_AT_64 = 0.5
 TARGET_POLICY_RATIO_AT_64 = 0.95
 BENCH_HOST = "bench-host"
-PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("FLEET_TEST_TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/")
 BIN = Path(sys.executable).parent
 
@@ -211,24 +210,6 @@ def direct_pair(engine: AsyncEngine, uuids: list[str]) -> Pair:
         assert changed["updated_at"] is not None
 
     return pair
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> Any:
-    name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @contextlib.asynccontextmanager
@@ -377,7 +358,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for each in (logins, open_logins):
         await each.ensure(conductors=[""], operators=[""], hosts=[BENCH_HOST], exchanges=[exchange])
     try:
-        async with fresh_database() as db_url:
+        async with fresh_database("fleet_bench") as db_url:
             await migration.upgrade(db_url)
             engine = create_engine(db_url, pool_size=args.direct_pool, max_overflow=0)
             conductor = conductor_process(

@@ -75,10 +75,8 @@ import asyncpg
 from boot import (
     AMQP_BASE,
     cpu_seconds,
-    fresh_database,
     percentile,
     plain_dsn,
-    private_vhost,
     scrape_server_calls,
     start_profilers,
     stop_profilers,
@@ -91,6 +89,7 @@ from shared_objects.messaging import MessagingError
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import RabbitNode, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -587,7 +586,7 @@ async def run_one(
     rundir = workdir / f"h{hosts}-c{conductors}"
     rundir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        db_url = await stack.enter_async_context(fresh_database())
+        db_url = await stack.enter_async_context(fresh_database("fleet_bench_scale"))
         dsn = plain_dsn(db_url)
         spec = ClusterSpec(
             database_url=db_url,
@@ -725,7 +724,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         tag = uuid.uuid4().hex[:6]
         if args.shared_broker:
             progress("private vhost on the shared broker, broker logins")
-            vhost = stack.enter_context(private_vhost())
+            vhost = stack.enter_context(private_vhost("fleet-bench-scale", required=True))
             logins = BrokerLogins(AMQP_BASE + vhost, vhost, tag=tag)
         else:
             # A node of our own: its memory is ours alone, and it inherits this process's file

@@ -25,16 +25,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
-
-import asyncpg
 
 from conductor import testing_hosts as sim
 from conductor.db import migration
@@ -45,28 +40,9 @@ from conductor.tasks.hosts import load_host_states
 from shared_objects.context import RequestContext
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
+from shared_objects.testing.isolation import fresh_database
 
-PG_ADMIN = os.environ.get("FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 FLAVOR = "bench.sched"
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new PostgreSQL database (asyncpg URL), dropped afterwards."""
-    name = f"fleet_bench_sched_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 class NoCast:
@@ -129,7 +105,7 @@ async def _builds(task: BuildTask, count: int, cpu: list[float] | None = None) -
 
 
 async def measure(hosts: int, builds: int) -> dict[str, Any]:
-    async with fresh_database() as url:
+    async with fresh_database("fleet_bench_sched") as url:
         await migration.upgrade(url)
         names = sim.host_names(hosts)
         writer = create_engine(url, pool_size=1)

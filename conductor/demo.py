@@ -16,15 +16,11 @@ import argparse
 import asyncio
 import contextlib
 import shutil
-import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import asyncpg
 
 from conductor.cli._output import object_dict, render_table
 from conductor.cli.migrations import FINAL, ProgressBar
@@ -33,10 +29,10 @@ from shared_objects.log import configure_logging
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import InstanceList
+from shared_objects.testing import isolation
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.isolation import create_database, private_vhost, vhost_url
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-AMQP_ADMIN = "rabbit://guest:guest@127.0.0.1:5672/"
 INSTANCE_COLUMNS = ("name", "uuid", "host", "vm_state", "task_state", "power_state")
 HOST_COLUMNS = ("host", "running_vms", "vcpus_used", "memory_mb_used", "memory_mb")
 
@@ -45,35 +41,13 @@ def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-@contextlib.contextmanager
-def private_vhost() -> Iterator[str]:
-    name = f"fleet-demo-{uuid.uuid4().hex[:8]}"
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        yield "/"
-        return
-    subprocess.run([ctl, "-q", "add_vhost", name], check=True, capture_output=True)
-    subprocess.run(
-        [ctl, "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield name
-    finally:
-        subprocess.run([ctl, "-q", "delete_vhost", name], capture_output=True)
-
-
-def vhost_url(vhost: str) -> str:
-    return AMQP_ADMIN if vhost == "/" else AMQP_ADMIN + vhost
-
-
 @contextlib.asynccontextmanager
 async def demo_broker() -> AsyncIterator[tuple[str, BrokerLogins | None]]:
     """A private vhost and the broker logins of the demo's processes on it (the documented
     names, no tag), both deleted at the end. Without rabbitmqctl: vhost ``/`` and no logins
     (every process then uses the guest URL)."""
-    with private_vhost() as vhost:
+    with private_vhost("fleet-demo") as name:
+        vhost = name or "/"
         if vhost == "/":
             yield vhost, None
             return
@@ -91,29 +65,16 @@ def describe_logins(cluster: LocalCluster) -> str:
 
 
 async def fresh_database(name: str) -> str:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    """An empty database ``name`` (emptied if it exists; left for inspection afterwards)."""
+    return await create_database(name, replace=True)
 
 
 @contextlib.asynccontextmanager
 async def demo_database() -> AsyncIterator[tuple[str, str]]:
     """A database of the demo's own (a unique name: two demos, or a demo beside a cluster, never
     share or drop each other's), dropped at the end. Yields (name, URL)."""
-    name = f"fleet_demo_{uuid.uuid4().hex[:8]}"
-    url = await fresh_database(name)
-    try:
-        yield name, url
-    finally:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with isolation.fresh_database("fleet_demo") as url:
+        yield url.rpartition("/")[2], url
 
 
 async def print_fleet(cluster: LocalCluster) -> None:

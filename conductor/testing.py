@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from shared_objects.policy import CONDUCTOR_RPC_POLICY
 from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
+from shared_objects.testing.memory import as_login, broker_name, memory_messaging
 
 
 @contextlib.contextmanager
@@ -77,14 +77,6 @@ class LocalConductor:
             yield ctxt
 
 
-def memory_messaging_config(name: str | None = None) -> MessagingConfig:
-    """Messaging settings for a private in-memory broker."""
-    cfg = MessagingConfig()
-    cfg.transport_url = f"memory://{name or uuid.uuid4().hex}"
-    cfg.control_exchange = f"fleet-local-{uuid.uuid4().hex[:8]}"
-    return cfg
-
-
 @contextlib.asynccontextmanager
 async def local_conductor(
     database_url: str,
@@ -109,7 +101,7 @@ async def local_conductor(
     if migrate:
         await migration.upgrade(database_url)
     database = Database(database_url)
-    cfg = messaging or memory_messaging_config()
+    cfg = messaging or memory_messaging()
     identities = Identities()
     endpoint = ConductorIndirectionEndpoint(database, identities)
     endpoints: list[Any] = [endpoint, BaseAPIEndpoint()]
@@ -157,10 +149,8 @@ def _login_transports(
     if not url.startswith("memory://"):
         same = get_transport(cfg, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
         return same, same
-    name = url.removeprefix("memory://").rpartition("@")[2]
-    broker = broker_for(name)
-    server = dataclasses.replace(cfg, transport_url=f"memory://{server_login}@{name}")
-    client = dataclasses.replace(cfg, transport_url=f"memory://{client_login}@{name}")
+    broker = broker_for(broker_name(cfg))
+    server, client = as_login(cfg, server_login), as_login(cfg, client_login)
     return (
         get_transport(server, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS, memory_broker=broker),
         get_transport(client, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS, memory_broker=broker),

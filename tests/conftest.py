@@ -1,8 +1,9 @@
-"""Fixtures shared by every test package: real service locations and per-run isolation.
+"""Fixtures shared by every test package: the test kit, broker logins and real clusters.
 
-Integration tests isolate themselves on the shared RabbitMQ and PostgreSQL: each test gets its own
-control exchange name, each database test its own freshly created PostgreSQL database. Clusters
-log every process in as its own broker user (``broker_logins``).
+Integration tests isolate themselves on the shared RabbitMQ and PostgreSQL with the kit's
+fixtures (``shared_objects.testing.pytest_plugin``): a private vhost per session, a control
+exchange per test, a freshly created PostgreSQL database per database test. Clusters log every
+process in as its own broker user (``broker_logins``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,41 +21,11 @@ import pytest
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.isolation import AMQP_URL, vhost_url
+from shared_objects.testing.rabbit_node import RabbitNode
 
-AMQP_URL = os.environ.get("FLEET_TEST_TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/")
-PG_ADMIN_DSN = os.environ.get(
-    "FLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@pytest.fixture(scope="session")
-def amqp_vhost() -> Iterator[str]:
-    """A RabbitMQ virtual host private to this test session, deleted at the end.
-
-    Queue names (``conductor``, ``compute.<host>``) do not depend on the control exchange, so
-    two test sessions on one broker (two developers, or CI beside a developer) would share
-    queues and steal each other's messages; a vhost per session isolates them completely.
-    Falls back to the URL's own vhost when ``rabbitmqctl`` cannot be used.
-    """
-    name = f"fleet-test-{uuid.uuid4().hex[:10]}"
-    ctl = shutil.which("rabbitmqctl")
-
-    def ctl_run(*argv: str) -> bool:
-        if ctl is None:
-            return False
-        done = subprocess.run([ctl, "-q", *argv], capture_output=True, timeout=60)
-        return done.returncode == 0
-
-    if not (
-        ctl_run("add_vhost", name)
-        and ctl_run("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    ):
-        yield ""
-        return
-    try:
-        yield name
-    finally:
-        ctl_run("delete_vhost", name)
+# The kit: private vhost, fresh databases, janitor, eventually, in-process conductor and fleet.
+pytest_plugins = ["shared_objects.testing.pytest_plugin"]
 
 
 # The hosts, conductors and operators most cluster tests use: created once per session in one
@@ -90,57 +59,11 @@ def broker_logins(amqp_vhost: str) -> Iterator[BrokerLogins | None]:
 def _vhost_logins(amqp_vhost: str) -> BrokerLogins:
     """A set of logins of its own (own tag) on the session's vhost."""
     return BrokerLogins(
-        AMQP_URL.rstrip("/") + "/" + amqp_vhost,
+        vhost_url(amqp_vhost, AMQP_URL),
         amqp_vhost,
         tag=uuid.uuid4().hex[:6],
         exchange_pattern=r"fleet-test-[0-9a-f]{12}",
     )
-
-
-@pytest.fixture
-def amqp_url(amqp_vhost: str) -> str:
-    """Transport URL of the real broker (loopback only), in this session's private vhost."""
-    if not amqp_vhost or os.environ.get("FLEET_TEST_TRANSPORT_URL"):
-        return AMQP_URL
-    return AMQP_URL.rstrip("/") + "/" + amqp_vhost
-
-
-@pytest.fixture
-def control_exchange() -> str:
-    """A control exchange unique to this test, so parallel runs never see each other's traffic."""
-    return f"fleet-test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def unique_topic() -> str:
-    return f"topic-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-async def pg_database_url() -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database for one test (asyncpg URL); dropped afterwards."""
-    import asyncpg
-
-    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-@pytest.fixture
-def sqlite_database_url(tmp_path: os.PathLike[str]) -> Iterator[str]:
-    """A file-backed SQLite database for one test."""
-    yield f"sqlite+aiosqlite:///{tmp_path}/fleet.db"
 
 
 # A real cluster per test: conductor and agents as separate processes on the real RabbitMQ and
@@ -162,6 +85,17 @@ def cluster_factory(
         common_env = {"FLEET_COMPUTE__SPAWN_DELAY": "0.05"}
         common_env.update(overrides.pop("common_env", {}))
         logins = overrides.pop("logins", broker_logins)
+        transport_url = amqp_url
+        # A private broker node (fault tests that restart or kill it): its URL, its logins.
+        node: RabbitNode | None = overrides.pop("node", None)
+        if node is not None:
+            transport_url, logins = node.url, BrokerLogins.for_node(node)
+        # Fault tests stop a cluster that lived through broker faults: exits are not the point.
+        check_exits = overrides.pop("check_exits", True)
+        # A LocalCluster subclass (tests/integration/ops: conductors with metrics ports).
+        cluster_class: Callable[[ClusterSpec], LocalCluster] = overrides.pop(
+            "cluster_class", LocalCluster
+        )
         own_logins: BrokerLogins | None = None
         if (
             logins is broker_logins
@@ -177,14 +111,14 @@ def cluster_factory(
         spec = ClusterSpec(
             # A test on a private PostgreSQL (shared_objects.testing.PostgresNode) passes its own.
             database_url=overrides.pop("database_url", pg_database_url),
-            transport_url=amqp_url,
+            transport_url=transport_url,
             control_exchange=control_exchange,
             workdir=tmp_path / "cluster",
             common_env=common_env,
             logins=logins,
             **overrides,
         )
-        cluster = LocalCluster(spec)
+        cluster = cluster_class(spec)
         try:
             await cluster.start()
             await Flavor(
@@ -198,6 +132,6 @@ def cluster_factory(
                 if own_logins is not None:
                     await own_logins.delete()
             bad = {n: c for n, c in codes.items() if c not in (0, None, -9)}
-            assert not bad, f"processes exited uncleanly: {bad}"
+            assert not (bad and check_exits), f"processes exited uncleanly: {bad}"
 
     return make

@@ -14,16 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conductor.cluster import ClusterSpec, LocalCluster
-from shared_objects.objects.flavor import Flavor
+from conductor.cluster import LocalCluster
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.testing import RabbitNode
-from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -42,25 +41,11 @@ async def node() -> AsyncIterator[RabbitNode]:
 
 
 @pytest.fixture
-async def cluster(
-    node: RabbitNode, pg_database_url: str, tmp_path: Path
-) -> AsyncIterator[LocalCluster]:
-    spec = ClusterSpec(
-        database_url=pg_database_url,
-        transport_url=node.url,
-        workdir=tmp_path / "cluster",
-        common_env={"FLEET_COMPUTE__SPAWN_DELAY": str(SPAWN_DELAY)},
-        logins=BrokerLogins.for_node(node),
-    )
-    local = LocalCluster(spec)
-    try:
-        await local.start()
-        await Flavor(
-            local.ctxt, name="small", flavorid="small", vcpus=1, memory_mb=512, root_gb=1
-        ).create()
+async def cluster(node: RabbitNode, cluster_factory: Any) -> AsyncIterator[LocalCluster]:
+    async with cluster_factory(
+        node=node, common_env={"FLEET_COMPUTE__SPAWN_DELAY": str(SPAWN_DELAY)}, check_exits=False
+    ) as local:
         yield local
-    finally:
-        await local.stop()
 
 
 async def _settle(cluster: LocalCluster, uuids: list[str], within: float) -> list[Instance]:
@@ -91,12 +76,18 @@ async def test_boot_through_a_broker_fault_ends_every_instance(
     cluster: LocalCluster, node: RabbitNode, fault: str
 ) -> None:
     uuids = await cluster.boot(flavor="small", name="storm", count=COUNT)
-    await asyncio.sleep(1.0)
+
+    async def spawning() -> bool:
+        insts = await InstanceList.get_by_uuids(cluster.ctxt, uuids)
+        return any(i.task_state == "spawning" for i in insts)
+
+    # The fault must land mid-build (guests spawning), not before the agents took the builds.
+    await eventually(spawning, 20, interval=0.1, what="guests spawning")
     if fault == "restart":
         await node.restart_app(down_for=3.0)
     else:
         await node.kill()
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(2.0)  # the broker stays dead for a while: the fault itself
         await node.revive()
     back = time.monotonic()
 

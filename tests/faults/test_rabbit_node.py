@@ -8,7 +8,7 @@ import os
 import aio_pika
 import pytest
 
-from shared_objects.testing import RabbitNode
+from shared_objects.testing import RabbitNode, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -19,13 +19,9 @@ async def _publish_and_get(url: str, queue_name: str) -> bytes:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, auto_delete=True)
         await channel.default_exchange.publish(aio_pika.Message(b"hello"), routing_key=queue_name)
-        for _ in range(50):
-            message = await queue.get(fail=False)
-            if message is not None:
-                await message.ack()
-                return message.body
-            await asyncio.sleep(0.05)
-    raise AssertionError("message never arrived")
+        message = await eventually(lambda: queue.get(fail=False), 2.5, what="the message")
+        await message.ack()
+        return message.body
 
 
 async def test_private_node_serves_restarts_and_leaves_nothing_behind() -> None:

@@ -40,6 +40,7 @@ from shared_objects.messaging import (
     get_transport,
 )
 from shared_objects.testing import PeerProcess, RabbitNode
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -253,9 +254,7 @@ async def test_shipped_broker_config_refuses_a_128_mib_publish(capped_node: Rabb
             assert str(_broker_max_message_size()) in str(info.value)
             # The publisher's connection survived (only its channel was closed): it goes on.
             await client.cast(RequestContext(), "take", blob="small")
-            async with asyncio.timeout(10):
-                while not recorder.seen:  # noqa: ASYNC110 - polling the handler's record
-                    await asyncio.sleep(0.05)
+            await eventually(lambda: recorder.seen, 10, what="the small cast handled")
             assert recorder.seen == [len("small")]  # the service never saw the big one
             assert server.stats()["dropped"] == {}
     print(f"\n128 MiB publish refused by the broker in {took:.1f} s: {info.value}")

@@ -15,18 +15,17 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from compute_agent.virt._guest import GuestRecord
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
-from conductor.cluster import ClusterSpec, LocalCluster
+from conductor.cluster import LocalCluster
 from conductor.db.session import Database
 from shared_objects.context import RequestContext
-from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
 from shared_objects.testing import RabbitNode
-from shared_objects.testing.broker_logins import BrokerLogins
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -42,26 +41,14 @@ async def node() -> AsyncIterator[RabbitNode]:
 
 
 @pytest.fixture
-async def cluster(
-    node: RabbitNode, pg_database_url: str, tmp_path: Path
-) -> AsyncIterator[LocalCluster]:
-    spec = ClusterSpec(
-        database_url=pg_database_url,
-        transport_url=node.url,
+async def cluster(node: RabbitNode, cluster_factory: Any) -> AsyncIterator[LocalCluster]:
+    async with cluster_factory(
+        node=node,
         hosts=(HOST,),
-        workdir=tmp_path / "cluster",
         common_env={"FLEET_COMPUTE__SPAWN_DELAY": "0.05"},
-        logins=BrokerLogins.for_node(node),
-    )
-    local = LocalCluster(spec)
-    try:
-        await local.start()
-        await Flavor(
-            local.ctxt, name="small", flavorid="small", vcpus=1, memory_mb=512, root_gb=1
-        ).create()
+        check_exits=False,
+    ) as local:
         yield local
-    finally:
-        await local.stop()
 
 
 def _read_guest_rules(state_file: Path) -> dict[str, list[FirewallRule]]:

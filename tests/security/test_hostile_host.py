@@ -41,6 +41,7 @@ from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.serializer import FleetObjectSerializer
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -142,6 +143,14 @@ async def _broker_refuses(url: str, queue: str) -> str:
         await connection.close()
 
 
+async def _migration_end(cluster: Any, ctxt: Any, mig: str) -> dict[str, Any]:
+    async def ended() -> dict[str, Any] | None:
+        got = await cluster.tasks.get_migration(ctxt, migration_uuid=mig)
+        return got if got["status"] in ("completed", "failed", "error", "cancelled") else None
+
+    return await eventually(ended, 30, interval=0.1, what=f"migration {mig}'s end")
+
+
 async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
     cluster_factory: Any, pg_database_url: str
 ) -> None:
@@ -161,18 +170,21 @@ async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
         await cluster.tasks.lock_instance(ops, instance_uuid=locked, reason="precious")
         # A migration between the two victims (the attacker takes no part in it).
         mig = await cluster.tasks.live_migrate_instance(ops, instance_uuid=moving, host=BYSTANDER)
-        for _ in range(300):
-            got = await cluster.tasks.get_migration(ops, migration_uuid=mig)
-            if got["status"] in ("completed", "failed", "error", "cancelled"):
-                break
-            await asyncio.sleep(0.1)
+        got = await _migration_end(cluster, ops, mig)
         assert got["status"] == "completed"
-        await asyncio.sleep(0.5)
 
         database = Database(pg_database_url)
         try:
-            before_db = _volatile_free(await snapshot(database), database)
-            before_virt = _hypervisors(cluster)
+            # The migration's trailing writes (source cleanup, usage) have landed once two reads
+            # in a row agree: only then is "before" a state the attacks could be compared to.
+            reads: list[Any] = []
+
+            async def quiet() -> Any:
+                now = (_volatile_free(await snapshot(database), database), _hypervisors(cluster))
+                reads.append(now)
+                return now if len(reads) > 1 and reads[-2] == now else None
+
+            before_db, before_virt = await eventually(quiet, 20, interval=0.3, what="a quiet fleet")
             results: dict[str, str] = {}
             lookup = RequestContext()
             async with database.request(lookup):
@@ -384,7 +396,7 @@ async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
                         await evil.transport.driver.publish(
                             exchange, victim_replies.queue_name, forged, retry_for=2
                         )
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # an absence check: a forged reply would end the wait
                 assert not waiting.done(), "a forged reply was accepted"
                 victim_replies.unregister("forged-msg-id")
                 results["forge a reply"] = "refused by the broker"
@@ -415,7 +427,9 @@ async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
                 results["a request without user_id"] = type(failure).__name__
                 results["every call above claimed is_admin and roles=[admin]"] = "ignored"
 
-            await asyncio.sleep(1.0)  # let the refused casts be processed
+            # An absence check, so a fixed wait: a cast that got through would have changed a
+            # row or a hypervisor by now.
+            await asyncio.sleep(1.0)
             after_db = _volatile_free(await snapshot(database), database)
             assert after_db == before_db, "an attack changed the database"
             assert _hypervisors(cluster) == before_virt, "an attack changed a hypervisor"
@@ -443,10 +457,5 @@ async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
         (inst,) = await cluster.wait_instances([new])
         assert inst.vm_state == "active"
         mig2 = await cluster.tasks.live_migrate_instance(ops, instance_uuid=new, host=ATTACKER)
-        for _ in range(300):
-            got = await cluster.tasks.get_migration(ops, migration_uuid=mig2)
-            if got["status"] in ("completed", "failed", "error", "cancelled"):
-                break
-            await asyncio.sleep(0.1)
-        assert got["status"] == "completed"
+        assert (await _migration_end(cluster, ops, mig2))["status"] == "completed"
         print(json.dumps(results, indent=1))

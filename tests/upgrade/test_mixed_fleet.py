@@ -19,6 +19,7 @@ from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -44,29 +45,32 @@ async def _migrate(cluster: Any, uuid: str, host: str) -> dict[str, Any]:
     migration_uuid = await cluster.tasks.live_migrate_instance(
         cluster.ctxt, instance_uuid=uuid, host=host
     )
-    for _ in range(600):
+
+    async def finished() -> dict[str, Any] | None:
         migration = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=migration_uuid)
-        if migration["status"] in ("completed", "failed", "error", "cancelled"):
-            return dict(migration)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"migration {migration_uuid} did not finish")
+        done = migration["status"] in ("completed", "failed", "error", "cancelled")
+        return dict(migration) if done else None
+
+    return await eventually(finished, 60, interval=0.1, what=f"migration {migration_uuid} end")
+
+
+def _handled(log: Path, method: str) -> bool:
+    """The process logged handling a ``method`` request (its lines carry the method)."""
+    return any(e.get("method") == method for e in log_events(log))
 
 
 async def _conductor_knows_both(cluster: Any) -> None:
     """The conductor learns each agent's release at its next levels refresh (1 s here): until
     it has seen both, calls to a host go at the oldest release, or at the newest when only the
     new agent had registered yet. Tests start once it knows both."""
-    for _ in range(100):
-        caps = [
-            e
+
+    def saw_both() -> bool:
+        return any(
+            e.get("event") == "compute_rpc_version_cap" and {OLD, NEW} <= set(e.get("hosts") or {})
             for e in log_events(cluster.workdir / "conductor-1.log")
-            if e.get("event") == "compute_rpc_version_cap"
-            and {OLD, NEW} <= set(e.get("hosts") or {})
-        ]
-        if caps:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("the conductor never saw both agents")
+        )
+
+    await eventually(saw_both, 20, interval=0.2, what="the conductor seeing both agents")
 
 
 # Every release a fleet may upgrade from: the previous one, and skip-level from the oldest.
@@ -122,7 +126,15 @@ async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
             ctxt, group="web", protocol="tcp", from_port=22, to_port=22, cidr="10.0.0.0/8"
         )
         assert refreshed["refreshed_hosts"] == {OLD: 1, NEW: 1}
-        await asyncio.sleep(1.0)  # the refresh casts land
+        # The refresh casts land on both agents before their logs are checked: each logs the
+        # Instance it received under the method's name (object-version tracing is on).
+        await eventually(
+            lambda: all(
+                _handled(cluster.workdir / f"{h}.log", "refresh_instance_security_rules")
+                for h in (OLD, NEW)
+            ),
+            what="the refresh reaching both agents",
+        )
 
         logs = {name: log_events(cluster.workdir / f"{name}.log") for name in cluster.processes}
 
@@ -161,23 +173,21 @@ async def test_mixed_release_fleet_boots_migrates_detaches_and_refreshes(
 
         # (c) stop the old agent: once its service is down, SIGHUP lifts the cap at once.
         assert await cluster.stop_process(OLD) == 0
+        # Not a wait for an event: the old agent's service must have been silent for longer
+        # than the down time before the conductor may count it as gone.
         await asyncio.sleep(cluster.spec.service_down_time + 1)
         conductor = cluster.processes["conductor-1"].process
         assert conductor is not None
         os.kill(conductor.pid, signal.SIGHUP)
         expected = releases.CURRENT.compute_rpc_api
-        for _ in range(50):
-            events = log_events(cluster.workdir / "conductor-1.log")
-            lifted = [
-                e
-                for e in events
-                if e.get("event") == "compute_rpc_version_cap" and e.get("cap") == expected
-            ]
-            if lifted or expected == cap:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError("the compute RPC cap did not lift after the old agent left")
+
+        def lifted() -> bool:
+            return expected == cap or any(
+                e.get("event") == "compute_rpc_version_cap" and e.get("cap") == expected
+                for e in log_events(cluster.workdir / "conductor-1.log")
+            )
+
+        await eventually(lifted, 10, interval=0.2, what="the compute RPC cap lifting")
 
 
 async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
@@ -211,18 +221,16 @@ async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 return str(resp.read().decode())
 
-        for _ in range(50):
+        async def backport_counted() -> bool:
             text = await asyncio.to_thread(scrape)
             counted = [
                 line
                 for line in text.splitlines()
                 if line.startswith("fleet_object_backports_total") and 'object="Instance"' in line
             ]
-            if counted and float(counted[0].rsplit(" ", 1)[1]) >= 1:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError("the old agent did not count a backport")
+            return bool(counted) and float(counted[0].rsplit(" ", 1)[1]) >= 1
+
+        await eventually(backport_counted, 10, interval=0.2, what="the old agent's backport count")
         events = log_events(cluster.workdir / f"{OLD}.log")
         backported = [e for e in events if e.get("event") == "object_backported"]
         assert backported and backported[0]["object"] == "Instance"

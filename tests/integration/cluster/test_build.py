@@ -14,6 +14,7 @@ import pytest
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.instance import InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
+from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +35,7 @@ async def _usage_matches(cluster: Any, hosts: tuple[str, ...]) -> dict[str, dict
 
 
 async def _eventually_usage_matches(cluster: Any, hosts: tuple[str, ...]) -> dict[str, Any]:
-    for _ in range(50):
-        try:
-            return await _usage_matches(cluster, hosts)
-        except AssertionError:
-            await asyncio.sleep(0.1)
-    return await _usage_matches(cluster, hosts)
+    return await eventually(lambda: _usage_matches(cluster, hosts), 5, interval=0.1)
 
 
 async def test_forty_concurrent_boots_all_active_and_usage_matches(cluster_factory: Any) -> None:
@@ -117,14 +113,13 @@ async def test_agent_sigkilled_mid_spawn_recovers_every_instance(cluster_factory
     env = {"compute-1": {"FLEET_COMPUTE__SPAWN_DELAY": "3"}}
     async with cluster_factory(agent_env=env) as cluster:
         uuids = await cluster.boot(flavor="small", name="slow", count=10, forced_host="compute-1")
+
         # Wait until all ten are spawning on compute-1, then kill it.
-        for _ in range(100):
+        async def all_spawning() -> bool:
             insts = list(await InstanceList.get_by_uuids(cluster.ctxt, uuids))
-            if all(i.task_state == "spawning" for i in insts):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("instances never reached spawning")
+            return all(i.task_state == "spawning" for i in insts)
+
+        await eventually(all_spawning, 10, interval=0.1, what="all ten spawning")
         await cluster.kill_process("compute-1")
         await cluster.restart_agent("compute-1")
         insts = await cluster.wait_instances(uuids, timeout=60)

@@ -8,7 +8,6 @@ hypervisor and its compute node reports no usage.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.instance import Instance
+from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -39,25 +39,21 @@ def _guests(cluster: Any, host: str) -> dict[str, Any]:
 
 
 async def _wait_row(cluster: Any, uuid: str, want: tuple[str, str | None]) -> Instance:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND
-    while True:
+    async def reached() -> Instance:
         inst = await Instance.get_by_uuid(cluster.ctxt, uuid)
-        if (inst.vm_state, inst.task_state) == want:
-            return inst
-        assert loop.time() < deadline, f"{inst.vm_state}/{inst.task_state}, wanted {want}"
-        await asyncio.sleep(0.2)
+        assert (inst.vm_state, inst.task_state) == want, f"{inst.vm_state}/{inst.task_state}"
+        return inst
+
+    return await eventually(reached, BOUND, interval=0.2)
 
 
 async def _wait_usage(cluster: Any, host: str, memory_mb: int) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while True:
+    async def used() -> bool:
         (node,) = await ComputeNodeList.get_all_by_host(cluster.ctxt, host)
-        if node.memory_mb_used == memory_mb:
-            return
-        assert loop.time() < deadline, f"{host} uses {node.memory_mb_used} MB, not {memory_mb}"
-        await asyncio.sleep(0.2)
+        assert node.memory_mb_used == memory_mb, f"{host} uses {node.memory_mb_used} MB"
+        return True
+
+    await eventually(used, 15, interval=0.2)
 
 
 async def test_agent_killed_mid_spawn_removes_its_guest_after_the_reconciler_failed_it(

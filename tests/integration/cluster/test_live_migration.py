@@ -17,6 +17,7 @@ from compute_agent.testing_invariants import assert_fleet_invariants
 from compute_agent.virt.state_view import hypervisor_view
 from shared_objects import exception
 from shared_objects.objects.instance import Instance
+from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -36,37 +37,41 @@ def _models(model: str) -> dict[str, dict[str, str]]:
 
 
 async def _invariants(cluster: Any) -> None:
-    view = await hypervisor_view(Path(cluster.workdir) / "hypervisors")
-    for _ in range(50):  # usage reaches the ComputeNode a moment after the claim changes
-        try:
-            await assert_fleet_invariants(cluster.ctxt, view)
-            return
-        except AssertionError:
-            await asyncio.sleep(0.1)
-            view = await hypervisor_view(Path(cluster.workdir) / "hypervisors")
-    await assert_fleet_invariants(cluster.ctxt, view)
+    async def hold() -> bool:
+        view = await hypervisor_view(Path(cluster.workdir) / "hypervisors")
+        await assert_fleet_invariants(cluster.ctxt, view)
+        return True
+
+    # Usage reaches the ComputeNode a moment after the claim changes.
+    await eventually(hold, 5, interval=0.1)
 
 
 async def _wait(cluster: Any, mig: str, statuses: set[str], within: float = 60) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
+    async def reached() -> dict[str, Any]:
         got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
-        if got["status"] in statuses:
-            return got
-        assert loop.time() < deadline, f"migration {mig} stuck in {got['status']}"
-        await asyncio.sleep(0.05)
+        assert got["status"] in statuses, f"migration {mig} stuck in {got['status']}"
+        return dict(got)
+
+    return await eventually(reached, within)
+
+
+async def _copying(cluster: Any, mig: str) -> None:
+    """The source reported copy progress: the memory copy is under way."""
+
+    async def progressed() -> bool:
+        got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
+        return got["memory_processed"] is not None
+
+    await eventually(progressed, 30, what=f"copy progress of migration {mig}")
 
 
 async def _wait_idle(cluster: Any, uuid: str, within: float = 60) -> Instance:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
+    async def idle() -> Instance:
         inst = await Instance.get_by_uuid(cluster.ctxt, uuid)
-        if inst.task_state is None:
-            return inst
-        assert loop.time() < deadline, f"instance {uuid} stuck in {inst.task_state}"
-        await asyncio.sleep(0.1)
+        assert inst.task_state is None, f"instance {uuid} stuck in {inst.task_state}"
+        return inst
+
+    return await eventually(idle, within, interval=0.1)
 
 
 @pytest.mark.parametrize("conductors", [1, 2])
@@ -86,18 +91,19 @@ async def test_ten_concurrent_migrations_a_to_b(cluster_factory: Any, conductors
         )
         samples: dict[str, list[tuple[int, int]]] = {m: [] for m in migs}
         pending = set(migs)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 90
-        while pending:
+
+        async def all_finished() -> bool:
             for mig in list(pending):
                 got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
                 if got["memory_processed"] is not None:
                     samples[mig].append((got["memory_processed"], got["progress"] or 0))
                 if got["status"] in FINISHED:
-                    assert got["status"] == "completed", got
+                    if got["status"] != "completed":
+                        pytest.fail(f"migration ended {got}")
                     pending.discard(mig)
-            assert loop.time() < deadline, f"stuck: {pending}"
-            await asyncio.sleep(0.05)
+            return not pending
+
+        await eventually(all_finished, 90, what="every migration's end")
         for mig, seen in samples.items():
             processed = [p for p, _ in seen]
             percent = [q for _, q in seen]
@@ -118,7 +124,7 @@ async def test_source_sigkilled_mid_copy_recovers_on_source(cluster_factory: Any
             cluster.ctxt, instance_uuid=uuid, host="compute-2"
         )
         await _wait(cluster, mig, {"running"})
-        await asyncio.sleep(0.5)
+        await _copying(cluster, mig)
         loop = asyncio.get_running_loop()
         killed = loop.time()
         await cluster.kill_process("compute-1")
@@ -197,18 +203,16 @@ async def test_failure_points_across_processes_leave_instance_on_source(
         assert got["status"] in statuses, got
         inst = await _wait_idle(cluster, uuid)
         assert (inst.host, inst.vm_state) == ("compute-1", "active")
+
         # The source records the fault after it has settled the migration's status: poll.
-        message = ""
-        for _ in range(100):
+        async def fault_recorded() -> bool:
             try:
                 fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, uuid)
-                message = fault.message or ""
             except exception.InstanceFaultNotFound:
-                message = ""
-            if fault_text in message:
-                break
-            await asyncio.sleep(0.1)
-        assert fault_text in message
+                return False
+            return fault_text in (fault.message or "")
+
+        await eventually(fault_recorded, 10, interval=0.1, what=f"fault {fault_text!r}")
         await _invariants(cluster)  # includes: compute-2's usage is zero again
 
 
@@ -239,7 +243,7 @@ async def test_abort_and_force_complete_across_processes(cluster_factory: Any) -
         ]
         for mig in (aborted, forced):
             await _wait(cluster, mig, {"running"})
-        await asyncio.sleep(0.3)
+            await _copying(cluster, mig)
         await cluster.tasks.live_migration_abort(cluster.ctxt, migration_uuid=aborted)
         await cluster.tasks.live_migration_force_complete(cluster.ctxt, migration_uuid=forced)
         assert (await _wait(cluster, aborted, FINISHED))["status"] == "cancelled"

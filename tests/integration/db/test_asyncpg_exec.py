@@ -21,6 +21,7 @@ from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.base import AtLeast, Increment
 from shared_objects.context import RequestContext
+from shared_objects.testing.eventually import eventually
 
 NOW = datetime.datetime(2026, 11, 25, 9, 30, 1, 123456, tzinfo=datetime.UTC)
 
@@ -155,7 +156,17 @@ async def test_a_request_cancelled_mid_statement_does_not_poison_the_pool(
             await db._driver.execute("SELECT pg_sleep(5)")
 
     task = asyncio.create_task(slow())
-    await asyncio.sleep(0.5)
+
+    async def in_pg_sleep() -> bool:
+        # The query is running on the server: the cancel hits it, not the insert before it.
+        async with driver.engine.connect() as conn:
+            running = await conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'"
+            )
+            return bool(running.scalar())
+
+    await eventually(in_pg_sleep, 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

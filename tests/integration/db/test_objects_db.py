@@ -423,7 +423,7 @@ async def test_a_task_started_inside_a_sqlite_unit_waits_for_it(sqlite_database_
         async with asyncio.timeout(10):
             async with database.request(RequestContext()):
                 child = asyncio.create_task(later())
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # an absence check: the child gets its chance to cut in
                 order.append("parent")
             await child
         assert order == ["parent", "child"]

@@ -48,13 +48,6 @@ async def host_user(amqp_url: str) -> AsyncIterator[tuple[str, str]]:
         await _ctl("delete_user", name)
 
 
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
-
-
 async def test_caller_is_the_authenticated_broker_user_not_the_body(
     amqp_url: str,
     control_exchange: str,

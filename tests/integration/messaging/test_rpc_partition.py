@@ -4,7 +4,6 @@ calls and casts fail within their timeouts with clear errors, never hang, and wo
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -30,13 +29,6 @@ class Ping:
     @expose
     async def ping(self, ctxt: RequestContext) -> str:
         return "pong"
-
-
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
 
 
 async def test_blackholed_client_gets_bounded_errors_and_recovers(

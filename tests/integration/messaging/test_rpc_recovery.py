@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aiormq
 import pytest
@@ -31,13 +30,6 @@ class Ping:
     @expose
     async def ping(self, ctxt: RequestContext) -> str:
         return "pong"
-
-
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
 
 
 async def _until_pong(client: RPCClient, within: float) -> float:

@@ -23,6 +23,7 @@ from shared_objects.messaging import (
     get_transport,
 )
 from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -53,13 +54,6 @@ class Echo:
 
 
 @pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
-
-
-@pytest.fixture
 def config(amqp_url: str, control_exchange: str) -> MessagingConfig:
     return MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
 
@@ -78,14 +72,6 @@ async def client_transport(
 async def server_transport(config: MessagingConfig) -> AsyncIterator[Transport]:
     async with get_transport(config) as transport:
         yield transport
-
-
-async def _until(predicate: Any, within: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_call_cast_server_call_and_fanout_round_trip(
@@ -115,8 +101,12 @@ async def test_call_cast_server_call_and_fanout_round_trip(
         await client.cast(ctxt, "record", token="cast")
         await client.prepare(server="s1").cast(ctxt, "record", token="direct")
         await client.prepare(fanout=True).cast(ctxt, "record", token="fanout")
-        await _until(lambda: "fanout" in e1.casts and "fanout" in e2.casts and "direct" in e1.casts)
-        await _until(lambda: "cast" in e1.casts + e2.casts)
+        await eventually(
+            lambda: "fanout" in e1.casts and "fanout" in e2.casts and "direct" in e1.casts,
+            5.0,
+            interval=0.02,
+        )
+        await eventually(lambda: "cast" in e1.casts + e2.casts, 5.0, interval=0.02)
         assert (e1.casts + e2.casts).count("cast") == 1
         assert "direct" not in e2.casts
 

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -39,6 +39,7 @@ from shared_objects.messaging.testing import BrokerJanitor, vhost_path
 from shared_objects.messaging.topology import REPLY_EXCHANGE
 from shared_objects.testing import ProxyMode, TcpProxy
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -92,20 +93,6 @@ def only(*logins: str) -> Callable[[Target], Callable[[str | None], bool]]:
     return reply_from
 
 
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
-
-
-async def _until(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def _reply_body(msg_id: str, result: Any, *, ending: bool = True) -> bytes:
     return codec.encode_message(
         {
@@ -142,7 +129,7 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
                 host_t, Target(topic="conductor"), timeout=15, reply_from=only(conductor)
             )
             call = asyncio.create_task(client.call(None, "echo", value="genuine"))
-            await _until(lambda: bool(endpoint.calls))
+            await eventually(lambda: bool(endpoint.calls), 10.0, interval=0.02)
             (msg_id,) = host_t.replies._waiters
             reply_q = host_t.replies.queue_name
 
@@ -165,7 +152,9 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
                         aio_pika.Message(_reply_body(msg_id, None, ending=False)),
                     ):
                         await replies.publish(message, routing_key=reply_q)
-                    await _until(lambda: host_t.stats()["forged_replies"] == 3)
+                    await eventually(
+                        lambda: host_t.stats()["forged_replies"] == 3, 10.0, interval=0.02
+                    )
                 # Claiming the conductor's login is refused by the broker itself.
                 spoof = await forger.channel()
                 spoof_replies = await spoof.get_exchange(REPLY_EXCHANGE.name, ensure=False)
@@ -174,7 +163,7 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
                         aio_pika.Message(_reply_body(msg_id, "spoofed"), user_id=conductor),
                         routing_key=reply_q,
                     )
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # an absence check: a forged reply taken would end the call
             assert not call.done()
             endpoint.release.set()
             result = await call
@@ -276,7 +265,7 @@ async def test_ids_on_the_wire_come_from_secrets(
             for _ in range(3):
                 with pytest.raises(MessagingTimeout):
                     await client.call(None, "anything")
-            await _until(lambda: len(seen) == 3)
+            await eventually(lambda: len(seen) == 3, 10.0, interval=0.02)
     assert user_ids == ["guest"] * 3
     for request in seen:
         assert request["_msg_id"] in made and request["_unique_id"] in made
@@ -334,8 +323,12 @@ async def test_request_without_user_id_is_refused_with_an_error_reply(
                         aio_pika.Message(request("authed", "y"), user_id="guest"),
                         routing_key="conductor",
                     )
-                    await _until(lambda: len(replies) == 2)
-                    await _until(lambda: server.stats()["dropped"].get("no_user_id") == 2)
+                    await eventually(lambda: len(replies) == 2, 10.0, interval=0.02)
+                    await eventually(
+                        lambda: server.stats()["dropped"].get("no_user_id") == 2,
+                        10.0,
+                        interval=0.02,
+                    )
     anon = replies["anon"]
     failure = json.loads(anon["failure"])
     assert (failure["class"], failure["module"]) == (
@@ -438,7 +431,9 @@ async def test_agent_serves_only_its_own_queues_within_its_permissions(
             result = await client.prepare(server="compute-1").call(None, "echo", value=1)
             assert result["caller"] == conductor
             await client.prepare(fanout=True).cast(None, "echo", value="everyone")
-            await _until(lambda: ("echo", "everyone", conductor) in endpoint.calls)
+            await eventually(
+                lambda: ("echo", "everyone", conductor) in endpoint.calls, 10.0, interval=0.02
+            )
             # Nobody declared the shared queue: a call to the bare topic goes nowhere.
             connection = await aiormq.connect(amqp_url.replace("rabbit", "amqp"))
             try:
@@ -501,9 +496,11 @@ async def test_reply_queue_held_by_a_stale_connection_is_retried_until_free(
                             channel = await holder.channel()
                             await asyncio.sleep(0.05)
                     proxy.heal()
-                    await _until(lambda: client_t.stats()["reconnects"] >= 1, within=15)
-                    await _until(
-                        lambda: any(e["event"] == "consumer_recovery_failed" for e in logs)
+                    await eventually(lambda: client_t.stats()["reconnects"] >= 1, 15, interval=0.02)
+                    await eventually(
+                        lambda: any(e["event"] == "consumer_recovery_failed" for e in logs),
+                        10.0,
+                        interval=0.02,
                     )
                     # Publishing and serving work meanwhile; our own calls cannot get replies.
                     server_side = RPCClient(server_t, Target(topic=other), timeout=5)

@@ -4,8 +4,6 @@ to the queue for another server, none runs twice, none is lost."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,6 +11,7 @@ from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
 from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -23,16 +22,9 @@ class Worker:
 
     @expose
     async def work(self, ctxt: RequestContext, i: int) -> int:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a handler still running when stop() comes
         self.done.append(i)
         return i
-
-
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
 
 
 async def test_stop_finishes_in_flight_and_requeues_the_rest(
@@ -48,10 +40,7 @@ async def test_stop_finishes_in_flight_and_requeues_the_rest(
         await server.start()
         client = RPCClient(client_t, Target(topic=unique_topic), timeout=10)
         calls = [asyncio.create_task(client.call(None, "work", i=i)) for i in range(10)]
-        deadline = time.monotonic() + 5
-        while server.in_flight < 2:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.in_flight >= 2, 5, interval=0.01)
         await server.stop(grace=5)
         assert len(first.done) == 2  # the two running finished; the waiting ones were not run
         async with RPCServer(server_t, Target(topic=unique_topic, server="s2"), [second]):

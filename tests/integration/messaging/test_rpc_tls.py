@@ -89,13 +89,6 @@ async def tls_port(certificate: tuple[Path, Path]) -> AsyncIterator[int]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
-
-
 async def test_amqps_with_verified_certificate_round_trips(
     amqp_url: str,
     tls_port: int,

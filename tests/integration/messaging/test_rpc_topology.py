@@ -5,7 +5,6 @@ oslo peer declares, is exclusive unless it is a quorum queue), multi-host failov
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -32,13 +31,6 @@ class Ping:
     @expose
     async def ping(self, ctxt: RequestContext) -> str:
         return "pong"
-
-
-@pytest.fixture
-async def janitor(amqp_url: str) -> AsyncIterator[BrokerJanitor]:
-    janitor = BrokerJanitor(amqp_url)
-    yield janitor
-    await janitor.cleanup()
 
 
 @pytest.mark.parametrize("transient_quorum", [False, True])

@@ -11,6 +11,7 @@ from pathlib import Path
 from shared_objects.context import RequestContext
 from shared_objects.messaging import MessagingTimeout
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.testing.eventually import eventually
 
 
 @dataclass
@@ -33,13 +34,11 @@ def fleet_env(**values: str) -> dict[str, str]:
 
 async def wait_for_conductor(api: ConductorAPI, deadline: float = 30.0) -> None:
     """Ping until a conductor answers (bounded)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while True:
+
+    async def answers() -> bool:
         try:
-            if await api.ping(RequestContext(), "up", wait=1.0) == "up":
-                return
+            return bool(await api.ping(RequestContext(), "up", wait=1.0) == "up")
         except MessagingTimeout:
-            if loop.time() > end:
-                raise
-        await asyncio.sleep(0.2)
+            return False
+
+    await eventually(answers, deadline, interval=0.2, what="a conductor answering ping")

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import PG_ADMIN_DSN
+from shared_objects.testing.isolation import PG_ADMIN_DSN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def test_make_demo_from_a_fresh_clone_exits_0_and_prints_the_fleet(tmp_path: Pat
     rows = [line for line in done.stdout.splitlines() if "| active" in line]
     assert len(rows) == 6, tail
     # Its own database (a unique name), dropped at the end.
-    names = re.findall(r"PostgreSQL database '(fleet_demo_[0-9a-f]{8})'", done.stdout)
+    names = re.findall(r"PostgreSQL database '(fleet_demo_[0-9a-f]{12})'", done.stdout)
     assert len(names) == 1, done.stdout[:2000]
     assert not asyncio.run(database_exists(names[0]))
 

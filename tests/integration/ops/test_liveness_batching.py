@@ -35,7 +35,7 @@ async def test_real_agents_beats_land_batched(ops_cluster: OpsClusterFactory) ->
         _, text = await ahttp_get(port, "/metrics")
         beats0 = counter(text, "fleet_liveness_beats_total")
         flushes0 = counter(text, "fleet_liveness_flushes_total")
-        await asyncio.sleep(6.0)
+        await asyncio.sleep(6.0)  # a measuring window: a dozen beats per agent
         _, text = await ahttp_get(port, "/metrics")
         beats = counter(text, "fleet_liveness_beats_total") - beats0
         flushes = counter(text, "fleet_liveness_flushes_total") - flushes0

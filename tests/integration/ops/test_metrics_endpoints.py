@@ -3,12 +3,13 @@ used are non-zero, and ``/readyz`` / ``/healthz`` answer 200 once the service is
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 import pytest
 from ops_cluster import OpsClusterFactory, ahttp_get
 from prometheus_client.parser import text_string_to_metric_families
+
+from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -73,26 +74,25 @@ async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
         assert gauge(text, "fleet_ready") == 1.0
         # Latency histograms are filled for what the conductor served.
         assert labelled(text, "fleet_rpc_latency_seconds_count", method="build_instances") >= 1
+
         # Instances by state: the census runs every report interval.
-        for _ in range(50):
+        async def census() -> bool:
             _, text = await ahttp_get(ports["conductor-1"], "/metrics")
-            if labelled(text, "fleet_instances", vm_state="active") == len(uuids):
-                break
-            await asyncio.sleep(0.2)
-        assert labelled(text, "fleet_instances", vm_state="active") == len(uuids)
+            return labelled(text, "fleet_instances", vm_state="active") == len(uuids)
+
+        await eventually(census, 10, interval=0.2, what="the instance census")
 
         for host, built in per_host.items():
             # Exactly one run_instance handled per instance the agent built. A call is counted
             # when its handler returns, which is a little after the instance is ACTIVE (action
             # finish, notification): poll for a bounded time.
-            deadline = asyncio.get_running_loop().time() + 20
-            while True:
+            async def handled(host: str = host, built: int = built) -> str:
                 status, text = await ahttp_get(ports[host], "/metrics")
                 assert status == 200
-                if server_calls(text)["run_instance"] >= built:
-                    break
-                assert asyncio.get_running_loop().time() < deadline, (host, server_calls(text))
-                await asyncio.sleep(0.2)
+                assert server_calls(text)["run_instance"] >= built, (host, server_calls(text))
+                return text
+
+            text = await eventually(handled, 20, interval=0.2)
             assert server_calls(text)["run_instance"] == built, (host, server_calls(text))
             # ...and what it asked of the conductor, as a client.
             assert (

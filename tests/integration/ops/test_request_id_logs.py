@@ -9,7 +9,6 @@ writes on each service carry the operator's id.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
@@ -17,6 +16,7 @@ import pytest
 from ops_cluster import OpsCluster, OpsClusterFactory
 
 from shared_objects.context import RequestContext, generate_request_id
+from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,14 @@ async def eventually_logged(
     cluster: OpsCluster, name: str, request_id: str, event: str, count: int
 ) -> list[dict[str, Any]]:
     """The ``event`` lines of ``name`` carrying ``request_id``, once there are ``count``."""
-    found: list[dict[str, Any]] = []
-    for _ in range(200):  # the line comes as the handler ends, after ACTIVE: allow 20 s
+
+    def logged() -> list[dict[str, Any]]:
         found = [r for r in lines_for(cluster, name, request_id) if r.get("event") == event]
-        if len(found) >= count:
-            return found
-        await asyncio.sleep(0.1)
-    return found
+        assert len(found) >= count, found
+        return found
+
+    # The line comes as the handler ends, after ACTIVE: allow 20 s.
+    return await eventually(logged, 20, interval=0.1)
 
 
 async def test_boot_request_id_appears_in_conductor_and_agent_logs(
@@ -114,12 +115,12 @@ async def test_live_migration_request_id_reaches_conductor_and_both_agents(
             request_id=request_id, user_id="operator", project_id="admin", is_admin=True
         )
         mig = await cluster.tasks.live_migrate_instance(ctxt, instance_uuid=uuid, host="compute-2")
-        got: dict[str, Any] = {}
-        for _ in range(300):
+
+        async def finished() -> dict[str, Any] | None:
             got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
-            if got["status"] in ("completed", "failed", "error", "cancelled"):
-                break
-            await asyncio.sleep(0.1)
+            return got if got["status"] in ("completed", "failed", "error", "cancelled") else None
+
+        got = await eventually(finished, 30, interval=0.1)
         assert got["status"] == "completed", got
         (inst,) = await cluster.wait_instances([uuid], timeout=30)
         assert inst.host == "compute-2"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AMQP_URL
+from shared_objects.testing.isolation import AMQP_URL
 
 ROOT = Path(__file__).resolve().parents[3]
 PASSWORD = "s3cret-not-shown"

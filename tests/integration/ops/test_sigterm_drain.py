@@ -13,7 +13,6 @@ Two cases:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 
@@ -21,7 +20,8 @@ import pytest
 from ops_cluster import OpsCluster, OpsClusterFactory
 
 from shared_objects.messaging.testing import queue_counts_ctl
-from shared_objects.objects.instance import InstanceList
+from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,11 @@ async def spawning_on(cluster: OpsCluster, uuids: list[str], host: str) -> list[
 
 
 async def wait_spawning(cluster: OpsCluster, uuids: list[str], host: str) -> list[str]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        busy = await spawning_on(cluster, uuids, host)
-        if busy:
-            return busy
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{host} never started building any of the storm's instances")
+    return await eventually(
+        lambda: spawning_on(cluster, uuids, host),
+        30,
+        what=f"{host} building any of the storm's instances",
+    )
 
 
 async def sigterm(cluster: OpsCluster, host: str) -> tuple[int | None, float]:
@@ -98,19 +96,23 @@ async def test_sigterm_with_queued_builds_keeps_them_until_the_agent_restarts(
         assert code == 0
         assert took < GRACE, f"drain took {took:.1f}s"
         assert "rpc_server_stop_cancelled_handlers" not in log_events(cluster, "compute-1")
+
         # compute-2 finishes its share; compute-1's unstarted builds are parked, not failed:
         # wait until compute-2's queue is empty and nothing is being built any more.
-        deadline = time.monotonic() + 90
-        while True:
+        async def parked_in_queue() -> list[Instance]:
             insts = await InstanceList.get_by_uuids(cluster.ctxt, uuids)
             parked = [i for i in insts if i.vm_state != "active"]
             ready_1 = await queue_counts_ctl("compute.compute-1", vhost=amqp_vhost)
             busy_2 = await queue_counts_ctl("compute.compute-2", vhost=amqp_vhost)
             settled = all(i.task_state == "scheduling" for i in parked)
-            if settled and busy_2 == (0, 0) and ready_1 == (len(parked), 0):
-                break
-            assert time.monotonic() < deadline, (ready_1, busy_2, len(parked))
-            await asyncio.sleep(0.5)
+            assert settled and busy_2 == (0, 0) and ready_1 == (len(parked), 0), (
+                ready_1,
+                busy_2,
+                len(parked),
+            )
+            return parked
+
+        parked = await eventually(parked_in_queue, 90, interval=0.5)
         print(f"compute-1: exit {code} in {took:.2f}s, {len(parked)} builds parked in its queue")
         assert parked, "expected builds still queued for compute-1 at SIGTERM"
         # Parked, and assigned to the host whose queue holds them (release 1.2 assigns a build

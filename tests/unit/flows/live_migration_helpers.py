@@ -12,6 +12,7 @@ from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration
+from shared_objects.testing.eventually import eventually
 
 FINISHED = {"completed", "failed", "error", "cancelled"}
 
@@ -31,16 +32,17 @@ async def boot(fleet: Any, host: str, count: int = 1, ram: int = 512) -> list[st
         user(), flavor=f"lm{ram}", name="vm", count=count, forced_host=host
     )
     uuids = [m["uuid"] for m in made]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while True:
+
+    async def active() -> list[Instance]:
         async with fleet.db() as ctxt:
             insts = list(await InstanceList.get_by_uuids(ctxt, uuids))
-        if all(i.vm_state == "active" and i.task_state is None for i in insts):
-            assert {i.host for i in insts} == {host}
-            return uuids
-        assert loop.time() < deadline, [(i.vm_state, i.task_state) for i in insts]
-        await asyncio.sleep(0.05)
+        states = [(i.vm_state, i.task_state) for i in insts]
+        assert states == [("active", None)] * len(uuids), states
+        return insts
+
+    insts = await eventually(active, 15)
+    assert {i.host for i in insts} == {host}
+    return uuids
 
 
 async def instance(fleet: Any, uuid: str) -> Instance:
@@ -59,14 +61,13 @@ async def wait_migration(
 ) -> dict[str, Any]:
     """Poll ``get_migration`` (as the CLI does) until it reaches one of ``statuses``."""
     want = statuses or FINISHED
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
+
+    async def reached() -> dict[str, Any]:
         got = await fleet.tasks.get_migration(user(), migration_uuid=migration_uuid)
-        if got["status"] in want:
-            return got
-        assert loop.time() < deadline, f"migration stuck in {got['status']}"
-        await asyncio.sleep(0.02)
+        assert got["status"] in want, f"migration stuck in {got['status']}"
+        return dict(got)
+
+    return await eventually(reached, within, interval=0.02)
 
 
 async def settle_task(fleet: Any, migration_uuid: str) -> None:
@@ -75,14 +76,12 @@ async def settle_task(fleet: Any, migration_uuid: str) -> None:
 
 
 async def wait_idle(fleet: Any, uuid: str, within: float = 20.0) -> Instance:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
+    async def idle() -> Instance:
         inst = await instance(fleet, uuid)
-        if inst.task_state is None:
-            return inst
-        assert loop.time() < deadline, f"instance stuck in {inst.task_state}"
-        await asyncio.sleep(0.05)
+        assert inst.task_state is None, f"instance stuck in {inst.task_state}"
+        return inst
+
+    return await eventually(idle, within)
 
 
 async def check_invariants(fleet: Any) -> None:

@@ -20,6 +20,7 @@ from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_action_event import InstanceActionEvent
+from shared_objects.testing.eventually import eventually
 
 OPS = RequestContext(user_id="ops", project_id="p1")
 
@@ -161,6 +162,18 @@ async def test_a_rule_change_during_a_build_reaches_its_guest(
             await real_spawn(*args, **kwargs)
 
         monkeypatch.setattr(driver, "spawn", gated_spawn)
+        # Evidence of the deferred path: the refresh found the build and was held for it.
+        watch = fleet.agents["host-a"].security.watch
+        held: list[str] = []
+        real_note_change = watch.note_change
+
+        def note_change(uuid: str) -> bool:
+            deferred = real_note_change(uuid)
+            if deferred:
+                held.append(uuid)
+            return deferred
+
+        monkeypatch.setattr(watch, "note_change", note_change)
         (made,) = await fleet.tasks.build_instances(
             OPS, flavor="small", name="vm", forced_host="host-a", security_groups=["web"]
         )
@@ -175,7 +188,8 @@ async def test_a_rule_change_during_a_build_reaches_its_guest(
             OPS, group="web", protocol="tcp", from_port=443, to_port=443, cidr="0.0.0.0/0"
         )
         assert added["refreshed_hosts"] == {"host-a": 1}
-        await asyncio.sleep(0.2)  # the refresh reaches the agent while the build waits
+        # The refresh reaches the agent while the build waits, and is deferred to the build.
+        await eventually(lambda: held == [made["uuid"]], what="the refresh deferred to the build")
         gate.set()
         (inst,) = await wait_for(lambda: _settled(fleet, [made["uuid"]]))
         assert inst.vm_state == "active"

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from live_migration_helpers import (
+    FINISHED,
     boot,
     check_invariants,
     events,
@@ -18,6 +19,7 @@ from live_migration_helpers import (
 from compute_agent.virt.migration_model import MigrationModel
 from shared_objects import exception
 from shared_objects.objects.migration import MigrationList
+from shared_objects.testing.eventually import eventually
 
 SLOWISH = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02, progress_interval_s=0.01)
 
@@ -72,15 +74,14 @@ async def test_progress_is_saved_and_monotonic(lm_fleet_factory: Any) -> None:
         (uuid,) = await boot(fleet, "host-a")
         mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
         seen: list[tuple[int, int]] = []
-        while True:
+
+        async def finished() -> dict[str, Any] | None:
             got = await fleet.tasks.get_migration(user(), migration_uuid=mig)
             if got["memory_processed"] is not None:
                 seen.append((got["memory_processed"], got["progress"] or 0))
-            if got["status"] in {"completed", "failed", "error", "cancelled"}:
-                break
-            import asyncio
+            return got if got["status"] in FINISHED else None
 
-            await asyncio.sleep(0.05)
+        got = await eventually(finished, 30)
         assert got["status"] == "completed"
         assert len({p for _m, p in seen}) >= 3, seen  # several intermediate reports
         assert [m for m, _p in seen] == sorted(m for m, _p in seen)
@@ -195,12 +196,11 @@ async def test_volumes_and_firewall_follow_the_guest_and_detach_works_after(
             block_device_mappings=[{"volume_id": "vol-1", "device_name": "/dev/vdb"}],
         )
         uuid = made["uuid"]
-        import asyncio
 
-        for _ in range(200):
-            if (await instance(fleet, uuid)).vm_state == "active":
-                break
-            await asyncio.sleep(0.05)
+        async def active() -> bool:
+            return (await instance(fleet, uuid)).vm_state == "active"
+
+        await eventually(active)
         rules_before = await fleet.driver("host-a").get_firewall_rules(uuid)
         assert rules_before == normalize_rules(
             [{"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.0.0.0/8"}]

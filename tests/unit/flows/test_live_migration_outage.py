@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import DatabaseOutage
 from live_migration_helpers import (
     boot,
     check_invariants,
@@ -15,6 +14,7 @@ from live_migration_helpers import (
 )
 
 from compute_agent.virt.migration_model import MigrationModel
+from shared_objects.testing.fleet import DatabaseOutage
 
 SLOWISH = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02, progress_interval_s=0.01)
 

@@ -21,6 +21,8 @@ from live_migration_helpers import (
 )
 
 from compute_agent.virt.migration_model import MigrationModel
+from shared_objects.testing.eventually import eventually
+from shared_objects.testing.fleet import copy_rounds
 
 FAST = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02)
 UNTIL_FORCED = MigrationModel(
@@ -55,10 +57,11 @@ async def test_dead_destination_during_pre_live_migration_is_noticed_in_one_wind
 ) -> None:
     async with lm_fleet_factory(migration=FAST) as fleet:
         (uuid,) = await boot(fleet, "host-a")
-        fleet.driver("host-b").failures.delay("pre_live_migration", 60, count=1)
+        stuck = fleet.driver("host-b").failures.delay("pre_live_migration", 60, count=1)
         mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
         await wait_migration(fleet, mig, statuses={"preparing"})
-        await asyncio.sleep(0.3)
+        # The destination is inside pre_live_migration when it dies.
+        await eventually(lambda: stuck.fired == 1, what="pre_live_migration entered")
         loop = asyncio.get_running_loop()
         killed_at = loop.time()
         await fleet.crash("host-b")
@@ -80,7 +83,7 @@ async def test_dead_source_mid_copy_conductor_marks_error_then_source_recovers(
         (uuid,) = await boot(fleet, "host-a")
         mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
         await wait_migration(fleet, mig, statuses={"running"})
-        await asyncio.sleep(0.2)
+        await copy_rounds(fleet.driver("host-a"))
         loop = asyncio.get_running_loop()
         killed_at = loop.time()
         await fleet.crash("host-a")

@@ -66,6 +66,8 @@ async def test_crash_in_every_phase_ends_on_one_host(
             await fleet.crash("host-a")
             await fleet.crash("host-b")
             await fleet.restart(first)
+            # A staggered restart: the first side runs alone for a while (its start-up
+            # recovery already ran inside restart(); this gives its sweeper a turn).
             await asyncio.sleep(0.5)
             inst = await instance(fleet, uuid)
             if inst.task_state is None:

@@ -24,6 +24,7 @@ from live_migration_helpers import (
 
 from compute_agent.virt.migration_model import MigrationModel, NonConvergencePolicy
 from shared_objects import exception
+from shared_objects.testing.fleet import copy_rounds
 
 FAST = MigrationModel(bandwidth_mb_s=2000, round_interval_s=0.02)
 NEVER_CONVERGES = MigrationModel(
@@ -144,7 +145,7 @@ async def test_non_convergence_with_force_policy_completes(lm_fleet_factory: Any
 async def _running(fleet: Any, uuid: str) -> str:
     mig = await fleet.tasks.live_migrate_instance(user(), instance_uuid=uuid, host="host-b")
     await wait_migration(fleet, mig, statuses={"running"})
-    await asyncio.sleep(0.1)  # a few rounds into the copy
+    await copy_rounds(fleet.driver("host-a"))
     return mig
 
 
@@ -233,7 +234,9 @@ async def test_abort_while_queued_behind_another_copy_cancels(lm_fleet_factory: 
             user(), instance_uuid=second, host="host-b"
         )
         await wait_migration(fleet, queued, statuses={"queued"})
-        await asyncio.sleep(0.2)  # the source holds it: one copy at a time
+        # An absence check, so a fixed wait: a second copy allowed by the source would have
+        # left "queued" within this time.
+        await asyncio.sleep(0.2)
         assert (await wait_migration(fleet, queued, statuses={"queued"}))["status"] == "queued"
         await fleet.tasks.live_migration_abort(user(), migration_uuid=queued)
         await fleet.tasks.live_migration_force_complete(user(), migration_uuid=running)

@@ -263,18 +263,21 @@ async def test_an_unrecordable_event_after_the_build_is_active_keeps_the_guest(
         agent.build.calls = Retrier(RetryPolicy(total=0.3, initial=0.05, maximum=0.1))
         conductor = agent.conductor
         real = conductor.object_class_action_versions
+        refused: list[str] = []
 
         async def no_event_finish(context: Any, objname: str, objmethod: str, *a: Any) -> Any:
             if (objname, objmethod) == ("InstanceActionEvent", "event_finish"):
+                refused.append(objmethod)
                 raise exception.DatabaseUnavailable(reason="down for event_finish only")
             return await real(context, objname, objmethod, *a)
 
         conductor.object_class_action_versions = no_event_finish
         uuid = await _boot(fleet, "host-a")
         await wait_for(lambda: _settled(fleet, [uuid]))
-        # ACTIVE is saved before the event's finish: give the finish's retries (0.3 s) time
-        # to run out, then nothing may have been undone.
-        await asyncio.sleep(1.5)
+        # ACTIVE is saved before the event's finish: wait until the agent's build handler is
+        # over (the finish's retries ran out), then nothing may have been undone.
+        await wait_for(lambda: uuid not in agent.build._building)
+        assert len(refused) > 1, refused  # the finish was retried before the agent gave up
         (inst,) = await wait_for(lambda: _settled(fleet, [uuid]))
         assert (inst.vm_state, inst.host) == ("active", "host-a")
         assert await fleet.driver("host-a").list_instance_uuids() == [uuid]

@@ -90,6 +90,8 @@ async def test_a_change_made_while_the_agents_link_is_down_reaches_the_guest_on_
         )
         # The change is committed and the operator is answered; the cast found no queue.
         assert added["refreshed_hosts"] == {"host-a": 1}
+        # An absence check, so a fixed wait: a refresh that did reach the agent would be
+        # applied within this time.
         await asyncio.sleep(0.2)
         wanted = await _db_rules(fleet, uuid)
         assert wanted and await fleet.driver("host-a").get_firewall_rules(uuid) == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from shared_objects.http import HTTPEndpoint, Response, Route
 
 
@@ -40,11 +42,20 @@ async def test_query_strings_are_ignored_for_routing() -> None:
     assert raw.endswith(b"\r\n\r\nx\n")
 
 
-async def test_stop_does_not_wait_for_idle_clients() -> None:
+async def test_stop_does_not_wait_for_idle_clients(monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = HTTPEndpoint(routes(), port=0, request_timeout=30)
+    accepted = asyncio.Event()
+    serve = endpoint._serve
+
+    async def serving(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await serve(reader, writer)
+
+    monkeypatch.setattr(endpoint, "_serve", serving)
     await endpoint.start()
     _, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
-    await asyncio.sleep(0.05)  # the server side has accepted and is waiting for a request
+    # The server side has accepted and waits for a request (else stop() has nothing to skip).
+    await asyncio.wait_for(accepted.wait(), 5)
     started = time.monotonic()
     await asyncio.wait_for(endpoint.stop(), 5)
     assert time.monotonic() - started < 1.0

@@ -6,6 +6,7 @@ import datetime
 import pytest
 
 from shared_objects import releases
+from shared_objects.testing.eventually import eventually
 from shared_objects.upgrade_levels import UnknownUpgradeLevel, compute_levels, parse_level
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
@@ -114,17 +115,14 @@ async def test_a_host_not_seen_yet_gets_the_oldest_release_and_a_refresh_soon(
         # Until a refresh has seen it, the new host is sent the oldest release's versions.
         assert levels.release_for("new") == OLDEST
         assert levels.release_for("new") == OLDEST  # one refresh, not one per call
-        for _ in range(50):
-            if "new" in levels.levels.hosts:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: "new" in levels.levels.hosts, 1, interval=0.01)
         assert reads == 2
         assert levels.release_for("new") == NEWEST
         # A host that never registers costs at most one refresh per spacing interval.
         for _ in range(20):
             levels.release_for("ghost")
             await asyncio.sleep(0)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # an absence check: a second read would have run by now
         assert reads == 2
     finally:
         await levels.stop()
@@ -166,10 +164,9 @@ async def test_on_demand_levels_are_read_only_when_used_after_the_interval(
         await asyncio.sleep(0.2)  # idle: several intervals pass, nothing is read
         assert reads == 1
         assert levels.release_for("a") == NEWEST  # stale use: served, and a read starts
-        await asyncio.sleep(0.02)
-        assert reads == 2
+        await eventually(lambda: reads == 2, 1, interval=0.005, what="the background read")
         levels.release_for("a")  # fresh again: no read
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # an absence check: a read would have started by now
         assert reads == 2
     finally:
         await levels.stop()

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from virt_testlib import MakeDriver, spec
+from virt_testlib import MakeDriver, spawning, spec
 
 from compute_agent.virt import (
     ComputeDriver,
@@ -22,6 +22,7 @@ from compute_agent.virt import (
     InvalidGuestState,
     PowerState,
 )
+from shared_objects.testing.eventually import eventually
 
 
 def test_fake_driver_implements_the_interface_and_guest_spec_is_instance_like() -> None:
@@ -59,8 +60,7 @@ async def test_spawn_takes_the_configured_latency(make_driver: MakeDriver) -> No
     driver = await make_driver(spawn_delay_s=0.2)
     started = time.monotonic()
     task = asyncio.create_task(driver.spawn(spec("i1"), "img"))
-    await asyncio.sleep(0.05)
-    assert (await driver.get_info("i1")).phase is GuestPhase.SPAWNING
+    await eventually(lambda: spawning(driver, "i1"))
     assert (await driver.get_info("i1")).power_state is PowerState.NOSTATE
     await task
     assert time.monotonic() - started >= 0.2
@@ -130,7 +130,7 @@ async def test_power_off_and_on_change_the_power_state(make_driver: MakeDriver) 
 async def test_power_off_of_a_spawning_guest_is_refused(make_driver: MakeDriver) -> None:
     driver = await make_driver(spawn_delay_s=0.2)
     task = asyncio.create_task(driver.spawn(spec("i1"), "img"))
-    await asyncio.sleep(0.02)
+    await eventually(lambda: spawning(driver, "i1"))
     with pytest.raises(InvalidGuestState):
         await driver.power_off(spec("i1"))
     await task
@@ -141,7 +141,7 @@ async def test_destroy_during_spawn_fails_the_spawn_and_leaves_nothing(
 ) -> None:
     driver = await make_driver(spawn_delay_s=0.2)
     task = asyncio.create_task(driver.spawn(spec("i1"), "img"))
-    await asyncio.sleep(0.02)
+    await eventually(lambda: spawning(driver, "i1"))
     await driver.destroy(spec("i1"))
     with pytest.raises(InstanceNotFound):
         await task
@@ -151,7 +151,7 @@ async def test_destroy_during_spawn_fails_the_spawn_and_leaves_nothing(
 async def test_cancelled_spawn_leaves_no_guest(make_driver: MakeDriver) -> None:
     driver = await make_driver(spawn_delay_s=0.5)
     task = asyncio.create_task(driver.spawn(spec("i1"), "img"))
-    await asyncio.sleep(0.02)
+    await eventually(lambda: spawning(driver, "i1"))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

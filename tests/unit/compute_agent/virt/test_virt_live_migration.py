@@ -27,6 +27,7 @@ from compute_agent.virt import (
     PowerState,
     normalize_rules,
 )
+from shared_objects.testing.fleet import copy_rounds
 
 RULES = [{"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.0.0.0/8"}]
 
@@ -121,7 +122,7 @@ async def test_force_complete_makes_a_stuck_migration_converge(make_driver: Make
     await source.set_dirty_rate("vm1", 50_000.0)
     migrate_data = await prepare(source, dest, guest)
     task = asyncio.create_task(source.live_migration(guest, "dst", migrate_data))
-    await asyncio.sleep(0.1)
+    await copy_rounds(source, 10)
     assert not task.done()  # not converging on its own
     await source.live_migration_force_complete("vm1")
     result = await asyncio.wait_for(task, 5)
@@ -137,7 +138,7 @@ async def test_abort_raises_migration_aborted_and_keeps_the_guest_on_the_source(
     await source.set_dirty_rate("vm1", 5000.0)
     migrate_data = await prepare(source, dest, guest)
     task = asyncio.create_task(source.live_migration(guest, "dst", migrate_data))
-    await asyncio.sleep(0.05)
+    await copy_rounds(source)
     assert (await source.get_info("vm1")).phase is GuestPhase.MIGRATING_OUT
     await source.live_migration_abort("vm1")
     # abort returns once the copy stopped: the guest is already running here again
@@ -182,7 +183,7 @@ async def test_slow_progress_callback_does_not_slow_the_copy(make_driver: MakeDr
     async def slow(progress: MigrationProgress) -> None:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a slow progress consumer: the point of the test
 
     started = time.monotonic()
     await source.live_migration(guest, "dst", migrate_data, slow)
@@ -228,7 +229,7 @@ async def test_destroy_during_copy_aborts_the_migration(make_driver: MakeDriver)
     await source.set_dirty_rate("vm1", 5000.0)
     migrate_data = await prepare(source, dest, guest)
     task = asyncio.create_task(source.live_migration(guest, "dst", migrate_data))
-    await asyncio.sleep(0.03)
+    await copy_rounds(source)
     await source.destroy(guest)
     with pytest.raises(MigrationAborted, match="destroyed"):
         await task
@@ -241,7 +242,7 @@ async def test_cleanup_host_stops_running_copies(make_driver: MakeDriver) -> Non
     await source.set_dirty_rate("vm1", 5000.0)
     migrate_data = await prepare(source, dest, guest)
     task = asyncio.create_task(source.live_migration(guest, "dst", migrate_data))
-    await asyncio.sleep(0.03)
+    await copy_rounds(source)
     await source.cleanup_host()
     with pytest.raises(MigrationAborted, match="shutdown"):
         await task
@@ -334,7 +335,7 @@ async def test_migrating_a_guest_twice_at_once_is_refused(make_driver: MakeDrive
     await source.set_dirty_rate("vm1", 5000.0)
     migrate_data = await prepare(source, dest, guest)
     task = asyncio.create_task(source.live_migration(guest, "dst", migrate_data))
-    await asyncio.sleep(0.02)
+    await copy_rounds(source)
     with pytest.raises(InvalidGuestState):
         await source.live_migration(guest, "dst", migrate_data)
     await source.live_migration_abort("vm1")

@@ -9,11 +9,12 @@ import shutil
 import signal
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from virt_testlib import FAST, MakeDriver, crash_copy, spec
+from virt_testlib import FAST, MakeDriver, crash_copy, spec, stored_phase
 
 from compute_agent.virt import (
     FakeDriver,
@@ -26,6 +27,8 @@ from compute_agent.virt import (
     state_store,
 )
 from compute_agent.virt.state_store import StateStore
+from shared_objects.testing.eventually import eventually
+from shared_objects.testing.fleet import copy_rounds
 
 
 async def restarted(state_dir: Path, host: str) -> FakeDriver:
@@ -86,7 +89,7 @@ async def test_interrupted_spawn_comes_back_as_error(
 ) -> None:
     driver = await make_driver("h1", spawn_delay_s=5.0)
     task = asyncio.create_task(driver.spawn(spec("s"), "img"))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: stored_phase(state_dir, "h1", "s") == "spawning")
     frozen = crash_copy(state_dir, "h1", tmp_path / "crash")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -110,7 +113,8 @@ async def test_interrupted_copy_comes_back_running_on_the_source(
     data = await source.check_can_live_migrate_source(guest, {"dest_host": "dst"})
     await dest.pre_live_migration(guest, data)
     task = asyncio.create_task(source.live_migration(guest, "dst", data))
-    await asyncio.sleep(0.05)
+    await copy_rounds(source)
+    assert stored_phase(state_dir, "src", "m") == "migrating_out"
     frozen_src = crash_copy(state_dir, "src", tmp_path / "crash")
     frozen_dst = crash_copy(state_dir, "dst", tmp_path / "crash")
     await source.live_migration_abort("m")
@@ -182,7 +186,7 @@ async def test_concurrent_changes_are_coalesced_and_all_persisted(
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, json, sys
     from pathlib import Path
     from compute_agent.virt import FakeDriver, FakeDriverConfig, GuestSpec
 
@@ -194,9 +198,17 @@ CHILD = textwrap.dedent(
         for n in range(5):
             driver.failures.delay("spawn", 60, uuid=f"slow{n}")
         tasks = [asyncio.create_task(driver.spawn(GuestSpec(f"slow{n}"), "img")) for n in range(5)]
-        while len(await driver.list_instance_uuids()) < 10:
+        state = Path(sys.argv[1]) / "victim.json"
+
+        def stored_spawning() -> int:
+            try:
+                guests = json.loads(state.read_text())["guests"]
+            except FileNotFoundError:
+                return 0
+            return sum(1 for g in guests.values() if g["phase"] == "spawning")
+
+        while stored_spawning() < 5:  # the SPAWNING records reached the file
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # let the SPAWNING records reach the file
         print("READY", flush=True)
         await asyncio.gather(*tasks)
 
@@ -237,25 +249,30 @@ async def test_cancelled_flush_never_lets_an_older_snapshot_win(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_write = state_store._write_atomic
+    slow_started, slow_done = threading.Event(), threading.Event()
 
     def slow_first_write(path: Path, text: str, fsync: bool) -> None:
-        if '"value":1' in text:
-            time.sleep(0.1)  # runs in the worker thread, as the real write does
+        if '"value":1' not in text:
+            real_write(path, text, fsync)
+            return
+        slow_started.set()
+        time.sleep(0.1)  # a slow disk; runs in the worker thread, as the real write does
         real_write(path, text, fsync)
+        slow_done.set()
 
     monkeypatch.setattr(state_store, "_write_atomic", slow_first_write)
     state = {"value": 1}
     store = StateStore(tmp_path / "h.json", lambda: {"host": "h", "value": state["value"]})
     store.mark_dirty()
     first = asyncio.create_task(store.flush())
-    await asyncio.sleep(0.03)  # the slow write of value 1 is in progress
+    await eventually(slow_started.is_set, what="the slow write of value 1 in progress")
     first.cancel()  # its caller goes away; the write it started must still land first
     with contextlib.suppress(asyncio.CancelledError):
         await first
     state["value"] = 2
     store.mark_dirty()
     await store.flush()
-    await asyncio.sleep(0.15)  # would let a still-running stale write overwrite the file
+    await eventually(slow_done.is_set, what="the stale write's end")
     document = await store.load()
     assert document is not None and document["value"] == 2
 
@@ -264,7 +281,7 @@ async def test_an_idle_driver_runs_no_background_tasks(make_driver: MakeDriver) 
     baseline = len(asyncio.all_tasks())
     driver = await make_driver("idle")
     await driver.spawn(spec("a"), "img")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # an absence check: a background task would have started by now
     assert len(asyncio.all_tasks()) == baseline
 
 

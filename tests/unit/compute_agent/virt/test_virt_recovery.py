@@ -18,6 +18,7 @@ from compute_agent.virt import (
     Outcome,
     resolve_migration,
 )
+from shared_objects.testing.fleet import copy_rounds
 
 P = GuestPhase
 
@@ -131,7 +132,7 @@ async def test_crash_mid_copy_resolves_to_the_source(
     data = await source.check_can_live_migrate_source(guest, {"dest_host": "dst"})
     await dest.pre_live_migration(guest, data)
     copy = asyncio.create_task(source.live_migration(guest, "dst", data))
-    await asyncio.sleep(0.05)
+    await copy_rounds(source)
     assert resolve_migration(await phase_of(source), await phase_of(dest)).outcome is (
         Outcome.IN_PROGRESS
     )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 from conductor.db import migration
 from conductor.service import ConductorService
 from shared_objects.config import FleetConfig
+from shared_objects.testing.eventually import eventually
 
 
 async def test_conductor_starts_and_stops_its_reconciler(sqlite_database_url: str) -> None:
@@ -25,11 +25,7 @@ async def test_conductor_starts_and_stops_its_reconciler(sqlite_database_url: st
         task = service.reconciler._task
         assert task is not None and not task.done()
         passes = service.reconciler.passes.labels(outcome="ok")
-        for _ in range(100):
-            if passes._value.get() >= 2:
-                break
-            await asyncio.sleep(0.02)
-        assert passes._value.get() >= 2
+        await eventually(lambda: passes._value.get() >= 2, 2, interval=0.02, what="two passes")
         assert b'fleet_reconciler_actions_total{rule="spawn_host_down"} 0.0' in (
             service.metrics.render()
         )

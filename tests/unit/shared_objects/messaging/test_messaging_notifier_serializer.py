@@ -21,6 +21,7 @@ from shared_objects.messaging import (
 )
 from shared_objects.messaging.driver import Delivery
 from shared_objects.messaging.topology import QueueSpec
+from shared_objects.testing.eventually import eventually
 
 
 def _config(user: str = "guest") -> MessagingConfig:
@@ -45,7 +46,7 @@ async def test_notification_goes_to_topic_priority_queue_declared_by_publisher()
 
         await transport.driver.subscribe([QueueSpec("notifications.info")], take)
         await transport.driver.subscribe([QueueSpec("notifications.warn")], take)
-        await asyncio.sleep(0.01)
+        await eventually(lambda: len(bodies) == 2, 1, interval=0.005)
         info, warn = bodies
         assert info["publisher_id"] == "compute.host1"
         assert info["event_type"] == "compute.instance.create.end"

@@ -36,6 +36,7 @@ from shared_objects.messaging.exceptions import (
 )
 from shared_objects.messaging.memory import MemoryDriver
 from shared_objects.messaging.topology import DEFAULT_EXCHANGE, QueueSpec
+from shared_objects.testing.eventually import eventually
 
 TOPIC = "compute"
 
@@ -120,14 +121,6 @@ async def transports(broker: MemoryBroker) -> AsyncIterator[tuple[Transport, Tra
         yield server_t, client_t
 
 
-async def _wait_for(predicate: Any, within: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
 # -- 1. ids ------------------------------------------------------------------------------------
 
 
@@ -208,7 +201,9 @@ async def test_refused_call_returns_the_error_and_runs_nothing(
             with pytest.raises(RequestRefused, match="host-1 may not call delete_everything"):
                 await client.call(None, "delete_everything")
             await client.cast(None, "delete_everything")
-            await asyncio.sleep(0.05)
+            await eventually(
+                lambda: server.stats()["calls"] == {"delete_everything:forbidden": 2}, 2.0
+            )
         assert endpoint.calls == []
         assert serializer.deserialized == []
         assert server.stats()["calls"] == {"delete_everything:forbidden": 2}
@@ -314,7 +309,7 @@ async def test_request_without_user_id_is_refused_when_required(
             with pytest.raises(Unauthenticated, match="no broker-validated user_id"):
                 await client.call(None, "echo", value=1)
             await client.cast(None, "echo", value=2)
-            await _wait_for(lambda: server.stats()["dropped"].get("no_user_id") == 2)
+            await eventually(lambda: server.stats()["dropped"].get("no_user_id") == 2, 2.0)
         assert endpoint.calls == []
         refused = [e for e in logs if e["event"] == "rpc_request_refused"]
         assert [(e["log_level"], e["reason"], e["queue"]) for e in refused] == [
@@ -372,7 +367,7 @@ async def test_forged_reply_is_ignored_and_the_genuine_one_returned(
             host_t, Target(topic="conductor"), timeout=2.0, reply_from=_expect("conductor")
         )
         call = asyncio.create_task(client.call(None, "echo", value="genuine"))
-        await _wait_for(lambda: endpoint.calls)
+        await eventually(lambda: endpoint.calls, 2.0, interval=0.005)
         (msg_id,) = host_t.replies._waiters
         reply_q = host_t.replies.queue_name
         with capture_logs() as logs:
@@ -380,7 +375,7 @@ async def test_forged_reply_is_ignored_and_the_genuine_one_returned(
             await mallory.publish(
                 DEFAULT_EXCHANGE, reply_q, _reply_body(msg_id, None, ending=False)
             )
-            await asyncio.sleep(0.05)
+            await eventually(lambda: host_t.stats()["forged_replies"] == 2, 2.0)
         assert not call.done()
         endpoint.release.set()
         assert (await call)["value"] == "genuine"
@@ -400,7 +395,7 @@ async def test_reply_without_user_id_is_refused_too(
     anonymous = MemoryDriver(broker, user_id="")
     client = RPCClient(host_t, Target(topic="nobody"), timeout=0.3, reply_from=_expect("c"))
     call = asyncio.create_task(client.call(None, "x"))
-    await _wait_for(lambda: host_t.replies._waiters)
+    await eventually(lambda: host_t.replies._waiters, 2.0, interval=0.005)
     (msg_id,) = host_t.replies._waiters
     await anonymous.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, _reply_body(msg_id, 1))
     with pytest.raises(MessagingTimeout):
@@ -421,14 +416,14 @@ async def test_forged_heartbeats_do_not_keep_a_call_alive(
         reply_from=_expect("conductor"),
     )
     call = asyncio.create_task(client.call(None, "x"))
-    await _wait_for(lambda: host_t.replies._waiters)
+    await eventually(lambda: host_t.replies._waiters, 2.0, interval=0.005)
     (msg_id,) = host_t.replies._waiters
     loop = asyncio.get_running_loop()
     started = loop.time()
     while not call.done() and loop.time() - started < 2.0:
         body = _reply_body(msg_id, None, ending=False)
         await mallory.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, body)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # an attacker's pace: a stream of fake heartbeats
     with pytest.raises(MessagingTimeout, match="call-monitor"):
         await call
     assert loop.time() - started < 1.0
@@ -462,7 +457,7 @@ async def test_without_reply_from_any_sender_is_accepted(
     _, host_t = transports
     other = MemoryDriver(broker, user_id="anyone")
     call = asyncio.create_task(RPCClient(host_t, Target(topic="n"), timeout=2.0).call(None, "x"))
-    await _wait_for(lambda: host_t.replies._waiters)
+    await eventually(lambda: host_t.replies._waiters, 2.0, interval=0.005)
     (msg_id,) = host_t.replies._waiters
     await other.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, _reply_body(msg_id, 42))
     assert await call == 42
@@ -527,5 +522,5 @@ async def test_listen_on_topic_false_consumes_only_its_own_queues(
             await client.call(None, "echo", value="to anyone")
         assert (await client.prepare(server="host-1").call(None, "echo", value=1))["value"] == 1
         await client.prepare(fanout=True).cast(None, "echo", value="all")
-        await _wait_for(lambda: ("echo", "all") in endpoint.calls)
+        await eventually(lambda: ("echo", "all") in endpoint.calls, 2.0, interval=0.005)
     assert ("echo", "to anyone") not in endpoint.calls

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +11,7 @@ from shared_objects import releases
 from shared_objects.context import RequestContext
 from shared_objects.objects import Service
 from shared_objects.objects.service import ServiceReporter
+from shared_objects.testing.eventually import eventually
 
 
 @contextlib.asynccontextmanager
@@ -31,14 +31,15 @@ async def test_reporter_registers_and_heartbeats_at_its_interval(conductor: Loca
     service = await reporter.start()
     try:
         assert service.version == releases.SERVICE_VERSION and service.is_up
-        async with asyncio.timeout(10):
-            while True:
-                row = await Service.get_by_host_and_binary(
-                    RequestContext(), "h1", releases.BINARY_COMPUTE
-                )
-                if row.report_count >= 3:
-                    break
-                await asyncio.sleep(0.05)
+
+        async def reported_thrice() -> Service:
+            row = await Service.get_by_host_and_binary(
+                RequestContext(), "h1", releases.BINARY_COMPUTE
+            )
+            assert row.report_count >= 3, row.report_count
+            return row
+
+        row = await eventually(reported_thrice)
     finally:
         await reporter.stop()
     assert reporter.failures == 0
