@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conductor.release_tree import previous_release
-from shared_objects import releases
+from shared_objects import exception, releases
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_fault import InstanceFault
@@ -239,6 +239,13 @@ async def test_too_new_object_sent_to_an_old_agent_is_backported_and_counted(
         assert errors == []
 
 
+async def _latest_fault(cluster: Any, uuid: str) -> InstanceFault | None:
+    try:
+        return await InstanceFault.get_latest_for_instance(cluster.ctxt, uuid)
+    except exception.InstanceFaultNotFound:
+        return None
+
+
 @pytest.mark.parametrize("old_name", UPGRADES_FROM)
 async def test_driver_errors_between_releases_reach_callers_as_they_did(
     cluster_factory: Any,
@@ -268,13 +275,14 @@ async def test_driver_errors_between_releases_reach_callers_as_they_did(
 
         # The old destination refuses the conductor's precheck with its driver's error.
         assert (await _migrate(cluster, on_new, OLD))["status"] == "failed"
-        fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, on_new)
+        # The fault is recorded as the migration settles: poll for it.
+        fault = await eventually(lambda: _latest_fault(cluster, on_new), what="fault of a")
         step = "check_can_live_migrate_destination"
         assert f"{OLD}: InjectedFailure: injected failure at step {step}" in (fault.message or "")
 
         # The new destination fails the old source's pre_live_migration with the shared error.
         assert (await _migrate(cluster, on_old, NEW))["status"] == "failed"
-        fault = await InstanceFault.get_latest_for_instance(cluster.ctxt, on_old)
+        fault = await eventually(lambda: _latest_fault(cluster, on_old), what="fault of b")
         assert "injected failure at step pre_live_migration" in (fault.message or "")
         for uuid, host in ((on_new, NEW), (on_old, OLD)):
             instance = await Instance.get_by_uuid(cluster.ctxt, uuid)

@@ -19,6 +19,7 @@ from shared_objects.context import RequestContext
 from shared_objects.identity import Identities
 from shared_objects.messaging import MessagingError, RemoteError
 from shared_objects.objects.service import Service, ServiceReporter
+from shared_objects.testing.eventually import eventually
 
 COMPUTE = releases.BINARY_COMPUTE
 
