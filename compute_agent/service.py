@@ -207,11 +207,20 @@ class ComputeAgentService:
         # What start() built, unwound by stop() (or by start() itself when a step fails).
         self._running = contextlib.AsyncExitStack()
         self._started = False
+        # From the first moment of stop(): /readyz answers 503 for the whole drain.
+        self._stopping = False
         self._contextvars = contextvars.copy_context()
 
     @property
     def ready(self) -> bool:
-        return self._started and self.server.running
+        """What ``/readyz`` reports: started, not stopping (draining), consuming, and the
+        broker link up right now. Cheap: no broker or conductor round trip per probe."""
+        return (
+            self._started
+            and not self._stopping
+            and self.server.running
+            and self.transport.connected
+        )
 
     @contextlib.asynccontextmanager
     async def _context(self) -> AsyncIterator[RequestContext]:
@@ -263,6 +272,7 @@ class ComputeAgentService:
         return asyncio.get_running_loop().create_task(coro, context=context)
 
     async def start(self) -> None:
+        self._stopping = False
         self._contextvars = contextvars.copy_context()
         self._contextvars.run(use_indirection_api, self.conductor)
         await self._in_own_context(self._start())
@@ -342,6 +352,7 @@ class ComputeAgentService:
 
     async def _stop(self, grace: float | None = None) -> None:
         grace = self.cfg.service.graceful_shutdown_timeout if grace is None else grace
+        self._stopping = True
         await self.server.stop(grace=grace)
         stack, self._running = self._running, contextlib.AsyncExitStack()
         await stack.aclose()

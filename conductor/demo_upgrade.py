@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from conductor.cluster import ClusterSpec, LocalCluster
-from conductor.demo import demo_broker, fresh_database, print_fleet, say, vhost_url
+from conductor.demo import demo_broker, demo_database, print_fleet, say, vhost_url
 from conductor.release_tree import export_release, previous_release
 from shared_objects import releases
 from shared_objects.log import configure_logging
@@ -75,8 +75,8 @@ async def demo(workdir: Path) -> int:
     with tempfile.TemporaryDirectory(prefix=f"fleet-release-{old.name}-") as tmp:
         tree = await export_release(old, Path(tmp))
         say(f"exported release {old.name}'s code from git history to {tree}")
-        async with demo_broker() as (vhost, logins):
-            db_url = await fresh_database("fleet_demo_upgrade")
+        async with demo_broker() as (vhost, logins), demo_database() as (db_name, db_url):
+            say(f"created a fresh PostgreSQL database {db_name!r} and RabbitMQ vhost {vhost}")
             await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
             spec = ClusterSpec(
                 database_url=db_url,
@@ -104,10 +104,17 @@ async def demo(workdir: Path) -> int:
                     f"both old agents share {SHARED_LOGIN!r}"
                 )
             try:
-                return await _steps(cluster, tree, old, new, started)
+                status = await _steps(cluster, tree, old, new)
             finally:
-                say("stopping every process")
-                await cluster.stop()
+                say("stopping every process (SIGTERM, drain)")
+                codes = await cluster.stop()
+    bad = {name: code for name, code in codes.items() if code != 0}
+    if bad:
+        say(f"FAILED: unclean exits {bad}")
+        return 1
+    if status == 0:
+        say(f"done in {time.monotonic() - started:.1f}s; every process exited 0")
+    return status
 
 
 async def _steps(
@@ -115,7 +122,6 @@ async def _steps(
     tree: Path,
     old: releases.Release,
     new: releases.Release,
-    started: float,
 ) -> int:
     assert cluster.tasks is not None
     await Flavor(
@@ -162,7 +168,6 @@ async def _steps(
     if not lifted:
         say("FAILED: the cap did not lift")
         return 1
-    say(f"done in {time.monotonic() - started:.1f}s")
     return 0
 
 

@@ -157,6 +157,9 @@ class ConductorService:
         )
         # What start() built, unwound by stop() (or by start() itself when a step fails).
         self._running = contextlib.AsyncExitStack()
+        self._started = False
+        # From the first moment of stop(): /readyz answers 503 for the whole drain.
+        self._stopping = False
         self.reporter = ServiceReporter(
             self._db_context,
             host=cfg.host,
@@ -182,6 +185,7 @@ class ConductorService:
         database are retried for ``[service] start_retry_timeout`` seconds; past it,
         ``StartupFailed`` (one line).
         """
+        self._stopping = False
         stack = contextlib.AsyncExitStack()
         try:
             head = await self._start(stack)
@@ -189,6 +193,7 @@ class ConductorService:
             await stack.aclose()
             raise
         self._running = stack
+        self._started = True
         log.info("conductor_started", host=self.cfg.host, schema=head)
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> str:
@@ -264,9 +269,11 @@ class ConductorService:
            once (``last_seen_up`` cleared), the agents' pending beats are written, the broker
            connection closes, and the database closes last (everything above may use it).
         """
+        self._stopping = True
         await self.server.stop(grace=grace if grace is not None else self._grace())
         stack, self._running = self._running, contextlib.AsyncExitStack()
         await stack.aclose()
+        self._started = False
         log.info("conductor_stopped", host=self.cfg.host)
 
     async def _stop_census(self) -> None:
@@ -307,7 +314,16 @@ class ConductorService:
 
     @property
     def ready(self) -> bool:
-        return self.server.running
+        """What ``/readyz`` reports: started, not stopping (draining), consuming, and the
+        broker link up right now. The database is not probed: a readiness probe runs every few
+        seconds on every conductor, and one down database would take them all out of service
+        at once, where requests that do not need it (or retry) would still be answered."""
+        return (
+            self._started
+            and not self._stopping
+            and self.server.running
+            and self.transport.connected
+        )
 
     async def reload(self) -> None:
         """SIGHUP: re-read the compute upgrade levels now."""

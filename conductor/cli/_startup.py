@@ -6,10 +6,19 @@ oslo.versionedobjects imports oslo.messaging for one thing, the base class of it
 The ``fleetctl`` process therefore registers a module holding only that class under the name
 ``oslo_messaging`` before the objects load. Only the command-line entry point does this, and
 only when nothing imported oslo.messaging first: services, tests and tools get the real one.
+
+Three more modules that oslo.config and oslo.versionedobjects import at start but use only
+inside functions a ``fleetctl`` command rarely calls are deferred (``defer_imports``): rfc3986
+(the ``URI`` option type; compiles its grammar at import), stevedore (configuration-source
+drivers; reads the installed packages' entry points) and oslo.utils' ``strutils``
+(``mask_password`` and ``bool_from_string``; compiles hundreds of patterns at import). Each is
+replaced by a stand-in module that imports the real one on first use of any attribute and
+forwards to it, so behaviour is unchanged; together they are about 60 ms of the start-up CPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from typing import Any
@@ -39,3 +48,34 @@ def skip_oslo_messaging() -> None:
     module = types.ModuleType("oslo_messaging", "fleetctl's stand-in: NoOpSerializer only")
     module.NoOpSerializer = NoOpSerializer  # type: ignore[attr-defined]
     sys.modules["oslo_messaging"] = module
+
+
+#: Imported by oslo.config / oslo.versionedobjects at start, used only inside functions.
+DEFERRED = ("rfc3986", "stevedore", "oslo_utils.strutils")
+
+
+def defer_imports(names: tuple[str, ...] = DEFERRED) -> None:
+    """Register a stand-in for each module of ``names`` not imported yet: the first attribute
+    read imports the real module (which then replaces the stand-in in ``sys.modules``) and every
+    read is forwarded to it (see the module docstring)."""
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = _stand_in(name)
+
+
+def _stand_in(name: str) -> types.ModuleType:
+    stand_in = types.ModuleType(name, f"fleetctl's stand-in: {name}, imported on first use")
+
+    def __getattr__(attr: str) -> Any:
+        real = sys.modules.get(name)
+        if real is stand_in or real is None:
+            sys.modules.pop(name, None)
+            try:
+                real = importlib.import_module(name)
+            except BaseException:
+                sys.modules[name] = stand_in
+                raise
+        return getattr(real, attr)
+
+    stand_in.__getattr__ = __getattr__  # type: ignore[method-assign]
+    return stand_in

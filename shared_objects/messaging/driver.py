@@ -88,6 +88,12 @@ class Driver(abc.ABC):
 
         return remove
 
+    @property
+    def connected(self) -> bool:
+        """True while the broker link is up (between a loss and the reconnect: False). Cheap
+        (no broker round trip): ``/readyz`` asks it on every probe."""
+        return True
+
     def _notify_reconnected(self) -> None:
         for callback in list(self._reconnect_callbacks):
             try:

@@ -288,6 +288,10 @@ class MemoryDriver(Driver):
         #: False between ``simulate_connection_loss`` and ``simulate_reconnect``.
         self.link_up = True
 
+    @property
+    def connected(self) -> bool:
+        return self.link_up
+
     def simulate_connection_loss(self) -> None:
         """What a broker restart does to this connection (for tests): its consumers stop, the
         non-durable queues it consumes from are deleted with their messages (casts to them are

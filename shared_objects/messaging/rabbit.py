@@ -341,6 +341,18 @@ class RabbitDriver(Driver):
                 return user
         return self._url.users[0] or ""
 
+    @property
+    def connected(self) -> bool:
+        # aio-pika clears ``connected`` when the link closes and sets it again once a
+        # reconnect has opened the new one.
+        connection = self._connection
+        return (
+            connection is not None
+            and not connection.is_closed
+            and connection.transport is not None
+            and connection.connected.is_set()
+        )
+
     async def connect(self) -> None:
         if self._connection is not None:
             return

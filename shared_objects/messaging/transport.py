@@ -72,6 +72,12 @@ class Transport:
         """
         return self.driver.on_reconnect(callback)
 
+    @property
+    def connected(self) -> bool:
+        """Connected and the broker link is up right now (False while a lost link is being
+        re-established, and before ``connect``/after ``close``)."""
+        return self._connected and self.driver.connected
+
     async def connect(self) -> None:
         if not self._connected:
             await self.driver.connect()

@@ -137,6 +137,11 @@ async def test_live_migration_request_id_reaches_conductor_and_both_agents(
         events = await events_by_host(cluster, request_id)
         assert "compute_live_migration" in events.get("compute-1", set()), events
         assert "compute_pre_live_migration" in events.get("compute-2", set()), events
-        if not lines_for(cluster, "compute-2", request_id):
-            # Known gap: the destination side of a live migration writes no log line at all.
-            pytest.xfail("compute-2 (destination) logged nothing for the migration")
+        # And the destination logged its side of the migration under the operator's id.
+        arrived = await eventually_logged(
+            cluster, "compute-2", request_id, "live_migration_pre_destination", 1
+        )
+        assert arrived, [r.get("event") for r in cluster.log_lines("compute-2")][-30:]
+        assert arrived[0]["instance_uuid"] == uuid and arrived[0]["host"] == "compute-2"
+        checked = lines_for(cluster, "compute-2", request_id)
+        assert "live_migration_check_destination" in {r.get("event") for r in checked}
