@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from shared_objects import releases
-from tests.conftest import PG_ADMIN_DSN
+from shared_objects.testing.isolation import PG_ADMIN_DSN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
