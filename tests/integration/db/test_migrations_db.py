@@ -21,7 +21,8 @@ async def _run(args: list[str], database_url: str, timeout: float = 60) -> tuple
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(
         FLEET_DATABASE_URL=database_url,
-        FLEET_TRANSPORT_URL="memory://unused",
+        # A conductor login: the identity check comes before the database check.
+        FLEET_TRANSPORT_URL="memory://fleet-conductor-1@unused/",
         FLEET_LOG_FORMAT="json",
     )
     proc = await asyncio.create_subprocess_exec(

@@ -51,7 +51,7 @@ def test_demo_upgrade_exits_0_migrates_across_releases_and_lifts_the_cap(
     rows = [line for line in out.splitlines() if "| active" in line]
     assert len(rows) == 2, out
     # Its own database (a unique name), dropped at the end.
-    names = re.findall(r"PostgreSQL database '(fleet_demo_[0-9a-f]{8})'", out)
+    names = re.findall(r"PostgreSQL database '(fleet_demo_[0-9a-f]+)'", out)
     assert len(names) == 1, out[:2000]
     assert not asyncio.run(database_exists(names[0]))
 
