@@ -17,6 +17,9 @@ from typing import Any
 #: File names inside a guest's directory.
 SERIAL_LOG = "serial.log"
 QMP_SOCKET = "qmp.sock"
+#: A second monitor for operators and tests (the agent holds the first; a QMP socket serves one
+#: client at a time). Events go to both.
+QMP_TOOLS_SOCKET = "qmp-tools.sock"
 PID_FILE = "qemu.pid"
 QEMU_LOG = "qemu.log"
 
@@ -136,6 +139,8 @@ def build_command(
         f"file:{guest_dir / SERIAL_LOG}",
         "-qmp",
         f"unix:{QMP_SOCKET},server=on,wait=off",
+        "-qmp",
+        f"unix:{QMP_TOOLS_SOCKET},server=on,wait=off",
         "-pidfile",
         str(guest_dir / PID_FILE),
         "-daemonize",

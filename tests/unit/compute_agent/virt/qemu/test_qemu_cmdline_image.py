@@ -47,7 +47,10 @@ def test_command_line_has_no_network_and_keeps_serial_and_qmp_in_the_guest_dir()
     assert "-nodefaults" in cmd and "-daemonize" in cmd and "-no-reboot" in cmd
     assert option_values(cmd, "-serial") == [f"file:/state/qemu-h/{UUID}/serial.log"]
     # Bound relative to QEMU's cwd (the guest dir): deep state dirs stay under sun_path's limit.
-    assert option_values(cmd, "-qmp") == ["unix:qmp.sock,server=on,wait=off"]
+    assert option_values(cmd, "-qmp") == [
+        "unix:qmp.sock,server=on,wait=off",
+        "unix:qmp-tools.sock,server=on,wait=off",
+    ]
     assert option_values(cmd, "-pidfile") == [f"/state/qemu-h/{UUID}/qemu.pid"]
     assert option_values(cmd, "-name") == [f"fleet-{UUID}"]
     assert option_values(cmd, "-m") == ["128"]

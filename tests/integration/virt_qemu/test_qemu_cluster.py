@@ -1,0 +1,160 @@
+"""Real guests under the real services: two agents with the QEMU driver (issue 18 a, b)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compute_agent.virt.qemu.cmdline import QMP_TOOLS_SOCKET, SERIAL_LOG
+from compute_agent.virt.qemu.qmp import QMPClient
+from compute_agent.virt.qemu.testing import guest_processes, last_disks_line, reap_guests
+from shared_objects import exception
+from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
+from shared_objects.objects.instance import InstanceList
+
+pytestmark = [pytest.mark.qemu, pytest.mark.integration]
+
+IMAGE = "fleet-busybox"
+ACCEL = os.environ.get("FLEET_TEST_QEMU_ACCEL", "tcg")  # as in conftest.py
+HEARTBEAT = "fleet-guest: heartbeat 1"
+
+
+@contextlib.asynccontextmanager
+async def qemu_cluster(cluster_factory: Any, image_dir: Path) -> AsyncIterator[tuple[Any, Path]]:
+    env = {
+        "FLEET_COMPUTE__DRIVER": "qemu",
+        "FLEET_COMPUTE__QEMU_ACCEL": ACCEL,
+        "FLEET_COMPUTE__QEMU_IMAGE_DIR": str(image_dir),
+        "FLEET_COMPUTE__QEMU_DETACH_TIMEOUT": "3",
+        "FLEET_COMPUTE__QEMU_BOOT_TIMEOUT": "120",
+    }
+    state: Path | None = None
+    try:
+        async with cluster_factory(common_env=env) as cluster:
+            state = cluster.workdir / "hypervisors"
+            yield cluster, state
+    finally:
+        # Guests outlive their agents by design: whatever happened, none outlives the test.
+        if state is not None:
+            await asyncio.to_thread(reap_guests, state)
+
+
+def serial_of(state: Path, host: str, uuid: str) -> str:
+    try:
+        return (state / f"qemu-{host}" / uuid / SERIAL_LOG).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+async def fleetctl_list(cluster: Any) -> list[dict[str, Any]]:
+    env = {
+        **os.environ,
+        "FLEET_TRANSPORT_URL": cluster.operator_url,
+        "FLEET_CONTROL_EXCHANGE": cluster.spec.control_exchange,
+    }
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "conductor.cli", "--format", "json", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows
+
+
+async def test_three_guests_over_two_agents_active_only_after_their_init(
+    cluster_factory: Any, guest_image_dir: Path
+) -> None:
+    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
+        began = time.monotonic()
+        uuids: list[str] = []
+        for n, host in enumerate(("compute-1", "compute-2", None)):
+            uuids += await cluster.boot(
+                flavor="small", name=f"vm{n}", image_ref=IMAGE, forced_host=host
+            )
+        active_at: dict[str, float] = {}
+        while len(active_at) < 3:
+            for inst in await InstanceList.get_by_uuids(cluster.ctxt, uuids):
+                assert inst.vm_state != "error", inst.uuid
+                if inst.vm_state == "active" and inst.uuid not in active_at:
+                    # The log only grows: the init's line was there before ACTIVE was written.
+                    assert HEARTBEAT in serial_of(state, inst.host, inst.uuid), inst.uuid
+                    active_at[inst.uuid] = time.monotonic() - began
+            assert time.monotonic() - began < 240, f"not all ACTIVE: {active_at}"
+            await asyncio.sleep(0.2)
+        insts = await InstanceList.get_by_uuids(cluster.ctxt, uuids)
+        assert {i.host for i in insts} == {"compute-1", "compute-2"}
+        running = {uuid: host for host, guests in guest_processes(state).items() for uuid in guests}
+        assert running == {i.uuid: i.host for i in insts}
+        listed = {r["uuid"]: r["host"] for r in await fleetctl_list(cluster)}
+        assert listed == running
+        print(f"\nACTIVE after (s, from the first request): {sorted(active_at.values())}")
+
+        for uuid in uuids:
+            await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
+        await cluster.wait_instances(uuids, deleted=True, timeout=60)
+        assert guest_processes(state) == {}
+
+
+async def wait_disks(state: Path, host: str, uuid: str, expected: str, timeout: float = 15) -> None:
+    path = state / f"qemu-{host}" / uuid / SERIAL_LOG
+    deadline = time.monotonic() + timeout
+    while last_disks_line(path) != expected:
+        assert time.monotonic() < deadline, f"guest says {last_disks_line(path)}, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+async def test_volume_seen_by_the_guest_and_an_unacknowledged_detach_is_a_clear_error(
+    cluster_factory: Any, guest_image_dir: Path
+) -> None:
+    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
+        (uuid,) = await cluster.boot(flavor="small", name="vm", image_ref=IMAGE)
+        (inst,) = await cluster.wait_instances([uuid], timeout=180)
+        assert inst.vm_state == "active"
+        host = inst.host
+        tasks, ctxt = cluster.tasks, cluster.ctxt
+
+        await tasks.attach_volume(
+            ctxt, instance_uuid=uuid, volume_id="vol-1", device_name="/dev/vdb"
+        )
+        await wait_disks(state, host, uuid, "disks [vda]")
+        await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-1")
+        await wait_disks(state, host, uuid, "disks []")
+        assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid)) == []
+
+        await tasks.attach_volume(
+            ctxt, instance_uuid=uuid, volume_id="vol-2", device_name="/dev/vdb"
+        )
+        await wait_disks(state, host, uuid, "disks [vda]")
+        # Pause the guest through the operators' monitor: it cannot acknowledge the unplug.
+        tools = await QMPClient.connect(state / f"qemu-{host}" / uuid / QMP_TOOLS_SOCKET)
+        try:
+            await tools.execute("stop")
+            with pytest.raises(exception.VolumeError, match="did not release the disk"):
+                await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2")
+            bdms = list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid))
+            assert [b.volume_id for b in bdms] == ["vol-2"]  # consistent: still attached
+            record = json.loads((state / f"qemu-{host}" / uuid / "guest.json").read_text())
+            assert record["volumes"] == {"vol-2": "/dev/vdb"}
+            await tools.execute("cont")
+        finally:
+            await tools.close()
+        await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2")
+        await wait_disks(state, host, uuid, "disks []")
+        assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid)) == []
+        await tasks.delete_instance(ctxt, instance_uuid=uuid)
+        await cluster.wait_instances([uuid], deleted=True, timeout=60)
+        assert guest_processes(state) == {}
