@@ -272,11 +272,12 @@ class QemuDriver(ComputeDriver):
         guest.accel = None
         try:
             await self._boot_with(guest, accel)
-        except QemuError:
-            if accel != "kvm:tcg" or guest.accel != "kvm":
-                raise
-            # KVM started but could not run the guest (e.g. a nested /dev/kvm): emulate.
-            LOG.warning("qemu_kvm_unusable_falling_back_to_tcg", uuid=guest.uuid)
+        except QemuError as exc:
+            if accel != "kvm:tcg" or guest.accel == "tcg":
+                raise  # TCG already ran it: falling back would not change anything
+            # KVM was there but could not run the guest (e.g. a nested /dev/kvm aborting on
+            # an MSR, before or after QEMU daemonized): emulate, now and for later guests.
+            LOG.warning("qemu_kvm_unusable_falling_back_to_tcg", uuid=guest.uuid, error=str(exc))
             self._kvm_broken = True
             await self._stop_process(guest.uuid)
             await self._boot_with(guest, "tcg")
