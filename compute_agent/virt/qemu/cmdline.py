@@ -101,6 +101,7 @@ def build_command(
     hotplug_slots: int,
     disks: Sequence[Disk] = (),
     extra_append: str = "",
+    incoming: bool = False,
 ) -> list[str]:
     """The command line of one guest: no network, serial and QMP in ``guest_dir``, daemonized.
 
@@ -152,6 +153,9 @@ def build_command(
         ]
     for disk in disks:
         cmd += ["-blockdev", _json(disk.blockdev()), "-device", _json(disk.device())]
+    if incoming:
+        # A live migration's destination: waits for migrate-incoming to name its listen URI.
+        cmd += ["-incoming", "defer"]
     return cmd
 
 

@@ -44,6 +44,9 @@ class QemuDriverConfig:
     detach_timeout_s: float = 10.0
     #: Seconds for one QMP command.
     qmp_timeout_s: float = 10.0
+    #: A live migration whose remaining RAM reaches no new low for this long is not
+    #: converging: it is cancelled (MigrationNotConverging) unless force-complete was asked.
+    migration_stall_s: float = 30.0
     vcpus: int = 32
     memory_mb: int = 65536
     local_gb: int = 1024
@@ -59,7 +62,15 @@ class QemuDriverConfig:
             raise ValueError("guest_memory_mb must be 0 (the flavor's) or >= 96")
         if not 1 <= self.hotplug_slots <= 30:
             raise ValueError("hotplug_slots must be 1..30")
-        if min(self.boot_timeout_s, self.detach_timeout_s, self.qmp_timeout_s) <= 0:
+        if (
+            min(
+                self.boot_timeout_s,
+                self.detach_timeout_s,
+                self.qmp_timeout_s,
+                self.migration_stall_s,
+            )
+            <= 0
+        ):
             raise ValueError("timeouts must be > 0")
         if self.volume_size_mb < 1:
             raise ValueError("volume_size_mb must be >= 1")

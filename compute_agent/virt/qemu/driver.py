@@ -8,8 +8,9 @@ guests outlive the agent; ``init_host`` re-attaches to their QMP sockets. A gues
 Volumes are raw files ``<volume_dir>/<volume_id>.img``, hot-plugged as virtio-blk on a free
 PCIe root port (``blockdev-add`` + ``device_add``) and unplugged with ``device_del``, waiting
 for ``DEVICE_DELETED``, then ``blockdev-del``. Guests have no network (``-nic none``): the
-security-group rules are recorded and reported, not enforced. Live migration is not done yet:
-the migration calls refuse with ``LiveMigrationNotImplemented`` (issue 18). docs/virt.md.
+security-group rules are recorded and reported, not enforced. Live migration: the destination
+starts QEMU with the same device set and ``-incoming defer``, the source migrates to it over
+``tcp:127.0.0.1:<port>`` (``migration.py``). docs/virt.md §9.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from typing import Any
 
 import structlog
 
+from compute_agent.virt._progress import ProgressReporter
 from compute_agent.virt.driver import BlockDeviceInfo, ComputeDriver, ProgressCallback
 from compute_agent.virt.exceptions import (
     InstanceExists,
     InstanceNotFound,
     InsufficientResources,
     InvalidGuestState,
+    MigrationError,
+    MigrationPreCheckError,
     NoActiveMigration,
     VolumeAlreadyAttached,
     VolumeError,
@@ -45,7 +49,7 @@ from compute_agent.virt.models import (
     MigrationResult,
     PowerState,
 )
-from compute_agent.virt.qemu import process
+from compute_agent.virt.qemu import migration, process
 from compute_agent.virt.qemu.cmdline import (
     QEMU_LOG,
     QMP_SOCKET,
@@ -56,7 +60,6 @@ from compute_agent.virt.qemu.cmdline import (
 )
 from compute_agent.virt.qemu.config import QemuDriverConfig
 from compute_agent.virt.qemu.errors import (
-    LiveMigrationNotImplemented,
     QemuError,
     QMPCommandError,
     QMPError,
@@ -89,7 +92,6 @@ _PAUSED_STATUSES = frozenset(
     }
 )
 _DEAD_STATUSES = frozenset({"shutdown", "internal-error", "guest-panicked", "io-error"})
-_NOT_YET = "the QEMU driver does not live-migrate yet (issue 18)"
 
 
 class QemuDriver(ComputeDriver):
@@ -102,6 +104,7 @@ class QemuDriver(ComputeDriver):
         self._guests: dict[str, QemuGuest] = {}
         self._qmp: dict[str, QMPClient] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._jobs: dict[str, migration.CopyJob] = {}
         #: Set once KVM was tried and failed to run a guest: later boots go straight to TCG.
         self._kvm_broken = False
 
@@ -145,14 +148,43 @@ class QemuDriver(ComputeDriver):
                 LOG.warning("qemu_reattach_failed", uuid=guest.uuid, error=str(exc))
                 await process.kill(pid, guest.uuid)
                 pid = None
-        if pid is None and guest.phase is GuestPhase.RUNNING:
+        client = self._qmp.get(guest.uuid)
+        if client is not None and guest.phase is GuestPhase.MIGRATING_OUT:
+            await self._adopt_interrupted_copy(guest, client)
+        if pid is None and guest.phase in (GuestPhase.RUNNING, GuestPhase.MIGRATING_OUT):
             # Its QEMU died while nobody watched: the guest is defined but powered off.
-            guest.phase = GuestPhase.STOPPED
+            guest.set_phase(GuestPhase.STOPPED)
+        if pid is None and guest.phase is GuestPhase.INCOMING:
+            # The destination half died with nothing to resume: the guest is not here.
+            await asyncio.to_thread(shutil.rmtree, guest_dir, True)
+            LOG.info("qemu_incoming_guest_gone", uuid=guest.uuid)
+            return
         self._guests[guest.uuid] = guest
         await self._save(guest)
         LOG.info("qemu_guest_adopted", uuid=guest.uuid, phase=guest.phase.value, pid=pid)
 
+    async def _adopt_interrupted_copy(self, guest: QemuGuest, client: QMPClient) -> None:
+        """The agent died during a copy QEMU kept running: finish the story QEMU tells."""
+        try:
+            info = await client.execute("query-migrate", timeout=self.config.qmp_timeout_s)
+        except QMPError:
+            info = {}
+        if info.get("status") == "completed":
+            # The switch-over happened without us: the destination holds the guest.
+            guest.set_phase(GuestPhase.MIGRATED_OUT, peer=guest.migration_peer)
+            return
+        peer = guest.migration_peer
+        await self._cancel_copy(guest.uuid, client)
+        guest.set_phase(GuestPhase.RUNNING)
+        guest.interrupted = "live_migration_copy"
+        LOG.info("qemu_migration_interrupted", uuid=guest.uuid, dest=peer)
+
     async def cleanup_host(self) -> None:
+        for job in list(self._jobs.values()):
+            if not (job.switching or job.forced):
+                job.abort_requested, job.abort_reason = True, "host shutdown"
+        for job in list(self._jobs.values()):
+            await job.finished.wait()
         # Guests keep running without the agent: only the monitor connections are closed.
         for client in list(self._qmp.values()):
             await client.close()
@@ -283,6 +315,18 @@ class QemuDriver(ComputeDriver):
             await self._boot_with(guest, "tcg")
 
     async def _boot_with(self, guest: QemuGuest, accel: str) -> None:
+        started = time.monotonic()
+        await self._start_qemu(guest, accel)
+        await self._wait_heartbeat(guest, self.guest_dir(guest.uuid) / SERIAL_LOG)
+        LOG.info(
+            "qemu_guest_booted",
+            uuid=guest.uuid,
+            accel=guest.accel,
+            seconds=round(time.monotonic() - started, 2),
+        )
+
+    async def _start_qemu(self, guest: QemuGuest, accel: str, incoming: bool = False) -> QMPClient:
+        """Start the guest's QEMU (daemonized) and connect to its monitor."""
         uuid = guest.uuid
         guest_dir = self.guest_dir(uuid)
         image = self.images.get(guest.image_ref)
@@ -298,10 +342,9 @@ class QemuDriver(ComputeDriver):
             cpu_model=self.config.cpu_model,
             hotplug_slots=self.config.hotplug_slots,
             disks=disks,
+            incoming=incoming,
         )
-        serial = guest_dir / SERIAL_LOG
-        await asyncio.to_thread(_truncate, serial)
-        started = time.monotonic()
+        await asyncio.to_thread(_truncate, guest_dir / SERIAL_LOG)
         log = await asyncio.to_thread(open, guest_dir / QEMU_LOG, "ab")
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -324,13 +367,7 @@ class QemuDriver(ComputeDriver):
         async with self._qmp_errors(uuid, "query-kvm"):
             kvm = await client.execute("query-kvm", timeout=self.config.qmp_timeout_s)
         guest.accel = "kvm" if kvm.get("enabled") else "tcg"
-        await self._wait_heartbeat(guest, serial)
-        LOG.info(
-            "qemu_guest_booted",
-            uuid=uuid,
-            accel=guest.accel,
-            seconds=round(time.monotonic() - started, 2),
-        )
+        return client
 
     async def _connect(self, uuid: str) -> QMPClient:
         old = self._qmp.pop(uuid, None)
@@ -371,6 +408,10 @@ class QemuDriver(ComputeDriver):
         uuid = instance.uuid
         if uuid not in self._guests:
             return
+        job = self._jobs.get(uuid)
+        if job is not None and not (job.switching or job.forced):
+            job.abort_requested, job.abort_reason = True, "guest destroyed"
+            await job.finished.wait()
         async with self._lock(uuid):
             if self._guests.pop(uuid, None) is not None:
                 await self._remove(uuid)
@@ -546,22 +587,118 @@ class QemuDriver(ComputeDriver):
             guest.rules = []
             await self._save(guest)
 
-    # --- live migration: not yet (issue 18) ------------------------------------------------
+    # --- live migration ---------------------------------------------------------------------
 
     async def check_can_live_migrate_destination(
         self, instance: InstanceLike, source_host: str | None = None
     ) -> dict[str, Any]:
-        raise LiveMigrationNotImplemented(uuid=instance.uuid, reason=_NOT_YET)
+        host = self._require_host()
+        uuid = instance.uuid
+        if source_host == host:
+            raise MigrationPreCheckError(uuid=uuid, reason=f"destination {host} is the source")
+        existing = self._guests.get(uuid)
+        if existing is not None:
+            raise MigrationPreCheckError(
+                uuid=uuid, reason=f"guest already on {host} ({existing.phase.value})"
+            )
+        self._check_capacity(instance)
+        resources = await self.get_available_resource()
+        return {
+            "dest_host": host,
+            "dest_hypervisor_hostname": resources.hypervisor_hostname,
+            "dest_memory_mb_free": resources.memory_mb_free,
+            "dest_local_gb_free": resources.local_gb_free,
+            "source_host": source_host,
+            # Chosen here so the source learns it through the migrate data (loopback only).
+            "qemu_migration_uri": f"tcp:127.0.0.1:{migration.free_port()}",
+        }
 
     async def check_can_live_migrate_source(
         self, instance: InstanceLike, dest_check_data: Mapping[str, Any]
     ) -> dict[str, Any]:
-        raise LiveMigrationNotImplemented(uuid=instance.uuid, reason=_NOT_YET)
+        host = self._require_host()
+        guest = self._get(instance.uuid)
+        if guest.phase is not GuestPhase.RUNNING:
+            raise MigrationPreCheckError(
+                uuid=guest.uuid, reason=f"guest is {guest.phase.value}, not running"
+            )
+        if dest_check_data.get("dest_host") == host:
+            raise MigrationPreCheckError(uuid=guest.uuid, reason="destination is this host")
+        if not dest_check_data.get("qemu_migration_uri"):
+            raise MigrationPreCheckError(uuid=guest.uuid, reason="destination is not a QEMU host")
+        migrate_data = dict(dest_check_data)
+        migrate_data.update(
+            {
+                "source_host": host,
+                "instance_uuid": guest.uuid,
+                "vcpus": guest.vcpus,
+                "memory_mb": guest.memory_mb,
+                "root_gb": guest.root_gb,
+                "image_ref": guest.image_ref,
+                "volumes": dict(guest.volumes),
+                "qemu_ports": dict(guest.ports),
+                "firewall_rules": [dict(r) for r in guest.rules],
+            }
+        )
+        return migrate_data
 
     async def pre_live_migration(
         self, instance: InstanceLike, migrate_data: Mapping[str, Any]
     ) -> dict[str, Any]:
-        raise LiveMigrationNotImplemented(uuid=instance.uuid, reason=_NOT_YET)
+        host = self._require_host()
+        uuid = instance.uuid
+        source = migrate_data.get("source_host")
+        volumes = {str(k): str(v) for k, v in dict(migrate_data.get("volumes") or {}).items()}
+        result = {"dest_host": host, "volumes": volumes}
+        existing = self._guests.get(uuid)
+        if existing is not None:
+            if existing.phase is GuestPhase.INCOMING and existing.migration_peer == source:
+                return result  # a redelivered request: already prepared
+            raise InstanceExists(uuid=uuid)
+        uri = migrate_data.get("qemu_migration_uri")
+        if not uri:
+            raise MigrationPreCheckError(uuid=uuid, reason="no qemu_migration_uri in migrate data")
+        image_ref = str(migrate_data.get("image_ref") or "")
+        self.images.get(image_ref)
+        ports = {str(k): int(v) for k, v in dict(migrate_data.get("qemu_ports") or {}).items()}
+        if set(ports) != set(volumes):
+            ports = {vid: i for i, vid in enumerate(volumes, start=1)}
+        rules = normalize_rules(migrate_data.get("firewall_rules") or [])
+        self._check_volumes_free(uuid, volumes)
+        self._check_capacity(instance)
+        guest = QemuGuest(
+            uuid=uuid,
+            vcpus=instance.vcpus,
+            memory_mb=instance.memory_mb,
+            root_gb=instance.root_gb,
+            phase=GuestPhase.INCOMING,
+            image_ref=image_ref,
+            volumes=volumes,
+            ports=ports,
+            rules=rules,
+            migration_peer=None if source is None else str(source),
+        )
+        self._guests[uuid] = guest
+        try:
+            await asyncio.to_thread(self.guest_dir(uuid).mkdir, parents=True, exist_ok=True)
+            await self._save(guest)
+            async with self._lock(uuid):
+                # The same device set as the source (hot-plugged disks included), waiting.
+                accel = "tcg" if self._kvm_broken or self.config.accel == "tcg" else "kvm"
+                client = await self._start_qemu(guest, accel, incoming=True)
+                async with self._qmp_errors(uuid, "migrate-incoming"):
+                    timeout = self.config.qmp_timeout_s
+                    caps = {"capabilities": migration.CAPABILITIES}
+                    await client.execute("migrate-set-capabilities", caps, timeout=timeout)
+                    await client.execute("migrate-incoming", {"uri": uri}, timeout=timeout)
+                await self._save(guest)
+        except BaseException:
+            if self._guests.get(uuid) is guest:
+                del self._guests[uuid]
+                await self._remove(uuid)
+            raise
+        LOG.info("qemu_incoming_ready", uuid=uuid, source=source, uri=uri)
+        return result
 
     async def live_migration(
         self,
@@ -570,41 +707,144 @@ class QemuDriver(ComputeDriver):
         migrate_data: Mapping[str, Any],
         progress_cb: ProgressCallback | None = None,
     ) -> MigrationResult:
-        raise LiveMigrationNotImplemented(uuid=instance.uuid, reason=_NOT_YET)
+        uuid = instance.uuid
+        guest = self._get(uuid)
+        if guest.phase is not GuestPhase.RUNNING:
+            raise InvalidGuestState(uuid=uuid, phase=guest.phase.value, action="live-migrate")
+        uri = migrate_data.get("qemu_migration_uri")
+        if not uri:
+            raise MigrationPreCheckError(uuid=uuid, reason="no qemu_migration_uri in migrate data")
+        client = self._require_qmp(uuid)
+        job = migration.CopyJob(dest=dest)
+        self._jobs[uuid] = job
+        guest.set_phase(GuestPhase.MIGRATING_OUT, peer=dest)
+        reporter = ProgressReporter(progress_cb, 0.25, uuid)
+        try:
+            await self._save(guest)
+            try:
+                result = await migration.copy(
+                    client,
+                    uuid,
+                    str(uri),
+                    job,
+                    reporter,
+                    bandwidth_mb_s=_bandwidth_limit(migrate_data),
+                    stall_s=self.config.migration_stall_s,
+                    timeout=self.config.qmp_timeout_s,
+                )
+            except QMPError as exc:
+                raise MigrationError(f"live migration of {uuid}: {exc}", uuid=uuid) from exc
+            job.switching = True
+            guest.set_phase(GuestPhase.MIGRATED_OUT, peer=dest)
+            await self._save(guest)
+        except BaseException:
+            if not job.switching and self._guests.get(uuid) is guest:
+                await self._cancel_copy(uuid, client)
+                guest.set_phase(GuestPhase.RUNNING)
+                await self._save(guest)
+            raise
+        finally:
+            self._jobs.pop(uuid, None)
+            job.finished.set()
+            await reporter.close()
+        LOG.info(
+            "qemu_live_migration_done",
+            uuid=uuid,
+            dest=dest,
+            seconds=result.duration_s,
+            downtime_s=result.downtime_s,
+            forced=result.forced,
+        )
+        return result
+
+    async def _cancel_copy(self, uuid: str, client: QMPClient) -> None:
+        """Make sure no copy runs and the guest runs here (after an abort, failure, cancel)."""
+        with contextlib.suppress(QMPError):
+            info = await client.execute("query-migrate", timeout=self.config.qmp_timeout_s)
+            if str(info.get("status")) in migration.ACTIVE:
+                await client.execute("migrate_cancel", timeout=self.config.qmp_timeout_s)
+            status = await client.execute("query-status", timeout=self.config.qmp_timeout_s)
+            if status.get("status") != "running":
+                await client.execute("cont", timeout=self.config.qmp_timeout_s)
 
     async def live_migration_abort(self, uuid: str) -> None:
-        raise NoActiveMigration(uuid=uuid)
+        job = self._jobs.get(uuid)
+        if job is None or job.switching or job.forced:
+            raise NoActiveMigration(uuid=uuid)
+        job.abort_requested = True
+        await job.finished.wait()
 
     async def live_migration_force_complete(self, uuid: str) -> None:
-        raise NoActiveMigration(uuid=uuid)
+        job = self._jobs.get(uuid)
+        if job is None or job.switching:
+            raise NoActiveMigration(uuid=uuid)
+        job.force_requested = True
 
     async def post_live_migration(self, instance: HasUUID) -> None:
-        guest = self._guests.get(instance.uuid)
-        if guest is not None:  # never MIGRATED_OUT: this driver does not migrate
+        uuid = instance.uuid
+        guest = self._guests.get(uuid)
+        if guest is None:
+            return
+        if guest.phase is not GuestPhase.MIGRATED_OUT:
             raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="clean up after migration"
+                uuid=uuid, phase=guest.phase.value, action="clean up after migration"
             )
+        async with self._lock(uuid):
+            if self._guests.pop(uuid, None) is not None:
+                await self._remove(uuid)
 
     async def post_live_migration_at_destination(self, instance: HasUUID) -> None:
-        guest = self._get(instance.uuid)
-        if guest.phase is not GuestPhase.RUNNING:
-            raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="finish incoming migration"
-            )
+        async with self._lock(instance.uuid):
+            guest = self._get(instance.uuid)
+            if guest.phase is GuestPhase.RUNNING:
+                return
+            if guest.phase is not GuestPhase.INCOMING:
+                raise InvalidGuestState(
+                    uuid=guest.uuid, phase=guest.phase.value, action="finish incoming migration"
+                )
+            client = self._require_qmp(guest.uuid)
+            deadline = time.monotonic() + self.config.boot_timeout_s
+            async with self._qmp_errors(guest.uuid, "resume incoming guest"):
+                while True:
+                    status = await client.execute("query-status", timeout=self.config.qmp_timeout_s)
+                    name = status.get("status")
+                    if name == "running":
+                        break
+                    if name in ("paused", "postmigrate"):
+                        await client.execute("cont", timeout=self.config.qmp_timeout_s)
+                    elif time.monotonic() > deadline:
+                        raise QemuError(uuid=guest.uuid, reason=f"incoming guest stays {name}")
+                    await asyncio.sleep(0.05)
+            guest.set_phase(GuestPhase.RUNNING)
+            await self._save(guest)
 
     async def rollback_live_migration_at_destination(self, instance: HasUUID) -> None:
-        guest = self._guests.get(instance.uuid)
-        if guest is not None:  # never INCOMING: the guest here is the live one
+        uuid = instance.uuid
+        guest = self._guests.get(uuid)
+        if guest is None:
+            return
+        if guest.phase is not GuestPhase.INCOMING:
             raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="roll back incoming migration"
+                uuid=uuid, phase=guest.phase.value, action="roll back incoming migration"
             )
+        async with self._lock(uuid):
+            if self._guests.pop(uuid, None) is not None:
+                await self._remove(uuid)
 
     async def rollback_live_migration_at_source(self, instance: HasUUID) -> None:
-        guest = self._get(instance.uuid)
-        if guest.phase is not GuestPhase.RUNNING:
-            raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="resume after migration"
-            )
+        async with self._lock(instance.uuid):
+            guest = self._get(instance.uuid)
+            if guest.phase is GuestPhase.RUNNING:
+                return
+            if guest.phase is not GuestPhase.MIGRATED_OUT:
+                raise InvalidGuestState(
+                    uuid=guest.uuid, phase=guest.phase.value, action="resume after migration"
+                )
+            client = self._require_qmp(guest.uuid)
+            async with self._qmp_errors(guest.uuid, "cont"):
+                await client.execute("cont", timeout=self.config.qmp_timeout_s)
+            guest.set_phase(GuestPhase.RUNNING)
+            await self._save(guest)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -718,3 +958,11 @@ def _ensure_volume_file(path: Path, size_mb: int) -> None:
     if not path.exists():
         with open(path, "xb") as handle:
             handle.truncate(size_mb * 1024 * 1024)
+
+
+def _bandwidth_limit(migrate_data: Mapping[str, Any]) -> float | None:
+    """The migration's bandwidth cap in MB/s, when the caller set a valid one."""
+    value = migrate_data.get("bandwidth_limit_mb_s")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None

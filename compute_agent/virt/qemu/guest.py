@@ -37,6 +37,8 @@ class QemuGuest:
     #: Root port index of each volume (``cmdline.Disk.port``).
     ports: dict[str, int] = field(default_factory=dict)
     rules: list[FirewallRule] = field(default_factory=list)
+    #: The other host of a live migration this guest takes part in.
+    migration_peer: str | None = None
     interrupted: str | None = None
     #: The accelerator QEMU reported (``query-kvm``): "kvm" or "tcg"; None until booted.
     accel: str | None = None
@@ -52,8 +54,13 @@ class QemuGuest:
             memory_mb=self.memory_mb,
             root_gb=self.root_gb,
             volumes=dict(self.volumes),
+            migration_peer=self.migration_peer,
             interrupted=self.interrupted,
         )
+
+    def set_phase(self, phase: GuestPhase, peer: str | None = None) -> None:
+        """Move to ``phase`` (with the migration peer it involves); clears ``interrupted``."""
+        self.phase, self.migration_peer, self.interrupted = phase, peer, None
 
     def free_port(self, slots: int) -> int | None:
         """The lowest root port no volume uses, or None when all ``slots`` are taken."""
@@ -73,6 +80,7 @@ class QemuGuest:
             "volumes": dict(self.volumes),
             "ports": dict(self.ports),
             "rules": [dict(r) for r in self.rules],
+            "migration_peer": self.migration_peer,
             "interrupted": self.interrupted,
             "accel": self.accel,
             "created_at": self.created_at,
@@ -91,6 +99,7 @@ class QemuGuest:
             volumes={str(k): str(v) for k, v in dict(data.get("volumes") or {}).items()},
             ports={str(k): int(v) for k, v in dict(data.get("ports") or {}).items()},
             rules=normalize_rules(data.get("rules") or []),
+            migration_peer=data.get("migration_peer"),
             interrupted=data.get("interrupted"),
             accel=data.get("accel"),
             created_at=float(data.get("created_at", 0.0)),

@@ -13,12 +13,7 @@ from compute_agent.virt.exceptions import (
     MigrationPreCheckError,
     NoActiveMigration,
 )
-from compute_agent.virt.qemu import (
-    ImageNotFound,
-    LiveMigrationNotImplemented,
-    QemuDriver,
-    QemuDriverConfig,
-)
+from compute_agent.virt.qemu import ImageNotFound, QemuDriver, QemuDriverConfig
 from compute_agent.virt.qemu.guest import QemuGuest, write_record
 
 SPEC = GuestSpec(uuid="7d0c6d1a-0000-4000-8000-000000000001", memory_mb=256)
@@ -88,21 +83,27 @@ async def test_rules_are_recorded_and_reported(tmp_path: Path) -> None:
     assert await restarted.get_firewall_rules(SPEC.uuid) == []
 
 
-async def test_live_migration_is_refused_clearly(tmp_path: Path) -> None:
+async def test_migration_prechecks_and_calls_without_a_copy(tmp_path: Path) -> None:
     record(tmp_path, GuestPhase.RUNNING)
     driver = await make(tmp_path)
-    for call in (
-        driver.check_can_live_migrate_destination(SPEC, "host-b"),
-        driver.check_can_live_migrate_source(SPEC, {}),
-        driver.pre_live_migration(SPEC, {}),
-        driver.live_migration(SPEC, "host-b", {}),
-    ):
-        with pytest.raises(LiveMigrationNotImplemented, match="issue 18") as info:
-            await call
-        assert isinstance(info.value, MigrationPreCheckError)
+    with pytest.raises(MigrationPreCheckError, match="already on host-a"):
+        await driver.check_can_live_migrate_destination(SPEC, "host-b")
+    with pytest.raises(MigrationPreCheckError, match="is the source"):
+        await driver.check_can_live_migrate_destination(SPEC, "host-a")
+    other = GuestSpec(uuid="7d0c6d1a-0000-4000-8000-0000000000ff")
+    dest = await driver.check_can_live_migrate_destination(other, "host-b")
+    assert dest["qemu_migration_uri"].startswith("tcp:127.0.0.1:")
+    with pytest.raises(MigrationPreCheckError, match="guest is stopped"):
+        await driver.check_can_live_migrate_source(SPEC, {"dest_host": "host-b"})
     with pytest.raises(NoActiveMigration):
         await driver.live_migration_abort(SPEC.uuid)
+    with pytest.raises(NoActiveMigration):
+        await driver.live_migration_force_complete(SPEC.uuid)
     with pytest.raises(InvalidGuestState):
         await driver.post_live_migration(SPEC)  # the only copy: never removed as a source
+    with pytest.raises(InvalidGuestState):
+        await driver.rollback_live_migration_at_destination(SPEC)
+    await driver.post_live_migration(other)  # absent: nothing to do
+    await driver.rollback_live_migration_at_destination(other)
     resources = await driver.get_available_resource()
     assert (resources.hypervisor_type, resources.memory_mb_used) == ("qemu", 256)
