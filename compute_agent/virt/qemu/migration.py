@@ -35,6 +35,8 @@ ACTIVE = frozenset(
         "cancelling",
     }
 )
+#: "No limit" for max-bandwidth (bytes/s): far above what loopback carries.
+UNLIMITED_BYTES_S = 100 * 1024**3
 #: Capabilities set on both sides (post-copy must be enabled on both to be switched to).
 CAPABILITIES = [
     {"capability": "events", "state": True},
@@ -76,9 +78,10 @@ async def copy(
 ) -> MigrationResult:
     """Migrate to ``uri``; return once QEMU says ``completed``. See the module docstring."""
     await client.execute("migrate-set-capabilities", {"capabilities": CAPABILITIES}, timeout)
-    if bandwidth_mb_s:
-        limit = int(bandwidth_mb_s * 1024 * 1024)
-        await client.execute("migrate-set-parameters", {"max-bandwidth": limit}, timeout)
+    # Always set: the parameter outlives this migration in the QEMU process, and QEMU's own
+    # default (128 MiB/s) would cap a migration nobody limited.
+    limit = int(bandwidth_mb_s * 1024 * 1024) if bandwidth_mb_s else UNLIMITED_BYTES_S
+    await client.execute("migrate-set-parameters", {"max-bandwidth": limit}, timeout)
     await client.execute("migrate", {"uri": uri}, timeout)
     started = time.monotonic()
     best: int | None = None
