@@ -158,3 +158,47 @@ async def test_volume_seen_by_the_guest_and_an_unacknowledged_detach_is_a_clear_
         await tasks.delete_instance(ctxt, instance_uuid=uuid)
         await cluster.wait_instances([uuid], deleted=True, timeout=60)
         assert guest_processes(state) == {}
+
+
+async def test_live_migration_between_agents_keeps_the_guest_running(
+    cluster_factory: Any, guest_image_dir: Path
+) -> None:
+    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
+        (uuid,) = await cluster.boot(
+            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
+        )
+        (inst,) = await cluster.wait_instances([uuid], timeout=180)
+        assert inst.vm_state == "active"
+        source_log = state / "qemu-compute-1" / uuid / SERIAL_LOG
+        before = int(source_log.read_text().rsplit("heartbeat ", 1)[1].split()[0])
+        mig = await cluster.tasks.live_migrate_instance(
+            cluster.ctxt, instance_uuid=uuid, host="compute-2"
+        )
+        seen: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 120
+        while True:
+            got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
+            if got["memory_processed"] is not None:
+                seen.append((got["memory_processed"], got["progress"] or 0))
+            if got["status"] in ("completed", "failed", "error", "cancelled"):
+                break
+            assert time.monotonic() < deadline, f"migration stuck: {got}"
+            await asyncio.sleep(0.1)
+        assert got["status"] == "completed", got
+        assert got["memory_total"] and got["memory_total"] > 100 * 1024 * 1024  # from QEMU
+        percents = [p for _, p in seen]
+        assert percents == sorted(percents)
+        (inst,) = await cluster.wait_instances([uuid], timeout=60)
+        assert (inst.host, inst.vm_state) == ("compute-2", "active")
+        dest_log = state / "qemu-compute-2" / uuid / SERIAL_LOG
+        deadline = time.monotonic() + 15
+        while "heartbeat" not in dest_log.read_text():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        first = int(dest_log.read_text().split("heartbeat ", 1)[1].split()[0])
+        assert first > before  # the counter continued: the same guest, never rebooted
+        running = {h: set(g) for h, g in guest_processes(state).items()}
+        assert running == {"compute-2": {uuid}}  # the source process is gone
+        await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
+        await cluster.wait_instances([uuid], deleted=True, timeout=60)
+        assert guest_processes(state) == {}
