@@ -8,7 +8,6 @@ from compute_agent.virt.qemu.config import QemuDriverConfig
 from compute_agent.virt.qemu.driver import QemuDriver
 from compute_agent.virt.qemu.errors import (
     ImageNotFound,
-    LiveMigrationNotImplemented,
     QemuError,
     QMPCommandError,
     QMPConnectionError,
@@ -24,7 +23,6 @@ __all__ = [
     "GuestImage",
     "ImageCatalogue",
     "ImageNotFound",
-    "LiveMigrationNotImplemented",
     "QMPClient",
     "QMPCommandError",
     "QMPConnectionError",

@@ -9,8 +9,7 @@ QMPError                      the QMP client (qmp.py); never leaves the driver
 VirtError (compute_agent.virt.exceptions)
 ├── QemuError                 a QEMU process or command failed (kwargs: uuid, reason)
 ├── ImageNotFound             image_ref is not in the image catalogue
-├── VolumeError ── VolumeDetachTimeout   the guest did not release the disk in time
-└── MigrationPreCheckError ── LiveMigrationNotImplemented   (issue 18, not done yet)
+└── VolumeError ── VolumeDetachTimeout   the guest did not release the disk in time
 ```
 
 The driver translates QMP errors into ``QemuError`` at one place (``driver._qmp_errors``).
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compute_agent.virt.exceptions import MigrationPreCheckError, VirtError, VolumeError
+from compute_agent.virt.exceptions import VirtError, VolumeError
 
 
 class QMPError(Exception):
@@ -67,9 +66,3 @@ class VolumeDetachTimeout(VolumeError):
         "volume %(volume_id)s is still attached to instance %(uuid)s: the guest did not "
         "release the disk within %(timeout)s s (is it paused or hung?); try the detach again"
     )
-
-
-class LiveMigrationNotImplemented(MigrationPreCheckError):
-    """The QEMU driver does not live-migrate yet (issue 18's next step)."""
-
-    msg_fmt = "live migration of %(uuid)s refused: %(reason)s"
