@@ -202,3 +202,94 @@ async def test_live_migration_between_agents_keeps_the_guest_running(
         await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
         await cluster.wait_instances([uuid], deleted=True, timeout=60)
         assert guest_processes(state) == {}
+
+
+async def wait_migration(cluster: Any, mig: str, within: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        got = dict(await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig))
+        if got["status"] in ("completed", "failed", "error", "cancelled"):
+            return got
+        assert time.monotonic() < deadline, f"migration stuck: {got}"
+        await asyncio.sleep(0.1)
+
+
+async def wait_copying(cluster: Any, mig: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
+        if got["memory_processed"]:
+            return
+        assert time.monotonic() < deadline, f"no copy progress: {got}"
+        await asyncio.sleep(0.1)
+
+
+async def test_abort_and_force_complete_through_the_services(
+    cluster_factory: Any, guest_image_dir: Path
+) -> None:
+    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
+        (uuid,) = await cluster.boot(
+            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
+        )
+        await cluster.wait_instances([uuid], timeout=180)
+        tasks, ctxt = cluster.tasks, cluster.ctxt
+        # 1 MB/s: the 128 MB guest would take minutes; abort it mid-way.
+        mig = await tasks.live_migrate_instance(
+            ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
+        )
+        await wait_copying(cluster, mig)
+        await tasks.live_migration_abort(ctxt, migration_uuid=mig)
+        assert (await wait_migration(cluster, mig))["status"] == "cancelled"
+        (inst,) = await cluster.wait_instances([uuid], timeout=60)
+        assert (inst.host, inst.vm_state) == ("compute-1", "active")
+        deadline = time.monotonic() + 15
+        while {h: set(g) for h, g in guest_processes(state).items()} != {"compute-1": {uuid}}:
+            assert time.monotonic() < deadline, guest_processes(state)  # nothing on the dest
+            await asyncio.sleep(0.1)
+        log = state / "qemu-compute-1" / uuid / SERIAL_LOG
+        size = log.stat().st_size
+        deadline = time.monotonic() + 10
+        while "heartbeat" not in log.read_text()[size:]:
+            assert time.monotonic() < deadline, "the guest stopped on the source"
+            await asyncio.sleep(0.1)
+
+        # The same cap again, and force-complete: post-copy finishes it at once.
+        mig = await tasks.live_migrate_instance(
+            ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
+        )
+        await wait_copying(cluster, mig)
+        await tasks.live_migration_force_complete(ctxt, migration_uuid=mig)
+        assert (await wait_migration(cluster, mig))["status"] == "completed"
+        (inst,) = await cluster.wait_instances([uuid], timeout=60)
+        assert (inst.host, inst.vm_state) == ("compute-2", "active")
+        assert {h: set(g) for h, g in guest_processes(state).items()} == {"compute-2": {uuid}}
+        await tasks.delete_instance(ctxt, instance_uuid=uuid)
+        await cluster.wait_instances([uuid], deleted=True, timeout=60)
+
+
+async def test_a_killed_agent_finds_its_running_guests_again(
+    cluster_factory: Any, guest_image_dir: Path
+) -> None:
+    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
+        uuids = await cluster.boot(
+            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1", count=2
+        )
+        await cluster.wait_instances(uuids, timeout=180)
+        before = guest_processes(state)
+        assert set(before["compute-1"]) == set(uuids)
+        await cluster.kill_process("compute-1")  # SIGKILL: the guests are not its children
+        assert guest_processes(state) == before
+        await cluster.restart_agent("compute-1")
+        insts = await cluster.wait_instances(uuids, timeout=60)
+        assert {(i.host, i.vm_state) for i in insts} == {("compute-1", "active")}
+        assert guest_processes(state) == before  # the same processes, re-attached
+        # The restarted agent drives them: a hot-plug reaches the guest, a delete ends it.
+        tasks, ctxt = cluster.tasks, cluster.ctxt
+        await tasks.attach_volume(
+            ctxt, instance_uuid=uuids[0], volume_id="vol-r", device_name="/dev/vdb"
+        )
+        await wait_disks(state, "compute-1", uuids[0], "disks [vda]")
+        for uuid in uuids:
+            await tasks.delete_instance(ctxt, instance_uuid=uuid)
+        await cluster.wait_instances(uuids, deleted=True, timeout=60)
+        assert guest_processes(state) == {}
