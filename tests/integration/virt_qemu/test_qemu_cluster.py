@@ -293,3 +293,38 @@ async def test_a_killed_agent_finds_its_running_guests_again(
             await tasks.delete_instance(ctxt, instance_uuid=uuid)
         await cluster.wait_instances(uuids, deleted=True, timeout=60)
         assert guest_processes(state) == {}
+
+
+async def test_source_agent_killed_mid_copy_keeps_the_guest_on_the_source(
+    cluster_factory: Any, guest_image_dir: Path
+) -> None:
+    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
+        (uuid,) = await cluster.boot(
+            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
+        )
+        await cluster.wait_instances([uuid], timeout=180)
+        mig = await cluster.tasks.live_migrate_instance(
+            cluster.ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
+        )
+        await wait_copying(cluster, mig)
+        source_pid = guest_processes(state)["compute-1"][uuid]
+        await cluster.kill_process("compute-1")
+        await cluster.restart_agent("compute-1")
+        got = await wait_migration(cluster, mig, within=120)
+        assert got["status"] in ("error", "failed", "cancelled"), got
+        (inst,) = await cluster.wait_instances([uuid], timeout=120)
+        assert (inst.host, inst.vm_state) == ("compute-1", "active")
+        deadline = time.monotonic() + 30
+        while {h: dict(g) for h, g in guest_processes(state).items()} != {
+            "compute-1": {uuid: source_pid}
+        }:
+            assert time.monotonic() < deadline, guest_processes(state)
+            await asyncio.sleep(0.2)
+        log = state / "qemu-compute-1" / uuid / SERIAL_LOG
+        size = log.stat().st_size
+        deadline = time.monotonic() + 10
+        while "heartbeat" not in log.read_text()[size:]:
+            assert time.monotonic() < deadline, "the guest does not run on the source"
+            await asyncio.sleep(0.1)
+        await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
+        await cluster.wait_instances([uuid], deleted=True, timeout=60)
