@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit services venv demo demo-upgrade bench faults faults-cluster clean
+.PHONY: test lint typecheck unit services venv demo demo-upgrade bench faults faults-cluster clean \
+	guest-image test-qemu
 
 # constraints.txt pins the dependency versions the tests ran with (CI and fresh clones alike).
 $(STAMP): pyproject.toml constraints.txt
@@ -54,6 +55,14 @@ bench: $(STAMP) services
 	$(BIN)/python bench/objects.py --quick
 	$(BIN)/python bench/scale.py --quick
 	$(BIN)/python bench/cli.py --quick
+
+# Real guests (docs/virt.md §9): the image the QEMU driver boots (Debian's kernel + busybox),
+# cached in ~/.cache/fleet/images (FLEET_COMPUTE__QEMU_IMAGE_DIR); GUEST_IMAGE_ARGS=--force rebuilds.
+guest-image: $(STAMP)
+	$(BIN)/python -m compute_agent.virt.qemu.image build $(GUEST_IMAGE_ARGS)
+
+test-qemu: $(STAMP) services guest-image
+	$(BIN)/pytest -q -m qemu tests/integration/virt_qemu $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -40,6 +40,7 @@ from compute_agent.transient import TRANSIENT_ERRORS, Retrier, RetryPolicy, shor
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
+from compute_agent.virt.loader import create_driver
 from compute_agent.volumes import VolumeManager
 from shared_objects import exception, releases
 from shared_objects.authorizer import RoleAuthorizer, reply_checks
@@ -75,9 +76,11 @@ _T = TypeVar("_T")
 
 
 def make_driver(cfg: FleetConfig) -> ComputeDriver:
-    """The fake hypervisor configured from ``[compute]``; ``ConfigError`` for a value the
-    driver refuses (the syntax of ``failures`` and ``migration`` is the driver's)."""
+    """The hypervisor configured from ``[compute]`` (``driver``: fake or qemu); ``ConfigError``
+    for a value the driver refuses (the syntax of ``failures`` and ``migration`` is the fake's)."""
     try:
+        if cfg.compute.driver == "qemu":
+            return create_driver("qemu", cfg.compute.qemu_driver_options())
         return FakeDriver(FakeDriverConfig.from_mapping(cfg.compute.fake_driver_options()))
     except ValueError as exc:
         raise ConfigError(f"[compute] {exc}") from exc

@@ -173,6 +173,41 @@ class ComputeConfig:
     fsync: bool = False
     # Name the hypervisor reports; empty: the host name.
     hypervisor_hostname: str = ""
+    # The hypervisor: "fake" (simulated, the default) or "qemu" (real guests, docs/virt.md).
+    driver: str = dataclasses.field(default="fake", metadata=meta(one_of("fake", "qemu")))
+    # QEMU driver only: image catalogue (empty: ~/.cache/fleet/images), volume files (empty:
+    # <state_dir>/volumes), binary, accelerator (kvm:tcg, tcg, kvm), RAM of each guest (MiB,
+    # 0 = the flavor's), seconds to the first heartbeat and for a detach's DEVICE_DELETED.
+    qemu_image_dir: str = ""
+    qemu_volume_dir: str = ""
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_accel: str = dataclasses.field(
+        default="kvm:tcg", metadata=meta(one_of("kvm:tcg", "tcg", "kvm"))
+    )
+    qemu_memory_mb: int = dataclasses.field(default=128, metadata=meta(at_least(0)))
+    qemu_boot_timeout: float = dataclasses.field(default=90.0, metadata=meta(positive))
+    qemu_detach_timeout: float = dataclasses.field(default=10.0, metadata=meta(positive))
+
+    def qemu_driver_options(self) -> dict[str, Any]:
+        """The options of the QEMU driver under ``QemuDriverConfig`` field names."""
+        options: dict[str, Any] = {
+            "state_dir": self.state_dir,
+            "image_dir": self.qemu_image_dir,
+            "volume_dir": self.qemu_volume_dir,
+            "qemu_binary": self.qemu_binary,
+            "accel": self.qemu_accel,
+            "guest_memory_mb": self.qemu_memory_mb,
+            "boot_timeout_s": self.qemu_boot_timeout,
+            "detach_timeout_s": self.qemu_detach_timeout,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "local_gb": self.disk_gb,
+            "cpu_allocation_ratio": self.cpu_allocation_ratio,
+            "ram_allocation_ratio": self.ram_allocation_ratio,
+            "disk_allocation_ratio": self.disk_allocation_ratio,
+            "hypervisor_hostname": self.hypervisor_hostname,
+        }
+        return {k: v for k, v in options.items() if v != ""}
 
     def fake_driver_options(self) -> dict[str, Any]:
         """These options under ``FakeDriverConfig`` field names (empty strings left out)."""
