@@ -71,6 +71,14 @@ else
   fail install "see install.log"; finish
 fi
 
+# systemd ignores (with a warning) a directive it does not know or cannot apply: none may be.
+warnings=$(journalctl -q -b -o cat | grep -E '/etc/systemd/system/fleet-[^:]*:[0-9]+:' || true)
+if [ -z "$warnings" ]; then
+  pass "units parsed" "no warning about the fleet units from this systemd ($(systemctl --version | head -1))"
+else
+  fail "units parsed" "$warnings"
+fi
+
 # --- 1. both services reach active through READY=1 ---------------------------------------------
 start_unit() {
   local unit=$1 t0=$SECONDS
@@ -141,6 +149,9 @@ check_hardening() {
   local status; status=$(cat "/proc/$pid/status")
   grep -q '^NoNewPrivs:[[:space:]]*1' <<<"$status" || bad+=" NoNewPrivs off;"
   grep -q '^Seccomp:[[:space:]]*2' <<<"$status" || bad+=" no seccomp filter;"
+  # SystemCallFilter, MemoryDenyWriteExecute, RestrictAddressFamilies, RestrictNamespaces, ...
+  # each load seccomp filters of their own.
+  local filters; filters=$(awk '/^Seccomp_filters:/ {print $2}' <<<"$status")
   grep -q '^CapEff:[[:space:]]*0000000000000000' <<<"$status" || bad+=" capabilities left;"
   grep -q '^CapBnd:[[:space:]]*0000000000000000' <<<"$status" || bad+=" bounding set not empty;"
   local uidmap; uidmap=$(awk '{printf "%s:%s:%s ", $1, $2, $3}' "/proc/$pid/uid_map")
@@ -151,7 +162,7 @@ check_hardening() {
   tmp_host=$(stat -c %i /tmp); tmp_svc=$(in_mounts "$pid" stat -c %i /tmp)
   [ "$tmp_host" != "$tmp_svc" ] || bad+=" /tmp shared;"
   local score; score=$(systemd-analyze security "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for .*: //p')
-  seen+="NoNewPrivs, seccomp, no capabilities, uid_map $uidmap, private mnt/ipc/tmp; exposure $score"
+  seen+="NoNewPrivs, seccomp (${filters:-?} filters), no capabilities, uid_map $uidmap, private mnt/ipc/tmp; exposure $score"
   if [ -z "$bad" ]; then pass "hardening $unit" "$seen"; else fail "hardening $unit" "$bad ($seen)"; fi
 }
 check_hardening $CONDUCTOR /var/lib/fleet
