@@ -52,7 +52,7 @@ faults-cluster: $(STAMP)
 
 # The deployments run for real (issue 17; docs/operations.md, "Tested deployments"): the units of
 # deploy/systemd/ under a real systemd booted in systemd-nspawn, against this machine's RabbitMQ
-# and PostgreSQL (root; ~1 min once to debootstrap the cached Debian root, then ~2 min a run).
+# and PostgreSQL (root; ~3 min the first time, debootstrapping the cached Debian root, then ~70 s).
 # Exit 77 from the driver means this machine cannot run it: a loud SKIPPED line, status 0,
 # unless FLEET_DEPLOY_REQUIRED=1.
 test-deploy: $(STAMP) services
