@@ -417,6 +417,13 @@ async def test_agent_serves_only_its_own_queues_within_its_permissions(
     conductor, host1 = logins.conductor_login("1"), logins.host_login("compute-1")
     janitor.server_topology(control_exchange, "compute", "compute-1")
     endpoint = Conductor()
+    # The session's vhost is shared with earlier tests (a cluster test's conductor may have
+    # left a "compute" queue): start from none, so the check below is about this server.
+    connection = await aiormq.connect(amqp_url.replace("rabbit", "amqp"))
+    try:
+        await (await connection.channel()).queue_delete("compute")
+    finally:
+        await connection.close()
     async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
         server = RPCServer(
             host_t, Target(topic="compute", server="compute-1"), [endpoint], listen_on_topic=False
