@@ -18,11 +18,11 @@ import structlog
 
 from compute_agent.virt._guest import GuestRecord
 from compute_agent.virt._progress import ProgressReporter
+from compute_agent.virt.capacity import check_capacity, check_volumes_free
 from compute_agent.virt.driver import BlockDeviceInfo, ComputeDriver, ProgressCallback
 from compute_agent.virt.exceptions import (
     InstanceExists,
     InstanceNotFound,
-    InsufficientResources,
     InvalidGuestState,
     MigrationAborted,
     MigrationNotConverging,
@@ -573,39 +573,10 @@ class FakeDriver(ComputeDriver):
         return guest
 
     def _check_capacity(self, instance: InstanceLike) -> None:
-        host = self._require_host()
-        cfg = self.config
-        guests = self._guests.values()
-        checks = (
-            ("vcpus", instance.vcpus, cfg.vcpus * cfg.cpu_allocation_ratio, "vcpus"),
-            (
-                "memory_mb",
-                instance.memory_mb,
-                cfg.memory_mb * cfg.ram_allocation_ratio,
-                "memory_mb",
-            ),
-            ("local_gb", instance.root_gb, cfg.local_gb * cfg.disk_allocation_ratio, "root_gb"),
-        )
-        for resource, requested, limit, attr in checks:
-            used = sum(getattr(g, attr) for g in guests)
-            if used + requested > limit:
-                raise InsufficientResources(
-                    resource=resource,
-                    host=host,
-                    uuid=instance.uuid,
-                    requested=requested,
-                    free=int(limit - used),
-                )
+        check_capacity(self._require_host(), self.config, self._guests.values(), instance)
 
     def _check_volumes_free(self, uuid: str, volumes: Mapping[str, str]) -> None:
-        for volume_id, mountpoint in volumes.items():
-            for other in self._guests.values():
-                if volume_id in other.volumes or (
-                    other.uuid == uuid and mountpoint in other.volumes.values()
-                ):
-                    raise VolumeAlreadyAttached(
-                        uuid=uuid, volume_id=volume_id, mountpoint=mountpoint
-                    )
+        check_volumes_free(self._guests.values(), uuid, volumes)
 
     def _snapshot(self) -> dict[str, Any]:
         return {

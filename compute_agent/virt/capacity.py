@@ -1,0 +1,40 @@
+"""What a host can still take: the checks every driver makes before it places a guest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from compute_agent.virt.exceptions import InsufficientResources, VolumeAlreadyAttached
+
+
+def check_capacity(host: str, cfg: Any, guests: Iterable[Any], instance: Any) -> None:
+    """Refuse ``instance`` when the guests already here plus it exceed a resource's limit
+    (capacity times allocation ratio of the driver's config)."""
+    guests = list(guests)
+    checks = (
+        ("vcpus", instance.vcpus, cfg.vcpus * cfg.cpu_allocation_ratio, "vcpus"),
+        ("memory_mb", instance.memory_mb, cfg.memory_mb * cfg.ram_allocation_ratio, "memory_mb"),
+        ("local_gb", instance.root_gb, cfg.local_gb * cfg.disk_allocation_ratio, "root_gb"),
+    )
+    for resource, requested, limit, attr in checks:
+        used = sum(getattr(g, attr) for g in guests)
+        if used + requested > limit:
+            raise InsufficientResources(
+                resource=resource,
+                host=host,
+                uuid=instance.uuid,
+                requested=requested,
+                free=int(limit - used),
+            )
+
+
+def check_volumes_free(guests: Iterable[Any], uuid: str, volumes: Mapping[str, str]) -> None:
+    """Refuse volumes attached to another guest, or mountpoints this guest already uses."""
+    guests = list(guests)
+    for volume_id, mountpoint in volumes.items():
+        for other in guests:
+            if volume_id in other.volumes or (
+                other.uuid == uuid and mountpoint in other.volumes.values()
+            ):
+                raise VolumeAlreadyAttached(uuid=uuid, volume_id=volume_id, mountpoint=mountpoint)
