@@ -13,7 +13,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -25,6 +25,7 @@ from shared_objects.context import RequestContext
 from shared_objects.messaging import Notifier, RPCClient, RPCServer, Target, expose, get_transport
 from shared_objects.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import BrokerLogins
+from shared_objects.testing.broker_probe import channel_outcome, ignore_message
 from shared_objects.testing.rabbit_node import RabbitNode, RabbitNodeError
 
 pytestmark = [
@@ -60,28 +61,6 @@ async def logins(
 
 async def _connect(url: str) -> aio_pika.abc.AbstractConnection:
     return await aio_pika.connect(parse_transport_url(url).hosts[0], timeout=10)
-
-
-Op = Callable[[aio_pika.abc.AbstractChannel], Awaitable[object]]
-
-
-async def _outcome(connection: aio_pika.abc.AbstractConnection, op: Op) -> str:
-    """'ok', or the broker's reply code name when it closed the channel on ``op``."""
-    channel = await connection.channel(publisher_confirms=True)
-    try:
-        await op(channel)
-    except aiormq.exceptions.ChannelAccessRefused:
-        return "ACCESS_REFUSED"
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        return "PRECONDITION_FAILED"
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return "ok"
-
-
-async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-    pass
 
 
 def _hex() -> str:
@@ -128,11 +107,11 @@ async def test_agent_login_reaches_only_its_own_queues(
         async def own_server_queue(channel: aio_pika.abc.AbstractChannel) -> None:
             queue = await channel.declare_queue(f"compute.{HOST}")
             await queue.bind(await exchange(channel), routing_key=f"compute.{HOST}")
-            await queue.consume(_ignore)
+            await queue.consume(ignore_message)
 
         async def own_reply_queue(channel: aio_pika.abc.AbstractChannel) -> None:
             queue = await channel.declare_queue(f"reply_{login}_{_hex()}", exclusive=True)
-            await queue.consume(_ignore)
+            await queue.consume(ignore_message)
 
         async def own_fanout_queue(channel: aio_pika.abc.AbstractChannel) -> None:
             fanout = await channel.declare_exchange(
@@ -145,17 +124,17 @@ async def test_agent_login_reaches_only_its_own_queues(
         async def publish(key: str, channel: aio_pika.abc.AbstractChannel) -> None:
             await (await exchange(channel)).publish(aio_pika.Message(b"{}"), routing_key=key)
 
-        assert await _outcome(connection, own_server_queue) == "ok"
-        assert await _outcome(connection, own_reply_queue) == "ok"
-        assert await _outcome(connection, own_fanout_queue) == "ok"
+        assert await channel_outcome(connection, own_server_queue) == "ok"
+        assert await channel_outcome(connection, own_reply_queue) == "ok"
+        assert await channel_outcome(connection, own_fanout_queue) == "ok"
         # Calls to the conductor, to a peer agent (live migration) and notifications.
         for key in ("conductor", f"compute.{OTHER}", "versioned_notifications.info"):
-            assert await _outcome(connection, functools.partial(publish, key)) == "ok", key
+            assert await channel_outcome(connection, functools.partial(publish, key)) == "ok", key
 
         # Everything else is refused by the broker.
         async def consume(name: str, channel: aio_pika.abc.AbstractChannel) -> None:
             queue = await channel.declare_queue(name, passive=True)
-            await queue.consume(_ignore)
+            await queue.consume(ignore_message)
 
         conductor_conn = await _connect(logins.url_for(logins.conductor_login("1")))
         try:
@@ -165,7 +144,7 @@ async def test_agent_login_reaches_only_its_own_queues(
             await setup.declare_queue(f"compute.{OTHER}")
             await setup.declare_queue(victim_reply)
             for name in ("conductor", f"compute.{OTHER}", victim_reply):
-                got = await _outcome(connection, functools.partial(consume, name))
+                got = await channel_outcome(connection, functools.partial(consume, name))
                 assert got == "ACCESS_REFUSED", name
             await setup.queue_delete(victim_reply)
         finally:
@@ -175,7 +154,7 @@ async def test_agent_login_reaches_only_its_own_queues(
             await channel.declare_queue(name)
 
         for name in ("conductor", f"compute.{OTHER}", f"reply_{other}_{_hex()}", "compute"):
-            assert await _outcome(connection, functools.partial(declare, name)) == (
+            assert await channel_outcome(connection, functools.partial(declare, name)) == (
                 "ACCESS_REFUSED"
             ), name
 
@@ -184,9 +163,9 @@ async def test_agent_login_reaches_only_its_own_queues(
             queue = await channel.declare_queue(f"compute.{HOST}")
             await queue.bind(await exchange(channel), routing_key="conductor")
 
-        assert await _outcome(connection, snoop) == "ACCESS_REFUSED"
+        assert await channel_outcome(connection, snoop) == "ACCESS_REFUSED"
         # Publishing outside its routing keys: refused (topic write).
-        assert await _outcome(connection, lambda ch: publish("not-a-topic", ch)) == (
+        assert await channel_outcome(connection, lambda ch: publish("not-a-topic", ch)) == (
             "ACCESS_REFUSED"
         )
     finally:
@@ -206,9 +185,9 @@ async def test_user_id_spoofing_is_refused_by_the_broker(
             )
 
         own = logins.host_login(HOST)
-        assert await _outcome(connection, lambda ch: send(own, ch)) == "ok"
+        assert await channel_outcome(connection, lambda ch: send(own, ch)) == "ok"
         for forged in (logins.conductor_login("1"), logins.host_login(OTHER), "guest"):
-            got = await _outcome(connection, functools.partial(send, forged))
+            got = await channel_outcome(connection, functools.partial(send, forged))
             assert got == "PRECONDITION_FAILED", forged
     finally:
         await connection.close()
@@ -227,18 +206,18 @@ async def test_operator_login_calls_the_conductor_and_nothing_else(
 
         async def reply_queue(channel: aio_pika.abc.AbstractChannel) -> None:
             queue = await channel.declare_queue(f"reply_{login}_{_hex()}", exclusive=True)
-            await queue.consume(_ignore)
+            await queue.consume(ignore_message)
 
         async def declare(name: str, channel: aio_pika.abc.AbstractChannel) -> None:
             await channel.declare_queue(name)
 
-        assert await _outcome(connection, lambda ch: publish("conductor", ch)) == "ok"
-        assert await _outcome(connection, reply_queue) == "ok"
-        assert await _outcome(connection, lambda ch: publish(f"compute.{HOST}", ch)) == (
+        assert await channel_outcome(connection, lambda ch: publish("conductor", ch)) == "ok"
+        assert await channel_outcome(connection, reply_queue) == "ok"
+        assert await channel_outcome(connection, lambda ch: publish(f"compute.{HOST}", ch)) == (
             "ACCESS_REFUSED"
         )
         for name in (f"compute.{HOST}", "conductor"):
-            assert await _outcome(connection, functools.partial(declare, name)) == (
+            assert await channel_outcome(connection, functools.partial(declare, name)) == (
                 "ACCESS_REFUSED"
             ), name
     finally:
@@ -301,9 +280,10 @@ async def test_private_rabbit_node_gets_logins_through_its_own_ctl() -> None:
         connection = await _connect(logins.url_for(logins.host_login(HOST)))
         try:
             assert (
-                await _outcome(connection, lambda ch: ch.declare_queue(f"compute.{HOST}")) == "ok"
+                await channel_outcome(connection, lambda ch: ch.declare_queue(f"compute.{HOST}"))
+                == "ok"
             )
-            assert await _outcome(connection, lambda ch: ch.declare_queue("conductor")) == (
+            assert await channel_outcome(connection, lambda ch: ch.declare_queue("conductor")) == (
                 "ACCESS_REFUSED"
             )
         finally:

@@ -16,12 +16,11 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiormq
 import pytest
 import pytest_asyncio
 
@@ -39,6 +38,7 @@ from shared_objects.messaging import (
 )
 from shared_objects.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import NodeCtl
+from shared_objects.testing.broker_probe import ChannelOp, channel_outcome, ignore_message
 from shared_objects.testing.eventually import eventually
 from shared_objects.testing.rabbit_node import RabbitNode
 
@@ -200,30 +200,6 @@ async def test_a_password_file_given_for_an_existing_login_is_applied(
 # --- what a hostile host login is refused --------------------------------------------------
 
 
-Op = Callable[[aio_pika.abc.AbstractChannel], Awaitable[object]]
-
-
-async def _outcome(connection: aio_pika.abc.AbstractConnection, op: Op) -> str:
-    """'ok', or the reply code the broker closed the channel with."""
-    channel = await connection.channel(publisher_confirms=True)
-    try:
-        await op(channel)
-    except aiormq.exceptions.ChannelAccessRefused:
-        return "ACCESS_REFUSED"
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        return "PRECONDITION_FAILED"
-    except aiormq.exceptions.ChannelLockedResource:
-        return "RESOURCE_LOCKED"
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return "ok"
-
-
-async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-    pass
-
-
 async def _connect(url: str) -> aio_pika.abc.AbstractConnection:
     return await aio_pika.connect(parse_transport_url(url).hosts[0], timeout=10)
 
@@ -283,7 +259,7 @@ async def test_hostile_host_is_refused_by_the_broker_one_attack_at_a_time(
 
             async def consume(name: str, ch: aio_pika.abc.AbstractChannel) -> None:
                 queue = await ch.get_queue(name, ensure=False)
-                await queue.consume(_ignore)
+                await queue.consume(ignore_message)
 
             async def bind(
                 queue: str, exchange: str, key: str, ch: aio_pika.abc.AbstractChannel
@@ -310,7 +286,7 @@ async def test_hostile_host_is_refused_by_the_broker_one_attack_at_a_time(
             ) -> None:
                 await ch.declare_queue(name, arguments=args)
 
-            attacks: dict[str, Op] = {
+            attacks: dict[str, ChannelOp] = {
                 # consume another login's reply or compute queue
                 "consume victim's reply queue": functools.partial(consume, victim_reply),
                 "consume victim's non-exclusive reply queue": functools.partial(
@@ -371,7 +347,7 @@ async def test_hostile_host_is_refused_by_the_broker_one_attack_at_a_time(
                 ),
             }
             for name, attack in attacks.items():
-                results[name] = await _outcome(connection, attack)
+                results[name] = await channel_outcome(connection, attack)
             print(json.dumps(results, indent=1))
             refused = {"ACCESS_REFUSED", "PRECONDITION_FAILED"}
             assert {k: v for k, v in results.items() if v not in refused} == {}
