@@ -20,9 +20,9 @@ from shared_objects import releases
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.messaging import BrokerConnectFailed
-from shared_objects.messaging.memory import MemoryDriver
 from shared_objects.objects.service import Service
 from shared_objects.startup_retry import StartupFailed
+from shared_objects.testing.readiness import check_ready_follows_lifecycle
 
 HOST = "host-a"
 # Every undo an agent's start pushes, in the order a full unwind runs them.
@@ -179,24 +179,4 @@ async def test_stop_drains_the_server_first_then_unwinds_in_reverse_and_marks_do
 async def test_ready_only_while_started_consuming_connected_and_not_draining(
     fleet: Fleet,
 ) -> None:
-    agent = fleet.agent()
-    driver = agent.transport.driver
-    assert isinstance(driver, MemoryDriver)
-    assert not agent.ready  # not started
-    await agent.start()
-    assert agent.ready
-    driver.simulate_connection_loss()
-    assert not agent.ready  # broker link down
-    await driver.simulate_reconnect()
-    assert agent.ready
-    seen_while_draining: list[bool] = []
-    drain = agent.server.stop
-
-    async def stop_server(grace: float = 30.0) -> None:
-        seen_while_draining.append(agent.ready)
-        await drain(grace)
-
-    agent.server.stop = stop_server  # type: ignore[method-assign]
-    await agent.stop(grace=1)
-    assert seen_while_draining == [False]  # 503 from the first moment of the drain
-    assert not agent.ready
+    await check_ready_follows_lifecycle(fleet.agent())

@@ -13,9 +13,9 @@ from conductor.db import migration
 from conductor.service import ConductorService
 from shared_objects.config import FleetConfig
 from shared_objects.messaging import BrokerConnectFailed
-from shared_objects.messaging.memory import MemoryDriver
 from shared_objects.objects.service import Service
 from shared_objects.startup_retry import StartupFailed
+from shared_objects.testing.readiness import check_ready_follows_lifecycle
 
 
 def conductor_config(url: str) -> FleetConfig:
@@ -166,23 +166,4 @@ async def test_ready_only_while_started_consuming_connected_and_not_draining(
 ) -> None:
     await migration.upgrade(sqlite_database_url)
     service = ConductorService(conductor_config(sqlite_database_url), topic=uuid.uuid4().hex)
-    driver = service.transport.driver
-    assert isinstance(driver, MemoryDriver)
-    assert not service.ready  # not started
-    await service.start()
-    assert service.ready
-    driver.simulate_connection_loss()
-    assert not service.ready  # broker link down
-    await driver.simulate_reconnect()
-    assert service.ready
-    seen_while_draining: list[bool] = []
-    drain = service.server.stop
-
-    async def stop_server(grace: float = 30.0) -> None:
-        seen_while_draining.append(service.ready)
-        await drain(grace)
-
-    service.server.stop = stop_server  # type: ignore[method-assign]
-    await service.stop(grace=1)
-    assert seen_while_draining == [False]  # 503 from the first moment of the drain
-    assert not service.ready
+    await check_ready_follows_lifecycle(service)
