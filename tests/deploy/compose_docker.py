@@ -78,9 +78,24 @@ def preflight() -> None:
     if sys.platform != "linux" or os.geteuid() != 0:
         raise Skip("needs root on Linux (dockerd, debootstrap)")
     if shutil.which("dockerd") is None or not Path("/usr/bin/docker").exists():
-        apt_install("docker.io")
+        install_docker()
     if shutil.which("debootstrap") is None:
         apt_install("debootstrap")
+
+
+def install_docker() -> None:
+    """docker.io from Debian, without the system dockerd its postinst would start (iptables
+    rules, a docker0 bridge): policy-rc.d forbids that while it installs."""
+    policy = Path("/usr/sbin/policy-rc.d")
+    made = not policy.exists()
+    if made:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        apt_install("docker.io")
+    finally:
+        if made:
+            policy.unlink(missing_ok=True)
 
 
 def compose_binary() -> Path:
