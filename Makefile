@@ -54,7 +54,7 @@ faults-cluster: $(STAMP)
 # the units of deploy/systemd/ under a real systemd booted in systemd-nspawn, against this
 # machine's RabbitMQ and PostgreSQL (~3 min the first time, debootstrapping the cached Debian
 # root, then ~70 s); then docker-compose.yml on a dockerd of the test's own, with local images
-# built from that root (~5 min the first time, then ~2 min). Both run even if the first fails.
+# built from that root (~3 min the first time, then 1.5-2.5 min). Both run even if the first fails.
 # Exit 77 from a driver means this machine cannot run it: a loud SKIPPED line, status 0,
 # unless FLEET_DEPLOY_REQUIRED=1.
 test-deploy: $(STAMP) services
