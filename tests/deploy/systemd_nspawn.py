@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -32,43 +31,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from _common import (
+    CACHE,
+    EXIT_SKIPPED,
+    REPO,
+    ROOT_PACKAGES,
+    Skip,
+    apt_install,
+    ensure_rootfs,
+    print_timings,
+    run,
+    say,
+    timed,
+)
+
 HERE = Path(__file__).resolve().parent / "nspawn"
-CACHE = Path(os.environ.get("FLEET_DEPLOY_CACHE", "/var/tmp/fleet-deploy-cache"))
-SUITE = "bookworm"
-ROOT_PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv"
-EXIT_SKIPPED = 77
 HOSTS = ("compute-1", "compute-2")
 # The whole container run: boot, install, checks (the watchdog alone waits WatchdogSec=30).
 BOOT_TIMEOUT = int(os.environ.get("FLEET_DEPLOY_TIMEOUT", "600"))
-
-timings: dict[str, float] = {}
-
-
-def say(text: str) -> None:
-    print(f"==> {text}", flush=True)
-
-
-class Skip(Exception):
-    """This machine cannot run the test (printed loudly, exit 77)."""
-
-
-@contextlib.contextmanager
-def timed(name: str) -> Iterator[None]:
-    started = time.monotonic()
-    try:
-        yield
-    finally:
-        timings[name] = time.monotonic() - started
-
-
-def run(*argv: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], check=True, text=True, **kwargs)
 
 
 # --- what the machine needs -----------------------------------------------------------------------
@@ -79,67 +62,9 @@ def preflight() -> None:
         raise Skip("needs root on Linux (systemd-nspawn, debootstrap)")
     missing = [t for t in ("systemd-nspawn", "debootstrap") if shutil.which(t) is None]
     if missing:
-        if shutil.which("apt-get") is None:
-            raise Skip(f"{', '.join(missing)} missing and no apt-get to install them")
-        say("installing systemd-container and debootstrap from Debian's packages")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        try:
-            run("apt-get", "update", "-qq", env=env)
-            run(
-                "apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                "systemd-container", "debootstrap", env=env,
-            )  # fmt: skip
-        except subprocess.CalledProcessError as exc:
-            raise Skip(f"cannot install systemd-container/debootstrap: {exc}") from exc
+        apt_install("systemd-container", "debootstrap")
     if shutil.which("rabbitmqctl") is None:
         raise Skip("no rabbitmqctl: the test needs the machine's RabbitMQ (make services)")
-
-
-def debian_mirror() -> str:
-    """The Debian mirror this machine's apt uses (debootstrap needs one)."""
-    if mirror := os.environ.get("FLEET_DEPLOY_MIRROR"):
-        return mirror
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in sources:
-        with contextlib.suppress(OSError):
-            text = path.read_text()
-            # deb822: a stanza with URIs: .../debian and Suites: bookworm ...
-            for stanza in text.split("\n\n"):
-                uri = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", stanza, re.M)
-                if uri and re.search(rf"^Suites:.*\b{SUITE}\b", stanza, re.M):
-                    return uri.group(1)
-            one_line = re.search(rf"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)/?\s+{SUITE}\s", text, re.M)
-            if one_line:
-                return one_line.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def ensure_rootfs() -> Path:
-    """The cached Debian root with systemd and Python (made once, ~1 min)."""
-    root = CACHE / f"rootfs-{SUITE}"
-    stamp = CACHE / f"rootfs-{SUITE}.done"
-    if stamp.exists() and stamp.read_text() == ROOT_PACKAGES:
-        return root
-    partial = CACHE / f"rootfs-{SUITE}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
-    stamp.unlink(missing_ok=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    mirror = debian_mirror()
-    say(f"debootstrap {SUITE} from {mirror} into {root} (once; cached)")
-    with timed("debootstrap"):
-        run(
-            "debootstrap", "--variant=minbase", f"--include={ROOT_PACKAGES}", SUITE, partial,
-            mirror, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-    # No network management in the container: it shares the host's network (and must never
-    # touch it), so networkd and resolved stay off whatever the packages' presets say.
-    for unit in ("systemd-networkd.service", "systemd-resolved.service"):
-        (partial / "etc/systemd/system" / unit).unlink(missing_ok=True)
-        (partial / "etc/systemd/system" / unit).symlink_to("/dev/null")
-    partial.rename(root)
-    stamp.write_text(ROOT_PACKAGES)
-    return root
 
 
 def copy_source(dest: Path) -> Path:
@@ -481,10 +406,7 @@ def main() -> int:
         with contextlib.suppress(Exception):
             asyncio.run(backends.close())
         shutil.rmtree(run_dir, ignore_errors=True)
-        timings["total"] = time.monotonic() - total
-        size = subprocess.run(["du", "-sh", str(CACHE)], capture_output=True, text=True).stdout
-        say("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-        say(f"cache: {size.split()[0] if size else '?'} in {CACHE}")
+        print_timings("systemd", total)
     print(f"test-deploy (systemd): {'PASSED' if status == 0 else 'FAILED'}", flush=True)
     return 0 if status == 0 else 1
 
