@@ -6,18 +6,20 @@ Every test reaps the QEMU processes under its state directory, even when it fail
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from compute_agent.virt import GuestRef
 from compute_agent.virt.qemu import QemuDriver, QemuDriverConfig
 from compute_agent.virt.qemu.image import DEFAULT_IMAGE, ImageCatalogue, build_image
-from compute_agent.virt.qemu.testing import reap_guests
+from compute_agent.virt.qemu.testing import cluster_env, reap_guests
 
 QEMU = "qemu-system-x86_64"
 #: This machine kind's /dev/kvm cannot run guests (docs/virt.md): TCG unless told otherwise.
@@ -69,3 +71,20 @@ async def qemu_driver(qemu_state_dir: Path, guest_image_dir: Path) -> AsyncItera
         for uuid in await driver.list_instance_uuids():
             await driver.destroy(GuestRef(uuid))
         await driver.cleanup_host()
+
+
+@pytest.fixture
+async def qemu_cluster(
+    cluster_factory: Any, guest_image_dir: Path
+) -> AsyncIterator[tuple[Any, Path]]:
+    """A cluster (conductor + compute-1, compute-2) whose agents run real guests; with the
+    agents' state dir (``<state>/qemu-<host>/<uuid>/``). No guest outlives the test."""
+    state: Path | None = None
+    try:
+        async with cluster_factory(common_env=cluster_env(guest_image_dir, ACCEL)) as cluster:
+            state = cluster.workdir / "hypervisors"
+            yield cluster, state
+    finally:
+        # Guests outlive their agents by design: whatever happened, none outlives the test.
+        if state is not None:
+            await asyncio.to_thread(reap_guests, state)
