@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: test lint typecheck unit services venv demo demo-upgrade bench faults faults-cluster clean \
-	guest-image test-qemu test-deploy
+	guest-image test-qemu test-deploy demo-vm
 
 # constraints.txt pins the dependency versions the tests ran with (CI and fresh clones alike).
 $(STAMP): pyproject.toml constraints.txt
@@ -85,6 +85,11 @@ guest-image: $(STAMP)
 test-qemu: $(STAMP) services
 	@$(QEMU_HOST)
 	$(BIN)/pytest -q -rs -m qemu tests/integration/virt_qemu $(PYTEST_ARGS)
+
+# The demo with real guests: boot two, hot-plug a volume, live-migrate one (about a minute).
+demo-vm: $(STAMP) services
+	@bash deploy/dev/ensure-qemu.sh $(BIN)/python $(GUEST_IMAGE_ARGS)
+	$(BIN)/python -m conductor.demo_vm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
