@@ -50,6 +50,7 @@ from typing import Any
 
 from boot import percentile, scrape_server_calls
 
+from compute_agent.virt.qemu.image import DEFAULT_IMAGE
 from compute_agent.virt.qemu.testing import cluster_env, reap_guests
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
@@ -75,7 +76,11 @@ def _stamp(value: str) -> float:
 
 
 async def boot_evenly(
-    cluster: LocalCluster, hosts: list[str], count: int, timeout: float = 120
+    cluster: LocalCluster,
+    hosts: list[str],
+    count: int,
+    timeout: float = 120,
+    image_ref: str | None = None,
 ) -> dict[str, str]:
     """``{instance uuid: host}`` with ``count`` instances spread round-robin over ``hosts``."""
     per_host = {
@@ -84,11 +89,17 @@ async def boot_evenly(
     placed: dict[str, str] = {}
     for host, n in per_host.items():
         if n:
+            request = {"image_ref": image_ref} if image_ref else {}
             for made in await cluster.boot(
-                flavor=FLAVOR, name=f"lm-{host}", count=n, forced_host=host
+                flavor=FLAVOR, name=f"lm-{host}", count=n, forced_host=host, **request
             ):
                 placed[made] = host
-    await cluster.wait_instances(list(placed), timeout=timeout)
+    insts = await cluster.wait_instances(list(placed), timeout=timeout)
+    failed = [i.uuid for i in insts if i.vm_state != "active"]
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {count} instances did not boot (see the agents' logs)"
+        )
     return placed
 
 
@@ -138,7 +149,11 @@ async def run(
                 cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=256, root_gb=1
             ).create()
             placed = await boot_evenly(
-                cluster, hosts, args.count, timeout=300 if driver == "qemu" else 120
+                cluster,
+                hosts,
+                args.count,
+                timeout=300 if driver == "qemu" else 120,
+                image_ref=DEFAULT_IMAGE if driver == "qemu" else None,
             )
             before = await asyncio.to_thread(scrape_server_calls, port)
             started = time.perf_counter()
