@@ -19,11 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
-from compute_agent.virt.models import (
-    GuestPhase,
-    HasUUID,
-    HostResources,
-)
+from compute_agent.virt.models import GuestPhase, HasUUID, HostResources
 from compute_agent.virt.qemu.lifecycle import QemuLifecycle
 from compute_agent.virt.qemu.live_migration import QemuLiveMigration
 from compute_agent.virt.qemu.recovery import QemuRecovery

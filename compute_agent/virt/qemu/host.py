@@ -15,16 +15,10 @@ import shutil
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-import structlog
-
 from compute_agent.virt.capacity import check_capacity, check_volumes_free
 from compute_agent.virt.driver import ComputeDriver
-from compute_agent.virt.exceptions import (
-    InstanceNotFound,
-)
-from compute_agent.virt.models import (
-    InstanceLike,
-)
+from compute_agent.virt.exceptions import InstanceNotFound
+from compute_agent.virt.models import InstanceLike
 from compute_agent.virt.qemu import migration, process
 from compute_agent.virt.qemu.cmdline import (
     QEMU_LOG,
@@ -35,15 +29,10 @@ from compute_agent.virt.qemu.cmdline import (
     volume_file_name,
 )
 from compute_agent.virt.qemu.config import QemuDriverConfig
-from compute_agent.virt.qemu.errors import (
-    QemuError,
-    QMPError,
-)
+from compute_agent.virt.qemu.errors import QemuError, QMPError
 from compute_agent.virt.qemu.guest import QemuGuest, write_record
 from compute_agent.virt.qemu.image import ImageCatalogue
 from compute_agent.virt.qemu.qmp import QMPClient
-
-LOG = structlog.get_logger(__name__)
 
 
 class QemuHost(ComputeDriver):

@@ -20,21 +20,9 @@ from compute_agent.virt.exceptions import (
     VolumeError,
 )
 from compute_agent.virt.firewall import normalize_rules
-from compute_agent.virt.models import (
-    GuestPhase,
-    HasUUID,
-    InstanceInfo,
-    InstanceLike,
-    PowerState,
-)
-from compute_agent.virt.qemu.cmdline import (
-    QEMU_LOG,
-    SERIAL_LOG,
-)
-from compute_agent.virt.qemu.errors import (
-    QemuError,
-    QMPError,
-)
+from compute_agent.virt.models import GuestPhase, HasUUID, InstanceInfo, InstanceLike, PowerState
+from compute_agent.virt.qemu.cmdline import QEMU_LOG, SERIAL_LOG
+from compute_agent.virt.qemu.errors import QemuError, QMPError
 from compute_agent.virt.qemu.guest import QemuGuest
 from compute_agent.virt.qemu.host import QemuHost, read_from, tail
 from compute_agent.virt.qemu.initramfs import HEARTBEAT

@@ -21,17 +21,9 @@ from compute_agent.virt.exceptions import (
     NoActiveMigration,
 )
 from compute_agent.virt.firewall import normalize_rules
-from compute_agent.virt.models import (
-    GuestPhase,
-    HasUUID,
-    InstanceLike,
-    MigrationResult,
-)
+from compute_agent.virt.models import GuestPhase, HasUUID, InstanceLike, MigrationResult
 from compute_agent.virt.qemu import migration
-from compute_agent.virt.qemu.errors import (
-    QemuError,
-    QMPError,
-)
+from compute_agent.virt.qemu.errors import QemuError, QMPError
 from compute_agent.virt.qemu.guest import QemuGuest
 from compute_agent.virt.qemu.host import QemuHost
 

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import structlog
 
-from compute_agent.virt.models import (
-    GuestPhase,
-)
+from compute_agent.virt.models import GuestPhase
 from compute_agent.virt.qemu import process
-from compute_agent.virt.qemu.cmdline import (
-    QMP_SOCKET,
-)
-from compute_agent.virt.qemu.errors import (
-    QMPError,
-)
+from compute_agent.virt.qemu.cmdline import QMP_SOCKET
+from compute_agent.virt.qemu.errors import QMPError
 from compute_agent.virt.qemu.guest import QemuGuest, read_record
 from compute_agent.virt.qemu.host import QemuHost
 from compute_agent.virt.qemu.qmp import QMPClient

@@ -10,18 +10,9 @@ import contextlib
 
 import structlog
 
-from compute_agent.virt.exceptions import (
-    InvalidGuestState,
-    VolumeError,
-    VolumeNotAttached,
-)
-from compute_agent.virt.models import (
-    GuestPhase,
-    HasUUID,
-)
-from compute_agent.virt.qemu.cmdline import (
-    Disk,
-)
+from compute_agent.virt.exceptions import InvalidGuestState, VolumeError, VolumeNotAttached
+from compute_agent.virt.models import GuestPhase, HasUUID
+from compute_agent.virt.qemu.cmdline import Disk
 from compute_agent.virt.qemu.errors import (
     QemuError,
     QMPCommandError,
