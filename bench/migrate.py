@@ -3,6 +3,7 @@
     .venv/bin/python bench/migrate.py            # 100 migrations among 4 agents
     .venv/bin/python bench/migrate.py --quick    # 40 migrations
     .venv/bin/python bench/migrate.py --json     # one JSON object instead of the table
+    .venv/bin/python bench/migrate.py --driver qemu  # 8 real 128 MB guests, 2 agents
 
 One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
 compute agents as separate processes) on the local RabbitMQ, in a private vhost created and
@@ -19,6 +20,13 @@ not ``completed`` within ``--timeout`` seconds counts as stuck.
 
 The conductor's ``/metrics`` is scraped before and after the migrations to count the RPCs it
 served per migration, by method (object indirection and compute-task calls).
+
+With ``--driver qemu`` the agents run real guests (``[compute] driver = "qemu"``, TCG here, 128 MB
+each, the image of ``make guest-image``): QEMU copies the memory over ``tcp:127.0.0.1``. The same
+run first measures the fake driver with the same agents and count (the baseline: Fleet's
+protocol alone) and reports the ratios, so what real memory copies add is read from one run on
+one machine. Guests outlive agents by design: every QEMU process under the run's state dir is
+killed at the end.
 
 The machine this runs on is usually shared and small: compare runs on the same machine only.
 """
@@ -42,6 +50,8 @@ from typing import Any
 
 from boot import percentile, scrape_server_calls
 
+from compute_agent.virt.qemu.image import DEFAULT_IMAGE
+from compute_agent.virt.qemu.testing import cluster_env, reap_guests
 from conductor.cluster import ClusterSpec, LocalCluster
 from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
@@ -65,7 +75,13 @@ def _stamp(value: str) -> float:
     return datetime.datetime.fromisoformat(value).timestamp()
 
 
-async def boot_evenly(cluster: LocalCluster, hosts: list[str], count: int) -> dict[str, str]:
+async def boot_evenly(
+    cluster: LocalCluster,
+    hosts: list[str],
+    count: int,
+    timeout: float = 120,
+    image_ref: str | None = None,
+) -> dict[str, str]:
     """``{instance uuid: host}`` with ``count`` instances spread round-robin over ``hosts``."""
     per_host = {
         h: count // len(hosts) + (1 if i < count % len(hosts) else 0) for i, h in enumerate(hosts)
@@ -73,16 +89,27 @@ async def boot_evenly(cluster: LocalCluster, hosts: list[str], count: int) -> di
     placed: dict[str, str] = {}
     for host, n in per_host.items():
         if n:
+            request = {"image_ref": image_ref} if image_ref else {}
             for made in await cluster.boot(
-                flavor=FLAVOR, name=f"lm-{host}", count=n, forced_host=host
+                flavor=FLAVOR, name=f"lm-{host}", count=n, forced_host=host, **request
             ):
                 placed[made] = host
-    await cluster.wait_instances(list(placed), timeout=120)
+    insts = await cluster.wait_instances(list(placed), timeout=timeout)
+    failed = [i.uuid for i in insts if i.vm_state != "active"]
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {count} instances did not boot (see the agents' logs)"
+        )
     return placed
 
 
-async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, vhost: str, workdir: Path, driver: str = "fake"
+) -> dict[str, Any]:
     hosts = [f"compute-{n}" for n in range(1, args.agents + 1)]
+    env = {**AGENT_ENV, "FLEET_LOG_LEVEL": args.log_level}
+    if driver == "qemu":
+        env.update(cluster_env(args.image_dir, args.accel))
     # Every process on its own broker login, as in production (a conductor refuses to run on a
     # login that is not a conductor's, and only an operator may create instances); users are
     # global to the broker, so they are deleted at the end.
@@ -98,7 +125,7 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
             hosts=tuple(hosts),
             conductors=args.conductors,
             workdir=workdir,
-            common_env={**AGENT_ENV, "FLEET_LOG_LEVEL": args.log_level},
+            common_env=env,
             logins=logins,
             report_interval=10.0,
             service_down_time=60.0,
@@ -121,7 +148,13 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
             await Flavor(
                 cluster.ctxt, name=FLAVOR, flavorid=FLAVOR, vcpus=1, memory_mb=256, root_gb=1
             ).create()
-            placed = await boot_evenly(cluster, hosts, args.count)
+            placed = await boot_evenly(
+                cluster,
+                hosts,
+                args.count,
+                timeout=300 if driver == "qemu" else 120,
+                image_ref=DEFAULT_IMAGE if driver == "qemu" else None,
+            )
             before = await asyncio.to_thread(scrape_server_calls, port)
             started = time.perf_counter()
             migs = await asyncio.gather(
@@ -147,6 +180,8 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
             after = await asyncio.to_thread(scrape_server_calls, port)
         finally:
             await cluster.stop()
+            # Real guests outlive their agents by design: none outlives the benchmark.
+            await asyncio.to_thread(reap_guests, workdir / "hypervisors")
     statuses: dict[str, int] = {}
     for u in wanted:
         status = rows.get(u, {}).get("status", "missing")
@@ -164,7 +199,12 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
             f"cluster: {args.conductors} conductor(s) + {args.agents} agents as separate "
             "processes, RabbitMQ + PostgreSQL"
         ),
-        "copy_model": "fast (time_scale=0)",
+        "driver": driver,
+        "copy_model": (
+            f"QEMU ({args.accel}, 128 MB guests, tcp:127.0.0.1)"
+            if driver == "qemu"
+            else "fast (time_scale=0)"
+        ),
         "agents": args.agents,
         "migrations": len(migs),
         "completed": len(done),
@@ -187,25 +227,53 @@ async def run(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, 
     }
 
 
+async def run_with_baseline(args: argparse.Namespace, vhost: str, workdir: Path) -> dict[str, Any]:
+    """``--driver qemu``: the fake driver first (same agents, same count), then real guests."""
+    baseline = await run(args, vhost, workdir / "fake", "fake")
+    result = await run(args, vhost, workdir / "qemu", "qemu")
+
+    def ratio(key: str) -> float | None:
+        a, b = result.get(key), baseline.get(key)
+        return round(a / b, 2) if a and b else None
+
+    result["baseline_fake"] = {
+        k: baseline[k] for k in ("completed", "migrations_per_s", "p50_s", "p99_s", "max_s")
+    }
+    result["ratio_vs_fake"] = {k: ratio(k) for k in ("migrations_per_s", "p50_s", "p99_s")}
+    result["stuck_or_failed"] += baseline["stuck_or_failed"]
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=None, help="migrations (default 100)")
-    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--count", type=int, default=None, help="migrations (default 100; qemu: 8)")
+    parser.add_argument("--agents", type=int, default=None, help="default 4; qemu: 2")
+    parser.add_argument("--driver", choices=("fake", "qemu"), default="fake")
+    parser.add_argument(
+        "--image-dir",
+        default=os.environ.get("FLEET_COMPUTE__QEMU_IMAGE_DIR", "~/.cache/fleet/images"),
+    )
+    parser.add_argument("--accel", default="tcg", help="qemu: tcg (here), kvm:tcg, kvm")
     parser.add_argument("--conductors", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="40 migrations")
+    parser.add_argument("--quick", action="store_true", help="40 migrations (qemu: 4)")
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's logs")
     # info at least: the cluster waits for each agent's `service_ready` line.
     parser.add_argument("--log-level", default="info", help="services' log level")
     args = parser.parse_args()
+    args.image_dir = Path(args.image_dir).expanduser()
+    qemu = args.driver == "qemu"
     if args.count is None:
-        args.count = 40 if args.quick else 100
+        args.count = (4 if args.quick else 8) if qemu else (40 if args.quick else 100)
+    if args.agents is None:
+        args.agents = 2 if qemu else 4
     configure_logging(level="WARNING")
     workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-migrate-"))
     try:
         with private_vhost("fleet-bench-migrate", required=True) as vhost:
-            result = asyncio.run(run(args, vhost, workdir))
+            main_run = run_with_baseline if qemu else run
+            result = asyncio.run(main_run(args, vhost, workdir))
     finally:
         if args.keep:
             print(f"logs kept in {workdir}", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""The fake hypervisor's record of one guest, and its JSON form in the state file."""
+"""The drivers' record of one guest, and its JSON form in their state files.
+
+``GuestBase`` holds what every driver records of a guest (flavor, phase, volumes, firewall rules,
+migration peer) and its JSON form; ``GuestRecord`` is the fake hypervisor's, the QEMU driver's
+``QemuGuest`` (``qemu/guest.py``) adds the root ports and the accelerator.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
-from compute_agent.virt.models import PHASE_POWER, GuestPhase, InstanceInfo
+from compute_agent.virt.models import PHASE_POWER, GuestPhase, InstanceInfo, PowerState
 
 
 @dataclass
-class GuestRecord:
-    """One guest as the fake hypervisor stores it."""
+class GuestBase:
+    """What every driver records of one guest."""
 
     uuid: str
     vcpus: int
@@ -25,8 +30,6 @@ class GuestRecord:
     rules: list[FirewallRule] = field(default_factory=list)
     migration_peer: str | None = None
     interrupted: str | None = None
-    #: Per-guest override of the model's dirty rate (MB/s), a test hook.
-    dirty_rate_mb_s: float | None = None
     created_at: float = field(default_factory=time.time)
 
     def set_phase(self, phase: GuestPhase, peer: str | None = None) -> None:
@@ -36,11 +39,12 @@ class GuestRecord:
         # A later transition means recovery has dealt with whatever the restart interrupted.
         self.interrupted = None
 
-    def info(self) -> InstanceInfo:
-        """The read-only view the driver hands out."""
+    def info(self, power_state: PowerState | None = None) -> InstanceInfo:
+        """The read-only view the driver hands out; ``power_state`` (from a real hypervisor)
+        overrides the phase's default."""
         return InstanceInfo(
             uuid=self.uuid,
-            power_state=PHASE_POWER[self.phase],
+            power_state=PHASE_POWER[self.phase] if power_state is None else power_state,
             phase=self.phase,
             vcpus=self.vcpus,
             memory_mb=self.memory_mb,
@@ -51,7 +55,7 @@ class GuestRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The record as stored in the host's state file."""
+        """The record as stored."""
         return {
             "uuid": self.uuid,
             "vcpus": self.vcpus,
@@ -63,24 +67,40 @@ class GuestRecord:
             "rules": [dict(r) for r in self.rules],
             "migration_peer": self.migration_peer,
             "interrupted": self.interrupted,
-            "dirty_rate_mb_s": self.dirty_rate_mb_s,
             "created_at": self.created_at,
         }
+
+    @staticmethod
+    def fields_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+        """The common fields' constructor arguments from the stored form (KeyError/ValueError
+        /TypeError if malformed); a subclass's ``from_json`` adds its own."""
+        return {
+            "uuid": str(data["uuid"]),
+            "vcpus": int(data["vcpus"]),
+            "memory_mb": int(data["memory_mb"]),
+            "root_gb": int(data["root_gb"]),
+            "phase": GuestPhase(data["phase"]),
+            "image_ref": data.get("image_ref"),
+            "volumes": {str(k): str(v) for k, v in dict(data.get("volumes") or {}).items()},
+            "rules": normalize_rules(data.get("rules") or []),
+            "migration_peer": data.get("migration_peer"),
+            "interrupted": data.get("interrupted"),
+            "created_at": float(data.get("created_at", 0.0)),
+        }
+
+
+@dataclass
+class GuestRecord(GuestBase):
+    """One guest as the fake hypervisor stores it."""
+
+    #: Per-guest override of the model's dirty rate (MB/s), a test hook.
+    dirty_rate_mb_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as stored in the host's state file."""
+        return {**super().to_json(), "dirty_rate_mb_s": self.dirty_rate_mb_s}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GuestRecord:
         """Rebuild a record from the state file (KeyError/ValueError if malformed)."""
-        return cls(
-            uuid=str(data["uuid"]),
-            vcpus=int(data["vcpus"]),
-            memory_mb=int(data["memory_mb"]),
-            root_gb=int(data["root_gb"]),
-            phase=GuestPhase(data["phase"]),
-            image_ref=data.get("image_ref"),
-            volumes={str(k): str(v) for k, v in dict(data.get("volumes") or {}).items()},
-            rules=normalize_rules(data.get("rules") or []),
-            migration_peer=data.get("migration_peer"),
-            interrupted=data.get("interrupted"),
-            dirty_rate_mb_s=data.get("dirty_rate_mb_s"),
-            created_at=float(data.get("created_at", 0.0)),
-        )
+        return cls(**cls.fields_from_json(data), dirty_rate_mb_s=data.get("dirty_rate_mb_s"))

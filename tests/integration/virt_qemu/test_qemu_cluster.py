@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,13 @@ import pytest
 
 from compute_agent.virt.qemu.cmdline import QMP_TOOLS_SOCKET, SERIAL_LOG
 from compute_agent.virt.qemu.qmp import QMPClient
-from compute_agent.virt.qemu.testing import guest_processes, last_disks_line, reap_guests
+from compute_agent.virt.qemu.testing import (
+    guest_processes,
+    serial_path,
+    wait_copying,
+    wait_disks,
+    wait_migration,
+)
 from shared_objects import exception
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import InstanceList
@@ -25,35 +29,7 @@ from shared_objects.objects.instance import InstanceList
 pytestmark = [pytest.mark.qemu, pytest.mark.integration]
 
 IMAGE = "fleet-busybox"
-ACCEL = os.environ.get("FLEET_TEST_QEMU_ACCEL", "tcg")  # as in conftest.py
 HEARTBEAT = "fleet-guest: heartbeat 1"
-
-
-@contextlib.asynccontextmanager
-async def qemu_cluster(cluster_factory: Any, image_dir: Path) -> AsyncIterator[tuple[Any, Path]]:
-    env = {
-        "FLEET_COMPUTE__DRIVER": "qemu",
-        "FLEET_COMPUTE__QEMU_ACCEL": ACCEL,
-        "FLEET_COMPUTE__QEMU_IMAGE_DIR": str(image_dir),
-        "FLEET_COMPUTE__QEMU_DETACH_TIMEOUT": "3",
-        "FLEET_COMPUTE__QEMU_BOOT_TIMEOUT": "120",
-    }
-    state: Path | None = None
-    try:
-        async with cluster_factory(common_env=env) as cluster:
-            state = cluster.workdir / "hypervisors"
-            yield cluster, state
-    finally:
-        # Guests outlive their agents by design: whatever happened, none outlives the test.
-        if state is not None:
-            await asyncio.to_thread(reap_guests, state)
-
-
-def serial_of(state: Path, host: str, uuid: str) -> str:
-    try:
-        return (state / f"qemu-{host}" / uuid / SERIAL_LOG).read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 async def fleetctl_list(cluster: Any) -> list[dict[str, Any]]:
@@ -76,255 +52,160 @@ async def fleetctl_list(cluster: Any) -> list[dict[str, Any]]:
 
 
 async def test_three_guests_over_two_agents_active_only_after_their_init(
-    cluster_factory: Any, guest_image_dir: Path
+    qemu_cluster: tuple[Any, Path],
 ) -> None:
-    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
-        began = time.monotonic()
-        uuids: list[str] = []
-        for n, host in enumerate(("compute-1", "compute-2", None)):
-            uuids += await cluster.boot(
-                flavor="small", name=f"vm{n}", image_ref=IMAGE, forced_host=host
-            )
-        active_at: dict[str, float] = {}
-        while len(active_at) < 3:
-            for inst in await InstanceList.get_by_uuids(cluster.ctxt, uuids):
-                assert inst.vm_state != "error", inst.uuid
-                if inst.vm_state == "active" and inst.uuid not in active_at:
-                    # The log only grows: the init's line was there before ACTIVE was written.
-                    assert HEARTBEAT in serial_of(state, inst.host, inst.uuid), inst.uuid
-                    active_at[inst.uuid] = time.monotonic() - began
-            assert time.monotonic() - began < 240, f"not all ACTIVE: {active_at}"
-            await asyncio.sleep(0.2)
-        insts = await InstanceList.get_by_uuids(cluster.ctxt, uuids)
-        assert {i.host for i in insts} == {"compute-1", "compute-2"}
-        running = {uuid: host for host, guests in guest_processes(state).items() for uuid in guests}
-        assert running == {i.uuid: i.host for i in insts}
-        listed = {r["uuid"]: r["host"] for r in await fleetctl_list(cluster)}
-        assert listed == running
-        print(f"\nACTIVE after (s, from the first request): {sorted(active_at.values())}")
+    cluster, state = qemu_cluster
+    began = time.monotonic()
+    uuids: list[str] = []
+    for n, host in enumerate(("compute-1", "compute-2", None)):
+        uuids += await cluster.boot(
+            flavor="small", name=f"vm{n}", image_ref=IMAGE, forced_host=host
+        )
+    active_at: dict[str, float] = {}
+    while len(active_at) < 3:
+        for inst in await InstanceList.get_by_uuids(cluster.ctxt, uuids):
+            assert inst.vm_state != "error", inst.uuid
+            if inst.vm_state == "active" and inst.uuid not in active_at:
+                # The log only grows: the init's line was there before ACTIVE was written.
+                assert HEARTBEAT in serial_path(state, inst.host, inst.uuid).read_text(), inst.uuid
+                active_at[inst.uuid] = time.monotonic() - began
+        assert time.monotonic() - began < 240, f"not all ACTIVE: {active_at}"
+        await asyncio.sleep(0.2)
+    insts = await InstanceList.get_by_uuids(cluster.ctxt, uuids)
+    assert {i.host for i in insts} == {"compute-1", "compute-2"}
+    running = {uuid: host for host, guests in guest_processes(state).items() for uuid in guests}
+    assert running == {i.uuid: i.host for i in insts}
+    listed = {r["uuid"]: r["host"] for r in await fleetctl_list(cluster)}
+    assert listed == running
+    print(f"\nACTIVE after (s, from the first request): {sorted(active_at.values())}")
 
-        for uuid in uuids:
-            await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
-        await cluster.wait_instances(uuids, deleted=True, timeout=60)
-        assert guest_processes(state) == {}
-
-
-async def wait_disks(state: Path, host: str, uuid: str, expected: str, timeout: float = 15) -> None:
-    path = state / f"qemu-{host}" / uuid / SERIAL_LOG
-    deadline = time.monotonic() + timeout
-    while last_disks_line(path) != expected:
-        assert time.monotonic() < deadline, f"guest says {last_disks_line(path)}, not {expected}"
-        await asyncio.sleep(0.05)
+    for uuid in uuids:
+        await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
+    await cluster.wait_instances(uuids, deleted=True, timeout=60)
+    assert guest_processes(state) == {}
 
 
 async def test_volume_seen_by_the_guest_and_an_unacknowledged_detach_is_a_clear_error(
-    cluster_factory: Any, guest_image_dir: Path
+    qemu_cluster: tuple[Any, Path],
 ) -> None:
-    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
-        (uuid,) = await cluster.boot(flavor="small", name="vm", image_ref=IMAGE)
-        (inst,) = await cluster.wait_instances([uuid], timeout=180)
-        assert inst.vm_state == "active"
-        host = inst.host
-        tasks, ctxt = cluster.tasks, cluster.ctxt
+    cluster, state = qemu_cluster
+    (uuid,) = await cluster.boot(flavor="small", name="vm", image_ref=IMAGE)
+    (inst,) = await cluster.wait_instances([uuid], timeout=180)
+    assert inst.vm_state == "active"
+    host = inst.host
+    tasks, ctxt = cluster.tasks, cluster.ctxt
 
-        await tasks.attach_volume(
-            ctxt, instance_uuid=uuid, volume_id="vol-1", device_name="/dev/vdb"
-        )
-        await wait_disks(state, host, uuid, "disks [vda]")
-        await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-1")
-        await wait_disks(state, host, uuid, "disks []")
-        assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid)) == []
+    await tasks.attach_volume(ctxt, instance_uuid=uuid, volume_id="vol-1", device_name="/dev/vdb")
+    await wait_disks(serial_path(state, host, uuid), "disks [vda]")
+    await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-1")
+    await wait_disks(serial_path(state, host, uuid), "disks []")
+    assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid)) == []
 
-        await tasks.attach_volume(
-            ctxt, instance_uuid=uuid, volume_id="vol-2", device_name="/dev/vdb"
-        )
-        await wait_disks(state, host, uuid, "disks [vda]")
-        # Pause the guest through the operators' monitor: it cannot acknowledge the unplug.
-        tools = await QMPClient.connect(state / f"qemu-{host}" / uuid / QMP_TOOLS_SOCKET)
-        try:
-            await tools.execute("stop")
-            with pytest.raises(exception.VolumeError, match="did not release the disk"):
-                await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2")
-            bdms = list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid))
-            assert [b.volume_id for b in bdms] == ["vol-2"]  # consistent: still attached
-            record = json.loads((state / f"qemu-{host}" / uuid / "guest.json").read_text())
-            assert record["volumes"] == {"vol-2": "/dev/vdb"}
-            await tools.execute("cont")
-        finally:
-            await tools.close()
-        await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2")
-        await wait_disks(state, host, uuid, "disks []")
-        assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid)) == []
-        await tasks.delete_instance(ctxt, instance_uuid=uuid)
-        await cluster.wait_instances([uuid], deleted=True, timeout=60)
-        assert guest_processes(state) == {}
+    await tasks.attach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2", device_name="/dev/vdb")
+    await wait_disks(serial_path(state, host, uuid), "disks [vda]")
+    # Pause the guest through the operators' monitor: it cannot acknowledge the unplug.
+    tools = await QMPClient.connect(state / f"qemu-{host}" / uuid / QMP_TOOLS_SOCKET)
+    try:
+        await tools.execute("stop")
+        with pytest.raises(exception.VolumeError, match="did not release the disk"):
+            await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2")
+        bdms = list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid))
+        assert [b.volume_id for b in bdms] == ["vol-2"]  # consistent: still attached
+        record = json.loads((state / f"qemu-{host}" / uuid / "guest.json").read_text())
+        assert record["volumes"] == {"vol-2": "/dev/vdb"}
+        await tools.execute("cont")
+    finally:
+        await tools.close()
+    await tasks.detach_volume(ctxt, instance_uuid=uuid, volume_id="vol-2")
+    await wait_disks(serial_path(state, host, uuid), "disks []")
+    assert list(await BlockDeviceMappingList.get_by_instance_uuid(ctxt, uuid)) == []
+    await tasks.delete_instance(ctxt, instance_uuid=uuid)
+    await cluster.wait_instances([uuid], deleted=True, timeout=60)
+    assert guest_processes(state) == {}
 
 
 async def test_live_migration_between_agents_keeps_the_guest_running(
-    cluster_factory: Any, guest_image_dir: Path
+    qemu_cluster: tuple[Any, Path],
 ) -> None:
-    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
-        (uuid,) = await cluster.boot(
-            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
-        )
-        (inst,) = await cluster.wait_instances([uuid], timeout=180)
-        assert inst.vm_state == "active"
-        source_log = state / "qemu-compute-1" / uuid / SERIAL_LOG
-        before = int(source_log.read_text().rsplit("heartbeat ", 1)[1].split()[0])
-        mig = await cluster.tasks.live_migrate_instance(
-            cluster.ctxt, instance_uuid=uuid, host="compute-2"
-        )
-        seen: list[tuple[int, int]] = []
-        deadline = time.monotonic() + 120
-        while True:
-            got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
-            if got["memory_processed"] is not None:
-                seen.append((got["memory_processed"], got["progress"] or 0))
-            if got["status"] in ("completed", "failed", "error", "cancelled"):
-                break
-            assert time.monotonic() < deadline, f"migration stuck: {got}"
-            await asyncio.sleep(0.1)
-        assert got["status"] == "completed", got
-        assert got["memory_total"] and got["memory_total"] > 100 * 1024 * 1024  # from QEMU
-        percents = [p for _, p in seen]
-        assert percents == sorted(percents)
-        (inst,) = await cluster.wait_instances([uuid], timeout=60)
-        assert (inst.host, inst.vm_state) == ("compute-2", "active")
-        dest_log = state / "qemu-compute-2" / uuid / SERIAL_LOG
-        deadline = time.monotonic() + 15
-        while "heartbeat" not in dest_log.read_text():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
-        first = int(dest_log.read_text().split("heartbeat ", 1)[1].split()[0])
-        assert first > before  # the counter continued: the same guest, never rebooted
-        running = {h: set(g) for h, g in guest_processes(state).items()}
-        assert running == {"compute-2": {uuid}}  # the source process is gone
-        await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
-        await cluster.wait_instances([uuid], deleted=True, timeout=60)
-        assert guest_processes(state) == {}
-
-
-async def wait_migration(cluster: Any, mig: str, within: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + within
-    while True:
-        got = dict(await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig))
-        if got["status"] in ("completed", "failed", "error", "cancelled"):
-            return got
-        assert time.monotonic() < deadline, f"migration stuck: {got}"
-        await asyncio.sleep(0.1)
-
-
-async def wait_copying(cluster: Any, mig: str, within: float = 60) -> None:
-    deadline = time.monotonic() + within
+    cluster, state = qemu_cluster
+    (uuid,) = await cluster.boot(
+        flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
+    )
+    (inst,) = await cluster.wait_instances([uuid], timeout=180)
+    assert inst.vm_state == "active"
+    source_log = state / "qemu-compute-1" / uuid / SERIAL_LOG
+    before = int(source_log.read_text().rsplit("heartbeat ", 1)[1].split()[0])
+    mig = await cluster.tasks.live_migrate_instance(
+        cluster.ctxt, instance_uuid=uuid, host="compute-2"
+    )
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 120
     while True:
         got = await cluster.tasks.get_migration(cluster.ctxt, migration_uuid=mig)
-        if got["memory_processed"]:
-            return
-        assert time.monotonic() < deadline, f"no copy progress: {got}"
+        if got["memory_processed"] is not None:
+            seen.append((got["memory_processed"], got["progress"] or 0))
+        if got["status"] in ("completed", "failed", "error", "cancelled"):
+            break
+        assert time.monotonic() < deadline, f"migration stuck: {got}"
         await asyncio.sleep(0.1)
+    assert got["status"] == "completed", got
+    assert got["memory_total"] and got["memory_total"] > 100 * 1024 * 1024  # from QEMU
+    percents = [p for _, p in seen]
+    assert percents == sorted(percents)
+    (inst,) = await cluster.wait_instances([uuid], timeout=60)
+    assert (inst.host, inst.vm_state) == ("compute-2", "active")
+    dest_log = state / "qemu-compute-2" / uuid / SERIAL_LOG
+    deadline = time.monotonic() + 15
+    while "heartbeat" not in dest_log.read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    first = int(dest_log.read_text().split("heartbeat ", 1)[1].split()[0])
+    assert first > before  # the counter continued: the same guest, never rebooted
+    running = {h: set(g) for h, g in guest_processes(state).items()}
+    assert running == {"compute-2": {uuid}}  # the source process is gone
+    await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
+    await cluster.wait_instances([uuid], deleted=True, timeout=60)
+    assert guest_processes(state) == {}
 
 
 async def test_abort_and_force_complete_through_the_services(
-    cluster_factory: Any, guest_image_dir: Path
+    qemu_cluster: tuple[Any, Path],
 ) -> None:
-    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
-        (uuid,) = await cluster.boot(
-            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
-        )
-        await cluster.wait_instances([uuid], timeout=180)
-        tasks, ctxt = cluster.tasks, cluster.ctxt
-        # 1 MB/s: the 128 MB guest would take minutes; abort it mid-way.
-        mig = await tasks.live_migrate_instance(
-            ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
-        )
-        await wait_copying(cluster, mig)
-        await tasks.live_migration_abort(ctxt, migration_uuid=mig)
-        assert (await wait_migration(cluster, mig))["status"] == "cancelled"
-        (inst,) = await cluster.wait_instances([uuid], timeout=60)
-        assert (inst.host, inst.vm_state) == ("compute-1", "active")
-        deadline = time.monotonic() + 15
-        while {h: set(g) for h, g in guest_processes(state).items()} != {"compute-1": {uuid}}:
-            assert time.monotonic() < deadline, guest_processes(state)  # nothing on the dest
-            await asyncio.sleep(0.1)
-        log = state / "qemu-compute-1" / uuid / SERIAL_LOG
-        size = log.stat().st_size
-        deadline = time.monotonic() + 10
-        while "heartbeat" not in log.read_text()[size:]:
-            assert time.monotonic() < deadline, "the guest stopped on the source"
-            await asyncio.sleep(0.1)
+    cluster, state = qemu_cluster
+    (uuid,) = await cluster.boot(
+        flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
+    )
+    await cluster.wait_instances([uuid], timeout=180)
+    tasks, ctxt = cluster.tasks, cluster.ctxt
+    # 1 MB/s: the 128 MB guest would take minutes; abort it mid-way.
+    mig = await tasks.live_migrate_instance(
+        ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
+    )
+    await wait_copying(tasks, ctxt, mig)
+    await tasks.live_migration_abort(ctxt, migration_uuid=mig)
+    assert (await wait_migration(tasks, ctxt, mig))["status"] == "cancelled"
+    (inst,) = await cluster.wait_instances([uuid], timeout=60)
+    assert (inst.host, inst.vm_state) == ("compute-1", "active")
+    deadline = time.monotonic() + 15
+    while {h: set(g) for h, g in guest_processes(state).items()} != {"compute-1": {uuid}}:
+        assert time.monotonic() < deadline, guest_processes(state)  # nothing on the dest
+        await asyncio.sleep(0.1)
+    log = state / "qemu-compute-1" / uuid / SERIAL_LOG
+    size = log.stat().st_size
+    deadline = time.monotonic() + 10
+    while "heartbeat" not in log.read_text()[size:]:
+        assert time.monotonic() < deadline, "the guest stopped on the source"
+        await asyncio.sleep(0.1)
 
-        # The same cap again, and force-complete: post-copy finishes it at once.
-        mig = await tasks.live_migrate_instance(
-            ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
-        )
-        await wait_copying(cluster, mig)
-        await tasks.live_migration_force_complete(ctxt, migration_uuid=mig)
-        assert (await wait_migration(cluster, mig))["status"] == "completed"
-        (inst,) = await cluster.wait_instances([uuid], timeout=60)
-        assert (inst.host, inst.vm_state) == ("compute-2", "active")
-        assert {h: set(g) for h, g in guest_processes(state).items()} == {"compute-2": {uuid}}
-        await tasks.delete_instance(ctxt, instance_uuid=uuid)
-        await cluster.wait_instances([uuid], deleted=True, timeout=60)
-
-
-async def test_a_killed_agent_finds_its_running_guests_again(
-    cluster_factory: Any, guest_image_dir: Path
-) -> None:
-    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
-        uuids = await cluster.boot(
-            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1", count=2
-        )
-        await cluster.wait_instances(uuids, timeout=180)
-        before = guest_processes(state)
-        assert set(before["compute-1"]) == set(uuids)
-        await cluster.kill_process("compute-1")  # SIGKILL: the guests are not its children
-        assert guest_processes(state) == before
-        await cluster.restart_agent("compute-1")
-        insts = await cluster.wait_instances(uuids, timeout=60)
-        assert {(i.host, i.vm_state) for i in insts} == {("compute-1", "active")}
-        assert guest_processes(state) == before  # the same processes, re-attached
-        # The restarted agent drives them: a hot-plug reaches the guest, a delete ends it.
-        tasks, ctxt = cluster.tasks, cluster.ctxt
-        await tasks.attach_volume(
-            ctxt, instance_uuid=uuids[0], volume_id="vol-r", device_name="/dev/vdb"
-        )
-        await wait_disks(state, "compute-1", uuids[0], "disks [vda]")
-        for uuid in uuids:
-            await tasks.delete_instance(ctxt, instance_uuid=uuid)
-        await cluster.wait_instances(uuids, deleted=True, timeout=60)
-        assert guest_processes(state) == {}
-
-
-async def test_source_agent_killed_mid_copy_keeps_the_guest_on_the_source(
-    cluster_factory: Any, guest_image_dir: Path
-) -> None:
-    async with qemu_cluster(cluster_factory, guest_image_dir) as (cluster, state):
-        (uuid,) = await cluster.boot(
-            flavor="small", name="vm", image_ref=IMAGE, forced_host="compute-1"
-        )
-        await cluster.wait_instances([uuid], timeout=180)
-        mig = await cluster.tasks.live_migrate_instance(
-            cluster.ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
-        )
-        await wait_copying(cluster, mig)
-        source_pid = guest_processes(state)["compute-1"][uuid]
-        await cluster.kill_process("compute-1")
-        await cluster.restart_agent("compute-1")
-        got = await wait_migration(cluster, mig, within=120)
-        assert got["status"] in ("error", "failed", "cancelled"), got
-        (inst,) = await cluster.wait_instances([uuid], timeout=120)
-        assert (inst.host, inst.vm_state) == ("compute-1", "active")
-        deadline = time.monotonic() + 30
-        while {h: dict(g) for h, g in guest_processes(state).items()} != {
-            "compute-1": {uuid: source_pid}
-        }:
-            assert time.monotonic() < deadline, guest_processes(state)
-            await asyncio.sleep(0.2)
-        log = state / "qemu-compute-1" / uuid / SERIAL_LOG
-        size = log.stat().st_size
-        deadline = time.monotonic() + 10
-        while "heartbeat" not in log.read_text()[size:]:
-            assert time.monotonic() < deadline, "the guest does not run on the source"
-            await asyncio.sleep(0.1)
-        await cluster.tasks.delete_instance(cluster.ctxt, instance_uuid=uuid)
-        await cluster.wait_instances([uuid], deleted=True, timeout=60)
+    # The same cap again, and force-complete: post-copy finishes it at once.
+    mig = await tasks.live_migrate_instance(
+        ctxt, instance_uuid=uuid, host="compute-2", bandwidth_limit_mb_s=1
+    )
+    await wait_copying(tasks, ctxt, mig)
+    await tasks.live_migration_force_complete(ctxt, migration_uuid=mig)
+    assert (await wait_migration(tasks, ctxt, mig))["status"] == "completed"
+    (inst,) = await cluster.wait_instances([uuid], timeout=60)
+    assert (inst.host, inst.vm_state) == ("compute-2", "active")
+    assert {h: set(g) for h, g in guest_processes(state).items()} == {"compute-2": {uuid}}
+    await tasks.delete_instance(ctxt, instance_uuid=uuid)
+    await cluster.wait_instances([uuid], deleted=True, timeout=60)
