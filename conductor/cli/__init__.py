@@ -150,8 +150,9 @@ def _timeout(args: argparse.Namespace, cfg: Any) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         # The real command line (not a test calling main): see conductor/cli/_startup.py.
-        from conductor.cli._startup import defer_imports, skip_oslo_messaging
+        from conductor.cli._startup import defer_imports, pause_gc, skip_oslo_messaging
 
+        pause_gc()
         skip_oslo_messaging()
         defer_imports()
     argv = sys.argv[1:] if argv is None else list(argv)
