@@ -20,6 +20,13 @@ and are imported whole may be deferred: a stand-in for an optional module would 
 ``try: import x / except ImportError`` believe it is there, and one for a submodule is not set
 as its package's attribute.
 
+argparse translates each of its strings through ``gettext.gettext``, which searches the locale
+directories for a ``messages`` catalogue on every call (four ``stat`` calls each, over a hundred
+calls to build ``fleetctl``'s parser, none cached when nothing is found):
+``cache_argparse_messages`` looks the catalogue up once and gives argparse that translation's
+``gettext``: the same lookup with the same answer (the locale does not change while the command
+runs), about 4 ms less.
+
 The cyclic garbage collector is paused while the process starts (``pause_gc``): importing the
 runtime allocates tens of thousands of objects, which set off collections that find nothing to
 free (the modules, classes and functions stay alive) and cost 15-30 ms. The session resumes it
@@ -61,6 +68,14 @@ def skip_oslo_messaging() -> None:
     module = types.ModuleType("oslo_messaging", "fleetctl's stand-in: NoOpSerializer only")
     module.NoOpSerializer = NoOpSerializer  # type: ignore[attr-defined]
     sys.modules["oslo_messaging"] = module
+
+
+def cache_argparse_messages() -> None:
+    """Give argparse the ``messages`` translation found once (see the module docstring)."""
+    import argparse
+    import gettext
+
+    argparse._ = gettext.translation("messages", fallback=True).gettext  # type: ignore[attr-defined]
 
 
 #: Imported by oslo.config / oslo.versionedobjects at start, used only inside functions.

@@ -164,6 +164,27 @@ def test_deferred_imports_load_on_first_use_and_behave_as_the_real_modules() -> 
     assert done.stdout.splitlines() == ["[]", "[]", "[False, False] a"], done.stdout
 
 
+def test_argparse_messages_are_looked_up_once_with_the_same_answer() -> None:
+    probe = (
+        "import argparse, gettext\n"
+        "from conductor.cli._startup import cache_argparse_messages\n"
+        "before = argparse._('usage: '), argparse._('show this help message and exit')\n"
+        "cache_argparse_messages()\n"
+        "after = argparse._('usage: '), argparse._('show this help message and exit')\n"
+        "print(before == after, argparse._ is not gettext.gettext)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"], done.stdout
+
+
 def test_start_up_pauses_the_collector_and_the_session_resumes_it_frozen() -> None:
     probe = (
         "import gc\n"
