@@ -14,8 +14,9 @@ drivers; reads the installed packages' entry points) and oslo.utils' ``strutils`
 (``mask_password`` and ``bool_from_string``; compiles hundreds of patterns at import). Each is
 replaced by a stand-in module that imports the real one on first use of any attribute and
 forwards to it, so behaviour is unchanged; together they are about 60 ms of the start-up CPU.
-oslo.utils' ``timeutils`` adds two more of the kind: ``zoneinfo`` (with ``sysconfig``) and
-``iso8601``, used only when a time string is parsed or a zone named. Only modules that exist
+oslo.utils' ``timeutils`` adds one more of the kind: ``zoneinfo`` (with ``sysconfig``), used
+only when a time zone is named (``iso8601`` is not deferred: every listing of objects with
+timestamps parses some). Only modules that exist
 and are imported whole may be deferred: a stand-in for an optional module would make
 ``try: import x / except ImportError`` believe it is there, and one for a submodule is not set
 as its package's attribute.
@@ -79,7 +80,7 @@ def cache_argparse_messages() -> None:
 
 
 #: Imported by oslo.config / oslo.versionedobjects at start, used only inside functions.
-DEFERRED = ("rfc3986", "stevedore", "oslo_utils.strutils", "zoneinfo", "iso8601")
+DEFERRED = ("rfc3986", "stevedore", "oslo_utils.strutils", "zoneinfo")
 
 
 def defer_imports(names: tuple[str, ...] = DEFERRED) -> None:
