@@ -5,9 +5,12 @@ vhost) and PostgreSQL (its own database), boots six instances, attaches and deta
 live-migrates one with a progress bar, prints the fleet, and stops everything cleanly. Exit
 status 0 means every step worked.
 
-Each process logs in to RabbitMQ as its own user, as in a deployment: ``fleet-conductor-1``,
-``fleet-host-compute-1``, ``fleet-host-compute-2``, and the demo itself as ``fleet-operator``
-(created for the demo's vhost, deleted at the end; see ``docs/operations.md``).
+Each process logs in to RabbitMQ as its own user, as in a deployment: ``fleet-conductor-<tag>-1``,
+``fleet-host-<tag>-compute-1``, ``fleet-host-<tag>-compute-2``, and the demo itself as
+``fleet-operator-<tag>`` (see ``docs/operations.md``). The tag is new for every run, like the
+vhost and the database: broker users are global to the broker, so two demos at once, or a demo
+beside a cluster of the documented names, never share a login nor delete each other's; the
+demo deletes its own at the end, and a demo that was killed leaves users no other run uses.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,15 +47,15 @@ def say(text: str) -> None:
 
 @contextlib.asynccontextmanager
 async def demo_broker() -> AsyncIterator[tuple[str, BrokerLogins | None]]:
-    """A private vhost and the broker logins of the demo's processes on it (the documented
-    names, no tag), both deleted at the end. Without rabbitmqctl: vhost ``/`` and no logins
-    (every process then uses the guest URL)."""
+    """A private vhost and the broker logins of the demo's processes on it (tagged with a tag
+    of this run's own: unique names), both deleted at the end. Without rabbitmqctl: vhost ``/``
+    and no logins (every process then uses the guest URL)."""
     with private_vhost("fleet-demo") as name:
         vhost = name or "/"
         if vhost == "/":
             yield vhost, None
             return
-        logins = BrokerLogins(vhost_url(vhost), vhost)
+        logins = BrokerLogins(vhost_url(vhost), vhost, tag=uuid.uuid4().hex[:8])
         try:
             yield vhost, logins
         finally:

@@ -7,11 +7,13 @@
 4. Upgrade one agent; live-migrate old → new and new → old across the releases.
 5. Upgrade the last agent and SIGHUP the conductor: the cap lifts to the new release.
 
-Broker logins: the old agents keep ONE shared login (``fleet``), as deployments of the old
-release did; conductors log in as ``fleet-conductor-1`` from the start and the demo as
-``fleet-operator``. Processes on the new code are told that ``fleet`` speaks for the hosts still
-on the old release (``FLEET_SECURITY__LEGACY_SHARED_LOGIN`` / ``FLEET_SECURITY__LEGACY_HOSTS``);
-an upgraded agent logs in as its own ``fleet-host-<host>``.
+Broker logins: the old agents keep ONE shared login (``fleet-shared-<tag>``), as deployments of
+the old release did; conductors log in as ``fleet-conductor-<tag>-1`` from the start and the
+demo as ``fleet-operator-<tag>``. Processes on the new code are told that the shared login
+speaks for the hosts still on the old release (``FLEET_SECURITY__LEGACY_SHARED_LOGIN`` /
+``FLEET_SECURITY__LEGACY_HOSTS``); an upgraded agent logs in as its own
+``fleet-host-<tag>-<host>``. The tag is new for every run and every login is deleted at the end
+(``conductor.demo.demo_broker``): two demos at once, or a killed one, never collide.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
 
 HOSTS = ("compute-1", "compute-2")
-# The one login the old release's agents share (what a deployment of that release had).
-SHARED_LOGIN = "fleet"
+
+
+def shared_login(tag: str) -> str:
+    """The one login the old release's agents share (what a deployment of that release had),
+    named after this run's tag."""
+    return f"fleet-shared-{tag}"
 
 
 def conductor_caps(cluster: LocalCluster) -> list[str]:
@@ -93,7 +99,7 @@ async def demo(workdir: Path) -> int:
                 service_down_time=6.0,
                 report_interval=1.0,
                 logins=logins,
-                legacy_shared_login=SHARED_LOGIN if logins is not None else None,
+                legacy_shared_login=shared_login(logins.tag) if logins is not None else None,
             )
             cluster = LocalCluster(spec)
             say(f"step 1: a fleet on release {old.name}: conductor-1, {', '.join(HOSTS)}")
@@ -101,7 +107,7 @@ async def demo(workdir: Path) -> int:
             if logins is not None:
                 say(
                     f"        broker logins: conductor-1 as {cluster.login_of('conductor-1')}, "
-                    f"both old agents share {SHARED_LOGIN!r}"
+                    f"both old agents share {cluster.login_of(HOSTS[0])!r}"
                 )
             try:
                 status = await _steps(cluster, tree, old, new)

@@ -128,6 +128,18 @@ def by_name(name: str) -> Release:
     raise KeyError(name)
 
 
+def name_of_service_version(version: int) -> str:
+    """What to show beside a service version (``fleetctl services``): the name of the release
+    that stores it, ``newer than <current>`` for a version this code does not know yet, and
+    ``unknown`` for one no release ever stored."""
+    for release in RELEASES:
+        if release.service_version == version:
+            return release.name
+    if version > SERVICE_VERSION:
+        return f"newer than {CURRENT.name}"
+    return "unknown"
+
+
 def for_service_version(version: int) -> Release:
     """The newest release whose service version is at most ``version`` (a peer's release).
 

@@ -105,12 +105,23 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-def _add_globals_below(parser: argparse.ArgumentParser) -> None:
+def _add_globals_below(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    done: set[int] | None = None,
+) -> None:
+    """The global options on every command parser below ``parser``; with ``argv``, only on
+    those it names (argparse descends only into those): one command's parsers rather than
+    about a hundred, a few ms less start-up."""
+    done = set() if done is None else done
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in dict.fromkeys(action.choices.values()):
+            for name, sub in action.choices.items():
+                if id(sub) in done or (argv is not None and name not in argv):
+                    continue  # an alias of a parser already done, or a command not named
+                done.add(id(sub))
                 _global_options(sub, top=False)
-                _add_globals_below(sub)
+                _add_globals_below(sub, argv, done)
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -131,7 +142,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module_name).register(sub)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register_commands(commands)
-    _add_globals_below(parser)
+    _add_globals_below(parser, argv)
     return parser
 
 
@@ -150,8 +161,15 @@ def _timeout(args: argparse.Namespace, cfg: Any) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         # The real command line (not a test calling main): see conductor/cli/_startup.py.
-        from conductor.cli._startup import defer_imports, skip_oslo_messaging
+        from conductor.cli._startup import (
+            cache_argparse_messages,
+            defer_imports,
+            pause_gc,
+            skip_oslo_messaging,
+        )
 
+        pause_gc()
+        cache_argparse_messages()
         skip_oslo_messaging()
         defer_imports()
     argv = sys.argv[1:] if argv is None else list(argv)

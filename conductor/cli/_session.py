@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
+from conductor.cli._startup import resume_gc
 from shared_objects.authorizer import reply_checks
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
@@ -41,6 +42,8 @@ async def session(args: argparse.Namespace, cfg: FleetConfig) -> AsyncIterator[S
     timeout = float(getattr(args, "timeout", None) or cfg.messaging.rpc_response_timeout)
     transport = get_transport(cfg.messaging, allowed_remote_exmods=ALLOWED_REMOTE_EXMODS)
     async with transport:
+        # Start-up is over (the runtime and objects are loaded): collect garbage as usual again.
+        resume_gc()
         replies = reply_checks(Identities(cfg.security))
         conductor = ConductorAPI(transport, timeout=timeout, reply_from=replies)
         previous = FleetObject.indirection_api

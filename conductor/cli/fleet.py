@@ -28,6 +28,7 @@ SERVICE_COLUMNS = (
     "host",
     "binary",
     "version",
+    "release",
     "state",
     "disabled",
     "disabled_reason",
@@ -53,13 +54,17 @@ def _is_up(svc: Service, cfg: FleetConfig) -> bool:
 
 async def services(args: argparse.Namespace, cfg: FleetConfig) -> int:
     from conductor.cli._session import session
+    from shared_objects import releases
     from shared_objects.objects.service import ServiceList
 
     async with session(args, cfg) as s:
         found = await ServiceList.get_all(s.ctxt)
     rows = []
     for svc in found:
-        row = object_dict(svc, [c for c in SERVICE_COLUMNS if c != "state"])
+        row = object_dict(svc, [c for c in SERVICE_COLUMNS if c not in ("state", "release")])
+        # The stored number is what services compare; people know releases by name (the
+        # major.minor of --version and of /metrics' version label).
+        row["release"] = releases.name_of_service_version(svc.version)
         row["state"] = "up" if _is_up(svc, cfg) else "down"
         rows.append(row)
     rows.sort(key=lambda r: (r["binary"], r["host"]))

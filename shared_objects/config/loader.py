@@ -8,7 +8,6 @@ import dataclasses
 import math
 import os
 import sys
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -155,6 +154,10 @@ def _assign(
 
 
 def _apply_file(cfg: FleetConfig, path: Path, origins: Origins) -> None:
+    # Imported here: most processes (fleetctl, the tests) read no file, and its parser costs
+    # a few ms of start-up (bench/cli.py).
+    import tomllib
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

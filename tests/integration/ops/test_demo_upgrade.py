@@ -1,6 +1,7 @@
 """``make demo-upgrade`` (issue 16, 7): the narrated rolling upgrade from the previous release's
 real code exits 0, says that both cross-release live migrations completed and that the compute
-RPC cap lifted, and leaves no database behind (its own unique name, dropped at the end).
+RPC cap lifted, and leaves no database and no broker login behind (unique names of its own,
+dropped at the end).
 
 Runs the module as ``make demo-upgrade`` does (a subprocess, about 20 s), in a temporary workdir.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import asyncpg
 import pytest
 
 from shared_objects import releases
+from shared_objects.testing.broker_logins import Rabbitmqctl
 from shared_objects.testing.isolation import PG_ADMIN_DSN
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -54,6 +57,21 @@ def test_demo_upgrade_exits_0_migrates_across_releases_and_lifts_the_cap(
     names = re.findall(r"PostgreSQL database '(fleet_demo_[0-9a-f]+)'", out)
     assert len(names) == 1, out[:2000]
     assert not asyncio.run(database_exists(names[0]))
+    # Broker logins of this run's own (a tag: never the documented names), deleted at the end.
+    logins = re.search(
+        r"conductor-1 as (fleet-conductor-([0-9a-f]+)-1), both old agents share '(\S+)'", out
+    )
+    # Without rabbitmqctl the demo runs on the guest login and prints no logins.
+    assert (logins is not None) == (shutil.which("rabbitmqctl") is not None), out[:2000]
+    if logins is not None:
+        tag = logins.group(2)
+        assert logins.group(3) == f"fleet-shared-{tag}", out[:2000]
+        users = asyncio.run(broker_users())
+        assert not {u for u in users if tag in u}, users
+
+
+async def broker_users() -> set[str]:
+    return {user["name"] for user in (await Rabbitmqctl().export_definitions())["users"]}
 
 
 async def database_exists(name: str) -> bool:

@@ -3,12 +3,17 @@ used are non-zero, and ``/readyz`` / ``/healthz`` answer 200 once the service is
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 from collections import Counter
+from importlib import metadata
 
 import pytest
-from ops_cluster import OpsClusterFactory, ahttp_get
+from ops_cluster import OpsCluster, OpsClusterFactory, ahttp_get
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared_objects import releases
 from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration
@@ -101,3 +106,48 @@ async def test_metrics_count_the_rpc_methods_used_and_readyz_is_200(
             assert server_calls(text, "error")["run_instance"] == 0
             assert gauge(text, "fleet_ready") == 1.0
             assert (await ahttp_get(ports[host], "/readyz"))[0] == 200
+
+
+async def fleetctl(cluster: OpsCluster, *argv: str) -> str:
+    env = cluster._base_env(cluster.operator_login)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conductor.cli",
+        *argv,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_the_version_agrees_in_fleetctl_services_metrics_and_the_package_metadata(
+    ops_cluster: OpsClusterFactory,
+) -> None:
+    """Issue 16 e: one version, four places. The package metadata and ``fleetctl --version``
+    show it whole, ``/metrics`` as the ``version`` label of ``fleet_service_info``, and
+    ``fleetctl services`` as the release (its major.minor) beside the stored service version."""
+    package = metadata.version("fleet")
+    release = ".".join(package.split(".")[:2])
+    assert release == releases.CURRENT.name
+    async with ops_cluster(metrics=True) as cluster:
+        assert (await fleetctl(cluster, "--version")).strip() == f"fleetctl {package}"
+        services = json.loads(await fleetctl(cluster, "services", "-f", "json"))
+        assert {s["host"] for s in services} == {"conductor-1", "compute-1", "compute-2"}
+        for row in services:
+            assert (row["version"], row["release"]) == (releases.SERVICE_VERSION, release), row
+        table = await fleetctl(cluster, "services", "-c", "host", "-c", "version", "-c", "release")
+        assert f"| {releases.SERVICE_VERSION}       | {release}     |" in table, table
+        for name, port in cluster.metrics_ports.items():
+            status, text = await ahttp_get(port, "/metrics")
+            assert status == 200, name
+            info = [
+                sample.labels["version"]
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "fleet_service_info"
+            ]
+            assert info == [package], (name, info)

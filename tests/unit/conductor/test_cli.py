@@ -141,6 +141,13 @@ def test_deferred_imports_load_on_first_use_and_behave_as_the_real_modules() -> 
         "assert fields.FlexibleBooleanField().coerce(None, 'x', 'yes') is True\n"
         "assert 'sekrit' not in fields.SensitiveStringField().stringify(\"password='sekrit'\")\n"
         "assert oslo_config.types.URI()('https://example.org/x') == 'https://example.org/x'\n"
+        "from oslo_utils import timeutils\n"
+        "print(sorted(n for n in ('zoneinfo._common',) if n in sys.modules))\n"
+        "assert timeutils.parse_isotime('2026-01-02T03:04:05Z').tzinfo is not None\n"
+        "assert str(timeutils.normalize_time(timeutils.parse_isotime('2026-01-02T03:04:05+01:00')))"
+        " == '2026-01-02 02:04:05'\n"
+        "import zoneinfo\n"
+        "assert zoneinfo.ZoneInfo('UTC').key == 'UTC'\n"
         "import rfc3986\n"
         "used = ('rfc3986', 'oslo_utils.strutils')\n"
         "print(['stand-in' in (sys.modules[n].__doc__ or '') for n in used],"
@@ -156,4 +163,49 @@ def test_deferred_imports_load_on_first_use_and_behave_as_the_real_modules() -> 
     )
     assert done.returncode == 0, done.stderr
     # Nothing of them loaded by the imports alone; the real modules once used.
-    assert done.stdout.splitlines() == ["[]", "[False, False] a"], done.stdout
+    assert done.stdout.splitlines() == ["[]", "[]", "[False, False] a"], done.stdout
+
+
+def test_argparse_messages_are_looked_up_once_with_the_same_answer() -> None:
+    probe = (
+        "import argparse, gettext\n"
+        "from conductor.cli._startup import cache_argparse_messages\n"
+        "before = argparse._('usage: '), argparse._('show this help message and exit')\n"
+        "cache_argparse_messages()\n"
+        "after = argparse._('usage: '), argparse._('show this help message and exit')\n"
+        "print(before == after, argparse._ is not gettext.gettext)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"], done.stdout
+
+
+def test_start_up_pauses_the_collector_and_the_session_resumes_it_frozen() -> None:
+    probe = (
+        "import gc\n"
+        "from conductor.cli._startup import pause_gc, resume_gc\n"
+        "pause_gc()\n"
+        "paused = gc.isenabled()\n"
+        "resume_gc()\n"
+        "print(paused, gc.isenabled(), gc.get_freeze_count() > 0)\n"
+        "gc.disable()\n"
+        "resume_gc()\n"  # not paused by pause_gc: left as the caller set it
+        "print(gc.isenabled())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False True True", "False"], done.stdout

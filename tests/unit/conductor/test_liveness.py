@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from compute_agent.liveness import AgentBeat
 from conductor.liveness import LivenessBatcher, LivenessEndpoint
@@ -153,6 +154,61 @@ async def test_operators_and_conductors_may_not_report_alive(
         await _register(local, "h1")
         with pytest.raises(exception.Forbidden):
             await local.api.report_alive(RequestContext())
+        assert (await _row(local, "h1")).report_count == 0
+
+
+# --- the cast form (report_alive_cast: the beats between two answered ones) ----------------
+# A cast has no reply to carry a refusal: what proves it refused is the conductor's log line
+# for it (handler failure or audit) and the rows it did not touch.
+
+
+async def test_a_host_cannot_beat_for_another_by_cast(sqlite_database_url: str) -> None:
+    async with as_agent(sqlite_database_url, "h1") as local:
+        await _register(local, "h1")
+        await _register(local, "h2")
+        with capture_logs() as logs:
+            # Nothing a beat carries names a host: an argument is refused, not obeyed.
+            await local.api.client.prepare(version="1.1").cast(
+                RequestContext(), "report_alive", host="h2"
+            )
+            await eventually(
+                lambda: any(e["event"] == "rpc_handler_failed" and e.get("cast") for e in logs),
+                10.0,
+                interval=0.02,
+                what="the conductor handling the cast",
+            )
+            assert (await _row(local, "h2")).report_count == 0
+            assert (await _row(local, "h1")).report_count == 0
+            # The same login's own beat by cast lands, on its own row only.
+            await local.api.report_alive_cast(RequestContext())
+
+            async def h1_beat() -> bool:
+                return (await _row(local, "h1")).report_count == 1
+
+            await eventually(h1_beat, 10.0, interval=0.02, what="h1's own beat")
+        assert (await _row(local, "h2")).report_count == 0
+
+
+@pytest.mark.parametrize("login", ["fleet-operator", "fleet-conductor-x"])
+async def test_operators_and_conductors_may_not_report_alive_by_cast(
+    sqlite_database_url: str, login: str
+) -> None:
+    async with local_conductor(sqlite_database_url, login=login) as local:
+        await _register(local, "h1")
+        with capture_logs() as logs:
+            await local.api.report_alive_cast(RequestContext())
+            await eventually(
+                lambda: any(
+                    e["event"] == "audit"
+                    and e["outcome"] == "refused"
+                    and e["action"] == "report_alive"
+                    and e["caller"] == login
+                    for e in logs
+                ),
+                10.0,
+                interval=0.02,
+                what="the audited refusal",
+            )
         assert (await _row(local, "h1")).report_count == 0
 
 

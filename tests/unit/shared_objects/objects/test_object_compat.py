@@ -69,3 +69,12 @@ def test_release_table_is_ordered_and_current_is_last() -> None:
     assert releases.for_service_version(releases.SERVICE_VERSION) is releases.CURRENT
     assert releases.for_service_version(0) is releases.RELEASES[0]
     assert releases.by_name("1.0").conductor_rpc_api == "1.0"
+
+
+def test_a_service_version_is_shown_by_its_release_name() -> None:
+    assert [releases.name_of_service_version(r.service_version) for r in releases.RELEASES] == [
+        r.name for r in releases.RELEASES
+    ]
+    newer = releases.SERVICE_VERSION + 1
+    assert releases.name_of_service_version(newer) == f"newer than {releases.CURRENT.name}"
+    assert releases.name_of_service_version(0) == "unknown"
