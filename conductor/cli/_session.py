@@ -17,12 +17,11 @@ from shared_objects.authorizer import reply_checks
 from shared_objects.base import FleetObject
 from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
+from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
 from shared_objects.messaging import get_transport
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import ConductorAPI
-
-ALLOWED_REMOTE_EXMODS = ["shared_objects.exception", "compute_agent.virt.exceptions"]
 
 
 @dataclasses.dataclass

@@ -89,8 +89,6 @@ def test_allowed_remote_modules_list_only_the_contract() -> None:
 
 
 _MODULES = ("shared_objects.exception", "compute_agent.virt.exceptions")
-# Not yet: fleetctl's session is being moved with the operator tooling (issue 15, item 6).
-_NOT_YET = {ROOT / "conductor" / "cli" / "_session.py"}
 
 
 def _names(node: ast.AST) -> set[object]:
@@ -118,7 +116,7 @@ def test_allowed_remote_modules_are_written_once() -> None:
     list allows ``shared_objects.exception``, none allows ``compute_agent.virt.exceptions``."""
     copies = []
     for path in _python_files():
-        if path in _NOT_YET or path in (ROOT / "shared_objects" / "exception.py", Path(__file__)):
+        if path in (ROOT / "shared_objects" / "exception.py", Path(__file__)):
             continue
         tree = _parsed(path)
         agent = [
