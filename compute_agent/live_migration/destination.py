@@ -19,47 +19,21 @@ import structlog
 
 from compute_agent.instance_events import instance_event
 from compute_agent.live_migration.records import notification_extra
-from compute_agent.live_migration.resolver import MigrationResolver
-from compute_agent.live_migration.settings import LiveMigrationSettings
-from compute_agent.resource_tracker import ResourceTracker
-from compute_agent.transient import Retrier
-from compute_agent.virt.driver import ComputeDriver
+from compute_agent.live_migration.wiring import Half
 from compute_agent.virt.exceptions import MigrationPreCheckError, VirtError
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.exception import InsufficientResources as ClaimRefused
 from shared_objects.fields import TaskState
 from shared_objects.messaging import ExpectedException
-from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.migration import Migration
-from shared_objects.rpc_clients.compute import ComputeAPI
 
 log = structlog.get_logger(__name__)
 
 
-class Destination:
+class Destination(Half):
     """This host as the destination of live migrations."""
-
-    def __init__(
-        self,
-        host: str,
-        driver: ComputeDriver,
-        tracker: ResourceTracker,
-        compute: ComputeAPI,
-        notifier: InstanceNotifier,
-        settings: LiveMigrationSettings,
-        calls: Retrier,
-        resolver: MigrationResolver,
-    ) -> None:
-        self.host = host
-        self.driver = driver
-        self.tracker = tracker
-        self.compute = compute
-        self.notifier = notifier
-        self.settings = settings
-        self.calls = calls
-        self.resolver = resolver
 
     # --- checks ---------------------------------------------------------------------------
 

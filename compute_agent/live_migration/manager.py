@@ -20,6 +20,7 @@ from compute_agent.live_migration.recovery import OrphanSweep, recover_migration
 from compute_agent.live_migration.resolver import BUSY, MigrationResolver
 from compute_agent.live_migration.settings import LiveMigrationSettings
 from compute_agent.live_migration.source import Source
+from compute_agent.live_migration.wiring import Wiring
 from compute_agent.resource_tracker import ResourceTracker
 from compute_agent.transient import Retrier
 from compute_agent.virt.driver import ComputeDriver
@@ -56,9 +57,11 @@ class LiveMigrationManager:
         )
         self.jobs = Jobs()
         records = MigrationRecords(host, self.calls)
-        common = (host, driver, tracker, compute, notifier, self.settings, self.calls)
-        self.source = Source(*common, self.resolver, self.jobs, records)
-        self.destination = Destination(*common, self.resolver)
+        wiring = Wiring(
+            host, driver, tracker, compute, notifier, self.settings, self.calls, self.resolver
+        )
+        self.source = Source(wiring, self.jobs, records)
+        self.destination = Destination(wiring)
         self.control = Control(host, driver, self.settings, self.jobs)
         self.sweep = OrphanSweep(host, self.resolver, self.settings, self.jobs)
 

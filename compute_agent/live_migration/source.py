@@ -35,49 +35,26 @@ from compute_agent.instance_events import instance_event
 from compute_agent.live_migration.jobs import STARTABLE, Job, Jobs, Stage, outcome
 from compute_agent.live_migration.progress import progress_saver
 from compute_agent.live_migration.records import MigrationRecords, notification_extra
-from compute_agent.live_migration.resolver import MigrationResolver, Settlement
-from compute_agent.live_migration.settings import LiveMigrationSettings
-from compute_agent.resource_tracker import ResourceTracker
-from compute_agent.transient import TRANSIENT_ERRORS, Retrier, short
-from compute_agent.virt.driver import ComputeDriver
+from compute_agent.live_migration.resolver import Settlement
+from compute_agent.live_migration.wiring import Half, Wiring
+from compute_agent.transient import TRANSIENT_ERRORS, short
 from compute_agent.virt.exceptions import MigrationAborted, MigrationPreCheckError, VirtError
 from compute_agent.virt.models import GuestPhase
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import MigrationStatus, PowerState, TaskState
 from shared_objects.messaging import MessagingError
-from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.migration import Migration
-from shared_objects.rpc_clients.compute import ComputeAPI
 
 log = structlog.get_logger(__name__)
 
 
-class Source:
+class Source(Half):
     """This host as the source of live migrations: one job per Migration, run to its end."""
 
-    def __init__(
-        self,
-        host: str,
-        driver: ComputeDriver,
-        tracker: ResourceTracker,
-        compute: ComputeAPI,
-        notifier: InstanceNotifier,
-        settings: LiveMigrationSettings,
-        calls: Retrier,
-        resolver: MigrationResolver,
-        jobs: Jobs,
-        records: MigrationRecords,
-    ) -> None:
-        self.host = host
-        self.driver = driver
-        self.tracker = tracker
-        self.compute = compute
-        self.notifier = notifier
-        self.settings = settings
-        self.calls = calls
-        self.resolver = resolver
+    def __init__(self, wiring: Wiring, jobs: Jobs, records: MigrationRecords) -> None:
+        super().__init__(wiring)
         self.jobs = jobs
         self.records = records
         # Created on first use: it must belong to the running event loop.
