@@ -6,7 +6,7 @@ the broker hold:
 
 * the vhost, the control exchange and the reply exchange (``fleet_reply``);
 * one user per conductor, operator and agent host, with the permissions and topic permissions
-  of its role (``shared_objects/testing/broker_logins.py`` has the table, docs/security.md the
+  of its role (``shared_objects/testing/broker_logins/`` has the table, docs/security.md the
   reasoning) and per-user connection/channel limits;
 * the policies bounding every Fleet queue (``fleet-rpc``, ``fleet-replies``, ``fleet-fanout``,
   ``fleet-notifications``; see ``BrokerLimits``).

@@ -1,4 +1,4 @@
-"""Per-process broker logins (shared_objects/testing/broker_logins.py) on a real RabbitMQ.
+"""Per-process broker logins (shared_objects/testing/broker_logins/) on a real RabbitMQ.
 
 The broker enforces what Fleet relies on: each login sees only its own queues, publishes only
 where its role may, and cannot put another login's name in ``user_id``. Every test uses its own

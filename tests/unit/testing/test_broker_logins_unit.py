@@ -13,12 +13,8 @@ import pytest
 from shared_objects.config import SecurityConfig, load_config
 from shared_objects.identity import Identities, Role
 from shared_objects.messaging.urls import parse_transport_url
-from shared_objects.testing.broker_logins import (
-    BrokerLogins,
-    Permissions,
-    _delete_users_expression,
-    hash_password,
-)
+from shared_objects.testing.broker_logins import BrokerLogins, Permissions, hash_password
+from shared_objects.testing.broker_logins.ctl import _delete_users_expression
 
 URL = "rabbit://guest:guest@127.0.0.1:5672/fleet-test-abc"
 EXCHANGE = "fleet-test-0123456789ab"
