@@ -16,7 +16,7 @@ Paths, one after the other in each round, the order rotated each round (medians 
   with authorisation off (no role check, no ownership scope, no audit lines): ``objects`` /
   ``objects_open`` is what the policy costs (docs/security.md; target: at least 0.95 at c=64).
 * ``direct``: the same two statements in this process, executed exactly as the conductor
-  executes them on PostgreSQL (the driver path of ``conductor.db.api``): a connection checked
+  executes them on PostgreSQL (the driver path of ``conductor.db.connection``): a connection checked
   out of SQLAlchemy's pool per operation, as each RPC request takes one (at most
   ``--direct-pool`` connections, see ``DIRECT_POOL``); the statement built with SQLAlchemy
   Core and compiled once, then run on the pooled asyncpg connection itself, which prepares it

@@ -27,7 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy import ARRAY, any_, bindparam, false, func, select
 
-from conductor.db.api import table_for
+from conductor.db.where import table_for
 from shared_objects import fields, releases
 from shared_objects.metrics import ServiceMetrics
 

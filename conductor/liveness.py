@@ -50,9 +50,9 @@ from sqlalchemy import (
     update,
 )
 
-from conductor.db.api import table_for
 from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
+from conductor.db.where import table_for
 from shared_objects import audit, exception, releases
 from shared_objects.authorizer import forbidden
 from shared_objects.context import RequestContext, admin_context

@@ -132,7 +132,7 @@ class OwnerScope:
 
 class Sql:
     """Condition building blocks for one statement form (``arrays`` as in
-    ``conductor.db.api.where_clause_for``: ``= ANY(:array)`` instead of an expanding ``IN``)."""
+    ``conductor.db.where.where_clause_for``: ``= ANY(:array)`` instead of an expanding ``IN``)."""
 
     def __init__(self, arrays: bool) -> None:
         self.arrays = arrays

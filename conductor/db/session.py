@@ -18,8 +18,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from conductor.db.api import POOL_BORN_KEY, DbApi, PoolHealth, uses_driver_path
+from conductor.db.api import DbApi
 from conductor.db.ownership import OwnerScope
+from conductor.db.pool import POOL_BORN_KEY, PoolHealth, uses_driver_path
 from shared_objects.tls import TLSConfigError, client_context, is_loopback
 from shared_objects.url_secrets import split_authority
 

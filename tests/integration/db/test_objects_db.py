@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import event, update
 
 from conductor.db import models
-from conductor.db.api import DbApi, UnindexedQuery
+from conductor.db.api import DbApi
+from conductor.db.where import UnindexedQuery
 from conductor.testing import LocalConductor, snapshot
 from shared_objects import exception, fields
 from shared_objects.context import RequestContext

@@ -8,7 +8,7 @@ import datetime
 import pytest
 
 from conductor.db import models
-from conductor.db.api import UnindexedQuery, where_shape
+from conductor.db.where import UnindexedQuery, where_shape
 
 T = models.metadata.tables
 NOW = datetime.datetime(2026, 12, 7, tzinfo=datetime.UTC)
