@@ -6,19 +6,8 @@ exchanges, queues and bindings after a reconnect, Fleet re-issues its consumers;
 hosts in the URL each connection attempt moves on to the next host (round robin, like oslo's
 default strategy).
 
-Exclusive queues (the reply queue) are declared by Fleet itself, on a short-lived channel, and
-re-declared after a reconnect by the subscription, not by aio-pika: until the broker has noticed
-that our previous connection is dead it still owns the queue and refuses the declaration
-(``RESOURCE_LOCKED``). On aio-pika's restore path that refusal would fail the whole reconnect
-(publishing and every server included); here only that queue waits, retried every second in the
-background until the broker lets the old connection go.
-
-Consumers are restored after every reconnect by a task per queue, never inside aio-pika's reopen
-callback: that callback runs while aio-pika holds the channel's restore lock, and if the
-connection drops again while it awaits the broker, aio-pika marks the channel restored on the
-dead connection and never reopens it (the queue would stay without a consumer for good). The
-task waits until the channel is ready on the new connection, declares what is ours (exclusive
-queues) and consumes; any failure, including a further drop, just means another attempt.
+Subscriptions (consumers restored after a reconnect, exclusive queues) are in
+``rabbit_subscription.py``; the round-robin connection in ``rabbit_failover.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +17,7 @@ import os
 import ssl
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import aio_pika
@@ -36,11 +25,10 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
-from aio_pika.robust_connection import RobustConnection
 from pamqp.commands import Basic
 
 from shared_objects.messaging.connect_errors import describe_broker_failure
-from shared_objects.messaging.driver import Delivery, DeliveryCallback, Driver, Subscription
+from shared_objects.messaging.driver import DeliveryCallback, Driver, Subscription
 from shared_objects.messaging.exceptions import (
     BrokerConnectFailed,
     MessageDeliveryFailure,
@@ -48,10 +36,20 @@ from shared_objects.messaging.exceptions import (
     MessageUndeliverable,
     MessagingError,
 )
+from shared_objects.messaging.rabbit_failover import FailoverRobustConnection
+from shared_objects.messaging.rabbit_subscription import (
+    _REFUSALS,
+    _STALE_CHANNEL_GRACE,
+    _TEARDOWN_ERRORS,
+    _TEARDOWN_TIMEOUT,
+    RabbitSubscription,
+    _is_up,
+)
 from shared_objects.messaging.topology import ExchangeSpec, QueueSpec
 from shared_objects.messaging.urls import ParsedURL
 
 log = structlog.get_logger(__name__)
+
 
 # Errors after which a publish is retried once the connection/channel is back.
 _RETRYABLE = (
@@ -62,242 +60,13 @@ _RETRYABLE = (
     RuntimeError,
 )
 _RETRY_PAUSE = 0.05
-# Teardown talks to the broker only while connected, and never for longer than this: stopping a
-# server or closing a transport must not wait for a broker that is gone.
-_TEARDOWN_TIMEOUT = 5.0
-_TEARDOWN_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
-# Errors after which restoring a consumer is retried in the background.
-_RECOVERABLE = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
-# Refusals that describe the declaration itself (not a broker that is away): never retried.
-_REFUSALS = (
-    aiormq.exceptions.ChannelPreconditionFailed,
-    aiormq.exceptions.ChannelAccessRefused,
-    aiormq.exceptions.ChannelNotFoundEntity,
-    aiormq.exceptions.ChannelLockedResource,
-)
-_RECOVERY_PAUSE = 1.0
-# A publisher channel replaced after a basic.nack is closed this much later: confirms of
-# publishes still in flight on it arrive first.
-_STALE_CHANNEL_GRACE = 10.0
+
+
 # On a cluster (several hosts in the URL) a nacked publish is retried, each time on a new
 # publisher channel, for this long before the nack counts as "queue full" (see
 # _publish_until_done); a quorum queue's new leader is known within it.
 _NACK_RETRY_WINDOW = 3.0
 _NACK_RETRY_PAUSE = 0.3
-# A shared queue that cannot be re-declared for this many attempts is given up on (an exclusive
-# queue never is: the broker frees it once it drops our previous connection).
-_RECOVERY_ATTEMPTS = 30
-
-
-def _is_up(channel: AbstractRobustChannel) -> bool:
-    connection = getattr(channel, "_connection", None)
-    connected = getattr(connection, "connected", None)
-    return not channel.is_closed and (connected is None or connected.is_set())
-
-
-class _FailoverRobustConnection(RobustConnection):
-    """A robust connection that tries the next host of a multi-host URL on every attempt."""
-
-    def __init__(self, urls: Sequence[str], **kwargs: Any):
-        self._failover_urls = [aio_pika.connection.make_url(u) for u in urls]
-        self._attempt = 0
-        super().__init__(self._failover_urls[0], **kwargs)
-
-    # aio-pika calls this (name-mangled private) method for every connection attempt.
-    async def _RobustConnection__connect_transport(self) -> None:
-        self.url = self._failover_urls[self._attempt % len(self._failover_urls)]
-        self._attempt += 1
-        await RobustConnection._RobustConnection__connect_transport(self)  # type: ignore[attr-defined]
-
-
-class _RabbitSubscription(Subscription):
-    """Consumers on a dedicated robust channel.
-
-    Queues and bindings are declared through aio-pika (which re-declares them after a reconnect);
-    consuming goes straight to aiormq's ``basic_consume``, skipping aio-pika's per-message wrapper
-    object and extra task, and is re-issued from the channel's reopen callback.
-    """
-
-    def __init__(
-        self,
-        channel: AbstractRobustChannel,
-        callback: DeliveryCallback,
-        no_ack: bool,
-        declare: Callable[[AbstractRobustChannel, QueueSpec], Awaitable[Any]],
-        on_queue_restored: Callable[[], None] = lambda: None,
-    ):
-        self._channel = channel
-        self._callback = callback
-        self._no_ack = no_ack
-        self._declare = declare
-        # A queue the broker deleted under us is back: what was sent to it meanwhile is lost,
-        # as after a reconnect (the driver tells its reconnect listeners).
-        self._on_queue_restored = on_queue_restored
-        self.specs: dict[str, QueueSpec] = {}
-        # queue -> (underlay channel, consumer tag) of its consumer
-        self._tags: dict[str, tuple[aiormq.abc.AbstractChannel, str]] = {}
-        self._cancelled = False
-        self._recovery: dict[str, asyncio.Task[None]] = {}
-        # Shared queues the broker deleted under us: declared again before consuming.
-        self._redeclare: set[str] = set()
-        # Handlers of delivered messages, detached from the channel (see _on_message).
-        self._handlers: set[asyncio.Future[None]] = set()
-        channel.reopen_callbacks.add(self._on_reopen)
-
-    @property
-    def queues(self) -> list[str]:
-        return list(self.specs)
-
-    def _is_consuming(self, queue: str) -> bool:
-        entry = self._tags.get(queue)
-        return entry is not None and not entry[0].is_closed
-
-    async def _consume(self, queue: str) -> None:
-        underlay = await self._channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-        ok = await underlay.basic_consume(queue, self._on_message(queue), no_ack=self._no_ack)
-        assert ok.consumer_tag is not None
-        self._tags[queue] = (underlay, ok.consumer_tag)
-
-    async def add(self, spec: QueueSpec) -> None:
-        self.specs[spec.name] = spec
-        await self._consume(spec.name)
-
-    def _on_broker_cancel(self, frame: Any) -> None:
-        # The broker cancels a consumer when its queue disappears (deleted, node lost): declare
-        # the queue again and resume consuming, in the background (we are in the channel reader).
-        tag = getattr(frame, "consumer_tag", None)
-        queue = next((q for q, (_, t) in self._tags.items() if t == tag), None)
-        if queue is None or self._cancelled:
-            return  # our own cancel (CancelOk) or a consumer we no longer track
-        del self._tags[queue]
-        log.warning("consumer_cancelled_by_broker", queue=queue)
-        self._redeclare.add(queue)
-        self._start_recovery(queue)
-
-    def _start_recovery(self, queue: str) -> None:
-        existing = self._recovery.get(queue)
-        if (existing is not None and not existing.done()) or self._cancelled:
-            return  # already being recovered: that task loops until the queue is consumed
-        task = asyncio.ensure_future(self._recover(queue))
-        self._recovery[queue] = task
-
-        def forget(done: asyncio.Task[None]) -> None:
-            if self._recovery.get(queue) is done:
-                del self._recovery[queue]
-
-        task.add_done_callback(forget)
-
-    async def _recover(self, queue: str) -> None:
-        spec = self.specs[queue]
-        attempt = 0
-        # Re-checked after every attempt: a consume that succeeded on a channel that has
-        # closed since (another drop) does not count.
-        while not self._cancelled and not self._is_consuming(queue):
-            attempt += 1
-            try:
-                # Until aio-pika has reopened the channel on a live connection (and restored
-                # its queues and bindings) there is nothing to consume on.
-                await self._channel.ready()
-                if spec.exclusive or queue in self._redeclare:
-                    # Exclusive queues are ours to declare; a shared one only after the broker
-                    # deleted it (aio-pika restores the rest, and would register a duplicate).
-                    await self._declare(self._channel, spec)
-                    if queue in self._redeclare:
-                        self._redeclare.discard(queue)
-                        self._on_queue_restored()
-                if not self._is_consuming(queue):
-                    await self._consume(queue)
-                log.info("consumer_recovered", queue=queue, attempt=attempt)
-                continue
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._cancelled or task is None or task.cancelling():
-                    raise  # stopped by us
-                # aiormq cancels what waits on a connection that died: another attempt.
-                error: BaseException = ConnectionError("connection lost during recovery")
-            except _RECOVERABLE as exc:
-                error = exc
-            if attempt == 1 or attempt % 10 == 0:
-                log.warning(
-                    "consumer_recovery_failed", queue=queue, attempt=attempt, error=repr(error)
-                )
-            if not spec.exclusive and attempt >= _RECOVERY_ATTEMPTS:
-                log.error("consumer_recovery_gave_up", queue=queue)
-                return
-            await asyncio.sleep(_RECOVERY_PAUSE)
-
-    async def _on_reopen(self, *_: Any) -> None:
-        # A new underlay channel. Only schedule here (see the module docstring): each queue's
-        # recovery task waits for the channel to be ready, then declares and consumes.
-        self._tags.clear()
-        if self._cancelled:
-            return
-        for queue in self.specs:
-            self._start_recovery(queue)
-        log.info("consumers_restoring", queues=self.queues)
-
-    def _on_message(self, queue: str) -> Any:
-        callback = self._callback
-        no_ack = self._no_ack
-
-        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            ack = None
-            if not no_ack:
-                channel = message.channel
-                tag = message.delivery_tag
-                assert tag is not None
-
-                async def ack() -> None:
-                    # Don't wait for the frame to hit the socket: ordering on the channel is kept.
-                    try:
-                        await channel.basic_ack(tag, wait=False)
-                    except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-                        raise MessageDeliveryFailure(f"ack failed: {exc!r}") from exc
-
-            delivery = Delivery(message.body, message.header.properties.user_id, ack, queue)
-            # aiormq runs this callback as a task of the channel and cancels every such task
-            # when the channel closes (a broker restart, a lost connection): a handler half-way
-            # through a build would vanish without a trace. The work runs in a task of its own
-            # instead, kept alive by this subscription, whatever happens to the channel.
-            task: asyncio.Future[None] = asyncio.ensure_future(callback(delivery))
-            handlers.add(task)
-            task.add_done_callback(_handler_done)
-
-        handlers = self._handlers
-
-        def _handler_done(task: asyncio.Future[None]) -> None:
-            handlers.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("delivery_handler_failed", queue=queue, error=repr(task.exception()))
-
-        return on_message
-
-    async def cancel(self) -> None:
-        self._cancelled = True
-        for task in list(self._recovery.values()):
-            task.cancel()
-        tags, self._tags = self._tags, {}
-        if not tags or not _is_up(self._channel):
-            return  # no connection: the broker forgets our consumers by itself
-        try:
-            async with asyncio.timeout(_TEARDOWN_TIMEOUT):
-                underlay = await self._channel.get_underlay_channel()
-                for consumer_channel, tag in tags.values():
-                    if consumer_channel is underlay:
-                        await underlay.basic_cancel(tag)
-        except _TEARDOWN_ERRORS as exc:
-            log.warning("consumer_cancel_failed", queues=list(tags), error=repr(exc))
-
-    async def close(self) -> None:
-        await self.cancel()
-        self._channel.reopen_callbacks.discard(self._on_reopen)
-        if not self._channel.is_closed:
-            try:
-                async with asyncio.timeout(_TEARDOWN_TIMEOUT):
-                    await self._channel.close()
-            except _TEARDOWN_ERRORS as exc:
-                log.warning("channel_close_failed", error=repr(exc))
 
 
 class RabbitDriver(Driver):
@@ -320,7 +89,7 @@ class RabbitDriver(Driver):
         self._connect_timeout = connect_timeout
         self._reconnect_interval = reconnect_interval
         self._publish_timeout = publish_timeout
-        self._connection: _FailoverRobustConnection | None = None
+        self._connection: FailoverRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._renewing: asyncio.Lock | None = None
         self._stale_channels: set[asyncio.Task[None]] = set()
@@ -361,7 +130,7 @@ class RabbitDriver(Driver):
         # The first connect walks every host once (each attempt starting at the next host).
         last_error: BaseException | None = None
         for start in range(len(hosts)):
-            connection = _FailoverRobustConnection(
+            connection = FailoverRobustConnection(
                 hosts[start:] + hosts[:start],
                 reconnect_interval=self._reconnect_interval,
                 ssl_context=self._ssl_context,
@@ -410,7 +179,7 @@ class RabbitDriver(Driver):
             except _TEARDOWN_ERRORS as exc:
                 log.warning("connection_close_failed", error=repr(exc))
 
-    def _require(self) -> tuple[_FailoverRobustConnection, AbstractRobustChannel]:
+    def _require(self) -> tuple[FailoverRobustConnection, AbstractRobustChannel]:
         if self._connection is None or self._publisher is None:
             raise MessagingError("transport is not connected (use 'async with transport')")
         return self._connection, self._publisher
@@ -481,7 +250,7 @@ class RabbitDriver(Driver):
 
     async def _publish_until_done(
         self,
-        connection: _FailoverRobustConnection,
+        connection: FailoverRobustConnection,
         exchange: ExchangeSpec,
         routing_key: str,
         body: bytes,
@@ -694,7 +463,7 @@ class RabbitDriver(Driver):
             raise MessageDeliveryFailure(
                 f"cannot subscribe to {names}: broker unavailable ({exc!r})"
             ) from exc
-        subscription = _RabbitSubscription(
+        subscription = RabbitSubscription(
             channel, callback, no_ack, self._declare_on, self._notify_reconnected
         )
         try:
