@@ -35,7 +35,8 @@ from conductor import testing_hosts as sim
 from conductor.db import migration
 from conductor.db.session import Database, create_engine
 from conductor.host_view import FleetView, HostView
-from conductor.tasks.build import BuildSettings, BuildTask
+from conductor.tasks.build import BuildTask
+from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.hosts import load_host_states
 from shared_objects.context import RequestContext
 from shared_objects.log import configure_logging

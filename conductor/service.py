@@ -22,7 +22,7 @@ from conductor.host_view import HostView, HostViewSettings
 from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
 from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.reconcile import Reconciler, bounds_from_config
-from conductor.tasks.build import BuildSettings
+from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects import exception, releases

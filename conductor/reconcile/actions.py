@@ -21,7 +21,7 @@ import structlog
 
 from conductor.reconcile import rules, statements
 from conductor.reconcile.rules import Bounds, Move, Plan
-from conductor.tasks import build as build_task
+from conductor.tasks import build_recovery as build_task
 from conductor.tasks.build import BuildTask
 from shared_objects.context import RequestContext
 from shared_objects.fields import MigrationStatus, TaskState, VMState

@@ -35,8 +35,8 @@ from sqlalchemy import (
 )
 
 from conductor.db import models
-from conductor.tasks.build import RECAST_EVENT
 from conductor.tasks.build_extras import RUN_EVENT
+from conductor.tasks.build_recovery import RECAST_EVENT
 from shared_objects.fields import TaskState, VMState
 from shared_objects.releases import BINARY_COMPUTE
 

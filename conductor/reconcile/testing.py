@@ -23,7 +23,8 @@ from typing import Any
 from conductor.db import migration
 from conductor.db.session import Database
 from conductor.reconcile import Bounds, Reconciler
-from conductor.tasks.build import BuildSettings, BuildTask
+from conductor.tasks.build import BuildTask
+from conductor.tasks.build_placement import BuildSettings
 from shared_objects.context import RequestContext
 from shared_objects.messaging import MessageUndeliverable
 from shared_objects.objects.instance_action import InstanceAction

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
 from conductor.host_view import HostView
-from conductor.tasks.build import BuildSettings, BuildTask
+from conductor.tasks.build import BuildTask
+from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migration import LiveMigrationTask, LiveMigrationTaskSettings
 from conductor.tasks.security_groups import SecurityGroupTasks

@@ -29,7 +29,7 @@ from compute_agent.virt.migration_model import MigrationModel
 from conductor.db import migration as db_migration
 from conductor.db.session import Database
 from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
-from conductor.tasks.build import BuildSettings
+from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects.base import FleetObject
