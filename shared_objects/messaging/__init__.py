@@ -29,8 +29,9 @@ from shared_objects.messaging.exceptions import (
 )
 from shared_objects.messaging.memory import MemoryBroker
 from shared_objects.messaging.notifier import Notifier
+from shared_objects.messaging.request_scope import release_handler_slot, request_version
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
-from shared_objects.messaging.server import RPCServer, release_handler_slot, request_version
+from shared_objects.messaging.server import RPCServer
 from shared_objects.messaging.target import Target
 from shared_objects.messaging.transport import Transport, get_transport
 from shared_objects.messaging.versions import version_is_compatible

@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
 import inspect
-import logging
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -34,7 +32,7 @@ import structlog.contextvars
 
 from shared_objects.context import RequestContext, generate_request_id
 from shared_objects.messaging import codec
-from shared_objects.messaging.authorization import Authorizer, check_coverage, is_refusal
+from shared_objects.messaging.authorization import Authorizer, check_coverage
 from shared_objects.messaging.dispatcher import Dispatcher
 from shared_objects.messaging.driver import Delivery, Subscription
 from shared_objects.messaging.exceptions import (
@@ -44,15 +42,19 @@ from shared_objects.messaging.exceptions import (
     MessageDeliveryFailure,
     MessageTooDeep,
     MessageTooLarge,
-    NoSuchMethod,
-    Unauthenticated,
     UnsupportedEnvelopeVersion,
     UnsupportedVersion,
 )
 from shared_objects.messaging.ids import new_id
-from shared_objects.messaging.limits import reply_address
 from shared_objects.messaging.reply_sender import ReplySender
+from shared_objects.messaging.request_scope import _REQUEST_VERSION, _SLOT, _Slot
 from shared_objects.messaging.serializer import NoOpSerializer, Serializer
+from shared_objects.messaging.server_failures import (
+    FailureReplies,
+    _Refused,
+    _Reply,
+    _wants_heartbeat,
+)
 from shared_objects.messaging.stats import RPCStats
 from shared_objects.messaging.target import Target
 from shared_objects.messaging.topology import QueueSpec
@@ -60,94 +62,16 @@ from shared_objects.messaging.topology import QueueSpec
 if TYPE_CHECKING:
     from shared_objects.messaging.transport import Transport
 
+
 log = structlog.get_logger(__name__)
-
-_REQUEST_VERSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "fleet_rpc_request_version", default=None
-)
-
-
-class _Slot:
-    """One handler's place among the server's ``max_concurrency``; given back exactly once."""
-
-    __slots__ = ("_semaphore", "held")
-
-    def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore = semaphore
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self._semaphore.release()
-
-
-_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar(
-    "fleet_rpc_handler_slot", default=None
-)
-
-
-def release_handler_slot() -> None:
-    """Give the running handler's concurrency slot back before it waits for work that another
-    task does and that holds no per-request resource (no database connection of its own).
-
-    ``max_concurrency`` exists to bound what handlers hold while they run (database
-    connections above all). A handler that only waits for a shared batch (``report_alive``
-    waits up to half a second for the batched UPDATE another task runs) would otherwise keep
-    a slot the whole time: at 1,000 hosts such beats held most of a conductor's slots and every
-    other request queued behind them. After this call the handler still runs to the end and
-    replies; it just no longer counts. No-op outside a handler.
-    """
-    slot = _SLOT.get()
-    if slot is not None:
-        slot.release()
-
-
-def request_version() -> str | None:
-    """The API version the caller asked for, while its handler runs and its result is
-    serialised (None outside a handler): lets a reply speak the caller's release."""
-    return _REQUEST_VERSION.get()
 
 
 # oslo's _MsgIdCache.DUP_MSG_CHECK_SIZE: a request whose _unique_id is among the last 16 is a
 # redelivered duplicate and is dropped.
 DUPLICATE_CHECK_SIZE = 16
-_MAX_ROUTING_KEY = 255
-# Errors that describe the request, not a server fault: logged without a traceback.
-_CLIENT_ERRORS = (NoSuchMethod, UnsupportedVersion, MalformedMessage)
-# ``rpc_log_level`` an exception class may set (duck-typed: this layer imports no error tree).
-_REQUEST_ERROR_LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 
 
-class _Refused(Exception):
-    """Carries what ``Authorizer.authorize`` raised to the failure path (``RPCServer._refuse``)."""
-
-    def __init__(self, exc: Exception):
-        super().__init__()
-        self.exc = exc
-
-
-class _Reply:
-    """Where a request's reply goes; ``None`` for casts and unaddressable messages."""
-
-    __slots__ = ("msg_id", "queue")
-
-    def __init__(self, queue: str, msg_id: str):
-        self.queue = queue
-        self.msg_id = msg_id
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> _Reply | None:
-        queue = message.pop("_reply_q", None)
-        msg_id = message.pop("_msg_id", None)
-        if not isinstance(queue, str) or not isinstance(msg_id, str) or not queue:
-            return None
-        if len(queue.encode()) > _MAX_ROUTING_KEY:
-            return None  # not a routable AMQP queue name
-        return cls(queue, msg_id)
-
-
-class RPCServer:
+class RPCServer(FailureReplies):
     """Serves ``endpoints`` on ``target.topic`` (+ ``<topic>.<server>`` and fanout).
 
     ``max_concurrency`` (default: the transport's ``max_concurrency``) bounds handlers running at
@@ -217,8 +141,6 @@ class RPCServer:
             retry_window=reply_retry_window,
         )
         self._exposed = self.dispatcher.exposed_methods()
-
-    # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
@@ -299,8 +221,6 @@ class RPCServer:
     @property
     def in_flight(self) -> int:
         return self._stats.in_flight
-
-    # -- message handling --------------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.current_task()
@@ -477,132 +397,3 @@ class RPCServer:
         if not self._noop:
             result = await self.serializer.serialize_entity(ctxt, result)
         return result
-
-    async def _fail(
-        self,
-        reply: _Reply | None,
-        label: str,
-        exc: BaseException,
-        heartbeat: asyncio.Task[None] | None,
-        *,
-        expected: bool = False,
-    ) -> None:
-        if heartbeat is not None:
-            heartbeat.cancel()
-        # An error class may name its own outcome (Forbidden, DatabaseUnavailable...): the
-        # metrics then tell a database outage from a bug.
-        own = getattr(exc, "rpc_outcome", None)
-        # An error class may also say it describes the request (a missing instance, a refusal,
-        # no valid host): logged at its level without a traceback, and not counted as a fault.
-        level = getattr(exc, "rpc_log_level", None)
-        if isinstance(own, str) and own:
-            outcome = own
-        elif isinstance(exc, _CLIENT_ERRORS) or level in _REQUEST_ERROR_LEVELS:
-            outcome = "client_error"
-        else:
-            outcome = "error"
-        self._stats.record(label, outcome)
-        if not expected and isinstance(exc, _CLIENT_ERRORS):
-            log.warning(
-                "rpc_request_rejected", error=f"{type(exc).__name__}: {exc}", cast=reply is None
-            )
-        elif not expected and level in _REQUEST_ERROR_LEVELS:
-            log.log(
-                _REQUEST_ERROR_LEVELS[level],
-                "rpc_request_failed",
-                method=label,
-                error=f"{type(exc).__name__}: {exc}",
-                cast=reply is None,
-            )
-        elif not expected:
-            log.error("rpc_handler_failed", cast=reply is None, exc_info=exc)
-        if reply is not None:
-            await self._send_failure(reply, exc)
-
-    async def _refuse(
-        self,
-        reply: _Reply | None,
-        label: str,
-        exc: Exception,
-        heartbeat: asyncio.Task[None] | None,
-    ) -> None:
-        """The authorizer raised: the request is refused either way (fail closed)."""
-        if heartbeat is not None:
-            heartbeat.cancel()
-        if is_refusal(exc):
-            # A policy decision: the authorizer wrote the audit line.
-            self._stats.record(label, "forbidden")
-        else:
-            self._stats.record(label, "error")
-            log.error("rpc_authorizer_failed", cast=reply is None, exc_info=exc)
-        if reply is not None:
-            await self._send_failure(reply, exc)
-
-    async def _refuse_unreadable(
-        self, delivery: Delivery, exc: MessageTooLarge | MessageTooDeep
-    ) -> None:
-        """A request too large or too deep to decode: one short log line (never the body), and
-        an error reply when a reply address is found cheaply and the sender is known."""
-        reason = "too_large" if isinstance(exc, MessageTooLarge) else "too_deep"
-        self._stats.dropped[reason] += 1
-        reply = None
-        if not (self.require_user_id and not delivery.user_id):
-            address = reply_address(delivery.body)
-            if address is not None:
-                reply = _Reply.from_message({"_reply_q": address[0], "_msg_id": address[1]})
-        log.warning(
-            "rpc_message_refused",
-            reason=reason,
-            size=len(delivery.body),
-            limit=exc.limit,
-            queue=delivery.queue,
-            caller=delivery.user_id,
-            replied=reply is not None,
-        )
-        if reply is not None:
-            await self._send_failure(reply, exc)
-
-    async def _refuse_unauthenticated(self, delivery: Delivery, reply: _Reply | None) -> None:
-        self._stats.dropped["no_user_id"] += 1
-        log.warning(
-            "rpc_request_refused",
-            reason="no_user_id",
-            queue=delivery.queue,
-            replied=reply is not None,
-        )
-        if reply is not None:
-            await self._send_failure(reply, Unauthenticated())
-
-    async def _send_failure(self, reply: _Reply, exc: BaseException) -> None:
-        body = codec.encode_message(
-            {
-                "result": None,
-                "failure": codec.serialize_remote_exception(exc),
-                "ending": True,
-                "_msg_id": reply.msg_id,
-                "_unique_id": new_id(),
-            }
-        )
-        await self._publish_reply(reply, body)
-
-    async def _publish_reply(self, reply: _Reply, body: bytes) -> None:
-        await self._replies.send(reply.queue, reply.msg_id, body)
-
-    async def _heartbeat(self, reply: _Reply, interval: float) -> None:
-        body_fields = {"result": None, "failure": None, "ending": False, "_msg_id": reply.msg_id}
-        while True:
-            await asyncio.sleep(interval)
-            await self._publish_reply(
-                reply, codec.encode_message({**body_fields, "_unique_id": new_id()})
-            )
-
-
-def _wants_heartbeat(client_timeout: Any) -> bool:
-    # Only a numeric _timeout >= 2 (oslo: int(_timeout) / 2 >= 1) asks for call-monitor
-    # heartbeats; an oslo caller that did not ask crashes on one.
-    if isinstance(client_timeout, bool) or not isinstance(client_timeout, (int, float)):
-        return False
-    try:
-        return int(client_timeout) >= 2
-    except (OverflowError, ValueError):
-        return False
