@@ -7,7 +7,7 @@ One file, data only, read by ``docs/security.md``. Roles come from the broker-va
   a server receives, before its arguments are even decoded;
 * the conductor's indirection endpoint checks ``OBJECT_POLICY`` for every object call, and for an
   agent runs the method under the caller's ownership scope, which the database layer turns into
-  conditions inside the statements themselves (``conductor/db/ownership.py``);
+  conditions inside the statements themselves (``conductor/db/ownership/``);
 * agents check the live-migration peer rule against the Migration row
   (``compute_agent/peer_auth.py``).
 
@@ -35,7 +35,7 @@ class Access(enum.StrEnum):
     #: Any agent may call it: fleet-wide facts an agent needs (flavors, service versions).
     ANY = "any"
     #: Runs under the caller's ownership scope: only rows of its host, its instances and the
-    #: migrations it takes part in are read or written (conductor/db/ownership.py).
+    #: migrations it takes part in are read or written (conductor/db/ownership/).
     OWN = "own"
 
 

@@ -1,4 +1,4 @@
-"""The ownership rules (``conductor/db/ownership.py``) without a database: coverage of the
+"""The ownership rules (``conductor/db/ownership/``) without a database: coverage of the
 schema, the columns no agent may write, and the statements they compile to."""
 
 from __future__ import annotations
