@@ -48,7 +48,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from boot import percentile, scrape_server_calls
+from cluster_figures import percentile, scrape_server_calls
 
 from compute_agent.virt.qemu.image import DEFAULT_IMAGE
 from compute_agent.virt.qemu.testing import cluster_env, reap_guests

@@ -72,8 +72,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from boot import (
-    AMQP_BASE,
+from boot import AMQP_BASE
+from cluster_figures import (
     cpu_seconds,
     percentile,
     plain_dsn,
