@@ -51,18 +51,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import dataclasses
 import datetime
-import functools
 import json
-import math
-import os
-import platform
-import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,13 +65,29 @@ from typing import Any
 
 import asyncpg
 from boot import AMQP_BASE
-from cluster_figures import (
-    cpu_seconds,
-    percentile,
-    plain_dsn,
-    scrape_server_calls,
-    start_profilers,
-    stop_profilers,
+from cluster_figures import cpu_seconds, percentile, plain_dsn, start_profilers, stop_profilers
+from scale_figures import (
+    calls_rate,
+    db_rows,
+    ms,
+    probes,
+    served_calls,
+    steady_state,
+    storm_uuids,
+    wait_final,
+    wait_registered,
+)
+from scale_report import commit, render, with_derived
+from scale_workers import (
+    EXCHANGE,
+    FLAVOR,
+    host_names,
+    pids,
+    progress,
+    rss_mb,
+    start_workers,
+    stop_workers,
+    wait_workers,
 )
 
 from conductor.cluster import ClusterSpec, LocalCluster
@@ -87,16 +95,13 @@ from shared_objects.exception import FleetException
 from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingError
 from shared_objects.objects.flavor import Flavor
-from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import RabbitNode, free_port
 
-HERE = Path(__file__).resolve().parent
-EXCHANGE = "fleet-bench-scale"
-FLAVOR = "bench.tiny"
 SWEEP = (0, 10, 100, 1000)
-FINAL_STATES = ("active", "error", "stopped")
+
+
 #: Keys every run's JSON object has (the smoke test checks them).
 REQUIRED_KEYS = (
     "hosts",
@@ -107,376 +112,6 @@ REQUIRED_KEYS = (
     "boot_storm_instances_per_s",
     "stuck_instances",
 )
-
-
-_T0 = time.monotonic()
-
-
-def progress(message: str) -> None:
-    """One line on stderr with the seconds since the benchmark started (long runs)."""
-    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def host_names(count: int) -> list[str]:
-    return [f"sim-{n:04d}" for n in range(1, count + 1)]
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-
-def rss_mb(pid: int | None) -> float | None:
-    """Resident set size of ``pid`` in MiB (None once it is gone)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclasses.dataclass
-class Worker:
-    name: str
-    hosts: list[str]
-    proc: asyncio.subprocess.Process
-    log_path: Path
-    report: dict[str, Any] | None = None
-
-
-async def start_workers(
-    args: argparse.Namespace, logins: BrokerLogins, hosts: list[str], workdir: Path
-) -> list[Worker]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(
-        {
-            "FLEET_CONTROL_EXCHANGE": EXCHANGE,
-            # Satisfies the configuration check; each agent gets its own login's URL.
-            "FLEET_TRANSPORT_URL": logins.admin_url,
-            "FLEET_COMPUTE__SPAWN_DELAY": "0",
-            "FLEET_COMPUTE__STATE_DIR": str(workdir / "hypervisors"),
-            "FLEET_LOG_FORMAT": "json",
-            "PYTHONUNBUFFERED": "1",
-            **logins.security_env(),
-        }
-    )
-    if args.agent_levels_refresh is not None:
-        env["FLEET_UPGRADE_LEVELS__REFRESH_INTERVAL"] = str(args.agent_levels_refresh)
-    workers: list[Worker] = []
-    per = args.hosts_per_worker
-    for index, start in enumerate(range(0, len(hosts), per), 1):
-        chunk = hosts[start : start + per]
-        name = f"worker-{index}"
-        hosts_file = workdir / f"{name}.hosts.json"
-        urls = {h: logins.url_for(logins.host_login(h)) for h in chunk}
-        fd = os.open(hosts_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:  # the logins' passwords: private to this user
-            json.dump(urls, f)
-        log_path = workdir / f"{name}.log"
-        log_file = await asyncio.to_thread(open, log_path, "ab")
-        with log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(HERE / "scale_worker.py"),
-                "--hosts-file",
-                str(hosts_file),
-                "--start-concurrency",
-                str(args.start_concurrency),
-                "--log-level",
-                args.agent_log_level,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                preexec_fn=_die_with_parent,
-            )
-        workers.append(Worker(name, chunk, proc, log_path))
-    return workers
-
-
-async def wait_workers(workers: Sequence[Worker], timeout: float) -> tuple[int, bool]:
-    """Until every worker has reported its start, at most ``timeout``: (agents that failed to
-    start, whether the wait timed out). A saturated conductor makes starts slow or fail: the
-    run goes on and reports it (it fails only if a worker died)."""
-
-    async def one(worker: Worker) -> None:
-        assert worker.proc.stdout is not None
-        line = await worker.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{worker.name} exited {await worker.proc.wait()}: see its log")
-        worker.report = json.loads(line)
-
-    if not workers:
-        return 0, False
-    tasks = [asyncio.ensure_future(one(w)) for w in workers]
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for task in done:
-        task.result()  # a worker that died fails the run
-    reports = [w.report for w in workers if w.report]
-    failed = sum(r["failed"] for r in reports)
-    if failed:
-        progress(f"agents failed to start: {[r['errors'][:2] for r in reports if r['failed']]}")
-    if pending:
-        progress(f"{len(pending)} worker(s) still starting agents after {timeout:.0f}s")
-    return int(failed), bool(pending)
-
-
-async def stop_workers(workers: Sequence[Worker], timeout: float = 120.0) -> None:
-    """SIGTERM (each stops its agents: they mark their services down), SIGKILL after ``timeout``."""
-    for worker in workers:
-        if worker.proc.returncode is None:
-            worker.proc.send_signal(signal.SIGTERM)
-
-    async def wait(worker: Worker) -> None:
-        try:
-            await asyncio.wait_for(worker.proc.wait(), timeout)
-        except TimeoutError:
-            worker.proc.kill()
-            await worker.proc.wait()
-
-    await asyncio.gather(*(wait(w) for w in workers))
-
-
-# --- broker and database figures -----------------------------------------------------------------
-
-
-async def broker_figures(logins: BrokerLogins) -> dict[str, Any]:
-    """Connections and queues of the run's vhost, their queues' memory, the node's memory."""
-    ctl, vhost = logins.ctl.run, logins.vhost
-    listing = await ctl("list_queues", "-p", vhost, "name", "memory", "messages")
-    # Data lines only (a private node's rabbitmqctl also prints a banner and a header).
-    queues = [
-        parts
-        for parts in (line.split("\t") for line in listing.splitlines())
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit()
-    ]
-    conns = (await ctl("list_connections", "vhost")).splitlines()
-    status_text = await ctl("status", "--formatter", "json")
-    status = json.loads(status_text[status_text.find("{") :] or "{}")
-    total = status.get("memory", {}).get("total", {})
-    return {
-        "connections": sum(1 for line in conns if line.strip() == vhost),
-        "queues": len(queues),
-        "queue_memory_mb": round(sum(int(q[1]) for q in queues) / 2**20, 1),
-        # Requests waiting for a conductor: more than a handful means they are saturated.
-        "conductor_queue_messages": sum(int(q[2]) for q in queues if q[0].startswith("conductor")),
-        "node_memory_mb": round(int(total.get("rss", 0)) / 2**20, 1),
-    }
-
-
-async def db_counters(dsn: str) -> dict[str, float]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        row = await conn.fetchrow(
-            "SELECT xact_commit + xact_rollback AS xacts, tup_returned + tup_fetched AS reads, "
-            "tup_inserted + tup_updated + tup_deleted AS writes "
-            "FROM pg_stat_database WHERE datname = current_database()"
-        )
-    finally:
-        await conn.close()
-    assert row is not None
-    return {k: float(row[k]) for k in ("xacts", "reads", "writes")}
-
-
-async def db_rows(dsn: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return {
-            table: int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
-            for table in ("services", "compute_nodes", "instances", "instance_action_events")
-        }
-    finally:
-        await conn.close()
-
-
-async def wait_registered(dsn: str, hosts: int, timeout: float) -> int:
-    """Until ``hosts`` compute services and compute nodes exist (agents register both), at
-    most ``timeout``; returns how many hosts have both."""
-    conn = await asyncpg.connect(dsn)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            services = await conn.fetchval(
-                "SELECT count(*) FROM services WHERE \"binary\" = 'fleet-compute'"
-            )
-            nodes = await conn.fetchval("SELECT count(*) FROM compute_nodes")
-            if (services >= hosts and nodes >= hosts) or time.monotonic() > deadline:
-                return int(min(services, nodes))
-            await asyncio.sleep(0.5)
-    finally:
-        await conn.close()
-
-
-def served_calls(ports: Sequence[int]) -> dict[str, float]:
-    """RPCs the conductors served so far, by method (their ``/metrics``), summed."""
-    total: dict[str, float] = {}
-    for port in ports:
-        for method, n in scrape_server_calls(port).items():
-            total[method] = total.get(method, 0.0) + n
-    return total
-
-
-def calls_rate(before: dict[str, float], after: dict[str, float], per: float) -> dict[str, float]:
-    """Calls by method between two scrapes, divided by ``per`` (busiest first)."""
-    rates = {m: (n - before.get(m, 0.0)) / per for m, n in after.items()}
-    ranked = sorted(((m, r) for m, r in rates.items() if r > 0), key=lambda mr: -mr[1])
-    return {m: round(r, 2) for m, r in ranked}
-
-
-# --- one run -------------------------------------------------------------------------------------
-
-
-def cpu_percent(before: dict[str, float], after: dict[str, float], seconds: float) -> list[float]:
-    return [round((after[k] - before[k]) * 100 / seconds, 1) for k in sorted(before)]
-
-
-def pids(cluster: LocalCluster, conductors: int, workers: Sequence[Worker]) -> dict[str, int]:
-    out = {}
-    for index in range(1, conductors + 1):
-        pid = cluster.pid_of(f"conductor-{index}")
-        if pid is not None:
-            out[f"conductor-{index}"] = pid
-    out.update({w.name: w.proc.pid for w in workers})
-    return out
-
-
-async def steady_state(
-    args: argparse.Namespace,
-    logins: BrokerLogins,
-    dsn: str,
-    procs: dict[str, int],
-    ports: Sequence[int],
-) -> dict[str, Any]:
-    conductors = {k: v for k, v in procs.items() if k.startswith("conductor-")}
-    workers = {k: v for k, v in procs.items() if k.startswith("worker-")}
-    cpu_before = {k: cpu_seconds(p) for k, p in procs.items()}
-    db_before = await db_counters(dsn)
-    calls_before = await asyncio.to_thread(served_calls, ports)
-    began = time.monotonic()
-    await asyncio.sleep(args.window)
-    cpu_after = {k: cpu_seconds(p) for k, p in procs.items()}
-    seconds = time.monotonic() - began
-    calls_after = await asyncio.to_thread(served_calls, ports)
-    db_after = await db_counters(dsn)
-    per_conductor = cpu_percent(
-        {k: cpu_before[k] for k in conductors}, {k: cpu_after[k] for k in conductors}, seconds
-    )
-    agents = sum(cpu_percent({k: cpu_before[k] for k in workers}, cpu_after, seconds))
-    broker = await broker_figures(logins) if args.broker_stats else {}
-    return {
-        "window_s": round(seconds, 1),
-        "conductor_cpu_percent": per_conductor,
-        "agents_cpu_percent": round(agents, 1),
-        "db_per_s": {k: round((db_after[k] - db_before[k]) / seconds, 1) for k in db_before},
-        "conductor_calls_per_s": calls_rate(calls_before, calls_after, seconds),
-        # The shared broker's RSS is in "broker" (node_memory_mb): other users' share included.
-        "rss_mb": {k: rss_mb(p) for k, p in procs.items()},
-        "broker": broker,
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-    }
-
-
-async def probes(
-    args: argparse.Namespace, cluster: LocalCluster, dsn: str, hosts: int
-) -> dict[str, Any]:
-    """Scheduling and interactive latencies under the background (sequential, one at a time).
-
-    Each kind stops at its count or after ``--probe-budget`` seconds, whichever comes first
-    (a saturated conductor answers in tens of seconds); calls that fail are counted."""
-    assert cluster.tasks is not None
-    loop = asyncio.get_running_loop()
-    schedule_ms: list[float] = []
-    uuids: list[str] = []
-    errors = 0
-    deadline = loop.time() + args.probe_budget
-    for n in range(args.schedule_probes):
-        if loop.time() > deadline:
-            break
-        began = time.perf_counter()
-        try:
-            made = await cluster.tasks.build_instances(
-                cluster.ctxt, flavor=FLAVOR, name=f"probe-{n}"
-            )
-        except (MessagingError, FleetException):
-            errors += 1
-            continue
-        schedule_ms.append((time.perf_counter() - began) * 1000)
-        uuids.extend(m["uuid"] for m in made)
-    await wait_final(dsn, uuids, 120.0)
-    get_ms: list[float] = []
-    list_ms: list[float] = []
-    deadline = loop.time() + args.probe_budget
-    for _ in range(args.interactive_probes if uuids else 0):
-        if loop.time() > deadline:
-            break
-        target = random.choice(uuids)
-        try:
-            began = time.perf_counter()
-            await Instance.get_by_uuid(cluster.ctxt, target)
-            get_ms.append((time.perf_counter() - began) * 1000)
-            began = time.perf_counter()
-            await InstanceList.get_all(cluster.ctxt)
-            list_ms.append((time.perf_counter() - began) * 1000)
-        except (MessagingError, FleetException):
-            errors += 1
-        await asyncio.sleep(0.05)
-    return {
-        "schedule_p50_ms": ms(percentile(schedule_ms, 50)),
-        "schedule_p99_ms": ms(percentile(schedule_ms, 99)),
-        "schedule_samples": len(schedule_ms),
-        "interactive_p50_ms": ms(percentile(get_ms, 50)),
-        "interactive_p99_ms": ms(percentile(get_ms, 99)),
-        "interactive_samples": len(get_ms),
-        "list_p50_ms": ms(percentile(list_ms, 50)),
-        "list_p99_ms": ms(percentile(list_ms, 99)),
-        "list_instances": len(uuids),
-        "probe_errors": errors,
-    }
-
-
-def ms(value: float) -> float | None:
-    """Milliseconds to one decimal; None (JSON null) when there was no sample."""
-    return None if math.isnan(value) else round(value, 1)
-
-
-async def wait_final(dsn: str, uuids: list[str], timeout: float) -> int:
-    """Until every instance is in a final state or ``timeout``; returns how many are not."""
-    conn = await asyncpg.connect(dsn)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            settled = await conn.fetchval(
-                "SELECT count(*) FROM instances WHERE uuid = ANY($1::text[]) "
-                "AND vm_state = ANY($2::text[]) AND task_state IS NULL",
-                uuids,
-                list(FINAL_STATES),
-            )
-            if settled == len(uuids) or time.monotonic() > deadline:
-                return len(uuids) - int(settled)
-            await asyncio.sleep(0.5)
-    finally:
-        await conn.close()
-
-
-async def storm_uuids(dsn: str) -> list[str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT uuid FROM instances WHERE name LIKE 'storm-%'")
-    finally:
-        await conn.close()
-    return [r["uuid"] for r in rows]
 
 
 async def boot_storm(
@@ -670,47 +305,6 @@ async def run_one(
     return result
 
 
-# --- the whole benchmark -------------------------------------------------------------------------
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except OSError:
-        return "?"
-    return out.stdout.strip() or "?"
-
-
-def with_derived(result: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, Any]:
-    """Per-host figures: the run's conductor CPU above the floor's, per 100 hosts and per host."""
-    total = sum(result["conductor_cpu_percent"])
-    result["conductor_cpu_percent_total"] = round(total, 1)
-    # Per host of those that were up in the window (a saturated start leaves some out).
-    hosts = result.get("agents_registered", result["hosts"])
-    if hosts and floor is not None:
-        above = total - sum(floor["conductor_cpu_percent"])
-        result["conductor_cpu_percent_per_100_hosts"] = round(above * 100 / hosts, 2)
-        # % of one core = 10,000 µs of CPU per second.
-        result["conductor_cpu_us_per_host_s"] = round(above * 10_000 / hosts, 1)
-        result["agents_cpu_us_per_host_s"] = round(result["agents_cpu_percent"] * 10_000 / hosts, 1)
-        workers = [v for k, v in result["rss_mb"].items() if k.startswith("worker-") and v]
-        result["agent_rss_kb_per_host"] = round(sum(workers) * 1024 / hosts, 0)
-        storm = result.get("boot_storm_cpu_ms_per_instance")
-        if storm is not None:
-            # The storm's conductor CPU less the steady-state background over the same time.
-            count = result["boot_storm_instances"]
-            background = total / 100 * result["boot_storm_window_s"] * 1000 / count
-            result["boot_storm_conductor_cpu_ms_per_instance_net"] = round(
-                storm["conductors"] - background, 1
-            )
-    return result
-
-
 async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     plan = [(c, n) for c in args.conductor_list for n in args.host_list]
     results: list[dict[str, Any]] = []
@@ -759,54 +353,6 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     if ok and not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
-
-
-def _cell(result: dict[str, Any], key: str) -> str:
-    value = result.get(key)
-    return "-" if value is None else str(value)
-
-
-def render(results: list[dict[str, Any]]) -> str:
-    if not results:
-        return "no runs"
-    first = results[0]
-    lines = [
-        f"scale: {first.get('date', '?')}, commit {first.get('commit', '?')}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "",
-        f"{'hosts':>5} {'cond':>4} {'start s':>7} {'cond CPU %':>12} {'/100 hosts':>10} "
-        f"{'µs/host/s':>9} {'agents %':>8} {'get p50/p99 ms':>15} {'list p99':>8} "
-        f"{'sched p50/p99 ms':>17} {'storm inst/s':>12} {'storm p99 ms':>12} "
-        f"{'stuck':>5} {'resched':>7} {'stale':>5}",
-    ]
-    for r in results:
-        f = functools.partial(_cell, r)
-        cpu = "+".join(f"{c:g}" for c in r["conductor_cpu_percent"])
-        lines.append(
-            f"{r['hosts']:>5} {r['conductors']:>4} {r['start_s']:>7} {cpu:>12} "
-            f"{f('conductor_cpu_percent_per_100_hosts'):>10} "
-            f"{f('conductor_cpu_us_per_host_s'):>9} {f('agents_cpu_percent'):>8} "
-            f"{f('interactive_p50_ms'):>7}/{f('interactive_p99_ms'):<7} {f('list_p99_ms'):>8} "
-            f"{f('schedule_p50_ms'):>8}/{f('schedule_p99_ms'):<8} "
-            f"{f('boot_storm_instances_per_s'):>12} {f('boot_storm_p99_ms'):>12} "
-            f"{f('stuck_instances'):>5} {f('reschedules'):>7} {f('stale_usage_reschedules'):>5}"
-        )
-    lines += ["", "RSS MiB, broker and database (steady state):"]
-    for r in results:
-        rss = ", ".join(f"{k} {v}" for k, v in r["rss_mb"].items())
-        b = r["broker"]
-        broker = (
-            f"{b['connections']} connections, {b['queues']} queues "
-            f"({b['queue_memory_mb']} MiB), node {b['node_memory_mb']} MiB"
-            if b
-            else "not measured"
-        )
-        lines.append(
-            f"  {r['hosts']:>5} hosts, {r['conductors']} cond: {rss}; broker: {broker}; "
-            f"db: {r['db_per_s']['xacts']} xact/s, rows {r['db_rows']}; "
-            f"load {r['load_avg_1m']}"
-        )
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
