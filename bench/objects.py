@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import signal
@@ -54,24 +53,21 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
+from objects_conductor import serve_bench_conductor
+from objects_layers import layer_costs
+from objects_paths import BENCH_HOST, Pair, direct_pair, measure, objects_pair, seed
 
-from conductor.db import asyncpg_exec, migration, models
+from conductor.db import migration
 from conductor.db.session import create_engine
 from conductor.testing import indirection
-from shared_objects.base import indirection_api_in_context
 from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.log import configure_logging
 from shared_objects.messaging import MessagingTimeout, get_transport
-from shared_objects.objects import Flavor, Instance
 from shared_objects.rpc_clients.conductor import ConductorAPI
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import fresh_database
@@ -84,132 +80,10 @@ CONCURRENCIES = (1, 16, 64)
 DIRECT_POOL = 32
 TARGET_RATIO_AT_64 = 0.5
 TARGET_POLICY_RATIO_AT_64 = 0.95
-BENCH_HOST = "bench-host"
+
+
 AMQP_URL = os.environ.get("FLEET_TEST_TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/")
 BIN = Path(sys.executable).parent
-
-Pair = Callable[[int], Awaitable[None]]
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def measure(
-    pair: Pair, concurrency: int, seconds: float, other_pid: int | None = None
-) -> dict[str, float]:
-    """Run ``concurrency`` workers doing pairs for ``seconds``; pairs/s, latency and CPU per
-    pair of this process (and of ``other_pid``, the conductor, when given)."""
-    latencies: list[float] = []
-    cpu0 = time.process_time()
-    other0 = process_cpu(other_pid) if other_pid else 0.0
-    stop_at = time.perf_counter() + seconds
-
-    async def worker(index: int) -> None:
-        while time.perf_counter() < stop_at:
-            start = time.perf_counter()
-            await pair(index)
-            latencies.append(time.perf_counter() - start)
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    cpu = time.process_time() - cpu0
-    other = process_cpu(other_pid) - other0 if other_pid else 0.0
-    latencies.sort()
-    count = max(1, len(latencies))
-    return {
-        "pairs": len(latencies),
-        "cpu_ms_per_pair": 1000 * cpu / count,
-        "conductor_cpu_ms_per_pair": 1000 * other / count,
-        "pairs_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-    }
-
-
-async def seed(ctxt: RequestContext, count: int) -> list[str]:
-    """One instance per worker, created through the conductor."""
-    flavor = Flavor(ctxt, name=f"bench-{uuid.uuid4().hex[:6]}", vcpus=1, memory_mb=512, root_gb=1)
-    await flavor.create()
-    uuids = []
-    for i in range(count):
-        inst = Instance(
-            ctxt,
-            name=f"bench-{i}",
-            host=BENCH_HOST,
-            node="n1",
-            flavor=flavor,
-            vm_state="active",
-            power_state="running",
-            image_ref="cirros",
-            launch_index=i,
-        )
-        await inst.create()
-        uuids.append(inst.uuid)
-    return uuids
-
-
-def objects_pair(ctxt: RequestContext, uuids: list[str], api: ConductorAPI) -> Pair:
-    counter = [0]
-
-    async def pair(index: int) -> None:
-        counter[0] += 1
-        with indirection_api_in_context(api):
-            inst = await Instance.get_by_uuid(ctxt, uuids[index])
-            inst.progress = counter[0] % 100
-            await inst.save()
-
-    return pair
-
-
-def direct_pair(engine: AsyncEngine, uuids: list[str]) -> Pair:
-    """The conductor's database work for one pair, done directly (module docstring)."""
-    table = models.metadata.tables["instances"]
-    read = asyncpg_exec.compile_statement(
-        select(*(c for c in table.c if c.name != "flavor"))
-        .where(table.c.uuid == bindparam("uuid", type_=table.c.uuid.type))
-        .limit(1),
-        engine.dialect,
-    )
-    write = asyncpg_exec.compile_statement(
-        update(table)
-        .where(table.c.uuid == bindparam("uuid", type_=table.c.uuid.type))
-        .values(
-            progress=bindparam("progress", type_=table.c.progress.type),
-            updated_at=bindparam("updated_at", type_=table.c.updated_at.type),
-        )
-        .returning(table.c.updated_at),
-        engine.dialect,
-    )
-    pool = engine.sync_engine.pool
-    counter = [0]
-
-    async def autocommit(stmt: asyncpg_exec.AsyncpgStatement, params: dict[str, Any]) -> Any:
-        # One checkout per operation, as one per RPC request in the conductor. The driver
-        # connection is never in a transaction here: each statement commits on its own.
-        fairy = await greenlet_spawn(pool.connect)
-        try:
-            return await asyncpg_exec.fetch(fairy.driver_connection, stmt, params)
-        finally:
-            await greenlet_spawn(fairy.close)
-
-    async def pair(index: int) -> None:
-        counter[0] += 1
-        (row,) = await autocommit(read, {"uuid": uuids[index]})
-        (changed,) = await autocommit(
-            write,
-            {
-                "uuid": row["uuid"],
-                "progress": counter[0] % 100,
-                "updated_at": datetime.datetime.now(datetime.UTC),
-            },
-        )
-        assert changed["updated_at"] is not None
-
-    return pair
 
 
 @contextlib.asynccontextmanager
@@ -264,77 +138,6 @@ async def wait_ready(api: ConductorAPI, deadline: float = 60.0) -> None:
         except MessagingTimeout:
             if time.monotonic() > end:
                 raise
-
-
-async def layer_costs(db_url: str, calls: int = 2000) -> dict[str, float]:
-    """CPU microseconds per call, in this process, without RPC: the database layer alone
-    (``DbApi`` get / update) against the conductor's endpoint doing the same through objects
-    (``get_by_uuid`` / ``save`` including (de)serialisation). The difference is what the object
-    layer itself costs per request."""
-    from conductor.db.session import Database
-    from conductor.indirection import ConductorIndirectionEndpoint
-    from shared_objects.base import obj_tree_get_versions
-    from shared_objects.serializer import FleetObjectSerializer
-
-    database = Database(db_url)
-    endpoint = ConductorIndirectionEndpoint(database)
-    serializer = FleetObjectSerializer()
-    ctxt = RequestContext()
-    async with database.request(ctxt):
-        flavor = Flavor(ctxt, name=f"layer-{uuid.uuid4().hex[:6]}", vcpus=1, memory_mb=1, root_gb=1)
-        await flavor.create()
-        inst = Instance(ctxt, name="layer", host="h", node="n", flavor=flavor, vm_state="active")
-        await inst.create()
-    manifest = obj_tree_get_versions("Instance")
-
-    async def db_get() -> None:
-        async with database.request(RequestContext(), single_call=True) as db:
-            await db.get("instances", {"uuid": inst.uuid})
-
-    async def db_update() -> None:
-        async with database.request(RequestContext(), single_call=True) as db:
-            await db.update(
-                "instances",
-                {"uuid": inst.uuid},
-                {"progress": 1, "updated_at": datetime.datetime.now(datetime.UTC)},
-                returning=["updated_at"],
-                standalone=True,
-            )
-
-    # As the agent of host "h" (the instance's host): the policy and the scope included.
-    async def endpoint_get() -> None:
-        c = RequestContext(caller="fleet-host-h")
-        reply = await endpoint.object_class_action_versions(
-            c, "Instance", "get_by_uuid", manifest, [inst.uuid], {}
-        )
-        await serializer.serialize_entity(c, reply)
-
-    async def endpoint_save() -> None:
-        c = RequestContext(caller="fleet-host-h")
-        change = Instance(uuid=inst.uuid)
-        change.obj_reset_changes()  # what an agent sends: the key, and the change
-        change.progress = 2
-        objinst = await serializer.deserialize_entity(c, change.obj_to_primitive())
-        reply = await endpoint.object_action(c, objinst, "save", [], {})
-        await serializer.serialize_entity(c, reply)
-
-    out: dict[str, float] = {}
-    try:
-        for name, fn in (
-            ("db_get_us", db_get),
-            ("db_update_us", db_update),
-            ("endpoint_get_us", endpoint_get),
-            ("endpoint_save_us", endpoint_save),
-        ):
-            for _ in range(100):
-                await fn()
-            start = time.process_time()
-            for _ in range(calls):
-                await fn()
-            out[name] = 1e6 * (time.process_time() - start) / calls
-    finally:
-        await database.dispose()
-    return out
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -506,68 +309,6 @@ def table(result: dict[str, Any]) -> str:
         verdict = "meets" if at64 >= TARGET_RATIO_AT_64 else "MISSES"
         lines.append(f"ratio at 64 = {at64:.2f}: {verdict} the target >= {TARGET_RATIO_AT_64}")
     return "\n".join(lines)
-
-
-class _OpenPolicy:
-    """Admits every object call unscoped and unaudited: the conductor as it was before
-    authorisation, for the ``objects_open`` baseline only."""
-
-    def admit(self, ctxt: Any, objname: str, method: str, *_: Any) -> Any:
-        from conductor.object_policy import Admission
-        from shared_objects.identity import Caller, Role
-
-        return Admission(Caller("", Role.CONDUCTOR), f"{objname}.{method}", None, False)
-
-
-class _BenchConductor:
-    """A real conductor (policy on, topic ``T``) that also serves ``T-open`` with authorisation
-    off, from the same process and database pool: the two object paths differ only by the
-    policy (a second conductor process would double the database connections)."""
-
-    def __init__(self, topic: str) -> None:
-        from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
-        from conductor.service import ConductorService
-        from shared_objects.config import load_config
-        from shared_objects.log import configure_service_logging
-        from shared_objects.messaging import RPCServer, Target
-        from shared_objects.serializer import FleetObjectSerializer
-
-        self.cfg = load_config()
-        configure_service_logging(self.cfg, "conductor")
-        self.service = ConductorService(self.cfg, topic=topic)
-        open_endpoint = ConductorIndirectionEndpoint(self.service.database)
-        open_endpoint.policy = _OpenPolicy()  # type: ignore[assignment]
-        self.open_server = RPCServer(
-            self.service.transport,
-            Target(topic=f"{topic}-open", server=self.cfg.host),
-            endpoints=[open_endpoint, BaseAPIEndpoint()],
-            serializer=FleetObjectSerializer(),
-        )
-        self.metrics = self.service.metrics
-
-    @property
-    def ready(self) -> bool:
-        return self.service.ready
-
-    async def start(self) -> None:
-        await self.service.start()
-        await self.open_server.start()
-
-    async def stop(self, grace: float | None = None) -> None:
-        await self.open_server.stop()
-        await self.service.stop(grace)
-
-    async def reload(self) -> None:
-        await self.service.reload()
-
-
-def serve_bench_conductor(topic: str) -> None:
-    """``--serve-bench-conductor``: see :class:`_BenchConductor` (bench only: the real
-    services have no switch that turns authorisation off)."""
-    from shared_objects.service_runner import run, run_service
-
-    conductor = _BenchConductor(topic)
-    run(run_service(conductor, conductor.cfg, "conductor"))
 
 
 def main() -> None:
