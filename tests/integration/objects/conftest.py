@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 def conductor_url(amqp_url: str, broker_logins: BrokerLogins | None) -> str:
     """A conductor's login, for the conductor and for this process and its agent peer alike:
     these tests are about the object plumbing, which a conductor may use unrestricted (what an
-    agent's login may do is tests/security's and tests/integration/db/test_ownership.py's)."""
+    agent's login may do is tests/security's and tests/integration/db/ownership/'s)."""
     if broker_logins is None:
         return amqp_url
     return broker_logins.url_for(broker_logins.conductor_login("1"))

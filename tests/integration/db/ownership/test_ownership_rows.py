@@ -9,19 +9,11 @@ exactly as it was (compared row by row with ``conductor.testing.snapshot``).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from ownership_world import H1, H2, H3, NOBODY, REQ, Call, World, _create, refused
 
-from conductor.db import migration
-from conductor.db.ownership import (
-    ACTIVE_MIGRATION_STATUSES,
-    MOVABLE_MIGRATION_STATUSES,
-    OwnerScope,
-)
-from conductor.db.session import Database
 from conductor.testing import snapshot
 from shared_objects import exception, releases
 from shared_objects.context import RequestContext
@@ -48,177 +40,6 @@ from shared_objects.objects import (
 )
 
 pytestmark = pytest.mark.integration
-
-H1, H2, H3 = "h1", "h2", "h3"
-REQ = "req-ownership"
-NOBODY = "0b7c3f33-52a7-4f8e-9d55-3c1f0f0c0a11"
-
-
-@pytest.fixture(params=["sqlite", "pg-driver", "pg-sqlalchemy"])
-def backend(request: pytest.FixtureRequest) -> tuple[str, bool]:
-    """A fresh database URL and whether to use the asyncpg driver path."""
-    if request.param == "sqlite":
-        return str(request.getfixturevalue("sqlite_database_url")), False
-    return str(request.getfixturevalue("pg_database_url")), request.param == "pg-driver"
-
-
-@pytest.fixture
-async def database(backend: tuple[str, bool]) -> AsyncIterator[Database]:
-    url, driver_path = backend
-    await migration.upgrade(url)
-    database = Database(url, driver_path=driver_path)
-    assert database.driver_path is driver_path
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
-Call = Callable[[RequestContext], Awaitable[Any]]
-
-
-class Caller:
-    """Runs object calls the way the indirection endpoint does: one unit of work per call,
-    scoped to ``host`` (None: unscoped, as for a conductor or an operator)."""
-
-    def __init__(self, database: Database, host: str | None) -> None:
-        self.database = database
-        self.scope = None if host is None else OwnerScope(frozenset({host}), f"fleet-host-{host}")
-        self.statements = 0
-
-    async def __call__(self, call: Call, *objects: Any, request_id: str = REQ) -> Any:
-        ctxt = RequestContext(request_id=request_id, user_id="u1", project_id="p1")
-        async with self.database.request(ctxt, single_call=True, scope=self.scope) as db:
-            for obj in objects:
-                obj._context = ctxt
-            try:
-                return await call(ctxt)
-            finally:
-                self.statements = db.statements
-
-
-@dataclasses.dataclass
-class Side:
-    """One host's belongings."""
-
-    instance: Instance
-    node: ComputeNode
-    service: Service
-    bdm: BlockDeviceMapping
-    action: InstanceAction
-    event: InstanceActionEvent
-    fault: InstanceFault
-    group: SecurityGroup
-    rule: SecurityGroupRule
-
-
-@dataclasses.dataclass
-class World:
-    database: Database
-    flavor: Flavor
-    mine: Side
-    theirs: Side
-    conductor_service: Service
-
-    def agent(self, host: str | None = H1) -> Caller:
-        return Caller(self.database, host)
-
-    async def instance(self, host: str | None, **values: Any) -> Instance:
-        values.setdefault("vm_state", VMState.ACTIVE)
-        return await self.agent(None)(
-            lambda c: _create(Instance(c, flavor=self.flavor, host=host, node=host, **values))
-        )
-
-    async def migration(self, instance: Instance, source: str, dest: str, status: str) -> Migration:
-        return await self.agent(None)(
-            lambda c: _create(
-                Migration(
-                    c,
-                    instance_uuid=instance.uuid,
-                    source_compute=source,
-                    dest_compute=dest,
-                    source_node=source,
-                    dest_node=dest,
-                    status=status,
-                    migration_type="live-migration",
-                )
-            )
-        )
-
-    async def reload(self, instance: Instance) -> Instance:
-        found: Instance = await self.agent(None)(lambda c: Instance.get_by_uuid(c, instance.uuid))
-        return found
-
-
-async def _create(obj: Any) -> Any:
-    await obj.create()
-    return obj
-
-
-async def _side(ctxt: RequestContext, flavor: Flavor, host: str) -> Side:
-    group = await _create(SecurityGroup(ctxt, name=f"sg-{host}", project_id="p1"))
-    rule = await _create(
-        SecurityGroupRule(
-            ctxt, parent_group_id=group.id, protocol="tcp", from_port=22, to_port=22, cidr="::/0"
-        )
-    )
-    instance = await _create(
-        Instance(
-            ctxt,
-            flavor=flavor,
-            name=f"vm-{host}",
-            user_id="u1",
-            project_id="p1",
-            host=host,
-            node=host,
-            vm_state=VMState.ACTIVE,
-            security_groups=SecurityGroupList(ctxt, objects=[group]),
-        )
-    )
-    node = await _create(ComputeNode(ctxt, host=host, hypervisor_hostname=host, vcpus=8))
-    service = await Service.register(ctxt, host, releases.BINARY_COMPUTE, "compute", 1)
-    bdm = await _create(
-        BlockDeviceMapping(
-            ctxt,
-            instance_uuid=instance.uuid,
-            volume_id=f"vol-{host}",
-            source_type="volume",
-            destination_type="volume",
-            device_name="/dev/vdb",
-        )
-    )
-    action = await InstanceAction.action_start(ctxt, instance.uuid, "create")
-    event = await InstanceActionEvent.event_start(ctxt, instance.uuid, "compute_x", host)
-    fault = await _create(
-        InstanceFault(ctxt, instance_uuid=instance.uuid, code=500, message="boom", host=host)
-    )
-    return Side(instance, node, service, bdm, action, event, fault, group, rule)
-
-
-@pytest.fixture
-async def world(database: Database) -> World:
-    ctxt = RequestContext(request_id=REQ, user_id="u1", project_id="p1")
-    async with database.request(ctxt):
-        flavor = await _create(Flavor(ctxt, name="small", vcpus=1, memory_mb=512, root_gb=1))
-        mine = await _side(ctxt, flavor, H1)
-        theirs = await _side(ctxt, flavor, H2)
-        conductor_service = await Service.register(
-            ctxt, H1, releases.BINARY_CONDUCTOR, "conductor", 1
-        )
-    return World(database, flavor, mine, theirs, conductor_service)
-
-
-async def refused(world: World, call: Call, *objects: Any, host: str = H1) -> exception.Forbidden:
-    """``call`` as an agent of ``host`` is Forbidden and changes nothing."""
-    before = await snapshot(world.database)
-    with pytest.raises(exception.Forbidden) as caught:
-        await world.agent(host)(call, *objects)
-    assert await snapshot(world.database) == before
-    assert f"fleet-host-{host}" in str(caught.value)
-    return caught.value
-
-
-# --- own rows -----------------------------------------------------------------------------------
 
 
 async def test_an_agent_reads_and_writes_what_is_its_own(world: World) -> None:
@@ -319,9 +140,6 @@ async def test_lists_hold_only_the_agents_rows(world: World) -> None:
         await agent(lambda c: InstanceFault.get_latest_for_instance(c, theirs))
     with pytest.raises(exception.Forbidden):
         await agent(lambda c: InstanceActionEvent.event_finish(c, theirs, "compute_x"))
-
-
-# --- other hosts' rows --------------------------------------------------------------------------
 
 
 async def test_another_hosts_rows_are_forbidden(world: World) -> None:
@@ -448,9 +266,6 @@ async def test_an_agent_creates_its_own_compute_node_and_service(world: World) -
     assert service.host == H3 and service.report_count == 0
 
 
-# --- columns and values -------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     ("column", "value"),
     [
@@ -521,143 +336,6 @@ async def test_a_failed_compare_and_swap_on_an_own_row_is_still_a_conflict(world
         await agent(lambda c: gone.destroy(), gone)
 
 
-# --- live migration -----------------------------------------------------------------------------
-
-
-async def test_host_changes_only_to_its_own_migrations_destination(world: World) -> None:
-    """Source side: ``host`` may become the destination of the instance's latest migration,
-    while the instance is migrating; nowhere else, never without a migration."""
-    inst = await world.instance(H1)
-    inst.host = H2
-    await refused(world, lambda c: inst.save(), inst)  # no migration at all
-    old = await world.migration(inst, H1, H3, MigrationStatus.FAILED)
-    await world.migration(inst, H1, H2, MigrationStatus.RUNNING)
-    inst = await world.reload(inst)
-    inst.host = H2
-    await refused(world, lambda c: inst.save(), inst)  # migration, but the instance is idle
-    inst = await world.reload(inst)
-    inst.task_state = TaskState.MIGRATING
-    await world.agent(H1)(lambda c: inst.save(expected_task_state=[None]), inst)
-    for wrong in (H3, "elsewhere"):  # an older migration's destination; no migration's
-        inst.host = wrong
-        await refused(world, lambda c: inst.save(expected_task_state=[TaskState.MIGRATING]), inst)
-    # The older migration's destination is no peer any more.
-    await refused(world, lambda c: Instance.get_by_uuid(c, inst.uuid), host=H3)
-    assert [
-        m.id for m in await world.agent(H3)(lambda c: MigrationList.get_by_instance(c, inst.uuid))
-    ] == [old.id]
-    inst.host = H2
-    inst.node = H2
-    inst.task_state = None
-    await world.agent(H1)(lambda c: inst.save(expected_task_state=[TaskState.MIGRATING]), inst)
-    assert (await world.reload(inst)).host == H2
-
-
-async def test_the_destination_reads_saves_and_takes_the_instance(world: World) -> None:
-    """Destination side: during an active migration it reads and saves the source's instance
-    and, at the switch-over, moves it to itself; it may not destroy it or hand it back."""
-    inst = await world.instance(H2, task_state=TaskState.MIGRATING)
-    await world.agent(None)(lambda c: InstanceAction.action_start(c, inst.uuid, "live-migration"))
-    migration = await world.migration(inst, H2, H1, MigrationStatus.POST_MIGRATING)
-    agent = world.agent(H1)
-    current = await agent(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    assert current.host == H2
-    current.progress = 90
-    await agent(lambda c: current.save(expected_task_state=[TaskState.MIGRATING]), current)
-    await agent(lambda c: InstanceActionEvent.event_start(c, inst.uuid, "compute_post", H1))
-    assert [m.id for m in await agent(lambda c: MigrationList.get_in_progress_by_host(c, H1))] == [
-        migration.id
-    ]
-    current = await agent(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    await refused(world, lambda c: current.destroy(), current)
-    current.host = None
-    await refused(world, lambda c: current.save(), current)
-    current = await agent(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    current.host = H3  # not this migration's destination
-    await refused(world, lambda c: current.save(), current)
-    current = await agent(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    current.host, current.node = H1, H1
-    current.task_state = None
-    current.vm_state = VMState.ACTIVE
-    await agent(lambda c: current.save(expected_task_state=[TaskState.MIGRATING]), current)
-    assert (await world.reload(inst)).host == H1
-    # A third host never was part of it.
-    await refused(world, lambda c: Instance.get_by_uuid(c, inst.uuid), host=H3)
-
-
-async def test_after_a_migration_its_hosts_may_finish_its_records_but_not_write_the_instance(
-    world: World,
-) -> None:
-    inst = await world.instance(H1)
-    await world.agent(None)(lambda c: InstanceAction.action_start(c, inst.uuid, "live-migration"))
-    migration = await world.migration(inst, H2, H1, MigrationStatus.COMPLETED)
-    source = world.agent(H2)
-    # The source finishes the action and records faults after the switch-over...
-    done = await source(lambda c: InstanceAction.action_finish(c, inst.uuid))
-    assert done.finish_time is not None
-    await source(
-        lambda c: _create(InstanceFault(c, instance_uuid=inst.uuid, code=500, message="late"))
-    )
-    # ... and its recovery may still look at the instance, but no longer change it.
-    current = await source(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    current.task_state = TaskState.MIGRATING
-    await refused(world, lambda c: current.save(), current, host=H2)
-    # A finished migration cannot be reopened to get the instance back.
-    migration.status = MigrationStatus.RUNNING
-    await refused(world, lambda c: migration.save(), migration, host=H2)
-    # Finished to finished is recovery's business.
-    failed = await world.migration(inst, H1, H3, MigrationStatus.ERROR)
-    failed.status = MigrationStatus.COMPLETED
-    await world.agent(H3)(lambda c: failed.save(), failed)
-    # Until then the older migration's source is out.
-    await refused(world, lambda c: Instance.get_by_uuid(c, inst.uuid), host=H2)
-
-
-@pytest.mark.parametrize(
-    "status", [MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED]
-)
-async def test_a_settled_migration_moves_nothing(world: World, status: str) -> None:
-    """Even with the instance (re)marked ``migrating`` by its owner, a settled latest migration
-    does not let the instance switch to that migration's destination."""
-    inst = await world.instance(H1, task_state=TaskState.MIGRATING)
-    await world.migration(inst, H1, H2, status)
-    inst.host = H2
-    inst.obj_reset_changes(["task_state"])
-    await refused(world, lambda c: inst.save(expected_task_state=[TaskState.MIGRATING]), inst)
-    stale = await world.reload(inst)
-    stale.host = H2
-    await refused(
-        world,
-        lambda c: stale.save(expected_task_state=[TaskState.MIGRATING]),
-        stale,
-        host=H2,
-    )
-
-
-async def test_an_unsettled_migration_stays_writable_for_both_hosts(world: World) -> None:
-    """A migration marked ``error`` while the instance is still ``migrating`` (the source could
-    not reach the destination) is settled later by either host's recovery."""
-    inst = await world.instance(H2, task_state=TaskState.MIGRATING)
-    await world.migration(inst, H2, H1, MigrationStatus.ERROR)
-    dest = world.agent(H1)
-    current = await dest(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    current.host, current.node, current.task_state = H1, H1, None
-    await dest(lambda c: current.save(expected_task_state=[TaskState.MIGRATING]), current)
-    await dest(
-        lambda c: _create(InstanceFault(c, instance_uuid=inst.uuid, code=500, message="settled"))
-    )
-    # Settled: the old source's own compare-and-swap now fails as a conflict, not a refusal.
-    stale = await world.agent(H2)(lambda c: Instance.get_by_uuid(c, inst.uuid))
-    stale.task_state = None
-    with pytest.raises(exception.UnexpectedTaskStateError):
-        await world.agent(H2)(
-            lambda c: stale.save(expected_task_state=[TaskState.MIGRATING]), stale
-        )
-
-
-# --- cost -----------------------------------------------------------------------------------------
-
-
 async def test_a_scoped_call_runs_as_many_statements_as_an_unscoped_one(world: World) -> None:
     mine = world.mine
     uuid = mine.instance.uuid
@@ -704,10 +382,3 @@ async def test_a_scoped_call_runs_as_many_statements_as_an_unscoped_one(world: W
         counts[name] = (scoped.statements, unscoped.statements)
     assert all(s == u for s, u in counts.values()), counts
     assert counts["save"] == (1, 1) and counts["get"] == (1, 1), counts
-
-
-async def test_active_statuses_are_the_unfinished_ones() -> None:
-    assert set(ACTIVE_MIGRATION_STATUSES) == set(MigrationStatus.ALL) - set(
-        MigrationStatus.FINISHED
-    )
-    assert set(MOVABLE_MIGRATION_STATUSES) - set(ACTIVE_MIGRATION_STATUSES) == {"error"}
