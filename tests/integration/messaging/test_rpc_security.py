@@ -1,40 +1,34 @@
 """Issue 11 on the real RabbitMQ, with per-host broker logins: forged replies are ignored, reply
-queues are exclusive and carry the login, ids come from ``secrets``, requests without a
-broker-validated user_id are refused, the authorizer refuses before anything runs, and agents
-stay off the shared topic queue."""
+queues are exclusive and carry the login (also when a stale connection still holds one), and ids
+come from ``secrets`` (requests: ``test_rpc_security_requests.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import aio_pika
 import aiormq
 import pytest
+from rpc_security_parties import HEX32, Conductor, MakeTransport, ignore_delivery, only, reply_body
 from structlog.testing import capture_logs
 
 from shared_objects.config import MessagingConfig
-from shared_objects.context import RequestContext
 from shared_objects.messaging import (
-    MessagingError,
     MessagingTimeout,
     RPCClient,
     RPCServer,
     Target,
-    Transport,
     codec,
-    expose,
     get_transport,
     ids,
 )
-from shared_objects.messaging.exceptions import RequestRefused, UncoveredMethods
 from shared_objects.messaging.testing import BrokerJanitor, vhost_path
 from shared_objects.messaging.topology import REPLY_EXCHANGE
 from shared_objects.testing import ProxyMode, TcpProxy
@@ -42,70 +36,6 @@ from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-HEX32 = "[0-9a-f]{32}"
-MakeTransport = Callable[[str], Transport]  # the ``transport_as`` fixture (conftest.py)
-
-
-class Conductor:
-    """What a conductor serves: state that refused calls must leave alone."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any, str | None]] = []
-        self.things = {"a", "b"}
-        self.release = asyncio.Event()
-        self.release.set()
-
-    @expose
-    async def echo(self, ctxt: RequestContext, value: Any = None) -> dict[str, Any]:
-        self.calls.append(("echo", value, ctxt.caller))
-        await self.release.wait()
-        return {"value": value, "caller": ctxt.caller, "is_admin": ctxt.is_admin}
-
-    @expose
-    async def delete_everything(self, ctxt: RequestContext) -> int:
-        self.calls.append(("delete_everything", None, ctxt.caller))
-        deleted = len(self.things)
-        self.things.clear()
-        return deleted
-
-
-class LoginPolicy:
-    """An authorizer keyed by login, as a service would build from its identities."""
-
-    def __init__(self, table: dict[str, set[str]]) -> None:
-        self.table = table
-        self.refused: list[tuple[str | None, str]] = []
-
-    def covers(self, namespace: str | None, method: str) -> bool:
-        return namespace is None and method in self.table
-
-    def authorize(self, ctxt: RequestContext, namespace: str | None, method: str) -> None:
-        if ctxt.caller not in self.table[method]:
-            self.refused.append((ctxt.caller, method))
-            raise RequestRefused(f"{ctxt.caller} may not call {method}")
-
-
-def only(*logins: str) -> Callable[[Target], Callable[[str | None], bool]]:
-    def reply_from(target: Target) -> Callable[[str | None], bool]:
-        return lambda login: login in logins
-
-    return reply_from
-
-
-def _reply_body(msg_id: str, result: Any, *, ending: bool = True) -> bytes:
-    return codec.encode_message(
-        {
-            "result": result,
-            "failure": None,
-            "ending": ending,
-            "_msg_id": msg_id,
-            "_unique_id": uuid.uuid4().hex,
-        }
-    )
-
-
-# -- replies -----------------------------------------------------------------------------------
 
 
 async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_returned(
@@ -140,16 +70,16 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
                 closed = await forger.channel(publisher_confirms=True)
                 with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
                     await closed.default_exchange.publish(
-                        aio_pika.Message(_reply_body(msg_id, "forged"), user_id=host2),
+                        aio_pika.Message(reply_body(msg_id, "forged"), user_id=host2),
                         routing_key=reply_q,
                     )
                 channel = await forger.channel()
                 replies = await channel.get_exchange(REPLY_EXCHANGE.name, ensure=False)
                 with capture_logs() as logs:
                     for message in (
-                        aio_pika.Message(_reply_body(msg_id, "forged"), user_id=host2),
-                        aio_pika.Message(_reply_body(msg_id, "forged, no user_id")),
-                        aio_pika.Message(_reply_body(msg_id, None, ending=False)),
+                        aio_pika.Message(reply_body(msg_id, "forged"), user_id=host2),
+                        aio_pika.Message(reply_body(msg_id, "forged, no user_id")),
+                        aio_pika.Message(reply_body(msg_id, None, ending=False)),
                     ):
                         await replies.publish(message, routing_key=reply_q)
                     await eventually(
@@ -160,7 +90,7 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
                 spoof_replies = await spoof.get_exchange(REPLY_EXCHANGE.name, ensure=False)
                 with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
                     await spoof_replies.publish(
-                        aio_pika.Message(_reply_body(msg_id, "spoofed"), user_id=conductor),
+                        aio_pika.Message(reply_body(msg_id, "spoofed"), user_id=conductor),
                         routing_key=reply_q,
                     )
             await asyncio.sleep(0.2)  # an absence check: a forged reply taken would end the call
@@ -212,18 +142,11 @@ async def test_reply_queue_carries_the_login_and_no_other_connection_can_consume
                 try:
                     channel = await connection.channel()
                     with pytest.raises(error):
-                        await channel.basic_consume(name, _ignore, no_ack=True)
+                        await channel.basic_consume(name, ignore_delivery, no_ack=True)
                 finally:
                     await connection.close()
             # Still ours, still working.
             assert (await client.call(None, "echo", value=2))["value"] == 2
-
-
-async def _ignore(message: Any) -> None:
-    return None
-
-
-# -- ids ---------------------------------------------------------------------------------------
 
 
 async def test_ids_on_the_wire_come_from_secrets(
@@ -271,193 +194,6 @@ async def test_ids_on_the_wire_come_from_secrets(
         assert request["_msg_id"] in made and request["_unique_id"] in made
     assert len({r["_msg_id"] for r in seen} | {r["_unique_id"] for r in seen}) == 6
     assert transport.replies.queue_name.rpartition("_")[2] in made
-
-
-# -- requests without a broker-validated user_id -----------------------------------------------
-
-
-async def test_request_without_user_id_is_refused_with_an_error_reply(
-    logins: BrokerLogins,
-    transport_as: MakeTransport,
-    amqp_url: str,
-    control_exchange: str,
-    janitor: BrokerJanitor,
-) -> None:
-    janitor.server_topology(control_exchange, "conductor", "c1")
-    endpoint = Conductor()
-    async with transport_as(logins.conductor_login("1")) as conductor_t:
-        server = RPCServer(
-            conductor_t, Target(topic="conductor", server="c1"), [endpoint], require_user_id=True
-        )
-        async with server:
-            connection = await aio_pika.connect(amqp_url.replace("rabbit", "amqp"))
-            async with connection:
-                channel = await connection.channel()
-                replies: dict[str, dict[str, Any]] = {}
-                # oslo-style: servers answer only queues named like reply queues
-                reply_q = await channel.declare_queue(f"reply_{uuid.uuid4().hex}", exclusive=True)
-
-                async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                    body = codec.decode_message(message.body)
-                    replies[body["_msg_id"]] = body
-
-                await reply_q.consume(on_reply, no_ack=True)
-                exchange = await channel.get_exchange(control_exchange, ensure=False)
-
-                def request(msg_id: str | None, value: str) -> bytes:
-                    inner: dict[str, Any] = {"method": "echo", "args": {"value": value}}
-                    if msg_id is not None:
-                        inner.update(_msg_id=msg_id, _reply_q=reply_q.name)
-                    return codec.encode_message(inner)
-
-                with capture_logs() as logs:
-                    # Like an oslo.messaging publisher: no user_id property at all.
-                    await exchange.publish(
-                        aio_pika.Message(request("anon", "x")), routing_key="conductor"
-                    )
-                    await exchange.publish(
-                        aio_pika.Message(request(None, "cast")), routing_key="conductor"
-                    )
-                    # The same with the broker-validated login set.
-                    await exchange.publish(
-                        aio_pika.Message(request("authed", "y"), user_id="guest"),
-                        routing_key="conductor",
-                    )
-                    await eventually(lambda: len(replies) == 2, 10.0, interval=0.02)
-                    await eventually(
-                        lambda: server.stats()["dropped"].get("no_user_id") == 2,
-                        10.0,
-                        interval=0.02,
-                    )
-    anon = replies["anon"]
-    failure = json.loads(anon["failure"])
-    assert (failure["class"], failure["module"]) == (
-        "Unauthenticated",
-        "shared_objects.messaging.exceptions",
-    )
-    assert "no broker-validated user_id" in failure["message"]
-    assert replies["authed"]["result"]["value"] == "y"
-    assert endpoint.calls == [("echo", "y", "guest")]
-    refused = [e for e in logs if e["event"] == "rpc_request_refused"]
-    assert [(e["log_level"], e["reason"], e["queue"]) for e in refused] == [
-        ("warning", "no_user_id", "conductor")
-    ] * 2
-
-
-# -- the authorizer ----------------------------------------------------------------------------
-
-
-async def test_authorizer_refusal_returns_the_error_and_changes_nothing(
-    logins: BrokerLogins,
-    transport_as: MakeTransport,
-    control_exchange: str,
-    janitor: BrokerJanitor,
-) -> None:
-    conductor, host1, host2 = (
-        logins.conductor_login("1"),
-        logins.host_login("compute-1"),
-        logins.host_login("compute-2"),
-    )
-    janitor.server_topology(control_exchange, "conductor", "c1")
-    endpoint = Conductor()
-    policy = LoginPolicy({"echo": {host1, host2}, "delete_everything": {conductor}})
-    async with transport_as(conductor) as conductor_t, transport_as(host2) as host_t:
-        server = RPCServer(
-            conductor_t,
-            Target(topic="conductor", server="c1"),
-            [endpoint],
-            authorizer=policy,
-            require_user_id=True,
-        )
-        async with server:
-            client = RPCClient(
-                host_t, Target(topic="conductor"), timeout=10, reply_from=only(conductor)
-            )
-            with pytest.raises(RequestRefused, match="may not call delete_everything"):
-                await client.call(None, "delete_everything")
-            # A wire context claiming admin rights changes nothing.
-            admin = RequestContext(is_admin=True, roles=["admin"])
-            with pytest.raises(RequestRefused):
-                await client.call(admin, "delete_everything")
-            assert endpoint.things == {"a", "b"}
-            assert endpoint.calls == []
-            assert (await client.call(admin, "echo", value=1)) == {
-                "value": 1,
-                "caller": host2,
-                "is_admin": False,
-            }
-            assert server.stats()["calls"] == {"delete_everything:forbidden": 2, "echo:ok": 1}
-    assert policy.refused == [(host2, "delete_everything")] * 2
-
-
-async def test_authorizer_that_misses_an_exposed_method_fails_construction(
-    amqp_url: str, control_exchange: str
-) -> None:
-    config = MessagingConfig(transport_url=amqp_url, control_exchange=control_exchange)
-    transport = get_transport(config)
-    with pytest.raises(UncoveredMethods, match="delete_everything"):
-        RPCServer(
-            transport,
-            Target(topic="conductor", server="c1"),
-            [Conductor()],
-            authorizer=LoginPolicy({"echo": set()}),
-        )
-
-
-# -- agents stay off the shared topic queue ----------------------------------------------------
-
-
-async def test_agent_serves_only_its_own_queues_within_its_permissions(
-    logins: BrokerLogins,
-    transport_as: MakeTransport,
-    amqp_url: str,
-    control_exchange: str,
-    janitor: BrokerJanitor,
-) -> None:
-    conductor, host1 = logins.conductor_login("1"), logins.host_login("compute-1")
-    janitor.server_topology(control_exchange, "compute", "compute-1")
-    endpoint = Conductor()
-    # The session's vhost is shared with earlier tests (a cluster test's conductor may have
-    # left a "compute" queue): start from none, so the check below is about this server.
-    connection = await aiormq.connect(amqp_url.replace("rabbit", "amqp"))
-    try:
-        await (await connection.channel()).queue_delete("compute")
-    finally:
-        await connection.close()
-    async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
-        server = RPCServer(
-            host_t, Target(topic="compute", server="compute-1"), [endpoint], listen_on_topic=False
-        )
-        async with server:
-            fanout = server._fanout_queue
-            assert fanout is not None
-            assert re.fullmatch(rf"compute_fanout_compute-1_{HEX32}", fanout.name)
-            client = RPCClient(
-                conductor_t, Target(topic="compute"), timeout=10, reply_from=only(host1)
-            )
-            result = await client.prepare(server="compute-1").call(None, "echo", value=1)
-            assert result["caller"] == conductor
-            await client.prepare(fanout=True).cast(None, "echo", value="everyone")
-            await eventually(
-                lambda: ("echo", "everyone", conductor) in endpoint.calls, 10.0, interval=0.02
-            )
-            # Nobody declared the shared queue: a call to the bare topic goes nowhere.
-            connection = await aiormq.connect(amqp_url.replace("rabbit", "amqp"))
-            try:
-                channel = await connection.channel()
-                with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
-                    await channel.queue_declare("compute", passive=True)
-            finally:
-                await connection.close()
-        if not logins.agent_topic_queue:
-            # Where agents are not granted the shared queue, consuming it is refused outright.
-            with pytest.raises(MessagingError, match="ACCESS_REFUSED"):
-                await RPCServer(
-                    host_t, Target(topic="compute", server="compute-1"), [endpoint]
-                ).start()
-
-
-# -- exclusive reply queues across a reconnect -------------------------------------------------
 
 
 async def test_reply_queue_held_by_a_stale_connection_is_retried_until_free(
