@@ -1,4 +1,4 @@
-"""How ``scale.py`` reports: figures derived against the floor run, the commit measured, the table."""
+"""How ``scale.py`` reports: figures derived against the floor run, the commit, the table."""
 
 from __future__ import annotations
 
