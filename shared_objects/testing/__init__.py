@@ -8,6 +8,7 @@
 - ``isolation``: a private vhost and a fresh database on the shared services (tests, bench/, demos).
 - ``eventually.eventually``: poll a condition against a deadline instead of sleeping.
 - ``fleet.in_process_fleet``: a conductor and N real agents in this process (memory transport).
+- ``forged``: a reply as a hostile login would publish it, reply checks naming who may answer.
 - ``pytest_plugin``: all of the above as pytest fixtures (``docs/architecture.md``, "Test kit").
 """
 

@@ -1,17 +1,18 @@
 """The parties of the RPC security tests on RabbitMQ (``test_rpc_security*.py``): a conductor
-endpoint, a policy by login, reply checks naming the expected logins, a forged reply's body.
+endpoint, a policy by login, the logins of a conductor and two agents, an ignoring consumer
+(forged replies and reply checks: ``shared_objects.testing.forged``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Target, Transport, codec, expose
+from shared_objects.messaging import Transport, expose
 from shared_objects.messaging.exceptions import RequestRefused
+from shared_objects.testing.broker_logins import BrokerLogins
 
 HEX32 = "[0-9a-f]{32}"
 MakeTransport = Callable[[str], Transport]  # the ``transport_as`` fixture (conftest.py)
@@ -56,24 +57,14 @@ class LoginPolicy:
             raise RequestRefused(f"{ctxt.caller} may not call {method}")
 
 
-def only(*logins: str) -> Callable[[Target], Callable[[str | None], bool]]:
-    def reply_from(target: Target) -> Callable[[str | None], bool]:
-        return lambda login: login in logins
-
-    return reply_from
-
-
-def reply_body(msg_id: str, result: Any, *, ending: bool = True) -> bytes:
-    return codec.encode_message(
-        {
-            "result": result,
-            "failure": None,
-            "ending": ending,
-            "_msg_id": msg_id,
-            "_unique_id": uuid.uuid4().hex,
-        }
-    )
-
-
 async def ignore_delivery(message: Any) -> None:
     return None
+
+
+def three_parties(logins: BrokerLogins) -> tuple[str, str, str]:
+    """The logins of conductor ``1`` and of the agents of ``compute-1`` and ``compute-2``."""
+    return (
+        logins.conductor_login("1"),
+        logins.host_login("compute-1"),
+        logins.host_login("compute-2"),
+    )

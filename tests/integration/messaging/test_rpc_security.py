@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import pytest
-from rpc_security_parties import HEX32, Conductor, MakeTransport, ignore_delivery, only, reply_body
+from rpc_security_parties import HEX32, Conductor, MakeTransport, ignore_delivery, three_parties
 from structlog.testing import capture_logs
 
 from shared_objects.config import MessagingConfig
@@ -34,6 +34,7 @@ from shared_objects.messaging.topology import REPLY_EXCHANGE
 from shared_objects.testing import ProxyMode, TcpProxy
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.eventually import eventually
+from shared_objects.testing.forged import replies_only_from, reply_body
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -45,18 +46,17 @@ async def test_forged_reply_from_another_login_is_ignored_and_the_genuine_one_re
     control_exchange: str,
     janitor: BrokerJanitor,
 ) -> None:
-    conductor, host1, host2 = (
-        logins.conductor_login("1"),
-        logins.host_login("compute-1"),
-        logins.host_login("compute-2"),
-    )
+    conductor, host1, host2 = three_parties(logins)
     janitor.server_topology(control_exchange, "conductor", "c1")
     endpoint = Conductor()
     endpoint.release.clear()
     async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
         async with RPCServer(conductor_t, Target(topic="conductor", server="c1"), [endpoint]):
             client = RPCClient(
-                host_t, Target(topic="conductor"), timeout=15, reply_from=only(conductor)
+                host_t,
+                Target(topic="conductor"),
+                timeout=15,
+                reply_from=replies_only_from(conductor),
             )
             call = asyncio.create_task(client.call(None, "echo", value="genuine"))
             await eventually(lambda: bool(endpoint.calls), 10.0, interval=0.02)
@@ -115,11 +115,7 @@ async def test_reply_queue_carries_the_login_and_no_other_connection_can_consume
     control_exchange: str,
     janitor: BrokerJanitor,
 ) -> None:
-    conductor, host1, host2 = (
-        logins.conductor_login("1"),
-        logins.host_login("compute-1"),
-        logins.host_login("compute-2"),
-    )
+    conductor, host1, host2 = three_parties(logins)
     janitor.server_topology(control_exchange, "conductor", "c1")
     async with transport_as(conductor) as conductor_t, transport_as(host1) as host_t:
         async with RPCServer(conductor_t, Target(topic="conductor", server="c1"), [Conductor()]):

@@ -13,7 +13,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import pytest
-from rpc_security_parties import HEX32, Conductor, LoginPolicy, MakeTransport, only
+from rpc_security_parties import HEX32, Conductor, LoginPolicy, MakeTransport, three_parties
 from structlog.testing import capture_logs
 
 from shared_objects.config import MessagingConfig
@@ -30,6 +30,7 @@ from shared_objects.messaging.exceptions import RequestRefused, UncoveredMethods
 from shared_objects.messaging.testing import BrokerJanitor
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.eventually import eventually
+from shared_objects.testing.forged import replies_only_from
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -108,11 +109,7 @@ async def test_authorizer_refusal_returns_the_error_and_changes_nothing(
     control_exchange: str,
     janitor: BrokerJanitor,
 ) -> None:
-    conductor, host1, host2 = (
-        logins.conductor_login("1"),
-        logins.host_login("compute-1"),
-        logins.host_login("compute-2"),
-    )
+    conductor, host1, host2 = three_parties(logins)
     janitor.server_topology(control_exchange, "conductor", "c1")
     endpoint = Conductor()
     policy = LoginPolicy({"echo": {host1, host2}, "delete_everything": {conductor}})
@@ -126,7 +123,10 @@ async def test_authorizer_refusal_returns_the_error_and_changes_nothing(
         )
         async with server:
             client = RPCClient(
-                host_t, Target(topic="conductor"), timeout=10, reply_from=only(conductor)
+                host_t,
+                Target(topic="conductor"),
+                timeout=10,
+                reply_from=replies_only_from(conductor),
             )
             with pytest.raises(RequestRefused, match="may not call delete_everything"):
                 await client.call(None, "delete_everything")
@@ -185,7 +185,10 @@ async def test_agent_serves_only_its_own_queues_within_its_permissions(
             assert fanout is not None
             assert re.fullmatch(rf"compute_fanout_compute-1_{HEX32}", fanout.name)
             client = RPCClient(
-                conductor_t, Target(topic="compute"), timeout=10, reply_from=only(host1)
+                conductor_t,
+                Target(topic="compute"),
+                timeout=10,
+                reply_from=replies_only_from(host1),
             )
             result = await client.prepare(server="compute-1").call(None, "echo", value=1)
             assert result["caller"] == conductor

@@ -20,32 +20,11 @@ from shared_objects.messaging import (
     RPCServer,
     Target,
     Transport,
-    codec,
-    ids,
 )
-from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.messaging.memory import MemoryDriver
 from shared_objects.messaging.topology import DEFAULT_EXCHANGE, QueueSpec
 from shared_objects.testing.eventually import eventually
-
-
-def _reply_body(msg_id: str, result: Any, *, ending: bool = True) -> bytes:
-    return codec.encode_message(
-        {
-            "result": result,
-            "failure": None,
-            "ending": ending,
-            "_msg_id": msg_id,
-            "_unique_id": ids.new_id(),
-        }
-    )
-
-
-def _expect(*logins: str) -> ReplyFrom:
-    def reply_from(target: Target) -> Any:
-        return lambda login: login in logins
-
-    return reply_from
+from shared_objects.testing.forged import replies_only_from, reply_body
 
 
 async def test_forged_reply_is_ignored_and_the_genuine_one_returned(
@@ -57,17 +36,18 @@ async def test_forged_reply_is_ignored_and_the_genuine_one_returned(
     mallory = MemoryDriver(broker, user_id="host-2")
     async with RPCServer(conductor_t, Target(topic="conductor", server="c1"), [endpoint]):
         client = RPCClient(
-            host_t, Target(topic="conductor"), timeout=2.0, reply_from=_expect("conductor")
+            host_t,
+            Target(topic="conductor"),
+            timeout=2.0,
+            reply_from=replies_only_from("conductor"),
         )
         call = asyncio.create_task(client.call(None, "echo", value="genuine"))
         await eventually(lambda: endpoint.calls, 2.0, interval=0.005)
         (msg_id,) = host_t.replies._waiters
         reply_q = host_t.replies.queue_name
         with capture_logs() as logs:
-            await mallory.publish(DEFAULT_EXCHANGE, reply_q, _reply_body(msg_id, "forged"))
-            await mallory.publish(
-                DEFAULT_EXCHANGE, reply_q, _reply_body(msg_id, None, ending=False)
-            )
+            await mallory.publish(DEFAULT_EXCHANGE, reply_q, reply_body(msg_id, "forged"))
+            await mallory.publish(DEFAULT_EXCHANGE, reply_q, reply_body(msg_id, None, ending=False))
             await eventually(lambda: host_t.stats()["forged_replies"] == 2, 2.0)
         assert not call.done()
         endpoint.release.set()
@@ -86,11 +66,13 @@ async def test_reply_without_user_id_is_refused_too(
 ) -> None:
     _, host_t = sec_transports
     anonymous = MemoryDriver(broker, user_id="")
-    client = RPCClient(host_t, Target(topic="nobody"), timeout=0.3, reply_from=_expect("c"))
+    client = RPCClient(
+        host_t, Target(topic="nobody"), timeout=0.3, reply_from=replies_only_from("c")
+    )
     call = asyncio.create_task(client.call(None, "x"))
     await eventually(lambda: host_t.replies._waiters, 2.0, interval=0.005)
     (msg_id,) = host_t.replies._waiters
-    await anonymous.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, _reply_body(msg_id, 1))
+    await anonymous.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, reply_body(msg_id, 1))
     with pytest.raises(MessagingTimeout):
         await call
     assert host_t.stats()["forged_replies"] == 1
@@ -106,7 +88,7 @@ async def test_forged_heartbeats_do_not_keep_a_call_alive(
         Target(topic="silent"),
         timeout=5.0,
         call_monitor_timeout=0.3,
-        reply_from=_expect("conductor"),
+        reply_from=replies_only_from("conductor"),
     )
     call = asyncio.create_task(client.call(None, "x"))
     await eventually(lambda: host_t.replies._waiters, 2.0, interval=0.005)
@@ -114,7 +96,7 @@ async def test_forged_heartbeats_do_not_keep_a_call_alive(
     loop = asyncio.get_running_loop()
     started = loop.time()
     while not call.done() and loop.time() - started < 2.0:
-        body = _reply_body(msg_id, None, ending=False)
+        body = reply_body(msg_id, None, ending=False)
         await mallory.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, body)
         await asyncio.sleep(0.05)  # an attacker's pace: a stream of fake heartbeats
     with pytest.raises(MessagingTimeout, match="call-monitor"):
@@ -152,7 +134,7 @@ async def test_without_reply_from_any_sender_is_accepted(
     call = asyncio.create_task(RPCClient(host_t, Target(topic="n"), timeout=2.0).call(None, "x"))
     await eventually(lambda: host_t.replies._waiters, 2.0, interval=0.005)
     (msg_id,) = host_t.replies._waiters
-    await other.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, _reply_body(msg_id, 42))
+    await other.publish(DEFAULT_EXCHANGE, host_t.replies.queue_name, reply_body(msg_id, 42))
     assert await call == 42
     assert host_t.stats()["forged_replies"] == 0
 
