@@ -6,7 +6,9 @@ and PostgreSQL by ``conductor.cluster.LocalCluster``.
     async with in_process_fleet(tmp_path, hosts=("host-a", "host-b")) as fleet:
         await fleet.tasks.build_instances(...)
 
-Every agent is the real ``ComputeAgentService`` with its own transport. As on RabbitMQ, every
+The conductor is the real ``ConductorService`` (on SQLite; the cap of its calls to agents is
+pinned by hand, ``fleet.compute.set_version_cap``, not read from the services table) and every
+agent the real ``ComputeAgentService``, each with its own transport. As on RabbitMQ, every
 party logs in as its own user: the conductor as ``fleet-conductor-1``, each agent as
 ``fleet-host-<host>``, the test driver (``tasks``, the compute-task API) as ``fleet-operator``;
 all on one memory broker, so the ``user_id`` each server sees is the caller's real login.
@@ -28,8 +30,7 @@ from compute_agent.virt.fake_config import FakeDriverConfig
 from compute_agent.virt.migration_model import MigrationModel
 from conductor.db import migration as db_migration
 from conductor.db.session import Database
-from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
-from conductor.tasks.build_placement import BuildSettings
+from conductor.service import ConductorService
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects.base import FleetObject
@@ -37,15 +38,14 @@ from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.identity import Identities
-from shared_objects.messaging import RPCServer, Target, Transport, get_transport
+from shared_objects.messaging import Transport, get_transport
 from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
-from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
-from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.testing.eventually import eventually
 from shared_objects.testing.memory import as_login, memory_messaging
 
 CONDUCTOR_LOGIN = "fleet-conductor-1"
+CONDUCTOR_HOST = "conductor-1"
 OPERATOR_LOGIN = "fleet-operator"
 
 
@@ -222,25 +222,26 @@ async def in_process_fleet(
     """
     url = f"sqlite+aiosqlite:///{workdir}/fleet.db"
     await db_migration.upgrade(url)
-    database = Database(url)
-    cfg = FleetConfig()
+    cfg = FleetConfig(host=CONDUCTOR_HOST)
+    cfg.database.url = url
     cfg.messaging = memory_messaging()
     cfg.compute.spawn_delay = 0.0
+    if conductor_settings is not None:
+        # The conductor reads its live-migration options from the config, as a process does.
+        for field in dataclasses.fields(conductor_settings):
+            if field.name != "service_down_time":
+                setattr(cfg.live_migration, field.name, getattr(conductor_settings, field.name))
     transport = party_transport(cfg, CONDUCTOR_LOGIN)
     operator = party_transport(cfg, OPERATOR_LOGIN)
     previous = FleetObject.indirection_api
     async with transport, operator:
-        compute = ComputeAPI(transport, FleetObjectSerializer())
-        endpoint = ComputeTaskEndpoint(
-            database, compute, BuildSettings(service_down_time=60.0), conductor_settings
-        )
-        server = RPCServer(
-            transport,
-            Target(topic=CONDUCTOR_TOPIC, server="conductor-1"),
-            endpoints=[ConductorIndirectionEndpoint(database), BaseAPIEndpoint(), endpoint],
-            serializer=FleetObjectSerializer(),
-        )
-        await server.start()
+        # The real conductor service, on the fleet's memory broker (as the agents are built).
+        conductor = ConductorService(cfg, transport=transport)
+        # One difference: calls to agents are capped by hand (``fleet.compute.set_version_cap``,
+        # as a test pins an upgrade), not by the levels read from the services table.
+        conductor.compute.levels = None
+        await conductor.start()
+        database, endpoint, compute = conductor.database, conductor.tasks, conductor.compute
         fleet = InProcessFleet(
             database,
             ComputeTaskAPI(operator, timeout=30),
@@ -271,6 +272,5 @@ async def in_process_fleet(
                 await agent.stop(grace=stop_grace)
             for agent in fleet.crashed.values():
                 await agent.transport.close()  # a crashed agent's connection
-            await server.stop(grace=stop_grace)
+            await conductor.stop(grace=stop_grace)
             FleetObject.indirection_api = previous
-            await database.dispose()
