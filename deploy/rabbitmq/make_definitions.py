@@ -4,7 +4,7 @@
 
 RabbitMQ loads the file at boot (``load_definitions`` in ``20-fleet.conf``): the vhost ``fleet``,
 one login per service with the permissions of its role (the same regexes the test kit grants,
-``shared_objects/testing/broker_logins.py``; docs/operations.md), the queue policies and reply
+``shared_objects/testing/broker_logins``; docs/operations.md), the queue policies and reply
 exchange of ``fleetctl broker setup`` (default limits), and ``fleet-admin`` for the
 management UI only. No service logs in as the administrator; no ``guest`` user is created (a node
 that loads definitions at boot seeds no default user).

@@ -11,83 +11,27 @@ import hashlib
 import importlib.util
 import json
 import re
-import shutil
-import subprocess
-import tomllib
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import check_jsonschema
 import jsonschema
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[3]
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-SCHEMA = Path(check_jsonschema.__file__).parent / "builtin_schemas/vendor/compose-spec.json"
-FLEET_IMAGE = "fleet:latest"
-# Services that must reach the database; every other Fleet service must not get its URL.
-DATABASE_USERS = {"conductor", "migrate"}
-DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
-DEFINITIONS_CONF = ROOT / "deploy" / "rabbitmq" / "30-fleet-definitions.conf"
-DEFINITIONS_SCRIPT = ROOT / "deploy" / "rabbitmq" / "make_definitions.py"
-AGENTS = ("compute-1", "compute-2")
-CLUSTER_OVERRIDE = ROOT / "deploy" / "compose" / "rabbit-cluster.yml"
-CLUSTER_CONF = ROOT / "deploy" / "rabbitmq" / "40-fleet-cluster.conf"
-CLUSTER_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    assert isinstance(data, dict)
-    return data
-
-
-@pytest.fixture(scope="module")
-def scripts() -> dict[str, str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    return dict(project["project"]["scripts"])
-
-
-def fleet_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {n: s for n, s in compose["services"].items() if s.get("image") == FLEET_IMAGE}
-
-
-# Variables naming a compose secret file, and the variable whose value the file holds.
-SECRET_FILE_VARIABLES = {
-    "FLEET_MESSAGING__TRANSPORT_URL_FILE": "FLEET_TRANSPORT_URL",
-    "FLEET_DATABASE__URL_FILE": "FLEET_DATABASE_URL",
-    "POSTGRES_PASSWORD_FILE": "POSTGRES_PASSWORD",
-}
-
-
-def secret_files() -> dict[str, Path]:
-    """Compose secret name -> the file in the repository it is made of."""
-    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    return {name: ROOT / spec["file"] for name, spec in data.get("secrets", {}).items()}
-
-
-def raw_environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in env.items()}
-
-
-def environment(service: dict[str, Any]) -> dict[str, str]:
-    """The service's environment with each secret file variable replaced by the value the
-    file holds (``FLEET_TRANSPORT_URL`` ...), as the service ends up configured."""
-    env = raw_environment(service)
-    files = secret_files()
-    for variable, target in SECRET_FILE_VARIABLES.items():
-        if variable in env:
-            name = env.pop(variable).removeprefix("/run/secrets/")
-            env[target] = files[name].read_text(encoding="utf-8").strip()
-    return env
+from compose_model import (
+    AGENTS,
+    DATABASE_USERS,
+    DEFINITIONS,
+    DEFINITIONS_CONF,
+    DEFINITIONS_SCRIPT,
+    DOCKERFILE,
+    ROOT,
+    SCHEMA,
+    SECRET_FILE_VARIABLES,
+    environment,
+    fleet_services,
+    raw_environment,
+    secret_files,
+)
 
 
 def test_compose_file_is_valid_against_the_compose_spec(compose: dict[str, Any]) -> None:
@@ -386,49 +330,6 @@ def test_build_context_keeps_the_virtualenv_out() -> None:
     assert "!.venv" not in lines
 
 
-def _docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    for argv in (["docker", "info"], ["docker", "compose", "version"]):
-        result = subprocess.run(argv, capture_output=True, timeout=30, check=False)
-        if result.returncode != 0:
-            return False
-    return True
-
-
-@pytest.mark.docker
-def test_cluster_comes_up_on_a_local_docker_engine() -> None:
-    """Opt-in (``pytest -m docker``): build, start, wait for health, tear down."""
-    if not _docker_engine_available():
-        pytest.skip("no docker engine with the compose plugin on this machine")
-    project = ["docker", "compose", "-f", str(COMPOSE), "-p", "fleet-test"]
-    try:
-        subprocess.run([*project, "up", "--build", "-d", "--wait"], check=True, timeout=900)
-        ps = subprocess.run(
-            [*project, "ps", "-a", "--format", "json"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        # Older compose versions print one JSON array, newer ones one object per line.
-        text = ps.stdout.strip()
-        rows = (
-            json.loads(text)
-            if text.startswith("[")
-            else [json.loads(line) for line in text.splitlines() if line.strip()]
-        )
-        by_service: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_service.setdefault(row["Service"], []).append(row)
-        assert by_service["migrate"][0]["ExitCode"] == 0
-        assert len(by_service["conductor"]) == 2
-        for name in ("conductor", "compute-1", "compute-2"):
-            assert all(r["Health"] == "healthy" for r in by_service[name]), name
-    finally:
-        subprocess.run([*project, "down", "-v"], check=False, timeout=300)
-
-
 def test_passwords_are_compose_secrets_not_environment(compose: dict[str, Any]) -> None:
     from shared_objects.config import load_config
 
@@ -454,96 +355,6 @@ def test_passwords_are_compose_secrets_not_environment(compose: dict[str, Any]) 
         }
         cfg = load_config(remapped)
         assert cfg.messaging.transport_url == environment(service)["FLEET_TRANSPORT_URL"], name
-
-
-# --- profile rabbit-cluster (docs/operations.md, "A RabbitMQ cluster with quorum queues") ------
-
-
-class _ComposeLoader(yaml.SafeLoader):
-    """YAML with compose's merge-control tags (``!override``, ``!reset``) kept as plain values."""
-
-
-def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
-
-
-_ComposeLoader.add_constructor("!override", _tagged)
-_ComposeLoader.add_constructor("!reset", _tagged)
-
-
-@pytest.fixture(scope="module")
-def cluster_override() -> dict[str, Any]:
-    data = yaml.load(CLUSTER_OVERRIDE.read_text(encoding="utf-8"), Loader=_ComposeLoader)
-    assert isinstance(data, dict)
-    return data
-
-
-def test_cluster_profile_has_three_nodes_with_fleet_config_and_one_cookie(
-    compose: dict[str, Any],
-) -> None:
-    services = compose["services"]
-    profiled = {n for n, s in services.items() if s.get("profiles")}
-    assert profiled == set(CLUSTER_NODES)
-    listed = re.findall(
-        r"^cluster_formation\.classic_config\.nodes\.\d+\s*=\s*rabbit@(\S+)\s*$",
-        CLUSTER_CONF.read_text(encoding="utf-8"),
-        flags=re.M,
-    )
-    assert sorted(listed) == list(CLUSTER_NODES)
-    single = {m.split(":")[1] for m in services["rabbitmq"]["volumes"] if m.startswith("./")}
-    for name in CLUSTER_NODES:
-        node = services[name]
-        assert node["profiles"] == ["rabbit-cluster"]
-        assert node["hostname"] == name
-        assert node["image"] == services["rabbitmq"]["image"]
-        assert "healthcheck" in node
-        mounts = {m.split(":")[1]: m.split(":")[0] for m in node["volumes"]}
-        # The same definitions and limits as the single broker, plus the peer list.
-        assert single <= set(mounts), name
-        assert (
-            ROOT / mounts["/etc/rabbitmq/conf.d/" + CLUSTER_CONF.name]
-        ).resolve() == CLUSTER_CONF
-        assert node["secrets"] == ["rabbitmq_erlang_cookie"]
-        assert "/run/secrets/rabbitmq_erlang_cookie" in " ".join(node["entrypoint"])
-        assert not any("COOKIE" in key for key in raw_environment(node)), name
-    assert len({services[n]["volumes"][0] for n in CLUSTER_NODES}) == 3  # own data each
-    assert secret_files()["rabbitmq_erlang_cookie"].read_text().strip()
-
-
-def test_cluster_override_points_every_fleet_service_at_the_three_nodes(
-    compose: dict[str, Any], cluster_override: dict[str, Any]
-) -> None:
-    from shared_objects.config import load_config
-    from shared_objects.messaging.urls import parse_transport_url
-
-    services = fleet_services(compose)
-    override = cluster_override["services"]
-    assert set(override) == set(services) | {"rabbitmq"}
-    assert override["rabbitmq"]["profiles"] == ["single-broker"]
-    secrets = {n: ROOT / spec["file"] for n, spec in cluster_override["secrets"].items()}
-    for name, service in services.items():
-        env = environment(service)
-        single = urlsplit(env["FLEET_TRANSPORT_URL"])
-        [secret] = [s for s in service["secrets"] if s.endswith("_transport_url")]
-        url = secrets[secret].read_text(encoding="utf-8").strip()
-        parsed = parse_transport_url(url)
-        assert parsed.hostnames == CLUSTER_NODES, name
-        # Same login, password and vhost as with the single broker (same definitions).
-        assert set(parsed.users) == {single.username}, name
-        assert url.count(f":{single.password}@") == 3, name
-        assert url.endswith(single.path), name
-        env.update(override[name]["environment"])
-        env["FLEET_TRANSPORT_URL"] = url
-        cfg = load_config(env)
-        assert cfg.messaging.rabbit_quorum_queue is True, name
-        depends = override[name]["depends_on"]
-        assert "rabbitmq" not in depends, name
-        assert {d for d in depends if d.startswith("rabbitmq-")} == set(CLUSTER_NODES), name
-        assert all(depends[d]["condition"] == "service_healthy" for d in CLUSTER_NODES), name
 
 
 def test_services_do_not_restart_forever_on_a_configuration_error(
