@@ -37,10 +37,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
 demo: $(STAMP) services
-	$(BIN)/python -m conductor.demo
+	$(BIN)/python -m conductor.tools.demo
 
 demo-upgrade: $(STAMP) services
-	$(BIN)/python -m conductor.demo_upgrade
+	$(BIN)/python -m conductor.tools.demo_upgrade
 
 # The fault campaign (issue 13): every fault in turn under load, invariants after each; the
 # quick form runs inside `make test` (tests/faults/test_campaign_quick.py). FAULTS_ARGS e.g.
@@ -94,7 +94,7 @@ test-qemu: $(STAMP) services
 # The demo with real guests: boot two, hot-plug a volume, live-migrate one (about a minute).
 demo-vm: $(STAMP) services
 	@bash deploy/dev/ensure-qemu.sh $(BIN)/python $(GUEST_IMAGE_ARGS)
-	$(BIN)/python -m conductor.demo_vm
+	$(BIN)/python -m conductor.tools.demo_vm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

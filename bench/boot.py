@@ -4,10 +4,10 @@
     .venv/bin/python bench/boot.py --quick    # 100 instances, 1 round
     .venv/bin/python bench/boot.py --json     # one JSON object instead of the table
 
-One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
-compute agents as separate processes, zero spawn delay, generous capacity) on the local RabbitMQ,
-in a private vhost created and deleted here, every process on its own broker login (created for
-the run and deleted at the end), and a fresh PostgreSQL database, dropped at the end.
+One run starts a real cluster (``conductor.tools.cluster.LocalCluster``: one conductor and
+``--agents`` compute agents as separate processes, zero spawn delay, generous capacity) on the local
+RabbitMQ, in a private vhost created and deleted here, every process on its own broker login
+(created for the run and deleted at the end), and a fresh PostgreSQL database, dropped at the end.
 Two paths then go through the same conductor, one after the other, in rounds (``--rounds``,
 default 3, quick 1) with the path order rotated each round; every figure is the median over the
 rounds (as in ``bench/rpc.py``), so a slow phase of a shared machine hits every path alike:
@@ -76,9 +76,9 @@ from cluster_figures import (
     summarize,
 )
 
-from conductor.cluster import ClusterSpec, LocalCluster
-from shared_objects.log import configure_logging
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
+from shared_objects.runtime.log import configure_logging
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import free_port

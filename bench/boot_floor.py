@@ -30,11 +30,9 @@ import sys
 import time
 
 from shared_objects.base import FleetObject
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
 from shared_objects.fields import PowerState, TaskState, VMState
-from shared_objects.messaging import get_transport
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance
@@ -43,6 +41,8 @@ from shared_objects.objects.instance_action_event import InstanceActionEvent
 from shared_objects.objects.security_group import SecurityGroupList
 from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import get_transport
 
 
 async def boot_one(

@@ -43,7 +43,7 @@ def cpu_of(argv: list[str], env: dict[str, str]) -> float:
 
 
 async def measure(runs: int, instances: int) -> dict[str, float]:
-    from conductor.cluster import ClusterSpec, LocalCluster
+    from conductor.tools.cluster import ClusterSpec, LocalCluster
     from shared_objects.objects.instance import Instance
     from shared_objects.testing.broker_logins import BrokerLogins
 
@@ -76,7 +76,7 @@ async def measure(runs: int, instances: int) -> dict[str, float]:
             # As installed (pip compiles bytecode): cached .pyc files, written by a first,
             # unmeasured run of each case even where PYTHONDONTWRITEBYTECODE is set.
             env.pop("PYTHONDONTWRITEBYTECODE", None)
-            fleetctl = [sys.executable, "-m", "conductor.cli"]
+            fleetctl = [sys.executable, "-m", "conductor.tools.fleetctl"]
             cases = {
                 "python -c pass": [sys.executable, "-c", "pass"],
                 "fleetctl --help": [*fleetctl, "--help"],

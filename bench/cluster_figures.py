@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from conductor.cluster import LocalCluster
+from conductor.tools.cluster import LocalCluster
 
 
 def plain_dsn(database_url: str) -> str:

@@ -5,9 +5,9 @@
     .venv/bin/python bench/migrate.py --json     # one JSON object instead of the table
     .venv/bin/python bench/migrate.py --driver qemu  # 8 real 128 MB guests, 2 agents
 
-One run starts a real cluster (``conductor.cluster.LocalCluster``: one conductor and ``--agents``
-compute agents as separate processes) on the local RabbitMQ, in a private vhost created and
-deleted here, and a fresh PostgreSQL database, dropped at the end. Agents use the fast copy
+One run starts a real cluster (``conductor.tools.cluster.LocalCluster``: one conductor and
+``--agents`` compute agents as separate processes) on the local RabbitMQ, in a private vhost created
+and deleted here, and a fresh PostgreSQL database, dropped at the end. Agents use the fast copy
 model (``FLEET_COMPUTE__MIGRATION=time_scale=0``: the memory copy costs no simulated time, so what
 is measured is Fleet's protocol — prechecks, pre/post calls, CAS saves, progress saves — not a
 pretend network) and zero spawn delay.
@@ -52,9 +52,9 @@ from cluster_figures import percentile, scrape_server_calls
 
 from compute_agent.virt.qemu.image import DEFAULT_IMAGE
 from compute_agent.virt.qemu.testing import cluster_env, reap_guests
-from conductor.cluster import ClusterSpec, LocalCluster
-from shared_objects.log import configure_logging
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
+from shared_objects.runtime.log import configure_logging
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import free_port

@@ -63,12 +63,12 @@ from objects_paths import BENCH_HOST, Pair, direct_pair, measure, objects_pair, 
 from conductor.db import migration
 from conductor.db.session import create_engine
 from conductor.testing import indirection
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
-from shared_objects.log import configure_logging
-from shared_objects.messaging import MessagingTimeout, get_transport
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.log import configure_logging
+from shared_objects.runtime.messaging import MessagingTimeout, get_transport
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import fresh_database
 

@@ -13,7 +13,7 @@ class _OpenPolicy:
 
     def admit(self, ctxt: Any, objname: str, method: str, *_: Any) -> Any:
         from conductor.object_policy import Admission
-        from shared_objects.identity import Caller, Role
+        from shared_objects.runtime.identity import Caller, Role
 
         return Admission(Caller("", Role.CONDUCTOR), f"{objname}.{method}", None, False)
 
@@ -26,9 +26,9 @@ class _BenchConductor:
     def __init__(self, topic: str) -> None:
         from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint
         from conductor.service import ConductorService
-        from shared_objects.config import load_config
-        from shared_objects.log import configure_service_logging
-        from shared_objects.messaging import RPCServer, Target
+        from shared_objects.runtime.config import load_config
+        from shared_objects.runtime.log import configure_service_logging
+        from shared_objects.runtime.messaging import RPCServer, Target
         from shared_objects.serializer import FleetObjectSerializer
 
         self.cfg = load_config()
@@ -63,7 +63,7 @@ class _BenchConductor:
 def serve_bench_conductor(topic: str) -> None:
     """``--serve-bench-conductor``: see :class:`_BenchConductor` (bench only: the real
     services have no switch that turns authorisation off)."""
-    from shared_objects.service_runner import run, run_service
+    from shared_objects.runtime.service_runner import run, run_service
 
     conductor = _BenchConductor(topic)
     run(run_service(conductor, conductor.cfg, "conductor"))

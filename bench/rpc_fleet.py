@@ -18,10 +18,10 @@ from typing import Any
 
 from rpc_load import emit, make_payload, run_async_cell
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.log import configure_logging
-from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.log import configure_logging
+from shared_objects.runtime.messaging import RPCClient, RPCServer, Target, expose, get_transport
 
 
 class Endpoint:

@@ -6,7 +6,7 @@
     .venv/bin/python bench/scale.py --hosts 100 --json          # one JSON object per run
 
 Every run is a fresh setup: a new database on the shared PostgreSQL (dropped after), 1 or 2
-real conductor processes (``python -m conductor`` through ``conductor.cluster.LocalCluster``),
+real conductor processes (``python -m conductor`` through ``conductor.tools.cluster.LocalCluster``),
 and N simulated hosts. A host is the real ``ComputeAgentService``: its own broker login
 (``BrokerLogins``, created for all hosts in one batch), AMQP connection and ``compute.<host>``
 queue and consumer, fake hypervisor (zero spawn delay), claims, Service heartbeat and periodic
@@ -90,11 +90,11 @@ from scale_workers import (
     wait_workers,
 )
 
-from conductor.cluster import ClusterSpec, LocalCluster
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.exception import FleetException
-from shared_objects.log import configure_logging
-from shared_objects.messaging import MessagingError
 from shared_objects.objects.flavor import Flavor
+from shared_objects.runtime.log import configure_logging
+from shared_objects.runtime.messaging import MessagingError
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import fresh_database, private_vhost
 from shared_objects.testing.rabbit_node import RabbitNode, free_port

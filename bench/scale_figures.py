@@ -18,10 +18,10 @@ import asyncpg
 from cluster_figures import cpu_seconds, percentile, scrape_server_calls
 from scale_workers import FINAL_STATES, FLAVOR, rss_mb
 
-from conductor.cluster import LocalCluster
+from conductor.tools.cluster import LocalCluster
 from shared_objects.exception import FleetException
-from shared_objects.messaging import MessagingError
 from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.runtime.messaging import MessagingError
 from shared_objects.testing.broker_logins import BrokerLogins
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import structlog
 
 from compute_agent.service import ComputeAgentService
-from shared_objects.config import load_config
-from shared_objects.log import configure_logging
+from shared_objects.runtime.config import load_config
+from shared_objects.runtime.log import configure_logging
 
 STOP_GRACE = 5.0
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("json", args.log_level, stream=sys.stderr)
     urls: dict[str, str] = json.loads(Path(args.hosts_file).read_text())
-    try:  # the services' own loop when installed (shared_objects.service_runner.run)
+    try:  # the services' own loop when installed (shared_objects.runtime.service_runner.run)
         import uvloop
     except ImportError:
         return asyncio.run(run(args, urls))

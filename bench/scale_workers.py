@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conductor.cluster import LocalCluster
+from conductor.tools.cluster import LocalCluster
 from shared_objects.testing.broker_logins import BrokerLogins
 
 HERE = Path(__file__).resolve().parent

@@ -6,7 +6,7 @@ uncached read it replaced (issue 14, target: within 2x between 10 and 1,000 host
     .venv/bin/python bench/scheduler.py --json      # one JSON object instead of the table
 
 One run, in this process, on a fresh PostgreSQL database per host count (dropped at the end):
-simulated hosts are written straight into the database (``conductor.testing_hosts``), and a
+simulated hosts are written straight into the database (``conductor.testing.hosts``), and a
 second engine changes two hosts' usage every 10 ms in the background, as agents reporting
 would. Each build is ``BuildTask.build_instances(count=1)`` as the conductor runs it (flavor
 lookup, host selection, instance, action and event records, on the driver path) with the cast
@@ -31,16 +31,16 @@ import sys
 import time
 from typing import Any
 
-from conductor import testing_hosts as sim
 from conductor.db import migration
 from conductor.db.session import Database, create_engine
 from conductor.host_view import FleetView, HostView
 from conductor.tasks.build import BuildTask
 from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.hosts import load_host_states
+from conductor.testing import hosts as sim
 from shared_objects.context import RequestContext
-from shared_objects.log import configure_logging
 from shared_objects.objects.flavor import Flavor
+from shared_objects.runtime.log import configure_logging
 from shared_objects.testing.isolation import fresh_database
 
 FLAVOR = "bench.sched"

@@ -14,9 +14,9 @@ import argparse
 import sys
 
 from compute_agent.service import ComputeAgentService
-from shared_objects.config import config_from_args
-from shared_objects.log import configure_service_logging
-from shared_objects.service_runner import add_service_arguments, serve
+from shared_objects.runtime.config import config_from_args
+from shared_objects.runtime.log import configure_service_logging
+from shared_objects.runtime.service_runner import add_service_arguments, serve
 
 
 def main(argv: list[str] | None = None) -> int:

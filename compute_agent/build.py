@@ -33,7 +33,6 @@ from compute_agent.virt.exceptions import VirtError
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import PowerState, TaskState, VMState
-from shared_objects.messaging import MessagingError
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import Instance
@@ -42,6 +41,7 @@ from shared_objects.objects.instance_action_event import RESULT_ERROR, InstanceA
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.security_group_rule import SecurityGroupRuleList
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.runtime.messaging import MessagingError
 
 log = structlog.get_logger(__name__)
 

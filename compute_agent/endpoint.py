@@ -15,7 +15,6 @@ from compute_agent.peer_auth import PeerCheck
 from compute_agent.security_groups import SecurityGroupManager
 from compute_agent.volumes import VolumeManager
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Target, expose
 from shared_objects.objects.block_device_mapping import (
     BlockDeviceMapping,
     BlockDeviceMappingList,
@@ -24,6 +23,7 @@ from shared_objects.objects.instance import Instance
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
 from shared_objects.rpc_clients.compute import API_VERSION
+from shared_objects.runtime.messaging import Target, expose
 
 
 class ComputeEndpoint:

@@ -30,10 +30,10 @@ from typing import Any
 import structlog
 
 from shared_objects import exception, releases
-from shared_objects.messaging import NoSuchMethod, RemoteError, UnsupportedVersion
-from shared_objects.messaging.versions import version_is_compatible
 from shared_objects.objects.service import Service, heartbeat_beat
 from shared_objects.rpc_clients.conductor import REPORT_ALIVE_VERSION, ConductorAPI
+from shared_objects.runtime.messaging import NoSuchMethod, RemoteError, UnsupportedVersion
+from shared_objects.runtime.messaging.versions import version_is_compatible
 
 log = structlog.get_logger(__name__)
 

@@ -18,12 +18,12 @@ migration this host takes part in can be found at all.
 
 from __future__ import annotations
 
-from shared_objects import audit
-from shared_objects.authorizer import forbidden
 from shared_objects.context import RequestContext
-from shared_objects.identity import Caller, Role
-from shared_objects.messaging import ExpectedException
 from shared_objects.objects.migration import Migration, MigrationList
+from shared_objects.runtime import audit
+from shared_objects.runtime.authorizer import forbidden
+from shared_objects.runtime.identity import Caller, Role
+from shared_objects.runtime.messaging import ExpectedException
 
 
 class PeerCheck:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared_objects import releases
-from shared_objects.messaging import request_version
+from shared_objects.runtime.messaging import request_version
 from shared_objects.serializer import FleetObjectSerializer
 
 

@@ -6,7 +6,7 @@ survived, and only then does the agent consume RPC (so no new build races the re
 queue exists, the guests' firewalls are brought in line with the database in the background, and
 again after every broker reconnect (rule-change casts a restart dropped are never waited for).
 
-Stop order (SIGTERM), the one both services share (``shared_objects.service_runner``): stop
+Stop order (SIGTERM), the one both services share (``shared_objects.runtime.service_runner``): stop
 consuming and let running handlers finish within the grace period (casts not yet started stay in
 the queue), then unwind what start built, in reverse: live-migration monitors, a rules resync
 (the next start does one), the reconnect hook, builds still running, the resource tracker, the
@@ -43,21 +43,9 @@ from compute_agent.virt.fake_config import FakeDriverConfig
 from compute_agent.virt.loader import create_driver
 from compute_agent.volumes import VolumeManager
 from shared_objects import exception, releases
-from shared_objects.authorizer import RoleAuthorizer, reply_checks
 from shared_objects.base import FleetObject, use_indirection_api
-from shared_objects.config import ConfigError, FleetConfig
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
-from shared_objects.identity import Identities
-from shared_objects.messaging import (
-    BrokerConnectFailed,
-    MessagingError,
-    RPCServer,
-    Target,
-    Transport,
-    get_transport,
-)
-from shared_objects.metrics import ServiceMetrics
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.service import ServiceReporter
 from shared_objects.policy import COMPUTE_RPC_POLICY
@@ -65,9 +53,21 @@ from shared_objects.rpc_clients.compute import TOPIC as COMPUTE_TOPIC
 from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.authorizer import RoleAuthorizer, reply_checks
+from shared_objects.runtime.config import ConfigError, FleetConfig
+from shared_objects.runtime.identity import Identities
+from shared_objects.runtime.messaging import (
+    BrokerConnectFailed,
+    MessagingError,
+    RPCServer,
+    Target,
+    Transport,
+    get_transport,
+)
+from shared_objects.runtime.metrics import ServiceMetrics
+from shared_objects.runtime.startup_retry import retry_at_start
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_conductors_not_older
-from shared_objects.startup_retry import retry_at_start
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 
 log = structlog.get_logger(__name__)
@@ -348,7 +348,7 @@ class ComputeAgentService:
         return list(instances)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop in the order both services share (``shared_objects.service_runner``): stop
+        """Stop in the order both services share (``shared_objects.runtime.service_runner``): stop
         taking work and drain (up to ``grace``), then unwind what ``start`` built, in reverse
         (see the module docstring)."""
         await self._in_own_context(self._stop(grace))

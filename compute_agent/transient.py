@@ -26,8 +26,8 @@ import structlog
 
 from shared_objects import exception
 from shared_objects.context import RequestContext
-from shared_objects.messaging import MessageDeliveryFailure, MessagingTimeout
 from shared_objects.objects.instance import Instance
+from shared_objects.runtime.messaging import MessageDeliveryFailure, MessagingTimeout
 
 log = structlog.get_logger(__name__)
 

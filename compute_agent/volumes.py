@@ -17,11 +17,11 @@ from compute_agent.transient import TRANSIENT_ERRORS, Retrier, is_not_found, sho
 from compute_agent.virt.driver import ComputeDriver
 from shared_objects import exception
 from shared_objects.context import RequestContext
-from shared_objects.messaging import MessagingError
 from shared_objects.notifications import InstanceNotifier
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.runtime.messaging import MessagingError
 
 log = structlog.get_logger(__name__)
 

@@ -29,7 +29,7 @@ from sqlalchemy import ARRAY, any_, bindparam, false, func, select
 
 from conductor.db.where import table_for
 from shared_objects import fields, releases
-from shared_objects.metrics import ServiceMetrics
+from shared_objects.runtime.metrics import ServiceMetrics
 
 __all__ = ["IN_PROGRESS", "Census"]
 

@@ -48,9 +48,9 @@ from shared_objects.base import (
     obj_tree_get_versions,
 )
 from shared_objects.context import RequestContext
-from shared_objects.identity import Identities
-from shared_objects.messaging import ExpectedException, Target, expose
 from shared_objects.rpc_clients import conductor as conductor_api
+from shared_objects.runtime.identity import Identities
+from shared_objects.runtime.messaging import ExpectedException, Target, expose
 
 log = structlog.get_logger(__name__)
 

@@ -53,14 +53,15 @@ from sqlalchemy import (
 from conductor.db.errors import database_unavailable_boundary
 from conductor.db.session import Database
 from conductor.db.where import table_for
-from shared_objects import audit, exception, releases
-from shared_objects.authorizer import forbidden
+from shared_objects import exception, releases
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.fields import MigrationStatus, MigrationType
-from shared_objects.identity import Caller
-from shared_objects.messaging import ExpectedException, Target, expose, release_handler_slot
 from shared_objects.objects._common import utcnow
 from shared_objects.rpc_clients.conductor import REPORT_ALIVE_VERSION
+from shared_objects.runtime import audit
+from shared_objects.runtime.authorizer import forbidden
+from shared_objects.runtime.identity import Caller
+from shared_objects.runtime.messaging import ExpectedException, Target, expose, release_handler_slot
 
 log = structlog.get_logger(__name__)
 

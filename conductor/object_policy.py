@@ -25,10 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from conductor.db.ownership import OwnerScope
-from shared_objects import audit, exception, releases
-from shared_objects.authorizer import forbidden
-from shared_objects.identity import Caller, Identities, Role
+from shared_objects import exception, releases
 from shared_objects.policy import OBJECT_POLICY, Access, ObjectRule
+from shared_objects.runtime import audit
+from shared_objects.runtime.authorizer import forbidden
+from shared_objects.runtime.identity import Caller, Identities, Role
 
 _COMPUTE_TOPIC = "compute"
 

@@ -26,27 +26,27 @@ from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects import exception, releases
-from shared_objects.authorizer import RoleAuthorizer, reply_checks
-from shared_objects.config import FleetConfig
 from shared_objects.context import admin_context
-from shared_objects.identity import Identities, Role
-from shared_objects.messaging import (
+from shared_objects.objects.service import ServiceReporter
+from shared_objects.policy import CONDUCTOR_RPC_POLICY
+from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
+from shared_objects.runtime.authorizer import RoleAuthorizer, reply_checks
+from shared_objects.runtime.config import FleetConfig
+from shared_objects.runtime.identity import Identities, Role
+from shared_objects.runtime.messaging import (
     BrokerConnectFailed,
     RPCServer,
     Target,
     Transport,
     get_transport,
 )
-from shared_objects.metrics import ServiceMetrics
-from shared_objects.objects.service import ServiceReporter
-from shared_objects.policy import CONDUCTOR_RPC_POLICY
-from shared_objects.rpc_clients.compute import ComputeAPI
-from shared_objects.rpc_clients.conductor import TOPIC as CONDUCTOR_TOPIC
+from shared_objects.runtime.metrics import ServiceMetrics
+from shared_objects.runtime.startup_retry import retry_at_start
+from shared_objects.runtime.url_secrets import mask_url
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.startup_checks import check_computes_supported
-from shared_objects.startup_retry import retry_at_start
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
-from shared_objects.url_secrets import mask_url
 
 log = structlog.get_logger(__name__)
 
@@ -259,7 +259,7 @@ class ConductorService:
             )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop in the order both services share (``shared_objects.service_runner``):
+        """Stop in the order both services share (``shared_objects.runtime.service_runner``):
 
         1. stop taking work: the RPC server stops consuming and lets in-flight requests finish
            for up to ``grace`` seconds;

@@ -1,4 +1,6 @@
-"""The contract both sides of Fleet import: RPC runtime, objects, context, configuration."""
+"""The contract both sides of Fleet import: objects, context, exceptions, releases, the RPC
+clients; the service plumbing is in ``shared_objects.runtime``, test support in
+``shared_objects.testing``."""
 
 import warnings
 

@@ -37,7 +37,7 @@ class RequestContext:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Service-local handle (the conductor's database access); never serialised.
     db: Any = dataclasses.field(default=None, repr=False, compare=False)
-    # Service-local: the resolved caller (``shared_objects.identity.Caller``) once the
+    # Service-local: the resolved caller (``shared_objects.runtime.identity.Caller``) once the
     # receiving service's authorisation has looked ``caller`` up; never serialised.
     principal: Any = dataclasses.field(default=None, repr=False, compare=False)
 

@@ -48,7 +48,7 @@ Every error a Fleet service raises for another one to catch derives from ``Fleet
 
 Two other families stay outside it on purpose:
 
-* ``shared_objects.messaging.exceptions.MessagingError`` (timeouts, undeliverable messages,
+* ``shared_objects.runtime.messaging.exceptions.MessagingError`` (timeouts, undeliverable messages,
   ``RemoteError`` for a remote class that may not be re-created): the RPC runtime's own, so a
   caller tells "the other side answered no" (``FleetException``) from "no answer"
   (``MessagingError``).
@@ -124,7 +124,7 @@ class ObjectActionError(FleetException):
 
 class NotFound(FleetException):
     # Expected answers to a request, not faults: the RPC server logs them at this level without
-    # a traceback (shared_objects/messaging/server.py); subclasses inherit it.
+    # a traceback (shared_objects/runtime/messaging/server.py); subclasses inherit it.
     rpc_log_level: ClassVar[str] = "info"
     msg_fmt = "Resource could not be found."
 
@@ -246,8 +246,9 @@ class Forbidden(FleetException):
     """
 
     msg_fmt = "Forbidden: %(caller)s may not %(action)s %(target)s"
-    # Marks the refusal for the RPC runtime (shared_objects/messaging/authorization.py): counted
-    # as outcome "forbidden", never logged there with a traceback (the audit line says it all).
+    # Marks the refusal for the RPC runtime (shared_objects/runtime/messaging/authorization.py):
+    # counted as outcome "forbidden", never logged there with a traceback (the audit line says it
+    # all).
     rpc_outcome: ClassVar[str] = "forbidden"
     rpc_log_level: ClassVar[str] = "warning"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Notifier, Transport
+from shared_objects.runtime.messaging import Notifier, Transport
 
 TOPIC = "versioned_notifications"
 

@@ -1,9 +1,9 @@
 """The policy table: who may call every RPC method and every remotable object method.
 
 One file, data only, read by ``docs/security.md``. Roles come from the broker-validated login
-(``shared_objects.identity``), never from the message body. Enforcement lives elsewhere:
+(``shared_objects.runtime.identity``), never from the message body. Enforcement lives elsewhere:
 
-* ``shared_objects.authorizer.RoleAuthorizer`` checks the RPC tables below for every request
+* ``shared_objects.runtime.authorizer.RoleAuthorizer`` checks the RPC tables below for every request
   a server receives, before its arguments are even decoded;
 * the conductor's indirection endpoint checks ``OBJECT_POLICY`` for every object call, and for an
   agent runs the method under the caller's ownership scope, which the database layer turns into
@@ -24,7 +24,7 @@ import enum
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from shared_objects.identity import Role
+from shared_objects.runtime.identity import Role
 
 
 class Access(enum.StrEnum):

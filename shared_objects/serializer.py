@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 # [logging] trace_object_versions logs the name and version of every object this process
 # receives: how upgrade tests prove, from an old agent's own logs, that it was only sent what it
 # knows. Part of the process's log configuration, so set once at start with the rest of it
-# (``shared_objects.log.configure_service_logging``), for every serializer of the process.
+# (``shared_objects.runtime.log.configure_service_logging``), for every serializer of the process.
 _trace_versions = False
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conductor.cluster import ClusterSpec, LocalCluster
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.isolation import AMQP_URL, vhost_url

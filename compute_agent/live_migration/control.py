@@ -20,8 +20,8 @@ from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import NoActiveMigration
 from shared_objects import exception
 from shared_objects.context import RequestContext
-from shared_objects.messaging import ExpectedException
 from shared_objects.objects.migration import Migration
+from shared_objects.runtime.messaging import ExpectedException
 
 log = structlog.get_logger(__name__)
 

@@ -25,9 +25,9 @@ from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.exception import InsufficientResources as ClaimRefused
 from shared_objects.fields import TaskState
-from shared_objects.messaging import ExpectedException
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.migration import Migration
+from shared_objects.runtime.messaging import ExpectedException
 
 log = structlog.get_logger(__name__)
 

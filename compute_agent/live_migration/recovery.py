@@ -24,9 +24,9 @@ from compute_agent.virt.models import GuestPhase
 from shared_objects import exception, releases
 from shared_objects.context import RequestContext, admin_context
 from shared_objects.fields import MigrationType, TaskState
-from shared_objects.messaging import MessagingError
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.migration import Migration, MigrationList
+from shared_objects.runtime.messaging import MessagingError
 
 log = structlog.get_logger(__name__)
 

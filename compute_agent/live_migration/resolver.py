@@ -45,11 +45,11 @@ from shared_objects.context import RequestContext, admin_context
 from shared_objects.exception import InsufficientResources as ClaimRefused
 from shared_objects.exception import PeerBusy
 from shared_objects.fields import MigrationStatus, MigrationType, PowerState, TaskState, VMState
-from shared_objects.messaging import MessagingError
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration, MigrationList
 from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.runtime.messaging import MessagingError
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """The agent's live-migration timeouts and limits, taken from the ``[live_migration]`` section.
 
-The section (``shared_objects.config.LiveMigrationConfig``) is shared with the conductor's
+The section (``shared_objects.runtime.config.LiveMigrationConfig``) is shared with the conductor's
 live-migration task; an agent reads only the options below. The defaults here equal the
 section's (a unit test keeps them equal), so code built without a configuration behaves like an
 agent started without one.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from shared_objects.config import LiveMigrationConfig
+from shared_objects.runtime.config import LiveMigrationConfig
 
 
 @dataclasses.dataclass(slots=True)

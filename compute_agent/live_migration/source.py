@@ -43,9 +43,9 @@ from compute_agent.virt.models import GuestPhase
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import MigrationStatus, PowerState, TaskState
-from shared_objects.messaging import MessagingError
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.migration import Migration
+from shared_objects.runtime.messaging import MessagingError
 
 log = structlog.get_logger(__name__)
 

@@ -23,7 +23,7 @@ from sqlalchemy import exc as sa_exc
 
 from conductor.db import asyncpg_exec
 from shared_objects import exception
-from shared_objects.messaging import MessagingError
+from shared_objects.runtime.messaging import MessagingError
 
 log = structlog.get_logger(__name__)
 

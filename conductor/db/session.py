@@ -21,8 +21,8 @@ from sqlalchemy.pool import StaticPool
 from conductor.db.api import DbApi
 from conductor.db.ownership import OwnerScope
 from conductor.db.pool import POOL_BORN_KEY, PoolHealth, uses_driver_path
-from shared_objects.tls import TLSConfigError, client_context, is_loopback
-from shared_objects.url_secrets import split_authority
+from shared_objects.runtime.tls import TLSConfigError, client_context, is_loopback
+from shared_objects.runtime.url_secrets import split_authority
 
 log = structlog.get_logger(__name__)
 
@@ -100,7 +100,7 @@ def database_tls(url: URL) -> DatabaseTLS:
 
 def normalize_url(url: str) -> URL:
     """``url`` as a SQLAlchemy URL, user-info split at the last ``@`` (a password may contain
-    ``/ , @ : ?`` unencoded: ``shared_objects.url_secrets``)."""
+    ``/ , @ : ?`` unencoded: ``shared_objects.runtime.url_secrets``)."""
     scheme, sep, rest = url.partition("://")
     parts, tail = split_authority(rest) if sep else ([], "")
     if len(parts) != 1 or parts[0].userinfo is None:

@@ -27,9 +27,9 @@ from conductor.db.session import Database
 from conductor.reconcile import actions, rules, statements
 from conductor.reconcile.rules import Bounds, Plan, Snapshot
 from conductor.tasks.build import BuildTask
-from shared_objects.config import ConductorConfig
 from shared_objects.context import admin_context
 from shared_objects.releases import BINARY_CONDUCTOR
+from shared_objects.runtime.config import ConductorConfig
 
 log = structlog.get_logger(__name__)
 

@@ -20,9 +20,9 @@ from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.exception import NoValidHost
 from shared_objects.fields import TaskState, VMState
-from shared_objects.messaging import MessageUndeliverable
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
+from shared_objects.runtime.messaging import MessageUndeliverable
 
 log = structlog.get_logger(__name__)
 

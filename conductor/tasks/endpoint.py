@@ -18,13 +18,14 @@ from conductor.tasks.build_placement import BuildSettings
 from conductor.tasks.instances import InstanceTasks
 from conductor.tasks.live_migration import LiveMigrationTask, LiveMigrationTaskSettings
 from conductor.tasks.security_groups import SecurityGroupTasks
-from shared_objects import audit, exception
-from shared_objects.authorizer import forbidden
+from shared_objects import exception
 from shared_objects.context import RequestContext
-from shared_objects.identity import Caller
-from shared_objects.messaging import ExpectedException, Target, expose
 from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import API_VERSION, NAMESPACE
+from shared_objects.runtime import audit
+from shared_objects.runtime.authorizer import forbidden
+from shared_objects.runtime.identity import Caller
+from shared_objects.runtime.messaging import ExpectedException, Target, expose
 
 _T = TypeVar("_T")
 

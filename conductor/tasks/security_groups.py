@@ -18,11 +18,11 @@ from conductor.db.session import Database
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import VMState
-from shared_objects.messaging import MessageDeliveryFailure
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.security_group import SecurityGroup, SecurityGroupList
 from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
 from shared_objects.rpc_clients.compute import BUILD_REFRESH_VERSION, ComputeAPI
+from shared_objects.runtime.messaging import MessageDeliveryFailure
 
 log = structlog.get_logger(__name__)
 

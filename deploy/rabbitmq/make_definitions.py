@@ -20,7 +20,7 @@ import json
 import sys
 from typing import Any
 
-from shared_objects.messaging.topology import REPLY_EXCHANGE
+from shared_objects.runtime.messaging.topology import REPLY_EXCHANGE
 from shared_objects.testing.broker_logins import BrokerLimits, BrokerLogins, hash_password
 
 VHOST = "fleet"

@@ -23,7 +23,6 @@ from shared_objects.base import (
     get_db,
     remotable,
 )
-from shared_objects.messaging.exceptions import MessagingError
 from shared_objects.objects._common import (
     from_row,
     insert_row,
@@ -32,6 +31,7 @@ from shared_objects.objects._common import (
     soft_delete,
     utcnow,
 )
+from shared_objects.runtime.messaging.exceptions import MessagingError
 
 TABLE = "services"
 

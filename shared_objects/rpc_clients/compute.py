@@ -16,16 +16,16 @@ import structlog
 
 from shared_objects import releases
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
+from shared_objects.objects.live_migrate_data import LiveMigrateData
+from shared_objects.runtime.messaging import (
     RPCClient,
     Serializer,
     Target,
     Transport,
     version_is_compatible,
 )
-from shared_objects.messaging.authorization import ReplyFrom
-from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
-from shared_objects.objects.live_migrate_data import LiveMigrateData
+from shared_objects.runtime.messaging.authorization import ReplyFrom
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.upgrade_levels import ComputeUpgradeLevels
 

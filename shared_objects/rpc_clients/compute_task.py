@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, Target, Transport
-from shared_objects.messaging.authorization import ReplyFrom
 from shared_objects.rpc_clients import conductor
+from shared_objects.runtime.messaging import RPCClient, Target, Transport
+from shared_objects.runtime.messaging.authorization import ReplyFrom
 
 # The conductors' one queue serves this API beside the indirection API.
 TOPIC = conductor.TOPIC

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from shared_objects.base import FleetObject, IndirectionAPI
-from shared_objects.messaging import RPCClient, Target, Transport
-from shared_objects.messaging.authorization import ReplyFrom
+from shared_objects.runtime.messaging import RPCClient, Target, Transport
+from shared_objects.runtime.messaging.authorization import ReplyFrom
 from shared_objects.serializer import FleetObjectSerializer
 
 TOPIC = "conductor"
@@ -43,7 +43,7 @@ class ConductorAPI(IndirectionAPI):
         reply_from: ReplyFrom | None = None,
     ) -> None:
         """``reply_from``: which logins may answer (a conductor's; see
-        ``shared_objects.authorizer.reply_checks``); None accepts any (tests, tools)."""
+        ``shared_objects.runtime.authorizer.reply_checks``); None accepts any (tests, tools)."""
         self.serializer = serializer if serializer is not None else FleetObjectSerializer()
         if self.serializer.indirection_api is None:
             # Objects too new for us are sent back to the conductor for a backport.

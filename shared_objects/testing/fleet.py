@@ -1,7 +1,7 @@
 """An in-process fleet on the in-memory transport: one conductor, N real agents on fake hypervisors.
 
 Fast checks of the flows' logic; the same flows are proven across real processes on RabbitMQ
-and PostgreSQL by ``conductor.cluster.LocalCluster``.
+and PostgreSQL by ``conductor.tools.cluster.LocalCluster``.
 
     async with in_process_fleet(tmp_path, hosts=("host-a", "host-b")) as fleet:
         await fleet.tasks.build_instances(...)
@@ -34,13 +34,13 @@ from conductor.service import ConductorService
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from conductor.tasks.live_migration import LiveMigrationTaskSettings
 from shared_objects.base import FleetObject
-from shared_objects.config import FleetConfig
 from shared_objects.context import RequestContext
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
-from shared_objects.identity import Identities
-from shared_objects.messaging import Transport, get_transport
 from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
+from shared_objects.runtime.config import FleetConfig
+from shared_objects.runtime.identity import Identities
+from shared_objects.runtime.messaging import Transport, get_transport
 from shared_objects.testing.eventually import eventually
 from shared_objects.testing.memory import as_login, memory_messaging
 

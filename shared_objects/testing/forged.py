@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_objects.messaging import codec, ids
-from shared_objects.messaging.authorization import ReplyFrom
-from shared_objects.messaging.target import Target
+from shared_objects.runtime.messaging import codec, ids
+from shared_objects.runtime.messaging.authorization import ReplyFrom
+from shared_objects.runtime.messaging.target import Target
 
 
 def reply_body(msg_id: str, result: Any, *, ending: bool = True) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from shared_objects.config import MessagingConfig
+from shared_objects.runtime.config import MessagingConfig
 
 
 def memory_messaging(name: str | None = None) -> MessagingConfig:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.testing.broker import BrokerJanitor
 from shared_objects.testing.eventually import eventually
 from shared_objects.testing.isolation import AMQP_URL, fresh_database, private_vhost, vhost_url
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from shared_objects.messaging.memory import MemoryDriver
+from shared_objects.runtime.messaging.memory import MemoryDriver
 
 
 class _Service(Protocol):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conductor.cluster import LocalCluster
+from conductor.tools.cluster import LocalCluster
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.testing import RabbitNode

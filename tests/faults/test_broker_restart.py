@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessagingError,
     RPCClient,
     RPCServer,

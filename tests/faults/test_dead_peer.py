@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import MessagingTimeout, RPCClient, Target, get_transport
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import MessagingTimeout, RPCClient, Target, get_transport
 from shared_objects.testing import CallStream, PeerProcess, RabbitNode
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

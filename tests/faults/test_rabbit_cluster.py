@@ -32,8 +32,8 @@ from campaign.env import FAST_FAILURE_DETECTION, FAST_RECONCILER
 
 from compute_agent.testing_invariants import check_fleet_invariants
 from compute_agent.virt.state_view import hypervisor_view
-from conductor.cluster import ClusterSpec, LocalCluster
 from conductor.db.session import Database
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.context import RequestContext
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList

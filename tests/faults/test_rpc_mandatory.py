@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessageUndeliverable,
     MessagingError,
     MessagingTimeout,

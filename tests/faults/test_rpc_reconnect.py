@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessagingError,
     MessagingTimeout,
     RPCClient,
@@ -297,7 +297,7 @@ async def test_connection_drop_while_consumers_are_being_restored(
     while that is under way, it must still end up declared and consumed (the issue's "one of
     three processes no longer had a reply queue"). Declaring is slowed down so that the second
     drop lands inside it every time."""
-    from shared_objects.messaging.rabbit import RabbitDriver
+    from shared_objects.runtime.messaging.rabbit import RabbitDriver
 
     declare = RabbitDriver._declare_exclusive
     slowed = asyncio.Event()

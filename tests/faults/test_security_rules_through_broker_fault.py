@@ -21,8 +21,8 @@ import pytest
 
 from compute_agent.virt._guest import GuestRecord
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
-from conductor.cluster import LocalCluster
 from conductor.db.session import Database
+from conductor.tools.cluster import LocalCluster
 from shared_objects.context import RequestContext
 from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
 from shared_objects.testing import RabbitNode

@@ -26,12 +26,8 @@ import pytest
 from conductor.db.session import Database
 from conductor.testing import snapshot
 from shared_objects import exception, releases
-from shared_objects.authorizer import reply_checks
 from shared_objects.base import obj_tree_get_versions
-from shared_objects.config import SecurityConfig
 from shared_objects.context import RequestContext
-from shared_objects.identity import Identities
-from shared_objects.messaging import MessagingError, Target, Transport, codec
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping
 from shared_objects.objects.compute_node import ComputeNodeList
 from shared_objects.objects.flavor import Flavor
@@ -40,6 +36,10 @@ from shared_objects.objects.migration import Migration
 from shared_objects.rpc_clients.compute import ComputeAPI
 from shared_objects.rpc_clients.compute_task import ComputeTaskAPI
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.authorizer import reply_checks
+from shared_objects.runtime.config import SecurityConfig
+from shared_objects.runtime.identity import Identities
+from shared_objects.runtime.messaging import MessagingError, Target, Transport, codec
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.testing.eventually import eventually
 
@@ -386,8 +386,11 @@ async def test_a_hostile_host_is_refused_everything_and_the_fleet_keeps_working(
                         "_msg_id": "forged-msg-id",
                     }
                 )
-                from shared_objects.messaging import MessageDeliveryFailure
-                from shared_objects.messaging.topology import DEFAULT_EXCHANGE, REPLY_EXCHANGE
+                from shared_objects.runtime.messaging import MessageDeliveryFailure
+                from shared_objects.runtime.messaging.topology import (
+                    DEFAULT_EXCHANGE,
+                    REPLY_EXCHANGE,
+                )
 
                 # An operator's reply queue: neither exchange takes it from a host (no write on
                 # amq.default; on the reply exchange, topic permissions name callers of agents).

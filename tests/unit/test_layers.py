@@ -6,6 +6,10 @@ clients) must not load either service; the virt driver must not load the messagi
 a driver stays usable (and testable) without a broker; and a conductor that receives an older
 agent's driver error loads no agent code to rebuild it. A violation shows up here as the list of
 modules that came in, and would otherwise show up only as a slower, heavier agent start.
+
+The service plumbing (``shared_objects.runtime``) must not load the objects, so it stays
+usable below them; and a service process loads neither the operator tooling nor the
+test support.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ CONTRACT = (
     "shared_objects.releases",
     "shared_objects.upgrade_levels",
     "shared_objects.serializer",
+    "shared_objects.policy",
+    "shared_objects.notifications",
+    "shared_objects.startup_checks",
+    "shared_objects.version",
     "shared_objects.rpc_clients.conductor",
     "shared_objects.rpc_clients.compute_task",
     "shared_objects.rpc_clients.compute",
 )
 SERVICES = ("conductor", "compute_agent")
 DATABASE = ("conductor", "sqlalchemy", "asyncpg", "alembic", "aiosqlite")
-MESSAGING = ("shared_objects.messaging", "aio_pika", "aiormq", "pamqp", "oslo_messaging")
+MESSAGING = ("shared_objects.runtime.messaging", "aio_pika", "aiormq", "pamqp", "oslo_messaging")
 
 _PROBE = """
 import importlib, json, sys
@@ -101,7 +109,7 @@ _REBUILD_OLD_AGENT_ERROR = """
 import json, sys
 import conductor.service
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
-from shared_objects.messaging import codec
+from shared_objects.runtime.messaging import codec
 failure = {"class": "InstanceNotFound", "module": "compute_agent.virt.exceptions",
            "message": "instance u1 not found on this hypervisor", "tb": [],
            "args": ["instance u1 not found on this hypervisor"], "kwargs": {"uuid": "u1"}}
@@ -194,3 +202,35 @@ def test_split_packages_have_no_import_cycle(package: str) -> None:
 def test_each_part_imports_first_in_a_fresh_interpreter(module: str) -> None:
     # With a cycle, which module comes first decides whether the import fails.
     assert module in _loaded_by(module)
+
+
+# The service plumbing: what a process runs on, below the objects (its test kit aside).
+RUNTIME = tuple(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in sorted((ROOT / "shared_objects" / "runtime").rglob("*.py"))
+    if p.stem != "testing"
+)
+OBJECTS = (
+    "shared_objects.objects",
+    "shared_objects.base",
+    "shared_objects.serializer",
+    "shared_objects.rpc_clients",
+    "oslo_versionedobjects",
+)
+
+
+def test_runtime_loads_no_objects_and_no_service() -> None:
+    """The runtime carries the contract but is not built on it: it reads only the contract's leaf
+    modules (context, exceptions, releases, version), so it stays usable without the objects."""
+    assert len(RUNTIME) > 20, RUNTIME  # else the package was not found
+    loaded = _loaded_by(*RUNTIME)
+    assert _under(loaded, SERVICES) == []
+    assert _under(loaded, DATABASE) == []
+    assert _under(loaded, OBJECTS) == []
+
+
+def test_services_load_no_tools_and_no_test_support() -> None:
+    loaded = _loaded_by(
+        "conductor.service", "conductor.__main__", "compute_agent.service", "compute_agent.__main__"
+    )
+    assert _under(loaded, ("conductor.tools", "conductor.testing", "shared_objects.testing")) == []

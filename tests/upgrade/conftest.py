@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conductor.release_tree import ReleaseHistoryMissing, export_release_sync, previous_release
+from conductor.tools.release_tree import (
+    ReleaseHistoryMissing,
+    export_release_sync,
+    previous_release,
+)
 from shared_objects import releases
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conductor.release_tree import previous_release
+from conductor.tools.release_tree import previous_release
 from shared_objects import exception, releases
 from shared_objects.objects.block_device_mapping import BlockDeviceMappingList
 from shared_objects.objects.instance import Instance

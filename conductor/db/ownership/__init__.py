@@ -1,6 +1,6 @@
 """Ownership: which rows an agent's object calls may read and write (issue 11).
 
-An agent speaks for the hosts its broker login names (``shared_objects.identity.Caller``).
+An agent speaks for the hosts its broker login names (``shared_objects.runtime.identity.Caller``).
 The conductor runs each of its remotable calls in a unit of work that carries an
 :class:`OwnerScope`; ``DbApi`` then adds this module's conditions to *every* statement of the
 call, so the check rides inside the statement that reads or writes (extra ``WHERE`` terms,

@@ -1,6 +1,6 @@
 """The conductor's live-migration timeouts and limits, from the ``[live_migration]`` section.
 
-The section (``shared_objects.config.LiveMigrationConfig``) is shared with the agents, which
+The section (``shared_objects.runtime.config.LiveMigrationConfig``) is shared with the agents, which
 read their own options from it (``compute_agent/live_migration/settings.py``). The defaults
 here equal the section's (a unit test keeps them equal).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from shared_objects.config import LiveMigrationConfig
+from shared_objects.runtime.config import LiveMigrationConfig
 
 
 @dataclasses.dataclass(slots=True)

@@ -37,12 +37,12 @@ from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.exception import NoValidHost
 from shared_objects.fields import MigrationStatus, MigrationType, TaskState, VMState
-from shared_objects.messaging import MessageUndeliverable, MessagingTimeout
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.instance_action import InstanceAction
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.migration import Migration
 from shared_objects.rpc_clients.compute import ComputeAPI
+from shared_objects.runtime.messaging import MessageUndeliverable, MessagingTimeout
 
 log = structlog.get_logger(__name__)
 

@@ -1,8 +1,8 @@
 """RabbitMQ logins for a Fleet cluster: one per agent host, conductor logins, operator logins.
 
 Fleet decides what a caller may do from the AMQP ``user_id`` RabbitMQ validated against the
-connection's login (``shared_objects/identity.py``), so every process logs in as its own broker
-user. This is the one place the test kit, ``make demo`` and the local clusters create them::
+connection's login (``shared_objects/runtime/identity.py``), so every process logs in as its own
+broker user. This is the one place the test kit, ``make demo`` and the local clusters create them::
 
     logins = BrokerLogins("rabbit://guest:guest@127.0.0.1:5672/fleet-test-x", tag="a1b2c3")
     await logins.ensure(

@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 import structlog
 
-from shared_objects.config import SecurityConfig
-from shared_objects.identity import Identities, Role
+from shared_objects.runtime.config import SecurityConfig
+from shared_objects.runtime.identity import Identities, Role
 from shared_objects.testing.broker_logins.ctl import Ctl, NodeCtl, Rabbitmqctl
 from shared_objects.testing.broker_logins.permissions import LoginPermissions
 from shared_objects.testing.broker_logins.rules import (
@@ -68,7 +68,7 @@ class BrokerLogins(LoginPermissions):
         agent_topic_queue: bool | None = None,
         passwords: Mapping[str, str] | None = None,
     ) -> None:
-        from shared_objects.messaging.urls import parse_transport_url
+        from shared_objects.runtime.messaging.urls import parse_transport_url
 
         parsed = parse_transport_url(admin_url)
         if parsed.scheme not in ("amqp", "amqps"):

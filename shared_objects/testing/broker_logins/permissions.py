@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_objects.config import SecurityConfig
-from shared_objects.identity import Identities, Role
+from shared_objects.runtime.config import SecurityConfig
+from shared_objects.runtime.identity import Identities, Role
 from shared_objects.testing.broker_logins.limits import BrokerLimits, _ms, _policy
 from shared_objects.testing.broker_logins.rules import (
     _HEX32,

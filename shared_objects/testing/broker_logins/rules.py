@@ -12,9 +12,9 @@ import re
 import uuid
 from collections.abc import Iterable
 
-from shared_objects.config import MessagingConfig
-from shared_objects.identity import Role
-from shared_objects.messaging.topology import REPLY_EXCHANGE
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.identity import Role
+from shared_objects.runtime.messaging.topology import REPLY_EXCHANGE
 
 # The name RabbitMQ checks permissions on when a message goes to the default exchange ("").
 AMQP_DEFAULT_EXCHANGE = "amq.default"
@@ -23,7 +23,7 @@ COMPUTE_TOPIC = "compute"
 NOTIFICATION_TOPICS = ("versioned_notifications",)
 NOTIFICATION_PRIORITIES = ("audit", "debug", "info", "warn", "error", "critical", "sample")
 _HEX32 = "[0-9a-f]{32}"
-#: The exchange Fleet replies travel through (``shared_objects.messaging.topology``).
+#: The exchange Fleet replies travel through (``shared_objects.runtime.messaging.topology``).
 REPLY_EXCHANGE_NAME = REPLY_EXCHANGE.name
 # The characters of a login (no ``_``: it separates the login in ``reply_<login>_<hex>``).
 _LOGIN_CHARS = "[A-Za-z0-9.@+-]"
@@ -101,8 +101,8 @@ def runtime_names_queues_by_login() -> bool:
     Asked of the runtime itself (a throwaway in-memory transport), so the permissions follow the
     code that will run under them.
     """
-    from shared_objects.messaging import get_transport
-    from shared_objects.messaging.memory import MemoryBroker
+    from shared_objects.runtime.messaging import get_transport
+    from shared_objects.runtime.messaging.memory import MemoryBroker
 
     probe = "fleet-probe-login"
     cfg = MessagingConfig(transport_url=f"memory://{probe}@probe-{uuid.uuid4().hex}")
@@ -117,9 +117,9 @@ def agents_consume_topic_queue() -> bool:
     from compute_agent.service import ComputeAgentService
     from compute_agent.virt.fake import FakeDriver
     from compute_agent.virt.fake_config import FakeDriverConfig
-    from shared_objects.config import FleetConfig
-    from shared_objects.messaging import get_transport
-    from shared_objects.messaging.memory import MemoryBroker
+    from shared_objects.runtime.config import FleetConfig
+    from shared_objects.runtime.messaging import get_transport
+    from shared_objects.runtime.messaging.memory import MemoryBroker
 
     cfg = FleetConfig(host="probe")
     cfg.messaging.transport_url = f"memory://fleet-host-probe@probe-{uuid.uuid4().hex}"

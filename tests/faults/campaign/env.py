@@ -20,8 +20,8 @@ from typing import Any
 
 import asyncpg
 
-from conductor.cluster import ClusterSpec, LocalCluster
 from conductor.db.session import Database
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor
 from shared_objects.testing import RabbitNode, TcpProxy
 from shared_objects.testing.broker_logins import BrokerLogins

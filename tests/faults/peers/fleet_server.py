@@ -14,10 +14,10 @@ import os
 import sys
 from typing import Any
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.log import configure_logging
-from shared_objects.messaging import RPCServer, Target, expose, get_transport
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.log import configure_logging
+from shared_objects.runtime.messaging import RPCServer, Target, expose, get_transport
 
 
 def emit(message: dict[str, Any]) -> None:

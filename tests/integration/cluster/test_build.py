@@ -144,7 +144,7 @@ def test_fleetctl_json_list_matches_database(cluster_factory: Any) -> None:
             }
             out = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "conductor.cli", "--format", "json", "list"],
+                [sys.executable, "-m", "conductor.tools.fleetctl", "--format", "json", "list"],
                 env=env,
                 capture_output=True,
                 text=True,

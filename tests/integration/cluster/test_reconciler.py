@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from conductor.reconcile import rules, statements
-from conductor.reconcile.testing import World, reconcile_world
+from conductor.testing.reconcile import World, reconcile_world
 from shared_objects.context import RequestContext
 from shared_objects.objects.instance_fault import InstanceFault
 

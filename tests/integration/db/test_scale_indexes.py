@@ -19,12 +19,12 @@ import asyncpg
 import pytest
 from sqlalchemy import event, text
 
-from conductor import testing_hosts as sim
 from conductor.db import migration
 from conductor.db.session import Database
 from conductor.host_view import HostView, HostViewSettings
 from conductor.liveness import LivenessBatcher
 from conductor.reconcile import statements as reconcile
+from conductor.testing import hosts as sim
 from shared_objects.context import RequestContext
 from shared_objects.objects.compute_node import ComputeNode
 from shared_objects.objects.instance import Instance, InstanceList

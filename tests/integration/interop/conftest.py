@@ -16,8 +16,8 @@ import aio_pika
 import aiormq
 import pytest
 
-from shared_objects.config import MessagingConfig
-from shared_objects.messaging import Transport, get_transport
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import Transport, get_transport
 from shared_objects.testing import PeerProcess
 
 PEERS = Path(__file__).resolve().parent / "peers"

@@ -10,7 +10,7 @@ import interop_errors
 import pytest
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.messaging import (
     MessageUndeliverable,
     MessagingTimeout,
     RemoteError,
@@ -107,8 +107,8 @@ async def test_oslo_exception_from_allowed_module_arrives_at_fleet_as_its_class(
 async def test_oslo_exception_from_other_module_arrives_at_fleet_as_remote_error(
     oslo_server: PeerProcess, fleet_transport: Transport, topic: str
 ) -> None:
-    from shared_objects.config import MessagingConfig
-    from shared_objects.messaging import get_transport
+    from shared_objects.runtime.config import MessagingConfig
+    from shared_objects.runtime.messaging import get_transport
 
     config: MessagingConfig = fleet_transport.config
     async with get_transport(config) as strict:  # interop_errors not allowed here

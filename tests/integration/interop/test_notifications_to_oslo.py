@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Notifier, Transport
+from shared_objects.runtime.messaging import Notifier, Transport
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

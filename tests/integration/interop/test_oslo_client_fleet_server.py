@@ -11,7 +11,7 @@ import pytest
 
 from shared_objects import exception as fleet_exception
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCServer, Target, Transport, expose
+from shared_objects.runtime.messaging import RPCServer, Target, Transport, expose
 from shared_objects.testing import PeerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

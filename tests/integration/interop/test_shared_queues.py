@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import RPCClient, RPCServer, Target, expose, get_transport
 from shared_objects.testing import PeerProcess, RabbitNode
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

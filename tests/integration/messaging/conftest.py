@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from shared_objects.config import MessagingConfig
-from shared_objects.messaging import Transport, get_transport
-from shared_objects.messaging.urls import parse_transport_url
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import Transport, get_transport
+from shared_objects.runtime.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import BrokerLogins
 
 MakeTransport = Callable[[str], Transport]

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Transport, expose
-from shared_objects.messaging.exceptions import RequestRefused
+from shared_objects.runtime.messaging import Transport, expose
+from shared_objects.runtime.messaging.exceptions import RequestRefused
 from shared_objects.testing.broker_logins import BrokerLogins
 
 HEX32 = "[0-9a-f]{32}"

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from shared_objects.config import MessagingConfig
-from shared_objects.messaging import MessageRejected, get_transport
-from shared_objects.messaging.rabbit import _NACK_RETRY_WINDOW, RabbitDriver
-from shared_objects.messaging.topology import DEFAULT_EXCHANGE
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import MessageRejected, get_transport
+from shared_objects.runtime.messaging.rabbit import _NACK_RETRY_WINDOW, RabbitDriver
+from shared_objects.runtime.messaging.topology import DEFAULT_EXCHANGE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -14,10 +14,17 @@ import aio_pika
 import pytest
 from structlog.testing import capture_logs
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, RPCServer, Target, Transport, expose, get_transport
-from shared_objects.messaging.testing import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
+    RPCClient,
+    RPCServer,
+    Target,
+    Transport,
+    expose,
+    get_transport,
+)
+from shared_objects.testing.broker import (
     BrokerJanitor,
     queue_counts_ctl,
     ready_count,

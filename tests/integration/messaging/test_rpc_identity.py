@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
-from shared_objects.messaging.testing import BrokerJanitor, vhost_of, vhost_path
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import RPCClient, RPCServer, Target, expose, get_transport
+from shared_objects.testing.broker import BrokerJanitor, vhost_of, vhost_path
 
 pytestmark = [
     pytest.mark.integration,

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessageDeliveryFailure,
     MessagingError,
     MessagingTimeout,
@@ -19,8 +19,8 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.testing import BrokerJanitor, vhost_path
 from shared_objects.testing import TcpProxy
+from shared_objects.testing.broker import BrokerJanitor, vhost_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

@@ -11,9 +11,9 @@ import aiormq
 import pytest
 from structlog.testing import capture_logs
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessagingError,
     RPCClient,
     RPCServer,
@@ -21,7 +21,7 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.testing import BrokerJanitor, delete_entities
+from shared_objects.testing.broker import BrokerJanitor, delete_entities
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

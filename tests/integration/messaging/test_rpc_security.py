@@ -19,8 +19,8 @@ import pytest
 from rpc_security_parties import HEX32, Conductor, MakeTransport, ignore_delivery, three_parties
 from structlog.testing import capture_logs
 
-from shared_objects.config import MessagingConfig
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessagingTimeout,
     RPCClient,
     RPCServer,
@@ -29,9 +29,9 @@ from shared_objects.messaging import (
     get_transport,
     ids,
 )
-from shared_objects.messaging.testing import BrokerJanitor, vhost_path
-from shared_objects.messaging.topology import REPLY_EXCHANGE
+from shared_objects.runtime.messaging.topology import REPLY_EXCHANGE
 from shared_objects.testing import ProxyMode, TcpProxy
+from shared_objects.testing.broker import BrokerJanitor, vhost_path
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.eventually import eventually
 from shared_objects.testing.forged import replies_only_from, reply_body

@@ -16,9 +16,9 @@ import pytest
 from rpc_security_parties import HEX32, Conductor, LoginPolicy, MakeTransport, three_parties
 from structlog.testing import capture_logs
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessagingError,
     RPCClient,
     RPCServer,
@@ -26,8 +26,8 @@ from shared_objects.messaging import (
     codec,
     get_transport,
 )
-from shared_objects.messaging.exceptions import RequestRefused, UncoveredMethods
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.runtime.messaging.exceptions import RequestRefused, UncoveredMethods
+from shared_objects.testing.broker import BrokerJanitor
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.eventually import eventually
 from shared_objects.testing.forged import replies_only_from

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCClient, RPCServer, Target, expose, get_transport
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import RPCClient, RPCServer, Target, expose, get_transport
+from shared_objects.testing.broker import BrokerJanitor
 from shared_objects.testing.eventually import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessagingError,
     RPCClient,
     RPCServer,
@@ -23,7 +23,7 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.testing import BrokerJanitor, vhost_path
+from shared_objects.testing.broker import BrokerJanitor, vhost_path
 
 pytestmark = [
     pytest.mark.integration,

@@ -11,9 +11,9 @@ import aio_pika
 import aiormq
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MessageDeliveryFailure,
     MessagingError,
     RPCClient,
@@ -22,7 +22,7 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.testing import BrokerJanitor
+from shared_objects.testing.broker import BrokerJanitor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

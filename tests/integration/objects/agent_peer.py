@@ -16,11 +16,11 @@ from typing import Any
 from conductor.testing import indirection
 from shared_objects import exception
 from shared_objects.base import FleetObject, obj_tree_get_versions
-from shared_objects.config import load_config
 from shared_objects.context import RequestContext
-from shared_objects.messaging import get_transport
 from shared_objects.objects import Flavor, Instance, InstanceList
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.config import load_config
+from shared_objects.runtime.messaging import get_transport
 from shared_objects.serializer import FleetObjectSerializer
 
 

@@ -16,10 +16,10 @@ from objects_support import ConductorProcess, fleet_env
 
 from conductor.db import migration
 from conductor.testing import indirection
-from shared_objects.config import MessagingConfig
 from shared_objects.exception import ALLOWED_REMOTE_EXMODS
-from shared_objects.messaging import get_transport
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import get_transport
 from shared_objects.testing.broker_logins import BrokerLogins
 
 BIN = Path(sys.executable).parent

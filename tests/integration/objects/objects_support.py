@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared_objects.context import RequestContext
-from shared_objects.messaging import MessagingTimeout
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.messaging import MessagingTimeout
 from shared_objects.testing.eventually import eventually
 
 

@@ -21,10 +21,10 @@ from conductor.testing import (
     isolated_registry,
     register_newer_instance,
 )
-from shared_objects.config import FleetConfig, MessagingConfig
 from shared_objects.context import RequestContext
 from shared_objects.objects import Flavor, Instance
 from shared_objects.rpc_clients.conductor import ConductorAPI
+from shared_objects.runtime.config import FleetConfig, MessagingConfig
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from conductor.cluster import ClusterSpec, LocalCluster
-from conductor.cluster_environment import ProcessHandle
+from conductor.tools.cluster import ClusterSpec, LocalCluster
+from conductor.tools.cluster_environment import ProcessHandle
 
 OpsClusterFactory = Callable[..., contextlib.AbstractAsyncContextManager["OpsCluster"]]
 

@@ -20,10 +20,17 @@ import aio_pika
 import aiormq
 import pytest
 
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import Notifier, RPCClient, RPCServer, Target, expose, get_transport
-from shared_objects.messaging.urls import parse_transport_url
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
+    Notifier,
+    RPCClient,
+    RPCServer,
+    Target,
+    expose,
+    get_transport,
+)
+from shared_objects.runtime.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import BrokerLogins
 from shared_objects.testing.broker_probe import channel_outcome, ignore_message
 from shared_objects.testing.rabbit_node import RabbitNode, RabbitNodeError

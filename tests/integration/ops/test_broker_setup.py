@@ -24,11 +24,11 @@ import aio_pika
 import pytest
 import pytest_asyncio
 
-from conductor.cli import build_parser
-from conductor.cli.broker import setup
-from shared_objects.config import FleetConfig, MessagingConfig
+from conductor.tools.fleetctl import build_parser
+from conductor.tools.fleetctl.broker import setup
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import FleetConfig, MessagingConfig
+from shared_objects.runtime.messaging import (
     MessageRejected,
     RPCClient,
     RPCServer,
@@ -36,7 +36,7 @@ from shared_objects.messaging import (
     expose,
     get_transport,
 )
-from shared_objects.messaging.urls import parse_transport_url
+from shared_objects.runtime.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import NodeCtl
 from shared_objects.testing.broker_probe import ChannelOp, channel_outcome, ignore_message
 from shared_objects.testing.eventually import eventually

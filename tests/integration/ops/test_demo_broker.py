@@ -1,4 +1,4 @@
-"""The demos' broker logins (``conductor.demo.demo_broker``, used by ``make demo`` and ``make
+"""The demos' broker logins (``conductor.tools.demo.demo_broker``, used by ``make demo`` and ``make
 demo-upgrade``): named with a tag of each run's own, so two demos at once never share a login
 nor delete each other's, and deleted when the demo ends, also when it fails."""
 
@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from conductor.demo import demo_broker
-from conductor.demo_upgrade import shared_login
+from conductor.tools.demo import demo_broker
+from conductor.tools.demo_upgrade import shared_login
 from shared_objects.testing.broker_logins import BrokerLogins, Rabbitmqctl
 
 pytestmark = [

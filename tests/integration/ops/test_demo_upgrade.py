@@ -32,7 +32,7 @@ def test_demo_upgrade_exits_0_migrates_across_releases_and_lifts_the_cap(
     tmp_path: Path,
 ) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "conductor.demo_upgrade", "--workdir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "conductor.tools.demo_upgrade", "--workdir", str(tmp_path / "demo")],
         cwd=REPO,
         env=os.environ.copy(),
         capture_output=True,

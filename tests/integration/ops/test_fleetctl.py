@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from conductor.cluster import ClusterSpec, LocalCluster
+from conductor.tools.cluster import ClusterSpec, LocalCluster
 from shared_objects.objects.flavor import Flavor, FlavorList
 from shared_objects.objects.service import Service
 from shared_objects.testing.broker_logins import BrokerLogins
@@ -54,7 +54,7 @@ class Fleet:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "conductor.cli",
+            "conductor.tools.fleetctl",
             "--timeout",
             "20",
             *argv,
@@ -124,7 +124,11 @@ async def fleet(
 
 async def test_version_is_the_package_metadata_version() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "conductor.cli", "--version", stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "conductor.tools.fleetctl",
+        "--version",
+        stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
     assert proc.returncode == 0

@@ -32,7 +32,7 @@ def fleetctl(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEET")}
     clean.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "conductor.cli", *argv],
+        [sys.executable, "-m", "conductor.tools.fleetctl", *argv],
         env=clean,
         capture_output=True,
         text=True,

@@ -113,7 +113,7 @@ async def fleetctl(cluster: OpsCluster, *argv: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "conductor.cli",
+        "conductor.tools.fleetctl",
         *argv,
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from ops_cluster import OpsCluster, ahttp_get
 
-from conductor.cluster import ClusterSpec
+from conductor.tools.cluster import ClusterSpec
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import InstanceList
 from shared_objects.testing import RabbitNode

@@ -1,7 +1,7 @@
 """``conductor`` and ``compute-agent`` meeting a broken environment at start, run as the real
 commands: they retry for ``[service] start_retry_timeout`` (short here), then print ONE line on
 stderr naming what to check (no traceback, no repr, no password) and exit with the documented
-status: 3 for the environment, 2 for the configuration (shared_objects/startup_retry.py)."""
+status: 3 for the environment, 2 for the configuration (shared_objects/runtime/startup_retry.py)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from collections import Counter
 import pytest
 from ops_cluster import OpsCluster, OpsClusterFactory
 
-from shared_objects.messaging.testing import queue_counts_ctl
 from shared_objects.objects.instance import Instance, InstanceList
+from shared_objects.testing.broker import queue_counts_ctl
 from shared_objects.testing.eventually import eventually
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import pytest
 import structlog
 from tls_support import AGENT_LOGIN, PKI, TLSNode
 
-from shared_objects.config import ConfigError, MessagingConfig, load_config
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import ConfigError, MessagingConfig, load_config
+from shared_objects.runtime.messaging import (
     MessagingError,
     RPCClient,
     RPCServer,

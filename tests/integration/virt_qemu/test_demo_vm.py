@@ -22,7 +22,7 @@ async def test_demo_vm_boots_hotplugs_and_migrates_a_running_guest(
     env = {**os.environ, "FLEET_COMPUTE__QEMU_IMAGE_DIR": str(guest_image_dir)}
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "conductor.demo_vm", "--workdir", str(workdir)],
+        [sys.executable, "-m", "conductor.tools.demo_vm", "--workdir", str(workdir)],
         env=env,
         capture_output=True,
         text=True,

@@ -40,7 +40,7 @@ async def fleetctl_list(cluster: Any) -> list[dict[str, Any]]:
     }
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "conductor.cli", "--format", "json", "list"],
+        [sys.executable, "-m", "conductor.tools.fleetctl", "--format", "json", "list"],
         env=env,
         capture_output=True,
         text=True,

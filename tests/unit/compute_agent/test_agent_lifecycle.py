@@ -18,10 +18,10 @@ from conductor.db import migration
 from conductor.service import ConductorService
 from shared_objects import releases
 from shared_objects.base import FleetObject
-from shared_objects.config import FleetConfig
-from shared_objects.messaging import BrokerConnectFailed
 from shared_objects.objects.service import Service
-from shared_objects.startup_retry import StartupFailed
+from shared_objects.runtime.config import FleetConfig
+from shared_objects.runtime.messaging import BrokerConnectFailed
+from shared_objects.runtime.startup_retry import StartupFailed
 from shared_objects.testing.readiness import check_ready_follows_lifecycle
 
 HOST = "host-a"

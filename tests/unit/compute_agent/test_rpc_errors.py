@@ -17,9 +17,9 @@ import pytest
 from compute_agent.rpc_errors import shared_error, virt_errors_translated
 from compute_agent.virt import exceptions as virt
 from shared_objects import exception
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import (
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
     MemoryBroker,
     RemoteError,
     RPCClient,

@@ -8,7 +8,7 @@ import pytest
 
 from compute_agent.transient import Retrier, RetryPolicy
 from shared_objects import exception
-from shared_objects.messaging import MessageDeliveryFailure, MessagingTimeout
+from shared_objects.runtime.messaging import MessageDeliveryFailure, MessagingTimeout
 
 
 class FakeTime:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 from conductor.census import Census
-from shared_objects.metrics import ServiceMetrics
+from shared_objects.runtime.metrics import ServiceMetrics
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 

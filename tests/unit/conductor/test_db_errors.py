@@ -11,7 +11,7 @@ from sqlalchemy import exc as sa_exc
 
 from conductor.db.errors import database_unavailable_boundary, is_database_unavailable
 from shared_objects import exception
-from shared_objects.messaging import MessagingTimeout
+from shared_objects.runtime.messaging import MessagingTimeout
 
 
 def _wrapped(orig: BaseException, *, invalidated: bool = False) -> sa_exc.DBAPIError:

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from conductor import testing_hosts as sim
 from conductor.db import migration
 from conductor.db.session import Database, create_engine
 from conductor.host_view import HostView, HostViewSettings
 from conductor.scheduler import HostState, ResourceRequest, select_destinations
 from conductor.tasks.hosts import PlacementLedger
+from conductor.testing import hosts as sim
 
 HOSTS = 1000
 SMALL = ResourceRequest(vcpus=1, memory_mb=1024, disk_gb=10)

@@ -17,9 +17,9 @@ from conductor.liveness import LivenessBatcher, LivenessEndpoint
 from conductor.testing import LocalConductor, local_conductor
 from shared_objects import exception, releases
 from shared_objects.context import RequestContext
-from shared_objects.identity import Identities
-from shared_objects.messaging import MessagingError, RemoteError
 from shared_objects.objects.service import Service, ServiceReporter
+from shared_objects.runtime.identity import Identities
+from shared_objects.runtime.messaging import MessagingError, RemoteError
 from shared_objects.testing.eventually import eventually
 
 COMPUTE = releases.BINARY_COMPUTE
@@ -215,7 +215,7 @@ async def test_operators_and_conductors_may_not_report_alive_by_cast(
 async def test_legacy_shared_login_is_refused() -> None:
     with pytest.raises(exception.Forbidden):
         from conductor.liveness import beating_host
-        from shared_objects.identity import Caller, Role
+        from shared_objects.runtime.identity import Caller, Role
 
         beating_host(Caller("shared", Role.AGENT, frozenset({"a", "b"}), legacy=True))
 

@@ -178,8 +178,8 @@ def test_no_service_uses_the_broker_administrator_or_guest(
 
 
 def test_every_service_logs_in_as_its_own_role(compose: dict[str, Any]) -> None:
-    from shared_objects.config import load_config
-    from shared_objects.identity import Identities, Role
+    from shared_objects.runtime.config import load_config
+    from shared_objects.runtime.identity import Identities, Role
 
     services = fleet_services(compose)
     agent_logins = set()
@@ -253,7 +253,7 @@ def test_definitions_file_is_what_the_generator_writes(definitions: dict[str, An
 
 
 def test_fleet_environment_is_accepted_by_the_config_loader(compose: dict[str, Any]) -> None:
-    from shared_objects.config import load_config
+    from shared_objects.runtime.config import load_config
 
     for name, service in fleet_services(compose).items():
         cfg = load_config(environment(service))
@@ -331,7 +331,7 @@ def test_build_context_keeps_the_virtualenv_out() -> None:
 
 
 def test_passwords_are_compose_secrets_not_environment(compose: dict[str, Any]) -> None:
-    from shared_objects.config import load_config
+    from shared_objects.runtime.config import load_config
 
     files = secret_files()
     for name, service in compose["services"].items():

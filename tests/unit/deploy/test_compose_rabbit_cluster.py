@@ -79,8 +79,8 @@ def test_cluster_profile_has_three_nodes_with_fleet_config_and_one_cookie(
 def test_cluster_override_points_every_fleet_service_at_the_three_nodes(
     compose: dict[str, Any], cluster_override: dict[str, Any]
 ) -> None:
-    from shared_objects.config import load_config
-    from shared_objects.messaging.urls import parse_transport_url
+    from shared_objects.runtime.config import load_config
+    from shared_objects.runtime.messaging.urls import parse_transport_url
 
     services = fleet_services(compose)
     override = cluster_override["services"]

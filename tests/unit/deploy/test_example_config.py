@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from shared_objects.config import ENV_ALIASES, load_config, option_names
+from shared_objects.runtime.config import ENV_ALIASES, load_config, option_names
 
 ROOT = Path(__file__).resolve().parents[3]
 TOML_EXAMPLE = ROOT / "deploy" / "fleet.toml.example"
@@ -77,7 +77,7 @@ def test_operations_guide_documents_every_option_and_variable() -> None:
 def test_env_example_logs_each_host_in_as_itself() -> None:
     from urllib.parse import urlsplit
 
-    from shared_objects.identity import Identities, Role
+    from shared_objects.runtime.identity import Identities, Role
 
     lines = ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
     active = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))

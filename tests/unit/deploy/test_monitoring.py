@@ -20,7 +20,7 @@ from compute_agent.service import ComputeAgentService
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.fake_config import FakeDriverConfig
 from conductor.service import ConductorService
-from shared_objects.config import FleetConfig
+from shared_objects.runtime.config import FleetConfig
 
 MONITORING = Path(__file__).resolve().parents[3] / "deploy" / "monitoring"
 RULES = MONITORING / "fleet-alerts.yml"

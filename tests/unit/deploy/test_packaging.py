@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 from shared_objects import releases
-from shared_objects.metrics import ServiceMetrics
+from shared_objects.runtime.metrics import ServiceMetrics
 from shared_objects.version import VERSION, describe
 
 ROOT = Path(__file__).resolve().parents[3]

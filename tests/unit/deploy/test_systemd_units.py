@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shared_objects.config import ServiceConfig
+from shared_objects.runtime.config import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT_DIR = ROOT / "deploy" / "systemd"
@@ -173,7 +173,7 @@ CREDENTIALS = {
 
 @pytest.mark.parametrize("unit", sorted(UNITS))
 def test_unit_reads_its_urls_from_credentials(unit: str) -> None:
-    from shared_objects.config import option_names
+    from shared_objects.runtime.config import option_names
 
     d = directives(UNIT_DIR / unit)
     loaded = dict(value.split(":", 1) for value in d.get("LoadCredential", []))
@@ -189,7 +189,7 @@ def test_unit_reads_its_urls_from_credentials(unit: str) -> None:
 
 
 def test_credential_files_feed_the_config_like_systemd_would(tmp_path: Path) -> None:
-    from shared_objects.config import format_config, load_config
+    from shared_objects.runtime.config import format_config, load_config
 
     d = directives(UNIT_DIR / "fleet-conductor.service")
     (tmp_path / "transport_url").write_text(
@@ -209,6 +209,6 @@ def test_credential_files_feed_the_config_like_systemd_would(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("unit", "program"), sorted(UNITS.items()))
 def test_reload_sends_sighup_to_the_main_process(unit: str, program: str) -> None:
-    # SIGHUP is what the service runner handles (shared_objects/service_runner.py); the shell's
-    # kill builtin, as /bin/kill is not on every system (make test-deploy found it missing).
+    # SIGHUP is what the service runner handles (shared_objects/runtime/service_runner.py); the
+    # shell's kill builtin, as /bin/kill is not on every system (make test-deploy found it missing).
     assert one(directives(UNIT_DIR / unit), "ExecReload") == "/bin/sh -c 'kill -HUP \"$$MAINPID\"'"

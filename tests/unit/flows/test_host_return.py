@@ -16,9 +16,9 @@ from live_migration_helpers import boot, stage_crash
 
 from compute_agent.virt.migration_model import MigrationModel
 from conductor.reconcile import Bounds, Reconciler
-from conductor.reconcile.testing import FakeCompute
 from conductor.tasks.build import BuildTask
 from conductor.tasks.build_placement import BuildSettings
+from conductor.testing.reconcile import FakeCompute
 from shared_objects.context import RequestContext
 from shared_objects.fields import TaskState
 from shared_objects.objects.compute_node import ComputeNodeList

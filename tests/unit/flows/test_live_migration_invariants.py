@@ -96,7 +96,7 @@ async def test_usage_and_claims_mismatches_are_reported(lm_fleet_factory: Any) -
 
 
 def test_both_services_take_their_settings_from_the_live_migration_section() -> None:
-    from shared_objects.config import load_config
+    from shared_objects.runtime.config import load_config
 
     cfg = load_config(
         {
@@ -116,7 +116,7 @@ def test_both_services_take_their_settings_from_the_live_migration_section() -> 
 
 
 def test_settings_defaults_are_the_sections_defaults() -> None:
-    from shared_objects.config import LiveMigrationConfig
+    from shared_objects.runtime.config import LiveMigrationConfig
 
     section = LiveMigrationConfig()
     assert LiveMigrationSettings.from_config(section) == LiveMigrationSettings()

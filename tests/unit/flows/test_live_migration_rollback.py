@@ -275,8 +275,8 @@ async def test_source_queue_missing_fails_the_migration_and_keeps_the_instance(
     """The hand-over call finds no queue for the source (gone with a broker restart): nothing
     reached the source, so the conductor ends the migration and releases the instance at once
     instead of waiting for agents that never heard of it."""
-    from shared_objects.messaging import MessageUndeliverable
     from shared_objects.rpc_clients.compute import ComputeAPI
+    from shared_objects.runtime.messaging import MessageUndeliverable
 
     async def undeliverable(self: Any, ctxt: Any, host: str, **kwargs: Any) -> Any:
         raise MessageUndeliverable(f"no queue is bound for 'compute.{host}'")

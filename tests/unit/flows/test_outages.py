@@ -15,11 +15,11 @@ from compute_agent.transient import Retrier, RetryPolicy
 from shared_objects import exception
 from shared_objects.context import RequestContext
 from shared_objects.fields import TaskState
-from shared_objects.messaging import MessagingTimeout
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.instance_fault import InstanceFault
 from shared_objects.objects.service import Service
+from shared_objects.runtime.messaging import MessagingTimeout
 
 
 async def _flavor(fleet: Any) -> None:

@@ -12,10 +12,10 @@ from compute_agent.security_groups import ResyncResult
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
 from shared_objects import releases
 from shared_objects.context import RequestContext, admin_context
-from shared_objects.messaging.memory import MemoryDriver
 from shared_objects.objects.flavor import Flavor
 from shared_objects.objects.instance import Instance, InstanceList
 from shared_objects.objects.security_group_rule import SecurityGroupRule, SecurityGroupRuleList
+from shared_objects.runtime.messaging.memory import MemoryDriver
 
 OPS = RequestContext(user_id="ops", project_id="p1")
 BATCHED_READS = {

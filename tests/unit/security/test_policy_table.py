@@ -11,14 +11,14 @@ from conductor.indirection import BaseAPIEndpoint, ConductorIndirectionEndpoint,
 from conductor.liveness import LivenessEndpoint
 from conductor.tasks.endpoint import ComputeTaskEndpoint
 from shared_objects.base import FleetObjectRegistry
-from shared_objects.identity import Identities, Role
-from shared_objects.messaging.dispatcher import Dispatcher
 from shared_objects.policy import (
     COMPUTE_RPC_POLICY,
     CONDUCTOR_RPC_POLICY,
     OBJECT_POLICY,
     Access,
 )
+from shared_objects.runtime.identity import Identities, Role
+from shared_objects.runtime.messaging.dispatcher import Dispatcher
 
 
 def _remotables() -> set[tuple[str, str]]:

@@ -10,14 +10,20 @@ from typing import Any
 import pytest
 
 from shared_objects import releases
-from shared_objects.config import MessagingConfig
 from shared_objects.context import RequestContext
-from shared_objects.messaging import RPCServer, Target, expose, get_transport, request_version
 from shared_objects.objects.block_device_mapping import BlockDeviceMapping, BlockDeviceMappingList
 from shared_objects.objects.instance import Instance
 from shared_objects.objects.live_migrate_data import LiveMigrateData
 from shared_objects.objects.migration import Migration
 from shared_objects.rpc_clients.compute import API_VERSION, ComputeAPI
+from shared_objects.runtime.config import MessagingConfig
+from shared_objects.runtime.messaging import (
+    RPCServer,
+    Target,
+    expose,
+    get_transport,
+    request_version,
+)
 from shared_objects.serializer import FleetObjectSerializer
 from shared_objects.upgrade_levels import ComputeUpgradeLevels, Levels
 

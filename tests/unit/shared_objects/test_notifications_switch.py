@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from shared_objects.config import FleetConfig, MessagingConfig, load_config
 from shared_objects.context import RequestContext
-from shared_objects.messaging import MemoryBroker, get_transport
 from shared_objects.notifications import InstanceNotifier
+from shared_objects.runtime.config import FleetConfig, MessagingConfig, load_config
+from shared_objects.runtime.messaging import MemoryBroker, get_transport
 
 
 class _Instance(SimpleNamespace):

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from shared_objects.config import SecurityConfig, load_config
-from shared_objects.identity import Identities, Role
-from shared_objects.messaging.urls import parse_transport_url
+from shared_objects.runtime.config import SecurityConfig, load_config
+from shared_objects.runtime.identity import Identities, Role
+from shared_objects.runtime.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import BrokerLogins, Permissions, hash_password
 from shared_objects.testing.broker_logins.ctl import _delete_users_expression
 

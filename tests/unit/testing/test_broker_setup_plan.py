@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from shared_objects.messaging.topology import REPLY_EXCHANGE, ExchangeSpec
+from shared_objects.runtime.messaging.topology import REPLY_EXCHANGE, ExchangeSpec
 from shared_objects.testing.broker_logins import (
     BrokerLimits,
     BrokerLogins,

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from conductor.cluster import ClusterSpec, LocalCluster
-from shared_objects.config import load_config
-from shared_objects.identity import Identities, Role
-from shared_objects.messaging.urls import parse_transport_url
+from conductor.tools.cluster import ClusterSpec, LocalCluster
+from shared_objects.runtime.config import load_config
+from shared_objects.runtime.identity import Identities, Role
+from shared_objects.runtime.messaging.urls import parse_transport_url
 from shared_objects.testing.broker_logins import BrokerLogins
 
 ADMIN = "rabbit://guest:guest@127.0.0.1:5672/fleet-test-x"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared_objects.messaging.urls import parse_transport_url
+from shared_objects.runtime.messaging.urls import parse_transport_url
 from shared_objects.testing.rabbit_cluster import RabbitCluster, _pid_node
 
 

@@ -208,7 +208,7 @@ async def test_delay_slows_a_step_without_failing_it(make_driver: MakeDriver) ->
 
 
 async def test_failures_from_the_compute_section_reach_the_driver(state_dir: Any) -> None:
-    from shared_objects.config import load_config
+    from shared_objects.runtime.config import load_config
 
     cfg = load_config(
         {

@@ -90,7 +90,7 @@ def test_bad_model_parameters_are_rejected(text: str) -> None:
 
 
 def test_config_from_the_compute_section() -> None:
-    from shared_objects.config import load_config
+    from shared_objects.runtime.config import load_config
 
     cfg = load_config(
         {

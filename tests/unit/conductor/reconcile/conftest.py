@@ -1,4 +1,4 @@
-"""The reconciler's test kit (``conductor.reconcile.testing``) on a fresh SQLite database."""
+"""The reconciler's test kit (``conductor.testing.reconcile``) on a fresh SQLite database."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from conductor.reconcile.testing import World, reconcile_world
+from conductor.testing.reconcile import World, reconcile_world
 
 
 @pytest.fixture

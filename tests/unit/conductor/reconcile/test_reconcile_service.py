@@ -6,7 +6,7 @@ import uuid
 
 from conductor.db import migration
 from conductor.service import ConductorService
-from shared_objects.config import FleetConfig
+from shared_objects.runtime.config import FleetConfig
 from shared_objects.testing.eventually import eventually
 
 

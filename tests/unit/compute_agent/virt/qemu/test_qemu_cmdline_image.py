@@ -15,7 +15,7 @@ from compute_agent.virt.qemu import ImageCatalogue, ImageNotFound, QemuDriver, Q
 from compute_agent.virt.qemu import image as image_mod
 from compute_agent.virt.qemu.cmdline import Disk, build_command, volume_file_name
 from compute_agent.virt.qemu.initramfs import INIT_SCRIPT, VIRTIO_MODULES, build_initramfs
-from shared_objects.config import load_config
+from shared_objects.runtime.config import load_config
 
 UUID = "5b1e0c5e-0000-4000-8000-000000000001"
 

@@ -1,7 +1,0 @@
-"""``python -m conductor.cli`` is ``fleetctl``."""
-
-import sys
-
-from conductor.cli import main
-
-sys.exit(main())
