@@ -30,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 77
   fi
 fi
-if ! "$PY" -m compute_agent.virt.qemu.image build "$@"; then
+if ! "$PY" -m compute_agent.virt.qemu build "$@"; then
   log "the guest image could not be built (see above)"
   exit 77
 fi

@@ -7,8 +7,8 @@ and its virtio modules come from ``linux-image-<version>-amd64`` (``apt-get down
 It builds in a temporary directory beside the image and renames it into place, so a reader
 never sees half an image.
 
-    python -m compute_agent.virt.qemu.image build [--dir DIR] [--force]   # make guest-image
-    python -m compute_agent.virt.qemu.image list [--dir DIR]
+    python -m compute_agent.virt.qemu build [--dir DIR] [--force]   # make guest-image
+    python -m compute_agent.virt.qemu list [--dir DIR]
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _run(
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: ``build`` or ``list``."""
-    parser = argparse.ArgumentParser(prog="python -m compute_agent.virt.qemu.image")
+    parser = argparse.ArgumentParser(prog="python -m compute_agent.virt.qemu")
     parser.add_argument("action", choices=("build", "list"))
     parser.add_argument("--dir", default=os.environ.get("FLEET_COMPUTE__QEMU_IMAGE_DIR"))
     parser.add_argument("--name", default=DEFAULT_IMAGE)
@@ -186,6 +186,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
