@@ -184,4 +184,3 @@ def main(argv: list[str] | None = None) -> int:
         f"initrd {image.manifest['initrd_bytes']} bytes, {time.monotonic() - started:.1f} s)"
     )
     return 0
-
