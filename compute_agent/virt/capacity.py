@@ -1,11 +1,13 @@
-"""What a host can still take: the checks every driver makes before it places a guest."""
+"""What a host can still take: the checks every driver makes before it places a guest, and the
+capacity and usage it reports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from compute_agent.virt.exceptions import InsufficientResources, VolumeAlreadyAttached
+from compute_agent.virt.models import GuestPhase, HostResources
 
 
 def check_capacity(host: str, cfg: Any, guests: Iterable[Any], instance: Any) -> None:
@@ -38,3 +40,26 @@ def check_volumes_free(guests: Iterable[Any], uuid: str, volumes: Mapping[str, s
                 other.uuid == uuid and mountpoint in other.volumes.values()
             ):
                 raise VolumeAlreadyAttached(uuid=uuid, volume_id=volume_id, mountpoint=mountpoint)
+
+
+def host_resources(
+    host: str,
+    cfg: Any,
+    guests: Iterable[Any],
+    running_phases: Collection[GuestPhase],
+    hypervisor_type: str,
+) -> HostResources:
+    """Capacity (the driver's config) and usage (every guest present) of a host; guests in
+    ``running_phases`` count as running VMs."""
+    guests = list(guests)
+    return HostResources(
+        hypervisor_hostname=cfg.hypervisor_hostname or host,
+        vcpus=cfg.vcpus,
+        memory_mb=cfg.memory_mb,
+        local_gb=cfg.local_gb,
+        vcpus_used=sum(g.vcpus for g in guests),
+        memory_mb_used=sum(g.memory_mb for g in guests),
+        local_gb_used=sum(g.root_gb for g in guests),
+        running_vms=sum(1 for g in guests if g.phase in running_phases),
+        hypervisor_type=hypervisor_type,
+    )

@@ -14,25 +14,23 @@ from typing import Any
 
 import structlog
 
+from compute_agent.virt._checks import (
+    attach_needed,
+    check_detach,
+    transition_needed,
+    volumes_from_bdi,
+)
 from compute_agent.virt._guest import GuestRecord
 from compute_agent.virt.driver import BlockDeviceInfo
 from compute_agent.virt.exceptions import (
     InstanceExists,
     InstanceNotFound,
-    InvalidGuestState,
-    VolumeAlreadyAttached,
-    VolumeNotAttached,
 )
 from compute_agent.virt.fake_live_migration import FakeLiveMigration
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
 from compute_agent.virt.models import GuestPhase, HasUUID, InstanceInfo, InstanceLike
 
 LOG = structlog.get_logger(__name__)
-
-
-#: Phases in which volumes may be attached, or detached (never while a migration holds the guest).
-_ATTACH_PHASES = frozenset({GuestPhase.RUNNING, GuestPhase.STOPPED})
-_DETACH_PHASES = frozenset({GuestPhase.RUNNING, GuestPhase.STOPPED, GuestPhase.ERROR})
 
 
 class FakeDriver(FakeLiveMigration):
@@ -62,7 +60,7 @@ class FakeDriver(FakeLiveMigration):
         if uuid in self._guests:
             raise InstanceExists(uuid=uuid)
         rules = normalize_rules(security_rules or [])
-        volumes = _volumes_from_bdi(uuid, block_device_info)
+        volumes = volumes_from_bdi(uuid, block_device_info)
         self._check_volumes_free(uuid, volumes)
         self._check_capacity(instance)
         guest = GuestRecord(
@@ -107,32 +105,24 @@ class FakeDriver(FakeLiveMigration):
     async def power_off(self, instance: HasUUID) -> None:
         await self.failures.check("power_off", instance.uuid)
         guest = self._get(instance.uuid)
-        if guest.phase is GuestPhase.STOPPED:
+        if not transition_needed(guest, GuestPhase.STOPPED, GuestPhase.RUNNING, "power off"):
             return
-        if guest.phase is not GuestPhase.RUNNING:
-            raise InvalidGuestState(uuid=guest.uuid, phase=guest.phase.value, action="power off")
         guest.set_phase(GuestPhase.STOPPED)
         await self._save()
 
     async def power_on(self, instance: HasUUID) -> None:
         await self.failures.check("power_on", instance.uuid)
         guest = self._get(instance.uuid)
-        if guest.phase is GuestPhase.RUNNING:
+        if not transition_needed(guest, GuestPhase.RUNNING, GuestPhase.STOPPED, "power on"):
             return
-        if guest.phase is not GuestPhase.STOPPED:
-            raise InvalidGuestState(uuid=guest.uuid, phase=guest.phase.value, action="power on")
         guest.set_phase(GuestPhase.RUNNING)
         await self._save()
 
     async def attach_volume(self, instance: HasUUID, volume_id: str, mountpoint: str) -> None:
         await self.failures.check("attach_volume", instance.uuid)
         guest = self._get(instance.uuid)
-        if guest.volumes.get(volume_id) == mountpoint:
-            return  # a redelivered request: already done
-        if guest.phase not in _ATTACH_PHASES:
-            raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="attach a volume"
-            )
+        if not attach_needed(guest, volume_id, mountpoint):
+            return
         self._check_volumes_free(guest.uuid, {volume_id: mountpoint})
         guest.volumes[volume_id] = mountpoint
         await self._save()
@@ -140,12 +130,7 @@ class FakeDriver(FakeLiveMigration):
     async def detach_volume(self, instance: HasUUID, volume_id: str) -> None:
         await self.failures.check("detach_volume", instance.uuid)
         guest = self._get(instance.uuid)
-        if volume_id not in guest.volumes:
-            raise VolumeNotAttached(uuid=guest.uuid, volume_id=volume_id)
-        if guest.phase not in _DETACH_PHASES:
-            raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="detach a volume"
-            )
+        check_detach(guest, volume_id)
         del guest.volumes[volume_id]
         await self._save()
 
@@ -177,14 +162,3 @@ class FakeDriver(FakeLiveMigration):
     def state_file_writes(self) -> int:
         """How many times the state file was written (0 without a state dir)."""
         return 0 if self._store is None else self._store.writes
-
-
-def _volumes_from_bdi(uuid: str, block_device_info: BlockDeviceInfo | None) -> dict[str, str]:
-    volumes: dict[str, str] = {}
-    for bdm in block_device_info or ():
-        volume_id = bdm["volume_id"]
-        mountpoint = bdm.get("mountpoint") or bdm.get("device_name") or f"/dev/vd{len(volumes)}"
-        if volume_id in volumes or mountpoint in volumes.values():
-            raise VolumeAlreadyAttached(uuid=uuid, volume_id=volume_id, mountpoint=mountpoint)
-        volumes[volume_id] = mountpoint
-    return volumes

@@ -11,15 +11,22 @@ from typing import Any
 
 import structlog
 
+from compute_agent.virt._checks import removal_needed, require_phase, transition_needed
 from compute_agent.virt._guest import GuestRecord
+from compute_agent.virt._migration_data import (
+    bandwidth_limit,
+    check_destination,
+    check_source,
+    destination_data,
+    incoming_prepared,
+    incoming_volumes,
+    source_data,
+)
 from compute_agent.virt._progress import ProgressReporter
 from compute_agent.virt.driver import ProgressCallback
 from compute_agent.virt.exceptions import (
-    InstanceExists,
-    InvalidGuestState,
     MigrationAborted,
     MigrationNotConverging,
-    MigrationPreCheckError,
     NoActiveMigration,
 )
 from compute_agent.virt.fake_state import FakeDriverState, _CopyJob
@@ -39,22 +46,9 @@ class FakeLiveMigration(FakeDriverState):
         host = self._require_host()
         uuid = instance.uuid
         await self.failures.check("check_can_live_migrate_destination", uuid)
-        if source_host == host:
-            raise MigrationPreCheckError(uuid=uuid, reason=f"destination {host} is the source")
-        existing = self._guests.get(uuid)
-        if existing is not None:
-            raise MigrationPreCheckError(
-                uuid=uuid, reason=f"guest already on {host} ({existing.phase.value})"
-            )
+        check_destination(host, uuid, source_host, self._guests.get(uuid))
         self._check_capacity(instance)
-        resources = await self.get_available_resource()
-        return {
-            "dest_host": host,
-            "dest_hypervisor_hostname": resources.hypervisor_hostname,
-            "dest_memory_mb_free": resources.memory_mb_free,
-            "dest_local_gb_free": resources.local_gb_free,
-            "source_host": source_host,
-        }
+        return destination_data(host, source_host, await self.get_available_resource())
 
     async def check_can_live_migrate_source(
         self, instance: InstanceLike, dest_check_data: Mapping[str, Any]
@@ -62,26 +56,8 @@ class FakeLiveMigration(FakeDriverState):
         host = self._require_host()
         await self.failures.check("check_can_live_migrate_source", instance.uuid)
         guest = self._get(instance.uuid)
-        if guest.phase is not GuestPhase.RUNNING:
-            raise MigrationPreCheckError(
-                uuid=guest.uuid, reason=f"guest is {guest.phase.value}, not running"
-            )
-        if dest_check_data.get("dest_host") == host:
-            raise MigrationPreCheckError(uuid=guest.uuid, reason="destination is this host")
-        migrate_data = dict(dest_check_data)
-        migrate_data.update(
-            {
-                "source_host": host,
-                "instance_uuid": guest.uuid,
-                "vcpus": guest.vcpus,
-                "memory_mb": guest.memory_mb,
-                "root_gb": guest.root_gb,
-                "image_ref": guest.image_ref,
-                "volumes": dict(guest.volumes),
-                "firewall_rules": [dict(r) for r in guest.rules],
-            }
-        )
-        return migrate_data
+        check_source(host, guest, dest_check_data)
+        return source_data(host, guest, dest_check_data)
 
     async def pre_live_migration(
         self, instance: InstanceLike, migrate_data: Mapping[str, Any]
@@ -90,13 +66,10 @@ class FakeLiveMigration(FakeDriverState):
         uuid = instance.uuid
         await self.failures.check("pre_live_migration", uuid)
         source = migrate_data.get("source_host")
-        volumes = {str(k): str(v) for k, v in dict(migrate_data.get("volumes") or {}).items()}
+        volumes = incoming_volumes(migrate_data)
         result = {"dest_host": host, "volumes": volumes}
-        existing = self._guests.get(uuid)
-        if existing is not None:
-            if existing.phase is GuestPhase.INCOMING and existing.migration_peer == source:
-                return result  # a redelivered request: already prepared
-            raise InstanceExists(uuid=uuid)
+        if incoming_prepared(self._guests.get(uuid), uuid, source):
+            return result
         rules = normalize_rules(migrate_data.get("firewall_rules") or [])
         self._check_volumes_free(uuid, volumes)
         self._check_capacity(instance)
@@ -125,15 +98,14 @@ class FakeLiveMigration(FakeDriverState):
         uuid = instance.uuid
         await self.failures.check("live_migration", uuid)
         guest = self._get(uuid)
-        if guest.phase is not GuestPhase.RUNNING:
-            raise InvalidGuestState(uuid=uuid, phase=guest.phase.value, action="live-migrate")
+        require_phase(guest, GuestPhase.RUNNING, "live-migrate")
         job = _CopyJob(dest=dest)
         self._jobs[uuid] = job
         guest.set_phase(GuestPhase.MIGRATING_OUT, peer=dest)
         reporter = ProgressReporter(progress_cb, self.config.migration.progress_interval_s, uuid)
         try:
             await self._save()
-            result = await self._copy(guest, job, reporter, _bandwidth_limit(migrate_data))
+            result = await self._copy(guest, job, reporter, bandwidth_limit(migrate_data))
         except BaseException:
             if not job.switching and self._guests.get(uuid) is guest:
                 # Nothing was switched: the guest keeps running here, as if never touched.
@@ -227,24 +199,17 @@ class FakeLiveMigration(FakeDriverState):
         uuid = instance.uuid
         await self.failures.check("post_live_migration", uuid)
         guest = self._guests.get(uuid)
-        if guest is None:
+        if not removal_needed(guest, GuestPhase.MIGRATED_OUT, "clean up after migration"):
             return
-        if guest.phase is not GuestPhase.MIGRATED_OUT:
-            raise InvalidGuestState(
-                uuid=uuid, phase=guest.phase.value, action="clean up after migration"
-            )
         del self._guests[uuid]
         await self._save()
 
     async def post_live_migration_at_destination(self, instance: HasUUID) -> None:
         await self.failures.check("post_live_migration_at_destination", instance.uuid)
         guest = self._get(instance.uuid)
-        if guest.phase is GuestPhase.RUNNING:
+        action = "finish incoming migration"
+        if not transition_needed(guest, GuestPhase.RUNNING, GuestPhase.INCOMING, action):
             return
-        if guest.phase is not GuestPhase.INCOMING:
-            raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="finish incoming migration"
-            )
         guest.set_phase(GuestPhase.RUNNING)
         await self._save()
 
@@ -252,24 +217,17 @@ class FakeLiveMigration(FakeDriverState):
         uuid = instance.uuid
         await self.failures.check("rollback_live_migration_at_destination", uuid)
         guest = self._guests.get(uuid)
-        if guest is None:
+        if not removal_needed(guest, GuestPhase.INCOMING, "roll back incoming migration"):
             return
-        if guest.phase is not GuestPhase.INCOMING:
-            raise InvalidGuestState(
-                uuid=uuid, phase=guest.phase.value, action="roll back incoming migration"
-            )
         del self._guests[uuid]
         await self._save()
 
     async def rollback_live_migration_at_source(self, instance: HasUUID) -> None:
         await self.failures.check("rollback_live_migration_at_source", instance.uuid)
         guest = self._get(instance.uuid)
-        if guest.phase is GuestPhase.RUNNING:
+        action = "resume after migration"
+        if not transition_needed(guest, GuestPhase.RUNNING, GuestPhase.MIGRATED_OUT, action):
             return
-        if guest.phase is not GuestPhase.MIGRATED_OUT:
-            raise InvalidGuestState(
-                uuid=guest.uuid, phase=guest.phase.value, action="resume after migration"
-            )
         guest.set_phase(GuestPhase.RUNNING)
         await self._save()
 
@@ -280,11 +238,3 @@ class FakeLiveMigration(FakeDriverState):
             raise ValueError("dirty rate must be >= 0")
         guest.dirty_rate_mb_s = dirty_rate_mb_s
         await self._save()
-
-
-def _bandwidth_limit(migrate_data: Mapping[str, Any]) -> float | None:
-    """The migration's bandwidth cap in MB/s, when the caller set a valid one."""
-    value = migrate_data.get("bandwidth_limit_mb_s")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return None

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from compute_agent.virt._guest import GuestRecord
-from compute_agent.virt.capacity import check_capacity, check_volumes_free
+from compute_agent.virt.capacity import check_capacity, check_volumes_free, host_resources
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.exceptions import InstanceNotFound, StateFileError
 from compute_agent.virt.failures import FailureInjector
@@ -113,17 +113,7 @@ class FakeDriverState(ComputeDriver):
 
     async def get_available_resource(self) -> HostResources:
         host = self._require_host()
-        guests = list(self._guests.values())
-        return HostResources(
-            hypervisor_hostname=self.config.hypervisor_hostname or host,
-            vcpus=self.config.vcpus,
-            memory_mb=self.config.memory_mb,
-            local_gb=self.config.local_gb,
-            vcpus_used=sum(g.vcpus for g in guests),
-            memory_mb_used=sum(g.memory_mb for g in guests),
-            local_gb_used=sum(g.root_gb for g in guests),
-            running_vms=sum(1 for g in guests if g.phase in _RUNNING_PHASES),
-        )
+        return host_resources(host, self.config, self._guests.values(), _RUNNING_PHASES, "fake")
 
     def _require_host(self) -> str:
         if self.host is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from compute_agent.virt.capacity import host_resources
 from compute_agent.virt.firewall import FirewallRule, normalize_rules
 from compute_agent.virt.models import GuestPhase, HasUUID, HostResources
 from compute_agent.virt.qemu.lifecycle import QemuLifecycle
@@ -25,24 +26,16 @@ from compute_agent.virt.qemu.live_migration import QemuLiveMigration
 from compute_agent.virt.qemu.recovery import QemuRecovery
 from compute_agent.virt.qemu.volumes import QemuVolumes
 
+#: Phases counted as running VMs (the fake also counts MIGRATING_OUT).
+_RUNNING_PHASES = frozenset({GuestPhase.RUNNING})
+
 
 class QemuDriver(QemuRecovery, QemuLifecycle, QemuVolumes, QemuLiveMigration):
     """Real guests under QEMU for one host. See the module docstring and docs/virt.md."""
 
     async def get_available_resource(self) -> HostResources:
         host = self._require_host()
-        guests = list(self._guests.values())
-        return HostResources(
-            hypervisor_hostname=self.config.hypervisor_hostname or host,
-            vcpus=self.config.vcpus,
-            memory_mb=self.config.memory_mb,
-            local_gb=self.config.local_gb,
-            vcpus_used=sum(g.vcpus for g in guests),
-            memory_mb_used=sum(g.memory_mb for g in guests),
-            local_gb_used=sum(g.root_gb for g in guests),
-            running_vms=sum(1 for g in guests if g.phase is GuestPhase.RUNNING),
-            hypervisor_type="qemu",
-        )
+        return host_resources(host, self.config, self._guests.values(), _RUNNING_PHASES, "qemu")
 
     async def refresh_instance_security_rules(
         self, instance: HasUUID, rules: Sequence[Mapping[str, Any]]

@@ -11,12 +11,11 @@ from typing import Any
 
 import structlog
 
+from compute_agent.virt._checks import transition_needed, volumes_from_bdi
 from compute_agent.virt.driver import BlockDeviceInfo
 from compute_agent.virt.exceptions import (
     InstanceExists,
     InstanceNotFound,
-    InvalidGuestState,
-    VolumeAlreadyAttached,
     VolumeError,
 )
 from compute_agent.virt.firewall import normalize_rules
@@ -103,7 +102,7 @@ class QemuLifecycle(QemuHost):
             raise InstanceExists(uuid=uuid)
         rules = normalize_rules(security_rules or [])
         self.images.get(image_ref)  # ImageNotFound before anything is reserved
-        volumes = _volumes_from_bdi(uuid, block_device_info)
+        volumes = volumes_from_bdi(uuid, block_device_info)
         self._check_volumes_free(uuid, volumes)
         self._check_capacity(instance)
         guest = QemuGuest(
@@ -208,12 +207,8 @@ class QemuLifecycle(QemuHost):
     async def power_off(self, instance: HasUUID) -> None:
         async with self._lock(instance.uuid):
             guest = self._get(instance.uuid)
-            if guest.phase is GuestPhase.STOPPED:
+            if not transition_needed(guest, GuestPhase.STOPPED, GuestPhase.RUNNING, "power off"):
                 return
-            if guest.phase is not GuestPhase.RUNNING:
-                raise InvalidGuestState(
-                    uuid=guest.uuid, phase=guest.phase.value, action="power off"
-                )
             # The busybox guest has no ACPI daemon: powering off ends its QEMU; the record stays.
             await self._stop_process(guest.uuid)
             guest.phase = GuestPhase.STOPPED
@@ -222,10 +217,8 @@ class QemuLifecycle(QemuHost):
     async def power_on(self, instance: HasUUID) -> None:
         async with self._lock(instance.uuid):
             guest = self._get(instance.uuid)
-            if guest.phase is GuestPhase.RUNNING:
+            if not transition_needed(guest, GuestPhase.RUNNING, GuestPhase.STOPPED, "power on"):
                 return
-            if guest.phase is not GuestPhase.STOPPED:
-                raise InvalidGuestState(uuid=guest.uuid, phase=guest.phase.value, action="power on")
             try:
                 await self._boot(guest)
             except BaseException:
@@ -233,14 +226,3 @@ class QemuLifecycle(QemuHost):
                 raise
             guest.phase = GuestPhase.RUNNING
             await self._save(guest)
-
-
-def _volumes_from_bdi(uuid: str, block_device_info: BlockDeviceInfo | None) -> dict[str, str]:
-    volumes: dict[str, str] = {}
-    for bdm in block_device_info or ():
-        volume_id = bdm["volume_id"]
-        mountpoint = bdm.get("mountpoint") or bdm.get("device_name") or f"/dev/vd{len(volumes)}"
-        if volume_id in volumes or mountpoint in volumes.values():
-            raise VolumeAlreadyAttached(uuid=uuid, volume_id=volume_id, mountpoint=mountpoint)
-        volumes[volume_id] = mountpoint
-    return volumes

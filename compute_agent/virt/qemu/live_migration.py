@@ -11,11 +11,19 @@ from typing import Any
 
 import structlog
 
+from compute_agent.virt._checks import removal_needed, require_phase, transition_needed
+from compute_agent.virt._migration_data import (
+    bandwidth_limit,
+    check_destination,
+    check_source,
+    destination_data,
+    incoming_prepared,
+    incoming_volumes,
+    source_data,
+)
 from compute_agent.virt._progress import ProgressReporter
 from compute_agent.virt.driver import ProgressCallback
 from compute_agent.virt.exceptions import (
-    InstanceExists,
-    InvalidGuestState,
     MigrationError,
     MigrationPreCheckError,
     NoActiveMigration,
@@ -38,52 +46,23 @@ class QemuLiveMigration(QemuHost):
     ) -> dict[str, Any]:
         host = self._require_host()
         uuid = instance.uuid
-        if source_host == host:
-            raise MigrationPreCheckError(uuid=uuid, reason=f"destination {host} is the source")
-        existing = self._guests.get(uuid)
-        if existing is not None:
-            raise MigrationPreCheckError(
-                uuid=uuid, reason=f"guest already on {host} ({existing.phase.value})"
-            )
+        check_destination(host, uuid, source_host, self._guests.get(uuid))
         self._check_capacity(instance)
-        resources = await self.get_available_resource()
-        return {
-            "dest_host": host,
-            "dest_hypervisor_hostname": resources.hypervisor_hostname,
-            "dest_memory_mb_free": resources.memory_mb_free,
-            "dest_local_gb_free": resources.local_gb_free,
-            "source_host": source_host,
-            # Chosen here so the source learns it through the migrate data (loopback only).
-            "qemu_migration_uri": f"tcp:127.0.0.1:{migration.free_port()}",
-        }
+        data = destination_data(host, source_host, await self.get_available_resource())
+        # Chosen here so the source learns it through the migrate data (loopback only).
+        data["qemu_migration_uri"] = f"tcp:127.0.0.1:{migration.free_port()}"
+        return data
 
     async def check_can_live_migrate_source(
         self, instance: InstanceLike, dest_check_data: Mapping[str, Any]
     ) -> dict[str, Any]:
         host = self._require_host()
         guest = self._get(instance.uuid)
-        if guest.phase is not GuestPhase.RUNNING:
-            raise MigrationPreCheckError(
-                uuid=guest.uuid, reason=f"guest is {guest.phase.value}, not running"
-            )
-        if dest_check_data.get("dest_host") == host:
-            raise MigrationPreCheckError(uuid=guest.uuid, reason="destination is this host")
+        check_source(host, guest, dest_check_data)
         if not dest_check_data.get("qemu_migration_uri"):
             raise MigrationPreCheckError(uuid=guest.uuid, reason="destination is not a QEMU host")
-        migrate_data = dict(dest_check_data)
-        migrate_data.update(
-            {
-                "source_host": host,
-                "instance_uuid": guest.uuid,
-                "vcpus": guest.vcpus,
-                "memory_mb": guest.memory_mb,
-                "root_gb": guest.root_gb,
-                "image_ref": guest.image_ref,
-                "volumes": dict(guest.volumes),
-                "qemu_ports": dict(guest.ports),
-                "firewall_rules": [dict(r) for r in guest.rules],
-            }
-        )
+        migrate_data = source_data(host, guest, dest_check_data)
+        migrate_data["qemu_ports"] = dict(guest.ports)
         return migrate_data
 
     async def pre_live_migration(
@@ -92,13 +71,10 @@ class QemuLiveMigration(QemuHost):
         host = self._require_host()
         uuid = instance.uuid
         source = migrate_data.get("source_host")
-        volumes = {str(k): str(v) for k, v in dict(migrate_data.get("volumes") or {}).items()}
+        volumes = incoming_volumes(migrate_data)
         result = {"dest_host": host, "volumes": volumes}
-        existing = self._guests.get(uuid)
-        if existing is not None:
-            if existing.phase is GuestPhase.INCOMING and existing.migration_peer == source:
-                return result  # a redelivered request: already prepared
-            raise InstanceExists(uuid=uuid)
+        if incoming_prepared(self._guests.get(uuid), uuid, source):
+            return result
         uri = migrate_data.get("qemu_migration_uri")
         if not uri:
             raise MigrationPreCheckError(uuid=uuid, reason="no qemu_migration_uri in migrate data")
@@ -153,8 +129,7 @@ class QemuLiveMigration(QemuHost):
     ) -> MigrationResult:
         uuid = instance.uuid
         guest = self._get(uuid)
-        if guest.phase is not GuestPhase.RUNNING:
-            raise InvalidGuestState(uuid=uuid, phase=guest.phase.value, action="live-migrate")
+        require_phase(guest, GuestPhase.RUNNING, "live-migrate")
         uri = migrate_data.get("qemu_migration_uri")
         if not uri:
             raise MigrationPreCheckError(uuid=uuid, reason="no qemu_migration_uri in migrate data")
@@ -172,7 +147,7 @@ class QemuLiveMigration(QemuHost):
                     str(uri),
                     job,
                     reporter,
-                    bandwidth_mb_s=_bandwidth_limit(migrate_data),
+                    bandwidth_mb_s=bandwidth_limit(migrate_data),
                     stall_s=self.config.migration_stall_s,
                     timeout=self.config.qmp_timeout_s,
                 )
@@ -220,12 +195,9 @@ class QemuLiveMigration(QemuHost):
     async def post_live_migration_at_destination(self, instance: HasUUID) -> None:
         async with self._lock(instance.uuid):
             guest = self._get(instance.uuid)
-            if guest.phase is GuestPhase.RUNNING:
+            action = "finish incoming migration"
+            if not transition_needed(guest, GuestPhase.RUNNING, GuestPhase.INCOMING, action):
                 return
-            if guest.phase is not GuestPhase.INCOMING:
-                raise InvalidGuestState(
-                    uuid=guest.uuid, phase=guest.phase.value, action="finish incoming migration"
-                )
             client = self._require_qmp(guest.uuid)
             deadline = time.monotonic() + self.config.boot_timeout_s
             async with self._qmp_errors(guest.uuid, "resume incoming guest"):
@@ -249,11 +221,8 @@ class QemuLiveMigration(QemuHost):
         """Remove this host's copy of a migrated guest — only while it is in ``phase`` (the
         half that no longer runs: the source's after the switch-over, the destination's after
         a rollback). Gone already: done (a redelivered request)."""
-        guest = self._guests.get(uuid)
-        if guest is None:
+        if not removal_needed(self._guests.get(uuid), phase, action):
             return
-        if guest.phase is not phase:
-            raise InvalidGuestState(uuid=uuid, phase=guest.phase.value, action=action)
         async with self._lock(uuid):
             if self._guests.pop(uuid, None) is not None:
                 await self._remove(uuid)
@@ -261,22 +230,11 @@ class QemuLiveMigration(QemuHost):
     async def rollback_live_migration_at_source(self, instance: HasUUID) -> None:
         async with self._lock(instance.uuid):
             guest = self._get(instance.uuid)
-            if guest.phase is GuestPhase.RUNNING:
+            action = "resume after migration"
+            if not transition_needed(guest, GuestPhase.RUNNING, GuestPhase.MIGRATED_OUT, action):
                 return
-            if guest.phase is not GuestPhase.MIGRATED_OUT:
-                raise InvalidGuestState(
-                    uuid=guest.uuid, phase=guest.phase.value, action="resume after migration"
-                )
             client = self._require_qmp(guest.uuid)
             async with self._qmp_errors(guest.uuid, "cont"):
                 await client.execute("cont", timeout=self.config.qmp_timeout_s)
             guest.set_phase(GuestPhase.RUNNING)
             await self._save(guest)
-
-
-def _bandwidth_limit(migrate_data: Mapping[str, Any]) -> float | None:
-    """The migration's bandwidth cap in MB/s, when the caller set a valid one."""
-    value = migrate_data.get("bandwidth_limit_mb_s")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    return None

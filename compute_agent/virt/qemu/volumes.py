@@ -10,7 +10,8 @@ import contextlib
 
 import structlog
 
-from compute_agent.virt.exceptions import InvalidGuestState, VolumeError, VolumeNotAttached
+from compute_agent.virt._checks import attach_needed, check_detach
+from compute_agent.virt.exceptions import VolumeError
 from compute_agent.virt.models import GuestPhase, HasUUID
 from compute_agent.virt.qemu.cmdline import Disk
 from compute_agent.virt.qemu.errors import (
@@ -25,9 +26,6 @@ from compute_agent.virt.qemu.qmp import QMPClient
 
 LOG = structlog.get_logger(__name__)
 
-_ATTACH_PHASES = frozenset({GuestPhase.RUNNING, GuestPhase.STOPPED})
-_DETACH_PHASES = frozenset({GuestPhase.RUNNING, GuestPhase.STOPPED, GuestPhase.ERROR})
-
 
 class QemuVolumes(QemuHost):
     """Volume attach and detach of the QEMU driver."""
@@ -35,12 +33,8 @@ class QemuVolumes(QemuHost):
     async def attach_volume(self, instance: HasUUID, volume_id: str, mountpoint: str) -> None:
         async with self._lock(instance.uuid):
             guest = self._get(instance.uuid)
-            if guest.volumes.get(volume_id) == mountpoint:
-                return  # a redelivered request: already done
-            if guest.phase not in _ATTACH_PHASES:
-                raise InvalidGuestState(
-                    uuid=guest.uuid, phase=guest.phase.value, action="attach a volume"
-                )
+            if not attach_needed(guest, volume_id, mountpoint):
+                return
             self._check_volumes_free(guest.uuid, {volume_id: mountpoint})
             port = guest.free_port(self.config.hotplug_slots)
             if port is None:
@@ -78,12 +72,7 @@ class QemuVolumes(QemuHost):
     async def detach_volume(self, instance: HasUUID, volume_id: str) -> None:
         async with self._lock(instance.uuid):
             guest = self._get(instance.uuid)
-            if volume_id not in guest.volumes:
-                raise VolumeNotAttached(uuid=guest.uuid, volume_id=volume_id)
-            if guest.phase not in _DETACH_PHASES:
-                raise InvalidGuestState(
-                    uuid=guest.uuid, phase=guest.phase.value, action="detach a volume"
-                )
+            check_detach(guest, volume_id)
             client = self._qmp.get(guest.uuid)
             if client is not None and not client.closed:
                 await self._unplug(guest.uuid, client, await self._disk(guest, volume_id))
