@@ -35,7 +35,7 @@ from shared_objects.objects.instance import InstanceList
 from shared_objects.runtime.log import configure_logging
 from shared_objects.testing import isolation
 from shared_objects.testing.broker_logins import BrokerLogins
-from shared_objects.testing.isolation import create_database, private_vhost, vhost_url
+from shared_objects.testing.isolation import private_vhost, vhost_url
 
 INSTANCE_COLUMNS = ("name", "uuid", "host", "vm_state", "task_state", "power_state")
 HOST_COLUMNS = ("host", "running_vms", "vcpus_used", "memory_mb_used", "memory_mb")
@@ -66,11 +66,6 @@ def describe_logins(cluster: LocalCluster) -> str:
     names = [name for name in cluster.processes if cluster.login_of(name)]
     pairs = [f"{name} as {cluster.login_of(name)}" for name in names]
     return ", ".join([*pairs, f"this demo as {cluster.operator_login}"])
-
-
-async def fresh_database(name: str) -> str:
-    """An empty database ``name`` (emptied if it exists; left for inspection afterwards)."""
-    return await create_database(name, replace=True)
 
 
 @contextlib.asynccontextmanager
