@@ -30,6 +30,7 @@ typecheck: $(STAMP)
 # machine is made able to run them first (QEMU installed as root, the guest image built). When it
 # cannot, a loud SKIPPED line and the tests skip with the reason, unless FLEET_QEMU_REQUIRED=1.
 test: $(STAMP) services lint typecheck
+	@bash deploy/dev/ensure-promtool.sh
 	@$(QEMU_HOST)
 	$(BIN)/pytest -q -rs -m 'not slow and not docker' $(PYTEST_ARGS)
 

@@ -140,13 +140,33 @@ def test_dashboard_is_grafana_json_with_the_panels_asked_for() -> None:
         assert metric in text, metric
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not installed (make test installs it: deploy/dev/ensure-promtool.sh)",
+)
 def test_promtool_accepts_the_rules_and_the_example_configuration() -> None:
     for argv in (["check", "rules", str(RULES)], ["check", "config", str(PROMETHEUS)]):
         done = subprocess.run(
             ["promtool", *argv], capture_output=True, text=True, timeout=60, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_would_catch_a_broken_rule(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        "groups:\n- name: x\n  rules:\n  - alert: X\n    expr: rate(fleet_rpc_calls_total[5m\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        ["promtool", "check", "rules", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
 
 
 def test_dashboard_file_is_what_its_generator_writes() -> None:
