@@ -15,8 +15,8 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work" || exit 0
-# _apt cannot write to a root-owned temp dir; the download itself is verified by apt.
-chmod 0777 "$work"
+# apt fetches as root here (it warns that _apt cannot write to this private dir; output is
+# discarded): the directory stays private rather than opened to every user.
 if ! apt-get download -qq prometheus >/dev/null 2>&1; then
   apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null 2>&1
   apt-get download -qq prometheus >/dev/null 2>&1 || { log "apt-get download prometheus failed"; exit 0; }
