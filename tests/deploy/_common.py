@@ -11,10 +11,12 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +28,16 @@ ROOT_PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv"
 EXIT_SKIPPED = 77
 
 timings: dict[str, float] = {}
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run through SystemExit, so every cleanup (finally) runs."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
 
 
 def say(text: str) -> None:

@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from _common import (
@@ -45,6 +44,7 @@ from _common import (
     Skip,
     apt_install,
     ensure_rootfs,
+    exit_on_signals,
     print_timings,
     rootfs_stamp,
     run,
@@ -409,13 +409,8 @@ def cache_lock() -> Iterator[None]:
 # --- main -----------------------------------------------------------------------------------------
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    exit_on_signals()
     total = time.monotonic()
     try:
         preflight()

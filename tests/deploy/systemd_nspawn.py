@@ -26,13 +26,11 @@ import hashlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 
 from _common import (
     CACHE,
@@ -42,6 +40,7 @@ from _common import (
     Skip,
     apt_install,
     ensure_rootfs,
+    exit_on_signals,
     print_timings,
     run,
     say,
@@ -364,13 +363,8 @@ def stop_container(proc: subprocess.Popen[bytes]) -> None:
 # --- main -----------------------------------------------------------------------------------------
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    exit_on_signals()
     total = time.monotonic()
     try:
         preflight()
